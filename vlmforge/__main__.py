@@ -1,0 +1,5 @@
+"""``python -m vlmforge``: the same as the ``vlmforge`` command."""
+
+from vlmforge.cli import main
+
+main()

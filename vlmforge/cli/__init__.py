@@ -1,0 +1,63 @@
+"""The ``vlmforge`` command line: one typer app, sub-apps per concept, user errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+
+from vlmforge.errors import VlmforgeError
+
+app = typer.Typer(
+    name="vlmforge",
+    help="Turn multimodal models into TensorRT-LLM (or hf) engines, store them and serve them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, nothing else."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _register() -> None:
+    # Sub-command modules register themselves on `app` (or add a sub-app) when imported.
+    from vlmforge.cli import specs  # noqa: F401
+
+    for optional in ("build", "store", "serve", "deploy", "watch"):
+        try:
+            __import__(f"vlmforge.cli.{optional}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"vlmforge.cli.{optional}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=os.environ.get("VLMFORGE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _register()
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except VlmforgeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    if isinstance(result, int) and result:
+        sys.exit(result)

@@ -1,0 +1,54 @@
+"""Model family registry: each family module registers itself where it is defined.
+
+Every module in this package is imported on first lookup, so adding a family means adding
+one module here (and its catalog entries) and touching nothing else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from functools import cache
+
+from vlmforge.errors import SpecError
+from vlmforge.families.base import ModelFamily
+
+_REGISTRY: dict[str, type[ModelFamily]] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make a family known under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"model family {cls.name!r} registered twice ({_REGISTRY[cls.name]} and {cls})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+@cache
+def _load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base" and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def family_names() -> list[str]:
+    """Names of all registered families, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; an unknown name is a :class:`SpecError` listing the known ones."""
+    _load_all()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise SpecError(
+            f"unknown model family {name!r}: {hint}known families: {', '.join(sorted(_REGISTRY))}", path="family"
+        ) from None
+
+
+__all__ = ["ModelFamily", "family_names", "get_family", "register_family"]

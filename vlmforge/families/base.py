@@ -1,0 +1,298 @@
+"""Base classes for model families: what a family must say, and the shared plan shapes.
+
+Three levels, as in optimum's exporters: :class:`ModelFamily` (the contract), the two shapes
+:class:`DecoderOnlyFamily` and :class:`EncoderDecoderFamily` (how their trtllm plans are written),
+then one small class per family in its own module, mostly class constants.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import TYPE_CHECKING, ClassVar
+
+from vlmforge.errors import PlanError
+from vlmforge.spec import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
+
+if TYPE_CHECKING:
+    from vlmforge.derived import ResolvedSpec
+    from vlmforge.plan import DialectInfo, PlanContext, Step
+
+SEED_PROMPT = "Question: which city is this? Answer:"
+
+
+class ModelFamily:
+    """A family of multimodal models: its facts, its rules and its build steps."""
+
+    name: ClassVar[str]
+    """Registry name, used in specs (``family: llava``)."""
+    description: ClassVar[str]
+    encoder_decoder: ClassVar[bool] = False
+    """The LLM is an encoder-decoder (no weight quantization in TensorRT-LLM)."""
+    default_num_visual_features: ClassVar[int]
+    """Visual tokens per image when the spec's architecture does not say."""
+    llm_kind: ClassVar[str]
+    """Which convert_checkpoint.py directory serves the LLM: opt, llama or enc_dec."""
+    needs_code_source: ClassVar[bool] = False
+    default_code_source: ClassVar[str] = ""
+    code_dir_name: ClassVar[str] = ""
+    fused_mlp_default: ClassVar[bool] = False
+    supports_fused_mlp: ClassVar[bool] = False
+    default_max_new_tokens: ClassVar[int] = 30
+    golden_prompt: ClassVar[str | None] = SEED_PROMPT
+    """Prompt of the golden validation inputs; None for prompt-free models (Nougat)."""
+    tiny_source: ClassVar[str | None] = None
+    """``tiny://`` name of the family's locally generated test model, if it has one."""
+
+    # --- facts ------------------------------------------------------------------------------
+
+    def num_visual_features(self, spec: BuildSpec) -> int:
+        return spec.architecture.num_visual_features or self.default_num_visual_features
+
+    encoder_input_formula: ClassVar[str] = ""
+
+    def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int:
+        raise NotImplementedError(f"{self.name} is not an encoder-decoder family")
+
+    def check_spec(self, spec: BuildSpec) -> None:
+        """Family-specific rules beyond the shared ones; raise SpecError."""
+
+    def check_dialect(self, resolved: ResolvedSpec, info: DialectInfo) -> None:
+        """Refuse what the dialect's scripts cannot do for this family; raise PlanError."""
+
+    # --- trtllm plan ------------------------------------------------------------------------
+
+    def trtllm_steps(self, ctx: PlanContext) -> list[Step]:
+        raise NotImplementedError
+
+    def visual_model_type(self, ctx: PlanContext) -> str:
+        """The visual builder's --model_type for this model in this dialect."""
+        raise NotImplementedError
+
+    def fetch_steps(self, ctx: PlanContext) -> list[Step]:
+        """Bring the checkpoint (and model code) into the workspace."""
+        hf_dir = ctx.layout.hf_dir
+        return [ctx.step("fetch", self.fetch_argv(ctx, ctx.spec.source, hf_dir), tool=self.fetch_tool(ctx),
+                         outputs=[hf_dir])]
+
+    def fetch_tool(self, ctx: PlanContext) -> str:
+        return "git" if self._git_clone_url(ctx, ctx.spec.source) else "vlmforge"
+
+    def fetch_argv(self, ctx: PlanContext, source: str, dest: str) -> list[str]:
+        url = self._git_clone_url(ctx, source)
+        if url:
+            return ["git", "clone", url, dest]
+        return ["vlmforge", "fetch", source, dest]
+
+    def _git_clone_url(self, ctx: PlanContext, source: str) -> str | None:
+        """The seed's dialect clones Hugging Face repos with git; 1.2 uses vlmforge's verified, pinned fetch."""
+        parsed = parse_source(source)
+        if ctx.dialect.dialect is Dialect.V0_9 and parsed.scheme == "hf" and parsed.revision is None:
+            return f"https://huggingface.co/{parsed.location}"
+        return None
+
+    def run_text_args(self, ctx: PlanContext) -> list[str]:
+        """--max_new_tokens / --input_text of the validation run, as the seed writes them."""
+        args: list[str] = []
+        validation = ctx.spec.validation
+        if validation.max_new_tokens is not None:
+            args += ["--max_new_tokens", str(validation.max_new_tokens)]
+        if validation.input_text is not None:
+            args += ["--input_text", validation.input_text]
+        return args
+
+    def validate_step(self, ctx: PlanContext, engine_args: list[str], inputs: list[str]) -> Step:
+        info = ctx.dialect
+        argv = ctx.python(posixpath.join(info.multimodal_dir, "run.py")) + self.run_text_args(ctx)
+        argv += ["--hf_model_dir", ctx.layout.hf_dir] + engine_args
+        world = ctx.derived.world_size
+        if world > 1:
+            argv = ["mpirun", "-n", str(world), "--allow-run-as-root"] + argv
+        return ctx.step("validate", argv, tool=posixpath.join(info.multimodal_dir, "run.py"), gpus=world,
+                        inputs=inputs + [ctx.layout.hf_dir])
+
+    def visual_step(self, ctx: PlanContext) -> tuple[Step, str]:
+        """The visual engine build and the directory it writes."""
+        info = ctx.dialect
+        script = posixpath.join(info.multimodal_dir, info.visual_builder)
+        argv = ctx.python(script) + ["--model_type", self.visual_model_type(ctx), "--model_path", ctx.layout.hf_dir]
+        if info.engine_layout == "unified":
+            out = posixpath.join(ctx.layout.engine_dir, "vision")
+            argv += ["--output_dir", out]
+        else:
+            out = posixpath.join(info.cwd, ctx.layout.visual_dir_split)
+        if ctx.derived.visual_batch_explicit:
+            argv += ["--max_batch_size", str(ctx.derived.visual_max_batch_size)]
+        argv += self.visual_extra_args(ctx)
+        return ctx.step("build-visual", argv, tool=script, gpus=1, inputs=[ctx.layout.hf_dir], outputs=[out]), out
+
+    def visual_extra_args(self, ctx: PlanContext) -> list[str]:
+        return []
+
+    def sizing_flag_for_output(self, ctx: PlanContext, *, decoder_input_len: int | None = None) -> list[str]:
+        """--max_output_len (0.9) or --max_seq_len (1.2), from derived values."""
+        if ctx.dialect.uses_max_seq_len:
+            seq = ctx.derived.max_seq_len if decoder_input_len is None else decoder_input_len + ctx.derived.max_output_len
+            return ["--max_seq_len", str(seq)]
+        return ["--max_output_len", str(ctx.derived.max_output_len)]
+
+
+class DecoderOnlyFamily(ModelFamily):
+    """Families whose LLM is decoder-only (OPT, LLaMA): visual features are prepended as a prompt table."""
+
+    emit_beam_width: ClassVar[bool] = False
+    """Always pass --max_beam_width (the seed's OPT commands do; its LLaMA ones don't)."""
+
+    def convert_extra_args(self, ctx: PlanContext) -> list[str]:
+        return []
+
+    def llm_build_flags(self, ctx: PlanContext) -> list[str]:
+        spec = ctx.spec
+        gemm = "auto" if spec.quantization.method is QuantMethod.FP8 and ctx.dialect.uses_max_seq_len else spec.dtype.value
+        flags = ["--gemm_plugin", gemm]
+        if ctx.derived.use_fused_mlp:
+            flags += ["--use_fused_mlp"] if ctx.dialect.dialect is Dialect.V0_9 else ["--use_fused_mlp", "enable"]
+        if self.emit_beam_width or spec.limits.max_beam_width != 1:
+            flags += ["--max_beam_width", str(spec.limits.max_beam_width)]
+        return flags
+
+    def convert_step(self, ctx: PlanContext) -> Step:
+        spec = ctx.spec
+        info = ctx.dialect
+        quant = spec.quantization
+        hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
+        parallel: list[str] = []
+        if spec.parallel.tp > 1:
+            parallel += ["--tp_size", str(spec.parallel.tp)]
+        if spec.parallel.pp > 1:
+            parallel += ["--pp_size", str(spec.parallel.pp)]
+        needs_quantize = quant.method in (QuantMethod.INT4_AWQ, QuantMethod.INT8_SQ, QuantMethod.FP8) or (
+            quant.kv_cache_dtype is not KvCacheDtype.AUTO
+        )
+        if needs_quantize:
+            qformat = "full_prec" if quant.method is QuantMethod.NONE else quant.method.value
+            argv = ctx.python(info.quantize_script) + [
+                "--model_dir", hf_dir, "--output_dir", ckpt, "--dtype", spec.dtype.value,
+                "--qformat", qformat, "--calib_size", str(quant.calib_size),
+            ]
+            if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
+                argv += ["--kv_cache_dtype", quant.kv_cache_dtype.value]
+            return ctx.step("quantize", argv + parallel, tool=info.quantize_script, gpus=1, inputs=[hf_dir],
+                            outputs=[ckpt])
+        script = posixpath.join(info.script_dirs[self.llm_kind], "convert_checkpoint.py")
+        argv = ctx.python(script) + self.convert_extra_args(ctx) + [
+            "--model_dir", hf_dir, "--output_dir", ckpt, "--dtype", spec.dtype.value,
+        ] + parallel
+        if quant.method.weight_only:
+            argv += ["--use_weight_only", "--weight_only_precision", quant.method.value.removesuffix("_wo")]
+        return ctx.step("convert", argv, tool=script, inputs=[hf_dir], outputs=[ckpt])
+
+    def llm_step(self, ctx: PlanContext) -> tuple[Step, str]:
+        derived = ctx.derived
+        ckpt = ctx.layout.checkpoint_dir
+        out = posixpath.join(ctx.layout.engine_dir, "llm") if ctx.dialect.engine_layout == "unified" else ctx.layout.engine_dir
+        argv = ["trtllm-build", "--checkpoint_dir", ckpt, "--output_dir", out] + self.llm_build_flags(ctx) + [
+            "--max_batch_size", str(ctx.spec.limits.max_batch_size),
+            "--max_input_len", str(derived.max_input_len),
+            *self.sizing_flag_for_output(ctx),
+            "--max_multimodal_len", str(derived.max_multimodal_len),
+        ]
+        return ctx.step("build-llm", argv, tool="trtllm-build", gpus=1, inputs=[ckpt], outputs=[out]), out
+
+    def trtllm_steps(self, ctx: PlanContext) -> list[Step]:
+        steps = self.fetch_steps(ctx)
+        steps.append(self.convert_step(ctx))
+        llm, llm_dir = self.llm_step(ctx)
+        visual, visual_dir = self.visual_step(ctx)
+        steps += [llm, visual]
+        if ctx.dialect.engine_layout == "unified":
+            engine_args = ["--engine_dir", ctx.layout.engine_dir]
+        else:
+            engine_args = ["--visual_engine_dir", ctx.layout.visual_dir_split, "--llm_engine_dir", llm_dir]
+        steps.append(self.validate_step(ctx, engine_args, [llm_dir, visual_dir]))
+        return steps
+
+
+class EncoderDecoderFamily(ModelFamily):
+    """Families whose LLM is an encoder-decoder (T5, BART): converted by examples/enc_dec."""
+
+    encoder_decoder: ClassVar[bool] = True
+    llm_kind: ClassVar[str] = "enc_dec"
+    builds_encoder: ClassVar[bool] = True
+    """Nougat's encoder is the visual Swin: only the decoder is a TensorRT-LLM engine."""
+    context_fmha_disable: ClassVar[bool] = False
+
+    def convert_model_type(self, ctx: PlanContext) -> str:
+        raise NotImplementedError
+
+    def convert_extra_args(self, ctx: PlanContext) -> list[str]:
+        return []
+
+    def plugin_flags(self, ctx: PlanContext) -> list[str]:
+        dtype = ctx.spec.dtype.value
+        if ctx.dialect.dialect is Dialect.V0_9:
+            flags = ["--paged_kv_cache", "disable", "--moe_plugin", "disable", "--enable_xqa", "disable",
+                     "--use_custom_all_reduce", "disable"]
+        else:
+            flags = ["--kv_cache_type", "continuous", "--moe_plugin", "disable"]
+        flags += ["--gemm_plugin", dtype, "--bert_attention_plugin", dtype, "--gpt_attention_plugin", dtype,
+                  "--remove_input_padding", "enable"]
+        if self.context_fmha_disable:
+            flags += ["--context_fmha", "disable"]
+        return flags + ["--max_beam_width", str(ctx.spec.limits.max_beam_width)]
+
+    def checkpoint_component(self, ctx: PlanContext, component: str) -> str:
+        root = posixpath.join(ctx.layout.workspace, "trt_models", ctx.spec.name, ctx.layout.variant)
+        if ctx.dialect.dialect is Dialect.V0_9:
+            return posixpath.join(root, f"tp{ctx.spec.parallel.tp}", f"pp{ctx.spec.parallel.pp}", component)
+        return posixpath.join(root, component)
+
+    def trtllm_steps(self, ctx: PlanContext) -> list[Step]:
+        spec, derived, info = ctx.spec, ctx.derived, ctx.dialect
+        steps = self.fetch_steps(ctx)
+        hf_dir = ctx.layout.hf_dir
+        ckpt_root = posixpath.join(ctx.layout.workspace, "trt_models", spec.name, ctx.layout.variant)
+        script = posixpath.join(info.script_dirs["enc_dec"], "convert_checkpoint.py")
+        argv = ctx.python(script) + ["--model_type", self.convert_model_type(ctx), "--model_dir", hf_dir,
+                                     "--output_dir", ckpt_root, "--tp_size", str(spec.parallel.tp),
+                                     "--pp_size", str(spec.parallel.pp)]
+        if info.dialect is Dialect.V0_9:
+            argv += ["--weight_data_type", "float32"]
+        argv += ["--dtype", spec.dtype.value] + self.convert_extra_args(ctx)
+        steps.append(ctx.step("convert", argv, tool=script, inputs=[hf_dir], outputs=[ckpt_root]))
+
+        llm_root = posixpath.join(ctx.layout.engine_dir, "llm") if info.engine_layout == "unified" else ctx.layout.engine_dir
+        built: list[str] = []
+        if self.builds_encoder:
+            enc_ckpt, enc_out = self.checkpoint_component(ctx, "encoder"), posixpath.join(llm_root, "encoder")
+            argv = ["trtllm-build", "--checkpoint_dir", enc_ckpt, "--output_dir", enc_out] + self.plugin_flags(ctx)
+            argv += ["--max_batch_size", str(spec.limits.max_batch_size)]
+            if not info.uses_max_seq_len:
+                argv += ["--max_output_len", str(derived.max_output_len)]
+            argv += ["--max_input_len", str(derived.max_input_len), "--max_multimodal_len", str(derived.max_multimodal_len)]
+            steps.append(ctx.step("build-encoder", argv, tool="trtllm-build", gpus=1, inputs=[enc_ckpt], outputs=[enc_out]))
+            built.append(enc_out)
+        dec_ckpt, dec_out = self.checkpoint_component(ctx, "decoder"), posixpath.join(llm_root, "decoder")
+        argv = ["trtllm-build", "--checkpoint_dir", dec_ckpt, "--output_dir", dec_out] + self.plugin_flags(ctx)
+        argv += ["--max_batch_size", str(spec.limits.max_batch_size)]
+        argv += self.sizing_flag_for_output(ctx, decoder_input_len=self.decoder_input_len(ctx))
+        argv += ["--max_input_len", str(self.decoder_input_len(ctx)),
+                 "--max_encoder_input_len", str(derived.max_encoder_input_len)]
+        steps.append(ctx.step("build-decoder", argv, tool="trtllm-build", gpus=1, inputs=[dec_ckpt], outputs=[dec_out]))
+        built.append(dec_out)
+
+        visual, visual_dir = self.visual_step(ctx)
+        steps.append(visual)
+        if info.engine_layout == "unified":
+            engine_args = ["--engine_dir", ctx.layout.engine_dir]
+        else:
+            engine_args = ["--visual_engine_dir", ctx.layout.visual_dir_split, "--llm_engine_dir", llm_root]
+        steps.append(self.validate_step(ctx, engine_args, built + [visual_dir]))
+        return steps
+
+    def decoder_input_len(self, ctx: PlanContext) -> int:
+        """Decoder prompt length: 1 (the decoder start token) for both seed families."""
+        return 1
+
+    def check_dialect(self, resolved: ResolvedSpec, info: DialectInfo) -> None:
+        if resolved.spec.parallel.pp > 1 and info.dialect is Dialect.V0_9:
+            raise PlanError("parallel.pp: the 0.9 multimodal runner has no pipeline parallelism for encoder-decoder models")
