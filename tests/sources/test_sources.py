@@ -1,0 +1,87 @@
+"""Sources: local directories, S3 (real moto server), the Hugging Face cache offline; verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from vlmforge.errors import SourceError
+from vlmforge.sources import open_source
+from vlmforge.sources.base import CHECKSUM_FILE
+
+
+def fake_checkpoint(root: Path, payload: bytes = b"\x00" * 64) -> Path:
+    """A structurally valid checkpoint: config.json and a real safetensors file."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [len(payload) // 4], "data_offsets": [0, len(payload)]}}).encode()
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + payload)
+    return root
+
+
+def test_local_source_is_content_addressed(tmp_path: Path) -> None:
+    src = fake_checkpoint(tmp_path / "ckpt")
+    source = open_source(f"file://{src}")
+    revision = source.resolve_revision()
+    fetched = source.fetch(tmp_path / "dest")
+    assert fetched.revision == revision and revision.startswith("sha256:")
+    assert {f.path for f in fetched.files} == {"config.json", "model.safetensors"}
+    fake_checkpoint(src, b"\x01" * 64)
+    assert open_source(str(src)).resolve_revision() != revision
+
+
+def test_truncated_weights_are_detected(tmp_path: Path) -> None:
+    src = fake_checkpoint(tmp_path / "ckpt")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(SourceError, match="corrupt weights model.safetensors: the header describes"):
+        open_source(str(src)).fetch(tmp_path / "dest")
+
+
+def test_checksum_file_catches_altered_bytes(tmp_path: Path) -> None:
+    src = fake_checkpoint(tmp_path / "ckpt")
+    digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    (src / CHECKSUM_FILE).write_text(f"{digest}  model.safetensors\n")
+    open_source(str(src)).fetch(tmp_path / "ok")
+    fake_checkpoint(src, b"\x07" * 64)  # same size, other bytes
+    with pytest.raises(SourceError, match="corrupt file model.safetensors: sha256"):
+        open_source(str(src)).fetch(tmp_path / "bad")
+
+
+def test_missing_directory_and_config(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="source directory not found"):
+        open_source(str(tmp_path / "nope")).resolve_revision()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_text("x")
+    with pytest.raises(SourceError, match="no config.json"):
+        open_source(str(tmp_path / "empty")).fetch(tmp_path / "dest")
+
+
+def test_hf_source_offline_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real Hugging Face cache layout, read with the hub offline: the revision is the snapshot's commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    fake_checkpoint(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    importlib.reload(constants)
+    try:
+        source = open_source("hf://org/tiny@main")
+        assert source.resolve_revision() == commit
+        fetched = source.fetch(tmp_path / "dest")
+        assert fetched.revision == commit and (tmp_path / "dest" / "model.safetensors").is_file()
+        with pytest.raises(SourceError, match="not in the Hugging Face cache"):
+            open_source("hf://org/other").resolve_revision()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)

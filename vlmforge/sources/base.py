@@ -1,0 +1,137 @@
+"""The source interface, file hashing and the integrity checks every fetch runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from vlmforge.errors import SourceError
+from vlmforge.spec import SourceURI
+
+CHUNK = 8 * 1024 * 1024
+CHECKSUM_FILE = "SHA256SUMS"
+
+
+class FileEntry(BaseModel):
+    """One file of a tree: relative POSIX path, sha256 and size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha256: str
+    size: int
+
+
+class FetchedSource(BaseModel):
+    """A fetched, verified checkpoint in a local directory."""
+
+    uri: str
+    revision: str
+    """Exact revision: hf commit sha, s3 ETag digest, or content digest (file://, tiny://)."""
+    path: str
+    files: list[FileEntry]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, *, skip: frozenset[str] = frozenset({CHECKSUM_FILE})) -> list[FileEntry]:
+    """Every regular file under ``root`` (sorted), with its sha256 and size."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in skip or rel.startswith(".cache/"):
+            continue
+        entries.append(FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+    return entries
+
+
+def tree_digest(entries: list[FileEntry]) -> str:
+    """One digest for a whole tree: sha256 over 'sha256  size  path' lines."""
+    lines = "".join(f"{e.sha256}  {e.size}  {e.path}\n" for e in sorted(entries, key=lambda e: e.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def verify_tree(root: Path, expected: list[FileEntry]) -> None:
+    """Raise :class:`SourceError` naming the first missing, resized or altered file."""
+    for entry in expected:
+        path = root / entry.path
+        if not path.is_file():
+            raise SourceError(f"missing file {entry.path} in {root}")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise SourceError(f"corrupt file {entry.path}: {size} bytes, expected {entry.size}")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise SourceError(f"corrupt file {entry.path}: sha256 {digest[:12]}..., expected {entry.sha256[:12]}...")
+
+
+def check_safetensors(path: Path, rel: str) -> None:
+    """Structural check of a safetensors file: header parses and the data size matches it."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+            header = json.loads(handle.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"corrupt weights {rel}: not a readable safetensors file ({exc})") from None
+    end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise SourceError(
+            f"corrupt weights {rel}: the header describes {8 + header_len + end} bytes but the file has {size} "
+            "(truncated or padded)"
+        )
+
+
+def check_checkpoint(root: Path, entries: list[FileEntry]) -> None:
+    """Integrity checks every fetched checkpoint gets: SHA256SUMS when present, safetensors structure, a config."""
+    sums = root / CHECKSUM_FILE
+    if sums.is_file():
+        by_path = {entry.path: entry for entry in entries}
+        for line_no, line in enumerate(sums.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            digest, _, rel = line.strip().partition("  ")
+            rel = rel.lstrip("*")
+            entry = by_path.get(rel)
+            if entry is None:
+                raise SourceError(f"{CHECKSUM_FILE}:{line_no} lists {rel}, which the checkpoint lacks")
+            if entry.sha256 != digest:
+                raise SourceError(f"corrupt file {rel}: sha256 {entry.sha256[:12]}... but {CHECKSUM_FILE} says {digest[:12]}...")
+    for entry in entries:
+        if entry.path.endswith(".safetensors"):
+            check_safetensors(root / entry.path, entry.path)
+    if not (root / "config.json").is_file():
+        raise SourceError(f"{root} has no config.json: not a Hugging Face checkpoint directory")
+
+
+class Source(ABC):
+    """Where a checkpoint comes from."""
+
+    def __init__(self, uri: SourceURI) -> None:
+        self.uri = uri
+
+    @abstractmethod
+    def resolve_revision(self) -> str:
+        """The exact current revision, as cheaply as the source allows (used by the watcher)."""
+
+    @abstractmethod
+    def fetch(self, dest: Path) -> FetchedSource:
+        """Download into ``dest`` (an empty directory), verify, and describe what was fetched."""
+
+    def _finish(self, dest: Path, revision: str) -> FetchedSource:
+        entries = hash_tree(dest)
+        check_checkpoint(dest, entries)
+        return FetchedSource(uri=str(self.uri), revision=revision, path=str(dest), files=entries)

@@ -1,0 +1,34 @@
+"""file:// and plain-path sources: a checkpoint directory on this machine, copied and content-addressed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vlmforge.errors import SourceError
+from vlmforge.sources.base import FetchedSource, Source, hash_tree, tree_digest
+
+
+class LocalSource(Source):
+    """A local directory; its revision is the digest of its content."""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.uri.location).expanduser()
+
+    def _check(self) -> None:
+        if not self.root.is_dir():
+            raise SourceError(f"source directory not found: {self.root}")
+
+    def resolve_revision(self) -> str:
+        self._check()
+        return "sha256:" + tree_digest(hash_tree(self.root))
+
+    def fetch(self, dest: Path) -> FetchedSource:
+        self._check()
+        before = hash_tree(self.root)
+        shutil.copytree(self.root, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git"))
+        fetched = self._finish(dest, "sha256:" + tree_digest(before))
+        if {(e.path, e.sha256) for e in fetched.files} != {(e.path, e.sha256) for e in before}:
+            raise SourceError(f"source directory {self.root} changed while it was copied: try again")
+        return fetched
