@@ -8,16 +8,30 @@ then one small class per family in its own module, mostly class constants.
 from __future__ import annotations
 
 import posixpath
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
 from vlmforge.spec import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from vlmforge.derived import ResolvedSpec
     from vlmforge.plan import DialectInfo, PlanContext, Step
+    from vlmforge.toolchains.hf.common import GenResult
 
 SEED_PROMPT = "Question: which city is this? Answer:"
+
+
+@dataclass(frozen=True)
+class ArchitectureFacts:
+    """What a checkpoint's config says about the numbers a plan depends on."""
+
+    num_visual_features: int
+    num_attention_heads: int
 
 
 class ModelFamily:
@@ -58,6 +72,62 @@ class ModelFamily:
 
     def check_dialect(self, resolved: ResolvedSpec, info: DialectInfo) -> None:
         """Refuse what the dialect's scripts cannot do for this family; raise PlanError."""
+
+    # --- hf toolchain -----------------------------------------------------------------------
+    # Implemented by every family module; torch and transformers are imported inside them, so the
+    # spec and plan layers never need torch.
+
+    hf_supported: ClassVar[bool] = True
+    """The hf toolchain can build this family (VILA cannot: its checkpoints need VILA's own code)."""
+    quantizable: ClassVar[bool] = False
+    """The hf toolchain can weight-quantize this family's LLM (decoder-only families)."""
+    logit_scale_tolerance: ClassVar[float] = 1e-3
+    """ONNX-vs-torch visual check: largest error allowed, relative to the output's scale."""
+
+    def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        """Write a deterministic random-weight checkpoint with a real tokenizer and processor (no download)."""
+        raise NotImplementedError
+
+    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+        """The full reference model (eval mode)."""
+        raise NotImplementedError
+
+    def load_processor(self, model_dir: Path) -> Any:
+        raise NotImplementedError
+
+    def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
+        """num_visual_features and LLM attention heads read from the checkpoint's config.json."""
+        raise NotImplementedError
+
+    def format_prompt(self, text: str | None) -> str | None:
+        """Wrap user text the way the model expects (image placeholder, chat template); None stays None."""
+        return text
+
+    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocess images into the visual engine's input [B, 3, H, W] (float32)."""
+        raise NotImplementedError
+
+    def visual_module(self, model: Any) -> torch.nn.Module:
+        """pixel_values -> exactly the features the LLM consumes."""
+        raise NotImplementedError
+
+    def extract_llm(self, model: Any) -> Any:
+        """The language model alone (a standalone transformers model, its own save_pretrained)."""
+        raise NotImplementedError
+
+    def llm_class(self) -> type:
+        """The transformers class of the standalone LLM."""
+        raise NotImplementedError
+
+    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
+                 max_new_tokens: int) -> GenResult:
+        """Greedy generation from the LLM alone, fed the visual features (batch 1)."""
+        raise NotImplementedError
+
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
+                           max_new_tokens: int) -> GenResult:
+        """Greedy generation of the full reference model (batch 1)."""
+        raise NotImplementedError
 
     # --- trtllm plan ------------------------------------------------------------------------
 

@@ -1,14 +1,24 @@
-"""BLIP-2 with a Flan-T5 language model (Salesforce/blip2-flan-t5-*): an encoder-decoder LLM."""
+"""BLIP-2 with a Flan-T5 language model (Salesforce/blip2-flan-t5-*): an encoder-decoder LLM.
+
+The query features are the first rows of the T5 *encoder's* input (the text ids follow, ending with
+</s>; T5 has no BOS); the decoder starts from decoder_start_token_id (pad). Everything else of the
+hf toolchain is shared with blip2-opt (:class:`vlmforge.families.blip2_opt.Blip2Common`).
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
 from vlmforge.families.base import EncoderDecoderFamily
-from vlmforge.families.blip2_opt import Blip2Common
+from vlmforge.families.blip2_opt import TINY_NUM_ATTENTION_HEADS, TINY_VOCAB_SIZE, Blip2Common
 from vlmforge.plan import PlanContext
 from vlmforge.spec import BuildSpec, Dialect
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmforge.toolchains.hf.common import GenResult
 
 
 @register_family
@@ -19,6 +29,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
     description: ClassVar[str] = "BLIP-2 with Flan-T5 (Salesforce/blip2-flan-t5-*), encoder-decoder"
     context_fmha_disable: ClassVar[bool] = True
     tiny_source: ClassVar[str | None] = "tiny://blip2-t5"
+    tokenizer_template: ClassVar[str] = "eos"
     legacy_llm_repos: ClassVar[dict[str, str]] = {
         "flan-t5-xl": "google/flan-t5-xl",
         "flan-t5-xxl": "google/flan-t5-xxl",
@@ -35,3 +46,45 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
         if ctx.dialect.dialect is Dialect.V0_9:
             return ["--max_multimodal_len", str(ctx.derived.max_multimodal_len)]
         return []
+
+    # --- hf toolchain -----------------------------------------------------------------------
+
+    def _tiny_text_config(self) -> Any:
+        from transformers import T5Config
+
+        from vlmforge.toolchains.hf.common import EOS_ID, PAD_ID
+
+        return T5Config(
+            vocab_size=TINY_VOCAB_SIZE,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=TINY_NUM_ATTENTION_HEADS,
+            feed_forward_proj="gated-gelu",  # flan-t5 style
+            tie_word_embeddings=False,
+            pad_token_id=PAD_ID,
+            eos_token_id=EOS_ID,
+            decoder_start_token_id=PAD_ID,
+            initializer_factor=1.0,
+        )
+
+    def format_prompt(self, text: str | None) -> str | None:
+        """The text as it is; None becomes the golden prompt (T5 has no BOS to caption from)."""
+        return self.golden_prompt if text is None else text
+
+    def llm_class(self) -> type:
+        from transformers import T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration
+
+    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
+                 max_new_tokens: int) -> GenResult:
+        from vlmforge.toolchains.hf.common import greedy_encoder_decoder
+
+        embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
+        gen = llm.generation_config
+        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else llm.config.decoder_start_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else llm.config.eos_token_id
+        return greedy_encoder_decoder(llm, embeds, mask, max_new_tokens, start, eos)

@@ -1,12 +1,127 @@
-"""LLaVA-1.5 (llava-hf/llava-1.5-*-hf): CLIP ViT-L/14-336 + MLP projector + LLaMA/Vicuna."""
+"""LLaVA-1.5 (llava-hf/llava-1.5-*-hf): CLIP ViT-L/14-336 + MLP projector + LLaMA/Vicuna.
+
+transformers-5 layout of ``LlavaForConditionalGeneration`` (what the hf toolchain takes apart)::
+
+    model.model.vision_tower          CLIPVisionModel
+    model.model.multi_modal_projector LlavaMultiModalProjector
+    model.model.language_model        LlamaModel (no head)
+    model.lm_head                     Linear
+
+torch and transformers are imported inside the hf hooks only: the spec and plan layers import this
+module without them.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
-from vlmforge.families.base import DecoderOnlyFamily
+from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily
 from vlmforge.plan import PlanContext
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from vlmforge.toolchains.hf.common import GenResult
+
+IMAGE_TOKEN = "<image>"
+PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
+"""LLaVA-1.5's conversation format (llava-hf model cards), one image per prompt."""
+DEFAULT_USER_TEXT = "Describe the image."
+"""User text when none is given: LLaVA is a chat model and always needs a request."""
+
+# The tiny test model (tiny://llava): (56/14)^2 = 16 image features (LLaVA-1.5: (336/14)^2 = 576).
+TINY_IMAGE_SIZE = 56
+TINY_PATCH_SIZE = 14
+TINY_VOCAB_SIZE = 320
+TINY_NUM_ATTENTION_HEADS = 4
+
+
+def _tiny_config() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from vlmforge.toolchains.hf.common import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=TINY_NUM_ATTENTION_HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=0.05,  # > default 0.02 (image features matter more), < 0.1 (random net turns chaotic)
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_ID,
+        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_processor() -> Any:
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    from vlmforge.toolchains.hf.common import make_fast_tokenizer
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=make_fast_tokenizer(template="bos", vocab_size=TINY_VOCAB_SIZE),
+        patch_size=TINY_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token; the "default" strategy drops it again
+    )
+
+
+@cache
+def _visual_module_class() -> type:
+    import torch
+
+    class LlavaVisualModule(torch.nn.Module):
+        """pixel_values [B, 3, H, W] -> projected image features [B, N, llm_hidden] (what the LLM consumes)."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            config = model.config
+            self.vision_tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+            layer = config.vision_feature_layer
+            self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
+            self.drop_cls = config.vision_feature_select_strategy == "default"
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            pixel_values = pixel_values.to(self.vision_tower.dtype)
+            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            features = torch.cat([out.hidden_states[layer] for layer in self.feature_layers], dim=-1)
+            if self.drop_cls:
+                features = features[:, 1:]
+            return self.projector(features)
+
+    return LlavaVisualModule
 
 
 @register_family
@@ -20,6 +135,110 @@ class LlavaFamily(DecoderOnlyFamily):
     fused_mlp_default: ClassVar[bool] = True
     supports_fused_mlp: ClassVar[bool] = True
     tiny_source: ClassVar[str | None] = "tiny://llava"
+    quantizable: ClassVar[bool] = True
 
     def visual_model_type(self, ctx: PlanContext) -> str:
         return "llava"
+
+    # --- hf toolchain -----------------------------------------------------------------------
+
+    def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        from transformers import LlavaForConditionalGeneration
+
+        from vlmforge.toolchains.hf.common import seed_all
+
+        seed_all(seed)
+        model = LlavaForConditionalGeneration(_tiny_config()).eval()
+        model.save_pretrained(out_dir)
+        _tiny_processor().save_pretrained(out_dir)
+
+    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+    def load_processor(self, model_dir: Path) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_dir)
+
+    def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
+        """(image_size / patch_size)^2 patch features (+1 for the "full" strategy, which keeps CLS)."""
+        from transformers import LlavaConfig
+
+        cfg = LlavaConfig.from_dict(dict(config))
+        vision = cfg.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        extra = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        return ArchitectureFacts(patches + extra, cfg.text_config.num_attention_heads)
+
+    def format_prompt(self, text: str | None) -> str | None:
+        """``USER: <image>\\n{text} ASSISTANT:``; text that already holds ``<image>`` is kept as it is."""
+        text = DEFAULT_USER_TEXT if text is None else text
+        if IMAGE_TOKEN in text:
+            return text
+        return PROMPT_TEMPLATE.format(text=text)
+
+    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
+        from vlmforge.toolchains.hf.common import image_processor_pixel_values
+
+        return image_processor_pixel_values(processor, images)
+
+    def visual_module(self, model: Any) -> torch.nn.Module:
+        return _visual_module_class()(model).eval()
+
+    def extract_llm(self, model: Any) -> Any:
+        """A ``LlamaForCausalLM`` around the full model's own language model and head (shared, not copied)."""
+        import copy
+
+        import torch
+
+        from vlmforge.toolchains.hf.common import model_dtype
+
+        llm_cls = self.llm_class()
+        config = copy.deepcopy(model.config.text_config)
+        config.dtype = model_dtype(model.model.language_model)
+        with torch.device("meta"):  # both submodules are replaced below: allocate nothing
+            llm = llm_cls(config)
+        llm.model = model.model.language_model
+        llm.lm_head = model.lm_head
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(model.generation_config, key, None)
+            setattr(llm.generation_config, key, value if value is not None else getattr(config, key, None))
+        return llm.eval()
+
+    def llm_class(self) -> type:
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM
+
+    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
+                 max_new_tokens: int) -> GenResult:
+        """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
+        import torch
+
+        from vlmforge.toolchains.hf.common import greedy_decoder_only, model_device
+
+        if features.dim() != 3 or features.shape[0] != 1:
+            raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
+        prompt = self.format_prompt(prompt)
+        assert prompt is not None
+        token = processor.image_token
+        if prompt.count(token) != 1:
+            raise ValueError(f"a LLaVA prompt holds exactly one {token}: {prompt!r}")
+        n = features.shape[1]
+        device = model_device(llm)
+        ids = processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids.to(device)
+        embeds = llm.get_input_embeddings()(ids)
+        mask = (ids == processor.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.to(device, embeds.dtype))
+        eos = llm.generation_config.eos_token_id
+        return greedy_decoder_only(llm, embeds, torch.ones_like(ids), max_new_tokens,
+                                   eos if eos is not None else llm.config.eos_token_id)
+
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
+                           max_new_tokens: int) -> GenResult:
+        from vlmforge.toolchains.hf.common import ref_generate
+
+        inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
+        return ref_generate(model, dict(inputs), max_new_tokens)

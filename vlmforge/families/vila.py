@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import posixpath
-from typing import ClassVar
+from typing import Any, ClassVar, NoReturn
 
+from vlmforge.errors import ToolchainUnavailable
 from vlmforge.families import register_family
 from vlmforge.families.base import DecoderOnlyFamily
 from vlmforge.plan import PlanContext, Step
@@ -26,6 +27,16 @@ SEED_PATCHES: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
+HF_UNAVAILABLE = (
+    "the hf toolchain cannot build VILA: its checkpoints need the VILA code base, which is not a "
+    "transformers model; use --toolchain trtllm"
+)
+
+
+def _hf_unavailable(*args: Any, **kwargs: Any) -> NoReturn:
+    """Every hf-toolchain hook of VILA: refuse with the reason and the way out."""
+    raise ToolchainUnavailable(HF_UNAVAILABLE)
+
 
 @register_family
 class VilaFamily(DecoderOnlyFamily):
@@ -41,6 +52,11 @@ class VilaFamily(DecoderOnlyFamily):
     default_code_source: ClassVar[str] = "https://github.com/Efficient-Large-Model/VILA.git"
     code_dir_name: ClassVar[str] = "VILA"
     golden_prompt: ClassVar[str | None] = "Please describe the traffic condition."
+    hf_supported: ClassVar[bool] = False
+
+    # The hf toolchain: none of its hooks can work without VILA's own model code.
+    make_tiny = load_model = load_processor = architecture_facts = pixel_values = _hf_unavailable
+    visual_module = extract_llm = llm_class = generate = reference_generate = _hf_unavailable
 
     def code_path(self, ctx: PlanContext) -> str:
         source = ctx.spec.code_source or ""

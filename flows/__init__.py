@@ -1,0 +1,1 @@
+"""Prefect flows: build, watch, deploy, gc."""

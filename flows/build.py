@@ -1,0 +1,81 @@
+"""The build flow: download, convert, quantize, build the LLM and visual engines, validate, publish.
+
+The visual branch runs beside the LLM branch; every stage is skipped when its inputs' fingerprint
+is unchanged (and the run log says so); a markdown report and a table show in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.runtime import flow_run
+
+from tasks import build as t
+from vlmforge.catalog import load_model_or_spec
+from vlmforge.pipeline import HfPipeline, default_workdir
+from vlmforge.reports import build_report_markdown, failure_markdown, stage_rows
+from vlmforge.spec import Toolchain
+from vlmforge.workdir import Workdir
+
+
+def _artifact_key(name: str) -> str:
+    return "build-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+
+
+@flow(name="build-engine", flow_run_name="build-{model}-{toolchain}", validate_parameters=True)
+def build_engine(model: str, toolchain: str = "hf", store: str | None = None, workdir: str | None = None,
+                 overrides: dict[str, Any] | None = None, aliases: list[str] | None = None) -> dict[str, Any]:
+    """Build one engine from a catalog name or spec file, validate it and publish it to the store."""
+    logger = get_run_logger()
+    spec = load_model_or_spec(model, overrides or {})
+    chosen = Toolchain(toolchain)
+    work = Workdir(Path(workdir) if workdir else default_workdir())
+    key = _artifact_key(spec.name)
+    if chosen is Toolchain.TRTLLM:
+        from flows.build_trtllm import build_with_trtllm
+
+        return build_with_trtllm(spec, work, store, logger)
+    pipeline = HfPipeline(spec, work, on_event=lambda line: None)
+    progress = create_progress_artifact(0.0, description=f"{spec.name}: build stages done")
+    stages: list[Any] = []
+    try:
+        fetched = t.fetch(pipeline)
+        stages.append(fetched)
+        update_progress_artifact(progress, 15.0)
+        visual_future = t.build_visual.submit(pipeline, fetched)  # the visual branch runs beside the LLM branch
+        converted = t.convert(pipeline, fetched)
+        quantized = t.quantize(pipeline, converted)
+        llm = t.build_llm(pipeline, converted, quantized)
+        visual = visual_future.result()
+        stages += [converted, *( [quantized] if quantized else []), llm, visual]
+        update_progress_artifact(progress, 60.0)
+        engine = t.assemble(pipeline, visual, llm)
+        stages.append(engine)
+        validation = t.validate(pipeline, engine, fetched)
+        stages.append(validation)
+        update_progress_artifact(progress, 85.0)
+        links = {"prefect_flow_run": flow_run.ui_url} if flow_run.ui_url else {}
+        manifest = pipeline.manifest(fetched, engine, validation).model_copy(update={"links": links})
+        published = t.publish(store, engine, manifest, tuple(aliases or ("latest",)))
+        update_progress_artifact(progress, 100.0)
+    except Exception as exc:
+        create_markdown_artifact(failure_markdown(spec, stages, exc), key=key, description=f"{spec.name}: build failed")
+        raise
+    create_markdown_artifact(build_report_markdown(spec, pipeline.resolved.derived, stages, published), key=key,
+                             description=f"{spec.name}: build report")
+    create_table_artifact(stage_rows(stages), key=f"{key}-stages", description=f"{spec.name}: stages")
+    summary = {
+        "model": spec.name,
+        "build_id": published.manifest.build_id,
+        "fingerprint": published.manifest.fingerprint,
+        "store": published.store_url,
+        "created": published.created,
+        "aliases": published.aliases,
+        "validation": {k: validation.result[k] for k in ("token_agreement", "max_logit_error", "vision_ms", "llm_ms", "e2e_ms")},
+        "stages": {s.record.stage: ("skipped" if s.skipped else f"{s.record.seconds:.2f}s") for s in stages},
+    }
+    logger.info("%s", published.summary)
+    return summary

@@ -1,0 +1,98 @@
+"""The build flow's trtllm branch: run the plan's argv steps in this (NVIDIA TensorRT-LLM) container,
+then validate the TensorRT engine against the hf reference through the runner, and publish."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.errors import ToolchainUnavailable, ValidationFailed
+from vlmforge.plan import build_plan
+from vlmforge.spec import BuildSpec, Dialect
+from vlmforge.toolchains.trtllm import execute_plan, require_trtllm
+from vlmforge.workdir import Workdir
+
+
+@task(name="run-trtllm-plan", cache_policy=NONE, persist_result=False)
+def run_plan(plan: Any, workspace: Path, logger: Any) -> list[Any]:
+    return execute_plan(plan, workspace, workspace / "logs", logger.info)
+
+
+def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger: Any) -> dict[str, Any]:
+    """Execute the 1.2 plan, write engine.json, validate against the hf reference, publish."""
+    import torch
+
+    from vlmforge.derived import resolve
+    from vlmforge.env import versions
+    from vlmforge.pipeline import engine_manifest
+    from vlmforge.publish import publish_engine
+    from vlmforge.runner.trtllm import TrtllmEngine
+    from vlmforge.sources import hash_tree, open_source
+    from vlmforge.toolchains.hf.common import synthetic_images
+    from vlmforge.toolchains.hf.stages import GOLDEN_IMAGE_SIZE
+
+    trtllm_version = require_trtllm()
+    if spec.dialect is not Dialect.V1_2:
+        raise ToolchainUnavailable("the trtllm toolchain executes dialect 1.2 plans; render 0.9 plans with "
+                                   "`vlmforge plan --dialect 0.9` for older containers")
+    resolved = resolve(spec)
+    workspace = work.root / "trtllm" / spec.name
+    plan = build_plan(spec, workspace=str(workspace))
+    runs = run_plan(plan, workspace, logger)
+    engine_dir = Path(plan.engine_dir)
+    hf_dir = workspace / "hf_models" / spec.name
+    processor = engine_dir / "processor"
+    resolved.family.load_processor(hf_dir).save_pretrained(processor)
+    major, minor = torch.cuda.get_device_capability(0)
+    derived = resolved.derived
+    EngineConfig(
+        name=spec.name, family=spec.family, toolchain="trtllm", world_size=derived.world_size, tp=spec.parallel.tp,
+        pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
+        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features, processor="processor",
+        visual=VisualEngineInfo(path="vision", format="tensorrt", precision="float16",
+                                max_batch_size=derived.visual_max_batch_size, output_shape=["batch", derived.num_visual_features, "hidden"]),
+        llm=LlmEngineInfo(path="llm", format="tensorrt", dtype=spec.dtype.value, quantization=spec.quantization.method.value,
+                          architecture=resolved.family.llm_kind),
+        tensorrt_version=versions(("tensorrt",)).get("tensorrt"), tensorrt_llm_version=trtllm_version,
+        compute_capability=f"{major}.{minor}",
+    ).write(engine_dir)
+
+    # Validation: the TensorRT engine through the runner against the unconverted float32 reference.
+    family = resolved.family
+    reference = family.load_model(hf_dir, torch.float32, device="cuda")
+    hf_processor = family.load_processor(hf_dir)
+    engine = TrtllmEngine(engine_dir, hf_model_dir=hf_dir)
+    text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
+    agreements = []
+    for image in synthetic_images(GOLDEN_IMAGE_SIZE):
+        ref = family.reference_generate(reference, hf_processor, image, family.format_prompt(text), derived.max_new_tokens)
+        got = engine.generate(image, text, derived.max_new_tokens)
+        ref_text = hf_processor.tokenizer.decode(ref.tokens, skip_special_tokens=True)
+        ref_tokens = hf_processor.tokenizer(ref_text, add_special_tokens=False).input_ids
+        n = max(len(ref_tokens), 1)
+        agreements.append(sum(a == b for a, b in zip(ref_tokens, got.tokens)) / n)
+    agreement = sum(agreements) / len(agreements)
+    validation = {"token_agreement": agreement, "min_token_agreement": spec.validation.min_token_agreement,
+                  "max_logit_error": None, "vision_ms": None, "llm_ms": None, "e2e_ms": None}
+    if agreement < spec.validation.min_token_agreement:
+        raise ValidationFailed(f"TensorRT engine agrees with the reference on {agreement:.3f} of tokens "
+                               f"(need {spec.validation.min_token_agreement}); nothing is published")
+    files = hash_tree(engine_dir)
+    source = open_source(spec.source)
+    manifest = engine_manifest(spec, resolved.derived, toolchain="trtllm", source_revision=source.resolve_revision(),
+                               fingerprint_parts=(plan.to_json_dict(), trtllm_version, f"{major}.{minor}"),
+                               files=files, validation=validation)
+    published = publish_engine(store, engine_dir, manifest)
+    create_table_artifact([{"step": r.step.name, "seconds": round(r.seconds, 1), "skipped": r.skipped,
+                            "log": str(r.log_path)} for r in runs], description=f"{spec.name}: trtllm steps")
+    create_markdown_artifact(f"# TensorRT engine {spec.name}\n\n{published.summary}\n\ntoken agreement {agreement:.3f}")
+    shutil.rmtree(workspace / "trt_models", ignore_errors=True)  # checkpoints are intermediate
+    return {"model": spec.name, "build_id": published.manifest.build_id, "fingerprint": published.manifest.fingerprint,
+            "store": published.store_url, "created": published.created, "aliases": published.aliases,
+            "validation": validation, "stages": {r.step.name: f"{r.seconds:.1f}s" for r in runs}}

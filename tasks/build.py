@@ -1,0 +1,69 @@
+"""Prefect tasks for one engine build: each wraps one stage of :class:`vlmforge.pipeline.HfPipeline`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from tasks.common import retry_transient
+from vlmforge.pipeline import HfPipeline
+from vlmforge.workdir import StageOutcome
+
+# Stage results are cached by vlmforge's own fingerprinted work dir (it survives SIGKILL and needs no
+# result storage), so Prefect's task cache is off.
+STAGE = {"cache_policy": NONE, "persist_result": False}
+
+
+def _log(outcome: StageOutcome | None) -> StageOutcome | None:
+    if outcome is not None:
+        get_run_logger().info(outcome.reason)
+    return outcome
+
+
+@task(name="fetch", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient, **STAGE)
+def fetch(pipeline: HfPipeline) -> StageOutcome:
+    """Resolve the source revision, download and verify."""
+    return _log(pipeline.fetch())
+
+
+@task(name="convert", **STAGE)
+def convert(pipeline: HfPipeline, fetched: StageOutcome) -> StageOutcome:
+    return _log(pipeline.convert(fetched))
+
+
+@task(name="quantize", **STAGE)
+def quantize(pipeline: HfPipeline, converted: StageOutcome) -> StageOutcome | None:
+    return _log(pipeline.quantize(converted))
+
+
+@task(name="build-llm-engine", **STAGE)
+def build_llm(pipeline: HfPipeline, converted: StageOutcome, quantized: StageOutcome | None) -> StageOutcome:
+    return _log(pipeline.build_llm(converted, quantized))
+
+
+@task(name="build-visual-engine", **STAGE)
+def build_visual(pipeline: HfPipeline, fetched: StageOutcome) -> StageOutcome:
+    return _log(pipeline.build_visual(fetched))
+
+
+@task(name="assemble-engine", **STAGE)
+def assemble(pipeline: HfPipeline, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:
+    return _log(pipeline.assemble(visual, llm))
+
+
+@task(name="validate", **STAGE)
+def validate(pipeline: HfPipeline, engine: StageOutcome, fetched: StageOutcome) -> StageOutcome:
+    """Run the engine through the deployment runner against the float32 reference; fails below threshold."""
+    return _log(pipeline.validate(engine, fetched))
+
+
+@task(name="publish", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient, **STAGE)
+def publish(store_url: str | None, engine: StageOutcome, manifest: Any, aliases: tuple[str, ...] = ("latest",)) -> Any:
+    """Push the engine and its manifest to the artifact store (a build with the same fingerprint is not pushed again)."""
+    from vlmforge.publish import publish_engine
+
+    result = publish_engine(store_url, engine.path, manifest, aliases=aliases)
+    get_run_logger().info(result.summary)
+    return result

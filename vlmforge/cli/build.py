@@ -1,0 +1,85 @@
+"""CLI: `build` (runs the Prefect build flow), `fetch` (one verified source download), `selftest`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlmforge.catalog import load_model_or_spec
+from vlmforge.cli import app, console, print_json
+from vlmforge.cli.specs import (
+    BatchOpt, DialectOpt, DtypeOpt, InputOpt, JsonOpt, OutputOpt, PpOpt, QuantOpt, TpOpt, VisualBatchOpt, spec_overrides,
+)
+from vlmforge.derived import resolve
+from vlmforge.spec import Toolchain
+
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE or a local dir).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Work dir for stage outputs (default: $VLMFORGE_WORKDIR).")]
+
+
+def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
+    """Everything that can be refused before Prefect starts: the spec, the rules, the toolchain."""
+    resolved = resolve(load_model_or_spec(model, overrides))
+    if toolchain is Toolchain.HF:
+        from vlmforge.toolchains.hf.stages import check_supported
+
+        check_supported(resolved)
+    else:
+        from vlmforge.toolchains.trtllm import require_trtllm
+
+        require_trtllm()
+
+
+@app.command("build")
+def build_cmd(
+    model: Annotated[str, typer.Argument(help="Catalog model name or spec YAML path.")],
+    toolchain: Annotated[Toolchain, typer.Option(help="hf (torch+transformers, anywhere) or trtllm (NVIDIA's container).")] = Toolchain.HF,
+    store: StoreOpt = None, workdir: WorkdirOpt = None,
+    dialect: DialectOpt = None, tp: TpOpt = None, pp: PpOpt = None, dtype: DtypeOpt = None, quant: QuantOpt = None,
+    max_batch_size: BatchOpt = None, max_input_len: InputOpt = None, max_output_len: OutputOpt = None,
+    visual_batch_size: VisualBatchOpt = None,
+    alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Aliases to move after validation (default: latest).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build, validate and publish an engine through the Prefect flow (a temporary local Prefect server unless
+    PREFECT_API_URL is set)."""
+    overrides = spec_overrides(tp=tp, pp=pp, dtype=dtype, quant=quant, max_batch_size=max_batch_size,
+                               max_input_len=max_input_len, max_output_len=max_output_len,
+                               visual_batch_size=visual_batch_size, dialect=dialect)
+    preflight(model, toolchain, overrides)
+    from flows.build import build_engine  # imports Prefect
+
+    summary = build_engine(model=model, toolchain=toolchain.value, store=store,
+                           workdir=str(workdir) if workdir else None, overrides=overrides, aliases=alias)
+    if as_json:
+        print_json(summary)
+        return
+    validation = summary["validation"]
+    console.print(f"\n[bold green]engine[/] {summary['model']}#{summary['build_id']}", highlight=False)
+    console.print(f"stored in {summary['store']}" + ("" if summary["created"] else " (already there: nothing uploaded)"),
+                  highlight=False)
+    console.print(f"validation: token agreement {validation['token_agreement']}, max logit error "
+                  f"{validation['max_logit_error']}, vision {validation['vision_ms']} ms, LLM {validation['llm_ms']} ms, "
+                  f"end-to-end {validation['e2e_ms']} ms", highlight=False)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    source: Annotated[str, typer.Argument(help="hf://org/repo@rev, s3://bucket/prefix, file:///path or tiny://FAMILY")],
+    dest: Annotated[Path, typer.Argument(help="Empty or new directory to download into.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a checkpoint, verify it, and print its exact revision (the trtllm plan's first step)."""
+    from vlmforge.errors import SourceError
+    from vlmforge.sources import open_source
+
+    if dest.exists() and any(dest.iterdir()):
+        raise SourceError(f"{dest} is not empty: fetch writes into a new or empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    fetched = open_source(source).fetch(dest)
+    if as_json:
+        print_json(fetched.model_dump(mode="json"))
+    else:
+        console.print(f"{source} at {fetched.revision}: {len(fetched.files)} files verified in {dest}", highlight=False)

@@ -1,0 +1,74 @@
+"""engine.json: what an engine directory holds, written by every toolchain and read by every runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from vlmforge.errors import DeployError
+
+ENGINE_CONFIG = "engine.json"
+
+
+class VisualEngineInfo(BaseModel):
+    """The visual engine: vision encoder + projector."""
+
+    path: str
+    """File (hf: ONNX) or directory (trtllm: TensorRT engine) relative to the engine directory."""
+    format: Literal["onnx", "tensorrt"]
+    precision: str
+    max_batch_size: int
+    output_shape: list[int | str]
+    """[batch, num_visual_features, hidden]."""
+
+
+class LlmEngineInfo(BaseModel):
+    """The language model engine."""
+
+    path: str
+    format: Literal["safetensors", "quanto", "tensorrt"]
+    dtype: str
+    quantization: str
+    architecture: str
+    """The transformers class of the standalone LLM (hf), or TensorRT-LLM's architecture (trtllm)."""
+
+
+class EngineConfig(BaseModel):
+    """Everything a runner needs to know before loading an engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    name: str
+    family: str
+    toolchain: Literal["hf", "trtllm"]
+    world_size: int
+    tp: int
+    pp: int
+    max_batch_size: int
+    max_input_len: int
+    max_output_len: int
+    num_visual_features: int
+    processor: str
+    """Directory (relative) with the tokenizer and image processor."""
+    visual: VisualEngineInfo
+    llm: LlmEngineInfo
+    tensorrt_version: str | None = None
+    tensorrt_llm_version: str | None = None
+    compute_capability: str | None = None
+    """GPU architecture a TensorRT engine was built for (e.g. "9.0"); None for hf engines."""
+
+    def write(self, engine_dir: Path) -> None:
+        (engine_dir / ENGINE_CONFIG).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, engine_dir: Path) -> EngineConfig:
+        path = Path(engine_dir) / ENGINE_CONFIG
+        if not path.is_file():
+            raise DeployError(f"{engine_dir} is not a vlmforge engine: {ENGINE_CONFIG} is missing")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise DeployError(f"unreadable {path}: {exc}") from None

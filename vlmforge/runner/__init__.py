@@ -1,0 +1,1 @@
+"""Runners: load an engine directory and generate (the same code validates builds and serves deployments)."""

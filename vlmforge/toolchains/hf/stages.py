@@ -1,0 +1,311 @@
+"""The hf toolchain's stages, each doing real work with torch and transformers.
+
+convert (cast and re-save the checkpoint) -> quantize (weight-only, decoder-only LLMs) -> LLM engine
+(the standalone language model) and, beside it, the visual engine (vision encoder + projector
+exported to ONNX, checked in ONNX Runtime against torch) -> assemble (engine.json) -> validate
+(the runner against the unconverted float32 reference).
+
+Each function takes its inputs' directories and writes into an output directory it is given; it
+knows nothing of fingerprints or Prefect (see :mod:`vlmforge.pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from vlmforge.derived import ResolvedSpec
+from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
+from vlmforge.spec import QuantMethod
+
+log = logging.getLogger(__name__)
+
+HF_QUANT_METHODS = {QuantMethod.NONE: None, QuantMethod.INT8_WO: "int8", QuantMethod.INT4_WO: "int4"}
+PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "tokenizer_config.json"))
+GOLDEN_IMAGE_SIZE = 64
+
+
+def check_supported(resolved: ResolvedSpec) -> None:
+    """Refuse, before any work, what the hf toolchain cannot build."""
+    family, spec = resolved.family, resolved.spec
+    if not family.hf_supported:
+        raise ToolchainUnavailable(f"the hf toolchain cannot build {family.name}: use --toolchain trtllm")
+    if spec.quantization.method not in HF_QUANT_METHODS:
+        raise ToolchainUnavailable(
+            f"quantization.method {spec.quantization.method.value}: the hf toolchain quantizes int8_wo and int4_wo "
+            "(weight-only); int4_awq, int8_sq and fp8 need calibration kernels from TensorRT-LLM: use --toolchain trtllm"
+        )
+    if spec.quantization.kv_cache_dtype.value != "auto":
+        raise ToolchainUnavailable("quantization.kv_cache_dtype: the hf toolchain keeps the KV cache in the model dtype; "
+                                   "use --toolchain trtllm for int8/fp8 KV caches")
+    if spec.quantization.method is not QuantMethod.NONE and not family.quantizable:
+        raise SpecError(f"the hf toolchain cannot quantize {family.name}'s LLM", path="quantization.method")
+
+
+def _torch_dtype(name: str) -> Any:
+    from vlmforge.runner.engine import torch_dtype
+
+    return torch_dtype(name)
+
+
+def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any) -> Any:
+    missing = [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
+    if missing:
+        raise SourceError(f"missing processor files in {model_dir}: {', '.join(missing)}")
+    try:
+        return resolved.family.load_model(model_dir, dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise SourceError(f"cannot load the checkpoint in {model_dir}: {type(exc).__name__}: {exc}") from None
+
+
+def _dir_bytes(path: Path, suffix: str = ".safetensors") -> int:
+    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}"))
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"unreadable config.json in {model_dir}: {exc}") from None
+
+
+class ConvertResult(BaseModel):
+    dtype: str
+    num_visual_features: int
+    num_attention_heads: int
+    bytes: int
+
+
+def convert(resolved: ResolvedSpec, source_dir: Path, out: Path) -> ConvertResult:
+    """Load with transformers, check the architecture facts, cast to the spec's dtype, save safetensors + processor."""
+    from vlmforge.toolchains.hf.common import save_pretrained_as
+
+    spec, family = resolved.spec, resolved.family
+    facts = family.architecture_facts(read_config(source_dir))
+    checks = (("num_visual_features", facts.num_visual_features), ("num_attention_heads", facts.num_attention_heads))
+    for field, actual in checks:
+        declared = getattr(spec.architecture, field)
+        if declared is not None and declared != actual:
+            raise SpecError(f"the spec says {declared} but the checkpoint's config.json gives {actual}: fix the spec",
+                            path=f"architecture.{field}")
+    if resolved.derived.num_visual_features != facts.num_visual_features:
+        raise SpecError(
+            f"num_visual_features is {resolved.derived.num_visual_features} (family default) but the checkpoint has "
+            f"{facts.num_visual_features}: set architecture.num_visual_features: {facts.num_visual_features}",
+            path="architecture.num_visual_features",
+        )
+    if facts.num_attention_heads % spec.parallel.tp:
+        raise SpecError(f"tp={spec.parallel.tp} does not divide the checkpoint's {facts.num_attention_heads} heads",
+                        path="parallel.tp")
+    model = _load_model(resolved, source_dir, _torch_dtype("float32"))
+    target = out / "checkpoint"
+    save_pretrained_as(model, target, _torch_dtype(spec.dtype.value))
+    family.load_processor(source_dir).save_pretrained(target)
+    return ConvertResult(dtype=spec.dtype.value, num_visual_features=facts.num_visual_features,
+                         num_attention_heads=facts.num_attention_heads, bytes=_dir_bytes(target))
+
+
+class QuantizeResult(BaseModel):
+    method: str
+    bytes_before: int
+    """The LLM's weights in the spec's dtype."""
+    bytes_after: int
+    ratio: float
+
+
+def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) -> QuantizeResult:
+    """Weight-only int8/int4 quantization of the LLM with optimum-quanto (the lm_head stays in full precision)."""
+    from vlmforge.toolchains.hf.common import quantize_and_save, save_pretrained_as
+
+    spec, family = resolved.spec, resolved.family
+    weights = HF_QUANT_METHODS[spec.quantization.method]
+    if weights is None:
+        raise BuildError("quantize was called for an unquantized spec")
+    dtype = _torch_dtype(spec.dtype.value)
+    model = _load_model(resolved, checkpoint_dir, dtype)
+    llm = family.extract_llm(model)
+    reference = out / "unquantized"
+    save_pretrained_as(llm, reference, dtype)
+    before = _dir_bytes(reference)
+    shutil.rmtree(reference)
+    quantize_and_save(llm, out / "llm", weights)
+    after = _dir_bytes(out / "llm")
+    log.info("quantized %s LLM to %s: %d -> %d bytes", spec.name, weights, before, after)
+    return QuantizeResult(method=spec.quantization.method.value, bytes_before=before, bytes_after=after,
+                          ratio=round(after / before, 4) if before else 0.0)
+
+
+class LlmResult(BaseModel):
+    format: str
+    architecture: str
+    bytes: int
+
+
+def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path) -> LlmResult:
+    """The LLM engine: the standalone language model (or its quantized form) plus the processor."""
+    from vlmforge.toolchains.hf.common import save_pretrained_as
+
+    spec, family = resolved.spec, resolved.family
+    target = out / "llm"
+    if quantized_dir is not None:
+        shutil.copytree(quantized_dir / "llm", target)
+        fmt = "quanto"
+    else:
+        dtype = _torch_dtype(spec.dtype.value)
+        llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype))
+        save_pretrained_as(llm, target, dtype)
+        fmt = "safetensors"
+    family.load_processor(checkpoint_dir).save_pretrained(out / "processor")
+    return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=_dir_bytes(target))
+
+
+class VisualResult(BaseModel):
+    exporter: str
+    precision: str
+    output_shape: list[int | str]
+    max_abs_error: float
+    max_rel_error: float
+    max_rel_to_scale: float
+    bytes: int
+
+
+def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualResult:
+    """Export the vision encoder + projector to ONNX and check ONNX Runtime against torch on the golden images."""
+    import torch
+
+    from vlmforge.toolchains.hf.common import compare_onnx, export_onnx, synthetic_images
+
+    family = resolved.family
+    model = _load_model(resolved, source_dir, torch.float32)
+    processor = family.load_processor(source_dir)
+    module = family.visual_module(model).eval()
+    images = synthetic_images(GOLDEN_IMAGE_SIZE)
+    pixels = family.pixel_values(processor, images)
+    target = out / "vision" / "model.onnx"
+    info = export_onnx(module, target, pixels[:2])
+    errors = [compare_onnx(target, module, pixels[:1]), compare_onnx(target, module, pixels)]
+    worst = {key: max(err[key] for err in errors) for key in ("max_abs", "max_rel", "max_rel_to_scale")}
+    if worst["max_rel_to_scale"] > family.logit_scale_tolerance:
+        raise BuildError(
+            f"visual engine check failed: ONNX Runtime differs from torch by {worst['max_rel_to_scale']:.2e} of the "
+            f"output scale (tolerance {family.logit_scale_tolerance:.0e})"
+        )
+    with torch.no_grad():
+        shape = list(module(pixels[:1]).shape)
+    return VisualResult(exporter=info.exporter, precision="float32", output_shape=["batch", *shape[1:]],
+                        max_abs_error=worst["max_abs"], max_rel_error=worst["max_rel"],
+                        max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
+
+
+def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm_dir: Path, llm: LlmResult,
+             out: Path) -> EngineConfig:
+    """Lay out the engine directory (vision/, llm/, processor/, engine.json), hard-linking stage outputs."""
+    spec, derived = resolved.spec, resolved.derived
+    for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
+        for name in names:
+            shutil.copytree(src_root / name, out / name, copy_function=_link_or_copy)
+    config = EngineConfig(
+        name=spec.name, family=spec.family, toolchain="hf", world_size=derived.world_size, tp=spec.parallel.tp,
+        pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
+        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features, processor="processor",
+        visual=VisualEngineInfo(path="vision/model.onnx", format="onnx", precision=visual.precision,
+                                max_batch_size=derived.visual_max_batch_size, output_shape=visual.output_shape),
+        llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
+                          quantization=spec.quantization.method.value, architecture=llm.architecture),
+    )
+    config.write(out)
+    return config
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+class GoldenResult(BaseModel):
+    prompt: str | None
+    reference_tokens: list[int]
+    engine_tokens: list[int]
+    agreement: float
+    max_logit_error: float
+    engine_text: str
+
+
+class ValidationReport(BaseModel):
+    """Greedy agreement and logit error against the float32 reference, and the runner's profile."""
+
+    passed: bool
+    token_agreement: float
+    max_logit_error: float
+    min_token_agreement: float
+    max_logit_error_allowed: float
+    vision_ms: float
+    llm_ms: float
+    e2e_ms: float
+    max_new_tokens: int
+    inputs: list[GoldenResult]
+
+
+def compare(reference: Any, engine: Any) -> tuple[float, float]:
+    """(token agreement, max logit error up to the first divergence) of two greedy generations."""
+    ref_tokens, got_tokens = list(reference.tokens), list(engine.tokens)
+    n = min(len(ref_tokens), len(got_tokens))
+    agree = sum(a == b for a, b in zip(ref_tokens, got_tokens)) / max(len(ref_tokens), 1)
+    prefix = next((i for i in range(n) if ref_tokens[i] != got_tokens[i]), n)
+    steps = min(prefix + 1, n)
+    error = float((reference.logits[:steps] - engine.logits[:steps]).abs().max()) if steps else float("inf")
+    return agree, error
+
+
+def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, device: str | None = None) -> ValidationReport:
+    """Run the engine through the deployment runner on the golden inputs against the float32 reference."""
+    import torch
+
+    from vlmforge.runner.engine import HfEngine
+    from vlmforge.toolchains.hf.common import synthetic_images
+
+    spec, family, derived = resolved.spec, resolved.family, resolved.derived
+    engine = HfEngine(engine_dir, device=device)
+    reference = _load_model(resolved, source_dir, torch.float32).to(engine.device)
+    processor = family.load_processor(source_dir)
+    text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
+    steps = derived.max_new_tokens
+    engine.generate(synthetic_images(GOLDEN_IMAGE_SIZE)[0], text, 1)  # warm-up, not profiled
+    results, profiles = [], []
+    for image in synthetic_images(GOLDEN_IMAGE_SIZE):
+        ref = family.reference_generate(reference, processor, image, family.format_prompt(text), steps)
+        got = engine.generate(image, text, steps)
+        agreement, error = compare(ref, got)
+        results.append(GoldenResult(prompt=family.format_prompt(text), reference_tokens=list(ref.tokens),
+                                    engine_tokens=got.tokens, agreement=agreement, max_logit_error=error,
+                                    engine_text=got.text))
+        profiles.append(got)
+    agreement = statistics.fmean(r.agreement for r in results)
+    error = max(r.max_logit_error for r in results)
+    threshold = spec.validation
+    report = ValidationReport(
+        passed=agreement >= threshold.min_token_agreement and error <= threshold.max_logit_error,
+        token_agreement=round(agreement, 4), max_logit_error=round(error, 6),
+        min_token_agreement=threshold.min_token_agreement, max_logit_error_allowed=threshold.max_logit_error,
+        vision_ms=round(statistics.fmean(p.vision_ms for p in profiles), 3),
+        llm_ms=round(statistics.fmean(p.llm_ms for p in profiles), 3),
+        e2e_ms=round(statistics.fmean(p.e2e_ms for p in profiles), 3),
+        max_new_tokens=steps, inputs=results,
+    )
+    if not report.passed:
+        raise ValidationFailed(
+            f"validation failed for {spec.name}: token agreement {report.token_agreement:.3f} (need >= "
+            f"{threshold.min_token_agreement}), max logit error {report.max_logit_error:.4f} (allowed <= "
+            f"{threshold.max_logit_error}); nothing is published"
+        )
+    return report
