@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Build vlmforge's images with BuildKit from the repository root.
 #
-#   infra/build-images.sh [cpu] [builder] [runner] [moto]     # default: cpu
+#   infra/build-images.sh [cpu] [builder] [runner] [runner-cpu] [moto]     # default: cpu
 #
 # Images (tag $TAG, default "local"; never "latest", which the docker worker would try to pull):
 #   cpu      vlmforge-cpu:$TAG      containers/cpu/Dockerfile on $CPU_BASE_IMAGE
 #   builder  vlmforge-builder:$TAG  containers/builder/Dockerfile on $BUILDER_BASE_IMAGE (TensorRT-LLM 1.2)
-#   runner   vlmforge-runner:$TAG   containers/runner/Dockerfile on $RUNNER_BASE_IMAGE (the builder image,
-#                                   so engines and runtime share one TensorRT; vlmforge-cpu:$TAG for CPU)
+#   runner   vlmforge-runner:$TAG   containers/runner/Dockerfile on $RUNNER_BASE_IMAGE (default: the
+#                                   builder image, so engines and runtime share one TensorRT)
+#   runner-cpu vlmforge-runner-cpu:$TAG  containers/runner/Dockerfile on vlmforge-cpu:$TAG
 #   moto     vlmforge-moto:$TAG     containers/moto/Dockerfile: an S3 server for infra/compose.yaml
 #
 # Environment:
@@ -78,16 +79,18 @@ if [ -z "${CPU_BASE_IMAGE:-}" ]; then
 fi
 
 for target in "${targets[@]}"; do
+    dockerfile=containers/$target/Dockerfile
     case $target in
-        cpu)     base=$CPU_BASE_IMAGE ;;
-        builder) base=${BUILDER_BASE_IMAGE:-nvcr.io/nvidia/tensorrt-llm/release:1.2.0} ;;
-        runner)  base=${RUNNER_BASE_IMAGE:-vlmforge-builder:$tag} ;;
-        moto)    base=$CPU_BASE_IMAGE ;;
-        *) echo "build-images: unknown image $target (cpu, builder, runner, moto)" >&2; exit 1 ;;
+        cpu)        base=$CPU_BASE_IMAGE ;;
+        builder)    base=${BUILDER_BASE_IMAGE:-nvcr.io/nvidia/tensorrt-llm/release:1.2.0} ;;
+        runner)     base=${RUNNER_BASE_IMAGE:-vlmforge-builder:$tag} ;;
+        runner-cpu) base=vlmforge-cpu:$tag; dockerfile=containers/runner/Dockerfile ;;
+        moto)       base=$CPU_BASE_IMAGE ;;
+        *) echo "build-images: unknown image $target (cpu, builder, runner, runner-cpu, moto)" >&2; exit 1 ;;
     esac
     t0=$(date +%s)
     "${build[@]}" "${common[@]}" --build-arg "BASE_IMAGE=$base" \
-        -f "containers/$target/Dockerfile" -t "vlmforge-$target:$tag" .
+        -f "$dockerfile" -t "vlmforge-$target:$tag" .
     size=$(docker image inspect -f '{{.Size}}' "vlmforge-$target:$tag" | awk '{printf "%.0f MB", $1/1e6}')
     echo "build-images: vlmforge-$target:$tag on $base: $size, $(( $(date +%s) - t0 )) s"
 done

@@ -13,7 +13,8 @@
 #                           3.11.2 needs more than a newer 3.11 does); IMAGE_PYTHON_FULL sets it directly
 #   EXTRAS=hf,s3,serve      vlmforge extras (as in the Dockerfile)
 #   TORCH_VERSION=2.13.0
-#   EXTRA_REQUIREMENTS="prefect-docker==0.7.4"  (as in the Dockerfile; add "moto[server]" for infra/compose.yaml)
+#   MORE_REQUIREMENTS="prefect-docker==0.7.4 moto[server]"  what else the images install: the cpu
+#                           image's EXTRA_REQUIREMENTS, the moto image of infra/compose.yaml
 #   FORCE=1                 refill even when the inputs did not change
 # Sources without wheels are built here (pip wheel), so the image build needs no compiler.
 # DIR/.inputs records a digest of the inputs (pyproject.toml, constraints.txt, the settings above):
@@ -25,7 +26,7 @@ dir=${1:-build/wheelhouse}
 python=${PYTHON:-python3}
 extras=${EXTRAS:-hf,s3,serve}
 torch_version=${TORCH_VERSION:-2.13.0}
-extra_requirements=${EXTRA_REQUIREMENTS-prefect-docker==0.7.4}
+more_requirements=${MORE_REQUIREMENTS-prefect-docker==0.7.4 moto[server]}
 base_image=${BASE_IMAGE:-vlmforge-base:bookworm}
 
 have=$("$python" -c 'import platform; print(platform.python_version())')
@@ -42,7 +43,7 @@ for f in pyproject.toml constraints.txt; do
     [ -f "$f" ] || { echo "wheelhouse: $f is missing in $(pwd)" >&2; exit 1; }
 done
 
-inputs=$(cat pyproject.toml constraints.txt infra/wheelhouse.sh infra/wheelhouse_markers.py - <<<"$extras $torch_version $extra_requirements $image_full" | sha256sum | cut -c1-16)
+inputs=$(cat pyproject.toml constraints.txt infra/wheelhouse.sh infra/wheelhouse_markers.py - <<<"$extras $torch_version $more_requirements $image_full" | sha256sum | cut -c1-16)
 if [ -z "${FORCE:-}" ] && [ "$(cat "$dir/.inputs" 2>/dev/null)" = "$inputs" ] && compgen -G "$dir/*.whl" >/dev/null; then
     echo "wheelhouse: $dir is up to date ($(ls "$dir"/*.whl | wc -l) wheels; FORCE=1 to refill)"
     exit 0
@@ -54,7 +55,7 @@ start=$(date +%s)
 # (the image installs it from its source).
 # shellcheck disable=SC2086
 "$python" -m pip wheel --quiet --wheel-dir "$dir" -c constraints.txt \
-    "torch==$torch_version" ".[$extras]" $extra_requirements
+    "torch==$torch_version" ".[$extras]" $more_requirements
 rm -f "$dir"/vlmforge-*.whl
 rm -rf build/lib build/bdist.* ./*.egg-info
 # Dependencies that only the image's Python patch release needs (markers pip evaluated for $have).
