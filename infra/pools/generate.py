@@ -65,6 +65,8 @@ def kubernetes(default: dict) -> dict:
     t = copy.deepcopy(default)
     props = t["variables"]["properties"]
     props["env"]["default"] = dict(ENV)
+    # A pod waits Pending until a node has free GPUs; past this the worker reports the run crashed.
+    props["pod_watch_timeout_seconds"]["default"] = 3600
     props["gpu_count"] = {
         "title": "GPUs",
         "description": "nvidia.com/gpu limit of the job's pod: the GPUs one build gets.",
