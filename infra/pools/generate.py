@@ -5,8 +5,9 @@
     prefect work-pool get-default-base-job-template --type kubernetes > /tmp/kubernetes.json
     python infra/pools/generate.py /tmp/docker.json /tmp/kubernetes.json
 
-writes docker-gpu.json, docker-cpu.json and kubernetes-gpu.json next to this file (the docker default
-needs prefect-docker installed, the kubernetes one prefect-kubernetes). Run it again after upgrading
+writes docker-gpu.json, docker-cpu.json and kubernetes-gpu.json next to this file, or into --out DIR
+(the docker default needs prefect-docker installed, the kubernetes one prefect-kubernetes; without
+the kubernetes default, only the docker templates are written). Run it again after upgrading
 either and review the diff. What vlmforge changes is all below: defaults of existing variables for the
 docker pools; for Kubernetes, new variables, each referenced in job_configuration (Prefect drops
 variables that are not).
@@ -14,9 +15,9 @@ variables that are not).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -125,22 +126,25 @@ def kubernetes(default: dict) -> dict:
     return t
 
 
-def write(name: str, template: dict) -> None:
-    (HERE / name).write_text(json.dumps(template, indent=2) + "\n")
-    print(f"wrote {HERE / name}")
+def write(out: Path, name: str, template: dict) -> None:
+    (out / name).write_text(json.dumps(template, indent=2) + "\n")
+    print(f"wrote {out / name}")
 
 
-def main(docker_default: str, kubernetes_default: str) -> None:
-    d = json.loads(Path(docker_default).read_text())
-    k = json.loads(Path(kubernetes_default).read_text())
-    write("docker-gpu.json", docker(d, "vlmforge-builder:local", GPU_CONTAINER_KWARGS,
-                                    "vlmforge GPU builds: all the host's GPUs, 16 GB /dev/shm, model cache and work dir volumes."))
-    write("docker-cpu.json", docker(d, "vlmforge-cpu:local", CPU_CONTAINER_KWARGS,
-                                    "vlmforge CPU runs (CI, small models, watch and gc): model cache and work dir volumes."))
-    write("kubernetes-gpu.json", kubernetes(k))
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("docker_default", type=Path)
+    parser.add_argument("kubernetes_default", type=Path, nargs="?")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    d = json.loads(args.docker_default.read_text())
+    write(args.out, "docker-gpu.json", docker(d, "vlmforge-builder:local", GPU_CONTAINER_KWARGS,
+          "vlmforge GPU builds: all the host's GPUs, 16 GB /dev/shm, model cache and work dir volumes."))
+    write(args.out, "docker-cpu.json", docker(d, "vlmforge-cpu:local", CPU_CONTAINER_KWARGS,
+          "vlmforge CPU runs (CI, small models, watch and gc): model cache and work dir volumes."))
+    if args.kubernetes_default:
+        write(args.out, "kubernetes-gpu.json", kubernetes(json.loads(args.kubernetes_default.read_text())))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    main()

@@ -101,18 +101,24 @@ def explain(server, flow_run, worker: str) -> str:
             f"--- run logs\n{run_logs(server, flow_run.id)[-4000:]}\n--- worker\n{server.log(worker)}")
 
 
-def with_image(image: str) -> dict | None:
-    """Job variables that run another CPU image than prefect.yaml's, when VLMFORGE_TEST_IMAGE says so."""
-    return None if image == CPU_IMAGE else {"image": image}
+def job_variables(image: str, tmp_path) -> dict:
+    """Run-level job variables: a model cache and work dir of this test's own (prefect.yaml's named
+    volumes would carry state from run to run), and another image when VLMFORGE_TEST_IMAGE says so."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "work").mkdir()
+    variables = {"volumes": [f"{tmp_path / 'cache'}:/var/cache/vlmforge", f"{tmp_path / 'work'}:/var/lib/vlmforge/work"]}
+    if image != CPU_IMAGE:
+        variables["image"] = image
+    return variables
 
 
 @pytest.mark.docker
 @pytest.mark.timeout(3600)
-def test_build_engine_runs_in_the_cpu_image_and_publishes_to_s3(deployed, s3_server, cpu_image) -> None:
+def test_build_engine_runs_in_the_cpu_image_and_publishes_to_s3(deployed, s3_server, cpu_image, tmp_path) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     store = f"s3://{s3_server.bucket}/engines"
-    flow_run = start_run(deployed, {"model": MODEL, "store": store}, with_image(cpu_image))
+    flow_run = start_run(deployed, {"model": MODEL, "store": store}, job_variables(cpu_image, tmp_path))
     worker_log = work(deployed, "build")
 
     flow_run = final_state(deployed, flow_run.id)
@@ -133,14 +139,14 @@ def test_build_engine_runs_in_the_cpu_image_and_publishes_to_s3(deployed, s3_ser
 
 @pytest.mark.docker
 @pytest.mark.timeout(3600)
-def test_bad_image_and_unreachable_store_fail_naming_them(deployed, s3_server, cpu_image) -> None:
+def test_bad_image_and_unreachable_store_fail_naming_them(deployed, s3_server, cpu_image, tmp_path) -> None:
     missing_image = "vlmforge-no-such-image:e2e"
     endpoint = dead_endpoint()
     store = f"s3://{s3_server.bucket}/unreachable"
     no_image = start_run(deployed, {"model": MODEL, "store": store}, {"image": missing_image})
     no_store = start_run(
         deployed, {"model": MODEL, "store": store},
-        {**(with_image(cpu_image) or {}), "env": {"AWS_ENDPOINT_URL": endpoint}},
+        {**job_variables(cpu_image, tmp_path), "env": {"AWS_ENDPOINT_URL": endpoint}},
     )
     worker_log = work(deployed, "bad-inputs")
 

@@ -186,15 +186,9 @@ def test_docker_templates_are_prefect_docker_defaults_plus_ours(tmp_path: Path) 
     pytest.importorskip("prefect_docker", reason="prefect-docker is not installed")
     from prefect_docker.worker import DockerWorker
 
-    default = json.dumps(DockerWorker.get_default_base_job_template())
-    k8s = tmp_path / "kubernetes.json"
-    k8s.write_text(json.dumps({"job_configuration": {"job_manifest": {"spec": {"template": {"spec": {
-        "containers": [{"resources": {"limits": {}}}]}}}}}, "variables": {"properties": {"env": {}}}}))
-    (tmp_path / "docker.json").write_text(default)
-    generator = tmp_path / "generate.py"
-    generator.write_text((POOLS / "generate.py").read_text())
-    subprocess.run([sys.executable, str(generator), str(tmp_path / "docker.json"), str(k8s)], check=True,
-                   capture_output=True)
+    (tmp_path / "docker.json").write_text(json.dumps(DockerWorker.get_default_base_job_template()))
+    subprocess.run([sys.executable, str(POOLS / "generate.py"), str(tmp_path / "docker.json"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
     for name in ("docker-gpu.json", "docker-cpu.json"):
         assert json.loads((tmp_path / name).read_text()) == template(name), (
             f"infra/pools/{name} differs from generate.py's output for this prefect-docker: regenerate it"
