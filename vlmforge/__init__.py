@@ -1,0 +1,1 @@
+"""vlmforge: turn multimodal models into TensorRT-LLM / hf engines and serve them."""

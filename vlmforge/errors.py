@@ -1,0 +1,6 @@
+class VlmforgeError(Exception):
+    """Base for errors a user can act on; the CLI prints the message and exits with code 2."""
+class StoreError(VlmforgeError): ...
+class StoreConflict(StoreError): ...   # CAS lost
+class IntegrityError(StoreError): ...  # sha256/size mismatch, refused manifest
+class NotFound(StoreError): ...
