@@ -49,6 +49,8 @@ def _rst(sock: socket.socket) -> None:
     """Close with an RST (connection reset by peer) instead of a clean FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # shutdown wakes the other thread's blocked recv on this socket; without it close() is deferred.
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     sock.close()

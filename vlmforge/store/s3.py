@@ -95,7 +95,7 @@ class S3Store(ArtifactStore):
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = Config(
             max_pool_connections=self.settings.workers + 8,
-            retries={"mode": "standard", "max_attempts": 4},
+            retries={"mode": "standard", "max_attempts": self.settings.attempts},
             connect_timeout=10,
             read_timeout=120,
             tcp_keepalive=True,
