@@ -910,8 +910,8 @@ class ArtifactStore(ABC):
 
 def _alias_conflict(model: str, alias: str, expected: str | None, actual: str | None) -> StoreConflict:
     return StoreConflict(
-        f"alias {model}@{alias} was moved concurrently: expected {expected or '(no alias)'},"
-        f" found {actual or '(no alias)'}; re-read it and retry"
+        f"alias {model}@{alias} conflict: expected it to point to {expected or '(no alias yet)'}, but it points"
+        f" to {actual or '(nothing: alias absent)'} (another writer moved it); re-read it and retry"
     )
 
 
