@@ -160,14 +160,14 @@ def engine_manifest(spec: BuildSpec, derived: Any, *, toolchain: str, source_rev
                     validation: dict[str, Any], fingerprint: str | None = None, fingerprint_parts: tuple[Any, ...] = (),
                     extra: dict[str, Any] | None = None) -> Any:
     """A build's manifest: what was built, from which revision, with what, on what, and how it validated."""
-    from vlmforge.manifest import EngineManifest, FileEntry, HardwareInfo, SourceInfo
+    from vlmforge.manifest import EngineManifest, FileEntry, HardwareInfo, SourceInfo, new_build_id
 
     hw = hardware()
     fp = fingerprint or fingerprint_of(toolchain, spec_for_fingerprint(spec), source_revision, *fingerprint_parts)
     now = datetime.now(UTC)
     return EngineManifest(
         model=spec.name,
-        build_id=f"{now:%Y%m%dT%H%M%SZ}-{fp[:8]}",
+        build_id=new_build_id(fp, now),
         fingerprint=fp,
         created_at=now,
         toolchain=toolchain,

@@ -32,14 +32,20 @@ def print_json(data: Any) -> None:
 
 def _register() -> None:
     # Sub-command modules register themselves on `app` (or add a sub-app) when imported.
+    import importlib
+
     from vlmforge.cli import specs  # noqa: F401
 
-    for optional in ("build", "store", "serve", "deploy", "watch"):
+    for name in ("build", "store", "serve", "deploy", "watch"):
         try:
-            __import__(f"vlmforge.cli.{optional}")
+            module = importlib.import_module(f"vlmforge.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"vlmforge.cli.{optional}":
+            if exc.name != f"vlmforge.cli.{name}":
                 raise
+            continue
+        sub_app = getattr(module, "app", None)
+        if isinstance(sub_app, typer.Typer) and sub_app is not app:
+            app.add_typer(sub_app, name=name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
         from vlmforge.toolchains.hf.common import greedy_encoder_decoder
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
-        gen = llm.generation_config
-        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else llm.config.decoder_start_token_id
-        eos = gen.eos_token_id if gen.eos_token_id is not None else llm.config.eos_token_id
+        gen, cfg = llm.generation_config, llm.config
+        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
         return greedy_encoder_decoder(llm, embeds, mask, max_new_tokens, start, eos)

@@ -91,7 +91,8 @@ def _tiny_processor() -> Any:
     bpe = json.loads(train_bpe_tokenizer(TINY_VOCAB_SIZE, template="none").to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
     image_processor = NougatImageProcessorPil(size={"height": TINY_IMAGE_HW[0], "width": TINY_IMAGE_HW[1]})
-    return NougatProcessor(image_processor=image_processor, tokenizer=NougatTokenizer(vocab=bpe["vocab"], merges=merges))
+    tokenizer = NougatTokenizer(vocab=bpe["vocab"], merges=merges)
+    return NougatProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @cache

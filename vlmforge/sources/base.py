@@ -8,23 +8,14 @@ import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from vlmforge.errors import SourceError
+from vlmforge.manifest import FileEntry
 from vlmforge.spec import SourceURI
 
 CHUNK = 8 * 1024 * 1024
 CHECKSUM_FILE = "SHA256SUMS"
-
-
-class FileEntry(BaseModel):
-    """One file of a tree: relative POSIX path, sha256 and size."""
-
-    model_config = ConfigDict(frozen=True)
-
-    path: str
-    sha256: str
-    size: int
 
 
 class FetchedSource(BaseModel):

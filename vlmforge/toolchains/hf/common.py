@@ -243,7 +243,9 @@ def export_onnx(
     raise RuntimeError(f"every ONNX exporter failed: {errors}")
 
 
-def run_onnx(path: Path, pixel_values: torch.Tensor, providers: Sequence[str] = ("CPUExecutionProvider",)) -> torch.Tensor:
+def run_onnx(
+    path: Path, pixel_values: torch.Tensor, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> torch.Tensor:
     """Run an exported visual module in onnxruntime; float32 CPU output."""
     import onnxruntime as ort
 
@@ -304,7 +306,7 @@ def compare_generations(ref: GenResult, got: GenResult) -> GenComparison:
     """Position-by-position token agreement and logit errors of ``got`` against ``ref``."""
     n = min(len(ref.tokens), len(got.tokens))
     total = max(len(ref.tokens), len(got.tokens), 1)
-    agree = sum(int(a == b) for a, b in zip(ref.tokens[:n], got.tokens[:n]))
+    agree = sum(int(a == b) for a, b in zip(ref.tokens[:n], got.tokens[:n], strict=True))
     prefix = next((i for i in range(n) if ref.tokens[i] != got.tokens[i]), n)
     k = min(prefix + 1, n)
     ref_logits, got_logits = ref.logits.float().cpu(), got.logits.float().cpu()

@@ -1,0 +1,223 @@
+"""`vlmforge store` commands: list, show, pull, promote and garbage-collect engine builds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import TypeAdapter
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from vlmforge.errors import NotFound, VlmforgeError
+from vlmforge.store import ANY, STORE_ENV, ArtifactStore, open_store
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="Engine artifact store: list, inspect, pull, promote and garbage-collect engine builds.",
+    no_args_is_help=True,
+)
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar=STORE_ENV,
+        show_envvar=True,
+        help="Store URL: s3://BUCKET[/PREFIX] or a directory [default: ~/.local/share/vlmforge/store].",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+RefArgument = Annotated[str, typer.Argument(help="MODEL (= MODEL@latest), MODEL@ALIAS or MODEL#BUILD_ID.")]
+
+
+def _emit_json(value: Any, kind: Any) -> None:
+    typer.echo(TypeAdapter(kind).dump_json(value, indent=2).decode())
+
+
+@contextmanager
+def _opened(url: str | None) -> Iterator[ArtifactStore]:
+    """Open the store; turn user-facing errors into one message on stderr and exit code 2."""
+    try:
+        with open_store(url) as store:
+            yield store
+    except VlmforgeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _console() -> Console:
+    """Console for tables: real width on a terminal, wide enough not to truncate ids when piped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@app.command("ls")
+def ls(
+    model: Annotated[str | None, typer.Argument(help="List the builds of this model (else list models).")] = None,
+    store_url: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List models, or the builds of MODEL (newest first) with their aliases."""
+    from vlmforge.store import BuildSummary, ModelSummary
+
+    console = _console()
+    with _opened(store_url) as store:
+        if model is None:
+            models = store.list_models()
+            if as_json:
+                _emit_json(models, list[ModelSummary])
+                return
+            table = Table("MODEL", "BUILDS", "ALIASES", title=store.url, title_justify="left", box=box.SIMPLE_HEAD,
+                          pad_edge=False, padding=(0, 1))
+            for m in models:
+                table.add_row(m.model, str(m.builds), ", ".join(f"{a}={b}" for a, b in sorted(m.aliases.items())))
+            console.print(table)
+            return
+        builds = store.list_builds(model)
+        if not builds and model not in {m.model for m in store.list_models()}:
+            raise NotFound(f"model {model!r} not found in {store.url}")
+        if as_json:
+            _emit_json(builds, list[BuildSummary])
+            return
+        table = Table(title=f"{model} in {store.url}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+        for name in ("BUILD", "CREATED (UTC)", "TOOL", "GPU", "WORLD", "SIZE", "ALIASES"):
+            table.add_column(name, no_wrap=name != "ALIASES")
+        for b in builds:
+            gpu = f"{b.gpu_name or '?'} sm{b.compute_capability}" if b.compute_capability else (b.gpu_name or "cpu")
+            table.add_row(b.build_id, f"{b.created_at:%Y-%m-%d %H:%M}", b.toolchain, gpu, str(b.world_size),
+                          _size(b.size), ", ".join(b.aliases))
+        console.print(table)
+
+
+@app.command("show")
+def show(ref: RefArgument, store_url: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Show the manifest of a build."""
+    with _opened(store_url) as store:
+        manifest = store.resolve(ref)
+    if as_json:
+        typer.echo(manifest.to_json().decode(), nl=False)
+        return
+    console = _console()
+    hw = manifest.hardware
+    rows = [
+        ("build", manifest.ref),
+        ("created", f"{manifest.created_at:%Y-%m-%d %H:%M:%S} UTC"),
+        ("toolchain", manifest.toolchain),
+        ("fingerprint", manifest.fingerprint),
+        ("source", f"{manifest.source.uri}" + (f" @ {manifest.source.revision}" if manifest.source.revision else "")),
+        ("hardware", f"{hw.gpu_count} x {hw.gpu_name or '-'} (sm {hw.compute_capability or '-'}), cpu {hw.cpu or '-'}"),
+        ("world size", str(manifest.world_size)),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(manifest.versions.items())) or "-"),
+        ("links", ", ".join(f"{k}: {v}" for k, v in sorted(manifest.links.items())) or "-"),
+        ("size", f"{_size(manifest.total_size)} in {len(manifest.files)} files"),
+    ]
+    summary = Table.grid(padding=(0, 2))
+    for key, value in rows:
+        summary.add_row(Text(key, style="bold"), Text(value))
+    console.print(summary)
+    files = Table("PATH", "SIZE", "SHA256", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for entry in manifest.files:
+        files.add_row(Text(entry.path), _size(entry.size), entry.sha256[:16])
+    console.print(files)
+
+
+@app.command("pull")
+def pull(
+    ref: RefArgument,
+    dest: Annotated[Path, typer.Argument(help="Directory to create with the engine files.")],
+    store_url: StoreOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it holds something else.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Download a build into DEST, verifying every file's sha256 (resumes an interrupted pull)."""
+    with _opened(store_url) as store:
+        manifest = store.pull(ref, dest, overwrite=force, progress=not no_progress and not as_json)
+    if as_json:
+        typer.echo(manifest.to_json().decode(), nl=False)
+    else:
+        typer.echo(f"{manifest.ref}: {len(manifest.files)} files ({_size(manifest.total_size)}) verified in {dest}")
+
+
+@app.command("promote")
+def promote(
+    ref: RefArgument,
+    alias: Annotated[str, typer.Argument(help="Alias to point at the build, e.g. stable.")],
+    store_url: StoreOption = None,
+    expect: Annotated[
+        str | None,
+        typer.Option("--expect", help="Only move if the alias points to this build now ('none': must not exist)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Point ALIAS of the model at the build REF resolves to (compare-and-swap)."""
+    from vlmforge.store import AliasMove
+
+    expected: str | None | Any = ANY if expect is None else (None if expect.lower() == "none" else expect)
+    with _opened(store_url) as store:
+        move = store.promote(ref, alias, expected=expected)
+    if as_json:
+        _emit_json(move, AliasMove)
+    elif move.moved:
+        typer.echo(f"{move.model}@{move.alias}: {move.previous or '(new)'} -> {move.build_id}")
+    else:
+        typer.echo(f"{move.model}@{move.alias} already points to {move.build_id}")
+
+
+@app.command("gc")
+def gc(
+    store_url: StoreOption = None,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Builds to keep per model (plus alias targets).")] = 5,
+    apply: Annotated[bool, typer.Option("--apply", help="Really delete (default: dry run).")] = False,
+    break_locks: Annotated[
+        bool, typer.Option("--break-locks", help="Ignore publish locks (only if their publishers are dead).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete builds beyond the newest --keep per model that no alias points to, and their unshared blobs."""
+    from vlmforge.store import GcReport
+
+    with _opened(store_url) as store:
+        report = store.gc(keep, apply=apply, break_locks=break_locks)
+    if as_json:
+        _emit_json(report, GcReport)
+        return
+    console = _console()
+    verb = "deleted" if report.applied else "would delete"
+    table = Table("BUILD", "CREATED (UTC)", "ACTION", "WHY", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.columns[0].no_wrap = True
+    for b in report.kept:
+        table.add_row(f"{b.model}#{b.build_id}", f"{b.created_at:%Y-%m-%d %H:%M:%S}", "keep", ", ".join(b.reasons))
+    for b in report.deleted:
+        table.add_row(f"{b.model}#{b.build_id}", f"{b.created_at:%Y-%m-%d %H:%M:%S}", verb, ", ".join(b.reasons))
+    console.print(table)
+    console.print(
+        f"{verb} {len(report.deleted)} builds and {report.blobs_deleted} blobs ({_size(report.bytes_deleted)});"
+        f" keeping {len(report.kept)} builds, {report.blobs_kept} blobs ({_size(report.bytes_kept)})",
+        highlight=False,
+    )
+    for line in report.dangling_aliases:
+        console.print(f"warning: dangling alias {line}", highlight=False, markup=False)
+    for sha in report.missing_blobs:
+        console.print(f"warning: blob {sha} is referenced by a kept build but missing", highlight=False, markup=False)
+    for key in report.refused_manifests:
+        console.print(f"warning: unreadable manifest {key} (left in place)", highlight=False, markup=False)
+    if not report.applied and report.deleted:
+        console.print("dry run: pass --apply to delete", highlight=False)
