@@ -52,8 +52,11 @@ class HfPipeline:
     def __post_init__(self) -> None:
         from vlmforge.toolchains.hf.stages import check_supported
 
+        from vlmforge.toolchains.hf.stages import default_device
+
         self.resolved: ResolvedSpec = resolve(self.spec)
         check_supported(self.resolved)
+        self.device = self.device or default_device()
         self._libraries = {name: version for name, version in versions(LIBRARIES).items()}
 
     @property
@@ -92,7 +95,7 @@ class HfPipeline:
         spec = spec_for_fingerprint(self.spec)
         fp = self._fp("convert", fetched.record.fingerprint, spec["family"], spec["dtype"], spec["architecture"],
                       spec["parallel"]["tp"])
-        return self._run("convert", fp, lambda out: stages.convert(self.resolved, fetched.path / "model", out))
+        return self._run("convert", fp, lambda out: stages.convert(self.resolved, fetched.path / "model", out, device=self.device))
 
     def quantize(self, converted: StageOutcome) -> StageOutcome | None:
         from vlmforge.toolchains.hf import stages
@@ -100,7 +103,8 @@ class HfPipeline:
         if self.spec.quantization.method is QuantMethod.NONE:
             return None
         fp = self._fp("quantize", converted.record.fingerprint, self.spec.quantization.method.value)
-        return self._run("quantize", fp, lambda out: stages.quantize(self.resolved, converted.path / "checkpoint", out))
+        return self._run("quantize", fp, lambda out: stages.quantize(self.resolved, converted.path / "checkpoint", out,
+                                                                   device=self.device))
 
     def build_llm(self, converted: StageOutcome, quantized: StageOutcome | None) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
@@ -108,7 +112,7 @@ class HfPipeline:
         upstream = (quantized or converted).record.fingerprint
         fp = self._fp("llm", upstream)
         return self._run("llm", fp, lambda out: stages.build_llm(
-            self.resolved, converted.path / "checkpoint", quantized.path if quantized else None, out))
+            self.resolved, converted.path / "checkpoint", quantized.path if quantized else None, out, device=self.device))
 
     def build_visual(self, fetched: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages

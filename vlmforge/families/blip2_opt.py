@@ -176,7 +176,7 @@ class Blip2Common(ModelFamily):
     def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
         from transformers import Blip2ForConditionalGeneration
 
-        return Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
 
     def load_processor(self, model_dir: Path) -> Any:
         from transformers import AutoProcessor

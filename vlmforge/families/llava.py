@@ -155,7 +155,7 @@ class LlavaFamily(DecoderOnlyFamily):
     def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
         from transformers import LlavaForConditionalGeneration
 
-        return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
 
     def load_processor(self, model_dir: Path) -> Any:
         from transformers import AutoProcessor

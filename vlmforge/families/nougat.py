@@ -156,7 +156,7 @@ class NougatFamily(EncoderDecoderFamily):
     def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
         from transformers import VisionEncoderDecoderModel
 
-        return VisionEncoderDecoderModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return VisionEncoderDecoderModel.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
 
     def load_processor(self, model_dir: Path) -> Any:
         from transformers import AutoProcessor

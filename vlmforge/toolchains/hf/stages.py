@@ -55,12 +55,18 @@ def _torch_dtype(name: str) -> Any:
     return torch_dtype(name)
 
 
-def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any) -> Any:
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
     missing = [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
     if missing:
         raise SourceError(f"missing processor files in {model_dir}: {', '.join(missing)}")
     try:
-        return resolved.family.load_model(model_dir, dtype)
+        return resolved.family.load_model(model_dir, dtype, device=device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise SourceError(f"cannot load the checkpoint in {model_dir}: {type(exc).__name__}: {exc}") from None
 
@@ -83,7 +89,7 @@ class ConvertResult(BaseModel):
     bytes: int
 
 
-def convert(resolved: ResolvedSpec, source_dir: Path, out: Path) -> ConvertResult:
+def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str = "cpu") -> ConvertResult:
     """Load with transformers, check the architecture facts, cast to the spec's dtype, save safetensors + processor."""
     from vlmforge.toolchains.hf.common import save_pretrained_as
 
@@ -104,7 +110,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path) -> ConvertResul
     if facts.num_attention_heads % spec.parallel.tp:
         raise SpecError(f"tp={spec.parallel.tp} does not divide the checkpoint's {facts.num_attention_heads} heads",
                         path="parallel.tp")
-    model = _load_model(resolved, source_dir, _torch_dtype("float32"))
+    model = _load_model(resolved, source_dir, _torch_dtype("float32"), device)
     target = out / "checkpoint"
     save_pretrained_as(model, target, _torch_dtype(spec.dtype.value))
     family.load_processor(source_dir).save_pretrained(target)
@@ -120,7 +126,7 @@ class QuantizeResult(BaseModel):
     ratio: float
 
 
-def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) -> QuantizeResult:
+def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device: str = "cpu") -> QuantizeResult:
     """Weight-only int8/int4 quantization of the LLM with optimum-quanto (the lm_head stays in full precision)."""
     from vlmforge.toolchains.hf.common import quantize_and_save, save_pretrained_as
 
@@ -129,7 +135,7 @@ def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) -> Quantiz
     if weights is None:
         raise BuildError("quantize was called for an unquantized spec")
     dtype = _torch_dtype(spec.dtype.value)
-    model = _load_model(resolved, checkpoint_dir, dtype)
+    model = _load_model(resolved, checkpoint_dir, dtype, device)
     llm = family.extract_llm(model)
     reference = out / "unquantized"
     save_pretrained_as(llm, reference, dtype)
@@ -148,7 +154,8 @@ class LlmResult(BaseModel):
     bytes: int
 
 
-def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path) -> LlmResult:
+def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path, *,
+              device: str = "cpu") -> LlmResult:
     """The LLM engine: the standalone language model (or its quantized form) plus the processor."""
     from vlmforge.toolchains.hf.common import save_pretrained_as
 
@@ -159,7 +166,7 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path 
         fmt = "quanto"
     else:
         dtype = _torch_dtype(spec.dtype.value)
-        llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype))
+        llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype, device))
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
     family.load_processor(checkpoint_dir).save_pretrained(out / "processor")
@@ -177,6 +184,8 @@ class VisualResult(BaseModel):
 
 
 def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualResult:
+    # The export traces on the CPU in float32: ONNX Runtime's CPU provider checks it, and TensorRT's
+    # builder takes the same file and chooses its own precision.
     """Export the vision encoder + projector to ONNX and check ONNX Runtime against torch on the golden images."""
     import torch
 
@@ -276,7 +285,7 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
 
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
     engine = HfEngine(engine_dir, device=device)
-    reference = _load_model(resolved, source_dir, torch.float32).to(engine.device)
+    reference = _load_model(resolved, source_dir, torch.float32, engine.device)
     processor = family.load_processor(source_dir)
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
