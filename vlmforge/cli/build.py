@@ -83,3 +83,31 @@ def fetch_cmd(
         print_json(fetched.model_dump(mode="json"))
     else:
         console.print(f"{source} at {fetched.revision}: {len(fetched.files)} files verified in {dest}", highlight=False)
+
+
+@app.command("selftest")
+def selftest_cmd(
+    toolchain: Annotated[Toolchain, typer.Option(help="The toolchain to prove (trtllm: inside NVIDIA's container).")] = Toolchain.TRTLLM,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Prove a site's container in minutes: build, validate, publish and run tiny-llava through the toolchain."""
+    import tempfile
+
+    preflight("tiny-llava", toolchain, {})
+    from flows.build import build_engine
+    from vlmforge.runner.engine import load_engine
+    from vlmforge.store import open_store
+    from vlmforge.toolchains.hf.common import synthetic_images
+
+    with tempfile.TemporaryDirectory(prefix="vlmforge-selftest-") as tmp:
+        root = Path(tmp)
+        store_url = str(root / "store")
+        summary = build_engine(model="tiny-llava", toolchain=toolchain.value, store=store_url,
+                               workdir=str(workdir or root / "work"))
+        with open_store(store_url) as store:
+            store.pull("tiny-llava@latest", root / "engine")
+        engine = load_engine(root / "engine")
+        output = engine.generate(synthetic_images(64)[0], "Question: which city is this? Answer:", 8)
+    console.print(f"[bold green]selftest passed[/] ({toolchain.value}): built {summary['build_id']}, validation "
+                  f"{summary['validation']['token_agreement']}, served {len(output.tokens)} tokens in "
+                  f"{output.e2e_ms:.0f} ms", highlight=False)

@@ -78,6 +78,8 @@ class ModelFamily:
     # spec and plan layers never need torch.
 
     hf_supported: ClassVar[bool] = True
+    hf_unsupported_reason: ClassVar[str] = ""
+    """Why the hf toolchain cannot build this family (when hf_supported is False)."""
     """The hf toolchain can build this family (VILA cannot: its checkpoints need VILA's own code)."""
     quantizable: ClassVar[bool] = False
     """The hf toolchain can weight-quantize this family's LLM (decoder-only families)."""

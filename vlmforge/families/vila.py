@@ -53,6 +53,7 @@ class VilaFamily(DecoderOnlyFamily):
     code_dir_name: ClassVar[str] = "VILA"
     golden_prompt: ClassVar[str | None] = "Please describe the traffic condition."
     hf_supported: ClassVar[bool] = False
+    hf_unsupported_reason: ClassVar[str] = HF_UNAVAILABLE
 
     # The hf toolchain: none of its hooks can work without VILA's own model code.
     make_tiny = load_model = load_processor = architecture_facts = pixel_values = _hf_unavailable

@@ -36,7 +36,8 @@ def check_supported(resolved: ResolvedSpec) -> None:
     """Refuse, before any work, what the hf toolchain cannot build."""
     family, spec = resolved.family, resolved.spec
     if not family.hf_supported:
-        raise ToolchainUnavailable(f"the hf toolchain cannot build {family.name}: use --toolchain trtllm")
+        raise ToolchainUnavailable(family.hf_unsupported_reason
+                                   or f"the hf toolchain cannot build {family.name}: use --toolchain trtllm")
     if spec.quantization.method not in HF_QUANT_METHODS:
         raise ToolchainUnavailable(
             f"quantization.method {spec.quantization.method.value}: the hf toolchain quantizes int8_wo and int4_wo "
