@@ -150,7 +150,7 @@ class ValidationSettings(StrictModel):
     min_token_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
     """Fraction of greedy tokens that must equal the reference's (position by position)."""
     max_logit_error: Annotated[float, Field(ge=0.0)] = 1.0
-    """Largest allowed absolute difference of the first step's logits against the reference."""
+    """Largest allowed absolute logit difference against the reference, over the steps up to the first differing token."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     """Tokens generated per golden input; default: the family's (30, or run.py's own for prompt-free models)."""
     input_text: str | None = None

@@ -125,9 +125,10 @@ def test_build_engine_runs_in_the_cpu_image_and_publishes_to_s3(deployed, s3_ser
     assert flow_run.state.type.value == "COMPLETED", explain(deployed, flow_run, worker_log)
 
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket).get("Contents", [])]
-    manifests = [k for k in keys if k.startswith("engines/") and k.endswith("manifest.json")
-                 and re.search(r"tiny[-_]llava", k)]
+    # The store's layout (docs/store.md): one immutable manifest per build, then the alias moved to it.
+    manifests = [k for k in keys if k.startswith(f"engines/models/{MODEL}/builds/") and k.endswith(".json")]
     assert manifests, f"no manifest of {MODEL} under {store}; the bucket holds {keys}"
+    assert f"engines/models/{MODEL}/aliases/latest.json" in keys, keys
 
     with client(deployed) as c:
         artifacts = c.read_artifacts(
