@@ -49,7 +49,7 @@ def build_report_markdown(spec: BuildSpec, derived: Derived, stages: list[StageO
         "",
         "## Validation against the float32 reference",
         "",
-        f"| token agreement | max logit error | vision ms | LLM ms | end-to-end ms |",
+        "| token agreement | max logit error | vision ms | LLM ms | end-to-end ms |",
         "|---|---|---|---|---|",
         f"| {validation.get('token_agreement')} (>= {validation.get('min_token_agreement')}) | "
         f"{validation.get('max_logit_error')} (<= {validation.get('max_logit_error_allowed')}) | "

@@ -8,7 +8,6 @@ an input is bad: the failure must name what is missing.
 
 from __future__ import annotations
 
-import re
 import socket
 import sys
 import time
