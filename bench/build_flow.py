@@ -51,6 +51,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="vlmforge-bench-") as tmp:
         root = Path(tmp)
+        for model in args.models:  # first-use costs (imports, exporter warm-up) are paid here, untimed
+            HfPipeline(load_model_or_spec(model), Workdir(root / "warm"), on_event=lambda _: None).run()
         for model in args.models:
             start = time.perf_counter()
             HfPipeline(load_model_or_spec(model), Workdir(root / "plain" / model), on_event=lambda _: None).run()
