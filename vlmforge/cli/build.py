@@ -32,6 +32,13 @@ def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
         require_trtllm()
 
 
+def quiet_prefect() -> None:
+    """A temporary local Prefect server needs no telemetry (it only logs failures on offline machines)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 @app.command("build")
 def build_cmd(
     model: Annotated[str, typer.Argument(help="Catalog model name or spec YAML path.")],
@@ -49,6 +56,7 @@ def build_cmd(
                                max_input_len=max_input_len, max_output_len=max_output_len,
                                visual_batch_size=visual_batch_size, dialect=dialect)
     preflight(model, toolchain, overrides)
+    quiet_prefect()
     from flows.build import build_engine  # imports Prefect
 
     summary = build_engine(model=model, toolchain=toolchain.value, store=store,
@@ -94,6 +102,7 @@ def selftest_cmd(
     import tempfile
 
     preflight("tiny-llava", toolchain, {})
+    quiet_prefect()
     from flows.build import build_engine
     from vlmforge.runner.engine import load_engine
     from vlmforge.store import open_store
