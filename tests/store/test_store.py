@@ -301,7 +301,7 @@ def test_pull_resumes_inside_a_big_file(store: ArtifactStore, tmp_path: Path, mo
         real_init(self, dest, entry, wrapped, *args, **kwargs)
 
     monkeypatch.setattr(transfer.RangedCopy, "__init__", counting_init)
-    part = SETTINGS.part_size
+    part = SETTINGS.download_part_size
     fail_at: int | None = 5 * part
     with pytest.raises(Exception, match="injected reset"):
         store.pull("qwen2-vl-2b", tmp_path / "out")
