@@ -39,7 +39,7 @@ class TransferSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    workers: int = Field(default=16, ge=1, le=256, description="concurrent part transfers (threads)")
+    workers: int = Field(default=10, ge=1, le=256, description="concurrent part transfers (threads)")
     part_size: int = Field(default=8 * MiB, ge=1, description="bytes per multipart upload part")
     download_part_size: int = Field(default=32 * MiB, ge=1, description="bytes per ranged GET / parallel copy part")
     min_part_size: int = Field(default=5 * MiB, ge=1, description="smallest part the server accepts (S3: 5 MiB)")
