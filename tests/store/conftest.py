@@ -26,6 +26,7 @@ KiB = 1024
 SETTINGS = TransferSettings(
     workers=4,
     part_size=256 * KiB,
+    download_part_size=256 * KiB,
     min_part_size=64 * KiB,
     multipart_threshold=512 * KiB,
     io_chunk=64 * KiB,

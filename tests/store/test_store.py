@@ -301,7 +301,7 @@ def test_pull_resumes_inside_a_big_file(store: ArtifactStore, tmp_path: Path, mo
         real_init(self, dest, entry, wrapped, *args, **kwargs)
 
     monkeypatch.setattr(transfer.RangedCopy, "__init__", counting_init)
-    part = SETTINGS.part_size
+    part = SETTINGS.download_part_size
     fail_at: int | None = 5 * part
     with pytest.raises(Exception, match="injected reset"):
         store.pull("qwen2-vl-2b", tmp_path / "out")
@@ -399,3 +399,29 @@ def test_publish_rejects_bad_input(store: ArtifactStore, tmp_path: Path) -> None
     assert store.list_builds() == [] and list(store._list("blobs/")) == []
     with pytest.raises(IntegrityError, match="missing from"):
         store.publish(engine, new_manifest().with_files([FileEntry(path="b.bin", sha256="0" * 64, size=3)]))
+
+
+def test_file_changed_while_publishing_is_refused(store: ArtifactStore, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    first, _ = publish(store, tmp_path, files={"big.engine": payload("big", 600_000), "small.json": b"{}"})
+    files = {"big.engine": payload("big", 600_000), "new.json": b'{"new": 1}'}
+    engine = make_engine(tmp_path / "second", files)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one hashing lane: big.engine is hashed (and reused) first
+    real = store._schedule_upload
+
+    def builder_still_writing(source: Path, entry: FileEntry, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("big.engine", "new.json"):
+            (engine / name).write_bytes((engine / name).read_bytes() + b"more")
+        return real(source, entry, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_schedule_upload", builder_still_writing)
+    new_sha = FileEntry(path="x", sha256=__import__("hashlib").sha256(files["new.json"]).hexdigest(), size=1).sha256
+    with pytest.raises(IntegrityError, match="changed while being published"):
+        store.publish(engine, new_manifest(minutes=1, seed="changing"))
+    assert [b.build_id for b in store.list_builds()] == [first.manifest.build_id]
+    assert store._size(blob_key(new_sha)) is None  # the blob with the wrong bytes was removed...
+    store.pull("qwen2-vl-2b", tmp_path / "out")  # ...while the reused blob of the first build is intact
+    monkeypatch.setattr(store, "_schedule_upload", real)
+    assert store.publish(engine, new_manifest(minutes=1, seed="changing")).created

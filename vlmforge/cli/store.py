@@ -96,7 +96,8 @@ def ls(
         if as_json:
             _emit_json(builds, list[BuildSummary])
             return
-        table = Table(title=f"{model} in {store.url}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+        table = Table(title=f"{model} in {store.url}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                      padding=(0, 1))
         for name in ("BUILD", "CREATED (UTC)", "TOOL", "GPU", "WORLD", "SIZE", "ALIASES"):
             table.add_column(name, no_wrap=name != "ALIASES")
         for b in builds:

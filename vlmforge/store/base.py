@@ -8,9 +8,11 @@ import os
 import random
 import shutil
 import socket
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -23,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmforge.errors import IntegrityError, NotFound, StoreConflict, StoreError
 from vlmforge.manifest import EngineManifest, FileEntry, check_name
-from vlmforge.store.transfer import ProgressSink, TaskGroup, TransferSettings, hash_tree, progress_bar
+from vlmforge.store.transfer import (
+    ProgressSink,
+    TaskGroup,
+    TransferSettings,
+    engine_files,
+    hash_file,
+    hash_tree,
+    progress_bar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +196,13 @@ class PublishResult(BaseModel):
     hash_seconds: float
     transfer_seconds: float
     seconds: float
+
+
+class _BlobStats(BaseModel):
+    uploaded_blobs: int = 0
+    uploaded_bytes: int = 0
+    reused_blobs: int = 0
+    reused_bytes: int = 0
 
 
 class BuildSummary(BaseModel):
@@ -480,10 +497,12 @@ class ArtifactStore(ABC):
     ) -> PublishResult:
         """Publish an engine directory: upload missing blobs, write the manifest last, then move aliases.
 
-        If ``manifest.files`` is empty the directory is hashed; otherwise those entries are used
-        (precomputed by the caller) and every uploaded blob is verified against them. Publishing
-        the same manifest again is a cheap no-op (idempotent rerun after a crash). Aliases only
-        move forward: an alias already pointing to a newer build (by ``created_at``) is kept.
+        If ``manifest.files`` is empty the directory is hashed, and each file's upload starts as
+        soon as its own hash is known (hashing overlaps the transfer). Otherwise those entries are
+        used (precomputed by the caller) and every uploaded blob is verified against them.
+        Publishing the same manifest again is a cheap no-op (idempotent rerun after a crash).
+        Aliases only move forward: an alias already pointing to a newer build (by ``created_at``)
+        is kept.
         """
         started = time.monotonic()
         engine_dir = Path(engine_dir)
@@ -491,51 +510,140 @@ class ArtifactStore(ABC):
             raise StoreError(f"engine directory {engine_dir} does not exist or is not a directory")
         for alias in aliases:
             _name(alias, "alias")
-        if manifest.files:
-            self._check_local_files(engine_dir, manifest.files)
-            verify = True
-        else:
-            files = hash_tree(engine_dir, self.settings, progress=progress)
-            if not files:
-                raise StoreError(f"engine directory {engine_dir} holds no files")
-            manifest = manifest.with_files(files)
-            verify = False
-        hashed = time.monotonic()
-
-        uploaded_blobs = uploaded_bytes = reused_blobs = reused_bytes = 0
+        label = f"push {manifest.ref}"
         with self._writer_lock(f"publish {manifest.ref}"):
-            existing = self._existing_build(manifest)
-            created = existing is None
-            if created:
-                unique: dict[str, FileEntry] = {}
-                for entry in manifest.files:
-                    unique.setdefault(entry.sha256, entry)
-                missing = self._missing_blobs(list(unique.values()))
-                uploaded_blobs = len(missing)
-                uploaded_bytes = sum(e.size for e in missing)
-                reused_blobs = len(unique) - uploaded_blobs
-                reused_bytes = sum(e.size for e in unique.values()) - uploaded_bytes
-                logger.info(
-                    "publishing %s: %d blobs to upload (%d bytes), %d already stored",
-                    manifest.ref, uploaded_blobs, uploaded_bytes, reused_blobs,
-                )
-                self._upload(engine_dir, missing, verify=verify, progress=progress, label=f"push {manifest.ref}")
-                created = self._create_manifest(manifest)
+            if manifest.files:
+                self._check_local_files(engine_dir, manifest.files)
+                hashed = time.monotonic()
+                existing = self._existing_build(manifest)
+                stats = _BlobStats()
+                if existing is None:
+                    stats = self._upload_missing(engine_dir, manifest.files, verify=True, progress=progress,
+                                                 label=label)
+            elif self._build_exists(manifest.model, manifest.build_id):
+                manifest = manifest.with_files(self._hash_dir(engine_dir, progress=progress))
+                hashed = time.monotonic()
+                existing = self._existing_build(manifest)
+                stats = _BlobStats()
+            else:
+                files, stats, hashed = self._hash_and_upload(engine_dir, progress=progress, label=label)
+                manifest = manifest.with_files(files)
+                existing = None
+            created = existing is None and self._create_manifest(manifest)
             transferred = time.monotonic()
             moves = [self._move_alias(manifest, alias, only_if_newer=True) for alias in aliases]
         done = time.monotonic()
         return PublishResult(
             manifest=manifest,
             created=created,
-            uploaded_blobs=uploaded_blobs,
-            uploaded_bytes=uploaded_bytes,
-            reused_blobs=reused_blobs,
-            reused_bytes=reused_bytes,
+            uploaded_blobs=stats.uploaded_blobs,
+            uploaded_bytes=stats.uploaded_bytes,
+            reused_blobs=stats.reused_blobs,
+            reused_bytes=stats.reused_bytes,
             aliases=moves,
             hash_seconds=hashed - started,
             transfer_seconds=transferred - hashed,
             seconds=done - started,
         )
+
+    def _hash_dir(self, engine_dir: Path, *, progress: bool) -> list[FileEntry]:
+        files = hash_tree(engine_dir, self.settings, progress=progress)
+        if not files:
+            raise StoreError(f"engine directory {engine_dir} holds no files")
+        return files
+
+    def _build_exists(self, model: str, build_id: str) -> bool:
+        return self._size(build_key(model, build_id)) is not None
+
+    def _hash_and_upload(
+        self, engine_dir: Path, *, progress: bool, label: str
+    ) -> tuple[list[FileEntry], _BlobStats, float]:
+        """Hash files (biggest first, one lane per CPU) and start each missing blob's upload once hashed."""
+        sized = sorted(((p.stat().st_size, p) for p in engine_files(engine_dir)), key=lambda sp: (-sp[0], sp[1]))
+        if not sized:
+            raise StoreError(f"engine directory {engine_dir} holds no files")
+        todo = deque(path for _, path in sized)
+        lanes = max(1, min(len(todo), os.cpu_count() or 1, 8))
+        lock = threading.Lock()
+        entries: list[FileEntry] = []
+        claimed: set[str] = set()
+        uploaded: set[str] = set()
+        seen: dict[Path, tuple[FileEntry, int, int]] = {}
+        stats = _BlobStats()
+        cleanups: list[Callable[[], None]] = []
+        hashed_at = [time.monotonic()]
+
+        def lane(group: TaskGroup, sink: ProgressSink) -> None:
+            while not group.failed:
+                with lock:
+                    if not todo:
+                        hashed_at[0] = max(hashed_at[0], time.monotonic())
+                        return
+                    path = todo.popleft()
+                before = path.stat()
+                sha, size = hash_file(path, self.settings.io_chunk)
+                entry = FileEntry(path=path.relative_to(engine_dir).as_posix(), sha256=sha, size=size)
+                with lock:
+                    entries.append(entry)
+                    seen[path] = (entry, before.st_size, before.st_mtime_ns)
+                    duplicate = sha in claimed
+                    claimed.add(sha)
+                if duplicate:
+                    sink.advance(size)
+                    continue
+                if self._size(blob_key(sha)) == size:
+                    with lock:
+                        stats.reused_blobs += 1
+                        stats.reused_bytes += size
+                    sink.advance(size)
+                    continue
+                with lock:
+                    stats.uploaded_blobs += 1
+                    stats.uploaded_bytes += size
+                    uploaded.add(sha)
+                cleanup = self._schedule_upload(path, entry, group, sink, verify=False)
+                if cleanup is not None:
+                    with lock:
+                        cleanups.append(cleanup)
+
+        total = sum(size for size, _ in sized)
+        with progress_bar(label, total, enabled=progress) as sink, TaskGroup(self.settings.workers + lanes) as group:
+            try:
+                with self._backend_errors("upload"):
+                    for _ in range(lanes):
+                        group.submit(lane, group, sink)
+                    group.wait()
+            except BaseException:
+                group.close()
+                for cleanup in cleanups:
+                    cleanup()
+                raise
+        self._check_unchanged(seen, uploaded)
+        logger.info("%s: uploaded %d blobs (%d bytes), %d already stored", label, stats.uploaded_blobs,
+                    stats.uploaded_bytes, stats.reused_blobs)
+        return sorted(entries, key=lambda e: e.path), stats, hashed_at[0]
+
+    def _check_unchanged(self, seen: dict[Path, tuple[FileEntry, int, int]], uploaded: set[str]) -> None:
+        """Refuse a publish whose files changed after hashing; drop blobs that may hold the new bytes.
+
+        Blobs uploaded from our own fresh hashes are not hashed a second time, so a file still being
+        written would otherwise leave a blob whose content does not match its name.
+        """
+        changed = []
+        for path, (entry, size, mtime_ns) in seen.items():
+            try:
+                now = path.stat()
+            except FileNotFoundError:
+                now = None
+            if now is None or now.st_size != size or now.st_mtime_ns != mtime_ns:
+                changed.append(entry)
+        if changed:
+            self._delete_many([blob_key(e.sha256) for e in changed if e.sha256 in uploaded])
+            more = f" (and {len(changed) - 1} more files)" if len(changed) > 1 else ""
+            raise IntegrityError(
+                f"{changed[0].path}{more} changed while being published;"
+                " publish again once the engine directory is complete"
+            )
 
     def _check_local_files(self, engine_dir: Path, files: Sequence[FileEntry]) -> None:
         for entry in files:
@@ -574,17 +682,30 @@ class ArtifactStore(ABC):
                 missing.append(entry)
         return missing
 
-    def _upload(
-        self, engine_dir: Path, entries: Sequence[FileEntry], *, verify: bool, progress: bool, label: str
-    ) -> None:
-        if not entries:
-            return
+    def _upload_missing(
+        self, engine_dir: Path, files: Sequence[FileEntry], *, verify: bool, progress: bool, label: str
+    ) -> _BlobStats:
+        unique: dict[str, FileEntry] = {}
+        for entry in files:
+            unique.setdefault(entry.sha256, entry)
+        missing = self._missing_blobs(list(unique.values()))
+        stats = _BlobStats(
+            uploaded_blobs=len(missing),
+            uploaded_bytes=sum(e.size for e in missing),
+            reused_blobs=len(unique) - len(missing),
+            reused_bytes=sum(e.size for e in unique.values()) - sum(e.size for e in missing),
+        )
+        logger.info("%s: %d blobs to upload (%d bytes), %d already stored", label, stats.uploaded_blobs,
+                    stats.uploaded_bytes, stats.reused_blobs)
+        if not missing:
+            return stats
         cleanups: list[Callable[[], None]] = []
-        total = sum(e.size for e in entries)
-        with progress_bar(label, total, enabled=progress) as sink, TaskGroup(self.settings.workers) as group:
+        with progress_bar(label, stats.uploaded_bytes, enabled=progress) as sink, TaskGroup(
+            self.settings.workers
+        ) as group:
             try:
                 with self._backend_errors("upload"):
-                    for entry in sorted(entries, key=lambda e: -e.size):
+                    for entry in sorted(missing, key=lambda e: -e.size):
                         cleanup = self._schedule_upload(engine_dir / entry.path, entry, group, sink, verify=verify)
                         if cleanup is not None:
                             cleanups.append(cleanup)
@@ -594,6 +715,7 @@ class ArtifactStore(ABC):
                 for cleanup in cleanups:
                     cleanup()
                 raise
+        return stats
 
     def _create_manifest(self, manifest: EngineManifest) -> bool:
         key = build_key(manifest.model, manifest.build_id)

@@ -233,7 +233,7 @@ class S3Store(ArtifactStore):
     def _put_blob(self, source: Path, key: str, entry: FileEntry, sink: ProgressSink, verify: bool) -> None:
         data = source.read_bytes()
         if len(data) != entry.size or (verify and hashlib.sha256(data).hexdigest() != entry.sha256):
-            raise IntegrityError(f"{source} does not match its manifest entry (changed while publishing?)")
+            raise IntegrityError(f"{source} changed while being published (size or sha256 differs from the manifest)")
         self._retry(
             lambda: self.client.put_object(
                 Bucket=self.bucket, Key=key, Body=data, Metadata={"sha256": entry.sha256}
@@ -329,7 +329,7 @@ class _MultipartUpload:
         finally:
             os.close(fd)
         if len(data) != length:
-            raise IntegrityError(f"{self.source} shrank while publishing")
+            raise IntegrityError(f"{self.source} changed while being published (it shrank)")
         response = self.store._retry(
             lambda: self.client.upload_part(
                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=index + 1, Body=data
@@ -349,7 +349,7 @@ class _MultipartUpload:
 
     def complete(self) -> None:
         if self.hasher is not None and self.hasher.hexdigest() != self.entry.sha256:
-            raise IntegrityError(f"{self.source} changed while publishing: its sha256 no longer matches the manifest")
+            raise IntegrityError(f"{self.source} changed while being published: its sha256 differs from the manifest")
         parts = [{"ETag": etag, "PartNumber": number} for number, etag in sorted(self.etags.items())]
 
         def finish() -> None:

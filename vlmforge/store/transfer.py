@@ -39,8 +39,9 @@ class TransferSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    workers: int = Field(default=16, ge=1, le=256, description="concurrent part transfers (threads)")
-    part_size: int = Field(default=16 * MiB, ge=1, description="bytes per multipart part / ranged GET")
+    workers: int = Field(default=10, ge=1, le=256, description="concurrent part transfers (threads)")
+    part_size: int = Field(default=8 * MiB, ge=1, description="bytes per multipart upload part")
+    download_part_size: int = Field(default=32 * MiB, ge=1, description="bytes per ranged GET / parallel copy part")
     min_part_size: int = Field(default=5 * MiB, ge=1, description="smallest part the server accepts (S3: 5 MiB)")
     max_parts: int = Field(default=10_000, ge=1, description="most parts per object (S3: 10000)")
     multipart_threshold: int = Field(default=16 * MiB, ge=1, description="objects at least this big go in parts")
@@ -147,11 +148,11 @@ class TaskGroup:
         self.close()
 
 
-def plan_parts(size: int, settings: TransferSettings) -> list[tuple[int, int]]:
+def plan_parts(size: int, settings: TransferSettings, part_size: int | None = None) -> list[tuple[int, int]]:
     """Split ``size`` bytes into (offset, length) parts honouring the part size, minimum and part count limits."""
     if size == 0:
         return [(0, 0)]
-    part = max(settings.part_size, settings.min_part_size, -(-size // settings.max_parts))
+    part = max(part_size or settings.part_size, settings.min_part_size, -(-size // settings.max_parts))
     return [(offset, min(part, size - offset)) for offset in range(0, size, part)]
 
 
@@ -334,7 +335,7 @@ class RangedCopy:
         self._what = what
         self._on_done = on_done
         self._retryable = retryable
-        self._parts = plan_parts(entry.size, settings)
+        self._parts = plan_parts(entry.size, settings, settings.download_part_size)
         self._log = PartLog(dest.with_name(dest.name + ".parts"), f"v1 {entry.sha256} {entry.size} {self._parts[0][1]}")
         self._hasher = OrderedHasher(dest, self._parts, settings.io_chunk) if verify else None
         self._lock = threading.Lock()
