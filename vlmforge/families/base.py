@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from vlmforge.derived import ResolvedSpec
     from vlmforge.plan import DialectInfo, PlanContext, Step
-    from vlmforge.toolchains.hf.common import GenResult
+    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
 
 SEED_PROMPT = "Question: which city is this? Answer:"
 
@@ -119,10 +119,16 @@ class ModelFamily:
         """The transformers class of the standalone LLM."""
         raise NotImplementedError
 
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        """What the LLM is fed for one image's features [1, N, hidden] and the user's text (formatted here)."""
+        raise NotImplementedError
+
     def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
                  max_new_tokens: int) -> GenResult:
         """Greedy generation from the LLM alone, fed the visual features (batch 1)."""
-        raise NotImplementedError
+        from vlmforge.toolchains.hf.common import greedy_prefix
+
+        return greedy_prefix(llm, self.llm_prefix(llm, processor, features, prompt), max_new_tokens)
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:
