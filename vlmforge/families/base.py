@@ -52,6 +52,8 @@ class ModelFamily:
     fused_mlp_default: ClassVar[bool] = False
     supports_fused_mlp: ClassVar[bool] = False
     default_max_new_tokens: ClassVar[int] = 30
+    takes_prompt: ClassVar[bool] = True
+    """The model reads user text (Nougat reads the image alone)."""
     golden_prompt: ClassVar[str | None] = SEED_PROMPT
     """Prompt of the golden validation inputs; None for prompt-free models (Nougat)."""
     tiny_source: ClassVar[str | None] = None
@@ -117,6 +119,11 @@ class ModelFamily:
 
     def llm_class(self) -> type:
         """The transformers class of the standalone LLM."""
+        raise NotImplementedError
+
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """``llm_prefix(...).length`` from the tokenizer alone, so a server can refuse a long prompt before any
+        forward; raises ValueError for a prompt the family cannot take."""
         raise NotImplementedError
 
     def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:

@@ -211,6 +211,11 @@ class Blip2Common(ModelFamily):
         inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
         return ref_generate(model, dict(inputs), max_new_tokens)
 
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """Q image rows + the prompt's ids (no prompt: BOS alone)."""
+        prompt = self.format_prompt(prompt)
+        return num_visual_features + (1 if prompt is None else len(processor.tokenizer(prompt).input_ids))
+
     def _llm_inputs(self, llm: Any, processor: Any, features: torch.Tensor,
                     prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """[<image>] x Q + the prompt's ids (OPT: BOS first; no prompt: BOS alone), image rows = features."""

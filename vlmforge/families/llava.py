@@ -212,6 +212,17 @@ class LlavaFamily(DecoderOnlyFamily):
 
         return LlamaForCausalLM
 
+    def _prompt_ids(self, processor: Any, prompt: str | None, n: int) -> Any:
+        prompt = self.format_prompt(prompt)
+        assert prompt is not None
+        token = processor.image_token
+        if prompt.count(token) != 1:
+            raise ValueError(f"a LLaVA prompt holds exactly one {token}: {prompt!r}")
+        return processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids
+
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        return int(self._prompt_ids(processor, prompt, num_visual_features).shape[1])
+
     def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
         """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
         import torch
@@ -220,14 +231,8 @@ class LlavaFamily(DecoderOnlyFamily):
 
         if features.dim() != 3 or features.shape[0] != 1:
             raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
-        prompt = self.format_prompt(prompt)
-        assert prompt is not None
-        token = processor.image_token
-        if prompt.count(token) != 1:
-            raise ValueError(f"a LLaVA prompt holds exactly one {token}: {prompt!r}")
-        n = features.shape[1]
         device = model_device(llm)
-        ids = processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids.to(device)
+        ids = self._prompt_ids(processor, prompt, features.shape[1]).to(device)
         embeds = llm.get_input_embeddings()(ids)
         mask = (ids == processor.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(mask, features.to(device, embeds.dtype))

@@ -123,6 +123,7 @@ class NougatFamily(EncoderDecoderFamily):
     default_num_visual_features: ClassVar[int] = 588
     builds_encoder: ClassVar[bool] = False
     golden_prompt: ClassVar[str | None] = None
+    takes_prompt: ClassVar[bool] = False
     tiny_source: ClassVar[str | None] = "tiny://nougat"
     encoder_input_formula: ClassVar[str] = "max_batch_size x num_visual_features"
 
@@ -207,6 +208,10 @@ class NougatFamily(EncoderDecoderFamily):
         from transformers import MBartForCausalLM
 
         return MBartForCausalLM
+
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """The encoder states the decoder attends to (no text: the prompt is the start token alone)."""
+        return num_visual_features
 
     def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""

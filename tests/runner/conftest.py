@@ -1,0 +1,125 @@
+"""Fixtures of the runner tests: a tiny-llava engine built once per session by the real hf pipeline, a
+runner serving it over HTTP (a real `vlmforge serve` process), images as data URLs."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, wait_http
+
+NEEDED = ("torch", "transformers", "onnxruntime", "fastapi", "uvicorn", "prometheus_client")
+if any(importlib.util.find_spec(name) is None for name in NEEDED):
+    collect_ignore_glob = ["test_*.py"]
+
+
+def runner_env(**extra: str) -> dict[str, str]:
+    """The environment of runner processes: this checkout first on the path, offline, quiet libraries."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env.update(extra)
+    return env
+
+
+def image_url(index: int = 0, size: int = 64, fmt: str = "PNG") -> str:
+    from vlmforge.toolchains.hf.common import synthetic_images
+
+    buffer = io.BytesIO()
+    synthetic_images(size)[index % 3].rotate(90 * (index // 3)).save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(text: str | None, url: str, model: str = "tiny-llava", **fields: object) -> dict:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": url}}]
+    if text is not None:
+        content.insert(0, {"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-llava engine directory (float16 LLM, ONNX visual engine), built and validated by HfPipeline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.catalog import load_model_or_spec
+    from vlmforge.pipeline import HfPipeline
+    from vlmforge.workdir import Workdir
+
+    _, engine, _ = HfPipeline(load_model_or_spec("tiny-llava"), Workdir(tmp_path_factory.mktemp("work"))).run()
+    return Path(engine.path)
+
+
+@dataclass
+class Runner:
+    """A runner process and where it answers."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    pid_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_runner(engine: Path, log: Path, *, tp: int = 1, args: tuple[str, ...] = (), timeout: float = 120) -> Runner:
+    """`vlmforge serve` (under `mpirun -n TP` for TP > 1) in a process group of its own; waits for /health."""
+    port = free_port()
+    pid_file = log.with_suffix(".pid")
+    serve = [sys.executable, "-m", "vlmforge", "serve", str(engine), "--port", str(port), "--pid-file", str(pid_file),
+             *args]
+    env = runner_env()
+    if tp > 1:
+        argv = ["mpirun", "-n", str(tp), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}", "-x", "PYTHONPATH",
+                "-x", "HF_HUB_OFFLINE", "-x", "TRANSFORMERS_VERBOSITY", "-x", "PYTHONWARNINGS", *serve]
+    else:
+        argv = serve
+    handle = log.open("w")
+    proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    runner = Runner(proc, port, log, pid_file)
+    try:
+        wait_http(f"{runner.url}/health", timeout, proc)
+    except Exception:
+        stop_runner(runner)
+        raise RuntimeError(f"the runner did not come up:\n{runner.log_text()[-4000:]}") from None
+    return runner
+
+
+def stop_runner(runner: Runner, timeout: float = 30) -> int:
+    """SIGTERM to rank 0 (it drains, then releases the other ranks), then SIGKILL to the process group we
+    started if it does not end in time. Returns the exit code of the process we started."""
+    if runner.proc.poll() is None:
+        try:
+            os.kill(int(runner.pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            runner.proc.send_signal(signal.SIGTERM)
+        try:
+            runner.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(runner.proc.pid, signal.SIGKILL)
+            runner.proc.wait(10)
+    return runner.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """One TP=1 runner for the HTTP tests of the session (batches up to 8)."""
+    log = tmp_path_factory.mktemp("runner") / "serve.log"
+    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20"))
+    yield started
+    stop_runner(started)
