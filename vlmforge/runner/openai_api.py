@@ -298,8 +298,6 @@ class TextStream:
         """Add a token; the text that can be sent now ("" if none). Sets ``stopped`` on a stop string."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
         self.text = text
         for stop in self.stops:
             at = text.find(stop, max(0, self.sent - len(stop)))
@@ -307,7 +305,9 @@ class TextStream:
                 self.text = text[:max(at, self.sent)]
                 self.stopped = True
                 return self.flush()
-        ready = len(text) - self.hold if self.stops else len(text)
+        ready = len(text) - self.hold
+        if text.endswith("\ufffd"):  # maybe the first bytes of a character the next token completes
+            ready = min(ready, len(text.rstrip("\ufffd")))
         if ready <= self.sent:
             return ""
         delta = text[self.sent:ready]

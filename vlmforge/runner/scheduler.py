@@ -77,6 +77,7 @@ class GenRequest:
         self._batch: Any = None
         self._row = -1
         self._lock = threading.Lock()
+        self._on_done: Callable[[], None] | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         """End this request early (stop string, lost client); safe from any thread."""
@@ -96,6 +97,8 @@ class GenRequest:
             return
         if isinstance(event, Finished | Failed):
             self.finished = True
+            if self._on_done is not None:
+                self._on_done()
         try:
             self.sink(event)
         except Exception:  # noqa: BLE001 - a closed event loop must not stop the batch
@@ -120,6 +123,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="vlmforge-scheduler", daemon=True)
         self.running = 0
         self.batches = 0
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
         self.error: BaseException | None = None
 
     # --- the HTTP side ----------------------------------------------------------------------
@@ -129,6 +134,9 @@ class Scheduler:
             raise Draining("the runner is shutting down")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests are already waiting (the limit is {self.max_queue})")
+        with self._count_lock:
+            self._in_flight += 1
+        request._on_done = self._done
         self._queue.put(request)
         if self.metrics:
             self.metrics.queue_depth.set(self._queue.qsize())
@@ -136,6 +144,15 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not finished yet (waiting, being batched or decoding)."""
+        return self._in_flight
+
+    def _done(self) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
 
     @property
     def alive(self) -> bool:

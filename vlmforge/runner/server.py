@@ -138,7 +138,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "running": scheduler.running,
-                "waiting": scheduler.waiting, "batches": scheduler.batches}
+                "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}
         if runtime.draining:
             return JSONResponse({**body, "status": "draining"}, status_code=503)
         if not scheduler.alive:
