@@ -48,15 +48,31 @@ def chat_body(text: str | None, url: str, model: str = "tiny-llava", **fields: o
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny-llava engine directory (float16 LLM, ONNX visual engine), built and validated by HfPipeline."""
+def build_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+def build_tiny_llava(workdir: Path, **overrides: object) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vlmforge.catalog import load_model_or_spec
     from vlmforge.pipeline import HfPipeline
     from vlmforge.workdir import Workdir
 
-    _, engine, _ = HfPipeline(load_model_or_spec("tiny-llava"), Workdir(tmp_path_factory.mktemp("work"))).run()
+    _, engine, _ = HfPipeline(load_model_or_spec("tiny-llava", dict(overrides)), Workdir(workdir)).run()
     return Path(engine.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(build_workdir: Path) -> Path:
+    """The tiny-llava engine directory (float16 LLM, ONNX visual engine), built and validated by HfPipeline."""
+    return build_tiny_llava(build_workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_tp2(build_workdir: Path, tiny_engine: Path) -> Path:
+    """The same model built for TP 2 (world size 2 in engine.json; the same weights: transformers splits them
+    when the ranks load them). Reuses the TP 1 build's fetch and visual stages."""
+    return build_tiny_llava(build_workdir, parallel={"tp": 2})
 
 
 @dataclass
@@ -76,21 +92,15 @@ class Runner:
         return self.log.read_text(errors="replace")
 
 
-def start_runner(engine: Path, log: Path, *, tp: int = 1, args: tuple[str, ...] = (), timeout: float = 120) -> Runner:
-    """`vlmforge serve` (under `mpirun -n TP` for TP > 1) in a process group of its own; waits for /health."""
+def start_runner(engine: Path, log: Path, *, args: tuple[str, ...] = (), timeout: float = 120) -> Runner:
+    """`vlmforge serve` in a process group of its own; waits for /health."""
     port = free_port()
     pid_file = log.with_suffix(".pid")
-    serve = [sys.executable, "-m", "vlmforge", "serve", str(engine), "--port", str(port), "--pid-file", str(pid_file),
-             *args]
-    env = runner_env()
-    if tp > 1:
-        argv = ["mpirun", "-n", str(tp), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}", "-x", "PYTHONPATH",
-                "-x", "HF_HUB_OFFLINE", "-x", "TRANSFORMERS_VERBOSITY", "-x", "PYTHONWARNINGS", *serve]
-    else:
-        argv = serve
+    argv = [sys.executable, "-m", "vlmforge", "serve", str(engine), "--port", str(port), "--pid-file", str(pid_file),
+            *args]
     handle = log.open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(argv, env=runner_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=ROOT)
     runner = Runner(proc, port, log, pid_file)
     try:
         wait_http(f"{runner.url}/health", timeout, proc)
@@ -98,6 +108,20 @@ def start_runner(engine: Path, log: Path, *, tp: int = 1, args: tuple[str, ...] 
         stop_runner(runner)
         raise RuntimeError(f"the runner did not come up:\n{runner.log_text()[-4000:]}") from None
     return runner
+
+
+def deploy_runner(engine: Path, state_dir: Path, *, serve_args: tuple[str, ...] = (), **kwargs: object) -> Runner:
+    """`vlmforge.deploy.deploy` of a local engine directory (mpirun for TP > 1), from this process, so the
+    launcher is our child and its exit code can be checked."""
+    from vlmforge.deploy import LocalEngineSource, deploy
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in runner_env().items():
+            patch.setenv(key, value)
+        deployment = deploy("", LocalEngineSource(engine), port=free_port(), state_dir=state_dir,
+                            serve_args=serve_args, wait_s=180, **kwargs)  # type: ignore[arg-type]
+    assert deployment._proc is not None
+    return Runner(deployment._proc, deployment.port, deployment.log, deployment.pid_file)
 
 
 def stop_runner(runner: Runner, timeout: float = 30) -> int:

@@ -1,4 +1,5 @@
-"""Tensor parallelism on the CPU for real: `mpirun -n 2 vlmforge serve` (gloo), against the TP=1 runner."""
+"""Tensor parallelism on the CPU for real: the TP 2 build deployed with `vlmforge.deploy` (`mpirun -n 2 ...
+vlmforge serve`, gloo), against the TP 1 runner."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runner.conftest import Runner, chat_body, image_url, start_runner, stop_runner
+from tests.runner.conftest import Runner, chat_body, deploy_runner, image_url, stop_runner
 
 pytestmark = [
     pytest.mark.mpi,
@@ -23,9 +24,10 @@ CASES = [(0, "What is this?", 16), (1, "Question: which city is this? Answer:", 
 
 
 @pytest.fixture(scope="module")
-def runner_tp2(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
-    log = tmp_path_factory.mktemp("tp2") / "serve.log"
-    started = start_runner(tiny_engine, log, tp=2, args=("--max-batch-size", "4", "--batch-wait-ms", "50"))
+def runner_tp2(tiny_engine_tp2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    started = deploy_runner(tiny_engine_tp2, tmp_path_factory.mktemp("tp2"),
+                            serve_args=("--max-batch-size", "4", "--batch-wait-ms", "50"))
+    assert started.proc.args[0] == "mpirun" and started.proc.args[started.proc.args.index("-n") + 1] == "2"
     yield started
     stop_runner(started)
 
