@@ -38,7 +38,15 @@ def deployment_markdown(deployment: Deployment, plan: DeployPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="deploy-runner", flow_run_name="deploy-{model}", validate_parameters=True)
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    what = params.get("model") or Path(params.get("engine_dir") or "engine").name
+    return f"deploy-{what}-{params.get('port', 8000)}"
+
+
+@flow(name="deploy-runner", flow_run_name=_run_name, validate_parameters=True)
 def deploy_runner(model: str = "", store: str | None = None, engine_dir: str | None = None, tp: int | None = None,
                   host: str = "127.0.0.1", port: int = 8000, hostfile: str | None = None, replace: bool = True,
                   max_batch_size: int | None = None, wait_s: float = 600.0, state_dir: str | None = None,

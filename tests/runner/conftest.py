@@ -142,8 +142,9 @@ def stop_runner(runner: Runner, timeout: float = 30) -> int:
 
 @pytest.fixture(scope="session")
 def runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
-    """One TP=1 runner for the HTTP tests of the session (batches up to 8)."""
+    """One TP=1 runner for the HTTP tests of the session (batches up to 8), on the static-cache decode path
+    (without torch.compile on the CPU); the TP=2 runner and `engine.generate` use the dynamic cache."""
     log = tmp_path_factory.mktemp("runner") / "serve.log"
-    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20"))
+    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20", "--decode", "static"))
     yield started
     stop_runner(started)

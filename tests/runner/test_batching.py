@@ -177,3 +177,33 @@ def test_a_llava_prompt_with_two_images_is_refused_before_any_forward(tmp_path: 
     processor = family.load_processor(tmp_path)
     with pytest.raises(ValueError, match="exactly one <image>"):
         family.prompt_length(processor, "<image> and <image>", 16)
+
+
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_the_static_cache_path_equals_each_request_alone(tiny_family: Tiny) -> None:
+    """The GPU fast path's cache layout, masks and bucket padding (5 requests in a bucket of 8), without
+    torch.compile (CPU); each bucket's cache is reused by the next batch."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    decoder = StaticDecoder(t.llm, max_batch_size=8, length_multiple=32, compile=False)
+    alone = t.alone(LIMITS)
+    for _ in range(2):
+        batched = greedy_batch(t.llm, t.prefixes(), LIMITS, factory=decoder.batch)
+        for row, (a, b) in enumerate(zip(alone, batched, strict=True)):
+            assert b.tokens == a.tokens, f"row {row}"
+            assert (a.logits - b.logits).abs().max().item() < 1e-4
+    longest = max(p.length for p in t.prefixes())
+    assert list(decoder._slots) == [(8, -(-(longest + max(LIMITS)) // 32) * 32)]
+    one = greedy_batch(t.llm, t.prefixes()[3:4], [9], factory=decoder.batch)
+    assert one[0].tokens == alone[3].tokens and len(decoder._slots) == 2
+
+
+def test_static_buckets() -> None:
+    from vlmforge.runner.static import bucket_batch, bucket_length
+
+    assert [bucket_batch(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket_batch(12, 12) == 12
+    assert bucket_length(600, 256, 4096) == 768 and bucket_length(4000, 256, 4096) == 4096
+    with pytest.raises(ValueError, match="exceed"):
+        bucket_length(5000, 256, 4096)

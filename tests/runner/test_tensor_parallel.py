@@ -46,7 +46,7 @@ def answer(body: dict) -> tuple[str, str, int]:
 
 def test_tp2_gives_the_greedy_outputs_of_tp1(runner: Runner, runner_tp2: Runner) -> None:
     health = httpx.get(f"{runner_tp2.url}/health").json()
-    assert health["tensor_parallel"] == 2
+    assert health["tensor_parallel"] == 2 and health["decode"] == "dynamic"
     for case in CASES:
         assert answer(ask(runner_tp2, *case)) == answer(ask(runner, *case)), case
 

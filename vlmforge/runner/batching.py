@@ -159,6 +159,13 @@ def make_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> PrefixBat
     return BATCH_KINDS[prefixes[0].kind](llm, prefixes)
 
 
+class BatchFactory(Protocol):
+    """Makes the batch state for prefixes that will generate up to ``max_new_tokens`` (e.g. the static-cache
+    path of :mod:`vlmforge.runner.static`)."""
+
+    def __call__(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> PrefixBatch: ...
+
+
 class StepSync(Protocol):
     """Rank 0's side of the lockstep: after every step, the tokens fed next and whether to go on."""
 
@@ -189,7 +196,8 @@ class GreedyBatch:
     """
 
     def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
-                 keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0) -> None:
+                 keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0,
+                 factory: BatchFactory | None = None) -> None:
         if len(max_new_tokens) != len(prefixes):
             raise ValueError(f"{len(prefixes)} prefixes but {len(max_new_tokens)} token limits")
         if any(n < 1 for n in max_new_tokens):
@@ -200,6 +208,7 @@ class GreedyBatch:
         self.keep_logits = keep_logits
         self.sync = sync
         self.pad = pad_token_id
+        self.factory = factory
         self.tokens: list[list[int]] = [[] for _ in prefixes]
         self.logits: list[list[torch.Tensor]] = [[] for _ in prefixes]
         self.finish: list[str | None] = [None] * len(prefixes)
@@ -216,7 +225,10 @@ class GreedyBatch:
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[list[RowEvent]]:
-        state = make_batch(self.llm, self.prefixes)
+        if self.factory is not None:
+            state = self.factory(self.prefixes, max(self.limits))
+        else:
+            state = make_batch(self.llm, self.prefixes)
         logits = state.prefill()
         while True:
             picked = logits.argmax(-1)
@@ -264,10 +276,10 @@ class GreedyBatch:
 
 
 def greedy_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int] | int, *,
-                 keep_logits: bool = True) -> list[GenResult]:
+                 keep_logits: bool = True, factory: BatchFactory | None = None) -> list[GenResult]:
     """Decode a batch to the end; one :class:`GenResult` per prefix, in order."""
     limits = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    batch = GreedyBatch(llm, prefixes, limits, keep_logits=keep_logits)
+    batch = GreedyBatch(llm, prefixes, limits, keep_logits=keep_logits, factory=factory)
     for _ in batch:
         pass
     return batch.results()

@@ -54,7 +54,7 @@ class HfEngine:
     """
 
     def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
-                 load_vision: bool = True) -> None:
+                 load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None) -> None:
         import torch
 
         from vlmforge.toolchains.hf.common import load_quantized
@@ -89,7 +89,32 @@ class HfEngine:
                 self.llm = self.llm.to(self.device)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        log.info("loaded %s engine %s on %s (tp %d)", self.config.family, self.dir, self.device, self.tp)
+        self.static = self._static_decoder(decode, max_batch_size or self.config.max_batch_size)
+        log.info("loaded %s engine %s on %s (tp %d, %s decoding)", self.config.family, self.dir, self.device, self.tp,
+                 "static-cache compiled" if self.static is not None else "dynamic-cache eager")
+
+    def _static_decoder(self, decode: str, max_batch_size: int) -> Any:
+        """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
+        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never."""
+        if decode not in ("auto", "static", "dynamic"):
+            raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
+        fits = not self.family.encoder_decoder and self.config.llm.format == "safetensors" and self.tp == 1
+        if decode == "dynamic" or decode == "auto" and not (fits and self.device.startswith("cuda")):
+            return None
+        if not fits:
+            raise DeployError(f"{self.config.name}: the static decode path needs a float decoder-only LLM without tensor "
+                              "parallelism; use --decode dynamic")
+        from vlmforge.runner.static import StaticDecoder
+
+        limit = self.config.max_input_len + self.config.max_output_len
+        return StaticDecoder(self.llm, max_batch_size=max_batch_size,
+                             max_length=min(limit, int(getattr(self.llm.config, "max_position_embeddings", limit))),
+                             compile=self.device.startswith("cuda"))
+
+    @property
+    def batch_factory(self) -> Any:
+        """What :class:`~vlmforge.runner.batching.GreedyBatch` builds its batches with (None: the dynamic cache)."""
+        return self.static.batch if self.static is not None else None
 
     def _load_vision(self) -> None:
         import onnxruntime as ort
@@ -156,7 +181,8 @@ class HfEngine:
         start = time.perf_counter()
         prefixes = [self.family.llm_prefix(self.llm, self.processor, features[i:i + 1], prompt)
                     for i, prompt in enumerate(prompts)]
-        batch = GreedyBatch(self.llm, prefixes, limits, keep_logits=keep_logits, pad_token_id=self.pad_token_id)
+        batch = GreedyBatch(self.llm, prefixes, limits, keep_logits=keep_logits, pad_token_id=self.pad_token_id,
+                            factory=self.batch_factory)
         for _ in batch:
             pass
         llm_ms = (time.perf_counter() - start) * 1000

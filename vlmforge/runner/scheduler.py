@@ -266,7 +266,8 @@ class Scheduler:
         self.running = len(live)
         if self.metrics:
             self.metrics.running.set(len(live))
-        batch = GreedyBatch(engine.llm, prefixes, limits, sync=self.channel, pad_token_id=engine.pad_token_id)
+        batch = GreedyBatch(engine.llm, prefixes, limits, sync=self.channel, pad_token_id=engine.pad_token_id,
+                            factory=getattr(engine, "batch_factory", None))
         for row, request in enumerate(live):
             request._attach(batch, row)
         try:

@@ -76,6 +76,8 @@ class ServeSettings(BaseModel):
     pid_file: Path | None = None
     """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
     device: str | None = None
+    decode: str = "auto"
+    """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""
     limits: Limits = Field(default_factory=Limits)
 
 
@@ -102,6 +104,8 @@ class Runtime:
         self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
                                       self.config.max_output_len)
         self.draining = False
+        self.decode = "static" if getattr(engine, "static", None) is not None else (
+            "dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
 
     @property
     def takes_prompt(self) -> bool:
@@ -137,7 +141,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "running": scheduler.running,
+        body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "decode": runtime.decode,
+                "running": scheduler.running,
                 "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}
         if runtime.draining:
             return JSONResponse({**body, "status": "draining"}, status_code=503)
@@ -373,7 +378,8 @@ def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any
         return TrtllmEngine(settings.engine_dir, device=settings.device)
     from vlmforge.runner.engine import HfEngine
 
-    return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader)
+    return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
+                    decode=settings.decode, max_batch_size=settings.max_batch_size)
 
 
 def serve(settings: ServeSettings) -> int:

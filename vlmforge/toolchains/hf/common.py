@@ -19,13 +19,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from PIL import Image  # imported where images are made: the GPU benchmark machine has no Pillow
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
 
 def synthetic_images(size: int = 64) -> list[Image.Image]:
     """The three golden RGB images: a colour gradient, a checkerboard, rings and blocks."""
+    from PIL import Image
+
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     grad = np.stack([x, y, 1.0 - x * y], -1)
     cb = (((np.arange(size)[:, None] // 8) + (np.arange(size)[None, :] // 8)) % 2).astype(np.float32)
