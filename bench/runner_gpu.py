@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vlmforge.families import get_family  # noqa: E402
-from vlmforge.runner.batching import GreedyBatch  # noqa: E402
-from vlmforge.runner.static import StaticDecoder  # noqa: E402
-from vlmforge.toolchains.hf.common import IMAGE_ID, LlmPrefix, make_fast_tokenizer  # noqa: E402
+from vlmforge.families import get_family
+from vlmforge.runner.batching import GreedyBatch
+from vlmforge.runner.static import StaticDecoder
+from vlmforge.toolchains.hf.common import IMAGE_ID, LlmPrefix, make_fast_tokenizer
 
 log = logging.getLogger("bench")
 
@@ -456,23 +456,23 @@ def markdown(r: dict[str, Any]) -> str:
     rows = [("plain `generate()` (eager, full model)", r["generate"]),
             ("runner, dynamic cache (eager)", r["runner_dynamic"]),
             ("runner, static cache + compiled step", r["runner_static"])]
-    lines = [f"{r['model']} on {r['device']} (torch {r['torch']}, transformers {r['transformers']}); "
-             f"{r['prompt_positions']} prompt positions, {r['new_tokens']} new tokens", "",
-             "| path | TTFT (ms) | decode tok/s, batch 1 | greedy agreement with generate() |", "| --- | --- | --- | --- |"]
+    header = (f"{r['model']} on {r['device']} (torch {r['torch']}, transformers {r['transformers']}); "
+              f"{r['prompt_positions']} prompt positions, {r['new_tokens']} new tokens")
+    lines = [header, "", "| path | TTFT (ms) | decode tok/s, batch 1 | greedy agreement with generate() |",
+             "| --- | --- | --- | --- |"]
     for name, m in rows:
         agree = m.get("agreement_with_generate")
         versus = "reference" if agree is None else f"{agree:.3f} (first divergence at {m['first_divergence']})"
         lines.append(f"| {name} | {m['ttft_s'] * 1000:.1f} | {m['decode_tok_s']:.1f} | {versus} |")
     roof = r["roofline"]
-    lines += ["", f"roofline (weights + KV read per token, {roof['bytes_per_token'] / 1e9:.2f} GB): "
-              f"{roof['tok_s'] or float('nan'):.1f} tok/s at the card's {(roof['spec_bandwidth'] or 0) / 1e12:.2f} TB/s, "
-              f"{roof['tok_s_at_copy_bandwidth'] or float('nan'):.1f} tok/s at the measured copy bandwidth", "",
-              "| requests | tokens/s | seconds | batches |", "| --- | --- | --- | --- |",
-              f"| {r['concurrent']['requests']} one after another | {r['sequential']['tok_s']:.1f} | "
-              f"{r['sequential']['seconds']:.2f} | {r['sequential']['requests']} |",
-              f"| {r['concurrent']['requests']} at once (scheduler) | {r['concurrent']['tok_s']:.1f} | "
-              f"{r['concurrent']['seconds']:.2f} | {r['concurrent']['batches']} |", "",
-              f"summary: {json.dumps(r['summary'])}"]
+    roofline = (f"roofline (weights + KV read per token, {roof['bytes_per_token'] / 1e9:.2f} GB): "
+                f"{roof['tok_s'] or float('nan'):.1f} tok/s at the card's {(roof['spec_bandwidth'] or 0) / 1e12:.2f} "
+                f"TB/s, {roof['tok_s_at_copy_bandwidth'] or float('nan'):.1f} tok/s at the measured copy bandwidth")
+    k, seq, conc = r["concurrent"]["requests"], r["sequential"], r["concurrent"]
+    lines += ["", roofline, "", "| requests | tokens/s | seconds | batches |", "| --- | --- | --- | --- |",
+              f"| {k} one after another | {seq['tok_s']:.1f} | {seq['seconds']:.2f} | {seq['requests']} |",
+              f"| {k} at once (scheduler) | {conc['tok_s']:.1f} | {conc['seconds']:.2f} | {conc['batches']} |",
+              "", f"summary: {json.dumps(r['summary'])}"]
     return "\n".join(lines)
 
 

@@ -104,7 +104,7 @@ def start_runner(engine: Path, log: Path, *, args: tuple[str, ...] = (), timeout
     runner = Runner(proc, port, log, pid_file)
     try:
         wait_http(f"{runner.url}/health", timeout, proc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - stop it, then say why with its log
         stop_runner(runner)
         raise RuntimeError(f"the runner did not come up:\n{runner.log_text()[-4000:]}") from None
     return runner
@@ -142,9 +142,8 @@ def stop_runner(runner: Runner, timeout: float = 30) -> int:
 
 @pytest.fixture(scope="session")
 def runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
-    """One TP=1 runner for the HTTP tests of the session (batches up to 8), on the static-cache decode path
-    (without torch.compile on the CPU); the TP=2 runner and `engine.generate` use the dynamic cache."""
+    """One TP=1 runner for the HTTP tests of the session (batches up to 8)."""
     log = tmp_path_factory.mktemp("runner") / "serve.log"
-    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20", "--decode", "static"))
+    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20"))
     yield started
     stop_runner(started)

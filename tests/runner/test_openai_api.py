@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import pytest
@@ -66,7 +65,6 @@ def test_a_prompt_free_model_refuses_text() -> None:
 
 
 def test_images_within_and_beyond_the_limits(tmp_path: Path) -> None:
-    from PIL import Image
 
     image = load_image(image_url(0, fmt="JPEG"), Limits(), None)
     assert image.mode == "RGB" and image.size == (64, 64)

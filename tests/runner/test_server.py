@@ -45,7 +45,7 @@ def metric(runner: Runner, name: str, **labels: str) -> float:
     text = httpx.get(f"{runner.url}/metrics").text
     selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
     pattern = rf"^{re.escape(name)}{re.escape('{' + selector + '}') if selector else ''} (\S+)$"
-    found = re.search(pattern, text, re.M)
+    found = re.search(pattern, text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 
@@ -56,7 +56,7 @@ def test_models_and_health(runner: Runner) -> None:
     with pytest.raises(openai.NotFoundError):
         client(runner).models.retrieve("gpt-4o")
     health = httpx.get(f"{runner.url}/health").json()
-    assert health["status"] == "ok" and health["tensor_parallel"] == 1 and health["decode"] == "static"
+    assert health["status"] == "ok" and health["tensor_parallel"] == 1 and health["decode"] == "dynamic"
 
 
 def test_openai_client_plain_and_streamed_give_the_engines_own_output(runner: Runner, engine: Any) -> None:
@@ -201,5 +201,5 @@ def test_metrics_count_requests_latency_and_tokens(runner: Runner) -> None:
     for name in ("vlmforge_request_duration_seconds_count", "vlmforge_time_to_first_token_seconds_count"):
         assert metric(runner, name) == before[name] + 1
     text = httpx.get(f"{runner.url}/metrics").text
-    assert re.search(r'^vlmforge_runner_info\{engine="[^"]+",model="tiny-llava",tp="1"\} 1\.0$', text, re.M)
-    assert re.search(r"^vlmforge_queue_depth 0\.0$", text, re.M)
+    assert re.search(r'^vlmforge_runner_info\{engine="[^"]+",model="tiny-llava",tp="1"\} 1\.0$', text, re.MULTILINE)
+    assert re.search(r"^vlmforge_queue_depth 0\.0$", text, re.MULTILINE)

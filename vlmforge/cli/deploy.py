@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from vlmforge.cli import app, console, err_console, print_json
 from vlmforge.errors import DeployError
 
-StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -26,16 +26,16 @@ def _summary(deployment: Any, status: str | None = None) -> dict[str, Any]:
 
 @app.command("deploy")
 def deploy_cmd(
-    ref: Annotated[Optional[str], typer.Argument(help="MODEL (the newest build that fits this machine), MODEL@ALIAS or MODEL#BUILD_ID.")] = None,
-    store: Annotated[Optional[str], typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE).")] = None,
-    engine_dir: Annotated[Optional[Path], typer.Option("--engine-dir", help="Deploy this local engine directory instead of a store build.")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Tensor-parallel ranks (must equal the build's world size; default: it).")] = None,
+    ref: Annotated[str | None, typer.Argument(help="MODEL (the newest build that fits this machine), MODEL@ALIAS or MODEL#BUILD_ID.")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE).")] = None,
+    engine_dir: Annotated[Path | None, typer.Option("--engine-dir", help="Deploy this local engine directory instead of a store build.")] = None,
+    tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel ranks (must equal the build's world size; default: it).")] = None,
     host: Annotated[str, typer.Option(help="Address the runner listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port the runner listens on.")] = 8000,
-    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", help="Open MPI hostfile: ranks across hosts (rank 0 on the first).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Deployment name (default: MODEL-PORT).")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
-    image_root: Annotated[Optional[Path], typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
+    hostfile: Annotated[Path | None, typer.Option("--hostfile", help="Open MPI hostfile: ranks across hosts (rank 0 on the first).")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: MODEL-PORT).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
@@ -113,7 +113,7 @@ def undeploy_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Drain and stop a runner: SIGTERM to rank 0 (running requests finish), SIGKILL after --timeout."""
-    from vlmforge.deploy import list_deployments, read_deployment, stop_deployment, default_state_dir
+    from vlmforge.deploy import default_state_dir, list_deployments, read_deployment, stop_deployment
 
     directory = state_dir or default_state_dir()
     deployment = read_deployment(directory, name)

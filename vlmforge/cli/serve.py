@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,18 +31,18 @@ def serve_cmd(
                                                show_envvar=True)],
     host: Annotated[str, typer.Option(help="Address rank 0 listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port rank 0 listens on ($VLMFORGE_PORT).")] = DEFAULT_PORT,
-    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients send (default: the engine's name).")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Model id clients send (default: the engine's name).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for more requests.")] = 5.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests beyond this get 429.")] = 256,
-    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="max_tokens of requests that send none (default: the engine's max_output_len).")] = None,
-    image_root: Annotated[Optional[Path], typer.Option(help="Serve file:// image URLs from under this directory (off by default).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens of requests that send none (default: the engine's max_output_len).")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Serve file:// image URLs from under this directory (off by default).")] = None,
     max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest image file (413 beyond).")] = 20 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image, width x height (413 beyond).")] = 4096 * 4096,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 beyond).")] = 32 * 1024 * 1024,
     drain_timeout: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running requests.")] = 120.0,
-    pid_file: Annotated[Optional[Path], typer.Option(help="Rank 0 writes its pid here (signal it to drain).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
+    pid_file: Annotated[Path | None, typer.Option(help="Rank 0 writes its pid here (signal it to drain).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
     decode: Annotated[str, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = "auto",
 ) -> None:
     """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their

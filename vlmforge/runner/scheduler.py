@@ -101,7 +101,7 @@ class GenRequest:
                 self._on_done()
         try:
             self.sink(event)
-        except Exception:  # noqa: BLE001 - a closed event loop must not stop the batch
+        except Exception:
             log.debug("request %d: its sink is gone", self.id, exc_info=True)
 
 
@@ -200,7 +200,7 @@ class Scheduler:
                     continue
                 self._run_batch(batch)
                 idle_since = time.monotonic()
-        except BaseException as exc:  # noqa: BLE001 - a broken scheduler must show in /health, not vanish
+        except BaseException as exc:
             self.error = exc
             log.exception("the scheduler stopped")
             for request in self._drain_queue():
@@ -246,7 +246,7 @@ class Scheduler:
             return
         try:
             features = engine.encode_images([r.image for r in live])
-        except Exception as exc:  # noqa: BLE001 - the requests fail, the runner goes on
+        except Exception as exc:
             log.exception("visual engine failed on a batch of %d", len(live))
             for request in live:
                 request._emit(Failed(500, f"the visual engine failed: {type(exc).__name__}: {exc}"))

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from vlmforge.engine_config import EngineConfig
-from vlmforge.errors import DeployError
+from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
@@ -375,7 +375,12 @@ def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any
         if info.world_size != config.world_size:
             raise DeployError(f"{settings.engine_dir} is a TensorRT engine for {config.world_size} rank(s); it runs only "
                               f"with mpirun -n {config.world_size}, not {info.world_size}")
-        return TrtllmEngine(settings.engine_dir, device=settings.device)
+        try:
+            return TrtllmEngine(settings.engine_dir, device=settings.device)
+        except ToolchainUnavailable as exc:
+            raise ToolchainUnavailable(f"{settings.engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a "
+                                       "GPU (the runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
+                                       f"{exc}") from None
     from vlmforge.runner.engine import HfEngine
 
     return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
@@ -386,7 +391,13 @@ def serve(settings: ServeSettings) -> int:
     """Run this rank of a runner until it is told to stop; returns the exit code."""
     import torch
 
-    from vlmforge.runner.distributed import RankInfo, cpu_threads_per_rank, ignore_termination, init_distributed, run_follower
+    from vlmforge.runner.distributed import (
+        RankInfo,
+        cpu_threads_per_rank,
+        ignore_termination,
+        init_distributed,
+        run_follower,
+    )
 
     info = RankInfo.from_env()
     config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
