@@ -189,11 +189,15 @@ def test_the_cli_refuses_a_tensorrt_engine_for_another_gpu(tiny_engine: Path, tm
 
 def test_deploy_list_request_undeploy_through_the_cli(tiny_engine: Path, tmp_path: Path) -> None:
     port = free_port()
-    done = cli("deploy", "--engine-dir", str(tiny_engine), "--port", str(port), "--json", state=tmp_path)
+    done = cli("deploy", "--engine-dir", str(tiny_engine), "--port", str(port), "--decode", "static", "--json",
+               state=tmp_path)
     assert done.returncode == 0, done.stderr
     started = json.loads(done.stdout)
     assert started["endpoint"] == f"http://127.0.0.1:{port}" and started["tp"] == 1
     assert started["ref"] == "tiny-llava#local" and started["status"] == "serving"
+    health = httpx.get(f"{started['endpoint']}/health").json()
+    assert health["decode"] == "static" and health["status"] == "ok"
+    assert "warmed up batch 4 (bucket 4 x" in Path(started["log"]).read_text()
     try:
         listed = json.loads(cli("deployments", "--json", state=tmp_path).stdout)
         assert [(d["name"], d["status"]) for d in listed] == [(f"tiny-llava-{port}", "serving")]

@@ -36,6 +36,8 @@ def deploy_cmd(
     name: Annotated[str | None, typer.Option(help="Deployment name (default: MODEL-PORT).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
+    decode: Annotated[str, typer.Option(help="The runner's decode path: auto, static or dynamic (vlmforge serve --decode).")] = "auto",
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Compile the static decode path before reporting healthy.")] = True,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
@@ -51,7 +53,7 @@ def deploy_cmd(
     if engine_dir is not None and store is not None:
         raise DeployError("--store and --engine-dir exclude each other")
     source = LocalEngineSource(engine_dir) if engine_dir is not None else StoreSource(store)
-    serve_args: list[str] = []
+    serve_args: list[str] = ["--decode", decode] + (["--warmup"] if warmup else [])
     if max_batch_size is not None:
         serve_args += ["--max-batch-size", str(max_batch_size)]
     if image_root is not None:

@@ -109,7 +109,8 @@ class Scheduler:
     """Batches requests for one engine on a thread of its own."""
 
     def __init__(self, engine: Any, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
-                 channel: ControlChannel | None = None, metrics: Any = None) -> None:
+                 channel: ControlChannel | None = None, metrics: Any = None,
+                 warmup: Callable[[], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.engine = engine
@@ -121,6 +122,9 @@ class Scheduler:
         self._queue: queue.Queue[GenRequest] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlmforge-scheduler", daemon=True)
+        self._warmup = warmup
+        self.ready = threading.Event()
+        """Set once the warm-up (compiling the decode step's buckets, in this thread) is done."""
         self.running = 0
         self.batches = 0
         self._in_flight = 0
@@ -187,6 +191,11 @@ class Scheduler:
     def _run(self) -> None:
         idle_since = time.monotonic()
         try:
+            if self._warmup is not None:  # here: CUDA graphs are recorded per thread
+                started = time.perf_counter()
+                self._warmup()
+                log.info("warmed up in %.1fs", time.perf_counter() - started)
+            self.ready.set()
             while True:
                 batch = self._next_batch()
                 if self.metrics:

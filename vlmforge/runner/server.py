@@ -73,6 +73,8 @@ class ServeSettings(BaseModel):
     image_root: Path | None = None
     """file:// image URLs are read only under this directory (none: file URLs are refused)."""
     drain_timeout_s: float = Field(default=120.0, ge=0)
+    warmup: bool = False
+    """Compile the static decode path's batch buckets before reporting healthy (GPU)."""
     pid_file: Path | None = None
     """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
     device: str | None = None
@@ -99,8 +101,18 @@ class Runtime:
         if self.config.toolchain == "trtllm" and batch > self.config.max_batch_size:
             raise DeployError(f"--max-batch-size {batch} exceeds the TensorRT engine's max_batch_size "
                               f"{self.config.max_batch_size}")
+        warmup = None
+        static = getattr(engine, "static", None)
+        if settings.warmup and static is not None:
+            prompt = self.config.num_visual_features + 32
+            sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
+
+            def warmup() -> None:
+                static.warmup(sizes, prompt, min(settings.default_max_tokens or self.config.max_output_len,
+                                                 self.config.max_output_len))
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
-                                   batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics)
+                                   batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
+                                   warmup=warmup)
         self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
                                       self.config.max_output_len)
         self.draining = False
@@ -146,6 +158,8 @@ def create_app(runtime: Runtime) -> FastAPI:
                 "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}
         if runtime.draining:
             return JSONResponse({**body, "status": "draining"}, status_code=503)
+        if not scheduler.ready.is_set() and scheduler.alive:
+            return JSONResponse({**body, "status": "warming up"}, status_code=503)
         if not scheduler.alive:
             return JSONResponse({**body, "status": "failed", "error": repr(scheduler.error)}, status_code=503)
         return JSONResponse(body)
