@@ -34,7 +34,7 @@ from vlmforge.toolchains.hf.common import (
 
 HF_HOOKS = (
     "make_tiny", "load_model", "load_processor", "architecture_facts", "format_prompt", "pixel_values",
-    "visual_module", "extract_llm", "llm_class", "generate", "reference_generate",
+    "visual_module", "extract_llm", "llm_class", "llm_prefix", "reference_generate",
 )
 LOGIT_TOL = 1e-4
 

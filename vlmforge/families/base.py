@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from vlmforge.derived import ResolvedSpec
     from vlmforge.plan import DialectInfo, PlanContext, Step
-    from vlmforge.toolchains.hf.common import GenResult
+    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
 
 SEED_PROMPT = "Question: which city is this? Answer:"
 
@@ -52,6 +52,8 @@ class ModelFamily:
     fused_mlp_default: ClassVar[bool] = False
     supports_fused_mlp: ClassVar[bool] = False
     default_max_new_tokens: ClassVar[int] = 30
+    takes_prompt: ClassVar[bool] = True
+    """The model reads user text (Nougat reads the image alone)."""
     golden_prompt: ClassVar[str | None] = SEED_PROMPT
     """Prompt of the golden validation inputs; None for prompt-free models (Nougat)."""
     tiny_source: ClassVar[str | None] = None
@@ -121,10 +123,21 @@ class ModelFamily:
         """The transformers class of the standalone LLM."""
         raise NotImplementedError
 
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """``llm_prefix(...).length`` from the tokenizer alone, so a server can refuse a long prompt before any
+        forward; raises ValueError for a prompt the family cannot take."""
+        raise NotImplementedError
+
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        """What the LLM is fed for one image's features [1, N, hidden] and the user's text (formatted here)."""
+        raise NotImplementedError
+
     def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
                  max_new_tokens: int) -> GenResult:
         """Greedy generation from the LLM alone, fed the visual features (batch 1)."""
-        raise NotImplementedError
+        from vlmforge.toolchains.hf.common import greedy_prefix
+
+        return greedy_prefix(llm, self.llm_prefix(llm, processor, features, prompt), max_new_tokens)
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult, Template
+    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix, Template
 
 # The tiny test models (tiny://blip2-opt, tiny://blip2-t5): 16 patches + CLS into the Q-Former's
 # cross-attention, 32 query tokens like the real BLIP-2.
@@ -211,6 +211,11 @@ class Blip2Common(ModelFamily):
         inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
         return ref_generate(model, dict(inputs), max_new_tokens)
 
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """Q image rows + the prompt's ids (no prompt: BOS alone)."""
+        prompt = self.format_prompt(prompt)
+        return num_visual_features + (1 if prompt is None else len(processor.tokenizer(prompt).input_ids))
+
     def _llm_inputs(self, llm: Any, processor: Any, features: torch.Tensor,
                     prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """[<image>] x Q + the prompt's ids (OPT: BOS first; no prompt: BOS alone), image rows = features."""
@@ -282,11 +287,9 @@ class Blip2OptFamily(Blip2Common, DecoderOnlyFamily):
 
         return OPTForCausalLM
 
-    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
-                 max_new_tokens: int) -> GenResult:
-        from vlmforge.toolchains.hf.common import greedy_decoder_only
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
         eos = llm.generation_config.eos_token_id
-        return greedy_decoder_only(llm, embeds, mask, max_new_tokens,
-                                   eos if eos is not None else llm.config.eos_token_id)
+        return LlmPrefix("decoder", embeds, mask, eos_ids(eos if eos is not None else llm.config.eos_token_id))

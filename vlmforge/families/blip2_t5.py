@@ -18,7 +18,7 @@ from vlmforge.spec import BuildSpec, Dialect
 if TYPE_CHECKING:
     import torch
 
-    from vlmforge.toolchains.hf.common import GenResult
+    from vlmforge.toolchains.hf.common import LlmPrefix
 
 
 @register_family
@@ -79,12 +79,11 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
 
         return T5ForConditionalGeneration
 
-    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
-                 max_new_tokens: int) -> GenResult:
-        from vlmforge.toolchains.hf.common import greedy_encoder_decoder
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
-        gen, cfg = llm.generation_config, llm.config
-        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
-        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
-        return greedy_encoder_decoder(llm, embeds, mask, max_new_tokens, start, eos)
+        gen = llm.generation_config
+        start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else llm.config.decoder_start_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else llm.config.eos_token_id
+        return LlmPrefix("seq2seq", embeds, mask, eos_ids(eos), start=start)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult
+    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
 
 IMAGE_TOKEN = "<image>"
 PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
@@ -212,29 +212,32 @@ class LlavaFamily(DecoderOnlyFamily):
 
         return LlamaForCausalLM
 
-    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
-                 max_new_tokens: int) -> GenResult:
-        """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
-        import torch
-
-        from vlmforge.toolchains.hf.common import greedy_decoder_only, model_device
-
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
+    def _prompt_ids(self, processor: Any, prompt: str | None, n: int) -> Any:
         prompt = self.format_prompt(prompt)
         assert prompt is not None
         token = processor.image_token
         if prompt.count(token) != 1:
             raise ValueError(f"a LLaVA prompt holds exactly one {token}: {prompt!r}")
-        n = features.shape[1]
+        return processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids
+
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        return int(self._prompt_ids(processor, prompt, num_visual_features).shape[1])
+
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
+        import torch
+
+        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids, model_device
+
+        if features.dim() != 3 or features.shape[0] != 1:
+            raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
         device = model_device(llm)
-        ids = processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids.to(device)
+        ids = self._prompt_ids(processor, prompt, features.shape[1]).to(device)
         embeds = llm.get_input_embeddings()(ids)
         mask = (ids == processor.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(mask, features.to(device, embeds.dtype))
         eos = llm.generation_config.eos_token_id
-        return greedy_decoder_only(llm, embeds, torch.ones_like(ids), max_new_tokens,
-                                   eos if eos is not None else llm.config.eos_token_id)
+        return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos if eos is not None else llm.config.eos_token_id))
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:

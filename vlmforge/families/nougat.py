@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult
+    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class NougatFamily(EncoderDecoderFamily):
     default_num_visual_features: ClassVar[int] = 588
     builds_encoder: ClassVar[bool] = False
     golden_prompt: ClassVar[str | None] = None
+    takes_prompt: ClassVar[bool] = False
     tiny_source: ClassVar[str | None] = "tiny://nougat"
     encoder_input_formula: ClassVar[str] = "max_batch_size x num_visual_features"
 
@@ -209,10 +210,15 @@ class NougatFamily(EncoderDecoderFamily):
 
         return MBartForCausalLM
 
-    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
-                 max_new_tokens: int) -> GenResult:
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+        """The encoder states the decoder attends to (no text: the prompt is the start token alone)."""
+        return num_visual_features
+
+    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
-        from vlmforge.toolchains.hf.common import greedy_cross_attn_decoder
+        import torch
+
+        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids, model_device, model_dtype
 
         if features.dim() != 3 or features.shape[0] != 1:
             raise ValueError(f"expected the features of one image [1, L, hidden], got {tuple(features.shape)}")
@@ -223,7 +229,9 @@ class NougatFamily(EncoderDecoderFamily):
         if start is None:
             raise ValueError("the Nougat decoder has no decoder_start_token_id (nor bos_token_id) to start from")
         eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
-        return greedy_cross_attn_decoder(llm, features, max_new_tokens, start, eos)
+        states = features.to(model_device(llm), model_dtype(llm))
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return LlmPrefix("cross", states, mask, eos_ids(eos), start=start)
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:

@@ -46,10 +46,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class HfEngine:
-    """A loaded hf-toolchain engine."""
+    """A loaded hf-toolchain engine.
 
-    def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False) -> None:
-        import onnxruntime as ort
+    ``tp_plan``: load the LLM with transformers' tensor-parallel plan over the initialised
+    ``torch.distributed`` world (one rank per process; see :mod:`vlmforge.runner.distributed`).
+    ``load_vision``: False on follower ranks, which get the features from rank 0.
+    """
+
+    def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
+                 load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None) -> None:
         import torch
 
         from vlmforge.toolchains.hf.common import load_quantized
@@ -64,33 +69,84 @@ class HfEngine:
         self.family = get_family(self.config.family)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = self.family.load_processor(self.dir / self.config.processor)
-        providers = ["CPUExecutionProvider"]
-        if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.vision = ort.InferenceSession(str(self.dir / self.config.visual.path), providers=providers)
-        self.vision_input = self.vision.get_inputs()[0].name
+        self.vision = None
+        if load_vision:
+            self._load_vision()
         llm_dir = self.dir / self.config.llm.path
         dtype = torch_dtype(self.config.llm.dtype)
+        if tp_plan:
+            self.tp = check_tensor_parallel(self.dir, self.config)
+        else:
+            self.tp = 1
         if self.config.llm.format == "quanto":
             self.llm = load_quantized(self.family.llm_class(), llm_dir, dtype=dtype, device=self.device)
         else:
             kwargs: dict[str, Any] = {"dtype": dtype}
             if tp_plan:
-                kwargs["tp_plan"] = "auto"
+                kwargs.update(tensor_parallel_kwargs(self.tp))
             self.llm = self.family.llm_class().from_pretrained(llm_dir, **kwargs).eval()
             if not tp_plan:
                 self.llm = self.llm.to(self.device)
-        log.info("loaded %s engine %s on %s", self.config.family, self.dir, self.device)
+        tokenizer = self.processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.static = self._static_decoder(decode, max_batch_size or self.config.max_batch_size)
+        log.info("loaded %s engine %s on %s (tp %d, %s decoding)", self.config.family, self.dir, self.device, self.tp,
+                 "static-cache compiled" if self.static is not None else "dynamic-cache eager")
+
+    def _static_decoder(self, decode: str, max_batch_size: int) -> Any:
+        """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
+        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never."""
+        if decode not in ("auto", "static", "dynamic"):
+            raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
+        fits = not self.family.encoder_decoder and self.config.llm.format == "safetensors" and self.tp == 1
+        if decode == "dynamic" or decode == "auto" and not (fits and self.device.startswith("cuda")):
+            return None
+        if not fits:
+            raise DeployError(f"{self.config.name}: the static decode path needs a float decoder-only LLM without tensor "
+                              "parallelism; use --decode dynamic")
+        from vlmforge.runner.static import StaticDecoder
+
+        limit = self.config.max_input_len + self.config.max_output_len
+        return StaticDecoder(self.llm, max_batch_size=max_batch_size,
+                             max_length=min(limit, int(getattr(self.llm.config, "max_position_embeddings", limit))),
+                             compile=self.device.startswith("cuda"))
+
+    @property
+    def batch_factory(self) -> Any:
+        """What :class:`~vlmforge.runner.batching.GreedyBatch` builds its batches with (None: the dynamic cache)."""
+        return self.static.batch if self.static is not None else None
+
+    def _load_vision(self) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.vision = ort.InferenceSession(str(self.dir / self.config.visual.path), providers=providers)
+        self.vision_input = self.vision.get_inputs()[0].name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Visual features for a batch of images (float32, on the LLM's device)."""
+        """Visual features for a batch of images (float32, on the LLM's device), in chunks of the visual
+        engine's batch size."""
         import torch
 
-        if len(images) > self.config.visual.max_batch_size:
-            raise DeployError(f"{len(images)} images exceed the visual engine's batch of {self.config.visual.max_batch_size}")
-        pixels = self.family.pixel_values(self.processor, images)
-        features = self.vision.run(None, {self.vision_input: pixels.float().cpu().numpy()})[0]
-        return torch.from_numpy(features).to(self.device)
+        if self.vision is None:
+            raise DeployError("this engine was loaded without its visual engine (a follower rank)")
+        chunk = self.config.visual.max_batch_size
+        parts = []
+        for start in range(0, len(images), chunk):
+            pixels = self.family.pixel_values(self.processor, images[start:start + chunk])
+            features = self.vision.run(None, {self.vision_input: pixels.float().cpu().numpy()})[0]
+            parts.append(torch.from_numpy(features))
+        return torch.cat(parts).to(self.device)
+
+    def prompt_length(self, prompt: str | None) -> int:
+        """Prompt positions (text tokens and image features) the LLM will be fed; ValueError for a bad prompt."""
+        return self.family.prompt_length(self.processor, prompt, self.config.num_visual_features)
 
     def generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int) -> Generation:
         """Greedy generation for one image and prompt (the prompt is formatted by the family)."""
@@ -106,6 +162,71 @@ class HfEngine:
         llm_ms = (time.perf_counter() - start) * 1000
         text = self.processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return Generation(tokens=list(result.tokens), text=text, logits=result.logits, vision_ms=vision_ms, llm_ms=llm_ms)
+
+    def generate_batch(self, images: list[Image.Image], prompts: list[str | None], max_new_tokens: int | list[int], *,
+                       keep_logits: bool = False) -> list[Generation]:
+        """Greedy generation for many requests at once (one LLM forward per step for all of them)."""
+        import torch
+
+        from vlmforge.runner.batching import GreedyBatch
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        start = time.perf_counter()
+        features = self.encode_images(images)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        vision_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        prefixes = [self.family.llm_prefix(self.llm, self.processor, features[i:i + 1], prompt)
+                    for i, prompt in enumerate(prompts)]
+        batch = GreedyBatch(self.llm, prefixes, limits, keep_logits=keep_logits, pad_token_id=self.pad_token_id,
+                            factory=self.batch_factory)
+        for _ in batch:
+            pass
+        llm_ms = (time.perf_counter() - start) * 1000
+        return [Generation(tokens=r.tokens, text=self.tokenizer.decode(r.tokens, skip_special_tokens=True),
+                           logits=r.logits, vision_ms=vision_ms, llm_ms=llm_ms) for r in batch.results()]
+
+
+def tensor_parallel_kwargs(world: int) -> dict[str, Any]:
+    """``from_pretrained`` arguments for transformers' own tensor-parallel plan over ``world`` ranks:
+    ``distributed_config`` where transformers has it (>= 5.17), the older ``tp_plan`` argument otherwise."""
+    try:
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=world)}
+    except (ImportError, TypeError):
+        return {"tp_plan": "auto"}
+
+
+def check_tensor_parallel(engine_dir: Path, config: EngineConfig) -> int:
+    """The world size this process's LLM will be split over; refuses an LLM that cannot be split that way."""
+    import json
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise DeployError("tensor parallelism needs torch.distributed initialised first (vlmforge serve under mpirun "
+                          "does it)")
+    world = dist.get_world_size()
+    llm_config = json.loads((Path(engine_dir) / config.llm.path / "config.json").read_text())
+    if config.llm.format != "safetensors":
+        raise DeployError(f"{engine_dir}: a {config.llm.format} LLM cannot be split with tensor parallelism; "
+                          "serve it with --tp 1")
+    from transformers import AutoConfig
+
+    auto = AutoConfig.from_pretrained(Path(engine_dir) / config.llm.path)
+    plan = getattr(auto, "base_model_tp_plan", None)
+    if not plan:
+        raise DeployError(f"{config.llm.architecture} has no tensor-parallel plan in transformers: serve "
+                          f"{config.name} with --tp 1")
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = llm_config.get(key)
+        if heads is not None and heads % world:
+            raise DeployError(f"{config.name}: {key} = {heads} is not divisible by the tensor-parallel size {world}")
+    return world
 
 
 def load_engine(engine_dir: Path, **kwargs: Any) -> HfEngine:

@@ -15,6 +15,7 @@ from typing import Any
 
 from vlmforge.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
+from vlmforge.families import get_family
 from vlmforge.runner.engine import Generation
 from vlmforge.toolchains.trtllm import require_trtllm
 
@@ -60,6 +61,22 @@ class TrtllmEngine:
                              "--max_new_tokens", str(self.config.max_output_len)])
         self.runner = MultimodalModelRunner(args)
         self.tokenizer = self.runner.tokenizer
+        self.family = get_family(self.config.family)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    streams_tokens = False
+    """TensorRT-LLM's multimodal runner returns whole generations: the server sends each when it is done."""
+
+    def prompt_length(self, prompt: str | None) -> int:
+        """The user text's tokens and the image features (TensorRT-LLM adds its model's template around them and
+        enforces the engine's max_input_len itself)."""
+        text = self.family.format_prompt(prompt) or ""
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids) + self.config.num_visual_features
+
+    def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int]) -> list[Generation]:
+        """Requests one after another through TensorRT-LLM's runner (every rank makes the same calls)."""
+        return [self.generate(image, prompt, limit) for image, prompt, limit in zip(images, prompts, max_new_tokens)]
 
     def generate(self, image: Any, prompt: str | None, max_new_tokens: int) -> Generation:
         start = time.perf_counter()

@@ -19,13 +19,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from PIL import Image  # imported where images are made: the GPU benchmark machine has no Pillow
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
 
 def synthetic_images(size: int = 64) -> list[Image.Image]:
     """The three golden RGB images: a colour gradient, a checkerboard, rings and blocks."""
+    from PIL import Image
+
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     grad = np.stack([x, y, 1.0 - x * y], -1)
     cb = (((np.arange(size)[:, None] // 8) + (np.arange(size)[None, :] // 8)) % 2).astype(np.float32)
@@ -276,6 +280,46 @@ def compare_onnx(path: Path, module: torch.nn.Module, pixel_values: torch.Tensor
 # --------------------------------------------------------------------------------------------- #
 # Greedy generation
 # --------------------------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class LlmPrefix:
+    """What a family feeds its LLM for one request, before the first generated token.
+
+    Three shapes cover every family: ``decoder`` (decoder-only LLM: the prompt's embeddings with the
+    image rows spliced in), ``seq2seq`` (T5: the encoder's input embeddings; the decoder starts from
+    ``start``) and ``cross`` (Nougat: encoder hidden states a decoder cross-attends to, from ``start``).
+    The unbatched loops and the runner's batched loop (:mod:`vlmforge.runner.batching`) both start here.
+    """
+
+    kind: Literal["decoder", "seq2seq", "cross"]
+    embeds: torch.Tensor
+    """[1, L, hidden] on the LLM's device, in its dtype."""
+    mask: torch.Tensor
+    """[1, L] attention mask (all ones: one request has no padding)."""
+    eos: frozenset[int]
+    start: int | None = None
+    """Decoder start token (seq2seq and cross)."""
+
+    @property
+    def length(self) -> int:
+        """Prompt positions (text tokens and image features): the request's prompt tokens."""
+        return int(self.embeds.shape[1])
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """End-of-sequence ids as a set (a config may give one id, a list or none)."""
+    return _eos_ids(eos_token_id)
+
+
+def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) -> GenResult:
+    """The unbatched greedy loop for a prefix of any shape (what ``family.generate`` runs)."""
+    if prefix.kind == "decoder":
+        return greedy_decoder_only(llm, prefix.embeds, prefix.mask, max_new_tokens, prefix.eos)
+    assert prefix.start is not None, f"a {prefix.kind} prefix needs a decoder start token"
+    if prefix.kind == "seq2seq":
+        return greedy_encoder_decoder(llm, prefix.embeds, prefix.mask, max_new_tokens, prefix.start, prefix.eos)
+    return greedy_cross_attn_decoder(llm, prefix.embeds, max_new_tokens, prefix.start, prefix.eos)
 
 
 class GenResult(NamedTuple):

@@ -1,0 +1,209 @@
+"""Batched greedy decoding equals unbatched decoding, request by request, for every hf family."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmforge.families import get_family
+from vlmforge.runner import batching
+from vlmforge.runner.batching import GreedyBatch, greedy_batch
+from vlmforge.toolchains.hf.common import synthetic_images
+
+FAMILIES = ["llava", "blip2-opt", "blip2-t5", "nougat"]
+PROMPTS = ["Question: which city is this? Answer:", "What?",
+           "Describe the picture of two dogs playing in the snow near a tree, please.", None, "A photo of"]
+LIMITS = [16, 5, 16, 9, 12]
+
+
+@dataclasses.dataclass
+class Tiny:
+    family: Any
+    llm: Any
+    processor: Any
+    features: torch.Tensor  # [5, N, H]
+    prompts: list[str | None]
+
+    def prefixes(self) -> list[Any]:
+        return [self.family.llm_prefix(self.llm, self.processor, self.features[i:i + 1], p)
+                for i, p in enumerate(self.prompts)]
+
+    def alone(self, limits: list[int]) -> list[Any]:
+        return [self.family.generate(self.llm, self.processor, self.features[i:i + 1], p, n)
+                for i, (p, n) in enumerate(zip(self.prompts, limits))]
+
+
+_made: dict[str, Tiny] = {}
+
+
+@pytest.fixture
+def tiny_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """A family's tiny float32 model: its LLM alone, and five images' features from its visual module."""
+    name = request.param
+    if name not in _made:
+        family = get_family(name)
+        model_dir = tmp_path_factory.mktemp(name) / "model"
+        family.make_tiny(model_dir, seed=0)
+        model = family.load_model(model_dir, torch.float32)
+        processor = family.load_processor(model_dir)
+        images = synthetic_images() + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
+        with torch.no_grad():
+            features = family.visual_module(model)(family.pixel_values(processor, images))
+        prompts = PROMPTS if family.takes_prompt else [None] * len(PROMPTS)
+        _made[name] = Tiny(family, family.extract_llm(model), processor, features, prompts)
+    return _made[name]
+
+
+@pytest.mark.parametrize("tiny_family", FAMILIES, indirect=True)
+def test_batched_greedy_equals_each_request_alone(tiny_family: Tiny) -> None:
+    t = tiny_family
+    prefixes = t.prefixes()
+    if t.family.takes_prompt:
+        assert len({p.length for p in prefixes}) > 2, "the prompts must need padding"
+    batched = greedy_batch(t.llm, prefixes, LIMITS)
+    for row, (alone, got) in enumerate(zip(t.alone(LIMITS), batched, strict=True)):
+        assert got.tokens == alone.tokens, f"row {row}"
+        assert got.logits.shape == alone.logits.shape
+        assert (got.logits - alone.logits).abs().max().item() < 1e-4, f"row {row}"
+    assert len({tuple(r.tokens) for r in batched}) > 1, "different images give different outputs"
+
+
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_the_padding_mask_matters(tiny_family: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control: letting the left-padded rows attend to their padding changes their tokens (so the test above
+    would catch a wrong mask or wrong positions)."""
+    t = tiny_family
+    stack = batching._stack
+
+    def unmasked(prefixes: Any, *, left: bool) -> Any:
+        embeds, mask, padded = stack(prefixes, left=left)
+        return embeds, torch.ones_like(mask), padded
+
+    monkeypatch.setattr(batching, "_stack", unmasked)
+    batched = greedy_batch(t.llm, t.prefixes(), LIMITS)
+    alone = t.alone(LIMITS)
+    assert any(a.tokens != b.tokens for a, b in zip(alone, batched))
+
+
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-t5"], indirect=True)
+def test_rows_end_on_their_own_eos_limit_or_cancel(tiny_family: Tiny) -> None:
+    t = tiny_family
+    alone = t.alone([16] * 5)
+    prefixes = t.prefixes()
+    # row 1 ends at its third token as if it were an end token; row 2 is cancelled after its first token
+    prefixes[1] = dataclasses.replace(prefixes[1], eos=frozenset({alone[1].tokens[2]}))
+    stop_at = alone[1].tokens.index(alone[1].tokens[2]) + 1
+    batch = GreedyBatch(t.llm, prefixes, [16, 16, 16, 16, 4])
+    seen: list[list[int]] = [[] for _ in prefixes]
+    for step, events in enumerate(batch):
+        for event in events:
+            seen[event.row].append(event.token)
+        if step == 0:
+            batch.cancel(2, "cancelled")
+    assert batch.finish == ["length", "stop", "cancelled", "length", "length"]
+    assert seen[1] == alone[1].tokens[:stop_at]
+    assert seen[2] == alone[2].tokens[:1]
+    assert seen[4] == alone[4].tokens[:4]
+    for row in (0, 3):
+        assert seen[row] == alone[row].tokens
+    assert [r.tokens for r in batch.results()] == seen
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_step_sync_sees_every_fed_token_and_the_end(tiny_family: Tiny) -> None:
+    """What rank 0 sends the other ranks: the B tokens fed after each step, go_on False exactly once, last."""
+    t = tiny_family
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[tuple[list[int], bool]] = []
+
+        def step(self, tokens: torch.Tensor, go_on: bool) -> None:
+            self.steps.append((tokens.tolist(), go_on))
+
+    recorder = Recorder()
+    batch = GreedyBatch(t.llm, t.prefixes(), [3, 5, 2, 5, 1], sync=recorder, pad_token_id=1)
+    for _ in batch:
+        pass
+    assert [go for _, go in recorder.steps] == [True] * 4 + [False]
+    for step, (fed, _) in enumerate(recorder.steps):
+        # a row is fed its own token while it goes on, the pad token once it has ended
+        assert fed == [tokens[step] if step < len(tokens) - 1 else 1 for tokens in batch.tokens]
+
+    class Replay:
+        def __init__(self, steps: list[tuple[list[int], bool]]) -> None:
+            self.steps = iter(steps)
+
+        def step(self, size: int) -> tuple[torch.Tensor, bool]:
+            tokens, go_on = next(self.steps)
+            assert len(tokens) == size
+            return torch.tensor(tokens), go_on
+
+    assert batching.follow_batch(t.llm, t.prefixes(), Replay(recorder.steps)) == batch.steps
+
+
+def test_the_engine_batches_what_it_generates_alone(tiny_engine: Path) -> None:
+    """The float16 engine (ONNX visual engine + LLM), five requests in one call (the visual engine takes
+    four at a time), against one call per request."""
+    from vlmforge.runner.engine import HfEngine
+
+    engine = HfEngine(tiny_engine)
+    images = synthetic_images(64) + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
+    assert engine.config.visual.max_batch_size < len(images)
+    alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, PROMPTS, LIMITS)]
+    batched = engine.generate_batch(images, PROMPTS, LIMITS, keep_logits=True)
+    for a, b in zip(alone, batched, strict=True):
+        assert a.tokens == b.tokens and a.text == b.text
+        assert (a.logits - b.logits).abs().max().item() < 5e-3  # float16 rounding of a differently shaped batch
+    assert [engine.prompt_length(p) for p in PROMPTS] == [
+        engine.family.llm_prefix(engine.llm, engine.processor, engine.encode_images([images[0]]), p).length
+        for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tiny_family", FAMILIES, indirect=True)
+def test_prompt_length_is_the_prefix_length(tiny_family: Tiny) -> None:
+    t = tiny_family
+    n = t.features.shape[1]
+    assert [t.family.prompt_length(t.processor, p, n) for p in t.prompts] == [p.length for p in t.prefixes()]
+
+
+def test_a_llava_prompt_with_two_images_is_refused_before_any_forward(tmp_path: Path) -> None:
+    family = get_family("llava")
+    family.make_tiny(tmp_path, seed=0)
+    processor = family.load_processor(tmp_path)
+    with pytest.raises(ValueError, match="exactly one <image>"):
+        family.prompt_length(processor, "<image> and <image>", 16)
+
+
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_the_static_cache_path_equals_each_request_alone(tiny_family: Tiny) -> None:
+    """The GPU fast path's cache layout, masks and bucket padding (5 requests in a bucket of 8), without
+    torch.compile (CPU); each bucket's cache is reused by the next batch."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    decoder = StaticDecoder(t.llm, max_batch_size=8, length_multiple=32, compile=False)
+    alone = t.alone(LIMITS)
+    for _ in range(2):
+        batched = greedy_batch(t.llm, t.prefixes(), LIMITS, factory=decoder.batch)
+        for row, (a, b) in enumerate(zip(alone, batched, strict=True)):
+            assert b.tokens == a.tokens, f"row {row}"
+            assert (a.logits - b.logits).abs().max().item() < 1e-4
+    longest = max(p.length for p in t.prefixes())
+    assert list(decoder._slots) == [(8, -(-(longest + max(LIMITS)) // 32) * 32)]
+    one = greedy_batch(t.llm, t.prefixes()[3:4], [9], factory=decoder.batch)
+    assert one[0].tokens == alone[3].tokens and len(decoder._slots) == 2
+
+
+def test_static_buckets() -> None:
+    from vlmforge.runner.static import bucket_batch, bucket_length
+
+    assert [bucket_batch(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket_batch(12, 12) == 12
+    assert bucket_length(600, 256, 4096) == 768 and bucket_length(4000, 256, 4096) == 4096
+    with pytest.raises(ValueError, match="exceed"):
+        bucket_length(5000, 256, 4096)

@@ -1,0 +1,131 @@
+"""Request parsing, image limits and incremental detokenization, without a server."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tests.runner.conftest import chat_body, image_url
+from vlmforge.runner.openai_api import (
+    ApiError,
+    Limits,
+    TextStream,
+    load_image,
+    max_new_tokens,
+    parse_messages,
+    parse_request,
+    stop_strings,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from vlmforge.toolchains.hf.common import make_fast_tokenizer
+
+    return make_fast_tokenizer()
+
+
+def test_a_request_parses_to_one_text_and_one_image() -> None:
+    request = parse_request(chat_body("What is it?", "data:x", max_tokens=5, stop="END", seed=3, user="me"))
+    parsed = parse_messages(request.messages, takes_prompt=True, model="m")
+    assert (parsed.text, parsed.image_url) == ("What is it?", "data:x")
+    assert max_new_tokens(request, max_output_len=32, default=16) == 5
+    assert stop_strings(request, Limits()) == ["END"]
+    image_only = parse_request(chat_body(None, "data:y"))
+    assert parse_messages(image_only.messages, takes_prompt=False, model="m").text is None
+    assert max_new_tokens(image_only, max_output_len=32, default=16) == 16
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (chat_body("hi", "u", n=2), 400, "one choice"),
+    (chat_body("hi", "u", top_p=0.5), 400, "greedily"),
+    (chat_body("hi", "u", max_tokens=0), 400, "at least 1"),
+    (chat_body("hi", "u", max_completion_tokens=33), 400, "max_output_len of 32"),
+    (chat_body("hi", "u", stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
+    ({"messages": []}, 400, "model"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}, {"type": "image_url"}]}]},
+     400, "unsupported content type"),
+])
+def test_refusals_say_what_is_wrong(body: dict, status: int, words: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        request = parse_request(body)
+        parse_messages(request.messages, takes_prompt=True, model="m")
+        max_new_tokens(request, max_output_len=32, default=16)
+        stop_strings(request, Limits())
+    assert caught.value.status == status and words in caught.value.message
+    assert caught.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_prompt_free_model_refuses_text() -> None:
+    request = parse_request(chat_body("transcribe this", "data:x"))
+    with pytest.raises(ApiError, match="reads the image alone"):
+        parse_messages(request.messages, takes_prompt=False, model="nougat")
+
+
+def test_images_within_and_beyond_the_limits(tmp_path: Path) -> None:
+
+    image = load_image(image_url(0, fmt="JPEG"), Limits(), None)
+    assert image.mode == "RGB" and image.size == (64, 64)
+    with pytest.raises(ApiError) as caught:
+        load_image(image_url(0), Limits(max_image_bytes=100), None)
+    assert caught.value.status == 413
+    with pytest.raises(ApiError) as caught:
+        load_image(image_url(0, size=80), Limits(max_image_side=79), None)
+    assert caught.value.status == 413 and "80x80" in caught.value.message
+    with pytest.raises(ApiError, match="not valid base64"):
+        load_image("data:image/png;base64,abc$", Limits(), None)
+    with pytest.raises(ApiError, match="data:<mime>;base64"):
+        load_image("data:image/png,rawbytes", Limits(), None)
+    truncated = base64.b64decode(image_url(0).split(",")[1])[:200]
+    with pytest.raises(ApiError) as caught:
+        load_image("data:image/png;base64," + base64.b64encode(truncated).decode(), Limits(), None)
+    assert caught.value.status == 400
+
+
+def test_file_urls_only_under_the_image_root(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (10, 12), "red").save(root / "page 1.png")
+    (tmp_path / "secret.png").write_bytes((root / "page 1.png").read_bytes())
+    assert load_image((root / "page 1.png").as_uri(), Limits(), root).size == (10, 12)
+    with pytest.raises(ApiError) as caught:
+        load_image((tmp_path / "secret.png").as_uri(), Limits(), root)
+    assert caught.value.status == 403
+    with pytest.raises(ApiError) as caught:
+        load_image(f"file://{root}/../secret.png", Limits(), root)
+    assert caught.value.status == 403
+    with pytest.raises(ApiError, match="--image-root"):
+        load_image((root / "page 1.png").as_uri(), Limits(), None)
+    with pytest.raises(ApiError, match="no file"):
+        load_image((root / "missing.png").as_uri(), Limits(), root)
+
+
+def _stream(tokenizer, text: str, stops: list[str]) -> tuple[list[str], TextStream]:
+    stream = TextStream(tokenizer, stops)
+    deltas = []
+    for token in tokenizer(text, add_special_tokens=False).input_ids:
+        deltas.append(stream.push(token))
+        if stream.stopped:
+            break
+    deltas.append(stream.flush())
+    return [d for d in deltas if d], stream
+
+
+def test_text_stream_sends_whole_characters_only(tokenizer) -> None:
+    text = "café 日本 ok"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(text), "multi-byte characters take several byte tokens"
+    deltas, stream = _stream(tokenizer, text, [])
+    assert "".join(deltas) == text == stream.text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_text_stream_stops_before_a_stop_string_split_over_tokens(tokenizer) -> None:
+    deltas, stream = _stream(tokenizer, "The quick brown fox jumps over", ["brown f"])
+    assert stream.stopped and "".join(deltas) == "The quick "
+    deltas, stream = _stream(tokenizer, "The quick brown fox", ["zebra"])
+    assert not stream.stopped and "".join(deltas) == "The quick brown fox"

@@ -1,0 +1,104 @@
+"""Tensor parallelism on the CPU for real: the TP 2 build deployed with `vlmforge.deploy` (`mpirun -n 2 ...
+vlmforge serve`, gloo), against the TP 1 runner."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.runner.conftest import Runner, chat_body, deploy_runner, image_url, stop_runner
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed (apt-get install openmpi-bin)"),
+]
+
+CASES = [(0, "What is this?", 16), (1, "Question: which city is this? Answer:", 24), (2, None, 8),
+         (3, "Describe the picture of two dogs playing in the snow near a tree, please.", 32)]
+
+
+@pytest.fixture(scope="module")
+def runner_tp2(tiny_engine_tp2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    started = deploy_runner(tiny_engine_tp2, tmp_path_factory.mktemp("tp2"),
+                            serve_args=("--max-batch-size", "4", "--batch-wait-ms", "50"))
+    assert started.proc.args[0] == "mpirun" and started.proc.args[started.proc.args.index("-n") + 1] == "2"
+    yield started
+    stop_runner(started)
+
+
+def ask(runner: Runner, index: int, prompt: str | None, max_tokens: int, **fields: object) -> dict:
+    response = httpx.post(f"{runner.url}/v1/chat/completions", timeout=120,
+                          json=chat_body(prompt, image_url(index), max_tokens=max_tokens, **fields))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def answer(body: dict) -> tuple[str, str, int]:
+    choice = body["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], body["usage"]["completion_tokens"]
+
+
+def test_tp2_gives_the_greedy_outputs_of_tp1(runner: Runner, runner_tp2: Runner) -> None:
+    health = httpx.get(f"{runner_tp2.url}/health").json()
+    assert health["tensor_parallel"] == 2 and health["decode"] == "dynamic"
+    for case in CASES:
+        assert answer(ask(runner_tp2, *case)) == answer(ask(runner, *case)), case
+
+
+def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2: Runner) -> None:
+    """Concurrent requests of different lengths (and a stop string that ends one row early) in shared batches:
+    every rank must feed the same tokens at every step, or the outputs (or the job) break."""
+    cases = [CASES[i % 4] for i in range(12)]
+    want = [answer(ask(runner, *case)) for case in cases[:4]] * 3
+    batches = httpx.get(f"{runner_tp2.url}/health").json()["batches"]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda case: answer(ask(runner_tp2, *case)), cases))
+    assert got == want
+    assert httpx.get(f"{runner_tp2.url}/health").json()["batches"] - batches < 12
+    full = want[1][0]
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        stopped, *others = pool.map(lambda kw: ask(runner_tp2, *CASES[1], **kw), [{"stop": stop}, {}, {}])
+    assert answer(stopped)[0] == full[:full.find(stop)] and answer(stopped)[1] == "stop"
+    assert [answer(o) for o in others] == [want[1]] * 2
+
+
+def test_sigterm_to_rank_0_drains_then_every_rank_exits(runner_tp2: Runner) -> None:
+    """Last in this module: it stops the module's TP=2 runner. Requests in flight when rank 0 gets SIGTERM run
+    to their end; later ones are refused (503, or no connection); then every rank exits 0."""
+    runner = runner_tp2
+
+    def timed(index: int) -> tuple[int, dict, float]:
+        try:
+            response = httpx.post(f"{runner.url}/v1/chat/completions", timeout=120,
+                                  json=chat_body("What is this?", image_url(index % 4), max_tokens=32))
+        except httpx.ConnectError:
+            return 0, {}, time.monotonic()
+        return response.status_code, response.json(), time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(timed, i) for i in range(8)]
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{runner.url}/health").json()["in_flight"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        in_flight = httpx.get(f"{runner.url}/health").json()["in_flight"]
+        signalled = time.monotonic()
+        code = stop_runner(runner, timeout=120)  # SIGTERM to rank 0
+        results = [f.result() for f in futures]
+    assert in_flight >= 3
+    done = [body for status, body, _ in results if status == 200]
+    assert sum(1 for status, _, ended in results if status == 200 and ended > signalled) >= 1, results
+    assert all(answer(body)[2] == 32 or answer(body)[1] == "stop" for body in done), "each ran to its end"
+    assert all(status in (200, 503, 0) for status, _, _ in results), results
+    assert code == 0, runner.log_text()[-3000:]
+    log = runner.log_text()
+    assert "SIGTERM: draining" in log
+    assert "rank 1: shutdown (rank 0 drained its requests)" in log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{runner.url}/health")

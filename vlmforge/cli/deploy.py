@@ -1,0 +1,129 @@
+"""CLI: `deploy` (start a runner for a model from the store, or an engine directory), `deployments`, `undeploy`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vlmforge.cli import app, console, err_console, print_json
+from vlmforge.errors import DeployError
+
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _summary(deployment: Any, status: str | None = None) -> dict[str, Any]:
+    data = deployment.model_dump(mode="json", exclude={"argv", "selection"})
+    data["ref"] = deployment.ref
+    data["rank0_pid"] = deployment.rank0_pid()
+    if status is not None:
+        data["status"] = status
+    return data
+
+
+@app.command("deploy")
+def deploy_cmd(
+    ref: Annotated[str | None, typer.Argument(help="MODEL (the newest build that fits this machine), MODEL@ALIAS or MODEL#BUILD_ID.")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE).")] = None,
+    engine_dir: Annotated[Path | None, typer.Option("--engine-dir", help="Deploy this local engine directory instead of a store build.")] = None,
+    tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel ranks (must equal the build's world size; default: it).")] = None,
+    host: Annotated[str, typer.Option(help="Address the runner listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port the runner listens on.")] = 8000,
+    hostfile: Annotated[Path | None, typer.Option("--hostfile", help="Open MPI hostfile: ranks across hosts (rank 0 on the first).")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: MODEL-PORT).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
+    decode: Annotated[str, typer.Option(help="The runner's decode path: auto, static or dynamic (vlmforge serve --decode).")] = "auto",
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Compile the static decode path before reporting healthy.")] = True,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
+    replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
+    state_dir: StateOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
+    and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it."""
+    from vlmforge.deploy import LocalEngineSource, StoreSource, deploy
+
+    if engine_dir is None and ref is None:
+        raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or an --engine-dir")
+    if engine_dir is not None and store is not None:
+        raise DeployError("--store and --engine-dir exclude each other")
+    source = LocalEngineSource(engine_dir) if engine_dir is not None else StoreSource(store)
+    serve_args: list[str] = ["--decode", decode] + (["--warmup"] if warmup else [])
+    if max_batch_size is not None:
+        serve_args += ["--max-batch-size", str(max_batch_size)]
+    if image_root is not None:
+        serve_args += ["--image-root", str(image_root.resolve())]
+    deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
+                        state_dir=state_dir, serve_args=serve_args, wait_s=wait, replace=replace)
+    if as_json:
+        print_json({**_summary(deployment, "serving"), "selection": deployment.selection})
+    else:
+        console.print(deployment.selection, highlight=False)
+        console.print(f"[bold green]serving[/] {deployment.ref} at {deployment.endpoint}/v1 (TP {deployment.tp}, "
+                      f"deployment {deployment.name}, log {deployment.log})", highlight=False)
+    if foreground:
+        raise typer.Exit(_attach(deployment, state_dir))
+
+
+def _attach(deployment: Any, state_dir: Path | None) -> int:
+    """Wait for the runner; SIGTERM/SIGINT here go to rank 0, which drains. The runner's exit code."""
+    import os
+
+    from vlmforge.deploy import default_state_dir, record_path
+
+    def forward(signum: int, frame: Any) -> None:
+        pid = deployment.rank0_pid()
+        os.kill(pid if pid is not None else deployment.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = deployment._proc.wait()
+    record_path(state_dir or default_state_dir(), deployment.name).unlink(missing_ok=True)
+    return code
+
+
+@app.command("deployments")
+def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
+    """The runners deployed from this machine and whether they serve."""
+    from rich.table import Table
+
+    from vlmforge.deploy import list_deployments
+
+    found = list_deployments(state_dir)
+    if as_json:
+        print_json([_summary(d, status) for d, status in found])
+        return
+    if not found:
+        console.print("no deployments")
+        return
+    table = Table("name", "build", "endpoint", "tp", "status", "started")
+    for d, status in found:
+        table.add_row(d.name, d.ref, d.endpoint, str(d.tp), status, f"{d.started_at:%Y-%m-%d %H:%M:%S}")
+    console.print(table)
+
+
+@app.command("undeploy")
+def undeploy_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name (see `vlmforge deployments`).")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for running requests before killing.")] = 180.0,
+    state_dir: StateOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drain and stop a runner: SIGTERM to rank 0 (running requests finish), SIGKILL after --timeout."""
+    from vlmforge.deploy import default_state_dir, list_deployments, read_deployment, stop_deployment
+
+    directory = state_dir or default_state_dir()
+    deployment = read_deployment(directory, name)
+    if deployment is None:
+        known = ", ".join(d.name for d, _ in list_deployments(directory)) or "none"
+        raise DeployError(f"no deployment {name} (deployments: {known})")
+    how = stop_deployment(deployment, state_dir=directory, timeout=timeout)
+    if as_json:
+        print_json({"name": name, "ref": deployment.ref, "result": how})
+    else:
+        err_console.print(f"{name} ({deployment.ref}): {how}", highlight=False)

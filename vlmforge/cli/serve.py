@@ -1,0 +1,65 @@
+"""CLI: `serve` (one rank of a runner for an engine directory; under mpirun, one per rank)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vlmforge.cli import app
+
+DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
+
+
+def _logging(rank: int) -> None:
+    """INFO from vlmforge (unless VLMFORGE_LOG_LEVEL says otherwise), each line naming its rank."""
+    level = os.environ.get("VLMFORGE_LOG_LEVEL", "INFO").upper()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("vlmforge")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+@app.command("serve")
+def serve_cmd(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory (with engine.json).", envvar="VLMFORGE_ENGINE_DIR",
+                                               show_envvar=True)],
+    host: Annotated[str, typer.Option(help="Address rank 0 listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port rank 0 listens on ($VLMFORGE_PORT).")] = DEFAULT_PORT,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Model id clients send (default: the engine's name).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for more requests.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests beyond this get 429.")] = 256,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens of requests that send none (default: the engine's max_output_len).")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Serve file:// image URLs from under this directory (off by default).")] = None,
+    max_image_bytes: Annotated[int, typer.Option(min=1, help="Largest image file (413 beyond).")] = 20 * 1024 * 1024,
+    max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image, width x height (413 beyond).")] = 4096 * 4096,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 beyond).")] = 32 * 1024 * 1024,
+    drain_timeout: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running requests.")] = 120.0,
+    pid_file: Annotated[Path | None, typer.Option(help="Rank 0 writes its pid here (signal it to drain).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
+    decode: Annotated[str, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = "auto",
+    warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
+) -> None:
+    """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their
+    share of the LLM and follow rank 0. SIGTERM to rank 0 drains and stops every rank."""
+    from vlmforge.runner.distributed import RankInfo
+    from vlmforge.runner.openai_api import Limits
+    from vlmforge.runner.server import ServeSettings, serve
+
+    _logging(RankInfo.from_env().rank)
+    settings = ServeSettings(
+        engine_dir=engine_dir, host=host, port=port, model_name=model_name, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
+        drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup,
+        limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                      max_request_bytes=max_request_bytes),
+    )
+    code = serve(settings)
+    if code:
+        raise typer.Exit(code)

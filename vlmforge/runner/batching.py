@@ -1,0 +1,300 @@
+"""Batched greedy decoding: many requests through one LLM forward per step.
+
+Every request arrives as a :class:`~vlmforge.toolchains.hf.common.LlmPrefix` (what its family feeds
+the LLM); a batch pads them to one shape and decodes them together:
+
+- ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
+  padding and position ids that start at 0 on each row's first real position, so each row sees
+  exactly what it would see alone; every step appends one token per row.
+- ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
+  decoders start from the same token, so the decoder side needs no padding.
+- ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
+
+Greedy tokens of each row equal those of the unbatched loops (``family.generate``); the tests check it.
+A finished row (end token, its own token limit, or cancelled by the server) is fed a pad token
+until the whole batch is done; its outputs are ignored.
+
+Under tensor parallelism every rank runs the same forwards: rank 0 picks the tokens and sends them
+with a :class:`StepSync` after every step, the other ranks run :func:`follow_batch`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from vlmforge.toolchains.hf.common import GenResult, LlmPrefix, model_device
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+class PrefixBatch:
+    """One batch's LLM state: the prefill, then one step per generated token."""
+
+    size: int
+
+    def prefill(self) -> torch.Tensor:
+        """Logits [B, vocab] of every row's first new token."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] int64); logits [B, vocab] of the next."""
+        raise NotImplementedError
+
+
+def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pad [1, L_i, H] prefixes to [B, L, H] (zeros) with a [B, L] mask; also whether any row was padded."""
+    first = prefixes[0].embeds
+    longest = max(p.length for p in prefixes)
+    embeds = first.new_zeros((len(prefixes), longest, first.shape[-1]))
+    mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=first.device)
+    for row, prefix in enumerate(prefixes):
+        span = slice(longest - prefix.length, longest) if left else slice(0, prefix.length)
+        embeds[row, span] = prefix.embeds[0].to(embeds.dtype)
+        mask[row, span] = prefix.mask[0].to(mask.dtype)
+    return embeds, mask, any(p.length != longest for p in prefixes)
+
+
+class DecoderOnlyBatch(PrefixBatch):
+    """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.embeds, self.mask, _ = _stack(prefixes, left=True)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache: Any = None
+
+    def prefill(self) -> torch.Tensor:
+        out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True)
+        self.cache = _cache_of(out)
+        self.next_position = self.positions[:, -1:] + 1
+        self.embeds = None  # type: ignore[assignment]  # not needed any more
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                       use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = _cache_of(out)
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1]
+
+
+class Seq2SeqBatch(PrefixBatch):
+    """An encoder-decoder LLM (T5): right-padded encoder inputs, the encoder run once."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.embeds, self.mask, _ = _stack(prefixes, left=False)
+        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.embeds.device)
+        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache: Any = None
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.llm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=ids, use_cache=True,
+                       **{self.cache_kwarg: self.cache})
+        self.cache = _cache_of(out)
+        return out.logits[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        self.encoded = self.llm.get_encoder()(inputs_embeds=self.embeds, attention_mask=self.mask, return_dict=True)
+        return self._decode(self.start)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._decode(tokens[:, None])
+
+
+class CrossAttnBatch(PrefixBatch):
+    """A decoder cross-attending to encoder states (Nougat's mBART)."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.states, mask, padded = _stack(prefixes, left=False)
+        self.mask = mask if padded else None  # equal lengths: no mask, exactly like one request alone
+        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.states.device)
+        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache: Any = None
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.llm(input_ids=ids, encoder_hidden_states=self.states, encoder_attention_mask=self.mask,
+                       use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = _cache_of(out)
+        return out.logits[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        return self._decode(self.start)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._decode(tokens[:, None])
+
+
+BATCH_KINDS: dict[str, type[PrefixBatch]] = {
+    "decoder": DecoderOnlyBatch, "seq2seq": Seq2SeqBatch, "cross": CrossAttnBatch,
+}
+
+
+def make_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> PrefixBatch:
+    """The batch state for ``prefixes`` (all of one kind: one engine serves one family)."""
+    if not prefixes:
+        raise ValueError("a batch needs at least one request")
+    kinds = {p.kind for p in prefixes}
+    if len(kinds) != 1:
+        raise ValueError(f"one batch mixes prefix kinds {sorted(kinds)}")
+    return BATCH_KINDS[prefixes[0].kind](llm, prefixes)
+
+
+class BatchFactory(Protocol):
+    """Makes the batch state for prefixes that will generate up to ``max_new_tokens`` (e.g. the static-cache
+    path of :mod:`vlmforge.runner.static`)."""
+
+    def __call__(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> PrefixBatch: ...
+
+
+class StepSync(Protocol):
+    """Rank 0's side of the lockstep: after every step, the tokens fed next and whether to go on."""
+
+    def step(self, tokens: torch.Tensor, go_on: bool) -> None: ...
+
+
+class StepSource(Protocol):
+    """A follower's side: rank 0's tokens and decision, for a batch of ``size`` rows."""
+
+    def step(self, size: int) -> tuple[torch.Tensor, bool]: ...
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """A row's new token; ``finish`` says why the row ended with it ("stop": end token, "length": its limit)."""
+
+    row: int
+    token: int
+    finish: str | None = None
+
+
+class GreedyBatch:
+    """A batch's greedy decode, one step per iteration: ``for events in batch: ...``.
+
+    ``cancel(row, reason)`` ends a row at the next step (the server's stop strings and lost clients);
+    the batch ends when every row has. With ``keep_logits`` each row's raw float32 logits are kept
+    (validation and tests; a server does not need them).
+    """
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
+                 keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0,
+                 factory: BatchFactory | None = None) -> None:
+        if len(max_new_tokens) != len(prefixes):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(max_new_tokens)} token limits")
+        if any(n < 1 for n in max_new_tokens):
+            raise ValueError(f"every max_new_tokens must be at least 1, got {list(max_new_tokens)}")
+        self.llm = llm
+        self.prefixes = list(prefixes)
+        self.limits = list(max_new_tokens)
+        self.keep_logits = keep_logits
+        self.sync = sync
+        self.pad = pad_token_id
+        self.factory = factory
+        self.tokens: list[list[int]] = [[] for _ in prefixes]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in prefixes]
+        self.finish: list[str | None] = [None] * len(prefixes)
+        self._cancelled: dict[int, str] = {}
+        self.steps = 0
+
+    def cancel(self, row: int, reason: str) -> None:
+        """End ``row`` before its next token (safe to call from another thread)."""
+        self._cancelled.setdefault(row, reason)
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[list[RowEvent]]:
+        if self.factory is not None:
+            state = self.factory(self.prefixes, max(self.limits))
+        else:
+            state = make_batch(self.llm, self.prefixes)
+        logits = state.prefill()
+        while True:
+            picked = logits.argmax(-1)
+            host = picked.tolist()
+            if self.keep_logits:
+                host_logits = logits.float().cpu()
+            events: list[RowEvent] = []
+            for row, token in enumerate(host):
+                if self.finish[row] is not None:
+                    continue
+                if row in self._cancelled:
+                    self.finish[row] = self._cancelled[row]
+                    continue
+                self.tokens[row].append(token)
+                if self.keep_logits:
+                    self.logits[row].append(host_logits[row])
+                if token in self.prefixes[row].eos:
+                    self.finish[row] = "stop"
+                elif len(self.tokens[row]) >= self.limits[row]:
+                    self.finish[row] = "length"
+                events.append(RowEvent(row, token, self.finish[row]))
+            self.steps += 1
+            yield events
+            for row, reason in list(self._cancelled.items()):  # cancelled while the events were handled
+                if self.finish[row] is None:
+                    self.finish[row] = reason
+            go_on = not self.done
+            feed = torch.tensor([t if f is None else self.pad for t, f in zip(host, self.finish)], dtype=torch.long)
+            if self.sync is not None:
+                self.sync.step(feed, go_on)
+            if not go_on:
+                return
+            logits = state.step(feed.to(picked.device))
+
+    def results(self) -> list[GenResult]:
+        """Each row's tokens (and logits, if kept) once the batch is done."""
+        vocab = 0
+        out = []
+        for tokens, logits in zip(self.tokens, self.logits):
+            if logits:
+                vocab = logits[0].shape[-1]
+            stacked = torch.stack(logits) if logits else torch.empty((0, vocab))
+            out.append(GenResult(list(tokens), stacked))
+        return out
+
+
+def greedy_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int] | int, *,
+                 keep_logits: bool = True, factory: BatchFactory | None = None) -> list[GenResult]:
+    """Decode a batch to the end; one :class:`GenResult` per prefix, in order."""
+    limits = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    batch = GreedyBatch(llm, prefixes, limits, keep_logits=keep_logits, factory=factory)
+    for _ in batch:
+        pass
+    return batch.results()
+
+
+@torch.no_grad()
+def follow_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], source: StepSource) -> int:
+    """A follower rank's side of a batch: the same forwards as rank 0, fed rank 0's tokens. Returns the steps run."""
+    state = make_batch(llm, prefixes)
+    state.prefill()
+    device = model_device(llm)
+    steps = 1
+    while True:
+        tokens, go_on = source.step(state.size)
+        if not go_on:
+            return steps
+        state.step(tokens.to(device))
+        steps += 1

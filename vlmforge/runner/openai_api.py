@@ -1,0 +1,323 @@
+"""The OpenAI chat-completions format, as far as a greedy one-image runner serves it.
+
+Requests are parsed and checked here (no web framework): a bad request is an :class:`ApiError` with
+its HTTP status and OpenAI's error body. What the runner takes:
+
+- one ``user`` message (single turn) with at most one text part and exactly one ``image_url`` part:
+  a ``data:image/...;base64,`` URL, or a ``file://`` URL under the runner's ``--image-root``;
+- prompt-free models (Nougat) take the image alone;
+- ``max_tokens`` / ``max_completion_tokens`` up to the engine's ``max_output_len``; ``stop`` strings;
+  ``stream`` with ``stream_options.include_usage``;
+- greedy decoding only: ``temperature`` 0 (or unset), ``top_p`` 1 (or unset), ``n`` 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MiB = 1024 * 1024
+
+
+class ApiError(Exception):
+    """A request the runner refuses: HTTP status and OpenAI's ``{"error": {...}}`` body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        if self.status == 404:
+            return "not_found_error"
+        if self.status == 429:
+            return "rate_limit_error"
+        if self.status >= 500:
+            return "server_error"
+        return "invalid_request_error"
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Limits(BaseModel):
+    """What one request may ask for; beyond it, a 4xx."""
+
+    max_request_bytes: int = 32 * MiB
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 4096 * 4096
+    max_image_side: int = 8192
+    max_stop_strings: int = 4
+
+
+# --- the request ---------------------------------------------------------------------------------
+
+
+class ImageUrl(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's request that the runner reads; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+
+def parse_request(body: Any) -> ChatRequest:
+    try:
+        request = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"invalid request: {where}: {first['msg']}", param=where or None) from None
+    if request.n not in (None, 1):
+        raise ApiError(400, "n: this runner returns one choice per request", param="n")
+    if request.temperature not in (None, 0, 0.0):
+        raise ApiError(400, "temperature: this runner decodes greedily; send temperature 0 or leave it out",
+                       param="temperature")
+    if request.top_p not in (None, 1, 1.0):
+        raise ApiError(400, "top_p: this runner decodes greedily; send top_p 1 or leave it out", param="top_p")
+    if request.logprobs:
+        raise ApiError(400, "logprobs are not served by this runner", param="logprobs")
+    if request.tools:
+        raise ApiError(400, "tools are not served by this runner", param="tools")
+    return request
+
+
+class ParsedChat(BaseModel):
+    text: str | None
+    image_url: str
+
+
+def parse_messages(messages: list[Message], *, takes_prompt: bool, model: str) -> ParsedChat:
+    """The one user turn's text and image URL."""
+    roles = [m.role for m in messages]
+    if roles != ["user"]:
+        raise ApiError(400, f"messages: this runner serves one user message with one image (single turn); got roles "
+                            f"{roles}", param="messages")
+    content = messages[0].content
+    parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else list(content or [])
+    texts, images = [], []
+    for index, part in enumerate(parts):
+        if part.type == "text":
+            texts.append(part.text or "")
+        elif part.type == "image_url":
+            if part.image_url is None:
+                raise ApiError(400, f"messages[0].content[{index}]: an image_url part needs image_url.url",
+                               param=f"messages[0].content[{index}]")
+            images.append(part.image_url.url)
+        else:
+            raise ApiError(400, f"messages[0].content[{index}]: unsupported content type {part.type!r} (text and "
+                                "image_url are)", param=f"messages[0].content[{index}]")
+    if len(images) != 1:
+        raise ApiError(400, f"messages[0]: {model} takes exactly one image per request (an image_url part); got "
+                            f"{len(images)}", param="messages")
+    text = "\n".join(t for t in texts if t) or None
+    if text is not None and not takes_prompt:
+        raise ApiError(400, f"messages[0]: {model} reads the image alone (no prompt): send the image_url part without "
+                            "text", param="messages")
+    return ParsedChat(text=text, image_url=images[0])
+
+
+def stop_strings(request: ChatRequest, limits: Limits) -> list[str]:
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    stops = [s for s in stops if s]
+    if len(stops) > limits.max_stop_strings:
+        raise ApiError(400, f"stop: at most {limits.max_stop_strings} stop strings", param="stop")
+    return stops
+
+
+def max_new_tokens(request: ChatRequest, *, max_output_len: int, default: int) -> int:
+    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    if asked is None:
+        return default
+    if asked < 1:
+        raise ApiError(400, f"{param} must be at least 1, got {asked}", param=param)
+    if asked > max_output_len:
+        raise ApiError(400, f"{param} = {asked} exceeds this engine's max_output_len of {max_output_len}", param=param,
+                       code="context_length_exceeded")
+    return asked
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def load_image(url: str, limits: Limits, image_root: Path | None) -> Any:
+    """Decode a data URL (or read a file URL under ``image_root``) into an RGB PIL image, within the limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    param = "messages[0].content.image_url"
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(400, "image_url: a data URL must be data:<mime>;base64,<data>", param=param)
+        if len(payload) > (limits.max_image_bytes * 4) // 3 + 4:
+            raise ApiError(413, f"image_url: the image is over {limits.max_image_bytes} bytes", param=param)
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image_url: the data URL is not valid base64", param=param) from None
+    elif url.startswith("file:"):
+        raw = _read_file_url(url, limits, image_root, param)
+    else:
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise ApiError(400, f"image_url: {scheme!r} URLs are not fetched by the runner; send a data URL "
+                            "(data:image/png;base64,...) or a file URL under the runner's --image-root", param=param)
+    if len(raw) > limits.max_image_bytes:
+        raise ApiError(413, f"image_url: the image is {len(raw)} bytes, over the limit of {limits.max_image_bytes}",
+                       param=param)
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ApiError(400, "image_url: the data is not an image this runner can read (PNG, JPEG, WebP...)",
+                       param=param) from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels or max(width, height) > limits.max_image_side:
+        raise ApiError(413, f"image_url: {width}x{height} pixels exceed the limit ({limits.max_image_pixels} pixels, "
+                            f"{limits.max_image_side} per side)", param=param)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"image_url: the image cannot be decoded: {exc}", param=param) from None
+
+
+def _read_file_url(url: str, limits: Limits, image_root: Path | None, param: str) -> bytes:
+    if image_root is None:
+        raise ApiError(400, "image_url: file URLs are off; start the runner with --image-root DIR to read images "
+                            "from DIR", param=param)
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ApiError(400, f"image_url: a file URL names a local path (file:///...), not host {parsed.netloc!r}",
+                       param=param)
+    root = image_root.resolve()
+    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    if not path.is_relative_to(root):
+        raise ApiError(403, f"image_url: {path} is outside the runner's image root", param=param)
+    if not path.is_file():
+        raise ApiError(400, f"image_url: no file {path}", param=param)
+    if path.stat().st_size > limits.max_image_bytes:
+        raise ApiError(413, f"image_url: {path} is over {limits.max_image_bytes} bytes", param=param)
+    return path.read_bytes()
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+          usage_: dict[str, int] | None = None, choices: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason}] if choices else []}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class TextStream:
+    """Detokenizes a growing token list into text deltas, holding back what might still change: an
+    incomplete UTF-8 sequence, or the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; the text that can be sent now ("" if none). Sets ``stopped`` on a stop string."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = text
+        for stop in self.stops:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at != -1:
+                self.text = text[:max(at, self.sent)]
+                self.stopped = True
+                return self.flush()
+        ready = len(text) - self.hold
+        if text.endswith("\ufffd"):  # maybe the first bytes of a character the next token completes
+            ready = min(ready, len(text.rstrip("\ufffd")))
+        if ready <= self.sent:
+            return ""
+        delta = text[self.sent:ready]
+        self.sent = ready
+        return delta
+
+    def flush(self) -> str:
+        """Everything not sent yet (the request is over)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = self.text[self.sent:]
+        self.sent = len(self.text)
+        return delta

@@ -1,0 +1,332 @@
+"""The serving scheduler: one thread takes queued requests in batches and decodes them together.
+
+Requests come from the HTTP handlers (any thread, usually the event loop); each carries a
+thread-safe sink its handler reads tokens from. The scheduler thread takes the first queued request,
+waits up to ``batch_wait_s`` for more (never beyond ``max_batch_size``), encodes their images in one
+visual-engine batch, and decodes them with :class:`~vlmforge.runner.batching.GreedyBatch`. Requests
+that arrive meanwhile wait for the next batch.
+
+With tensor parallelism the scheduler is rank 0's: it sends each batch to the other ranks before
+the first forward, and the batch's steps keep them in lockstep. Idle, it sends heartbeats; stopped,
+it finishes what is queued, then tells the other ranks to exit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlmforge.runner.distributed import HEARTBEAT_SECONDS, BatchJob, ControlChannel, Heartbeat, Shutdown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Token:
+    token: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str
+    """"stop" (end token or stop string), "length" (max_tokens) or "cancelled"."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+
+
+Event = Token | Finished | Failed
+
+
+class QueueFull(Exception):
+    """The scheduler already holds its limit of waiting requests."""
+
+
+class Draining(Exception):
+    """The scheduler is stopping and takes no new requests."""
+
+
+_ids = itertools.count(1)
+
+
+class GenRequest:
+    """One request's journey through the scheduler; ``sink`` receives its events from the scheduler thread."""
+
+    def __init__(self, image: Any, prompt: str | None, max_new_tokens: int, prompt_tokens: int,
+                 sink: Callable[[Event], None]) -> None:
+        self.id = next(_ids)
+        self.image = image
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.prompt_tokens = prompt_tokens
+        self.sink = sink
+        self.enqueued_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.cancelled: str | None = None
+        self.finished = False
+        self._batch: Any = None
+        self._row = -1
+        self._lock = threading.Lock()
+        self._on_done: Callable[[], None] | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """End this request early (stop string, lost client); safe from any thread."""
+        with self._lock:
+            self.cancelled = self.cancelled or reason
+            if self._batch is not None:
+                self._batch.cancel(self._row, reason)
+
+    def _attach(self, batch: Any, row: int) -> None:
+        with self._lock:
+            self._batch, self._row = batch, row
+            if self.cancelled:
+                batch.cancel(row, self.cancelled)
+
+    def _emit(self, event: Event) -> None:
+        if self.finished:
+            return
+        if isinstance(event, Finished | Failed):
+            self.finished = True
+            if self._on_done is not None:
+                self._on_done()
+        try:
+            self.sink(event)
+        except Exception:
+            log.debug("request %d: its sink is gone", self.id, exc_info=True)
+
+
+class Scheduler:
+    """Batches requests for one engine on a thread of its own."""
+
+    def __init__(self, engine: Any, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
+                 channel: ControlChannel | None = None, metrics: Any = None,
+                 warmup: Callable[[], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_s
+        self.channel = channel
+        self.metrics = metrics
+        self._queue: queue.Queue[GenRequest] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlmforge-scheduler", daemon=True)
+        self._warmup = warmup
+        self.ready = threading.Event()
+        """Set once the warm-up (compiling the decode step's buckets, in this thread) is done."""
+        self.running = 0
+        self.batches = 0
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    # --- the HTTP side ----------------------------------------------------------------------
+
+    def submit(self, request: GenRequest) -> None:
+        if self._stopping.is_set():
+            raise Draining("the runner is shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} requests are already waiting (the limit is {self.max_queue})")
+        with self._count_lock:
+            self._in_flight += 1
+        request._on_done = self._done
+        self._queue.put(request)
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queue.qsize())
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests taken and not finished yet (waiting, being batched or decoding)."""
+        return self._in_flight
+
+    def _done(self) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish the queued ones, release the other ranks, and wait for the thread."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the scheduler thread -----------------------------------------------------------------
+
+    def _next_batch(self) -> list[GenRequest]:
+        try:
+            first = self._queue.get(timeout=0.1 if self._stopping.is_set() else 0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        try:
+            if self._warmup is not None:  # here: CUDA graphs are recorded per thread
+                started = time.perf_counter()
+                self._warmup()
+                log.info("warmed up in %.1fs", time.perf_counter() - started)
+            self.ready.set()
+            while True:
+                batch = self._next_batch()
+                if self.metrics:
+                    self.metrics.queue_depth.set(self._queue.qsize())
+                if not batch:
+                    if self._stopping.is_set():
+                        break
+                    if self.channel is not None and time.monotonic() - idle_since > HEARTBEAT_SECONDS:
+                        self.channel.send(Heartbeat())
+                        idle_since = time.monotonic()
+                    continue
+                self._run_batch(batch)
+                idle_since = time.monotonic()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("the scheduler stopped")
+            for request in self._drain_queue():
+                request._emit(Failed(503, "the runner failed and is not serving"))
+            if self.channel is not None:
+                # the other ranks may be anywhere in a batch: no clean way on; end the whole job
+                log.critical("rank 0 cannot keep the other ranks in step: exiting")
+                os._exit(1)
+            return
+        if self.channel is not None:
+            self.channel.send(Shutdown("rank 0 drained its requests"))
+        log.info("scheduler stopped after %d batches", self.batches)
+
+    def _drain_queue(self) -> list[GenRequest]:
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run_batch(self, requests: list[GenRequest]) -> None:
+        import torch
+
+        from vlmforge.runner.batching import GreedyBatch
+
+        live = []
+        for request in requests:
+            if request.cancelled:
+                request._emit(Finished("cancelled"))
+            else:
+                live.append(request)
+        if not live:
+            return
+        engine = self.engine
+        started = time.perf_counter()
+        for request in live:
+            request.started_at = started
+        if self.metrics:
+            self.metrics.batch_size.observe(len(live))
+        if not getattr(engine, "streams_tokens", True):
+            self._run_whole(live)
+            return
+        try:
+            features = engine.encode_images([r.image for r in live])
+        except Exception as exc:
+            log.exception("visual engine failed on a batch of %d", len(live))
+            for request in live:
+                request._emit(Failed(500, f"the visual engine failed: {type(exc).__name__}: {exc}"))
+            return
+        rows = [features[i:i + 1] for i in range(len(live))]
+        prompts = [r.prompt for r in live]
+        limits = [r.max_new_tokens for r in live]
+        if self.channel is not None:
+            self.channel.send(BatchJob([f.to("cpu") for f in rows], prompts, limits))
+        try:
+            with torch.no_grad():
+                prefixes = [engine.family.llm_prefix(engine.llm, engine.processor, f, p) for f, p in zip(rows, prompts)]
+        except ValueError as exc:  # the followers fail the same way and skip this batch too
+            for request in live:
+                request._emit(Failed(400, str(exc)))
+            return
+        self.running = len(live)
+        if self.metrics:
+            self.metrics.running.set(len(live))
+        batch = GreedyBatch(engine.llm, prefixes, limits, sync=self.channel, pad_token_id=engine.pad_token_id,
+                            factory=getattr(engine, "batch_factory", None))
+        for row, request in enumerate(live):
+            request._attach(batch, row)
+        try:
+            for events in batch:
+                for event in events:
+                    request = live[event.row]
+                    request._emit(Token(event.token))
+                    if event.finish is not None:
+                        request._emit(Finished(event.finish))
+        except Exception as exc:
+            log.exception("decoding failed in a batch of %d", len(live))
+            for request in live:
+                request._emit(Failed(500, f"decoding failed: {type(exc).__name__}: {exc}"))
+            if self.channel is not None:
+                raise  # the ranks are out of step: _run ends the job
+        finally:
+            self.running = 0
+            if self.metrics:
+                self.metrics.running.set(0)
+        for row, request in enumerate(live):
+            if not request.finished:
+                request._emit(Finished(batch.finish[row] or "cancelled"))
+        self.batches += 1
+        if self.metrics:
+            self.metrics.decode_steps.inc(batch.steps)
+        log.debug("batch of %d: %d steps in %.3fs", len(live), batch.steps, time.perf_counter() - started)
+
+    def _run_whole(self, live: list[GenRequest]) -> None:
+        """Engines that return whole generations (TensorRT-LLM's multimodal runner): every rank runs the same
+        calls, the tokens go out when each request is done."""
+        from vlmforge.runner.distributed import WholeJob
+
+        if self.channel is not None:
+            self.channel.send(WholeJob([r.image for r in live], [r.prompt for r in live],
+                                       [r.max_new_tokens for r in live]))
+        self.running = len(live)
+        try:
+            results = self.engine.generate_many([r.image for r in live], [r.prompt for r in live],
+                                                [r.max_new_tokens for r in live])
+        except Exception as exc:
+            log.exception("generation failed in a batch of %d", len(live))
+            for request in live:
+                request._emit(Failed(500, f"generation failed: {type(exc).__name__}: {exc}"))
+            if self.channel is not None:
+                raise
+            return
+        finally:
+            self.running = 0
+        for request, result in zip(live, results):
+            for token in result.tokens:
+                request._emit(Token(token))
+            request._emit(Finished("length" if len(result.tokens) >= request.max_new_tokens else "stop"))
+        self.batches += 1

@@ -1,0 +1,465 @@
+"""``vlmforge serve``: an OpenAI-compatible HTTP runner for one engine directory.
+
+Rank 0 (the only rank without tensor parallelism) serves HTTP with FastAPI and uvicorn:
+
+- ``POST /v1/chat/completions``: OpenAI chat format, one image per request (see
+  :mod:`vlmforge.runner.openai_api`), plain or streamed (server-sent events);
+- ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus).
+
+Requests are batched by :class:`~vlmforge.runner.scheduler.Scheduler`. Under ``mpirun -n TP`` the
+other ranks load their share of the LLM and follow rank 0 (:mod:`vlmforge.runner.distributed`).
+
+SIGTERM (or SIGINT) on rank 0 drains: no new connections or requests, the running and queued ones
+finish (up to ``drain_timeout_s``), then the other ranks are released and every rank exits 0. The
+other ranks ignore SIGTERM (``mpirun`` forwards it to all) and exit when rank 0 tells them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from vlmforge.engine_config import EngineConfig
+from vlmforge.errors import DeployError, ToolchainUnavailable
+from vlmforge.runner.openai_api import (
+    ApiError,
+    Limits,
+    TextStream,
+    chunk,
+    completion,
+    completion_id,
+    load_image,
+    max_new_tokens,
+    parse_messages,
+    parse_request,
+    stop_strings,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseModel):
+    """Everything ``vlmforge serve`` takes."""
+
+    engine_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    """The model id clients send (default: the engine's name)."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Requests decoded together (default: the engine's max_batch_size)."""
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+    """How long a batch waits for more requests after its first one."""
+    max_queue: int = Field(default=256, ge=1)
+    """Requests waiting beyond this are refused with 429."""
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    """max_tokens of a request that sends none (default: the engine's max_output_len)."""
+    image_root: Path | None = None
+    """file:// image URLs are read only under this directory (none: file URLs are refused)."""
+    drain_timeout_s: float = Field(default=120.0, ge=0)
+    warmup: bool = False
+    """Compile the static decode path's batch buckets before reporting healthy (GPU)."""
+    pid_file: Path | None = None
+    """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
+    device: str | None = None
+    decode: str = "auto"
+    """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""
+    limits: Limits = Field(default_factory=Limits)
+
+
+class Runtime:
+    """What the HTTP handlers share: the engine, its scheduler, metrics and the drain flag."""
+
+    def __init__(self, engine: Any, settings: ServeSettings, *, channel: Any = None, tp: int = 1) -> None:
+        from vlmforge.runner.metrics import Metrics
+        from vlmforge.runner.scheduler import Scheduler
+
+        self.engine = engine
+        self.settings = settings
+        self.config: EngineConfig = engine.config
+        self.model = settings.model_name or self.config.name
+        self.tp = tp
+        self.created = int(time.time())
+        self.metrics = Metrics(self.model, str(settings.engine_dir), tp)
+        batch = settings.max_batch_size or self.config.max_batch_size
+        if self.config.toolchain == "trtllm" and batch > self.config.max_batch_size:
+            raise DeployError(f"--max-batch-size {batch} exceeds the TensorRT engine's max_batch_size "
+                              f"{self.config.max_batch_size}")
+        warmup = None
+        static = getattr(engine, "static", None)
+        if settings.warmup and static is not None:
+            prompt = self.config.num_visual_features + 32
+            sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
+
+            def warmup() -> None:
+                static.warmup(sizes, prompt, min(settings.default_max_tokens or self.config.max_output_len,
+                                                 self.config.max_output_len))
+        self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
+                                   batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
+                                   warmup=warmup)
+        self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
+                                      self.config.max_output_len)
+        self.draining = False
+        self.decode = "static" if getattr(engine, "static", None) is not None else (
+            "dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
+
+    @property
+    def takes_prompt(self) -> bool:
+        return bool(self.engine.family.takes_prompt)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vlmforge",
+                "engine": self.config.name, "family": self.config.family, "toolchain": self.config.toolchain,
+                "tensor_parallel": self.tp, "max_batch_size": self.scheduler.max_batch_size,
+                "max_input_len": self.config.max_input_len, "max_output_len": self.config.max_output_len}
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The FastAPI app over a loaded engine (the scheduler starts and stops with the app's lifespan)."""
+    settings, metrics, scheduler = runtime.settings, runtime.metrics, runtime.scheduler
+    limits = settings.limits
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        log.info("serving %s on http://%s:%d (tp %d, batches up to %d)", runtime.model, settings.host, settings.port,
+                 runtime.tp, scheduler.max_batch_size)
+        yield
+        runtime.draining = True
+        await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="vlmforge runner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.runtime = runtime
+
+    def refuse(exc: ApiError) -> JSONResponse:
+        metrics.requests.labels(status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "decode": runtime.decode,
+                "running": scheduler.running,
+                "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}
+        if runtime.draining:
+            return JSONResponse({**body, "status": "draining"}, status_code=503)
+        if not scheduler.ready.is_set() and scheduler.alive:
+            return JSONResponse({**body, "status": "warming up"}, status_code=503)
+        if not scheduler.alive:
+            return JSONResponse({**body, "status": "failed", "error": repr(scheduler.error)}, status_code=503)
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [runtime.model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != runtime.model:
+            return refuse(ApiError(404, f"model {model_id!r} is not served here (this runner serves "
+                                        f"{runtime.model!r})", param="model", code="model_not_found"))
+        return JSONResponse(runtime.model_card())
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        from vlmforge.runner.scheduler import Draining, GenRequest, QueueFull
+
+        arrived = time.perf_counter()
+        try:
+            chat = parse_request(await _json_body(request, limits.max_request_bytes))
+            if chat.model != runtime.model:
+                raise ApiError(404, f"model {chat.model!r} is not served here (this runner serves {runtime.model!r})",
+                               param="model", code="model_not_found")
+            if runtime.draining:
+                raise ApiError(503, "the runner is shutting down")
+            parsed = parse_messages(chat.messages, takes_prompt=runtime.takes_prompt, model=runtime.model)
+            limit = max_new_tokens(chat, max_output_len=runtime.config.max_output_len,
+                                   default=runtime.default_max_tokens)
+            stops = stop_strings(chat, limits)
+            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
+            try:
+                prompt_tokens = runtime.engine.prompt_length(parsed.text)
+            except ValueError as exc:
+                raise ApiError(400, f"messages: {exc}", param="messages") from None
+            if runtime.takes_prompt and prompt_tokens > runtime.config.max_input_len:
+                raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and image), over this engine's "
+                                    f"max_input_len of {runtime.config.max_input_len}", param="messages",
+                               code="context_length_exceeded")
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[Any] = asyncio.Queue()
+            gen = GenRequest(image, parsed.text, limit, prompt_tokens,
+                             sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            try:
+                scheduler.submit(gen)
+            except QueueFull as exc:
+                raise ApiError(429, f"the runner is busy: {exc}; retry later") from None
+            except Draining:
+                raise ApiError(503, "the runner is shutting down") from None
+        except ApiError as exc:
+            return refuse(exc)
+        cid = completion_id()
+        text = TextStream(runtime.engine.tokenizer, stops)
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(_stream(runtime, gen, events, text, cid, include_usage, arrived),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _complete(runtime, gen, events, text, cid, arrived)
+
+    return app
+
+
+async def _json_body(request: Any, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request is {declared} bytes, over the limit of {limit}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request is over the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+
+
+def _finish_reason(text: TextStream, reason: str) -> str:
+    return "stop" if text.stopped else ("length" if reason == "length" else "stop")
+
+
+def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: float | None, tokens: int) -> None:
+    metrics = runtime.metrics
+    metrics.requests.labels(status=str(status)).inc()
+    if status == 200:
+        now = time.perf_counter()
+        metrics.latency.observe(now - arrived)
+        if first is not None:
+            metrics.ttft.observe(first - arrived)
+        if gen.started_at is not None:
+            metrics.queue_time.observe(gen.started_at - gen.enqueued_at)
+        metrics.prompt_tokens.inc(gen.prompt_tokens)
+        metrics.generation_tokens.inc(tokens)
+
+
+async def _complete(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str,
+                    arrived: float) -> Any:
+    from vlmforge.runner.scheduler import Failed, Finished, Token
+
+    first, tokens, done = None, 0, False
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, Token):
+                if text.stopped:
+                    continue
+                first = first or time.perf_counter()
+                tokens += 1
+                text.push(event.token)
+                if text.stopped:
+                    gen.cancel("stop")
+            elif isinstance(event, Finished):
+                done = True
+                text.flush()
+                _observe(runtime, gen, 200, arrived, first, tokens)
+                return JSONResponse(completion(cid, runtime.model, text.text, _finish_reason(text, event.reason),
+                                               gen.prompt_tokens, tokens))
+            elif isinstance(event, Failed):
+                done = True
+                _observe(runtime, gen, event.status, arrived, first, tokens)
+                return JSONResponse(ApiError(event.status, event.message).body(), status_code=event.status)
+    finally:
+        if not done:
+            gen.cancel("cancelled")
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str, include_usage: bool,
+                  arrived: float) -> AsyncIterator[bytes]:
+    from vlmforge.runner.scheduler import Failed, Finished, Token
+
+    created = int(time.time())
+    model = runtime.model
+    first, tokens, done = None, 0, False
+    try:
+        yield _sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, Token):
+                if text.stopped:
+                    continue
+                first = first or time.perf_counter()
+                tokens += 1
+                delta = text.push(event.token)
+                if text.stopped:
+                    gen.cancel("stop")
+                if delta:
+                    yield _sse(chunk(cid, model, created, {"content": delta}))
+            elif isinstance(event, Finished):
+                done = True
+                tail = text.flush()
+                if tail:
+                    yield _sse(chunk(cid, model, created, {"content": tail}))
+                yield _sse(chunk(cid, model, created, {}, _finish_reason(text, event.reason)))
+                if include_usage:
+                    yield _sse(chunk(cid, model, created, {}, usage_=usage(gen.prompt_tokens, tokens), choices=False))
+                yield b"data: [DONE]\n\n"
+                _observe(runtime, gen, 200, arrived, first, tokens)
+                return
+            elif isinstance(event, Failed):
+                done = True
+                _observe(runtime, gen, event.status, arrived, first, tokens)
+                yield _sse(ApiError(event.status, event.message).body())
+                return
+    finally:
+        if not done:  # the client went away
+            gen.cancel("cancelled")
+            runtime.metrics.requests.labels(status="499").inc()
+
+
+# --- the process -----------------------------------------------------------------------------------
+
+
+def _uvicorn_server(config: Any, runtime: Runtime) -> Any:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown, marking the runtime as draining at the first signal, and ending with
+        exit code 0 (uvicorn would re-raise the signal and the process would die of it)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not runtime.draining:
+                log.info("%s: draining (%d running, %d waiting)", signal.Signals(sig).name,
+                         runtime.scheduler.running, runtime.scheduler.waiting)
+            runtime.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer(config)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror} (pass another --port)") from None
+
+
+def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any:
+    """The engine of this rank: hf (TP over transformers' plan) or TensorRT-LLM's runner."""
+    config = EngineConfig.read(settings.engine_dir)
+    if config.toolchain == "trtllm":
+        from vlmforge.runner.trtllm import TrtllmEngine
+
+        if info.world_size != config.world_size:
+            raise DeployError(f"{settings.engine_dir} is a TensorRT engine for {config.world_size} rank(s); it runs only "
+                              f"with mpirun -n {config.world_size}, not {info.world_size}")
+        try:
+            return TrtllmEngine(settings.engine_dir, device=settings.device)
+        except ToolchainUnavailable as exc:
+            raise ToolchainUnavailable(f"{settings.engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a "
+                                       "GPU (the runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
+                                       f"{exc}") from None
+    from vlmforge.runner.engine import HfEngine
+
+    return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
+                    decode=settings.decode, max_batch_size=settings.max_batch_size)
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run this rank of a runner until it is told to stop; returns the exit code."""
+    import torch
+
+    from vlmforge.runner.distributed import (
+        RankInfo,
+        cpu_threads_per_rank,
+        ignore_termination,
+        init_distributed,
+        run_follower,
+    )
+
+    info = RankInfo.from_env()
+    config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
+    if info.leader:
+        check_port_free(settings.host, settings.port)
+    cuda = torch.cuda.is_available() and not (settings.device or "").startswith("cpu")
+    if settings.device is None:
+        settings = settings.model_copy(update={"device": f"cuda:{info.local_rank}" if cuda else "cpu"})
+    channel = None
+    if info.world_size > 1:
+        if not info.leader:
+            ignore_termination(info)
+        channel = init_distributed(info, settings.device or "cpu")
+        if not cuda:
+            torch.set_num_threads(cpu_threads_per_rank(info))
+    try:
+        engine = load_serving_engine(settings, info, channel)
+        if not info.leader:
+            run_follower(engine, channel)
+            return 0
+        runtime = Runtime(engine, settings, channel=channel, tp=info.world_size)
+        _run_http(runtime, config)
+        return 0
+    finally:
+        if channel is not None:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _run_http(runtime: Runtime, config: EngineConfig) -> None:
+    import uvicorn
+
+    settings = runtime.settings
+    app = create_app(runtime)
+    server = _uvicorn_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                            access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                                            lifespan="on"), runtime)
+    if settings.pid_file:
+        settings.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        settings.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        server.run()
+    finally:
+        if settings.pid_file:
+            with contextlib.suppress(OSError):
+                settings.pid_file.unlink()
+    if not server.started:
+        raise DeployError(f"the runner could not start on {settings.host}:{settings.port} (see the log above)")
+    log.info("runner for %s stopped", config.name)
