@@ -245,21 +245,18 @@ class StoreSource:
         return f"store {self.url or '(default)'}"
 
     def _open(self) -> Any:
-        try:
-            from vlmforge.store import open_store
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("vlmforge"):
-                raise DeployError("this vlmforge has no artifact store (vlmforge.store); deploy a local engine with "
-                                  "--engine-dir") from None
-            raise
+        from vlmforge.store import open_store
+
         return open_store(self.url)
 
     def candidates(self, ref: str) -> list[BuildInfo]:
         with self._open() as store:
             if is_exact(ref):
                 return [BuildInfo.from_manifest(store.resolve(ref))]
-            return [BuildInfo.from_manifest(store.resolve(f"{summary.model}#{summary.build_id}"))
-                    for summary in store.list_builds(ref)]
+            manifests = store.manifests(ref)
+            if not manifests:
+                raise DeployError(f"no builds of {ref!r} in {store.url}: `vlmforge store ls` lists what is there")
+            return [BuildInfo.from_manifest(manifest) for manifest in manifests]
 
     def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
         dest = cache_dir / build.model / build.build_id

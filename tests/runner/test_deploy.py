@@ -156,8 +156,9 @@ def test_launch_argv_mpirun_for_tp_and_hostfiles(tmp_path: Path) -> None:
     assert argv[argv.index("serve") + 1:argv.index("serve") + 2] == [str(engine)]
 
 
-def cli(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmforge", *args, "--state-dir", str(state)], env=runner_env(),
+def cli(*args: str, state: Path, timeout: float = 120, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = runner_env(**({"VLMFORGE_CACHE": str(cache)} if cache else {}))
+    return subprocess.run([sys.executable, "-m", "vlmforge", *args, "--state-dir", str(state)], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
@@ -212,3 +213,36 @@ def test_deploy_list_request_undeploy_through_the_cli(tiny_engine: Path, tmp_pat
     assert not list(tmp_path.glob("*.json")), "the record is gone"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{started['endpoint']}/health")
+
+
+def test_deploy_by_model_name_pulls_the_newest_fitting_build_from_the_store(tiny_engine: Path, tmp_path: Path) -> None:
+    """The whole path: publish the tiny engine, deploy `tiny-llava` by name from the store, ask, undeploy."""
+    from vlmforge.manifest import EngineManifest, SourceInfo
+    from vlmforge.sources import hash_tree
+    from vlmforge.store import open_store
+
+    store_dir = tmp_path / "store"
+    config = json.loads((tiny_engine / "engine.json").read_text())
+    files = [f for f in hash_tree(tiny_engine) if f.path != "_stage.json"]
+    from datetime import UTC, datetime
+
+    manifest = EngineManifest(model="tiny-llava", build_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-abcdef01",
+                              fingerprint="ab" * 32, created_at=datetime.now(UTC), toolchain="hf",
+                              source=SourceInfo(uri="tiny://llava", revision="test"), world_size=config["world_size"],
+                              files=tuple(files))
+    with open_store(str(store_dir)) as store:
+        store.publish(tiny_engine, manifest)
+    port = free_port()
+    env_state = tmp_path / "state"
+    done = cli("deploy", "tiny-llava", "--store", str(store_dir), "--port", str(port), "--json", state=env_state,
+               cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    started = json.loads(done.stdout)
+    assert started["ref"] == f"tiny-llava#{manifest.build_id}"
+    try:
+        answer = httpx.post(f"{started['endpoint']}/v1/chat/completions",
+                            json=chat_body("hi", image_url(0), max_tokens=4), timeout=60)
+        assert answer.status_code == 200
+    finally:
+        cli("undeploy", f"tiny-llava-{port}", state=env_state)
+    assert (tmp_path / "cache" / "engines" / "tiny-llava" / manifest.build_id / "engine.json").is_file()
