@@ -15,6 +15,8 @@ dummies whose outputs are dropped.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import logging
 import time
 from collections.abc import Sequence
@@ -73,11 +75,16 @@ class StaticDecoder:
         self.cache_kwarg = _cache_kwarg(llm)
         self.device = model_device(llm)
         self._slots: dict[tuple[int, int], _Slot] = {}
+        # CUDA graph trees keep their state per thread: one thread captures and replays every graph, so
+        # warm-up (any thread) and the scheduler's batches (its own thread) can share the buckets.
+        self._graph_thread = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmforge-cudagraphs")
+                              if compile and self.device.type == "cuda" else None)
         if compile:
             import torch._dynamo
 
             # one compiled step per bucket: allow as many as there are buckets
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
 
     def _slot(self, batch: int, length: int) -> _Slot:
         key = (batch, length)
@@ -160,9 +167,14 @@ class StaticBatch(PrefixBatch):
         slot.ids[:self.size, 0] = tokens
         slot.ids[self.size:, 0] = tokens[0]
         slot.mask[:, self.written] = 1
-        if self.decoder.compile and self.decoder.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = slot.step(slot.ids, slot.positions, slot.mask)[:self.size].clone()  # the graph reuses its output
+        owner = self.decoder._graph_thread
+
+        def replay() -> torch.Tensor:
+            if owner is not None:
+                torch.compiler.cudagraph_mark_step_begin()
+            return slot.step(slot.ids, slot.positions, slot.mask)[:self.size].clone()  # the graph reuses its output
+
+        logits = owner.submit(replay).result() if owner is not None else replay()
         slot.positions.add_(1)
         self.written += 1
         return logits
