@@ -3,8 +3,9 @@ trigger from prefect.yaml, a process worker, and a real moto S3 server for the s
 
 The story, in order: a model is built once from s3://; an unchanged source announces nothing and starts
 no build; new LLM weights are announced, the trigger builds them, the new engine goes behind `latest`
-(the visual engine reused); broken weights are announced, their build fails validation and `latest`
-stays where it was, with a failure artifact, and the next watch does not announce them again.
+(the visual engine reused); a new quantization of them reuses the download and the visual engine; broken
+weights are announced, their build fails validation and `latest` stays where it was, with a failure
+artifact, and the next watch does not announce them again.
 """
 
 from __future__ import annotations
@@ -223,6 +224,18 @@ def test_new_llm_weights_are_announced_built_by_the_trigger_and_put_behind_lates
 
     again, _ = _watch(world)
     assert again[0]["status"] == "unchanged"
+
+
+def test_a_new_quantization_reuses_the_download_and_the_visual_engine(world: World, tmp_path: Path) -> None:
+    from flows.build import build_engine
+
+    with open_store(world.store) as store:
+        latest = store.resolve(f"{MODEL}@latest")
+    summary = build_engine(model=MODEL, spec=latest.spec, overrides={"quantization.method": "int8_wo"},
+                           store=str(tmp_path / "store"), workdir=str(world.workdir))
+    stages = summary["stages"]
+    assert stages["fetch"] == stages["convert"] == stages["visual"] == "skipped", stages
+    assert "skipped" not in (stages["quantize"], stages["llm"], stages["validate"]), stages
 
 
 def test_a_revision_that_fails_validation_leaves_latest_and_is_announced_once(world: World) -> None:
