@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from tasks import build as t
 from vlmforge.catalog import load_model_or_spec
+from vlmforge.errors import SpecError
 from vlmforge.pipeline import HfPipeline, default_workdir
 from vlmforge.reports import build_report_markdown, failure_markdown, stage_rows
-from vlmforge.errors import SpecError
 from vlmforge.sources import FetchedSource
 from vlmforge.spec import BuildSpec, Toolchain, merge_overrides, spec_from_dict
 from vlmforge.workdir import Workdir

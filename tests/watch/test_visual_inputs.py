@@ -67,7 +67,7 @@ def test_the_prefixes_hold_everything_the_visual_engine_computes_with(tiny_model
     vision_changed = tmp_path / "vision-changed"
     shutil.copytree(before_dir, vision_changed)
     tensors = load_file(str(vision_changed / "model.safetensors"))
-    first = sorted(visual)[0]
+    first = min(visual)
     tensors[first] = tensors[first] + 1
     save_file(tensors, str(vision_changed / "model.safetensors"), metadata={"format": "pt"})
     assert _digest(name, vision_changed) != _digest(name, before_dir)
@@ -76,7 +76,7 @@ def test_the_prefixes_hold_everything_the_visual_engine_computes_with(tiny_model
 def test_configs_count_except_the_llm_part(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     base = _digest("llava", tiny_models["llava"])
 
-    def variant(edit_file: str, edit) -> str:  # noqa: ANN001
+    def variant(edit_file: str, edit) -> str:
         target = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
         shutil.copytree(tiny_models["llava"], target)
         data = json.loads((target / edit_file).read_text())

@@ -24,7 +24,7 @@ def test_watch_once_json_lists_every_model_and_exits_2_when_one_cannot_be_checke
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(ROOT)}
     env.pop("VLMFORGE_WATCH", None)
     result = subprocess.run([sys.executable, "-m", "vlmforge", "watch", "--once", "--json", "--store", store,
-                             "--models", f"{good},{bad}"], env=env, capture_output=True, text=True, timeout=300)
+                             "--models", f"{good},{bad}"], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     rows = {row["model"]: row for row in json.loads(result.stdout)}
     assert rows["cli-good"]["status"] == "unchanged" and rows["cli-good"]["event_id"] is None
@@ -32,6 +32,6 @@ def test_watch_once_json_lists_every_model_and_exits_2_when_one_cannot_be_checke
     assert "could not check cli-bad" in result.stderr
 
     ok = subprocess.run([sys.executable, "-m", "vlmforge", "watch", "--once", "--store", store, "--models", str(good)],
-                        env=env, capture_output=True, text=True, timeout=300)
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "cli-good" in ok.stdout and "unchanged" in ok.stdout

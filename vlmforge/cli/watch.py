@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -45,10 +45,10 @@ def _run_once(models: list[str] | None, store: str | None, reannounce_after: flo
 @app.command("watch")
 def watch_cmd(
     once: Annotated[bool, typer.Option("--once", help="Check once and exit (else every --interval seconds).")] = False,
-    models: Annotated[Optional[list[str]], typer.Option(
+    models: Annotated[list[str] | None, typer.Option(
         "--models", help=f"Model names or spec files to watch (repeat, or comma-separate); default: ${WATCH_ENV}'s "
         "list, else every model in the store.")] = None,
-    store: Annotated[Optional[str], typer.Option("--store", envvar=STORE_ENV, help="Store URL (default: $VLMFORGE_STORE).")] = None,
+    store: Annotated[str | None, typer.Option("--store", envvar=STORE_ENV, help="Store URL (default: $VLMFORGE_STORE).")] = None,
     interval: Annotated[float, typer.Option("--interval", min=1, help="Seconds between checks without --once.")] = 1800,
     reannounce_after: Annotated[float, typer.Option(
         "--reannounce-after", min=0,
