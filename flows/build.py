@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from tasks import build as t
 from vlmforge.catalog import load_model_or_spec
+from vlmforge.errors import SpecError
 from vlmforge.pipeline import HfPipeline, default_workdir
 from vlmforge.reports import build_report_markdown, failure_markdown, stage_rows
-from vlmforge.spec import Toolchain
+from vlmforge.sources import FetchedSource
+from vlmforge.spec import BuildSpec, Toolchain, merge_overrides, spec_from_dict
 from vlmforge.workdir import Workdir
 
 
@@ -25,25 +32,48 @@ def _artifact_key(name: str) -> str:
     return "build-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower())
 
 
+def _load_spec(model: str, spec: dict[str, Any] | None, overrides: dict[str, Any]) -> BuildSpec:
+    """The spec given whole (by the watch event) or the catalog entry / spec file ``model`` names."""
+    if spec is None:
+        return load_model_or_spec(model, overrides)
+    loaded = spec_from_dict(merge_overrides(spec, overrides), origin=f"the spec parameter of {model}")
+    if loaded.name != model:
+        raise SpecError(f"the spec parameter is for {loaded.name!r}, not {model!r}", path="name")
+    return loaded
+
+
 @flow(name="build-engine", flow_run_name="build-{model}-{toolchain}", validate_parameters=True)
 def build_engine(model: str, toolchain: str = "hf", store: str | None = None, workdir: str | None = None,
-                 overrides: dict[str, Any] | None = None, aliases: list[str] | None = None) -> dict[str, Any]:
-    """Build one engine from a catalog name or spec file, validate it and publish it to the store."""
+                 overrides: dict[str, Any] | None = None, aliases: list[str] | None = None,
+                 spec: dict[str, Any] | None = None, revision: str | None = None) -> dict[str, Any]:
+    """Build one engine from a catalog name or spec file, validate it and publish it to the store.
+
+    ``spec``: the whole spec (the watch event sends the one it checked), instead of loading ``model``.
+    ``revision``: the source revision the caller expects (the event's new revision). The build builds what
+    it fetches; when the source has moved on since, it says so in the log and records both in the manifest.
+    """
     logger = get_run_logger()
-    spec = load_model_or_spec(model, overrides or {})
+    build_spec = _load_spec(model, spec, overrides or {})
     chosen = Toolchain(toolchain)
     work = Workdir(Path(workdir) if workdir else default_workdir())
-    key = _artifact_key(spec.name)
+    key = _artifact_key(build_spec.name)
     if chosen is Toolchain.TRTLLM:
         from flows.build_trtllm import build_with_trtllm
 
-        return build_with_trtllm(spec, work, store, logger)
-    pipeline = HfPipeline(spec, work, on_event=lambda line: None)
-    progress = create_progress_artifact(0.0, description=f"{spec.name}: build stages done")
+        return build_with_trtllm(build_spec, work, store, logger, expected_revision=revision)
+    pipeline = HfPipeline(build_spec, work, on_event=lambda line: None)
+    progress = create_progress_artifact(0.0, description=f"{build_spec.name}: build stages done")
     stages: list[Any] = []
+    extra: dict[str, Any] = {}
     try:
         fetched = t.fetch(pipeline)
         stages.append(fetched)
+        if revision is not None:
+            fetched_revision = FetchedSource.model_validate(fetched.result).revision
+            extra = {"expected_revision": revision}
+            if fetched_revision != revision:
+                logger.warning("%s: expected source revision %s but fetched %s (the source moved on since): "
+                               "building what was fetched", build_spec.name, revision, fetched_revision)
         update_progress_artifact(progress, 15.0)
         visual_future = t.build_visual.submit(pipeline, fetched)  # the visual branch runs beside the LLM branch
         converted = t.convert(pipeline, fetched)
@@ -58,17 +88,17 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
         stages.append(validation)
         update_progress_artifact(progress, 85.0)
         links = {"prefect_flow_run": flow_run.ui_url} if flow_run.ui_url else {}
-        manifest = pipeline.manifest(fetched, engine, validation).model_copy(update={"links": links})
+        manifest = pipeline.manifest(fetched, engine, validation, extra=extra).model_copy(update={"links": links})
         published = t.publish(store, engine, manifest, tuple(aliases or ("latest",)))
         update_progress_artifact(progress, 100.0)
     except Exception as exc:
-        create_markdown_artifact(failure_markdown(spec, stages, exc), key=key, description=f"{spec.name}: build failed")
+        create_markdown_artifact(failure_markdown(build_spec, stages, exc), key=key, description=f"{build_spec.name}: build failed")
         raise
-    create_markdown_artifact(build_report_markdown(spec, pipeline.resolved.derived, stages, published), key=key,
-                             description=f"{spec.name}: build report")
-    create_table_artifact(stage_rows(stages), key=f"{key}-stages", description=f"{spec.name}: stages")
+    create_markdown_artifact(build_report_markdown(build_spec, pipeline.resolved.derived, stages, published), key=key,
+                             description=f"{build_spec.name}: build report")
+    create_table_artifact(stage_rows(stages), key=f"{key}-stages", description=f"{build_spec.name}: stages")
     summary = {
-        "model": spec.name,
+        "model": build_spec.name,
         "build_id": published.manifest.build_id,
         "fingerprint": published.manifest.fingerprint,
         "store": published.store_url,
@@ -76,6 +106,10 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
         "aliases": published.aliases,
         "validation": {k: validation.result[k] for k in ("token_agreement", "max_logit_error", "vision_ms", "llm_ms", "e2e_ms")},
         "stages": {s.record.stage: ("skipped" if s.skipped else f"{s.record.seconds:.2f}s") for s in stages},
+        "revision": published.manifest.source.revision,
+        "expected_revision": revision,
+        "uploaded_bytes": published.uploaded_bytes,
+        "reused_bytes": published.reused_bytes,
     }
     logger.info("%s", published.summary)
     return summary

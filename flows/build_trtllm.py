@@ -24,8 +24,13 @@ def run_plan(plan: Any, workspace: Path, logger: Any) -> list[Any]:
     return execute_plan(plan, workspace, workspace / "logs", logger.info)
 
 
-def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger: Any) -> dict[str, Any]:
-    """Execute the 1.2 plan, write engine.json, validate against the hf reference, publish."""
+def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger: Any,
+                      expected_revision: str | None = None) -> dict[str, Any]:
+    """Execute the 1.2 plan, write engine.json, validate against the hf reference, publish.
+
+    ``expected_revision`` (the watch event's): a source that resolves to another revision is logged and
+    recorded in the manifest's extra; the build goes on with what it has.
+    """
     import torch
 
     from vlmforge.derived import resolve
@@ -84,10 +89,16 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
         raise ValidationFailed(f"TensorRT engine agrees with the reference on {agreement:.3f} of tokens "
                                f"(need {spec.validation.min_token_agreement}); nothing is published")
     files = hash_tree(engine_dir)
-    source = open_source(spec.source)
-    manifest = engine_manifest(spec, resolved.derived, toolchain="trtllm", source_revision=source.resolve_revision(),
+    source_revision = open_source(spec.source).resolve_revision()
+    extra: dict[str, Any] = {}
+    if expected_revision is not None:
+        extra["expected_revision"] = expected_revision
+        if source_revision != expected_revision:
+            logger.warning("%s: expected source revision %s but the source is at %s (it moved on since)",
+                           spec.name, expected_revision, source_revision)
+    manifest = engine_manifest(spec, resolved.derived, toolchain="trtllm", source_revision=source_revision,
                                fingerprint_parts=(plan.to_json_dict(), trtllm_version, f"{major}.{minor}"),
-                               files=files, validation=validation)
+                               files=files, validation=validation, extra=extra)
     published = publish_engine(store, engine_dir, manifest)
     create_table_artifact([{"step": r.step.name, "seconds": round(r.seconds, 1), "skipped": r.skipped,
                             "log": str(r.log_path)} for r in runs], description=f"{spec.name}: trtllm steps")

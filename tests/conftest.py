@@ -1,4 +1,5 @@
-"""Services the tests start for real: a Prefect server (session-wide), free ports, a clean environment."""
+"""Services the tests start for real: a Prefect server and a moto S3 server (session-wide), free ports, a clean
+environment."""
 
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def _drain_prefect_clients() -> None:
+    """Send the logs and events still queued in this process while the server is up: queued past its end,
+    Prefect's workers retry them at exit for over a minute ("Error logging to API")."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server start` on a free port (SQLite in a temp PREFECT_HOME); yields its API URL."""
@@ -60,6 +73,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
     yield url
+    _drain_prefect_clients()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -71,6 +85,54 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+KiB = 1024
+
+
+@pytest.fixture(scope="session")
+def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start ``moto_server`` on a free loopback port for the whole session (64 KiB multipart parts allowed)."""
+    workdir = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(64 * KiB), "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(64 << 20)}
+    log = (workdir / "moto.log").open("wb")
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], cwd=workdir, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited: {(workdir / 'moto.log').read_text()}")
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start within 30 s") from None
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def aws_env(moto_url: str) -> Iterator[str]:
+    """Fake credentials and AWS_ENDPOINT_URL pointing at moto, for the whole session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", moto_url)
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield moto_url
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 Each method runs one stage through :class:`vlmforge.workdir.Workdir`: its fingerprint covers the
 stage's own settings, its inputs' fingerprints and the library versions, so a stage whose inputs
-are unchanged is skipped and a stage after a change is redone. The Prefect flow calls these
+are unchanged is skipped and a stage after a change is redone. The visual stage is keyed by the content of
+the vision weights and configs (:mod:`vlmforge.weights`), not by the whole revision, so a new revision
+that only changes the LLM reuses the visual engine. The Prefect flow calls these
 methods as tasks (and runs the visual and LLM branches at once); ``HfPipeline.run`` runs them in
 order for scripts and the GPU benchmarks.
 """
@@ -24,6 +26,7 @@ from vlmforge.fingerprint import fingerprint, spec_for_fingerprint
 from vlmforge.fingerprint import fingerprint as fingerprint_of
 from vlmforge.sources import FetchedSource, open_source, verify_tree
 from vlmforge.spec import BuildSpec, QuantMethod
+from vlmforge.weights import PartDigest, visual_inputs_digest
 from vlmforge.workdir import StageOutcome, Workdir
 
 log = logging.getLogger(__name__)
@@ -114,10 +117,23 @@ class HfPipeline:
         return self._run("llm", fp, lambda out: stages.build_llm(
             self.resolved, converted.path / "checkpoint", quantized.path if quantized else None, out, device=self.device))
 
+    def visual_inputs(self, fetched: StageOutcome) -> PartDigest | None:
+        """The digest of what the visual engine is built from (vision tensors and configs), if the family says."""
+        family = self.resolved.family
+        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys)
+
     def build_visual(self, fetched: StageOutcome) -> StageOutcome:
+        """Keyed by the vision weights' content, not the whole revision: new LLM weights reuse it."""
         from vlmforge.toolchains.hf import stages
 
-        fp = self._fp("visual", fetched.record.fingerprint, self.spec.family)
+        inputs = self.visual_inputs(fetched)
+        if inputs is None:
+            basis: tuple[str, str] = ("checkpoint", fetched.record.fingerprint)
+        else:
+            basis = ("visual-inputs", inputs.digest)
+            log.info("visual inputs: %d tensors (%d bytes) and %s, digest %s", inputs.tensors, inputs.tensor_bytes,
+                     ", ".join(inputs.configs), inputs.digest[:12])
+        fp = self._fp("visual", *basis, self.spec.family)
         return self._run("visual", fp, lambda out: stages.build_visual(self.resolved, fetched.path / "model", out))
 
     def assemble(self, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:

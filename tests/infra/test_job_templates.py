@@ -143,9 +143,14 @@ def test_build_engine_runs_once_per_updated_model_and_nightly() -> None:
     assert trigger["expect"] == ["vlmforge.model.updated"]
     assert trigger["match"] == {"prefect.resource.id": "vlmforge.model.*"}
     assert trigger["for_each"] == ["prefect.resource.id"]
-    assert trigger["parameters"]["model"] == "{{ event.payload.model }}"
+    assert trigger["parameters"] == {"model": "{{ event.payload.model }}", "spec": "{{ event.payload.spec }}",
+                                     "revision": "{{ event.payload.new_revision }}"}
     assert any(re.fullmatch(r"\d+ \d+ \* \* \*", s["cron"]) and s["parameters"].get("model") for s in d["schedules"])
-    assert any(s.get("cron") for s in deployment("watch-models")["schedules"])
+    watch = deployment("watch-models")["schedules"]
+    assert any(s.get("cron") and not s.get("parameters") for s in watch)
+    # the nightly safety net announces every model still behind its source, announced before or not
+    assert any(re.fullmatch(r"\d+ \d+ \* \* \*", s["cron"]) and s["parameters"] == {"reannounce_after_hours": 0}
+               for s in watch)
 
 
 def render_kubernetes(values: dict) -> dict:

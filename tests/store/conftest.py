@@ -1,13 +1,8 @@
-"""Fixtures for the store tests: a real moto S3 server, a fault proxy, and the same suite on both backends."""
+"""Fixtures for the store tests: a bucket on the moto S3 server (tests/conftest.py), a fault proxy, and the same
+suite on both backends."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,57 +28,6 @@ SETTINGS = TransferSettings(
     attempts=3,
     backoff=0.01,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start ``moto_server`` on a free loopback port for the whole session."""
-    workdir = tmp_path_factory.mktemp("moto")
-    port = _free_port()
-    env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(64 * KiB), "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(64 << 20)}
-    log = (workdir / "moto.log").open("wb")
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], cwd=workdir, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited: {(workdir / 'moto.log').read_text()}")
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start within 30 s") from None
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-
-
-@pytest.fixture(scope="session")
-def aws_env(moto_url: str) -> Iterator[str]:
-    """Fake credentials and AWS_ENDPOINT_URL pointing at moto, for the whole session."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", moto_url)
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield moto_url
 
 
 @pytest.fixture()

@@ -87,6 +87,13 @@ class ModelFamily:
     """The hf toolchain can weight-quantize this family's LLM (decoder-only families)."""
     logit_scale_tolerance: ClassVar[float] = 1e-3
     """ONNX-vs-torch visual check: largest error allowed, relative to the output's scale."""
+    visual_weight_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Checkpoint tensor-name prefixes of everything the visual engine holds (vision encoder, projector).
+    The visual stage's fingerprint hashes only these tensors, so new LLM weights reuse the visual engine.
+    Empty: unknown, the whole checkpoint counts (always correct, never reused across revisions)."""
+    llm_config_keys: ClassVar[tuple[str, ...]] = ()
+    """Top-level config.json keys that only the LLM reads, left out of the visual stage's fingerprint
+    (every other key counts, so a key this list misses costs a rebuild, never a stale engine)."""
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a deterministic random-weight checkpoint with a real tokenizer and processor (no download)."""

@@ -101,6 +101,8 @@ class Blip2Common(ModelFamily):
     """0.9 dialect: BLIP-2 variant -> the LLM-only repository the seed clones (its visual builder knows only these)."""
     tokenizer_template: ClassVar[str] = "bos"
     """Post-processing of the tiny tokenizer: OPT prepends BOS, T5 appends EOS."""
+    visual_weight_prefixes: ClassVar[tuple[str, ...]] = ("vision_model.", "qformer.", "query_tokens", "language_projection.")
+    llm_config_keys: ClassVar[tuple[str, ...]] = ("text_config",)
 
     def legacy_variant(self, ctx: PlanContext) -> str:
         """The seed's MODEL_NAME (opt-2.7b, flan-t5-xl): its visual --model_type and its LLM repository."""

@@ -136,6 +136,12 @@ class LlavaFamily(DecoderOnlyFamily):
     supports_fused_mlp: ClassVar[bool] = True
     tiny_source: ClassVar[str | None] = "tiny://llava"
     quantizable: ClassVar[bool] = True
+    # Checkpoints name these without the `model.` of transformers-5's module tree (llava-hf's layout);
+    # checkpoints saved with the new layout keep it: both are listed.
+    visual_weight_prefixes: ClassVar[tuple[str, ...]] = (
+        "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+    )
+    llm_config_keys: ClassVar[tuple[str, ...]] = ("text_config",)
 
     def visual_model_type(self, ctx: PlanContext) -> str:
         return "llava"

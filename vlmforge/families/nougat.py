@@ -127,6 +127,9 @@ class NougatFamily(EncoderDecoderFamily):
     takes_prompt: ClassVar[bool] = False
     tiny_source: ClassVar[str | None] = "tiny://nougat"
     encoder_input_formula: ClassVar[str] = "max_batch_size x num_visual_features"
+    # The Swin encoder, and the projection to the decoder's width when the two differ.
+    visual_weight_prefixes: ClassVar[tuple[str, ...]] = ("encoder.", "enc_to_dec_proj.")
+    llm_config_keys: ClassVar[tuple[str, ...]] = ("decoder",)
 
     def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int:
         return spec.limits.max_batch_size * num_visual_features

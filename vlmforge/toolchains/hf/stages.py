@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import statistics
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_LOADING = threading.Lock()
+"""transformers' from_pretrained is not thread-safe (its lazy imports and its meta-device init patch module
+globals: two concurrent loads leave parameters on the meta device), and the flow runs the visual stage
+beside convert: loads take turns, the work after them overlaps."""
+
+
 def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
     missing = [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
     if missing:
         raise SourceError(f"missing processor files in {model_dir}: {', '.join(missing)}")
     try:
-        return resolved.family.load_model(model_dir, dtype, device=device)
+        with _LOADING:
+            return resolved.family.load_model(model_dir, dtype, device=device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise SourceError(f"cannot load the checkpoint in {model_dir}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_processor(resolved: ResolvedSpec, model_dir: Path) -> Any:
+    with _LOADING:
+        return resolved.family.load_processor(model_dir)
 
 
 def _dir_bytes(path: Path, suffix: str = ".safetensors") -> int:
@@ -114,7 +127,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
     model = _load_model(resolved, source_dir, _torch_dtype("float32"), device)
     target = out / "checkpoint"
     save_pretrained_as(model, target, _torch_dtype(spec.dtype.value))
-    family.load_processor(source_dir).save_pretrained(target)
+    _load_processor(resolved, source_dir).save_pretrained(target)
     return ConvertResult(dtype=spec.dtype.value, num_visual_features=facts.num_visual_features,
                          num_attention_heads=facts.num_attention_heads, bytes=_dir_bytes(target))
 
@@ -170,7 +183,7 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path 
         llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype, device))
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
-    family.load_processor(checkpoint_dir).save_pretrained(out / "processor")
+    _load_processor(resolved, checkpoint_dir).save_pretrained(out / "processor")
     return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=_dir_bytes(target))
 
 
@@ -194,7 +207,7 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
 
     family = resolved.family
     model = _load_model(resolved, source_dir, torch.float32)
-    processor = family.load_processor(source_dir)
+    processor = _load_processor(resolved, source_dir)
     module = family.visual_module(model).eval()
     images = synthetic_images(GOLDEN_IMAGE_SIZE)
     pixels = family.pixel_values(processor, images)
@@ -287,7 +300,7 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
     engine = HfEngine(engine_dir, device=device)
     reference = _load_model(resolved, source_dir, torch.float32, engine.device)
-    processor = family.load_processor(source_dir)
+    processor = _load_processor(resolved, source_dir)
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
     engine.generate(synthetic_images(GOLDEN_IMAGE_SIZE)[0], text, 1)  # warm-up, not profiled
