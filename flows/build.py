@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -24,8 +25,14 @@ from vlmforge.errors import SpecError
 from vlmforge.pipeline import HfPipeline, default_workdir
 from vlmforge.reports import build_report_markdown, failure_markdown, stage_rows
 from vlmforge.sources import FetchedSource
+from vlmforge.store.base import build_key
 from vlmforge.spec import BuildSpec, Toolchain, merge_overrides, spec_from_dict
 from vlmforge.workdir import Workdir
+
+
+def manifest_url(store_url: str, model: str, build_id: str) -> str:
+    """Where the store keeps a build's manifest, as a URL a person can open or copy."""
+    return f"{store_url.rstrip('/')}/{build_key(model, build_id)}"
 
 
 def _artifact_key(name: str) -> str:
@@ -97,6 +104,9 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
     create_markdown_artifact(build_report_markdown(build_spec, pipeline.resolved.derived, stages, published), key=key,
                              description=f"{build_spec.name}: build report")
     create_table_artifact(stage_rows(stages), key=f"{key}-stages", description=f"{build_spec.name}: stages")
+    create_link_artifact(manifest_url(published.store_url, published.manifest.model, published.manifest.build_id),
+                         link_text=f"{published.manifest.model}#{published.manifest.build_id}",
+                         key=f"{key}-manifest", description=f"{build_spec.name}: the published manifest")
     summary = {
         "model": build_spec.name,
         "build_id": published.manifest.build_id,

@@ -55,7 +55,10 @@ def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(build, tmp_path: Path) -> No
 
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"build-tiny-llava", "build-tiny-llava-stages"} <= keys
+    assert {"build-tiny-llava", "build-tiny-llava-stages", "build-tiny-llava-manifest"} <= keys
+    with get_client(sync_client=True) as client:
+        links = [a for a in client.read_artifacts() if a.key == "build-tiny-llava-manifest"]
+    assert f"models/tiny-llava/builds/{first['build_id']}.json" in str(links[0].data)
 
 
 def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
