@@ -27,6 +27,7 @@ SETTINGS = TransferSettings(
     workers=4,
     part_size=256 * KiB,
     download_part_size=256 * KiB,
+    max_download_part_size=256 * KiB,
     min_part_size=64 * KiB,
     multipart_threshold=512 * KiB,
     io_chunk=64 * KiB,
