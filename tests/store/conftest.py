@@ -14,11 +14,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from faultproxy import FaultProxy
 
 from vlmforge.store import ArtifactStore, LocalStore, TransferSettings
 from vlmforge.store.s3 import S3Store
-
-from faultproxy import FaultProxy
 
 KiB = 1024
 

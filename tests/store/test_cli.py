@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_store
+from store_helpers import make_engine, new_manifest, read_tree, standard_files
 from typer.testing import CliRunner
 
 from vlmforge.cli.store import app
-
-from conftest import make_store
-from store_helpers import make_engine, new_manifest, read_tree, standard_files
 
 runner = CliRunner()
 

@@ -7,14 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import SETTINGS
+from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
 from vlmforge.errors import IntegrityError, NotFound, StoreConflict, StoreError
 from vlmforge.manifest import FileEntry
 from vlmforge.store import ArtifactStore, Ref, TransferSettings
 from vlmforge.store.base import GC_LOCK, MARKER, WRITER_LOCKS, PreconditionFailed, alias_key, blob_key, build_key
-
-from conftest import SETTINGS
-from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
 
 def publish(store: ArtifactStore, tmp_path: Path, *, minutes: int = 0, seed: str = "a", model: str = "qwen2-vl-2b",

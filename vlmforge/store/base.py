@@ -376,7 +376,8 @@ class ArtifactStore(ABC):
             except ValueError:
                 logger.warning("ignoring unexpected entry models/%s in %s", model, self.url)
                 continue
-            out.append(ModelSummary(model=model, builds=len(self._build_ids(model)), aliases=self._alias_targets(model)))
+            builds = len(self._build_ids(model))
+            out.append(ModelSummary(model=model, builds=builds, aliases=self._alias_targets(model)))
         return out
 
     def list_builds(self, model: str | None = None) -> list[BuildSummary]:

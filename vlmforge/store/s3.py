@@ -311,7 +311,10 @@ class _MultipartUpload:
     def start(self, group: TaskGroup, sink: ProgressSink) -> None:
         response = self.store._retry(
             lambda: self.client.create_multipart_upload(
-                Bucket=self.store.bucket, Key=self.key, Metadata={"sha256": self.entry.sha256}, ChecksumAlgorithm="CRC32"
+                Bucket=self.store.bucket,
+                Key=self.key,
+                Metadata={"sha256": self.entry.sha256},
+                ChecksumAlgorithm="CRC32",
             ),
             f"start of multipart upload of {self.source}",
         )
@@ -337,7 +340,6 @@ class _MultipartUpload:
             ),
             f"upload of {self.source} part {index + 1}/{len(self.parts)}",
         )
-        del data
         sink.advance(length)
         if self.hasher is not None:
             self.hasher.mark_done(index)
