@@ -499,11 +499,11 @@ class ArtifactStore(ABC):
         label = f"push {manifest.ref}"
         with self._writer_lock(f"publish {manifest.ref}"):
             if manifest.files:
-                self._check_local_files(engine_dir, manifest.files)
                 hashed = time.monotonic()
-                existing = self._existing_build(manifest)
+                existing = self._existing_build(manifest)  # identical build already there: local files not needed
                 stats = _BlobStats()
                 if existing is None:
+                    self._check_local_files(engine_dir, manifest.files)
                     stats = self._upload_missing(engine_dir, manifest.files, verify=True, progress=progress,
                                                  label=label)
             elif self._build_exists(manifest.model, manifest.build_id):
