@@ -9,11 +9,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from faultproxy import FaultProxy
 
 from vlmforge.store import ArtifactStore, LocalStore, TransferSettings
 from vlmforge.store.s3 import S3Store
-
-from faultproxy import FaultProxy
 
 KiB = 1024
 
@@ -22,6 +21,7 @@ SETTINGS = TransferSettings(
     workers=4,
     part_size=256 * KiB,
     download_part_size=256 * KiB,
+    max_download_part_size=256 * KiB,
     min_part_size=64 * KiB,
     multipart_threshold=512 * KiB,
     io_chunk=64 * KiB,

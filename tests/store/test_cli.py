@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_store
+from store_helpers import make_engine, new_manifest, read_tree, standard_files
 from typer.testing import CliRunner
 
 from vlmforge.cli.store import app
-
-from conftest import make_store
-from store_helpers import make_engine, new_manifest, read_tree, standard_files
 
 runner = CliRunner()
 
@@ -120,3 +119,20 @@ def test_bad_store_urls_exit_2(tmp_path: Path) -> None:
 def test_missing_bucket_exit_2(aws_env: str) -> None:
     result = run("ls", "--store", "s3://no-such-bucket-vlmforge/x")
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_default_store_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vlmforge.store import LocalStore, default_store_url, open_store
+    from vlmforge.store.s3 import S3Store
+
+    monkeypatch.delenv("VLMFORGE_STORE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_store_url() == str(tmp_path / "data" / "vlmforge" / "store")
+    store = open_store()
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "data" / "vlmforge" / "store"
+    assert not store.root.exists()  # opening (or listing) creates nothing
+    assert store.list_models() == []
+    monkeypatch.setenv("VLMFORGE_STORE", "s3://bucket/some/prefix/")
+    s3 = open_store()
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix, s3.url) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
+    assert isinstance(open_store(f"file://{tmp_path}/x"), LocalStore)

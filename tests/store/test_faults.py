@@ -11,13 +11,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-
-from vlmforge.errors import NotFound, StoreError
-from vlmforge.store import ArtifactStore
-
 from conftest import SETTINGS, make_store
 from faultproxy import FaultProxy, Rule
 from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
+
+from vlmforge.errors import NotFound, StoreError
+from vlmforge.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,14 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import SETTINGS
+from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
 from vlmforge.errors import IntegrityError, NotFound, StoreConflict, StoreError
 from vlmforge.manifest import FileEntry
 from vlmforge.store import ArtifactStore, Ref, TransferSettings
 from vlmforge.store.base import GC_LOCK, MARKER, WRITER_LOCKS, PreconditionFailed, alias_key, blob_key, build_key
-
-from conftest import SETTINGS
-from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
 
 def publish(store: ArtifactStore, tmp_path: Path, *, minutes: int = 0, seed: str = "a", model: str = "qwen2-vl-2b",
@@ -425,3 +424,12 @@ def test_file_changed_while_publishing_is_refused(store: ArtifactStore, tmp_path
     store.pull("qwen2-vl-2b", tmp_path / "out")  # ...while the reused blob of the first build is intact
     monkeypatch.setattr(store, "_schedule_upload", real)
     assert store.publish(engine, new_manifest(minutes=1, seed="changing")).created
+
+
+def test_republishing_a_stored_manifest_ignores_local_bytes(store: ArtifactStore, tmp_path: Path) -> None:
+    """Re-asserting an existing build (e.g. found by fingerprint) uploads nothing and needs no matching files."""
+    first, _ = publish(store, tmp_path, minutes=0, seed="a")
+    rebuilt = make_engine(tmp_path / "rebuilt", {"rank0.engine": b"not byte-identical"})
+    again = store.publish(rebuilt, first.manifest, aliases=("latest", "stable"))
+    assert not again.created and again.uploaded_blobs == 0
+    assert store.resolve("qwen2-vl-2b@stable") == first.manifest

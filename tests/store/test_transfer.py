@@ -88,3 +88,12 @@ def test_hash_tree_skips_reserved_names(tmp_path: Path) -> None:
     entries = hash_tree(tmp_path, TransferSettings(workers=2))
     assert [(e.path, e.size) for e in entries] == [("b.json", 2), ("link", 2), ("sub/a.bin", 1)]
     assert entries[0].sha256 == hashlib.sha256(b"bb").hexdigest()
+
+
+def test_download_range_size() -> None:
+    from vlmforge.store.transfer import download_range_size
+
+    s = TransferSettings(workers=10, download_part_size=32 * MiB, max_download_part_size=256 * MiB)
+    assert download_range_size(10 * MiB, s) == 32 * MiB  # small blob: one range
+    assert download_range_size(768 * MiB, s) == -(-768 * MiB // 10)  # about one range per worker
+    assert download_range_size(100 * 1024 * MiB, s) == 256 * MiB  # huge blob: capped for resume granularity

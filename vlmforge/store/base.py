@@ -377,7 +377,8 @@ class ArtifactStore(ABC):
             except ValueError:
                 logger.warning("ignoring unexpected entry models/%s in %s", model, self.url)
                 continue
-            out.append(ModelSummary(model=model, builds=len(self._build_ids(model)), aliases=self._alias_targets(model)))
+            builds = len(self._build_ids(model))
+            out.append(ModelSummary(model=model, builds=builds, aliases=self._alias_targets(model)))
         return out
 
     def list_builds(self, model: str | None = None) -> list[BuildSummary]:
@@ -513,11 +514,11 @@ class ArtifactStore(ABC):
         label = f"push {manifest.ref}"
         with self._writer_lock(f"publish {manifest.ref}"):
             if manifest.files:
-                self._check_local_files(engine_dir, manifest.files)
                 hashed = time.monotonic()
-                existing = self._existing_build(manifest)
+                existing = self._existing_build(manifest)  # identical build already there: local files not needed
                 stats = _BlobStats()
                 if existing is None:
+                    self._check_local_files(engine_dir, manifest.files)
                     stats = self._upload_missing(engine_dir, manifest.files, verify=True, progress=progress,
                                                  label=label)
             elif self._build_exists(manifest.model, manifest.build_id):

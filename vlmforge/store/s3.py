@@ -298,7 +298,7 @@ class _MultipartUpload:
         self.entry = entry
         self.parts = plan_parts(entry.size, store.settings)
         self.hasher = OrderedHasher(source, self.parts, store.settings.io_chunk) if verify else None
-        self.etags: dict[int, str] = {}
+        self.completed: dict[int, dict[str, Any]] = {}
         self.upload_id: str | None = None
         self.remaining = len(self.parts)
         self.finished = False
@@ -311,7 +311,10 @@ class _MultipartUpload:
     def start(self, group: TaskGroup, sink: ProgressSink) -> None:
         response = self.store._retry(
             lambda: self.client.create_multipart_upload(
-                Bucket=self.store.bucket, Key=self.key, Metadata={"sha256": self.entry.sha256}
+                Bucket=self.store.bucket,
+                Key=self.key,
+                Metadata={"sha256": self.entry.sha256},
+                ChecksumAlgorithm="CRC32",
             ),
             f"start of multipart upload of {self.source}",
         )
@@ -332,16 +335,18 @@ class _MultipartUpload:
             raise IntegrityError(f"{self.source} changed while being published (it shrank)")
         response = self.store._retry(
             lambda: self.client.upload_part(
-                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=index + 1, Body=data
+                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=index + 1, Body=data,
+                ChecksumAlgorithm="CRC32",
             ),
             f"upload of {self.source} part {index + 1}/{len(self.parts)}",
         )
-        del data
         sink.advance(length)
         if self.hasher is not None:
             self.hasher.mark_done(index)
         with self.lock:
-            self.etags[index + 1] = response["ETag"]
+            self.completed[index + 1] = {"ETag": response["ETag"], "PartNumber": index + 1}
+            if "ChecksumCRC32" in response:
+                self.completed[index + 1]["ChecksumCRC32"] = response["ChecksumCRC32"]
             self.remaining -= 1
             last = self.remaining == 0
         if last:
@@ -350,7 +355,7 @@ class _MultipartUpload:
     def complete(self) -> None:
         if self.hasher is not None and self.hasher.hexdigest() != self.entry.sha256:
             raise IntegrityError(f"{self.source} changed while being published: its sha256 differs from the manifest")
-        parts = [{"ETag": etag, "PartNumber": number} for number, etag in sorted(self.etags.items())]
+        parts = [part for _, part in sorted(self.completed.items())]
 
         def finish() -> None:
             try:

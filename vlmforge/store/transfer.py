@@ -41,7 +41,10 @@ class TransferSettings(BaseModel):
 
     workers: int = Field(default=10, ge=1, le=256, description="concurrent part transfers (threads)")
     part_size: int = Field(default=8 * MiB, ge=1, description="bytes per multipart upload part")
-    download_part_size: int = Field(default=32 * MiB, ge=1, description="bytes per ranged GET / parallel copy part")
+    download_part_size: int = Field(default=32 * MiB, ge=1, description="smallest ranged GET / parallel copy part")
+    max_download_part_size: int = Field(
+        default=256 * MiB, ge=1, description="largest range: a blob is split into about `workers` ranges in between"
+    )
     min_part_size: int = Field(default=5 * MiB, ge=1, description="smallest part the server accepts (S3: 5 MiB)")
     max_parts: int = Field(default=10_000, ge=1, description="most parts per object (S3: 10000)")
     multipart_threshold: int = Field(default=16 * MiB, ge=1, description="objects at least this big go in parts")
@@ -154,6 +157,16 @@ def plan_parts(size: int, settings: TransferSettings, part_size: int | None = No
         return [(0, 0)]
     part = max(part_size or settings.part_size, settings.min_part_size, -(-size // settings.max_parts))
     return [(offset, min(part, size - offset)) for offset in range(0, size, part)]
+
+
+def download_range_size(size: int, settings: TransferSettings) -> int:
+    """Range size for fetching a blob: about one range per worker, clamped to the download part limits.
+
+    Fewer, larger ranges cost fewer requests for the same parallelism (and servers that
+    materialise the whole object per ranged GET, like moto, do far less work).
+    """
+    per_worker = -(-size // settings.workers)
+    return max(settings.download_part_size, min(per_worker, settings.max_download_part_size))
 
 
 def read_range(fd: int, offset: int, length: int, chunk: int) -> Iterator[bytes]:
@@ -335,7 +348,7 @@ class RangedCopy:
         self._what = what
         self._on_done = on_done
         self._retryable = retryable
-        self._parts = plan_parts(entry.size, settings, settings.download_part_size)
+        self._parts = plan_parts(entry.size, settings, download_range_size(entry.size, settings))
         self._log = PartLog(dest.with_name(dest.name + ".parts"), f"v1 {entry.sha256} {entry.size} {self._parts[0][1]}")
         self._hasher = OrderedHasher(dest, self._parts, settings.io_chunk) if verify else None
         self._lock = threading.Lock()
