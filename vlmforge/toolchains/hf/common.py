@@ -309,17 +309,11 @@ class LlmPrefix:
 
 def eos_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     """End-of-sequence ids as a set (a config may give one id, a list or none)."""
-    return _eos_ids(eos_token_id)
-
-
-def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) -> GenResult:
-    """The unbatched greedy loop for a prefix of any shape (what ``family.generate`` runs)."""
-    if prefix.kind == "decoder":
-        return greedy_decoder_only(llm, prefix.embeds, prefix.mask, max_new_tokens, prefix.eos)
-    assert prefix.start is not None, f"a {prefix.kind} prefix needs a decoder start token"
-    if prefix.kind == "seq2seq":
-        return greedy_encoder_decoder(llm, prefix.embeds, prefix.mask, max_new_tokens, prefix.start, prefix.eos)
-    return greedy_cross_attn_decoder(llm, prefix.embeds, max_new_tokens, prefix.start, prefix.eos)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(e) for e in eos_token_id)
 
 
 class GenResult(NamedTuple):
@@ -359,14 +353,6 @@ def compare_generations(ref: GenResult, got: GenResult) -> GenComparison:
     return GenComparison(agree / total, ref.tokens == got.tokens, first_err, prefix, prefix_err)
 
 
-def _eos_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
-    if eos_token_id is None:
-        return frozenset()
-    if isinstance(eos_token_id, int):
-        return frozenset([eos_token_id])
-    return frozenset(int(e) for e in eos_token_id)
-
-
 def _pick(step_logits: torch.Tensor, tokens: list[int], logits: list[torch.Tensor]) -> torch.Tensor:
     """Greedy choice of a [1, vocab] step; records the token and the float32 logits."""
     step_logits = step_logits.float()
@@ -392,89 +378,46 @@ def _cache_of(out: Any) -> Any:
 
 
 @torch.no_grad()
-def greedy_decoder_only(
-    llm: torch.nn.Module,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int | Sequence[int] | None,
-) -> GenResult:
-    """KV-cached greedy loop of a ``*ForCausalLM`` fed a prefix of embeddings (batch 1)."""
+def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) -> GenResult:
+    """The unbatched, KV-cached greedy loop for a prefix of any kind (what ``family.generate`` runs).
+
+    decoder: a ``*ForCausalLM`` fed the prefix embeddings, then one token at a time;
+    seq2seq: the encoder runs once on the embeddings (T5), the decoder from its start token;
+    cross:   a ``*ForCausalLM`` decoder cross-attending to the embeddings (Nougat's mBART).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prefix.kind != "decoder" and prefix.start is None:
+        raise ValueError(f"a {prefix.kind} prefix needs a decoder start token")
     device = model_device(llm)
-    eos = _eos_ids(eos_token_id)
     cache_kwarg = _cache_kwarg(llm)
-    attention_mask = attention_mask.to(device)
-    out = llm(inputs_embeds=inputs_embeds.to(device), attention_mask=attention_mask, use_cache=True)
+    mask = prefix.mask.to(device)
+    if prefix.kind == "seq2seq":
+        encoded = llm.get_encoder()(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, return_dict=True)
+    states = prefix.embeds.to(device, model_dtype(llm)) if prefix.kind == "cross" else None
+
+    def forward(token: torch.Tensor | None, cache: Any) -> Any:
+        """Logits for the next position: the whole prefix first (token None), then one token."""
+        nonlocal mask
+        if prefix.kind == "decoder":
+            if token is None:
+                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_kwarg: cache})
+        ids = token if token is not None else torch.tensor([[prefix.start]], dtype=torch.long, device=device)
+        if prefix.kind == "seq2seq":
+            return llm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,
+                       **{cache_kwarg: cache})
+        return llm(input_ids=ids, encoder_hidden_states=states, use_cache=True, **{cache_kwarg: cache})
+
     tokens: list[int] = []
     logits: list[torch.Tensor] = []
+    out = forward(None, None)
     while True:
         nxt = _pick(out.logits[:, -1], tokens, logits)
-        if tokens[-1] in eos or len(tokens) >= max_new_tokens:
+        if tokens[-1] in prefix.eos or len(tokens) >= max_new_tokens:
             return _result(tokens, logits)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
-        out = llm(input_ids=nxt[:, None], attention_mask=attention_mask, use_cache=True,
-                  **{cache_kwarg: _cache_of(out)})
-
-
-@torch.no_grad()
-def greedy_encoder_decoder(
-    llm: torch.nn.Module,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    decoder_start_token_id: int,
-    eos_token_id: int | Sequence[int] | None,
-) -> GenResult:
-    """Seq2seq (T5) greedy loop: the encoder runs once on ``inputs_embeds``, then a KV-cached decoder."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = model_device(llm)
-    eos = _eos_ids(eos_token_id)
-    attention_mask = attention_mask.to(device)
-    enc = llm.get_encoder()(inputs_embeds=inputs_embeds.to(device), attention_mask=attention_mask, return_dict=True)
-    dec = torch.tensor([[decoder_start_token_id]], dtype=torch.long, device=device)
-    tokens: list[int] = []
-    logits: list[torch.Tensor] = []
-    cache_kwarg = _cache_kwarg(llm)
-    cache = None
-    while True:
-        out = llm(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=dec, use_cache=True,
-                  **{cache_kwarg: cache})
-        cache = _cache_of(out)
-        nxt = _pick(out.logits[:, -1], tokens, logits)
-        if tokens[-1] in eos or len(tokens) >= max_new_tokens:
-            return _result(tokens, logits)
-        dec = nxt[:, None]
-
-
-@torch.no_grad()
-def greedy_cross_attn_decoder(
-    llm: torch.nn.Module,
-    encoder_hidden_states: torch.Tensor,
-    max_new_tokens: int,
-    decoder_start_token_id: int,
-    eos_token_id: int | Sequence[int] | None,
-) -> GenResult:
-    """Greedy loop of a ``*ForCausalLM`` decoder with cross-attention (Nougat's mBART) over encoder states."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    device = model_device(llm)
-    eos = _eos_ids(eos_token_id)
-    encoder_hidden_states = encoder_hidden_states.to(device, model_dtype(llm))
-    ids = torch.tensor([[decoder_start_token_id]], dtype=torch.long, device=device)
-    tokens: list[int] = []
-    logits: list[torch.Tensor] = []
-    cache_kwarg = _cache_kwarg(llm)
-    cache = None
-    while True:
-        out = llm(input_ids=ids, encoder_hidden_states=encoder_hidden_states, use_cache=True, **{cache_kwarg: cache})
-        cache = _cache_of(out)
-        nxt = _pick(out.logits[:, -1], tokens, logits)
-        if tokens[-1] in eos or len(tokens) >= max_new_tokens:
-            return _result(tokens, logits)
-        ids = nxt[:, None]
+        out = forward(nxt[:, None], _cache_of(out))
 
 
 # Generation-config fields reset for the reference run: plain greedy, no logits processors that the

@@ -66,7 +66,7 @@ def default_device() -> str:
 _LOADING = threading.Lock()
 """transformers' from_pretrained is not thread-safe (its lazy imports and its meta-device init patch module
 globals: two concurrent loads leave parameters on the meta device), and the flow runs the visual stage
-beside convert: loads take turns, the work after them overlaps."""
+beside convert: loads and the ONNX export (which traces through the same globals) take turns."""
 
 
 def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
@@ -212,7 +212,8 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     images = synthetic_images(GOLDEN_IMAGE_SIZE)
     pixels = family.pixel_values(processor, images)
     target = out / "vision" / "model.onnx"
-    info = export_onnx(module, target, pixels[:2])
+    with _LOADING:  # the exporter traces through transformers' module-level registries too
+        info = export_onnx(module, target, pixels[:2])
     errors = [compare_onnx(target, module, pixels[:1]), compare_onnx(target, module, pixels)]
     worst = {key: max(err[key] for err in errors) for key in ("max_abs", "max_rel", "max_rel_to_scale")}
     if worst["max_rel_to_scale"] > family.logit_scale_tolerance:
@@ -279,23 +280,12 @@ class ValidationReport(BaseModel):
     inputs: list[GoldenResult]
 
 
-def compare(reference: Any, engine: Any) -> tuple[float, float]:
-    """(token agreement, max logit error up to the first divergence) of two greedy generations."""
-    ref_tokens, got_tokens = list(reference.tokens), list(engine.tokens)
-    n = min(len(ref_tokens), len(got_tokens))
-    agree = sum(a == b for a, b in zip(ref_tokens, got_tokens)) / max(len(ref_tokens), 1)
-    prefix = next((i for i in range(n) if ref_tokens[i] != got_tokens[i]), n)
-    steps = min(prefix + 1, n)
-    error = float((reference.logits[:steps] - engine.logits[:steps]).abs().max()) if steps else float("inf")
-    return agree, error
-
-
 def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, device: str | None = None) -> ValidationReport:
     """Run the engine through the deployment runner on the golden inputs against the float32 reference."""
     import torch
 
     from vlmforge.runner.engine import HfEngine
-    from vlmforge.toolchains.hf.common import synthetic_images
+    from vlmforge.toolchains.hf.common import compare_generations, synthetic_images
 
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
     engine = HfEngine(engine_dir, device=device)
@@ -308,9 +298,10 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     for image in synthetic_images(GOLDEN_IMAGE_SIZE):
         ref = family.reference_generate(reference, processor, image, family.format_prompt(text), steps)
         got = engine.generate(image, text, steps)
-        agreement, error = compare(ref, got)
+        comparison = compare_generations(ref, got)  # type: ignore[arg-type]  # Generation has tokens and logits
         results.append(GoldenResult(prompt=family.format_prompt(text), reference_tokens=list(ref.tokens),
-                                    engine_tokens=got.tokens, agreement=agreement, max_logit_error=error,
+                                    engine_tokens=got.tokens, agreement=comparison.token_agreement,
+                                    max_logit_error=comparison.prefix_logit_error,
                                     engine_text=got.text))
         profiles.append(got)
     agreement = statistics.fmean(r.agreement for r in results)
