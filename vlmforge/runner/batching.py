@@ -187,6 +187,25 @@ class RowEvent:
     finish: str | None = None
 
 
+class _HostCopy:
+    """A device tensor on its way to the host: copied without blocking, waited for when read."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor
+
+    def tolist(self) -> list[Any]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class GreedyBatch:
     """A batch's greedy decode, one step per iteration: ``for events in batch: ...``.
 
@@ -223,6 +242,11 @@ class GreedyBatch:
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
+    def _room_after_this_step(self) -> bool:
+        """Whether a row could still want a token after the one being read (its limit allows one more)."""
+        return any(f is None and row not in self._cancelled and len(self.tokens[row]) + 1 < self.limits[row]
+                   for row, f in enumerate(self.finish))
+
     @torch.no_grad()
     def __iter__(self) -> Iterator[list[RowEvent]]:
         if self.factory is not None:
@@ -230,11 +254,19 @@ class GreedyBatch:
         else:
             state = make_batch(self.llm, self.prefixes)
         logits = state.prefill()
+        # Without followers to tell (no tensor parallelism), the next step is fed this step's tokens straight
+        # from the device and launched before they are read back: the GPU runs step t+1 while the host turns
+        # step t into events. Finished rows are then fed their own argmax instead of a pad token (their outputs
+        # are dropped either way; rows do not see each other), and a batch ended by an end token or a cancel
+        # has run one step too many.
+        ahead = self.sync is None
         while True:
             picked = logits.argmax(-1)
-            host = picked.tolist()
+            host_tokens = _HostCopy(picked)
             if self.keep_logits:
                 host_logits = logits.float().cpu()
+            upcoming = state.step(picked) if ahead and self._room_after_this_step() else None
+            host = host_tokens.tolist()
             events: list[RowEvent] = []
             for row, token in enumerate(host):
                 if self.finish[row] is not None:
@@ -256,6 +288,12 @@ class GreedyBatch:
                 if self.finish[row] is None:
                     self.finish[row] = reason
             go_on = not self.done
+            if ahead:
+                if not go_on:
+                    return
+                assert upcoming is not None, "a row went on past its token limit"
+                logits = upcoming
+                continue
             feed = torch.tensor([t if f is None else self.pad for t, f in zip(host, self.finish)], dtype=torch.long)
             if self.sync is not None:
                 self.sync.step(feed, go_on)

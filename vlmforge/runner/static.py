@@ -1,22 +1,31 @@
-"""The GPU decode fast path for decoder-only LLMs: a static KV cache and a compiled decode step.
+"""The GPU decode fast path for decoder-only LLMs: a static KV cache and a compiled, graph-captured decode step.
 
 Eager decoding with a dynamic cache spends most of a step launching kernels and growing the cache.
 Here every batch is padded to a bucket (batch size a power of two, cache length a multiple of
-``length_multiple``); each bucket owns a preallocated :class:`transformers.StaticCache`, input
-buffers updated in place, and the decode step compiled with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs). Only the step that repeats is compiled, not the whole model (compiling the whole
+``length_multiple``); each bucket owns a preallocated :class:`transformers.StaticCache` and input
+buffers updated in place. Its decode step is compiled with ``torch.compile`` (Inductor fuses the
+small kernels; ``max-autotune-no-cudagraphs`` also tunes the batch-1 matrix-vector products) and, on
+a GPU, captured once into a :class:`torch.cuda.CUDAGraph` that every later step replays: a step is
+one graph launch. Only the step that repeats is compiled, not the whole model (compiling the whole
 LLaVA forward overwrites CUDA-graph outputs between calls); the prefill runs eagerly.
+
+The graph is captured here rather than by ``mode="reduce-overhead"`` (Inductor's CUDA-graph trees):
+those treat the cache tensors as inputs to copy into the graph's own buffers before every replay
+(64 copies of a full cache layer per LLaMA-7B step, about 0.4 ms of a 6-7 ms step on an H100), keep
+their state per thread, and need a mark per step. Measured with ``bench/decode_probe.py``.
 
 Cache slots follow the left-padded layout of :mod:`vlmforge.runner.batching`: slot ``j < L`` holds
 the prefixes (padding masked out), slot ``L + t`` the t-th generated token of every row; the 2D
 attention mask spans the whole cache and gains one column per step. Rows added to fill a bucket are
 dummies whose outputs are dropped.
+
+The cache's layers write a step's keys and values with an indexed store (``keys[:, :, pos] = k``)
+instead of transformers' ``index_copy_``, which Inductor lowers to a rewrite of the whole layer buffer.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +38,38 @@ from vlmforge.runner.batching import PrefixBatch, _cache_kwarg, _stack
 from vlmforge.toolchains.hf.common import LlmPrefix, model_device
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _in_place_layer() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    class InPlaceStaticLayer(StaticLayer):
+        """transformers' static layer, its update an indexed store (Inductor keeps it in place)."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+            self.cumulative_length.add_(key_states.shape[-2])
+            self.keys[:, :, positions] = key_states
+            self.values[:, :, positions] = value_states
+            return self.keys, self.values
+
+    return InPlaceStaticLayer
+
+
+def in_place_static_cache(config: Any, max_cache_len: int) -> Any:
+    """A :class:`transformers.StaticCache` whose full-attention layers update in place under Inductor
+    (sliding-window and other layer kinds are kept as transformers makes them)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    layer = _in_place_layer()
+    cache.layers = [layer(max_cache_len=old.max_cache_len) if type(old) is StaticLayer else old for old in cache.layers]
+    return cache
 
 
 def bucket_batch(size: int, limit: int) -> int:
@@ -48,7 +89,7 @@ def bucket_length(length: int, multiple: int, limit: int) -> int:
 
 @dataclass
 class _Slot:
-    """One (batch, cache length) bucket: its cache, buffers and compiled step, reused batch after batch."""
+    """One (batch, cache length) bucket: its cache, input buffers and decode step, reused batch after batch."""
 
     batch: int
     length: int
@@ -57,14 +98,21 @@ class _Slot:
     ids: torch.Tensor
     positions: torch.Tensor
     step: Any
-    compiled_at: float | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # the graph's output buffer
 
 
 class StaticDecoder:
-    """Static caches and compiled decode steps for one decoder-only LLM (one per loaded engine)."""
+    """Static caches and compiled decode steps for one decoder-only LLM (one per loaded engine).
+
+    ``compile`` compiles each bucket's step with ``torch.compile(mode=mode)``; ``graphs`` (default: on a
+    GPU) captures it into a CUDA graph. A bucket is made, compiled and captured the first time a batch
+    needs it (seconds to a minute for a 7B model): :meth:`warmup` does it before serving.
+    """
 
     def __init__(self, llm: torch.nn.Module, *, max_batch_size: int, max_length: int | None = None,
-                 length_multiple: int = 256, compile: bool = True, mode: str = "reduce-overhead") -> None:
+                 length_multiple: int = 256, compile: bool = True, mode: str = "max-autotune-no-cudagraphs",
+                 graphs: bool | None = None) -> None:
         self.llm = llm
         self.max_batch_size = max_batch_size
         config = llm.config
@@ -74,24 +122,24 @@ class StaticDecoder:
         self.mode = mode
         self.cache_kwarg = _cache_kwarg(llm)
         self.device = model_device(llm)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the LLM on a CUDA device")
+        if "cudagraphs" not in mode and mode != "default" and self.graphs:
+            raise ValueError(f"compile mode {mode!r} captures CUDA graphs itself; use a *-no-cudagraphs mode "
+                             "(this decoder captures the step)")
         self._slots: dict[tuple[int, int], _Slot] = {}
-        # CUDA graph trees keep their state per thread: one thread captures and replays every graph, so
-        # warm-up (any thread) and the scheduler's batches (its own thread) can share the buckets.
-        self._graph_thread = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmforge-cudagraphs")
-                              if compile and self.device.type == "cuda" else None)
         if compile:
             import torch._dynamo
 
             # one compiled step per bucket: allow as many as there are buckets
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
-
     def _slot(self, batch: int, length: int) -> _Slot:
         key = (batch, length)
         if key not in self._slots:
-            from transformers import StaticCache
-
-            cache = StaticCache(config=self.llm.config, max_cache_len=length)
+            started = time.perf_counter()
+            cache = in_place_static_cache(self.llm.config, length)
             mask = torch.zeros((batch, length), dtype=torch.long, device=self.device)
             ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
             positions = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
@@ -103,9 +151,36 @@ class StaticDecoder:
                 return out.logits[:, -1, :]
 
             compiled = torch.compile(step, mode=self.mode, dynamic=False) if self.compile else step
-            self._slots[key] = _Slot(batch, length, cache, mask, ids, positions, compiled)
-            log.info("static decode bucket: batch %d, cache %d%s", batch, length, " (compiling)" if self.compile else "")
+            slot = _Slot(batch, length, cache, mask, ids, positions, compiled)
+            if self.graphs:
+                self._capture(slot)
+            self._slots[key] = slot
+            log.info("static decode bucket: batch %d, cache %d (%s%s) in %.1fs", batch, length,
+                     f"compiled {self.mode}" if self.compile else "eager", ", CUDA graph" if self.graphs else "",
+                     time.perf_counter() - started)
         return self._slots[key]
+
+    @torch.no_grad()
+    def _capture(self, slot: _Slot) -> None:
+        """Compile (first call) and capture the slot's step; the dummy steps' cache writes are reset after."""
+        mask = slot.mask
+        mask[:, 0] = 1
+        hidden = self.llm.get_input_embeddings().weight
+        # one eager token fills the cache's lazily made buffers (their addresses are what the graph records)
+        self.llm(inputs_embeds=hidden.new_zeros((slot.batch, 1, hidden.shape[1])), attention_mask=mask,
+                 position_ids=slot.positions, use_cache=True, **{self.cache_kwarg: slot.cache})
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile, autotune, and let every lazy allocation happen before the capture
+                slot.step(slot.ids, slot.positions, mask)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            slot.logits = slot.step(slot.ids, slot.positions, mask)
+        slot.graph = graph
+        slot.cache.reset()
+        mask.zero_()
 
     def batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> StaticBatch:
         if any(p.kind != "decoder" for p in prefixes):
@@ -167,14 +242,11 @@ class StaticBatch(PrefixBatch):
         slot.ids[:self.size, 0] = tokens
         slot.ids[self.size:, 0] = tokens[0]
         slot.mask[:, self.written] = 1
-        owner = self.decoder._graph_thread
-
-        def replay() -> torch.Tensor:
-            if owner is not None:
-                torch.compiler.cudagraph_mark_step_begin()
-            return slot.step(slot.ids, slot.positions, slot.mask)[:self.size].clone()  # the graph reuses its output
-
-        logits = owner.submit(replay).result() if owner is not None else replay()
+        if slot.graph is not None:
+            slot.graph.replay()
+            logits = slot.logits[:self.size].clone()  # type: ignore[index]  # the next replay rewrites the buffer
+        else:
+            logits = slot.step(slot.ids, slot.positions, slot.mask)[:self.size]
         slot.positions.add_(1)
         self.written += 1
         return logits
