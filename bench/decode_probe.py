@@ -63,12 +63,31 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * src.numel() * 2 * 10 / (time.perf_counter() - start)
 
 
+def profile_steps(static: StaticDecoder, prefix: LlmPrefix, max_new_tokens: int, steps: int = 20) -> dict:
+    """GPU kernel time per decode step over ``steps`` steps of a fresh batch, and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = static.batch([prefix], max_new_tokens)
+    token = batch.prefill().argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            token = batch.step(token).argmax(-1)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    return {"gpu_kernel_ms_per_step": kernel_us / steps / 1000, "profiled_wall_ms_per_step": wall / steps * 1000,
+            "top_kernels": [(e.key[:100], e.count, round(e.self_device_time_total / steps, 1))
+                            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]],
+            "table": events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70)}
+
+
 def probe(llm: torch.nn.Module, prefix: LlmPrefix, args: argparse.Namespace, mode: str) -> dict:
     """One compile mode: warm-up, the greedy loop, back-to-back replays, and a profile of 20 steps."""
     import torch._dynamo
     import torch._dynamo.utils as dynamo_utils
-    from torch.profiler import ProfilerActivity, profile
-
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     result: dict = {}
@@ -103,19 +122,10 @@ def probe(llm: torch.nn.Module, prefix: LlmPrefix, args: argparse.Namespace, mod
     torch.cuda.synchronize()
     result["replay_tok_s"] = steps / (time.perf_counter() - start)
 
-    batch = static.batch([prefix], args.steps)
-    token = batch.prefill().argmax(-1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            token = batch.step(token).argmax(-1)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-    result["gpu_kernel_ms_per_step"] = kernel_us / 20 / 1000
+    profile = profile_steps(static, prefix, args.steps)
     print(f"--- {mode}")
-    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
-    result["top_kernels"] = [(e.key[:100], e.count, round(e.self_device_time_total / 20, 1))
-                             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
+    print(profile.pop("table"))
+    result.update(profile)
     return result
 
 

@@ -198,16 +198,20 @@ def run_batch(bench: Bench, prefixes: list[LlmPrefix], new_tokens: int, factory:
 
 
 def measure_runner(bench: Bench, new_tokens: int, repeats: int, factory: Any) -> dict[str, Any]:
-    """The runner's decode loop at batch 1: TTFT includes the image encoder and the prefix."""
+    """The runner's decode loop at batch 1, timed from its own token events (the host has each token when they
+    arrive): TTFT from before the image encoder to the first token, decode from the first token to the last."""
 
-    def one(n: int) -> list[list[int]]:
-        return run_batch(bench, [bench.prefix(0)], n, factory)
+    def one() -> tuple[float, float, list[int]]:
+        bench.sync()
+        start = time.perf_counter()
+        batch = GreedyBatch(bench.llm, [bench.prefix(0)], [new_tokens], factory=factory)
+        stamps = [time.perf_counter() for _ in batch]
+        return stamps[0] - start, (new_tokens - 1) / (stamps[-1] - stamps[0]), batch.tokens[0]
 
-    one(2)
-    first = median(timed(bench, lambda: one(1), repeats))
-    full = median(timed(bench, lambda: one(new_tokens), repeats))
-    return {"ttft_s": first, "decode_tok_s": (new_tokens - 1) / (full - first), "e2e_s": full,
-            "tokens": one(new_tokens)[0]}
+    one()
+    runs = [one() for _ in range(repeats)]
+    return {"ttft_s": median([r[0] for r in runs]), "decode_tok_s": median([r[1] for r in runs]),
+            "decode_tok_s_runs": [r[1] for r in runs], "tokens": runs[-1][2]}
 
 
 class TorchVisionEngine:
@@ -243,7 +247,7 @@ def measure_scheduler(bench: Bench, requests: int, new_tokens: int, factory: Any
     engine = TorchVisionEngine(bench, factory)
     scheduler = Scheduler(engine, max_batch_size=requests, batch_wait_s=0.05)
     scheduler.start()
-    # untimed: a first batch of the same shape in the scheduler's own thread (CUDA graphs are recorded per thread)
+    # untimed: a first batch of the same shape (the bucket is warm; the scheduler's thread gets going)
     warm = threading.Semaphore(0)
     for i in range(requests):
         scheduler.submit(GenRequest(i, PROMPTS[i % len(PROMPTS)], new_tokens, 0,
@@ -310,6 +314,16 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float | None:
     return 2 * src.numel() * 2 * 10 / (time.perf_counter() - start)
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count (eager paths are bound by how fast it launches kernels)."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return f"{model} x {os.cpu_count()}"
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     n = max(len(a), len(b), 1)
     return sum(int(x == y) for x, y in zip(a, b)) / n
@@ -323,17 +337,38 @@ def prefix_match(a: list[int], b: list[int]) -> int:
 
 
 def save_for_tp(bench: Bench, out: Path, new_tokens: int, count: int = 4) -> None:
-    """The LLM (safetensors), four requests' prefixes and their TP=1 tokens (dynamic path, batched)."""
+    """The LLM (safetensors), four requests' prefixes, their TP=1 tokens and logits (the dynamic path, batched)."""
+    from vlmforge.runner.batching import greedy_batch
+
     out.mkdir(parents=True, exist_ok=True)
     bench.llm.save_pretrained(out / "llm")
     prefixes = [bench.prefix(i) for i in range(count)]
-    tokens = run_batch(bench, prefixes, new_tokens, None)
-    torch.save({"embeds": [p.embeds.cpu() for p in prefixes], "tokens": tokens, "new_tokens": new_tokens},
-               out / "requests.pt")
+    results = greedy_batch(bench.llm, prefixes, new_tokens, keep_logits=True)
+    torch.save({"embeds": [p.embeds.cpu() for p in prefixes], "tokens": [r.tokens for r in results],
+                "logits": [r.logits.half() for r in results], "new_tokens": new_tokens}, out / "requests.pt")
+
+
+def _teacher_forced(llm: Any, prefixes: list[LlmPrefix], tokens: list[list[int]], channel: Any) -> list[torch.Tensor]:
+    """Rank 0: the batch fed TP=1's tokens (not its own picks), every step's logits kept; the followers run
+    :func:`~vlmforge.runner.batching.follow_batch` as for any batch."""
+    from vlmforge.runner.batching import make_batch
+
+    state = make_batch(llm, prefixes)
+    logits = [state.prefill().float().cpu()]
+    device = prefixes[0].embeds.device
+    steps = len(tokens[0])
+    for t in range(steps - 1):
+        feed = torch.tensor([row[t] for row in tokens], dtype=torch.long)
+        channel.step(feed, True)
+        logits.append(state.step(feed.to(device)).float().cpu())
+    channel.step(torch.zeros(len(tokens), dtype=torch.long), False)
+    return [torch.stack([step[row] for step in logits]) for row in range(len(tokens))]
 
 
 def tp_check(directory: Path, out: Path | None) -> dict[str, Any] | None:
-    """Under mpirun: the saved LLM split over the ranks (NCCL), the saved requests decoded in lockstep."""
+    """Under mpirun: the saved LLM split over the ranks (NCCL), the saved requests decoded in lockstep, twice:
+    free-running (the tokens a client would get) and teacher-forced with TP=1's tokens (logits compared step by
+    step, so one fp16 near-tie does not hide how close the rest is)."""
     from vlmforge.runner.distributed import RankInfo, init_distributed
     from vlmforge.runner.engine import tensor_parallel_kwargs
 
@@ -353,14 +388,28 @@ def tp_check(directory: Path, out: Path | None) -> dict[str, Any] | None:
         from vlmforge.runner.batching import follow_batch
 
         follow_batch(llm, prefixes, channel)
+        follow_batch(llm, prefixes, channel)
         return None
     batch = GreedyBatch(llm, prefixes, [saved["new_tokens"]] * len(prefixes), sync=channel)
     for _ in batch:
         pass
-    same = batch.tokens == saved["tokens"]
-    result = {"tp": info.world_size, "same_tokens_as_tp1": same,
-              "agreement": [agreement(a, b) for a, b in zip(saved["tokens"], batch.tokens)],
-              "first_divergence": [prefix_match(a, b) for a, b in zip(saved["tokens"], batch.tokens)]}
+    with torch.no_grad():
+        forced = _teacher_forced(llm, prefixes, saved["tokens"], channel)
+    rows = []
+    for ref_tokens, ref_logits, tp_tokens, tp_logits in zip(saved["tokens"], saved["logits"], batch.tokens, forced):
+        ref_logits = ref_logits.float()
+        top2 = ref_logits.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+        differs = (tp_logits.argmax(-1) != ref_logits.argmax(-1)).nonzero().flatten().tolist()
+        rows.append({"same_tokens": tp_tokens == ref_tokens, "first_divergence": prefix_match(ref_tokens, tp_tokens),
+                     "agreement": agreement(ref_tokens, tp_tokens),
+                     "teacher_forced_argmax_agreement": 1 - len(differs) / len(ref_tokens),
+                     "teacher_forced_max_abs_logit_diff": (tp_logits - ref_logits).abs().max().item(),
+                     "logit_scale": ref_logits.abs().max().item(),
+                     "tp1_margin_where_argmax_differs": [round(margin[i].item(), 4) for i in differs],
+                     "median_tp1_margin": margin.median().item()})
+    result = {"tp": info.world_size, "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
+              "same_tokens_as_tp1": all(r["same_tokens"] for r in rows), "requests": rows}
     print(json.dumps(result, indent=1))
     if out:
         out.write_text(json.dumps(result, indent=1))
@@ -381,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save-llm", type=Path, help="save the LLM and TP=1 tokens here for --tp-check")
     parser.add_argument("--tp-check", type=Path, help="(under mpirun) compare TP=N with the saved TP=1 tokens")
+    parser.add_argument("--save-only", action="store_true", help="with --save-llm: save for --tp-check, measure nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.tp_check:
@@ -392,19 +442,36 @@ def main(argv: list[str] | None = None) -> int:
     bench = build(args.tiny, args.device, dtype)
     llm_bytes = sum(p.numel() * p.element_size() for p in bench.llm.parameters())
     log.info("model made in %.1fs: LLM %.2f GB", time.perf_counter() - started, llm_bytes / 1e9)
+    if args.save_only:
+        if not args.save_llm:
+            raise SystemExit("--save-only needs --save-llm DIR")
+        save_for_tp(bench, args.save_llm, args.new_tokens)
+        return 0
     n, k = args.new_tokens, args.concurrent
     prompt_len = max(bench.prefix(i).length for i in range(len(PROMPTS)))
     results: dict[str, Any] = {
         "model": "llava-1.5-7b (random fp16 weights)" if not args.tiny else "tiny llava (smoke test)",
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "host_cpu": host_cpu(), "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "new_tokens": n, "concurrent": k, "prompt_positions": prompt_len, "llm_bytes": llm_bytes,
     }
 
+    peaks: dict[str, float] = {}
+
+    def peak(phase: str) -> None:
+        """The phase's peak of allocated GPU memory (GiB)."""
+        if args.device.startswith("cuda"):
+            peaks[phase] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+
+    results["peak_gpu_memory_gib"] = peaks
+    peak("model")
     log.info("plain generate()")
     results["generate"] = measure_generate(bench, n, args.repeats)
+    peak("generate")
     log.info("runner, dynamic cache (eager)")
     results["runner_dynamic"] = measure_runner(bench, n, args.repeats, None)
+    peak("runner_dynamic")
     compile = not args.no_compile and args.device.startswith("cuda")
     # The cache holds what the benchmark needs (prompt + new tokens), not the model's 4096 positions:
     # 16 x 4096 positions of LLaMA-7B's KV cache alone are 64 GiB.
@@ -414,7 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     warm = time.perf_counter()
     static.warmup([1, k], prompt_len, n)
     results["static_warmup_s"] = time.perf_counter() - warm
+    peak("static_warmup")
     results["runner_static"] = measure_runner(bench, n, args.repeats, static.batch)
+    if compile:
+        from decode_probe import profile_steps
+
+        profile = profile_steps(static, bench.prefix(0), n)
+        print(profile.pop("table"))
+        results["runner_static"]["profile"] = profile
     for key in ("generate", "runner_dynamic", "runner_static"):  # kept now: a later failure keeps them
         log.info("%s: %s", key, {k: v for k, v in results[key].items() if k != "tokens"})
     if args.out:
@@ -422,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".partial.json").write_text(json.dumps(results, default=str))
     log.info("%d requests one after another, then %d at once", k, k)
     results["sequential"] = measure_sequential(bench, k, n, static.batch)
+    peak("sequential")
     results["concurrent"] = measure_scheduler(bench, k, n, static.batch)
+    peak("concurrent")
 
     bandwidth = SPEC_BANDWIDTH.get(next((key for key in SPEC_BANDWIDTH if key in results["device"]), ""), None)
     measured = copy_bandwidth(args.device)

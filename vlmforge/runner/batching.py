@@ -35,6 +35,12 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the forward takes it: a prefill needs the last position's logits alone
+    (a batch of 16 LLaVA prompts would otherwise make 16 x 600 x 32k logits)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _cache_of(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -79,7 +85,8 @@ class DecoderOnlyBatch(PrefixBatch):
         self.cache: Any = None
 
     def prefill(self) -> torch.Tensor:
-        out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True)
+        out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                       **_last_logits_only(self.llm))
         self.cache = _cache_of(out)
         self.next_position = self.positions[:, -1:] + 1
         self.embeds = None  # type: ignore[assignment]  # not needed any more

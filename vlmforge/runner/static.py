@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vlmforge.runner.batching import PrefixBatch, _cache_kwarg, _stack
+from vlmforge.runner.batching import PrefixBatch, _cache_kwarg, _last_logits_only, _stack
 from vlmforge.toolchains.hf.common import LlmPrefix, model_device
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class StaticBatch(PrefixBatch):
         slot.mask.zero_()
         slot.mask[:, :self.written] = self.prefix_mask
         out = llm(inputs_embeds=self.embeds, attention_mask=slot.mask, position_ids=self.positions, use_cache=True,
-                  **{self.decoder.cache_kwarg: slot.cache})
+                  **{self.decoder.cache_kwarg: slot.cache}, **_last_logits_only(llm))
         slot.positions.copy_(self.positions[:, -1:] + 1)
         self.embeds = None  # type: ignore[assignment]
         return out.logits[:self.size, -1]
