@@ -207,3 +207,79 @@ def test_static_buckets() -> None:
     assert bucket_length(600, 256, 4096) == 768 and bucket_length(4000, 256, 4096) == 4096
     with pytest.raises(ValueError, match="exceed"):
         bucket_length(5000, 256, 4096)
+
+
+class _Lockstep:
+    """A StepSync that only records: with one, GreedyBatch feeds every step from the host (the TP leader's way)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[int], bool]] = []
+
+    def step(self, tokens: torch.Tensor, go_on: bool) -> None:
+        self.sent.append((tokens.tolist(), go_on))
+
+
+class _CountingFactory:
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.steps = 0
+
+    def __call__(self, prefixes: Any, max_new_tokens: int) -> Any:
+        state = batching.make_batch(self.llm, prefixes)
+        step = state.step
+
+        def counted(tokens: torch.Tensor) -> torch.Tensor:
+            self.steps += 1
+            return step(tokens)
+
+        state.step = counted
+        return state
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_launching_the_next_step_ahead_changes_no_token(tiny_family: Tiny) -> None:
+    """Without followers the next step is launched before the tokens are read (fed the device's argmax); with a
+    StepSync every step is fed from the host. End tokens, token limits and a cancel end the same rows at the same
+    tokens either way; the early launch costs at most one step when a batch ends on an end token or cancel."""
+    t = tiny_family
+    alone = t.alone([16] * 5)
+    prefixes = t.prefixes()
+    for row in (0, 1):  # these rows stop on an end token: the first token they had not made before position 3
+        tokens = alone[row].tokens
+        eos = next(tok for i, tok in enumerate(tokens) if i >= 3 and tok not in tokens[:i])
+        prefixes[row] = dataclasses.replace(prefixes[row], eos=frozenset({eos}))
+    limits = [16, 16, 16, 6, 16]
+
+    def run(sync: Any) -> tuple[GreedyBatch, int]:
+        factory = _CountingFactory(t.llm)
+        batch = GreedyBatch(t.llm, prefixes, limits, sync=sync, factory=factory)
+        for i, _ in enumerate(batch):
+            if i == 4:
+                batch.cancel(2, "cancelled")
+            if i == 9:
+                batch.cancel(4, "cancelled")
+        return batch, factory.steps
+
+    ahead, ahead_steps = run(None)
+    lockstep, lockstep_steps = run(_Lockstep())
+    assert ahead.tokens == lockstep.tokens and ahead.finish == lockstep.finish
+    assert ahead.finish == ["stop", "stop", "cancelled", "length", "cancelled"]
+    assert lockstep_steps <= ahead_steps <= lockstep_steps + 1
+    for row in (0, 1, 3):
+        assert ahead.tokens[row] == alone[row].tokens[:len(ahead.tokens[row])]
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_the_compiled_static_step_equals_each_request_alone(tiny_family: Tiny) -> None:
+    """The bucket's decode step compiled by Inductor (on the CPU here; on a GPU it is also captured in a CUDA
+    graph), the cache layers writing in place: each request's tokens are those it gets alone."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    decoder = StaticDecoder(t.llm, max_batch_size=8, length_multiple=32, compile=True, mode="default")
+    alone = t.alone(LIMITS)
+    for _ in range(2):  # the second batch reuses the bucket's cache and compiled step
+        batched = greedy_batch(t.llm, t.prefixes(), LIMITS, factory=decoder.batch)
+        for row, (a, b) in enumerate(zip(alone, batched, strict=True)):
+            assert b.tokens == a.tokens, f"row {row}"
+            assert (a.logits - b.logits).abs().max().item() < 1e-4

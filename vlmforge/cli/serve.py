@@ -45,6 +45,7 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
     decode: Annotated[str, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = "auto",
     warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
+    compile_mode: Annotated[str, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = "max-autotune-no-cudagraphs",
 ) -> None:
     """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their
     share of the LLM and follow rank 0. SIGTERM to rank 0 drains and stops every rank."""
@@ -56,7 +57,7 @@ def serve_cmd(
     settings = ServeSettings(
         engine_dir=engine_dir, host=host, port=port, model_name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
-        drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup,
+        drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup, compile_mode=compile_mode,
         limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                       max_request_bytes=max_request_bytes),
     )

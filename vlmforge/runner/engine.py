@@ -54,7 +54,8 @@ class HfEngine:
     """
 
     def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
-                 load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None) -> None:
+                 load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None,
+                 compile_mode: str = "max-autotune-no-cudagraphs") -> None:
         import torch
 
         from vlmforge.toolchains.hf.common import load_quantized
@@ -89,11 +90,11 @@ class HfEngine:
                 self.llm = self.llm.to(self.device)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.static = self._static_decoder(decode, max_batch_size or self.config.max_batch_size)
+        self.static = self._static_decoder(decode, max_batch_size or self.config.max_batch_size, compile_mode)
         log.info("loaded %s engine %s on %s (tp %d, %s decoding)", self.config.family, self.dir, self.device, self.tp,
                  "static-cache compiled" if self.static is not None else "dynamic-cache eager")
 
-    def _static_decoder(self, decode: str, max_batch_size: int) -> Any:
+    def _static_decoder(self, decode: str, max_batch_size: int, compile_mode: str) -> Any:
         """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
         for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never."""
         if decode not in ("auto", "static", "dynamic"):
@@ -109,7 +110,7 @@ class HfEngine:
         limit = self.config.max_input_len + self.config.max_output_len
         return StaticDecoder(self.llm, max_batch_size=max_batch_size,
                              max_length=min(limit, int(getattr(self.llm.config, "max_position_embeddings", limit))),
-                             compile=self.device.startswith("cuda"))
+                             compile=self.device.startswith("cuda"), mode=compile_mode)
 
     @property
     def batch_factory(self) -> Any:

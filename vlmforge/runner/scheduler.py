@@ -191,7 +191,7 @@ class Scheduler:
     def _run(self) -> None:
         idle_since = time.monotonic()
         try:
-            if self._warmup is not None:  # here: CUDA graphs are recorded per thread
+            if self._warmup is not None:  # before the first request is taken: compiling takes a while
                 started = time.perf_counter()
                 self._warmup()
                 log.info("warmed up in %.1fs", time.perf_counter() - started)
