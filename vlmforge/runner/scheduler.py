@@ -305,17 +305,23 @@ class Scheduler:
         log.debug("batch of %d: %d steps in %.3fs", len(live), batch.steps, time.perf_counter() - started)
 
     def _run_whole(self, live: list[GenRequest]) -> None:
-        """Engines that return whole generations (TensorRT-LLM's multimodal runner): every rank runs the same
-        calls, the tokens go out when each request is done."""
+        """Engines that take whole requests (TensorRT-LLM's multimodal runner): every rank runs the same calls;
+        rank 0's tokens go out as the engine streams them, the rest when each request is done."""
         from vlmforge.runner.distributed import WholeJob
 
         if self.channel is not None:
             self.channel.send(WholeJob([r.image for r in live], [r.prompt for r in live],
                                        [r.max_new_tokens for r in live]))
         self.running = len(live)
+        sent = [0] * len(live)
+
+        def on_token(index: int, token: int) -> None:
+            sent[index] += 1
+            live[index]._emit(Token(token))
+
         try:
             results = self.engine.generate_many([r.image for r in live], [r.prompt for r in live],
-                                                [r.max_new_tokens for r in live])
+                                                [r.max_new_tokens for r in live], on_token=on_token)
         except Exception as exc:
             log.exception("generation failed in a batch of %d", len(live))
             for request in live:
@@ -325,8 +331,8 @@ class Scheduler:
             return
         finally:
             self.running = 0
-        for request, result in zip(live, results):
-            for token in result.tokens:
+        for index, (request, result) in enumerate(zip(live, results)):
+            for token in result.tokens[sent[index]:]:  # what was not streamed (encoder-decoder LLMs)
                 request._emit(Token(token))
             request._emit(Finished("length" if len(result.tokens) >= request.max_new_tokens else "stop"))
         self.batches += 1

@@ -7,9 +7,11 @@ Runs only inside NVIDIA's TensorRT-LLM container with a GPU; elsewhere construct
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,57 @@ def _run_py_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_common_args(parser)
     return parser.parse_args(argv)
+
+
+class StreamingModel:
+    """Stands in for the multimodal runner's LLM runner (``ModelRunnerCpp``) during one call.
+
+    TensorRT-LLM's ``MultimodalModelRunner.generate`` asks its LLM runner for whole outputs
+    (``return_dict=False``: output ids ``[batch, beams, max_seq_len]``, the prompt first, padded with the end
+    id). This asks the same runner to stream instead (``streaming=True, return_dict=True,
+    output_sequence_lengths=True``: every yield holds the sequences so far), hands each new token of beam 0
+    to ``on_token(row, token)`` as it arrives, and returns what the whole call would have returned, so the
+    rest of TensorRT-LLM's own code (decoding, stripping) runs unchanged.
+    """
+
+    def __init__(self, model: Any, on_token: Callable[[int, int], None]) -> None:
+        self._model = model
+        self._on_token = on_token
+        self.tokens: dict[int, list[int]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, batch_input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", False)
+        kwargs.pop("output_sequence_lengths", None)
+        kwargs.pop("streaming", None)
+        emitted = [len(ids) for ids in batch_input_ids]  # what TensorRT-LLM takes as each row's input length
+        last = None
+        for outputs in self._model.generate(batch_input_ids, *args, streaming=True, return_dict=True,
+                                            output_sequence_lengths=True, **kwargs):
+            ids, lengths = outputs["output_ids"], outputs["sequence_lengths"]
+            for row in range(ids.shape[0]):
+                end = int(lengths[row][0])
+                for token in ids[row, 0, emitted[row]:end].tolist():
+                    self.tokens.setdefault(row, []).append(int(token))
+                    self._on_token(row, int(token))
+                emitted[row] = max(emitted[row], end)
+            last = outputs
+        if last is None:
+            raise RuntimeError("TensorRT-LLM's runner streamed nothing")
+        return last if return_dict else last["output_ids"]
+
+
+def run_multimodal(runner: Any, text: str, image: Any, max_new_tokens: int) -> Any:
+    """``MultimodalModelRunner.run`` with either release's signature: 1.x added ``input_audio`` before
+    ``max_new_tokens`` (``run(input_text, input_image, input_audio, max_new_tokens)``); 0.10 has
+    ``run(input_text, input_image, max_new_tokens)``. Returns its output texts."""
+    if "input_audio" in inspect.signature(runner.run).parameters:
+        _, output = runner.run(text, image, None, max_new_tokens)
+    else:
+        _, output = runner.run(text, image, max_new_tokens)
+    return output
 
 
 class TrtllmEngine:
@@ -66,7 +119,8 @@ class TrtllmEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
 
     streams_tokens = False
-    """TensorRT-LLM's multimodal runner returns whole generations: the server sends each when it is done."""
+    """TensorRT-LLM's multimodal runner takes whole requests (no shared batch with the server's scheduler); tokens
+    stream through ``on_token`` while a request runs (decoder-only LLMs; encoder-decoder ones send the answer whole)."""
 
     def prompt_length(self, prompt: str | None) -> int:
         """The user text's tokens and the image features (TensorRT-LLM adds its model's template around them and
@@ -74,16 +128,32 @@ class TrtllmEngine:
         text = self.family.format_prompt(prompt) or ""
         return len(self.tokenizer(text, add_special_tokens=False).input_ids) + self.config.num_visual_features
 
-    def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int]) -> list[Generation]:
-        """Requests one after another through TensorRT-LLM's runner (every rank makes the same calls)."""
-        return [self.generate(image, prompt, limit) for image, prompt, limit in zip(images, prompts, max_new_tokens)]
+    def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int],
+                      on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+        """Requests one after another through TensorRT-LLM's runner (every rank makes the same calls);
+        ``on_token(request_index, token)`` gets each token as it is made (rank 0)."""
+        return [self.generate(image, prompt, limit,
+                              on_token=None if on_token is None else (lambda _row, token, i=i: on_token(i, token)))
+                for i, (image, prompt, limit) in enumerate(zip(images, prompts, max_new_tokens))]
 
-    def generate(self, image: Any, prompt: str | None, max_new_tokens: int) -> Generation:
-        start = time.perf_counter()
-        _, output = self.runner.run(prompt or "", [image], max_new_tokens)
-        elapsed = (time.perf_counter() - start) * 1000
-        text = output[0][0] if isinstance(output, list) else str(output)
+    def generate(self, image: Any, prompt: str | None, max_new_tokens: int,
+                 on_token: Callable[[int, int], None] | None = None) -> Generation:
         import torch
 
-        tokens = self.tokenizer(text, add_special_tokens=False).input_ids
+        start = time.perf_counter()
+        streaming = on_token is not None and not self.family.encoder_decoder
+        model = self.runner.model
+        proxy = StreamingModel(model, on_token) if streaming else None  # type: ignore[arg-type]
+        if proxy is not None:
+            self.runner.model = proxy
+        try:
+            output = run_multimodal(self.runner, prompt or "", [image], max_new_tokens)
+        finally:
+            self.runner.model = model
+        elapsed = (time.perf_counter() - start) * 1000
+        text = output[0][0] if isinstance(output, list) else str(output)
+        if proxy is not None:
+            tokens = proxy.tokens.get(0, [])
+        else:
+            tokens = self.tokenizer(text, add_special_tokens=False).input_ids
         return Generation(tokens=list(tokens), text=text, logits=torch.empty(0), vision_ms=0.0, llm_ms=elapsed)

@@ -1,0 +1,58 @@
+"""Engines that take whole requests (TensorRT-LLM's multimodal runner): the scheduler streams the tokens they
+hand over while a request runs and sends the rest when it is done."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from vlmforge.runner.engine import Generation
+from vlmforge.runner.scheduler import Finished, GenRequest, Scheduler, Token
+
+
+class WholeEngine:
+    """Request 0 streams its tokens (a decoder-only LLM); request 1 does not (an encoder-decoder one)."""
+
+    streams_tokens = False
+
+    def __init__(self, events: dict[int, list[Any]]) -> None:
+        self.events = events
+        self.live_checks: list[bool] = []
+
+    def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int],
+                      on_token: Any = None) -> list[Generation]:
+        results = []
+        for index, image in enumerate(images):
+            tokens = [1, 2, 3] if image == "decoder" else [7, 8]
+            if image == "decoder" and on_token is not None:
+                for token in tokens:
+                    on_token(index, token)
+                    self.live_checks.append(self.events[index][-1] == Token(token))  # out before the request ends
+            results.append(Generation(tokens=tokens, text="", logits=torch.empty(0), vision_ms=0.0, llm_ms=0.0))
+        return results
+
+
+def test_tokens_stream_while_a_whole_request_runs_and_the_rest_follow_at_its_end() -> None:
+    events: dict[int, list[Any]] = {0: [], 1: []}
+    done = threading.Semaphore(0)
+
+    def sink(index: int) -> Any:
+        def put(event: Any) -> None:
+            events[index].append(event)
+            if isinstance(event, Finished):
+                done.release()
+        return put
+
+    engine = WholeEngine(events)
+    scheduler = Scheduler(engine, max_batch_size=2, batch_wait_s=0.2)
+    scheduler.start()
+    scheduler.submit(GenRequest("decoder", "a", 5, 1, sink(0)))
+    scheduler.submit(GenRequest("encoder-decoder", "b", 2, 1, sink(1)))
+    assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    scheduler.stop(timeout=10)
+    assert events[0] == [Token(1), Token(2), Token(3), Finished("stop")]
+    assert events[1] == [Token(7), Token(8), Finished("length")]
+    assert engine.live_checks == [True, True, True]
+    assert scheduler.batches == 1
