@@ -283,3 +283,26 @@ def test_the_compiled_static_step_equals_each_request_alone(tiny_family: Tiny) -
         for row, (a, b) in enumerate(zip(alone, batched, strict=True)):
             assert b.tokens == a.tokens, f"row {row}"
             assert (a.logits - b.logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_the_graph_captured_static_step_equals_each_request_alone_on_a_gpu(tmp_path: Path) -> None:
+    """On a GPU each bucket's compiled step is captured into a CUDA graph once and replayed: the tokens are still
+    those each request gets alone (float32, so the GPU kernels do not flip near-ties)."""
+    from vlmforge.runner.static import StaticDecoder
+
+    family = get_family("llava")
+    family.make_tiny(tmp_path / "model", seed=0)
+    model = family.load_model(tmp_path / "model", torch.float32, device="cuda")
+    processor = family.load_processor(tmp_path / "model")
+    llm = family.extract_llm(model)
+    with torch.no_grad():
+        features = family.visual_module(model)(family.pixel_values(processor, synthetic_images()).to("cuda"))
+    prefixes = [family.llm_prefix(llm, processor, features[i:i + 1], p) for i, p in enumerate(PROMPTS[:3])]
+    alone = [family.generate(llm, processor, features[i:i + 1], p, 12) for i, p in enumerate(PROMPTS[:3])]
+    decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, mode="default")
+    assert decoder.graphs
+    for _ in range(2):
+        batched = greedy_batch(llm, prefixes, 12, factory=decoder.batch)
+        assert [b.tokens for b in batched] == [a.tokens for a in alone]
+    assert all(slot.graph is not None for slot in decoder._slots.values())
