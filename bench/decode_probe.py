@@ -49,9 +49,12 @@ def make_llm(tiny: bool) -> torch.nn.Module:
     return llm.eval()
 
 
-def copy_bandwidth(gib: float = 2.0) -> float:
+def copy_bandwidth(device: str = "cuda", gib: float = 2.0) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second): what decode can hope for."""
+    if not device.startswith("cuda"):
+        return None
     n = int(gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.float16, device="cuda")
+    src = torch.empty(n, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from decode_probe import copy_bandwidth, profile_steps  # noqa: E402 - bench/, beside this script
 from vlmforge.families import get_family
 from vlmforge.runner.batching import GreedyBatch
 from vlmforge.runner.static import StaticDecoder
@@ -297,23 +298,6 @@ def measure_sequential(bench: Bench, requests: int, new_tokens: int, factory: An
     return {"requests": requests, "seconds": elapsed, "tokens": total, "tok_s": total / elapsed, "outputs": outputs}
 
 
-def copy_bandwidth(device: str, gib: float = 2.0) -> float | None:
-    """Device-to-device copy bandwidth (bytes read + written per second): what decode can hope for."""
-    if not device.startswith("cuda"):
-        return None
-    n = int(gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 2 * 10 / (time.perf_counter() - start)
-
-
 def host_cpu() -> str:
     """The host's CPU model and core count (eager paths are bound by how fast it launches kernels)."""
     try:
@@ -484,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     peak("static_warmup")
     results["runner_static"] = measure_runner(bench, n, args.repeats, static.batch)
     if compile:
-        from decode_probe import profile_steps
-
         profile = profile_steps(static, bench.prefix(0), n)
         print(profile.pop("table"))
         results["runner_static"]["profile"] = profile
