@@ -199,6 +199,23 @@ def test_the_static_cache_path_equals_each_request_alone(tiny_family: Tiny) -> N
     assert one[0].tokens == alone[3].tokens and len(decoder._slots) == 2
 
 
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_warming_up_with_autograd_on_keeps_no_activations_alive(tiny_family: Tiny) -> None:
+    """Warm-up runs in whatever thread calls it, autograd on: the cache's in-place writes must not tie the prefill's
+    activation graph to the bucket's cache for good (on an H100 that held about 52 GiB for LLaVA-7B's batch-16
+    bucket, until the decode path ran without autograd)."""
+    from vlmforge.runner.static import StaticDecoder
+
+    decoder = StaticDecoder(tiny_family.llm, max_batch_size=4, length_multiple=32, compile=False)
+    assert torch.is_grad_enabled()
+    decoder.warmup([1, 4], 20, 8)
+    batch = decoder.batch(tiny_family.prefixes()[:2], 4)
+    batch.step(batch.prefill().argmax(-1))
+    for slot in decoder._slots.values():
+        for layer in slot.cache.layers:
+            assert not layer.keys.requires_grad and layer.keys.grad_fn is None and layer.values.grad_fn is None
+
+
 def test_static_buckets() -> None:
     from vlmforge.runner.static import bucket_batch, bucket_length
 

@@ -192,6 +192,7 @@ class StaticDecoder:
                           bucket_length(longest + max_new_tokens, self.length_multiple, self.max_length))
         return StaticBatch(self, slot, prefixes)
 
+    @torch.no_grad()
     def warmup(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int, steps: int = 3) -> None:
         """Compile (and capture) the buckets these shapes need, with dummy inputs."""
         hidden = self.llm.get_input_embeddings().weight.shape[1]
@@ -224,6 +225,7 @@ class StaticBatch(PrefixBatch):
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.written = mask.shape[1]
 
+    @torch.no_grad()  # with autograd on, the cache's in-place writes would keep the prefill's activations alive
     def prefill(self) -> torch.Tensor:
         slot, llm = self.slot, self.decoder.llm
         slot.cache.reset()
@@ -235,6 +237,7 @@ class StaticBatch(PrefixBatch):
         self.embeds = None  # type: ignore[assignment]
         return out.logits[:self.size, -1]
 
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         slot = self.slot
         if self.written >= slot.length:
