@@ -64,3 +64,13 @@ def test_user_errors_exit_2_with_one_message(tmp_path: Path) -> None:
     bad.write_text("name: x\n  family: : llava\n")
     result = vlmforge("spec", "validate", str(bad))
     assert result.returncode == 2 and f"{bad}:2" in result.stderr
+
+
+def test_a_bad_option_value_is_a_usage_error_not_a_traceback() -> None:
+    """typer vendors its own click: its parameter errors must end as click's usage errors (exit 2, one message)."""
+    for args, option in ((["plan", "llava-1.5-7b-hf", "--dtype", "fp13"], "--dtype"),
+                         (["serve", "/nonexistent", "--compile-mode", "reduce-overhead"], "--compile-mode"),
+                         (["plan", "llava-1.5-7b-hf", "--no-such-option"], "--no-such-option")):
+        result = vlmforge(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and option in result.stderr and "Usage:" in result.stderr

@@ -57,13 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     except VlmforgeError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err_console.print("aborted")
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
+        sys.exit(exc.exit_code)
+    except (click.exceptions.ClickException, typer.TyperException) as exc:  # typer >= 0.2x vendors its own click
+        if not hasattr(exc, "show"):
+            raise
+        exc.show()
         sys.exit(exc.exit_code)
     if isinstance(result, int) and result:
         sys.exit(result)

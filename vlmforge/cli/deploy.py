@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from vlmforge.cli import app, console, err_console, print_json
+from vlmforge.runner import CompileMode
 from vlmforge.errors import DeployError
 
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
@@ -38,6 +39,7 @@ def deploy_cmd(
     image_root: Annotated[Path | None, typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
     decode: Annotated[str, typer.Option(help="The runner's decode path: auto, static or dynamic (vlmforge serve --decode).")] = "auto",
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Compile the static decode path before reporting healthy.")] = True,
+    compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step (vlmforge serve --compile-mode).")] = CompileMode.MAX_AUTOTUNE,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
@@ -53,7 +55,7 @@ def deploy_cmd(
     if engine_dir is not None and store is not None:
         raise DeployError("--store and --engine-dir exclude each other")
     source = LocalEngineSource(engine_dir) if engine_dir is not None else StoreSource(store)
-    serve_args: list[str] = ["--decode", decode] + (["--warmup"] if warmup else [])
+    serve_args: list[str] = ["--decode", decode, "--compile-mode", compile_mode.value] + (["--warmup"] if warmup else [])
     if max_batch_size is not None:
         serve_args += ["--max-batch-size", str(max_batch_size)]
     if image_root is not None:

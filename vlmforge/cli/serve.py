@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from vlmforge.cli import app
+from vlmforge.runner import CompileMode
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
 
@@ -45,7 +46,7 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
     decode: Annotated[str, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = "auto",
     warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
-    compile_mode: Annotated[str, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = "max-autotune-no-cudagraphs",
+    compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = CompileMode.MAX_AUTOTUNE,
 ) -> None:
     """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their
     share of the LLM and follow rank 0. SIGTERM to rank 0 drains and stops every rank."""

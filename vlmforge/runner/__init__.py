@@ -1,1 +1,12 @@
 """Runners: load an engine directory and generate (the same code validates builds and serves deployments)."""
+
+from enum import Enum
+
+
+class CompileMode(str, Enum):
+    """torch.compile modes of the static decode step (vlmforge captures the step's CUDA graph, not Inductor)."""
+
+    MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+    """Inductor tunes the matrix-vector products: the fastest decode, about a minute per batch bucket of a 7B model."""
+    DEFAULT = "default"
+    """About half the compile time, decode about 15% slower (bench/decode_probe.py)."""

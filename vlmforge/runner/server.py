@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlmforge.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
+from vlmforge.runner import CompileMode
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
@@ -80,7 +81,7 @@ class ServeSettings(BaseModel):
     device: str | None = None
     decode: str = "auto"
     """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""
-    compile_mode: Literal["max-autotune-no-cudagraphs", "default"] = "max-autotune-no-cudagraphs"
+    compile_mode: CompileMode = CompileMode.MAX_AUTOTUNE
     """torch.compile mode of the static decode step: max-autotune-no-cudagraphs tunes the matrix-vector products
     (fastest decode; about a minute per batch bucket of a 7B model, cached by Inductor for later starts);
     default compiles in about half the time, decodes about 15% slower."""
@@ -402,7 +403,7 @@ def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any
     from vlmforge.runner.engine import HfEngine
 
     return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
-                    decode=settings.decode, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode)
+                    decode=settings.decode, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode.value)
 
 
 def serve(settings: ServeSettings) -> int:
