@@ -1,20 +1,23 @@
 """The deploy flow: choose the build that fits this machine, pull it, start the runner, and leave an artifact
 with its endpoint, engine id and TP.
 
-Runs where the runner should run (the flow run's machine starts `mpirun` in a session of its own, which
-outlives the flow run).
+With ``launcher="process"`` it runs where the runner should run (the flow run's machine starts `mpirun` in a
+session of its own, which outlives the flow run). With ``launcher="docker"`` (prefect.yaml's deploy-runner
+deployments) the flow run's own container is short-lived: the runner is a container of the runner image,
+started through the host's Docker daemon, and the build is chosen for what that image and host offer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from tasks import deploy as t
-from vlmforge.deploy import Deployment, DeployPlan, LocalEngineSource, StoreSource
+from vlmforge.deploy import Deployment, DeployPlan, LocalEngineSource, StoreSource, image_machine
+from vlmforge.docker_runner import DockerRunner
 
 
 def _key(name: str) -> str:
@@ -26,6 +29,7 @@ def deployment_markdown(deployment: Deployment, plan: DeployPlan) -> str:
             ("engine", f"`{deployment.ref}`"), ("tensor parallel", str(deployment.tp)),
             ("toolchain", plan.build.toolchain), ("engine directory", f"`{deployment.engine_dir}`"),
             ("source", deployment.source), ("deployment", f"`{deployment.name}`"), ("log", f"`{deployment.log}`"),
+            *([("container", f"`{deployment.container[:12]}` of `{deployment.image}`")] if deployment.container else []),
             ("launched", f"`{' '.join(deployment.argv)}`")]
     lines = [f"# {deployment.model} is serving", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -50,16 +54,26 @@ def _run_name() -> str:
 def deploy_runner(model: str = "", store: str | None = None, engine_dir: str | None = None, tp: int | None = None,
                   host: str = "127.0.0.1", port: int = 8000, hostfile: str | None = None, replace: bool = True,
                   max_batch_size: int | None = None, wait_s: float = 600.0, state_dir: str | None = None,
-                  cache_dir: str | None = None) -> dict[str, Any]:
+                  cache_dir: str | None = None, launcher: Literal["process", "docker"] = "process",
+                  image: str | None = None, volumes: list[str] | None = None,
+                  network: str | None = None) -> dict[str, Any]:
     """Deploy MODEL (the newest build that fits), MODEL@ALIAS or MODEL#BUILD_ID from the store, or a local
-    engine directory; replaces (drains) a running deployment of the same name."""
+    engine directory; replaces (drains) a running deployment of the same name. ``launcher="docker"`` starts the
+    runner as a container of ``image`` (with ``volumes`` mounted: the cache volume the flow pulls into)."""
     source = LocalEngineSource(Path(engine_dir)) if engine_dir else StoreSource(store)
     state = Path(state_dir) if state_dir else None
+    docker = None
+    machine = None
+    if launcher == "docker":
+        if not image:
+            raise ValueError("launcher docker needs image (the runner image, e.g. vlmforge-runner:local)")
+        docker = DockerRunner(image=image, volumes=volumes or [], network=network)
+        machine = image_machine(docker)
     plan = t.choose(model, source, tp=tp, host=host, port=port, hostfile=Path(hostfile) if hostfile else None,
-                    state_dir=state, replace=replace)
+                    state_dir=state, replace=replace, machine=machine)
     engine = t.pull(plan, source, Path(cache_dir) if cache_dir else None)
     serve_args = ["--max-batch-size", str(max_batch_size)] if max_batch_size else []
-    deployment = t.start(plan, engine, source, state_dir=state, serve_args=serve_args, wait_s=wait_s)
+    deployment = t.start(plan, engine, source, state_dir=state, serve_args=serve_args, wait_s=wait_s, docker=docker)
     key = _key(deployment.name)
     create_link_artifact(key=key, link=f"{deployment.endpoint}/v1/models", link_text=f"{deployment.ref} (TP {deployment.tp})",
                          description=f"{deployment.model}: OpenAI-compatible endpoint")

@@ -32,7 +32,8 @@ def pull(plan: DeployPlan, source: BuildSource, cache_dir: Path | None = None) -
 
 @task(name="start-runner", **STEP)
 def start(plan: DeployPlan, engine_dir: Path, source: BuildSource, **kwargs: Any) -> Deployment:
-    """Start `mpirun -n TP ... vlmforge serve` (draining the deployment it replaces) and wait until healthy."""
+    """Start `mpirun -n TP ... vlmforge serve`, or its container (draining the deployment it replaces), and wait
+    until healthy."""
     deployment = start_runner(plan, engine_dir, source=source.describe(), **kwargs)
     get_run_logger().info("serving %s at %s (TP %d)", deployment.ref, deployment.endpoint, deployment.tp)
     return deployment

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from vlmforge.engine_config import EngineConfig
 from vlmforge.errors import DeployError
+from vlmforge.docker_runner import DockerRunner
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,13 @@ class Deployment(BaseModel):
     source: str
     selection: str
     started_at: datetime
+    container: str | None = None
+    """The runner's container id, when it was started through a Docker daemon (``--launcher docker``; ``pid`` is
+    then 0 and ``pid_file`` a path inside the container)."""
+    image: str | None = None
+    """The runner image of a container deployment."""
+    probe: str | None = None
+    """Where health is asked from here, when not at ``endpoint`` (a container's own address)."""
     _proc: subprocess.Popen | None = PrivateAttr(default=None)
     """The launcher process, when this process started it."""
 
@@ -326,6 +334,9 @@ class Deployment(BaseModel):
         return f"{self.model}#{self.build_id}"
 
     def rank0_pid(self) -> int | None:
+        """Rank 0's pid on this machine (None for a container deployment: its pid lives in the container)."""
+        if self.container is not None:
+            return None
         try:
             return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
@@ -359,9 +370,10 @@ def port_in_use(host: str, port: int) -> bool:
 
 def launch_argv(engine_dir: Path, *, tp: int, host: str, port: int, model_name: str, pid_file: Path,
                 hostfile: Path | None = None, gpus: bool = False, serve_args: Sequence[str] = (),
-                master_port: int | None = None, env: dict[str, str] | None = None) -> list[str]:
+                master_port: int | None = None, env: dict[str, str] | None = None,
+                python: str = sys.executable) -> list[str]:
     """``mpirun -n TP ... python -m vlmforge serve ENGINE_DIR ...`` (the runner alone for TP 1 on one host)."""
-    serve = [sys.executable, "-m", "vlmforge", "serve", str(engine_dir), "--host", host, "--port", str(port),
+    serve = [python, "-m", "vlmforge", "serve", str(engine_dir), "--host", host, "--port", str(port),
              "--model-name", model_name, "--pid-file", str(pid_file), *serve_args]
     if tp == 1 and hostfile is None:
         return serve
@@ -452,6 +464,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def running(deployment: Deployment) -> bool:
+    """Whether the deployment's launcher (process or container) is still there."""
+    if deployment.container is not None:
+        from vlmforge.docker_runner import container_running
+
+        return container_running(deployment.container)
+    return _alive(deployment.pid)
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -499,7 +520,7 @@ def plan_deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: s
     name = name or f"{build.model}-{port}"
     existing = read_deployment(state_dir, name)
     replaces = None
-    if existing is not None and _alive(existing.pid):
+    if existing is not None and running(existing):
         if not replace:
             raise DeployError(f"deployment {name} is running ({existing.ref} at {existing.endpoint}); stop it with "
                               f"`vlmforge undeploy {name}` or deploy with --replace")
@@ -523,14 +544,21 @@ def fetch_engine(plan: DeployPlan, source: BuildSource, cache_dir: Path | None =
 
 
 def start_runner(plan: DeployPlan, engine_dir: Path, *, source: str, state_dir: Path | None = None,
-                 serve_args: Sequence[str] = (), wait_s: float = 600.0) -> Deployment:
-    """Stop the deployment this one replaces (draining it), start the runner, wait until healthy, record it."""
+                 serve_args: Sequence[str] = (), wait_s: float = 600.0, docker: DockerRunner | None = None) -> Deployment:
+    """Stop the deployment this one replaces (draining it), start the runner (a process, or a container with
+    ``docker``), wait until healthy, record it."""
     state_dir = state_dir or default_state_dir()
-    if plan.replaces is not None and _alive(plan.replaces.pid):
+    if plan.replaces is not None and running(plan.replaces):
         log.info("replacing %s (%s)", plan.replaces.name, plan.replaces.ref)
         stop_deployment(plan.replaces, state_dir=state_dir)
         if port_in_use(plan.host, plan.port):
             raise DeployError(f"port {plan.port} on {plan.host} is still in use after stopping {plan.name}")
+    if docker is not None:
+        from vlmforge.docker_runner import launch_container
+
+        return launch_container(plan.build, engine_dir, runner=docker, tp=plan.tp, host=plan.host, port=plan.port,
+                                name=plan.name, state_dir=state_dir, selection=plan.selection.explain(),
+                                source=source, serve_args=serve_args, wait_s=wait_s, gpus=plan.gpus)
     return launch(plan.build, engine_dir, tp=plan.tp, host=plan.host, port=plan.port, name=plan.name,
                   state_dir=state_dir, selection=plan.selection.explain(), source=source, hostfile=plan.hostfile,
                   serve_args=serve_args, wait_s=wait_s, gpus=plan.gpus)
@@ -539,23 +567,35 @@ def start_runner(plan: DeployPlan, engine_dir: Path, *, source: str, state_dir: 
 def deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: str = "127.0.0.1", port: int = 8000,
            hostfile: Path | None = None, name: str | None = None, machine: Machine | None = None,
            cache_dir: Path | None = None, state_dir: Path | None = None, serve_args: Sequence[str] = (),
-           wait_s: float = 600.0, replace: bool = False) -> Deployment:
-    """Plan (every refusal before anything is pulled or started), pull, start; the recorded deployment."""
+           wait_s: float = 600.0, replace: bool = False, docker: DockerRunner | None = None) -> Deployment:
+    """Plan (every refusal before anything is pulled or started), pull, start; the recorded deployment. With
+    ``docker`` the runner is a container of that image, and what can run is asked of the image."""
+    if docker is not None and machine is None:
+        machine = image_machine(docker)
     plan = plan_deploy(ref, source, tp=tp, host=host, port=port, hostfile=hostfile, name=name, machine=machine,
                        state_dir=state_dir, replace=replace)
     log.info("%s", plan.selection.explain())
     engine_dir = fetch_engine(plan, source, cache_dir)
     return start_runner(plan, engine_dir, source=source.describe(), state_dir=state_dir, serve_args=serve_args,
-                        wait_s=wait_s)
+                        wait_s=wait_s, docker=docker)
+
+
+def image_machine(docker: DockerRunner) -> Machine:
+    """What a runner container of ``docker.image`` sees (its toolchains; this host's GPUs, if it has any)."""
+    from vlmforge.docker_runner import describe_image_machine
+
+    return describe_image_machine(docker, gpus=-1 if shutil.which("nvidia-smi") else 0)
 
 
 # --- deployments on this machine ---------------------------------------------------------------------
 
 
 def read_deployment(state_dir: Path, name: str) -> Deployment | None:
+    """The deployment ``name``: its record in ``state_dir``, else a runner container of that name on the Docker
+    daemon (started from elsewhere, e.g. a flow run's container)."""
     path = record_path(state_dir, name)
     if not path.is_file():
-        return None
+        return next((d for d in _daemon_deployments() if d.name == name), None)
     try:
         return Deployment.model_validate_json(path.read_text())
     except ValueError:
@@ -565,10 +605,10 @@ def read_deployment(state_dir: Path, name: str) -> Deployment | None:
 
 def deployment_status(deployment: Deployment) -> str:
     """``serving``, ``draining``, ``unhealthy`` (the process lives, /health does not say ok) or ``stopped``."""
-    if not _alive(deployment.pid):
+    if not running(deployment):
         return "stopped"
     try:
-        with urllib.request.urlopen(f"{deployment.endpoint}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{deployment.probe or deployment.endpoint}/health", timeout=2) as response:
             return "serving" if response.status == 200 else "unhealthy"
     except urllib.error.HTTPError as exc:
         with contextlib.suppress(ValueError, OSError):
@@ -579,14 +619,26 @@ def deployment_status(deployment: Deployment) -> str:
         return "unhealthy"
 
 
+def _daemon_deployments() -> list[Deployment]:
+    """Runner containers on the Docker daemon, where the docker package is installed and a daemon answers."""
+    if importlib.util.find_spec("docker") is None:
+        return []
+    from vlmforge.docker_runner import container_deployments
+
+    return container_deployments()
+
+
 def list_deployments(state_dir: Path | None = None) -> list[tuple[Deployment, str]]:
+    """The deployments recorded in ``state_dir`` and the runner containers on the Docker daemon, with their status."""
     state_dir = state_dir or default_state_dir()
-    out = []
+    found: dict[str, Deployment] = {}
     for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
         deployment = read_deployment(state_dir, path.stem)
         if deployment is not None:
-            out.append((deployment, deployment_status(deployment)))
-    return out
+            found[deployment.container or deployment.name] = deployment
+    for deployment in _daemon_deployments():
+        found.setdefault(deployment.container or deployment.name, deployment)
+    return [(d, deployment_status(d)) for d in sorted(found.values(), key=lambda d: d.name)]
 
 
 def stop_deployment(deployment: Deployment, *, state_dir: Path | None = None, timeout: float = 180.0) -> str:
@@ -594,7 +646,11 @@ def stop_deployment(deployment: Deployment, *, state_dir: Path | None = None, ti
     whole process group if it is still there after ``timeout``. Removes the record. Returns what happened."""
     state_dir = state_dir or default_state_dir()
     how = "was not running"
-    if _alive(deployment.pid):
+    if deployment.container is not None:
+        from vlmforge.docker_runner import stop_container
+
+        how = stop_container(deployment.container, timeout)
+    elif _alive(deployment.pid):
         rank0 = deployment.rank0_pid()
         target = rank0 if rank0 is not None and _alive(rank0) else deployment.pid
         os.kill(target, signal.SIGTERM)

@@ -57,13 +57,13 @@ def client(server):
     return Client()
 
 
-def start_run(server, parameters: dict, job_variables: dict | None = None):
-    """A flow run of build-engine-cpu, as `prefect deployment run` makes it."""
+def start_run(server, parameters: dict, job_variables: dict | None = None, deployment: str = DEPLOYMENT):
+    """A flow run of a deployment (build-engine-cpu), as `prefect deployment run` makes it."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     with client(server) as c:
-        found = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])))
-        assert found, f"deployment {DEPLOYMENT} is not registered"
+        found = c.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+        assert found, f"deployment {deployment} is not registered"
         return c.create_flow_run_from_deployment(found[0].id, parameters=parameters, job_variables=job_variables)
 
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import signal
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from vlmforge.cli import app, console, err_console, print_json
-from vlmforge.runner import CompileMode
+from vlmforge.docker_runner import DockerRunner
 from vlmforge.errors import DeployError
+from vlmforge.runner import CompileMode
+
+
+class Launcher(str, Enum):
+    """How `vlmforge deploy` starts the runner."""
+
+    PROCESS = "process"
+    DOCKER = "docker"
+
 
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -43,6 +53,10 @@ def deploy_cmd(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
+    launcher: Annotated[Launcher, typer.Option(help="process: mpirun/the runner as a child of this command; docker: a runner container through the Docker daemon.")] = Launcher.PROCESS,
+    image: Annotated[str | None, typer.Option(help="--launcher docker: the runner image (vlmforge-runner:TAG, vlmforge-runner-cpu:TAG).")] = None,
+    volume: Annotated[list[str] | None, typer.Option("--volume", help="--launcher docker: a mount SOURCE:TARGET[:MODE] (default: the engine dir, read-only).")] = None,
+    network: Annotated[str | None, typer.Option(help="--launcher docker: the Docker network of the runner.")] = None,
     state_dir: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -55,19 +69,32 @@ def deploy_cmd(
     if engine_dir is not None and store is not None:
         raise DeployError("--store and --engine-dir exclude each other")
     source = LocalEngineSource(engine_dir) if engine_dir is not None else StoreSource(store)
+    docker = None
+    if launcher is Launcher.DOCKER:
+        if not image:
+            raise DeployError("--launcher docker needs --image (the runner image, e.g. vlmforge-runner:local from "
+                              "infra/build-images.sh runner)")
+        if foreground:
+            raise DeployError("--foreground stays attached to a runner process; with --launcher docker the container "
+                              "is the long-lived process (stop it with `vlmforge undeploy`)")
+        docker = DockerRunner(image=image, volumes=volume or [], network=network)
+    elif image or volume or network:
+        raise DeployError("--image, --volume and --network go with --launcher docker")
     serve_args: list[str] = ["--decode", decode, "--compile-mode", compile_mode.value] + (["--warmup"] if warmup else [])
     if max_batch_size is not None:
         serve_args += ["--max-batch-size", str(max_batch_size)]
     if image_root is not None:
         serve_args += ["--image-root", str(image_root.resolve())]
     deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
-                        state_dir=state_dir, serve_args=serve_args, wait_s=wait, replace=replace)
+                        state_dir=state_dir, serve_args=serve_args, wait_s=wait, replace=replace, docker=docker)
     if as_json:
         print_json({**_summary(deployment, "serving"), "selection": deployment.selection})
     else:
         console.print(deployment.selection, highlight=False)
         console.print(f"[bold green]serving[/] {deployment.ref} at {deployment.endpoint}/v1 (TP {deployment.tp}, "
-                      f"deployment {deployment.name}, log {deployment.log})", highlight=False)
+                      f"deployment {deployment.name}, "
+                      + (f"container {deployment.container[:12]}: `{deployment.log}`)" if deployment.container
+                         else f"log {deployment.log})"), highlight=False)
     if foreground:
         raise typer.Exit(_attach(deployment, state_dir))
 
