@@ -97,11 +97,13 @@ def describe_image_machine(runner: DockerRunner, gpus: int = -1, client: Any = N
 
     client = client or docker_client()
     _require_image(client, runner.image)
+    import docker
+
     code = "from vlmforge.deploy import describe_machine; print(describe_machine().model_dump_json())"
     try:
         out = client.containers.run(runner.image, ["python", "-c", code], remove=True, stdout=True, stderr=False,
                                     device_requests=_device_requests(gpus), environment={"PYTHONWARNINGS": "ignore"})
-    except Exception as exc:  # docker.errors.ContainerError / APIError: the image cannot run vlmforge
+    except (docker.errors.ContainerError, docker.errors.APIError) as exc:  # the image cannot run vlmforge here
         raise DeployError(f"the runner image {runner.image} could not describe itself: {exc}") from None
     lines = out.decode().strip().splitlines()
     try:
@@ -238,6 +240,8 @@ def container_running(container_id: str) -> bool:
 def stop_container(container_id: str, timeout: float) -> str:
     """SIGTERM to rank 0 inside the container (it drains and every rank exits), the daemon's stop if it is still
     running after ``timeout``; the container is removed. Returns what happened."""
+    import requests
+
     container = _container(container_id)
     if container is None:
         return "was not running"
@@ -248,7 +252,7 @@ def stop_container(container_id: str, timeout: float) -> str:
             result = container.wait(timeout=timeout)
             how = "drained and stopped" if result.get("StatusCode") == 0 else \
                 f"stopped (exit code {result.get('StatusCode')})"
-        except Exception:  # requests' ReadTimeout: still running after the timeout
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):  # still running
             container.stop(timeout=5)
             how = f"killed after {timeout:.0f}s without draining"
     container.remove(force=True)
