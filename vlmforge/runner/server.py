@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -265,50 +266,23 @@ def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: flo
         metrics.generation_tokens.inc(tokens)
 
 
-async def _complete(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str,
-                    arrived: float) -> Any:
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """How a request ended: a finish reason, or the failure the scheduler reported; its generated tokens."""
+
+    finish: str | None
+    failed: Any
+    tokens: int
+
+
+async def _text_then_outcome(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream,
+                             arrived: float) -> AsyncIterator[str | _Outcome]:
+    """The answer's new text piece by piece (stop strings applied), then its :class:`_Outcome`; metrics observed.
+    Closed before the outcome (the client went away), it cancels the request."""
     from vlmforge.runner.scheduler import Failed, Finished, Token
 
     first, tokens, done = None, 0, False
     try:
-        while True:
-            event = await events.get()
-            if isinstance(event, Token):
-                if text.stopped:
-                    continue
-                first = first or time.perf_counter()
-                tokens += 1
-                text.push(event.token)
-                if text.stopped:
-                    gen.cancel("stop")
-            elif isinstance(event, Finished):
-                done = True
-                text.flush()
-                _observe(runtime, gen, 200, arrived, first, tokens)
-                return JSONResponse(completion(cid, runtime.model, text.text, _finish_reason(text, event.reason),
-                                               gen.prompt_tokens, tokens))
-            elif isinstance(event, Failed):
-                done = True
-                _observe(runtime, gen, event.status, arrived, first, tokens)
-                return JSONResponse(ApiError(event.status, event.message).body(), status_code=event.status)
-    finally:
-        if not done:
-            gen.cancel("cancelled")
-
-
-def _sse(data: Any) -> bytes:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-async def _stream(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str, include_usage: bool,
-                  arrived: float) -> AsyncIterator[bytes]:
-    from vlmforge.runner.scheduler import Failed, Finished, Token
-
-    created = int(time.time())
-    model = runtime.model
-    first, tokens, done = None, 0, False
-    try:
-        yield _sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
         while True:
             event = await events.get()
             if isinstance(event, Token):
@@ -320,27 +294,60 @@ async def _stream(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextS
                 if text.stopped:
                     gen.cancel("stop")
                 if delta:
-                    yield _sse(chunk(cid, model, created, {"content": delta}))
+                    yield delta
             elif isinstance(event, Finished):
                 done = True
                 tail = text.flush()
                 if tail:
-                    yield _sse(chunk(cid, model, created, {"content": tail}))
-                yield _sse(chunk(cid, model, created, {}, _finish_reason(text, event.reason)))
-                if include_usage:
-                    yield _sse(chunk(cid, model, created, {}, usage_=usage(gen.prompt_tokens, tokens), choices=False))
-                yield b"data: [DONE]\n\n"
+                    yield tail
                 _observe(runtime, gen, 200, arrived, first, tokens)
+                yield _Outcome(_finish_reason(text, event.reason), None, tokens)
                 return
             elif isinstance(event, Failed):
                 done = True
                 _observe(runtime, gen, event.status, arrived, first, tokens)
-                yield _sse(ApiError(event.status, event.message).body())
+                yield _Outcome(None, event, tokens)
                 return
     finally:
         if not done:  # the client went away
             gen.cancel("cancelled")
             runtime.metrics.requests.labels(status="499").inc()
+
+
+async def _complete(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str,
+                    arrived: float) -> Any:
+    async with contextlib.aclosing(_text_then_outcome(runtime, gen, events, text, arrived)) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, _Outcome):
+                if piece.failed is not None:
+                    return JSONResponse(ApiError(piece.failed.status, piece.failed.message).body(),
+                                        status_code=piece.failed.status)
+                return JSONResponse(completion(cid, runtime.model, text.text, piece.finish, gen.prompt_tokens,
+                                               piece.tokens))
+    raise AssertionError("the request ended without an outcome")
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str, include_usage: bool,
+                  arrived: float) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    model = runtime.model
+    yield _sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+    async with contextlib.aclosing(_text_then_outcome(runtime, gen, events, text, arrived)) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, str):
+                yield _sse(chunk(cid, model, created, {"content": piece}))
+            elif piece.failed is not None:
+                yield _sse(ApiError(piece.failed.status, piece.failed.message).body())
+            else:
+                yield _sse(chunk(cid, model, created, {}, piece.finish))
+                if include_usage:
+                    yield _sse(chunk(cid, model, created, {}, usage_=usage(gen.prompt_tokens, piece.tokens),
+                                     choices=False))
+                yield b"data: [DONE]\n\n"
 
 
 # --- the process -----------------------------------------------------------------------------------
