@@ -2,12 +2,13 @@
 
 A spec is loaded from YAML (or taken from the catalog), every field has a default and a
 docstring, unknown keys are errors, and every error names the dotted YAML path, the bad value
-and the fix. Values derived from a spec (``max_multimodal_len`` and friends) live in
-:mod:`vlmforge.derived`, computed once; cross-field rules live in :mod:`vlmforge.rules`.
+and the fix. Values derived from a spec (``max_multimodal_len`` and friends) and the
+cross-field rules live in :mod:`vlmforge.derived`, computed and checked once.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -350,11 +351,10 @@ def load_spec_file(path: Path) -> BuildSpec:
 
 
 def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Apply dotted-key overrides (``{"limits.max_batch_size": 8}``) to a spec mapping, returning a new mapping."""
-    result: dict[str, Any] = _deep_copy(data)
+    """Apply dotted-key overrides (``{"limits.max_batch_size": 8}``) to a spec mapping, returning a new mapping;
+    ``None`` removes the key (``{"limits.max_seq_len": None}``: derive it again)."""
+    result: dict[str, Any] = copy.deepcopy(data)
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         target = result
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -362,16 +362,11 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(nxt, dict):
                 raise SpecError(f"cannot override {dotted}: {part} is not a section", path=dotted)
             target = nxt
-        target[parts[-1]] = value
+        if value is None:
+            target.pop(parts[-1], None)
+        else:
+            target[parts[-1]] = value
     return result
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {key: _deep_copy(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(value) for value in data]
-    return data
 
 
 def spec_json_schema() -> dict[str, Any]:

@@ -74,3 +74,18 @@ def test_a_bad_option_value_is_a_usage_error_not_a_traceback() -> None:
         result = vlmforge(*args)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and option in result.stderr and "Usage:" in result.stderr
+
+
+def test_max_output_len_replaces_the_max_seq_len_of_a_spec_file(tmp_path: Path) -> None:
+    """--max-output-len clears a spec's own max_seq_len so it is derived again (input + output)."""
+    from vlmforge.catalog import catalog_entry
+
+    import yaml
+
+    spec = catalog_entry("llava-1.5-7b-hf")
+    spec["limits"] = {**spec.get("limits", {}), "max_input_len": 2048, "max_seq_len": 2560}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = vlmforge("plan", str(path), "--max-output-len", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["derived"]["max_seq_len"] == 2148
