@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,14 @@ def test_a_prompt_free_model_refuses_text() -> None:
         parse_messages(request.messages, takes_prompt=False, model="nougat")
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
 def test_images_within_and_beyond_the_limits(tmp_path: Path) -> None:
 
     image = load_image(image_url(0, fmt="JPEG"), Limits(), None)
@@ -74,6 +84,9 @@ def test_images_within_and_beyond_the_limits(tmp_path: Path) -> None:
     with pytest.raises(ApiError) as caught:
         load_image(image_url(0, size=80), Limits(max_image_side=79), None)
     assert caught.value.status == 413 and "80x80" in caught.value.message
+    with pytest.raises(ApiError) as caught:  # a few bytes of PNG header claiming 20000x20000: Pillow's own ceiling
+        load_image("data:image/png;base64," + base64.b64encode(png_header(20000, 20000)).decode(), Limits(), None)
+    assert caught.value.status == 413
     with pytest.raises(ApiError, match="not valid base64"):
         load_image("data:image/png;base64,abc$", Limits(), None)
     with pytest.raises(ApiError, match="data:<mime>;base64"):

@@ -4,12 +4,14 @@ hand over while a request runs and sends the rest when it is done."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
+import pytest
 import torch
 
 from vlmforge.runner.engine import Generation
-from vlmforge.runner.scheduler import Finished, GenRequest, Scheduler, Token
+from vlmforge.runner.scheduler import Draining, Finished, GenRequest, Scheduler, Token
 
 
 class WholeEngine:
@@ -56,3 +58,17 @@ def test_tokens_stream_while_a_whole_request_runs_and_the_rest_follow_at_its_end
     assert events[1] == [Token(7), Token(8), Finished("length")]
     assert engine.live_checks == [True, True, True]
     assert scheduler.batches == 1
+
+
+def test_a_scheduler_that_failed_refuses_new_requests_instead_of_queueing_them() -> None:
+    def warmup() -> None:
+        raise RuntimeError("the decode step did not compile")
+
+    scheduler = Scheduler(WholeEngine({}), max_batch_size=1, warmup=warmup)
+    scheduler.start()
+    deadline = time.monotonic() + 10
+    while scheduler.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert isinstance(scheduler.error, RuntimeError) and not scheduler.alive
+    with pytest.raises(Draining, match="failed"):
+        scheduler.submit(GenRequest("decoder", "a", 1, 1, lambda event: None))

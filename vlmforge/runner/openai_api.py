@@ -213,6 +213,9 @@ def load_image(url: str, limits: Limits, image_root: Path | None) -> Any:
                        param=param)
     try:
         image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:  # Pillow's own ceiling, met before ours can be checked
+        raise ApiError(413, f"image_url: the image's declared size is over the limit ({limits.max_image_pixels} "
+                            "pixels)", param=param) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ApiError(400, "image_url: the data is not an image this runner can read (PNG, JPEG, WebP...)",
                        param=param) from None

@@ -136,12 +136,17 @@ class Scheduler:
     def submit(self, request: GenRequest) -> None:
         if self._stopping.is_set():
             raise Draining("the runner is shutting down")
+        if self.error is not None:
+            raise Draining("the runner failed and is not serving")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests are already waiting (the limit is {self.max_queue})")
         with self._count_lock:
             self._in_flight += 1
         request._on_done = self._done
         self._queue.put(request)
+        if self.error is not None:  # the thread failed meanwhile and drained before this put: nobody will take it
+            for stranded in self._drain_queue():
+                stranded._emit(Failed(503, "the runner failed and is not serving"))
         if self.metrics:
             self.metrics.queue_depth.set(self._queue.qsize())
 
