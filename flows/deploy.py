@@ -16,8 +16,9 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from tasks import deploy as t
-from vlmforge.deploy import Deployment, DeployPlan, LocalEngineSource, StoreSource, image_machine
+from vlmforge.deploy import Deployment, DeployPlan, LocalEngineSource, StoreSource, serve_args
 from vlmforge.docker_runner import DockerRunner
+from vlmforge.runner import CompileMode, DecodeMode
 
 
 def _key(name: str) -> str:
@@ -53,27 +54,26 @@ def _run_name() -> str:
 @flow(name="deploy-runner", flow_run_name=_run_name, validate_parameters=True)
 def deploy_runner(model: str = "", store: str | None = None, engine_dir: str | None = None, tp: int | None = None,
                   host: str = "127.0.0.1", port: int = 8000, hostfile: str | None = None, replace: bool = True,
-                  max_batch_size: int | None = None, wait_s: float = 600.0, state_dir: str | None = None,
-                  cache_dir: str | None = None, launcher: Literal["process", "docker"] = "process",
-                  image: str | None = None, volumes: list[str] | None = None,
-                  network: str | None = None) -> dict[str, Any]:
+                  max_batch_size: int | None = None, decode: DecodeMode = DecodeMode.AUTO,
+                  compile_mode: CompileMode = CompileMode.MAX_AUTOTUNE, warmup: bool = True, wait_s: float = 600.0,
+                  state_dir: str | None = None, cache_dir: str | None = None,
+                  launcher: Literal["process", "docker"] = "process", image: str | None = None,
+                  volumes: list[str] | None = None, network: str | None = None) -> dict[str, Any]:
     """Deploy MODEL (the newest build that fits), MODEL@ALIAS or MODEL#BUILD_ID from the store, or a local
     engine directory; replaces (drains) a running deployment of the same name. ``launcher="docker"`` starts the
     runner as a container of ``image`` (with ``volumes`` mounted: the cache volume the flow pulls into)."""
     source = LocalEngineSource(Path(engine_dir)) if engine_dir else StoreSource(store)
     state = Path(state_dir) if state_dir else None
     docker = None
-    machine = None
     if launcher == "docker":
         if not image:
             raise ValueError("launcher docker needs image (the runner image, e.g. vlmforge-runner:local)")
         docker = DockerRunner(image=image, volumes=volumes or [], network=network)
-        machine = image_machine(docker)
     plan = t.choose(model, source, tp=tp, host=host, port=port, hostfile=Path(hostfile) if hostfile else None,
-                    state_dir=state, replace=replace, machine=machine)
+                    state_dir=state, replace=replace, docker=docker)
     engine = t.pull(plan, source, Path(cache_dir) if cache_dir else None)
-    serve_args = ["--max-batch-size", str(max_batch_size)] if max_batch_size else []
-    deployment = t.start(plan, engine, source, state_dir=state, serve_args=serve_args, wait_s=wait_s, docker=docker)
+    args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size)
+    deployment = t.start(plan, engine, source, state_dir=state, serve_args=args, wait_s=wait_s)
     key = _key(deployment.name)
     create_link_artifact(key=key, link=f"{deployment.endpoint}/v1/models", link_text=f"{deployment.ref} (TP {deployment.tp})",
                          description=f"{deployment.model}: OpenAI-compatible endpoint")

@@ -31,16 +31,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, PrivateAttr
 
+from vlmforge.docker_runner import DockerRunner
 from vlmforge.engine_config import EngineConfig
 from vlmforge.errors import DeployError
-from vlmforge.docker_runner import DockerRunner
 
 log = logging.getLogger(__name__)
 
@@ -393,22 +393,27 @@ def launch_argv(engine_dir: Path, *, tp: int, host: str, port: int, model_name: 
     return argv + serve
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> dict[str, Any]:
-    """Poll ``url``/health until it answers 200; DeployError with the log's tail if the runner dies or is late."""
+def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], log_tail: Callable[[], str]) -> None:
+    """Poll ``url``/health until it says ok; DeployError with the log's tail if the runner dies (``died`` says how)
+    or is late."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"the runner exited with code {proc.returncode} before it was healthy; the end of its "
-                              f"log ({log_path}):\n{_tail(log_path)}")
+        how = died()
+        if how is not None:
+            raise DeployError(f"{how} before it was healthy; the end of its log:\n{log_tail()}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return json.loads(response.read())
+                if response.status == 200 and json.loads(response.read()).get("status") == "ok":
+                    return
         except (OSError, urllib.error.URLError, ValueError):
             pass
         time.sleep(0.25)
-    raise DeployError(f"the runner was not healthy within {timeout:.0f}s; the end of its log ({log_path}):\n"
-                      f"{_tail(log_path)}")
+    raise DeployError(f"the runner was not healthy within {timeout:.0f}s; the end of its log:\n{log_tail()}")
+
+
+def endpoint_url(host: str, port: int) -> str:
+    """Where clients on this host reach a runner listening on ``host`` (all interfaces: loopback)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -432,13 +437,14 @@ def launch(build: BuildInfo, engine_dir: Path, *, tp: int, host: str, port: int,
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    endpoint = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    endpoint = endpoint_url(host, port)
     deployment = Deployment(name=name, model=build.model, build_id=build.build_id, engine_dir=engine_dir,
                             endpoint=endpoint, host=host, port=port, tp=tp, pid=proc.pid, pid_file=pid_file,
                             log=log_path, argv=argv, source=source, selection=selection,
                             started_at=datetime.now(UTC))
     try:
-        wait_healthy(endpoint, proc, wait_s, log_path)
+        wait_healthy(endpoint, wait_s, log_tail=lambda: f"({log_path})\n{_tail(log_path)}",
+                     died=lambda: None if proc.poll() is None else f"the runner exited with code {proc.returncode}")
     except BaseException:
         _kill_group(proc.pid)
         raise
@@ -493,6 +499,8 @@ class DeployPlan(BaseModel):
     hostfile: Path | None = None
     replaces: Deployment | None = None
     gpus: bool = False
+    docker: DockerRunner | None = None
+    """Start the runner as a container of this image (None: a process here)."""
 
     @property
     def build(self) -> BuildInfo:
@@ -501,9 +509,13 @@ class DeployPlan(BaseModel):
 
 def plan_deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: str = "127.0.0.1", port: int = 8000,
                 hostfile: Path | None = None, name: str | None = None, machine: Machine | None = None,
-                state_dir: Path | None = None, replace: bool = False) -> DeployPlan:
-    """Choose the build (the newest that fits, for a bare MODEL) or check the one asked for, and the port."""
-    machine = machine or describe_machine()
+                state_dir: Path | None = None, replace: bool = False, docker: DockerRunner | None = None) -> DeployPlan:
+    """Choose the build (the newest that fits, for a bare MODEL) or check the one asked for, and the port. With
+    ``docker`` the runner will be a container of that image: what can run is asked of the image."""
+    if docker is not None and hostfile is not None:
+        raise DeployError("a hostfile spreads mpirun's ranks over hosts; a runner container runs on one host (use "
+                          "the process launcher for several hosts)")
+    machine = machine or (image_machine(docker) if docker is not None else describe_machine())
     state_dir = state_dir or default_state_dir()
     multi_host = hostfile is not None
     candidates = source.candidates(ref)
@@ -528,7 +540,8 @@ def plan_deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: s
     elif port_in_use(host, port):
         raise DeployError(f"port {port} on {host} is in use: pass another --port")
     return DeployPlan(ref=ref, selection=selection, tp=tp if tp is not None else build.world_size, host=host,
-                      port=port, name=name, hostfile=hostfile, replaces=replaces, gpus=machine.gpu_count > 0)
+                      port=port, name=name, hostfile=hostfile, replaces=replaces, gpus=machine.gpu_count > 0,
+                      docker=docker)
 
 
 def fetch_engine(plan: DeployPlan, source: BuildSource, cache_dir: Path | None = None) -> Path:
@@ -544,19 +557,19 @@ def fetch_engine(plan: DeployPlan, source: BuildSource, cache_dir: Path | None =
 
 
 def start_runner(plan: DeployPlan, engine_dir: Path, *, source: str, state_dir: Path | None = None,
-                 serve_args: Sequence[str] = (), wait_s: float = 600.0, docker: DockerRunner | None = None) -> Deployment:
-    """Stop the deployment this one replaces (draining it), start the runner (a process, or a container with
-    ``docker``), wait until healthy, record it."""
+                 serve_args: Sequence[str] = (), wait_s: float = 600.0) -> Deployment:
+    """Stop the deployment this one replaces (draining it), start the runner (a process, or the plan's container),
+    wait until healthy, record it."""
     state_dir = state_dir or default_state_dir()
     if plan.replaces is not None and running(plan.replaces):
         log.info("replacing %s (%s)", plan.replaces.name, plan.replaces.ref)
         stop_deployment(plan.replaces, state_dir=state_dir)
         if port_in_use(plan.host, plan.port):
             raise DeployError(f"port {plan.port} on {plan.host} is still in use after stopping {plan.name}")
-    if docker is not None:
+    if plan.docker is not None:
         from vlmforge.docker_runner import launch_container
 
-        return launch_container(plan.build, engine_dir, runner=docker, tp=plan.tp, host=plan.host, port=plan.port,
+        return launch_container(plan.build, engine_dir, runner=plan.docker, tp=plan.tp, host=plan.host, port=plan.port,
                                 name=plan.name, state_dir=state_dir, selection=plan.selection.explain(),
                                 source=source, serve_args=serve_args, wait_s=wait_s, gpus=plan.gpus)
     return launch(plan.build, engine_dir, tp=plan.tp, host=plan.host, port=plan.port, name=plan.name,
@@ -569,15 +582,24 @@ def deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: str = 
            cache_dir: Path | None = None, state_dir: Path | None = None, serve_args: Sequence[str] = (),
            wait_s: float = 600.0, replace: bool = False, docker: DockerRunner | None = None) -> Deployment:
     """Plan (every refusal before anything is pulled or started), pull, start; the recorded deployment. With
-    ``docker`` the runner is a container of that image, and what can run is asked of the image."""
-    if docker is not None and machine is None:
-        machine = image_machine(docker)
+    ``docker`` the runner is a container of that image."""
     plan = plan_deploy(ref, source, tp=tp, host=host, port=port, hostfile=hostfile, name=name, machine=machine,
-                       state_dir=state_dir, replace=replace)
+                       state_dir=state_dir, replace=replace, docker=docker)
     log.info("%s", plan.selection.explain())
     engine_dir = fetch_engine(plan, source, cache_dir)
     return start_runner(plan, engine_dir, source=source.describe(), state_dir=state_dir, serve_args=serve_args,
-                        wait_s=wait_s, docker=docker)
+                        wait_s=wait_s)
+
+
+def serve_args(*, decode: str = "auto", compile_mode: str = "max-autotune-no-cudagraphs", warmup: bool = True,
+               max_batch_size: int | None = None, image_root: Path | None = None) -> list[str]:
+    """``vlmforge serve`` options of a deployment (the CLI's and the deploy-runner flow's)."""
+    args = ["--decode", decode, "--compile-mode", compile_mode] + (["--warmup"] if warmup else [])
+    if max_batch_size is not None:
+        args += ["--max-batch-size", str(max_batch_size)]
+    if image_root is not None:
+        args += ["--image-root", str(image_root.resolve())]
+    return args
 
 
 def image_machine(docker: DockerRunner) -> Machine:

@@ -22,11 +22,7 @@ daemon (the flow's container reaches it through ``/var/run/docker.sock``):
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,22 +129,11 @@ def _logs(container: Any, lines: int = 40) -> str:
         return "(no logs)"
 
 
-def _wait_healthy(container: Any, probe: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status in ("exited", "dead"):
-            code = container.attrs["State"].get("ExitCode")
-            raise DeployError(f"the runner container {container.name} exited ({code}) before it was healthy:\n"
-                              f"{_logs(container)}")
-        try:
-            with urllib.request.urlopen(f"{probe}/health", timeout=2) as response:
-                if response.status == 200 and json.loads(response.read()).get("status") == "ok":
-                    return
-        except (OSError, urllib.error.URLError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise DeployError(f"the runner container {container.name} was not healthy after {timeout:.0f}s:\n{_logs(container)}")
+def _exited(container: Any) -> str | None:
+    container.reload()
+    if container.status in ("exited", "dead"):
+        return f"the runner container {container.name} exited ({container.attrs['State'].get('ExitCode')})"
+    return None
 
 
 def launch_container(build: Any, engine_dir: Path, *, runner: DockerRunner, tp: int, host: str, port: int, name: str,
@@ -157,7 +142,7 @@ def launch_container(build: Any, engine_dir: Path, *, runner: DockerRunner, tp: 
     """Start the runner container, wait until it is healthy, and record the deployment."""
     import docker
 
-    from vlmforge.deploy import Deployment, launch_argv, record_path
+    from vlmforge.deploy import Deployment, endpoint_url, launch_argv, record_path, wait_healthy
 
     client = client or docker_client()
     _require_image(client, runner.image)
@@ -174,7 +159,7 @@ def launch_container(build: Any, engine_dir: Path, *, runner: DockerRunner, tp: 
                               f"{cname}`")
         stale.remove(force=True)
     volumes = runner.volumes or [f"{engine_dir}:{engine_dir}:ro"]
-    endpoint = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    endpoint = endpoint_url(host, port)
     record = Deployment(name=name, model=build.model, build_id=build.build_id, engine_dir=engine_dir,
                         endpoint=endpoint, host=host, port=port, tp=tp, pid=0, pid_file=RANK0_PID_FILE,
                         log=Path(f"docker logs {cname}"), argv=argv, source=source, selection=selection,
@@ -192,7 +177,8 @@ def launch_container(build: Any, engine_dir: Path, *, runner: DockerRunner, tp: 
     container.reload()
     probe = f"http://{_address(container, runner.network)}:{port}"
     try:
-        _wait_healthy(container, probe, wait_s)
+        wait_healthy(probe, wait_s, died=lambda: _exited(container),
+                     log_tail=lambda: f"(docker logs {cname})\n{_logs(container)}")
     except BaseException:
         container.remove(force=True)
         raise

@@ -174,10 +174,14 @@ def test_the_cli_refuses_a_tp_the_engine_was_not_built_for(tiny_engine: Path, tm
 def test_the_cli_refuses_docker_options_that_do_not_go_together(tiny_engine: Path, tmp_path: Path) -> None:
     """Checked before the daemon is asked anything (the docker launcher itself: tests/e2e/test_docker_runner.py)."""
     base = ("deploy", "--engine-dir", str(tiny_engine), "--port", str(free_port()))
+    hostfile = tmp_path.parent / f"{tmp_path.name}-hosts"
+    hostfile.write_text("node-1 slots=1\n")
     for extra, said in ((["--image", "vlmforge-runner:local"], "--image, --volume and --network go with --launcher docker"),
                         (["--launcher", "docker"], "--launcher docker needs --image"),
                         (["--launcher", "docker", "--image", "x", "--foreground"], "with --launcher docker the container"),
-                        (["--launcher", "kubernetes"], "--launcher")):
+                        (["--launcher", "kubernetes"], "--launcher"),
+                        (["--launcher", "docker", "--image", "x", "--hostfile", str(hostfile)], "runs on one host"),
+                        (["--launcher", "docker", "--image", "x", "--image-root", str(tmp_path)], "give a --volume")):
         done = cli(*base, *extra, state=tmp_path)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())

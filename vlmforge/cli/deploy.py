@@ -12,7 +12,7 @@ import typer
 from vlmforge.cli import app, console, err_console, print_json
 from vlmforge.docker_runner import DockerRunner
 from vlmforge.errors import DeployError
-from vlmforge.runner import CompileMode
+from vlmforge.runner import CompileMode, DecodeMode
 
 
 class Launcher(str, Enum):
@@ -47,7 +47,7 @@ def deploy_cmd(
     name: Annotated[str | None, typer.Option(help="Deployment name (default: MODEL-PORT).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Let requests name images under this directory with file:// URLs.")] = None,
-    decode: Annotated[str, typer.Option(help="The runner's decode path: auto, static or dynamic (vlmforge serve --decode).")] = "auto",
+    decode: Annotated[DecodeMode, typer.Option(help="The runner's decode path: auto, static or dynamic (vlmforge serve --decode).")] = DecodeMode.AUTO,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Compile the static decode path before reporting healthy.")] = True,
     compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step (vlmforge serve --compile-mode).")] = CompileMode.MAX_AUTOTUNE,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
@@ -62,7 +62,7 @@ def deploy_cmd(
 ) -> None:
     """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
     and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it."""
-    from vlmforge.deploy import LocalEngineSource, StoreSource, deploy
+    from vlmforge.deploy import LocalEngineSource, StoreSource, deploy, serve_args
 
     if engine_dir is None and ref is None:
         raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or an --engine-dir")
@@ -80,13 +80,14 @@ def deploy_cmd(
         docker = DockerRunner(image=image, volumes=volume or [], network=network)
     elif image or volume or network:
         raise DeployError("--image, --volume and --network go with --launcher docker")
-    serve_args: list[str] = ["--decode", decode, "--compile-mode", compile_mode.value] + (["--warmup"] if warmup else [])
-    if max_batch_size is not None:
-        serve_args += ["--max-batch-size", str(max_batch_size)]
-    if image_root is not None:
-        serve_args += ["--image-root", str(image_root.resolve())]
+    if docker is not None and image_root is not None and not any(
+            image_root.resolve().is_relative_to(mount.split(":")[1]) for mount in docker.volumes if ":" in mount):
+        raise DeployError(f"--image-root {image_root} is a path here; with --launcher docker give a --volume that mounts "
+                          "it in the runner container too")
+    args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size,
+                      image_root=image_root)
     deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
-                        state_dir=state_dir, serve_args=serve_args, wait_s=wait, replace=replace, docker=docker)
+                        state_dir=state_dir, serve_args=args, wait_s=wait, replace=replace, docker=docker)
     if as_json:
         print_json({**_summary(deployment, "serving"), "selection": deployment.selection})
     else:

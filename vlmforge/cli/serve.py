@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from vlmforge.cli import app
-from vlmforge.runner import CompileMode
+from vlmforge.runner import CompileMode, DecodeMode
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
 
@@ -44,7 +44,7 @@ def serve_cmd(
     drain_timeout: Annotated[float, typer.Option(min=0, help="Seconds SIGTERM waits for running requests.")] = 120.0,
     pid_file: Annotated[Path | None, typer.Option(help="Rank 0 writes its pid here (signal it to drain).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
-    decode: Annotated[str, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = "auto",
+    decode: Annotated[DecodeMode, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = DecodeMode.AUTO,
     warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
     compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = CompileMode.MAX_AUTOTUNE,
 ) -> None:

@@ -10,3 +10,14 @@ class CompileMode(str, Enum):
     """Inductor tunes the matrix-vector products: the fastest decode, about a minute per batch bucket of a 7B model."""
     DEFAULT = "default"
     """About half the compile time, decode about 15% slower (bench/decode_probe.py)."""
+
+
+class DecodeMode(str, Enum):
+    """The runner's decode path (vlmforge.runner.static)."""
+
+    AUTO = "auto"
+    """The static path where it applies (a float decoder-only LLM on a GPU, no tensor parallelism), else dynamic."""
+    STATIC = "static"
+    """A static KV cache and a compiled, graph-captured decode step; refused where it does not apply."""
+    DYNAMIC = "dynamic"
+    """transformers' dynamic cache, eager."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -92,7 +92,6 @@ class ControlChannel:
 
     info: RankInfo
     group: Any = None
-    sent: int = field(default=0)
 
     def _broadcast(self, obj: Any) -> Any:
         import torch.distributed as dist
@@ -104,7 +103,6 @@ class ControlChannel:
     def send(self, message: BatchJob | WholeJob | Heartbeat | Shutdown) -> None:
         assert self.info.leader, "only rank 0 sends"
         self._broadcast(message)
-        self.sent += 1
 
     def receive(self) -> BatchJob | WholeJob | Heartbeat | Shutdown:
         assert not self.info.leader, "rank 0 does not receive"

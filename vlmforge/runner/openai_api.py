@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -281,7 +281,6 @@ def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish_reas
     return out
 
 
-FinishReason = Literal["stop", "length"]
 
 
 class TextStream:

@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlmforge.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
-from vlmforge.runner import CompileMode
+from vlmforge.runner import CompileMode, DecodeMode
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
@@ -80,7 +80,7 @@ class ServeSettings(BaseModel):
     pid_file: Path | None = None
     """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
     device: str | None = None
-    decode: str = "auto"
+    decode: DecodeMode = DecodeMode.AUTO
     """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""
     compile_mode: CompileMode = CompileMode.MAX_AUTOTUNE
     """torch.compile mode of the static decode step: max-autotune-no-cudagraphs tunes the matrix-vector products
@@ -107,6 +107,8 @@ class Runtime:
         if self.config.toolchain == "trtllm" and batch > self.config.max_batch_size:
             raise DeployError(f"--max-batch-size {batch} exceeds the TensorRT engine's max_batch_size "
                               f"{self.config.max_batch_size}")
+        self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
+                                      self.config.max_output_len)
         warmup = None
         static = getattr(engine, "static", None)
         if settings.warmup and static is not None:
@@ -114,16 +116,12 @@ class Runtime:
             sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
 
             def warmup() -> None:
-                static.warmup(sizes, prompt, min(settings.default_max_tokens or self.config.max_output_len,
-                                                 self.config.max_output_len))
+                static.warmup(sizes, prompt, self.default_max_tokens)
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
                                    warmup=warmup)
-        self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
-                                      self.config.max_output_len)
         self.draining = False
-        self.decode = "static" if getattr(engine, "static", None) is not None else (
-            "dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
+        self.decode = "static" if static is not None else ("dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
 
     @property
     def takes_prompt(self) -> bool:
@@ -402,7 +400,7 @@ def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any
             raise DeployError(f"{settings.engine_dir} is a TensorRT engine for {config.world_size} rank(s); it runs only "
                               f"with mpirun -n {config.world_size}, not {info.world_size}")
         try:
-            return TrtllmEngine(settings.engine_dir, device=settings.device)
+            return TrtllmEngine(settings.engine_dir)
         except ToolchainUnavailable as exc:
             raise ToolchainUnavailable(f"{settings.engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a "
                                        "GPU (the runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
@@ -410,7 +408,7 @@ def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any
     from vlmforge.runner.engine import HfEngine
 
     return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
-                    decode=settings.decode, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode.value)
+                    decode=settings.decode.value, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode.value)
 
 
 def serve(settings: ServeSettings) -> int:

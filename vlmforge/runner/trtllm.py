@@ -94,8 +94,7 @@ def run_multimodal(runner: Any, text: str, image: Any, max_new_tokens: int) -> A
 class TrtllmEngine:
     """A TensorRT-LLM multimodal engine (engine_dir/{llm,vision}) behind the same interface as HfEngine."""
 
-    def __init__(self, engine_dir: Path, *, hf_model_dir: Path | None = None, device: str | None = None,
-                 tp_plan: bool = False) -> None:
+    def __init__(self, engine_dir: Path, *, hf_model_dir: Path | None = None) -> None:
         version = require_trtllm()
         self.dir = Path(engine_dir)
         self.config = EngineConfig.read(self.dir)
@@ -116,7 +115,6 @@ class TrtllmEngine:
         self.tokenizer = self.runner.tokenizer
         self.family = get_family(self.config.family)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_token_id = self.tokenizer.eos_token_id
 
     streams_tokens = False
     """TensorRT-LLM's multimodal runner takes whole requests (no shared batch with the server's scheduler); tokens
