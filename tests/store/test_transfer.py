@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 import time
@@ -97,3 +98,58 @@ def test_download_range_size() -> None:
     assert download_range_size(10 * MiB, s) == 32 * MiB  # small blob: one range
     assert download_range_size(768 * MiB, s) == -(-768 * MiB // 10)  # about one range per worker
     assert download_range_size(100 * 1024 * MiB, s) == 256 * MiB  # huge blob: capped for resume granularity
+
+
+class _Ordered:
+    """A stand-in TaskGroup that runs the submitted tasks in a chosen order (the resumed parts' hashing last)."""
+
+    failed = False
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple] = []
+
+    def submit(self, fn, /, *args) -> None:  # type: ignore[no-untyped-def]
+        self.tasks.append((fn, args))
+
+    def run(self, order: list[int]) -> None:
+        for i in order:
+            fn, args = self.tasks[i]
+            fn(*args)
+
+
+@pytest.mark.parametrize("resume_last", [True, False])
+def test_a_resumed_copy_finishes_once_whichever_task_ends_last(tmp_path: Path, resume_last: bool) -> None:
+    """Two of three parts are in the part log from an interrupted copy: the copy is verified and done exactly once,
+    whether the resumed parts are hashed before or after the missing part arrives."""
+    from vlmforge.manifest import FileEntry
+    from vlmforge.store.transfer import RangedCopy
+
+    settings = TransferSettings(download_part_size=1 * MiB, max_download_part_size=1 * MiB, min_part_size=1,
+                                io_chunk=64 * 1024, workers=4)
+    data = random.Random(3).randbytes(3 * MiB)
+    entry = FileEntry(path="blob", sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    dest = tmp_path / "blob"
+    finished: list[bool] = []
+
+    def fetch(fd: int, offset: int, length: int, sink) -> None:  # type: ignore[no-untyped-def]
+        os.pwrite(fd, data[offset:offset + length], offset)
+        sink.advance(length)
+
+    def copy() -> RangedCopy:
+        return RangedCopy(dest, entry, fetch, settings, what="blob", on_done=lambda: finished.append(True),
+                          retryable=lambda exc: False)
+
+    class Sink:
+        def advance(self, nbytes: int) -> None:
+            pass
+
+    first, group = copy(), _Ordered()  # the interrupted copy: parts 0 and 1 arrive, part 2 never does
+    first.schedule(group, Sink())
+    group.run([1, 2])  # task 0 hashes the (no) resumed parts, tasks 1..3 fetch parts 0..2
+    assert not finished
+    second, group = copy(), _Ordered()
+    second.schedule(group, Sink())
+    assert len(group.tasks) == 2  # the resumed parts' hashing, and the one missing part
+    group.run([1, 0] if resume_last else [0, 1])
+    assert finished == [True]
+    assert dest.read_bytes() == data

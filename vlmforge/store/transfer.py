@@ -369,22 +369,26 @@ class RangedCopy:
         done &= set(range(len(self._parts)))
         if done:
             logger.info("resuming %s: %d of %d parts already present", self._what, len(done), len(self._parts))
-        self._remaining = len(self._parts) - len(done)
+        missing = [index for index in range(len(self._parts)) if index not in done]
+        # one unit per missing part, and one for the resumed parts (hashed by a task of their own): whichever of
+        # them ends last finishes the copy, once
+        self._remaining = len(missing) + 1
         sink.advance(sum(self._parts[i][1] for i in done))
-        if self._remaining == 0:
-            group.submit(self._resume_only, sorted(done))
-            return
-        if done:
-            group.submit(self._resume_only, sorted(done))
-        for index in range(len(self._parts)):
-            if index not in done:
-                group.submit(self._part, index, group, sink)
+        group.submit(self._resume_only, sorted(done))
+        for index in missing:
+            group.submit(self._part, index, group, sink)
 
     def _resume_only(self, indices: list[int]) -> None:
         for index in indices:
             if self._hasher is not None:
                 self._hasher.mark_done(index)
-        if self._remaining == 0:
+        self._unit_done()
+
+    def _unit_done(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
             self._finish()
 
     def _part(self, index: int, group: TaskGroup, sink: ProgressSink) -> None:
@@ -404,11 +408,7 @@ class RangedCopy:
         self._log.add(index)
         if self._hasher is not None:
             self._hasher.mark_done(index)
-        with self._lock:
-            self._remaining -= 1
-            last = self._remaining == 0
-        if last:
-            self._finish()
+        self._unit_done()
 
     def _attempt(self, fd: int, offset: int, length: int, sink: ProgressSink) -> None:
         counted = _CountingSink(sink)
