@@ -18,7 +18,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     return name in {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "HfHubHTTPError", "ProtocolError"}
+                    "HfHubHTTPError", "ProtocolError",
+                    "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError"}  # httpx's
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -8,7 +8,6 @@ stage whose inputs' fingerprint is unchanged and redoes the rest.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vlmforge.errors import BuildError, VlmforgeError
+from vlmforge.errors import BuildError
 from vlmforge.sources.base import FileEntry, hash_tree
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,8 @@ class Workdir:
         final.parent.mkdir(parents=True, exist_ok=True)
         scratch = final.with_name(f".{final.name}.partial-{os.getpid()}")
         for stale in final.parent.glob(f".{final.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if not _pid_alive(stale.name.rpartition("-")[2]):  # a live one is another build's stage at work
+                shutil.rmtree(stale, ignore_errors=True)
         scratch.mkdir(parents=True)
         start = time.perf_counter()
         try:
@@ -122,8 +122,11 @@ class Workdir:
         return StageOutcome(final, record, skipped=False)
 
 
-def read_json(path: Path) -> Any:
+def _pid_alive(pid: str) -> bool:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise VlmforgeError(f"cannot read {path}: {exc}") from None
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

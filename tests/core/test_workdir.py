@@ -71,3 +71,25 @@ def test_disk_full_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(BuildError, match="no space left in the work dir"):
         Workdir(tmp_path).run("m", "convert", "c" * 64, full)
+
+
+def test_a_stage_clears_dead_builds_partials_but_not_a_live_ones(tmp_path: Path) -> None:
+    """Two builds sharing a work dir (a watch-triggered one and a manual one): a stage leaves the other live
+    process's scratch folder alone and clears those of processes that died."""
+    import subprocess
+
+    work = Workdir(tmp_path)
+    final = work.stage_path("m", "convert", "f" * 64)
+    final.parent.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid in (dead.pid, other.pid):
+            (final.parent / f".{final.name}.partial-{pid}").mkdir()
+        work.run("m", "convert", "f" * 64, lambda out: {"n": 1})
+        assert (final.parent / f".{final.name}.partial-{other.pid}").is_dir()
+        assert not (final.parent / f".{final.name}.partial-{dead.pid}").exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -85,3 +85,30 @@ def test_hf_source_offline_from_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     finally:
         monkeypatch.undo()
         importlib.reload(constants)
+
+
+def test_an_unreachable_hub_is_a_source_error_of_that_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that does not answer (here: an endpoint where nothing listens) is one model's SourceError, which the
+    watch reports in that model's row, with the network error kept as its cause (so the task retries it)."""
+    import importlib
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    importlib.reload(constants)
+    try:
+        with pytest.raises(SourceError, match="did not answer for org/tiny@main") as caught:
+            open_source("hf://org/tiny").resolve_revision()
+        assert caught.value.__cause__ is not None
+        from tasks.common import is_transient
+
+        assert is_transient(caught.value)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)

@@ -33,6 +33,10 @@ class HfSource(Source):
             raise SourceError(f"unknown revision {self.requested!r} of {self.repo}") from None
         except RepositoryNotFoundError:
             raise SourceError(f"unknown repository {self.repo} (or it is private: set HF_TOKEN)") from None
+        except Exception as exc:  # the hub unreachable or failing (its HTTP client's errors vary by release):
+            # one model's error, not the whole run's; the cause is kept (tasks retry network errors)
+            raise SourceError(f"the Hugging Face hub did not answer for {self.repo}@{self.requested}: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     def _cached_snapshot(self) -> Path:
         from huggingface_hub import snapshot_download
