@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -126,3 +128,12 @@ class Source(ABC):
         entries = hash_tree(dest)
         check_checkpoint(dest, entries)
         return FetchedSource(uri=str(self.uri), revision=revision, path=str(dest), files=entries)
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """A hard link where the file system allows one, else a copy (``shutil.copytree``'s copy_function)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from vlmforge.errors import SourceError
-from vlmforge.sources.base import FetchedSource, Source, hash_tree, tree_digest
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
+from vlmforge.sources.base import FetchedSource, Source, hash_tree, link_or_copy, tree_digest
 
 
 class LocalSource(Source):
@@ -39,7 +30,7 @@ class LocalSource(Source):
         # Hard links where the work dir shares the source's file system (a 14 GB checkpoint costs no space);
         # the fetched tree is verified against the source's hashes either way, and again on reuse.
         shutil.copytree(self.root, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git"),
-                        copy_function=_link_or_copy)
+                        copy_function=link_or_copy)
         fetched = self._finish(dest, "sha256:" + tree_digest(before))
         if {(e.path, e.sha256) for e in fetched.files} != {(e.path, e.sha256) for e in before}:
             raise SourceError(f"source directory {self.root} changed while it was copied: try again")

@@ -563,6 +563,18 @@ def load_quantized(
     return model.eval()
 
 
+def weight_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of ``module``'s parameters in ``dtype``, tied ones counted once (what its safetensors hold, headers aside)."""
+    seen: set[int] = set()
+    total = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for param in module.parameters():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            total += param.numel() * itemsize
+    return total
+
+
 def safetensors_size(path: Path) -> int:
     """Total size in bytes of the ``*.safetensors`` files under ``path``."""
     return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))

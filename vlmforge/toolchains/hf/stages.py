@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from vlmforge.derived import ResolvedSpec
 from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
+from vlmforge.sources.base import link_or_copy
 from vlmforge.spec import QuantMethod
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,6 @@ def _load_processor(resolved: ResolvedSpec, model_dir: Path) -> Any:
         return resolved.family.load_processor(model_dir)
 
 
-def _dir_bytes(path: Path, suffix: str = ".safetensors") -> int:
-    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}"))
-
-
 def read_config(model_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((model_dir / "config.json").read_text())
@@ -105,7 +102,7 @@ class ConvertResult(BaseModel):
 
 def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str = "cpu") -> ConvertResult:
     """Load with transformers, check the architecture facts, cast to the spec's dtype, save safetensors + processor."""
-    from vlmforge.toolchains.hf.common import save_pretrained_as
+    from vlmforge.toolchains.hf.common import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
     facts = family.architecture_facts(read_config(source_dir))
@@ -129,7 +126,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
     save_pretrained_as(model, target, _torch_dtype(spec.dtype.value))
     _load_processor(resolved, source_dir).save_pretrained(target)
     return ConvertResult(dtype=spec.dtype.value, num_visual_features=facts.num_visual_features,
-                         num_attention_heads=facts.num_attention_heads, bytes=_dir_bytes(target))
+                         num_attention_heads=facts.num_attention_heads, bytes=safetensors_size(target))
 
 
 class QuantizeResult(BaseModel):
@@ -142,7 +139,7 @@ class QuantizeResult(BaseModel):
 
 def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device: str = "cpu") -> QuantizeResult:
     """Weight-only int8/int4 quantization of the LLM with optimum-quanto (the lm_head stays in full precision)."""
-    from vlmforge.toolchains.hf.common import quantize_and_save, save_pretrained_as
+    from vlmforge.toolchains.hf.common import quantize_and_save, safetensors_size, weight_bytes
 
     spec, family = resolved.spec, resolved.family
     weights = HF_QUANT_METHODS[spec.quantization.method]
@@ -151,12 +148,9 @@ def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device:
     dtype = _torch_dtype(spec.dtype.value)
     model = _load_model(resolved, checkpoint_dir, dtype, device)
     llm = family.extract_llm(model)
-    reference = out / "unquantized"
-    save_pretrained_as(llm, reference, dtype)
-    before = _dir_bytes(reference)
-    shutil.rmtree(reference)
+    before = weight_bytes(llm, dtype)  # what the unquantized LLM's safetensors would hold
     quantize_and_save(llm, out / "llm", weights)
-    after = _dir_bytes(out / "llm")
+    after = safetensors_size(out / "llm")
     log.info("quantized %s LLM to %s: %d -> %d bytes", spec.name, weights, before, after)
     return QuantizeResult(method=spec.quantization.method.value, bytes_before=before, bytes_after=after,
                           ratio=round(after / before, 4) if before else 0.0)
@@ -171,7 +165,7 @@ class LlmResult(BaseModel):
 def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path, *,
               device: str = "cpu") -> LlmResult:
     """The LLM engine: the standalone language model (or its quantized form) plus the processor."""
-    from vlmforge.toolchains.hf.common import save_pretrained_as
+    from vlmforge.toolchains.hf.common import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
     target = out / "llm"
@@ -184,7 +178,7 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path 
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
     _load_processor(resolved, checkpoint_dir).save_pretrained(out / "processor")
-    return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=_dir_bytes(target))
+    return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=safetensors_size(target))
 
 
 class VisualResult(BaseModel):
@@ -234,7 +228,7 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
     spec, derived = resolved.spec, resolved.derived
     for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
         for name in names:
-            shutil.copytree(src_root / name, out / name, copy_function=_link_or_copy)
+            shutil.copytree(src_root / name, out / name, copy_function=link_or_copy)
     config = EngineConfig(
         name=spec.name, family=spec.family, toolchain="hf", world_size=derived.world_size, tp=spec.parallel.tp,
         pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
@@ -246,14 +240,6 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
     )
     config.write(out)
     return config
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        Path(dst).hardlink_to(src)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
 
 
 class GoldenResult(BaseModel):
