@@ -131,6 +131,8 @@ def test_deployments_use_only_pools_that_have_templates_and_flows_of_the_contrac
     for d in prefect_yaml()["deployments"]:
         names.add(d["name"])
         assert d["entrypoint"] in entrypoints, d["name"]
+        path, _, function = d["entrypoint"].partition(":")
+        assert f"def {function}(" in (REPO / path).read_text(), f"{d['name']}: {d['entrypoint']} is not defined"
         assert d["work_pool"]["name"] in POOL_TEMPLATES, d["name"]
         image = d["work_pool"]["job_variables"]["image"]
         assert not image.endswith(":latest") and ":" in image, f"{d['name']}: {image} would be pulled on every run"
