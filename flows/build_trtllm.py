@@ -20,8 +20,12 @@ from vlmforge.workdir import Workdir
 
 
 @task(name="run-trtllm-plan", cache_policy=NONE, persist_result=False)
-def run_plan(plan: Any, workspace: Path, logger: Any) -> list[Any]:
-    return execute_plan(plan, workspace, workspace / "logs", logger.info)
+def run_plan(plan: Any, workspace: Path, logger: Any, source_revision: str) -> list[Any]:
+    """The plan's steps, holding the build's GPUs in the `gpu` global concurrency limit (infra/setup-pools.sh)."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency("gpu", occupy=plan.derived.world_size, strict=False):
+        return execute_plan(plan, workspace, workspace / "logs", logger.info, inputs=source_revision)
 
 
 def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger: Any,
@@ -49,7 +53,8 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
     resolved = resolve(spec)
     workspace = work.root / "trtllm" / spec.name
     plan = build_plan(spec, workspace=str(workspace))
-    runs = run_plan(plan, workspace, logger)
+    source_revision = open_source(spec.source).resolve_revision()  # what the fetch step downloads, resolved first
+    runs = run_plan(plan, workspace, logger, source_revision)
     engine_dir = Path(plan.engine_dir)
     hf_dir = workspace / "hf_models" / spec.name
     processor = engine_dir / "processor"
@@ -89,7 +94,6 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
         raise ValidationFailed(f"TensorRT engine agrees with the reference on {agreement:.3f} of tokens "
                                f"(need {spec.validation.min_token_agreement}); nothing is published")
     files = hash_tree(engine_dir)
-    source_revision = open_source(spec.source).resolve_revision()
     extra: dict[str, Any] = {}
     if expected_revision is not None:
         extra["expected_revision"] = expected_revision

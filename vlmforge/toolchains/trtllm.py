@@ -56,9 +56,11 @@ class StepRun:
     skipped: bool
 
 
-def _marker(workspace: Path, step: Step) -> Path:
-    digest = hashlib.sha256(json.dumps([step.argv, step.cwd]).encode()).hexdigest()[:16]
-    return workspace / MARKERS / f"{step.name}-{digest}.done"
+def _marker(workspace: Path, step: Step, before: str) -> tuple[Path, str]:
+    """The step's completion marker and digest: its argv and cwd chained with the digest of the step before, so a
+    step that runs again (a new source revision, another flag) makes every later step run again too."""
+    digest = hashlib.sha256(json.dumps([before, step.argv, step.cwd]).encode()).hexdigest()[:16]
+    return workspace / MARKERS / f"{step.name}-{digest}.done", digest
 
 
 def run_step(step: Step, log_path: Path, on_line: Callable[[str], None], *, env: dict[str, str] | None = None) -> float:
@@ -85,18 +87,23 @@ def run_step(step: Step, log_path: Path, on_line: Callable[[str], None], *, env:
     return time.perf_counter() - start
 
 
-def execute_plan(plan: Plan, workspace: Path, log_dir: Path, on_line: Callable[[str], None]) -> list[StepRun]:
-    """Run every step of ``plan`` in order, skipping those already completed with the same argv."""
+def execute_plan(plan: Plan, workspace: Path, log_dir: Path, on_line: Callable[[str], None], *,
+                 inputs: str = "") -> list[StepRun]:
+    """Run every step of ``plan`` in order, skipping those already completed with the same argv and ``inputs``
+    (the source's resolved revision: a new one runs every step again, from the download on)."""
     require_trtllm()
     require_examples(plan)
     runs = []
+    digest = inputs
     for index, step in enumerate(plan.steps, 1):
-        marker = _marker(workspace, step)
+        marker, digest = _marker(workspace, step, digest)
         log_path = log_dir / f"{index:02d}-{step.name}.log"
         if marker.is_file() and all(Path(out).exists() for out in step.outputs):
-            on_line(f"[{step.name}] skipped: completed before with the same command")
+            on_line(f"[{step.name}] skipped: completed before with the same command and inputs")
             runs.append(StepRun(step, log_path, 0.0, True))
             continue
+        for out in step.outputs:  # what an interrupted or older run left: the step starts from nothing
+            shutil.rmtree(out, ignore_errors=True) if Path(out).is_dir() else Path(out).unlink(missing_ok=True)
         seconds = run_step(step, log_path, on_line)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"argv": step.argv, "seconds": seconds}))
