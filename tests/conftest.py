@@ -4,7 +4,6 @@ environment."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -142,5 +141,3 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-def has(program: str) -> bool:
-    return shutil.which(program) is not None

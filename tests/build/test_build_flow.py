@@ -46,19 +46,27 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
     assert json.loads((pulled / "engine.json").read_text())["family"] == get_family(manifest.spec["family"]).name
 
 
-def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(build, tmp_path: Path) -> None:
-    first = build("tiny-llava")
-    again = build("tiny-llava")
+def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(prefect_server: str, hf_offline: None, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.build import build_engine
+
+    def run():  # type: ignore[no-untyped-def]
+        return build_engine(model="tiny-llava", workdir=str(tmp_path / "work"), store=str(tmp_path / "store"),
+                            return_state=True)
+
+    first = run().result()
+    state = run()
+    again = state.result()
     assert again["build_id"] == first["build_id"] and again["created"] is False
     assert set(again["stages"].values()) == {"skipped"}
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"build-tiny-llava", "build-tiny-llava-stages", "build-tiny-llava-manifest"} <= keys
-    with get_client(sync_client=True) as client:
-        links = [a for a in client.read_artifacts() if a.key == "build-tiny-llava-manifest"]
-    assert f"models/tiny-llava/builds/{first['build_id']}.json" in str(links[0].data)
+    with get_client(sync_client=True) as client:  # this run's artifacts (the server is shared by the session)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"build-tiny-llava", "build-tiny-llava-stages", "build-tiny-llava-manifest"} <= set(by_key)
+    assert f"models/tiny-llava/builds/{first['build_id']}.json" in str(by_key["build-tiny-llava-manifest"].data)
 
 
 def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
