@@ -89,3 +89,10 @@ def test_max_output_len_replaces_the_max_seq_len_of_a_spec_file(tmp_path: Path) 
     result = vlmforge("plan", str(path), "--max-output-len", "100", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["derived"]["max_seq_len"] == 2148
+
+
+def test_an_error_naming_a_path_with_brackets_prints_it_as_is() -> None:
+    """Error messages carry user paths: rich markup in them ([x], [/y]) is printed, not interpreted."""
+    result = vlmforge("plan", "/nonexistent/[x]/[/y].yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "/nonexistent/[x]/[/y].yaml" in result.stderr
