@@ -15,7 +15,7 @@ from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import ToolchainUnavailable, ValidationFailed
 from vlmforge.plan import build_plan
 from vlmforge.spec import BuildSpec, Dialect
-from vlmforge.toolchains.trtllm import execute_plan, require_trtllm
+from vlmforge.toolchains.trtllm import check_buildable, execute_plan, require_trtllm
 from vlmforge.workdir import Workdir
 
 
@@ -46,11 +46,12 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
     from vlmforge.toolchains.hf.common import synthetic_images
     from vlmforge.toolchains.hf.stages import GOLDEN_IMAGE_SIZE
 
+    resolved = resolve(spec)
+    check_buildable(resolved.family)
     trtllm_version = require_trtllm()
     if spec.dialect is not Dialect.V1_2:
         raise ToolchainUnavailable("the trtllm toolchain executes dialect 1.2 plans; render 0.9 plans with "
                                    "`vlmforge plan --dialect 0.9` for older containers")
-    resolved = resolve(spec)
     workspace = work.root / "trtllm" / spec.name
     plan = build_plan(spec, workspace=str(workspace))
     source_revision = open_source(spec.source).resolve_revision()  # what the fetch step downloads, resolved first

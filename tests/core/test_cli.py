@@ -96,3 +96,11 @@ def test_an_error_naming_a_path_with_brackets_prints_it_as_is() -> None:
     result = vlmforge("plan", "/nonexistent/[x]/[/y].yaml")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "/nonexistent/[x]/[/y].yaml" in result.stderr
+
+
+def test_vila_is_refused_before_any_work_by_both_toolchains() -> None:
+    """VILA has plans but no transformers reference: the hf toolchain cannot build it, and the trtllm flow (which
+    validates against that reference) would fail only after the whole GPU plan; both refuse first."""
+    for toolchain, said in (("hf", "the hf toolchain cannot build VILA"), ("trtllm", "render the exact commands")):
+        result = vlmforge("build", "vila-7B", "--toolchain", toolchain)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr

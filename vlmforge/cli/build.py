@@ -27,8 +27,9 @@ def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
 
         check_supported(resolved)
     else:
-        from vlmforge.toolchains.trtllm import require_trtllm
+        from vlmforge.toolchains.trtllm import check_buildable, require_trtllm
 
+        check_buildable(resolved.family)
         require_trtllm()
 
 

@@ -29,7 +29,7 @@ SEED_PATCHES: tuple[tuple[str, str, str], ...] = (
 
 HF_UNAVAILABLE = (
     "the hf toolchain cannot build VILA: its checkpoints need the VILA code base, which is not a "
-    "transformers model; use --toolchain trtllm"
+    "transformers model; `vlmforge plan` renders the TensorRT-LLM commands for it"
 )
 
 

@@ -20,12 +20,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vlmforge.errors import BuildError, ToolchainUnavailable
 from vlmforge.plan import Plan, Step
 
 log = logging.getLogger(__name__)
 MARKERS = ".vlmforge-steps"
+
+
+def check_buildable(family: Any) -> None:
+    """Refuse, before any work, a family the trtllm flow cannot finish: it validates every engine against the
+    family's transformers reference (VILA has none: its checkpoints need VILA's own code)."""
+    if not family.hf_supported:
+        raise ToolchainUnavailable(f"{family.name}: `vlmforge build` validates every TensorRT engine against the "
+                                   "transformers reference, which this family lacks; render the exact commands with "
+                                   f"`vlmforge plan` and run them in NVIDIA's container ({family.hf_unsupported_reason})")
 
 
 def require_trtllm() -> str:
