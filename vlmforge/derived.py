@@ -40,8 +40,6 @@ class Derived(BaseModel):
     """Encoder-decoder families: the encoder's input length (BLIP2-T5: max_input_len; Nougat: batch x features)."""
     visual_max_batch_size: int
     """Images per visual-engine call (the builder's default when the spec leaves it unset)."""
-    visual_batch_explicit: bool
-    """Whether the visual batch must be passed to the builder (it differs from the builder's default)."""
     world_size: int
     """tp x pp: GPUs (MPI ranks) the LLM engine runs on."""
     encoder_decoder: bool
@@ -193,7 +191,6 @@ def resolve(spec: BuildSpec, *, visual_builder_default_batch: int = 4) -> Resolv
         max_seq_len=max_seq_len,
         max_encoder_input_len=max_encoder_input_len,
         visual_max_batch_size=visual_batch,
-        visual_batch_explicit=visual_batch != visual_builder_default_batch,
         world_size=spec.parallel.tp * spec.parallel.pp,
         encoder_decoder=encoder_decoder,
         use_fused_mlp=use_fused_mlp,

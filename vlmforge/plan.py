@@ -8,13 +8,12 @@ this module holds what every family shares (dialect facts, path layout, the step
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlmforge.derived import Derived, ResolvedSpec, resolve
-from vlmforge.errors import PlanError
 from vlmforge.spec import BuildSpec, Dialect, Dtype, KvCacheDtype, QuantMethod
 
 
@@ -40,8 +39,6 @@ class DialectInfo:
     """The builder's own --max_batch_size default."""
     uses_max_seq_len: bool
     """trtllm-build takes --max_seq_len (1.2) instead of --max_output_len (0.9)."""
-    quant_methods: frozenset[QuantMethod]
-    kv_cache_dtypes: frozenset[KvCacheDtype]
     engine_layout: str
     """'split' (0.9: separate LLM and visual engine dirs) or 'unified' (1.2: engine_dir/{llm,vision})."""
 
@@ -66,8 +63,6 @@ DIALECTS: dict[Dialect, DialectInfo] = {
         visual_builder="build_visual_engine.py",
         visual_builder_default_batch=4,
         uses_max_seq_len=False,
-        quant_methods=frozenset(QuantMethod),
-        kv_cache_dtypes=frozenset(KvCacheDtype),
         engine_layout="split",
     ),
     Dialect.V1_2: DialectInfo(
@@ -85,8 +80,6 @@ DIALECTS: dict[Dialect, DialectInfo] = {
         visual_builder="build_multimodal_engine.py",
         visual_builder_default_batch=4,
         uses_max_seq_len=True,
-        quant_methods=frozenset(QuantMethod),
-        kv_cache_dtypes=frozenset(KvCacheDtype),
         engine_layout="unified",
     ),
 }
@@ -186,7 +179,6 @@ class PlanContext:
     dialect: DialectInfo
     layout: Layout
     image: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> BuildSpec:
@@ -225,10 +217,10 @@ def build_plan(spec: BuildSpec, *, dialect: Dialect | None = None, workspace: st
     """Resolve a spec and write the trtllm plan for it in ``dialect`` (default: the spec's)."""
     if dialect is not None and dialect != spec.dialect:
         spec = spec.model_copy(update={"dialect": dialect})
-    resolved = resolve(spec)
     info = DIALECTS[spec.dialect]
+    resolved = resolve(spec, visual_builder_default_batch=info.visual_builder_default_batch)
     family = resolved.family
-    _check_dialect(resolved, info)
+    family.check_dialect(resolved, info)
     world = resolved.derived.world_size
     layout = Layout(
         workspace=workspace,
@@ -254,12 +246,3 @@ def build_plan(spec: BuildSpec, *, dialect: Dialect | None = None, workspace: st
     )
 
 
-def _check_dialect(resolved: ResolvedSpec, info: DialectInfo) -> None:
-    spec = resolved.spec
-    if spec.quantization.method not in info.quant_methods:
-        raise PlanError(f"quantization.method: {spec.quantization.method.value} is not available in dialect {info.dialect.value}")
-    if spec.quantization.kv_cache_dtype not in info.kv_cache_dtypes:
-        raise PlanError(
-            f"quantization.kv_cache_dtype: {spec.quantization.kv_cache_dtype.value} is not available in dialect {info.dialect.value}"
-        )
-    resolved.family.check_dialect(resolved, info)

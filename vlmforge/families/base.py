@@ -212,7 +212,7 @@ class ModelFamily:
             argv += ["--output_dir", out]
         else:
             out = posixpath.join(info.cwd, ctx.layout.visual_dir_split)
-        if ctx.derived.visual_batch_explicit:
+        if ctx.derived.visual_max_batch_size != ctx.dialect.visual_builder_default_batch:  # else the builder's own
             argv += ["--max_batch_size", str(ctx.derived.visual_max_batch_size)]
         argv += self.visual_extra_args(ctx)
         return ctx.step("build-visual", argv, tool=script, gpus=1, inputs=[ctx.layout.hf_dir], outputs=[out]), out
