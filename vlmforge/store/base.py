@@ -412,9 +412,10 @@ class ArtifactStore(ABC):
 
     def manifests(self, model: str) -> list[EngineManifest]:
         """Every readable manifest of ``model``, newest first (unreadable ones are skipped with a warning)."""
-        if _name(model, "model name") not in {m.model for m in self.list_models()}:
+        ids = self._build_ids(_name(model, "model name"))  # one listing of this model's builds, not of the store
+        if not ids:
             return []
-        manifests, refused = self._read_manifests(model, self._build_ids(model))
+        manifests, refused = self._read_manifests(model, ids)
         for key, reason in refused:
             logger.warning("skipping %s: %s", key, reason)
         return sorted(manifests, key=EngineManifest.sort_key, reverse=True)
