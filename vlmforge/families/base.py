@@ -99,12 +99,18 @@ class ModelFamily:
         """Write a deterministic random-weight checkpoint with a real tokenizer and processor (no download)."""
         raise NotImplementedError
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
-        """The full reference model (eval mode)."""
+    def hf_model_class(self) -> type:
+        """The transformers class of the full reference model (what :meth:`load_model` loads)."""
         raise NotImplementedError
 
+    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+        """The full reference model (eval mode)."""
+        return self.hf_model_class().from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
+
     def load_processor(self, model_dir: Path) -> Any:
-        raise NotImplementedError
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_dir)
 
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
         """num_visual_features and LLM attention heads read from the checkpoint's config.json."""
@@ -115,8 +121,10 @@ class ModelFamily:
         return text
 
     def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
-        """Preprocess images into the visual engine's input [B, 3, H, W] (float32)."""
-        raise NotImplementedError
+        """Preprocess images into the visual engine's input [B, 3, H, W] (float32): the processor's image part."""
+        from vlmforge.toolchains.hf.common import image_processor_pixel_values
+
+        return image_processor_pixel_values(processor, images)
 
     def visual_module(self, model: Any) -> torch.nn.Module:
         """pixel_values -> exactly the features the LLM consumes."""
@@ -148,8 +156,12 @@ class ModelFamily:
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:
-        """Greedy generation of the full reference model (batch 1)."""
-        raise NotImplementedError
+        """Greedy generation of the full reference model (batch 1), fed what its processor makes of the image and
+        the formatted prompt."""
+        from vlmforge.toolchains.hf.common import ref_generate
+
+        inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
+        return ref_generate(model, dict(inputs), max_new_tokens)
 
     # --- trtllm plan ------------------------------------------------------------------------
 

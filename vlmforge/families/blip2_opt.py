@@ -27,9 +27,8 @@ from vlmforge.spec import Dialect, parse_source
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix, Template
+    from vlmforge.toolchains.hf.common import LlmPrefix, Template
 
 # The tiny test models (tiny://blip2-opt, tiny://blip2-t5): 16 patches + CLS into the Q-Former's
 # cross-attention, 32 query tokens like the real BLIP-2.
@@ -175,15 +174,10 @@ class Blip2Common(ModelFamily):
         model.save_pretrained(out_dir)
         self._tiny_processor().save_pretrained(out_dir)
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+    def hf_model_class(self) -> type:
         from transformers import Blip2ForConditionalGeneration
 
-        return Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
-
-    def load_processor(self, model_dir: Path) -> Any:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(model_dir)
+        return Blip2ForConditionalGeneration
 
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
         """num_query_tokens visual features; the language model's attention heads."""
@@ -194,11 +188,6 @@ class Blip2Common(ModelFamily):
         heads = text.num_heads if text.model_type == "t5" else text.num_attention_heads
         return ArchitectureFacts(cfg.num_query_tokens, heads)
 
-    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
-        from vlmforge.toolchains.hf.common import image_processor_pixel_values
-
-        return image_processor_pixel_values(processor, images)
-
     def visual_module(self, model: Any) -> torch.nn.Module:
         return _visual_module_class()(model).eval()
 
@@ -206,12 +195,6 @@ class Blip2Common(ModelFamily):
         """``model.language_model`` already is a complete transformers LLM (shared with the full model)."""
         return model.language_model.eval()
 
-    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
-                           max_new_tokens: int) -> GenResult:
-        from vlmforge.toolchains.hf.common import ref_generate
-
-        inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
-        return ref_generate(model, dict(inputs), max_new_tokens)
 
     def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
         """Q image rows + the prompt's ids (no prompt: BOS alone)."""
@@ -279,10 +262,6 @@ class Blip2OptFamily(Blip2Common, DecoderOnlyFamily):
             pad_token_id=PAD_ID,
             init_std=0.05,  # > default 0.02 (image features matter more), < 0.1 (random net turns chaotic)
         )
-
-    def format_prompt(self, text: str | None) -> str | None:
-        """The text as it is; None is plain captioning (the image tokens and BOS alone)."""
-        return text
 
     def llm_class(self) -> type:
         from transformers import OPTForCausalLM

@@ -23,9 +23,8 @@ from vlmforge.plan import PlanContext
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
+    from vlmforge.toolchains.hf.common import LlmPrefix
 
 IMAGE_TOKEN = "<image>"
 PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
@@ -158,15 +157,10 @@ class LlavaFamily(DecoderOnlyFamily):
         model.save_pretrained(out_dir)
         _tiny_processor().save_pretrained(out_dir)
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+    def hf_model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration
 
-        return LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
-
-    def load_processor(self, model_dir: Path) -> Any:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(model_dir)
+        return LlavaForConditionalGeneration
 
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
         """(image_size / patch_size)^2 patch features (+1 for the "full" strategy, which keeps CLS)."""
@@ -184,11 +178,6 @@ class LlavaFamily(DecoderOnlyFamily):
         if IMAGE_TOKEN in text:
             return text
         return PROMPT_TEMPLATE.format(text=text)
-
-    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
-        from vlmforge.toolchains.hf.common import image_processor_pixel_values
-
-        return image_processor_pixel_values(processor, images)
 
     def visual_module(self, model: Any) -> torch.nn.Module:
         return _visual_module_class()(model).eval()
@@ -245,9 +234,3 @@ class LlavaFamily(DecoderOnlyFamily):
         eos = llm.generation_config.eos_token_id
         return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos if eos is not None else llm.config.eos_token_id))
 
-    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
-                           max_new_tokens: int) -> GenResult:
-        from vlmforge.toolchains.hf.common import ref_generate
-
-        inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
-        return ref_generate(model, dict(inputs), max_new_tokens)

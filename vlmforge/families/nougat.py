@@ -157,15 +157,10 @@ class NougatFamily(EncoderDecoderFamily):
         model.save_pretrained(out_dir)
         _tiny_processor().save_pretrained(out_dir)
 
-    def load_model(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
+    def hf_model_class(self) -> type:
         from transformers import VisionEncoderDecoderModel
 
-        return VisionEncoderDecoderModel.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
-
-    def load_processor(self, model_dir: Path) -> Any:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(model_dir)
+        return VisionEncoderDecoderModel
 
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
         """Encoder states: (H/patch)/2^(stages-1) x (W/patch)/2^(stages-1) (nougat-base: 28 x 21 = 588);
@@ -187,11 +182,6 @@ class NougatFamily(EncoderDecoderFamily):
         if text is not None:
             logger.warning("nougat takes no prompt: ignoring %r", text)
         return None
-
-    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
-        from vlmforge.toolchains.hf.common import image_processor_pixel_values
-
-        return image_processor_pixel_values(processor, images)
 
     def visual_module(self, model: Any) -> torch.nn.Module:
         return _visual_module_class()(model).eval()

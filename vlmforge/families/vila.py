@@ -56,7 +56,7 @@ class VilaFamily(DecoderOnlyFamily):
     hf_unsupported_reason: ClassVar[str] = HF_UNAVAILABLE
 
     # The hf toolchain: none of its hooks can work without VILA's own model code.
-    make_tiny = load_model = load_processor = architecture_facts = pixel_values = _hf_unavailable
+    make_tiny = hf_model_class = load_model = load_processor = architecture_facts = pixel_values = _hf_unavailable
     visual_module = extract_llm = llm_class = llm_prefix = prompt_length = generate = reference_generate = _hf_unavailable
 
     def code_path(self, ctx: PlanContext) -> str:
