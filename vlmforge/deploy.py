@@ -107,34 +107,20 @@ class Machine(BaseModel):
         return f"{gpus}, {self.cpu_count} CPU cores, {tools}" + ("" if self.mpirun else ", no mpirun")
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def describe_machine() -> Machine:
     """This machine: installed runner toolchains, TensorRT, GPUs (asked through torch), cores, mpirun."""
-    toolchains: dict[str, str] = {}
-    hf_ready = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "onnxruntime"))
-    transformers = _version("transformers")
-    if hf_ready and transformers:
-        toolchains["hf"] = transformers
-    trtllm = _version("tensorrt_llm") or _version("tensorrt-llm")
-    if trtllm:
-        toolchains["trtllm"] = trtllm
-    machine = Machine(toolchains=toolchains, tensorrt=_version("tensorrt"), cpu_count=os.cpu_count() or 1,
-                      mpirun=shutil.which("mpirun") is not None)
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+    from vlmforge.env import hardware, versions
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            machine.gpu_name = torch.cuda.get_device_name(0)
-            machine.gpu_count = torch.cuda.device_count()
-            machine.compute_capability = f"{major}.{minor}"
-    return machine
+    found = versions(("transformers", "tensorrt_llm", "tensorrt"))
+    toolchains: dict[str, str] = {}
+    if "transformers" in found and all(importlib.util.find_spec(m) is not None for m in ("torch", "onnxruntime")):
+        toolchains["hf"] = found["transformers"]
+    if "tensorrt_llm" in found:
+        toolchains["trtllm"] = found["tensorrt_llm"]
+    hw = hardware()
+    return Machine(toolchains=toolchains, tensorrt=found.get("tensorrt"), cpu_count=hw.cpu_count,
+                   mpirun=shutil.which("mpirun") is not None, gpu_name=hw.gpu_name, gpu_count=hw.gpu_count,
+                   compute_capability=hw.compute_capability)
 
 
 # --- fitting builds to the machine ------------------------------------------------------------------
