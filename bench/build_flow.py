@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlmforge.catalog import load_model_or_spec
-from vlmforge.pipeline import HfPipeline
-from vlmforge.workdir import StageRecord, Workdir
+from vlmforge.build.pipeline import HfPipeline
+from vlmforge.build.workdir import StageRecord, Workdir
+from vlmforge.specs.catalog import load_model_or_spec
 
 MODELS = ["tiny-llava", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-nougat"]
 
@@ -40,8 +40,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     from prefect import flow
-
-    from flows.build import build_engine
+    from vlmforge_flows.build import build_engine
 
     @flow
     def warm_up() -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from vlmforge.build.pipeline import HfPipeline
+from vlmforge.build.workdir import Workdir
 from vlmforge.errors import ValidationFailed
-from vlmforge.pipeline import HfPipeline
-from vlmforge.spec import spec_from_dict
-from vlmforge.workdir import Workdir
+from vlmforge.specs.schema import spec_from_dict
 
 log = logging.getLogger("bench.build_gpu")
 
@@ -46,7 +46,7 @@ def make_checkpoint(out: Path) -> float:
     """Random-weight LLaVA-1.5-7B in fp16 with a locally built tokenizer and 336px processor."""
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-    from vlmforge.toolchains.hf.common import make_fast_tokenizer
+    from vlmforge.families.tinykit import make_fast_tokenizer
 
     start = time.perf_counter()
     torch.manual_seed(0)

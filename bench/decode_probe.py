@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from vlmforge.modeling.generation import LlmPrefix
 from vlmforge.runner.batching import GreedyBatch
 from vlmforge.runner.static import StaticDecoder
-from vlmforge.toolchains.hf.common import LlmPrefix
 
 log = logging.getLogger("probe")
 

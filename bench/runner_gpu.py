@@ -45,10 +45,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from decode_probe import copy_bandwidth, profile_steps  # noqa: E402 - bench/, beside this script
+
 from vlmforge.families import get_family
+from vlmforge.families.tinykit import IMAGE_ID, make_fast_tokenizer
+from vlmforge.modeling.generation import LlmPrefix
 from vlmforge.runner.batching import GreedyBatch
 from vlmforge.runner.static import StaticDecoder
-from vlmforge.toolchains.hf.common import IMAGE_ID, LlmPrefix, make_fast_tokenizer
 
 log = logging.getLogger("bench")
 

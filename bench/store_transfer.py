@@ -23,7 +23,7 @@ from pathlib import Path
 
 import boto3
 
-from vlmforge.manifest import EngineManifest, SourceInfo
+from vlmforge.artifacts.manifest import EngineManifest, SourceInfo
 from vlmforge.store import LocalStore, PublishResult, TransferSettings
 from vlmforge.store.s3 import S3Store
 

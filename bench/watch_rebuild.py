@@ -156,7 +156,8 @@ def stage_table(flow_run_id: Any, model: str) -> list[dict[str, Any]]:
 
 def measure(name: str, model: str, spec_path: Path, store: str, deployment_id: Any, change: Callable[[], None]) -> dict[str, Any]:
     """Apply ``change`` (edit and upload), then time watch -> event -> triggered build -> `latest` moved."""
-    from flows.watch import watch_models
+    from vlmforge_flows.watch import watch_models
+
     from vlmforge.store import open_store
 
     with open_store(store) as opened:  # the blobs stored before: what a publish can reuse, from any model
@@ -204,9 +205,9 @@ def measure(name: str, model: str, spec_path: Path, store: str, deployment_id: A
 def run(repeat: int, keep: Path | None) -> dict[str, Any]:
     import boto3
 
-    from tests.watch.checkpoints import new_llm_weights, upload
-    from vlmforge.catalog import catalog_entry
+    from tests.helpers.checkpoints import new_llm_weights, upload
     from vlmforge.families import get_family
+    from vlmforge.specs.catalog import catalog_entry
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-watch-", dir=keep))
     home, api_port, s3_port = tmp / "prefect-home", free_port(), free_port()

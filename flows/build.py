@@ -19,15 +19,15 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from tasks import build as t
-from vlmforge.catalog import load_model_or_spec
+from vlmforge_tasks import build as t
+from vlmforge.build.pipeline import HfPipeline, default_workdir
+from vlmforge.build.reports import build_report_markdown, failure_markdown, stage_rows
+from vlmforge.build.workdir import Workdir
 from vlmforge.errors import SpecError
-from vlmforge.pipeline import HfPipeline, default_workdir
-from vlmforge.reports import build_report_markdown, failure_markdown, stage_rows
 from vlmforge.sources import FetchedSource
+from vlmforge.specs.catalog import load_model_or_spec
+from vlmforge.specs.schema import BuildSpec, Toolchain, merge_overrides, spec_from_dict
 from vlmforge.store.base import build_key
-from vlmforge.spec import BuildSpec, Toolchain, merge_overrides, spec_from_dict
-from vlmforge.workdir import Workdir
 
 
 def manifest_url(store_url: str, model: str, build_id: str) -> str:
@@ -65,7 +65,7 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
     work = Workdir(Path(workdir) if workdir else default_workdir())
     key = _artifact_key(build_spec.name)
     if chosen is Toolchain.TRTLLM:
-        from flows.build_trtllm import build_with_trtllm
+        from vlmforge_flows.build_trtllm import build_with_trtllm
 
         return build_with_trtllm(build_spec, work, store, logger, expected_revision=revision)
     pipeline = HfPipeline(build_spec, work, on_event=lambda line: None)

@@ -11,12 +11,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.build.workdir import Workdir
 from vlmforge.errors import ToolchainUnavailable, ValidationFailed
-from vlmforge.plan import build_plan
-from vlmforge.spec import BuildSpec, Dialect
-from vlmforge.toolchains.trtllm import check_buildable, execute_plan, require_trtllm
-from vlmforge.workdir import Workdir
+from vlmforge.specs.schema import BuildSpec, Dialect
+from vlmforge.system.env import require_trtllm
+from vlmforge.toolchains.trtllm.execute import check_buildable, execute_plan
+from vlmforge.toolchains.trtllm.plan import build_plan
 
 
 @task(name="run-trtllm-plan", cache_policy=NONE, persist_result=False)
@@ -37,13 +38,13 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
     """
     import torch
 
-    from vlmforge.derived import resolve
-    from vlmforge.env import versions
-    from vlmforge.pipeline import engine_manifest
-    from vlmforge.publish import publish_engine
+    from vlmforge.build.pipeline import engine_manifest
+    from vlmforge.build.publish import publish_engine
+    from vlmforge.families import resolve
+    from vlmforge.modeling.images import synthetic_images
     from vlmforge.runner.trtllm import TrtllmEngine
     from vlmforge.sources import hash_tree, open_source
-    from vlmforge.toolchains.hf.common import synthetic_images
+    from vlmforge.system.env import versions
     from vlmforge.toolchains.hf.stages import GOLDEN_IMAGE_SIZE
 
     resolved = resolve(spec)

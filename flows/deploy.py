@@ -15,9 +15,9 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from tasks import deploy as t
-from vlmforge.deploy import Deployment, DeployPlan, LocalEngineSource, StoreSource, serve_args
-from vlmforge.docker_runner import DockerRunner
+from vlmforge_tasks import deploy as t
+from vlmforge.deploy.docker import DockerRunner
+from vlmforge.deploy.service import Deployment, DeployPlan, LocalEngineSource, StoreSource, serve_args
 from vlmforge.runner import CompileMode, DecodeMode
 
 

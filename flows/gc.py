@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import store as t
+from vlmforge_tasks import store as t
 from vlmforge.store import GcReport
 
 

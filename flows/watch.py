@@ -1,6 +1,6 @@
 """The watch flow: find the watched models whose source moved past their last build and announce them.
 
-For each watched model (see :mod:`vlmforge.watch`) it resolves the source's revision and compares it
+For each watched model (see :mod:`vlmforge.build.watch`) it resolves the source's revision and compares it
 with the newest published build; on a change it emits ``vlmforge.model.updated`` (resource
 ``vlmforge.model.<name>``, payload: model, spec, old and new revision), which the build-engine
 deployment's trigger turns into one build per model. A revision already announced in the last
@@ -16,8 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import watch as t
-from vlmforge.watch import WatchFailed, rows_markdown
+from vlmforge_tasks import watch as t
+from vlmforge.build.watch import WatchFailed, rows_markdown
 
 ARTIFACT_KEY = "watch-models"
 

@@ -1,4 +1,4 @@
-"""Prefect tasks for one engine build: each wraps one stage of :class:`vlmforge.pipeline.HfPipeline`."""
+"""Prefect tasks for one engine build: each wraps one stage of :class:`vlmforge.build.pipeline.HfPipeline`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks.common import retry_transient
-from vlmforge.pipeline import HfPipeline
-from vlmforge.workdir import StageOutcome
+from vlmforge_tasks.common import retry_transient
+from vlmforge.build.pipeline import HfPipeline
+from vlmforge.build.workdir import StageOutcome
 
 # Stage results are cached by vlmforge's own fingerprinted work dir (it survives SIGKILL and needs no
 # result storage), so Prefect's task cache is off.
@@ -62,7 +62,7 @@ def validate(pipeline: HfPipeline, engine: StageOutcome, fetched: StageOutcome) 
 @task(name="publish", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient, **STAGE)
 def publish(store_url: str | None, engine: StageOutcome, manifest: Any, aliases: tuple[str, ...] = ("latest",)) -> Any:
     """Push the engine and its manifest to the artifact store (a build with the same fingerprint is not pushed again)."""
-    from vlmforge.publish import publish_engine
+    from vlmforge.build.publish import publish_engine
 
     result = publish_engine(store_url, engine.path, manifest, aliases=aliases)
     get_run_logger().info(result.summary)

@@ -1,4 +1,4 @@
-"""Prefect tasks of a runner deployment: each wraps one step of :mod:`vlmforge.deploy`."""
+"""Prefect tasks of a runner deployment: each wraps one step of :mod:`vlmforge.deploy.service`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks.common import retry_transient
-from vlmforge.deploy import BuildSource, Deployment, DeployPlan, fetch_engine, plan_deploy, start_runner
+from vlmforge_tasks.common import retry_transient
+from vlmforge.deploy.service import BuildSource, Deployment, DeployPlan, fetch_engine, plan_deploy, start_runner
 
 STEP = {"cache_policy": NONE, "persist_result": False}
 

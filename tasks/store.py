@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tasks.common import retry_transient
+from vlmforge_tasks.common import retry_transient
 from vlmforge.store import GcReport, open_store
 
 

@@ -8,8 +8,16 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from vlmforge.build.watch import (
+    EVENT,
+    RevisionCheck,
+    WatchTarget,
+    check_target,
+    event_payload,
+    event_resource,
+    watch_targets,
+)
 from vlmforge.store import open_store
-from vlmforge.watch import EVENT, RevisionCheck, WatchTarget, check_target, event_payload, event_resource, watch_targets
 
 PLAIN = {"cache_policy": NONE, "persist_result": False}
 

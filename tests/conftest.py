@@ -5,37 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from tests.helpers.runners import Runner
+    from tests.helpers.tiny import TinyCache
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status < 500:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+from tests.helpers.net import ROOT, free_port, wait_http  # noqa: F401 - ROOT is used by the fixtures below
 
 
 def _drain_prefect_clients() -> None:
@@ -141,3 +125,44 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+# --- models and runners built once per session (the real hf pipeline) ------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyCache:
+    """``tiny(name)``: the family's tiny float32 model and its references, built on first use."""
+    from tests.helpers.tiny import TinyCache
+
+    return TinyCache(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def build_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(build_workdir: Path) -> Path:
+    """The tiny-llava engine directory (float16 LLM, ONNX visual engine), built and validated by HfPipeline."""
+    from tests.helpers.runners import build_tiny_llava
+
+    return build_tiny_llava(build_workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_tp2(build_workdir: Path, tiny_engine: Path) -> Path:
+    """The same model built for TP 2 (world size 2 in engine.json; the same weights: transformers splits them
+    when the ranks load them). Reuses the TP 1 build's fetch and visual stages."""
+    from tests.helpers.runners import build_tiny_llava
+
+    return build_tiny_llava(build_workdir, parallel={"tp": 2})
+
+
+@pytest.fixture(scope="session")
+def runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """One TP=1 runner for the HTTP tests of the session (batches up to 8)."""
+    from tests.helpers.runners import start_runner, stop_runner
+
+    log = tmp_path_factory.mktemp("runner") / "serve.log"
+    started = start_runner(tiny_engine, log, args=("--max-batch-size", "8", "--batch-wait-ms", "20"))
+    yield started
+    stop_runner(started)

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from vlmforge.catalog import catalog_entry, catalog_names
 from vlmforge.errors import VlmforgeError
-from vlmforge.plan import DIALECTS, Plan, Step, build_plan
-from vlmforge.spec import Dialect, merge_overrides, spec_from_dict
+from vlmforge.plans.model import DIALECTS, Plan, Step
+from vlmforge.specs.catalog import catalog_entry, catalog_names
+from vlmforge.specs.schema import Dialect, merge_overrides, spec_from_dict
+from vlmforge.toolchains.trtllm.plan import build_plan
 
 TABLE = json.loads(Path(__file__).with_name("trtllm_flags.json").read_text())
 VARIANTS: list[dict[str, Any]] = [

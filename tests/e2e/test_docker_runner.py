@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 from tests.e2e.test_docker_deployment import explain, final_state, start_run, work
-from tests.runner.conftest import build_tiny_llava, chat_body, image_url
+from tests.helpers.net import free_port
+from tests.helpers.runners import build_tiny_llava, chat_body, image_url
 
 MODEL = "tiny-llava"
 
@@ -89,7 +89,7 @@ def test_deploy_runner_from_a_flow_container_leaves_a_runner_that_outlives_it(pr
                                                                                engine, tmp_path, monkeypatch) -> None:
     """prefect.yaml's deploy-runner-cpu through a docker worker: the flow run pulls the build from the S3 store
     into the cache volume and starts the runner container (docker.sock), then its own container goes."""
-    from vlmforge.manifest import EngineManifest, SourceInfo
+    from vlmforge.artifacts.manifest import EngineManifest, SourceInfo
     from vlmforge.sources import hash_tree
     from vlmforge.store import open_store
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from tests.golden.seed import SEED, normalize, parse_blocks
-from vlmforge.catalog import catalog_entry
-from vlmforge.plan import Plan, build_plan
-from vlmforge.spec import Dialect, merge_overrides, spec_from_dict
+from tests.helpers.seed import SEED, normalize, parse_blocks
+from vlmforge.plans.model import Plan
+from vlmforge.specs.catalog import catalog_entry
+from vlmforge.specs.schema import Dialect, merge_overrides, spec_from_dict
+from vlmforge.toolchains.trtllm.plan import build_plan
 
 BLOCKS = parse_blocks()
 

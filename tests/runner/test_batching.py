@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vlmforge.families import get_family
+from vlmforge.modeling.images import synthetic_images
 from vlmforge.runner import batching
 from vlmforge.runner.batching import GreedyBatch, greedy_batch
-from vlmforge.toolchains.hf.common import synthetic_images
 
 FAMILIES = ["llava", "blip2-opt", "blip2-t5", "nougat"]
 PROMPTS = ["Question: which city is this? Answer:", "What?",

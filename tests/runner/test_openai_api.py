@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runner.conftest import chat_body, image_url
+from tests.helpers.runners import chat_body, image_url
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
@@ -24,7 +24,7 @@ from vlmforge.runner.openai_api import (
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    from vlmforge.toolchains.hf.common import make_fast_tokenizer
+    from vlmforge.families.tinykit import make_fast_tokenizer
 
     return make_fast_tokenizer()
 

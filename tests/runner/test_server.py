@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.runner.conftest import Runner, chat_body, image_url
+from tests.helpers.runners import Runner, chat_body, image_url
 
 PROMPTS = ["What is this?", "Question: which city is this? Answer:", "Describe the picture, please."]
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism on the CPU for real: the TP 2 build deployed with `vlmforge.deploy` (`mpirun -n 2 ...
+"""Tensor parallelism on the CPU for real: the TP 2 build deployed with `vlmforge.deploy.service` (`mpirun -n 2 ...
 vlmforge serve`, gloo), against the TP 1 runner."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runner.conftest import Runner, chat_body, deploy_runner, image_url, stop_runner
+from tests.helpers.runners import Runner, chat_body, deploy_runner, image_url, stop_runner
 
 pytestmark = [
     pytest.mark.mpi,

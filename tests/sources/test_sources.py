@@ -106,7 +106,7 @@ def test_an_unreachable_hub_is_a_source_error_of_that_model(monkeypatch: pytest.
         with pytest.raises(SourceError, match="did not answer for org/tiny@main") as caught:
             open_source("hf://org/tiny").resolve_revision()
         assert caught.value.__cause__ is not None
-        from tasks.common import is_transient
+        from vlmforge_tasks.common import is_transient
 
         assert is_transient(caught.value)
     finally:

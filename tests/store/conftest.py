@@ -9,8 +9,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from faultproxy import FaultProxy
 
+from tests.helpers.faultproxy import FaultProxy
 from vlmforge.store import ArtifactStore, LocalStore, TransferSettings
 from vlmforge.store.s3 import S3Store
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import SETTINGS, make_store
-from faultproxy import FaultProxy, Rule
-from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
+from tests.helpers.faultproxy import FaultProxy, Rule
+from tests.helpers.store import make_engine, new_manifest, payload, read_tree, standard_files
+from tests.store.conftest import SETTINGS, make_store
 from vlmforge.errors import NotFound, StoreError
 from vlmforge.store import ArtifactStore
 
@@ -117,7 +117,7 @@ def test_download_failing_for_good_resumes_later(faulty_store: ArtifactStore, pr
 CHILD = """
 import sys, time
 from pathlib import Path
-from vlmforge.manifest import EngineManifest
+from vlmforge.artifacts.manifest import EngineManifest
 from vlmforge.store import TransferSettings, open_store
 
 url, engine, manifest = sys.argv[1:4]

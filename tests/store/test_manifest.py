@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from store_helpers import T0, new_manifest
 
+from tests.helpers.store import T0, new_manifest
+from vlmforge.artifacts.manifest import EngineManifest, FileEntry, check_relative_path, new_build_id
 from vlmforge.errors import IntegrityError
-from vlmforge.manifest import EngineManifest, FileEntry, check_relative_path, new_build_id
 
 SHA = "a" * 64
 

@@ -7,11 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import SETTINGS
-from store_helpers import make_engine, new_manifest, payload, read_tree, standard_files
 
+from tests.helpers.store import make_engine, new_manifest, payload, read_tree, standard_files
+from tests.store.conftest import SETTINGS
+from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import IntegrityError, NotFound, StoreConflict, StoreError
-from vlmforge.manifest import FileEntry
 from vlmforge.store import ArtifactStore, Ref, TransferSettings
 from vlmforge.store.base import GC_LOCK, MARKER, WRITER_LOCKS, PreconditionFailed, alias_key, blob_key, build_key
 

@@ -121,7 +121,7 @@ class _Ordered:
 def test_a_resumed_copy_finishes_once_whichever_task_ends_last(tmp_path: Path, resume_last: bool) -> None:
     """Two of three parts are in the part log from an interrupted copy: the copy is verified and done exactly once,
     whether the resumed parts are hashed before or after the missing part arrives."""
-    from vlmforge.manifest import FileEntry
+    from vlmforge.artifacts.manifest import FileEntry
     from vlmforge.store.transfer import RangedCopy
 
     settings = TransferSettings(download_part_size=1 * MiB, max_download_part_size=1 * MiB, min_part_size=1,

@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from typing import Any
 
 import click
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from vlmforge.cli.app import app, err_console
 from vlmforge.errors import VlmforgeError
-
-app = typer.Typer(
-    name="vlmforge",
-    help="Turn multimodal models into TensorRT-LLM (or hf) engines, store them and serve them.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def print_json(data: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _register() -> None:
     # Sub-command modules register themselves on `app` (or add a sub-app) when imported.
     import importlib
 
-    from vlmforge.cli import specs  # noqa: F401
-
-    for name in ("build", "store", "serve", "deploy", "watch"):
+    for name in ("specs", "build", "store", "serve", "deploy", "watch"):
         try:
             module = importlib.import_module(f"vlmforge.cli.{name}")
         except ModuleNotFoundError as exc:

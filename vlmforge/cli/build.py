@@ -7,13 +7,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from vlmforge.catalog import load_model_or_spec
-from vlmforge.cli import app, console, print_json
+from vlmforge.cli.app import app, console, print_json
+from vlmforge.cli.flows import load_flow, quiet_prefect
 from vlmforge.cli.specs import (
-    BatchOpt, DialectOpt, DtypeOpt, InputOpt, JsonOpt, OutputOpt, PpOpt, QuantOpt, TpOpt, VisualBatchOpt, spec_overrides,
+    BatchOpt,
+    DialectOpt,
+    DtypeOpt,
+    InputOpt,
+    JsonOpt,
+    OutputOpt,
+    PpOpt,
+    QuantOpt,
+    TpOpt,
+    VisualBatchOpt,
+    spec_overrides,
 )
-from vlmforge.derived import resolve
-from vlmforge.spec import Toolchain
+from vlmforge.families import resolve
+from vlmforge.specs.catalog import load_model_or_spec
+from vlmforge.specs.schema import Toolchain
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE or a local dir).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Work dir for stage outputs (default: $VLMFORGE_WORKDIR).")]
@@ -27,17 +38,11 @@ def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
 
         check_supported(resolved)
     else:
-        from vlmforge.toolchains.trtllm import check_buildable, require_trtllm
+        from vlmforge.system.env import require_trtllm
+        from vlmforge.toolchains.trtllm.execute import check_buildable
 
         check_buildable(resolved.family)
         require_trtllm()
-
-
-def quiet_prefect() -> None:
-    """A temporary local Prefect server needs no telemetry (it only logs failures on offline machines)."""
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @app.command("build")
@@ -58,7 +63,7 @@ def build_cmd(
                                visual_batch_size=visual_batch_size, dialect=dialect)
     preflight(model, toolchain, overrides)
     quiet_prefect()
-    from flows.build import build_engine  # imports Prefect
+    build_engine = load_flow("build-engine")
 
     summary = build_engine(model=model, toolchain=toolchain.value, store=store,
                            workdir=str(workdir) if workdir else None, overrides=overrides, aliases=alias)
@@ -104,10 +109,10 @@ def selftest_cmd(
 
     preflight("tiny-llava", toolchain, {})
     quiet_prefect()
-    from flows.build import build_engine
+    build_engine = load_flow("build-engine")
+    from vlmforge.modeling.images import synthetic_images
     from vlmforge.runner.engine import load_engine
     from vlmforge.store import open_store
-    from vlmforge.toolchains.hf.common import synthetic_images
 
     with tempfile.TemporaryDirectory(prefix="vlmforge-selftest-") as tmp:
         root = Path(tmp)

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from vlmforge.cli import app, console, err_console, print_json
-from vlmforge.docker_runner import DockerRunner
+from vlmforge.cli.app import app, console, err_console, print_json
+from vlmforge.deploy.docker import DockerRunner
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
 
@@ -62,7 +62,7 @@ def deploy_cmd(
 ) -> None:
     """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
     and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it."""
-    from vlmforge.deploy import LocalEngineSource, StoreSource, deploy, serve_args
+    from vlmforge.deploy.service import LocalEngineSource, StoreSource, deploy, serve_args
 
     if engine_dir is None and ref is None:
         raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or an --engine-dir")
@@ -104,7 +104,7 @@ def _attach(deployment: Any, state_dir: Path | None) -> int:
     """Wait for the runner; SIGTERM/SIGINT here go to rank 0, which drains. The runner's exit code."""
     import os
 
-    from vlmforge.deploy import default_state_dir, record_path
+    from vlmforge.deploy.service import default_state_dir, record_path
 
     def forward(signum: int, frame: Any) -> None:
         pid = deployment.rank0_pid()
@@ -122,7 +122,7 @@ def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> Non
     """The runners deployed from this machine and whether they serve."""
     from rich.table import Table
 
-    from vlmforge.deploy import list_deployments
+    from vlmforge.deploy.service import list_deployments
 
     found = list_deployments(state_dir)
     if as_json:
@@ -145,7 +145,7 @@ def undeploy_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Drain and stop a runner: SIGTERM to rank 0 (running requests finish), SIGKILL after --timeout."""
-    from vlmforge.deploy import default_state_dir, list_deployments, read_deployment, stop_deployment
+    from vlmforge.deploy.service import default_state_dir, list_deployments, read_deployment, stop_deployment
 
     directory = state_dir or default_state_dir()
     deployment = read_deployment(directory, name)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from vlmforge.cli import app
+from vlmforge.cli.app import app
 from vlmforge.runner import CompileMode, DecodeMode
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))

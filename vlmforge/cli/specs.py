@@ -10,12 +10,11 @@ import typer
 import yaml
 from rich.table import Table
 
-from vlmforge.catalog import catalog_specs, load_model_or_spec
-from vlmforge.cli import app, console, print_json
-from vlmforge.derived import resolve
-from vlmforge.families import family_names, get_family
-from vlmforge.plan import build_plan
-from vlmforge.spec import Dialect, Dtype, QuantMethod, spec_json_schema
+from vlmforge.cli.app import app, console, print_json
+from vlmforge.families import family_names, get_family, resolve
+from vlmforge.specs.catalog import catalog_specs, load_model_or_spec
+from vlmforge.specs.schema import Dialect, Dtype, QuantMethod, spec_json_schema
+from vlmforge.toolchains.trtllm.plan import build_plan
 
 spec_app = typer.Typer(help="Build specs: JSON Schema, show a catalog entry, validate a file.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")

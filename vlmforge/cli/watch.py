@@ -11,10 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from vlmforge.cli import app, console, err_console, print_json
+from vlmforge.build.watch import WATCH_ENV, WatchFailed
+from vlmforge.cli.app import app, console, err_console, print_json
 from vlmforge.cli.specs import JsonOpt
 from vlmforge.store import STORE_ENV
-from vlmforge.watch import WATCH_ENV, WatchFailed
 
 
 def _models(values: list[str] | None) -> list[str] | None:
@@ -34,7 +34,9 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 def _run_once(models: list[str] | None, store: str | None, reannounce_after: float) -> tuple[list[dict[str, Any]], str | None]:
     """(rows, error): the flow's rows, and the error when some models could not be checked."""
-    from flows.watch import watch_models  # imports Prefect
+    from vlmforge.cli.flows import load_flow
+
+    watch_models = load_flow("watch-models")
 
     try:
         return watch_models(models=models, store=store, reannounce_after_hours=reannounce_after), None

@@ -1,7 +1,8 @@
 """Model family registry: each family module registers itself where it is defined.
 
 Every module in this package is imported on first lookup, so adding a family means adding
-one module here (and its catalog entries) and touching nothing else.
+one module here (and its catalog entries) and touching nothing else. :func:`resolve` joins a
+spec to its family and the values derived from both (:func:`vlmforge.specs.derived.derive`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from functools import cache
 
 from vlmforge.errors import SpecError
 from vlmforge.families.base import ModelFamily
+from vlmforge.specs.derived import Derived, derive
+from vlmforge.specs.schema import BuildSpec
+
+NOT_FAMILIES = frozenset({"base", "tinykit"})
+"""Modules of this package that hold no family (shared code)."""
 
 _REGISTRY: dict[str, type[ModelFamily]] = {}
 
@@ -28,7 +35,7 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 @cache
 def _load_all() -> None:
     for module in pkgutil.iter_modules(__path__):
-        if module.name != "base" and not module.name.startswith("_"):
+        if module.name not in NOT_FAMILIES and not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
@@ -51,4 +58,20 @@ def get_family(name: str) -> ModelFamily:
         ) from None
 
 
-__all__ = ["ModelFamily", "family_names", "get_family", "register_family"]
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A spec with its family and derived values."""
+
+    spec: BuildSpec
+    family: ModelFamily
+    derived: Derived
+
+
+def resolve(spec: BuildSpec, *, visual_builder_default_batch: int = 4) -> ResolvedSpec:
+    """The spec's family and derived values, every rule checked; a :class:`SpecError` names path and fix."""
+    family = get_family(spec.family)
+    derived = derive(spec, family, visual_builder_default_batch=visual_builder_default_batch)
+    return ResolvedSpec(spec=spec, family=family, derived=derived)
+
+
+__all__ = ["ModelFamily", "ResolvedSpec", "family_names", "get_family", "register_family", "resolve"]

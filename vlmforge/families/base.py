@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
-from vlmforge.spec import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
+from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.derived import ResolvedSpec
-    from vlmforge.plan import DialectInfo, PlanContext, Step
-    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
+    from vlmforge.modeling.generation import GenResult, LlmPrefix
+    from vlmforge.plans.model import DialectInfo, PlanContext, Step
 
 SEED_PROMPT = "Question: which city is this? Answer:"
 
@@ -72,7 +71,7 @@ class ModelFamily:
     def check_spec(self, spec: BuildSpec) -> None:
         """Family-specific rules beyond the shared ones; raise SpecError."""
 
-    def check_dialect(self, resolved: ResolvedSpec, info: DialectInfo) -> None:
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
         """Refuse what the dialect's scripts cannot do for this family; raise PlanError."""
 
     # --- hf toolchain -----------------------------------------------------------------------
@@ -122,7 +121,7 @@ class ModelFamily:
 
     def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
         """Preprocess images into the visual engine's input [B, 3, H, W] (float32): the processor's image part."""
-        from vlmforge.toolchains.hf.common import image_processor_pixel_values
+        from vlmforge.modeling.images import image_processor_pixel_values
 
         return image_processor_pixel_values(processor, images)
 
@@ -150,7 +149,7 @@ class ModelFamily:
     def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
                  max_new_tokens: int) -> GenResult:
         """Greedy generation from the LLM alone, fed the visual features (batch 1)."""
-        from vlmforge.toolchains.hf.common import greedy_prefix
+        from vlmforge.modeling.generation import greedy_prefix
 
         return greedy_prefix(llm, self.llm_prefix(llm, processor, features, prompt), max_new_tokens)
 
@@ -158,7 +157,7 @@ class ModelFamily:
                            max_new_tokens: int) -> GenResult:
         """Greedy generation of the full reference model (batch 1), fed what its processor makes of the image and
         the formatted prompt."""
-        from vlmforge.toolchains.hf.common import ref_generate
+        from vlmforge.modeling.generation import ref_generate
 
         inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
         return ref_generate(model, dict(inputs), max_new_tokens)
@@ -397,6 +396,6 @@ class EncoderDecoderFamily(ModelFamily):
         """Decoder prompt length: 1 (the decoder start token) for both seed families."""
         return 1
 
-    def check_dialect(self, resolved: ResolvedSpec, info: DialectInfo) -> None:
-        if resolved.spec.parallel.pp > 1 and info.dialect is Dialect.V0_9:
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if spec.parallel.pp > 1 and info.dialect is Dialect.V0_9:
             raise PlanError("parallel.pp: the 0.9 multimodal runner has no pipeline parallelism for encoder-decoder models")

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from vlmforge.errors import PlanError
 from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily, ModelFamily
-from vlmforge.plan import PlanContext, Step
-from vlmforge.spec import Dialect, parse_source
+from vlmforge.plans.model import PlanContext, Step
+from vlmforge.specs.schema import Dialect, parse_source
 
 if TYPE_CHECKING:
     import torch
 
-    from vlmforge.toolchains.hf.common import LlmPrefix, Template
+    from vlmforge.families.tinykit import Template
+    from vlmforge.modeling.generation import LlmPrefix
 
 # The tiny test models (tiny://blip2-opt, tiny://blip2-t5): 16 patches + CLS into the Q-Former's
 # cross-attention, 32 query tokens like the real BLIP-2.
@@ -134,7 +135,7 @@ class Blip2Common(ModelFamily):
     def _tiny_config(self) -> Any:
         from transformers import Blip2Config
 
-        from vlmforge.toolchains.hf.common import IMAGE_ID
+        from vlmforge.families.tinykit import IMAGE_ID
 
         vision, qformer = _tiny_vision_qformer_configs()
         return Blip2Config(
@@ -149,7 +150,7 @@ class Blip2Common(ModelFamily):
     def _tiny_processor(self) -> Any:
         from transformers import Blip2Processor, BlipImageProcessorPil
 
-        from vlmforge.toolchains.hf.common import make_fast_tokenizer
+        from vlmforge.families.tinykit import make_fast_tokenizer
 
         template: Template = "eos" if self.tokenizer_template == "eos" else "bos"
         image_processor = BlipImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
@@ -163,7 +164,7 @@ class Blip2Common(ModelFamily):
         import torch
         from transformers import Blip2ForConditionalGeneration
 
-        from vlmforge.toolchains.hf.common import seed_all
+        from vlmforge.modeling.devices import seed_all
 
         seed_all(seed)
         model = Blip2ForConditionalGeneration(self._tiny_config()).eval()
@@ -206,7 +207,7 @@ class Blip2Common(ModelFamily):
         """[<image>] x Q + the prompt's ids (OPT: BOS first; no prompt: BOS alone), image rows = features."""
         import torch
 
-        from vlmforge.toolchains.hf.common import model_device
+        from vlmforge.modeling.devices import model_device
 
         if features.dim() != 3 or features.shape[0] != 1:
             raise ValueError(f"expected the features of one image [1, Q, hidden], got {tuple(features.shape)}")
@@ -247,7 +248,7 @@ class Blip2OptFamily(Blip2Common, DecoderOnlyFamily):
     def _tiny_text_config(self) -> Any:
         from transformers import OPTConfig
 
-        from vlmforge.toolchains.hf.common import BOS_ID, EOS_ID, PAD_ID
+        from vlmforge.families.tinykit import BOS_ID, EOS_ID, PAD_ID
 
         return OPTConfig(
             vocab_size=TINY_VOCAB_SIZE,
@@ -269,7 +270,7 @@ class Blip2OptFamily(Blip2Common, DecoderOnlyFamily):
         return OPTForCausalLM
 
     def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids
+        from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
         eos = llm.generation_config.eos_token_id

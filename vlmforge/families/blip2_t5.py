@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from vlmforge.families import register_family
 from vlmforge.families.base import EncoderDecoderFamily
 from vlmforge.families.blip2_opt import TINY_NUM_ATTENTION_HEADS, TINY_VOCAB_SIZE, Blip2Common
-from vlmforge.plan import PlanContext
-from vlmforge.spec import BuildSpec, Dialect
+from vlmforge.plans.model import PlanContext
+from vlmforge.specs.schema import BuildSpec, Dialect
 
 if TYPE_CHECKING:
     import torch
 
-    from vlmforge.toolchains.hf.common import LlmPrefix
+    from vlmforge.modeling.generation import LlmPrefix
 
 
 @register_family
@@ -52,7 +52,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
     def _tiny_text_config(self) -> Any:
         from transformers import T5Config
 
-        from vlmforge.toolchains.hf.common import EOS_ID, PAD_ID
+        from vlmforge.families.tinykit import EOS_ID, PAD_ID
 
         return T5Config(
             vocab_size=TINY_VOCAB_SIZE,
@@ -80,7 +80,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
         return T5ForConditionalGeneration
 
     def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids
+        from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))
         gen = llm.generation_config

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily
-from vlmforge.plan import PlanContext
+from vlmforge.plans.model import PlanContext
 
 if TYPE_CHECKING:
     import torch
 
-    from vlmforge.toolchains.hf.common import LlmPrefix
+    from vlmforge.modeling.generation import LlmPrefix
 
 IMAGE_TOKEN = "<image>"
 PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
@@ -42,7 +42,7 @@ TINY_NUM_ATTENTION_HEADS = 4
 def _tiny_config() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from vlmforge.toolchains.hf.common import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
+    from vlmforge.families.tinykit import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID
 
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -81,7 +81,7 @@ def _tiny_config() -> Any:
 def _tiny_processor() -> Any:
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    from vlmforge.toolchains.hf.common import make_fast_tokenizer
+    from vlmforge.families.tinykit import make_fast_tokenizer
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
@@ -150,7 +150,7 @@ class LlavaFamily(DecoderOnlyFamily):
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         from transformers import LlavaForConditionalGeneration
 
-        from vlmforge.toolchains.hf.common import seed_all
+        from vlmforge.modeling.devices import seed_all
 
         seed_all(seed)
         model = LlavaForConditionalGeneration(_tiny_config()).eval()
@@ -188,7 +188,7 @@ class LlavaFamily(DecoderOnlyFamily):
 
         import torch
 
-        from vlmforge.toolchains.hf.common import model_dtype
+        from vlmforge.modeling.devices import model_dtype
 
         llm_cls = self.llm_class()
         config = copy.deepcopy(model.config.text_config)
@@ -222,7 +222,8 @@ class LlavaFamily(DecoderOnlyFamily):
         """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
         import torch
 
-        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids, model_device
+        from vlmforge.modeling.devices import model_device
+        from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         if features.dim() != 3 or features.shape[0] != 1:
             raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")

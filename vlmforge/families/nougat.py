@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
-from vlmforge.plan import PlanContext
-from vlmforge.spec import BuildSpec
+from vlmforge.plans.model import PlanContext
+from vlmforge.specs.schema import BuildSpec
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.toolchains.hf.common import GenResult, LlmPrefix
+    from vlmforge.modeling.generation import GenResult, LlmPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TINY_NUM_ATTENTION_HEADS = 4
 def _tiny_config() -> Any:
     from transformers import DonutSwinConfig, MBartConfig, VisionEncoderDecoderConfig
 
-    from vlmforge.toolchains.hf.common import BOS_ID, EOS_ID, PAD_ID
+    from vlmforge.families.tinykit import BOS_ID, EOS_ID, PAD_ID
 
     encoder = DonutSwinConfig(
         image_size=list(TINY_IMAGE_HW),
@@ -86,7 +86,7 @@ def _tiny_processor() -> Any:
     """Nougat's own processor and tokenizer class, the tokenizer filled with the locally trained BPE."""
     from transformers import NougatImageProcessorPil, NougatProcessor, NougatTokenizer
 
-    from vlmforge.toolchains.hf.common import train_bpe_tokenizer
+    from vlmforge.families.tinykit import train_bpe_tokenizer
 
     bpe = json.loads(train_bpe_tokenizer(TINY_VOCAB_SIZE, template="none").to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
@@ -148,7 +148,8 @@ class NougatFamily(EncoderDecoderFamily):
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         from transformers import VisionEncoderDecoderModel
 
-        from vlmforge.toolchains.hf.common import BOS_ID, seed_all
+        from vlmforge.families.tinykit import BOS_ID
+        from vlmforge.modeling.devices import seed_all
 
         seed_all(seed)
         model = VisionEncoderDecoderModel(config=_tiny_config()).eval()
@@ -211,7 +212,8 @@ class NougatFamily(EncoderDecoderFamily):
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
         import torch
 
-        from vlmforge.toolchains.hf.common import LlmPrefix, eos_ids, model_device, model_dtype
+        from vlmforge.modeling.devices import model_device, model_dtype
+        from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         if features.dim() != 3 or features.shape[0] != 1:
             raise ValueError(f"expected the features of one image [1, L, hidden], got {tuple(features.shape)}")
@@ -228,7 +230,7 @@ class NougatFamily(EncoderDecoderFamily):
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
                            max_new_tokens: int) -> GenResult:
-        from vlmforge.toolchains.hf.common import ref_generate
+        from vlmforge.modeling.generation import ref_generate
 
         self.format_prompt(prompt)
         inputs = {"pixel_values": self.pixel_values(processor, [image])}

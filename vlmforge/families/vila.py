@@ -8,8 +8,8 @@ from typing import Any, ClassVar, NoReturn
 from vlmforge.errors import ToolchainUnavailable
 from vlmforge.families import register_family
 from vlmforge.families.base import DecoderOnlyFamily
-from vlmforge.plan import PlanContext, Step
-from vlmforge.spec import Dialect
+from vlmforge.plans.model import PlanContext, Step
+from vlmforge.specs.schema import Dialect
 
 # The seed's source patches (0.9 dialect): load the vision tower eagerly, and make AWQ work without
 # replacing Hugging Face's LLaMA implementation.

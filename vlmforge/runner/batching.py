@@ -1,6 +1,6 @@
 """Batched greedy decoding: many requests through one LLM forward per step.
 
-Every request arrives as a :class:`~vlmforge.toolchains.hf.common.LlmPrefix` (what its family feeds
+Every request arrives as a :class:`~vlmforge.modeling.LlmPrefix` (what its family feeds
 the LLM); a batch pads them to one shape and decodes them together:
 
 - ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
@@ -27,23 +27,14 @@ from typing import Any, Protocol
 
 import torch
 
-from vlmforge.toolchains.hf.common import GenResult, LlmPrefix, model_device
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from vlmforge.modeling.devices import model_device
+from vlmforge.modeling.generation import GenResult, LlmPrefix, cache_kwarg, cache_of
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
     """``logits_to_keep=1`` where the forward takes it: a prefill needs the last position's logits alone
     (a batch of 16 LLaVA prompts would otherwise make 16 x 600 x 32k logits)."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 class PrefixBatch:
@@ -81,13 +72,13 @@ class DecoderOnlyBatch(PrefixBatch):
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
 
     def prefill(self) -> torch.Tensor:
         out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                        **_last_logits_only(self.llm))
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         self.next_position = self.positions[:, -1:] + 1
         self.embeds = None  # type: ignore[assignment]  # not needed any more
         return out.logits[:, -1]
@@ -96,7 +87,7 @@ class DecoderOnlyBatch(PrefixBatch):
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
         out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
                        use_cache=True, **{self.cache_kwarg: self.cache})
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         self.next_position = self.next_position + 1
         return out.logits[:, -1]
 
@@ -109,13 +100,13 @@ class Seq2SeqBatch(PrefixBatch):
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=False)
         self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.embeds.device)
-        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.llm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=ids, use_cache=True,
                        **{self.cache_kwarg: self.cache})
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         return out.logits[:, -1]
 
     def prefill(self) -> torch.Tensor:
@@ -135,13 +126,13 @@ class CrossAttnBatch(PrefixBatch):
         self.states, mask, padded = _stack(prefixes, left=False)
         self.mask = mask if padded else None  # equal lengths: no mask, exactly like one request alone
         self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.states.device)
-        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.llm(input_ids=ids, encoder_hidden_states=self.states, encoder_attention_mask=self.mask,
                        use_cache=True, **{self.cache_kwarg: self.cache})
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         return out.logits[:, -1]
 
     def prefill(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmforge.engine_config import EngineConfig
+from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.families import get_family
 
@@ -39,12 +39,6 @@ class Generation:
         return self.vision_ms + self.llm_ms
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 class HfEngine:
     """A loaded hf-toolchain engine.
 
@@ -58,7 +52,7 @@ class HfEngine:
                  compile_mode: str = "max-autotune-no-cudagraphs") -> None:
         import torch
 
-        from vlmforge.toolchains.hf.common import load_quantized
+        from vlmforge.modeling.quantized import load_quantized
 
         self.dir = Path(engine_dir)
         self.config = EngineConfig.read(self.dir)
@@ -74,6 +68,8 @@ class HfEngine:
         if load_vision:
             self._load_vision()
         llm_dir = self.dir / self.config.llm.path
+        from vlmforge.modeling.devices import torch_dtype
+
         dtype = torch_dtype(self.config.llm.dtype)
         if tp_plan:
             self.tp = check_tensor_parallel(self.dir, self.config)

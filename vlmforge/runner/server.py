@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from vlmforge.engine_config import EngineConfig
+from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.runner import CompileMode, DecodeMode
 from vlmforge.runner.openai_api import (

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from vlmforge.runner.batching import PrefixBatch, _cache_kwarg, _last_logits_only, _stack
-from vlmforge.toolchains.hf.common import LlmPrefix, model_device
+from vlmforge.modeling.devices import model_device
+from vlmforge.modeling.generation import LlmPrefix, cache_kwarg
+from vlmforge.runner.batching import PrefixBatch, _last_logits_only, _stack
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class StaticDecoder:
         self.length_multiple = length_multiple
         self.compile = compile
         self.mode = mode
-        self.cache_kwarg = _cache_kwarg(llm)
+        self.cache_kwarg = cache_kwarg(llm)
         self.device = model_device(llm)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":

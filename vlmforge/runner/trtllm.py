@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmforge.engine_config import EngineConfig
+from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.families import get_family
 from vlmforge.runner.engine import Generation
-from vlmforge.toolchains.trtllm import require_trtllm
+from vlmforge.system.env import require_trtllm
 
 TRTLLM_ROOT = os.environ.get("VLMFORGE_TRTLLM_ROOT", "/app/tensorrt_llm")
 MULTIMODAL_EXAMPLES = "examples/models/core/multimodal"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from vlmforge.sources.base import FetchedSource, FileEntry, Source, hash_tree, verify_tree
-from vlmforge.spec import SourceURI, parse_source
+from vlmforge.specs.schema import SourceURI, parse_source
 
 
 def open_source(uri: str | SourceURI) -> Source:
-    """The source object for a URI (validated by :func:`vlmforge.spec.parse_source`)."""
+    """The source object for a URI (validated by :func:`vlmforge.specs.schema.parse_source`)."""
     parsed = parse_source(uri) if isinstance(uri, str) else uri
     if parsed.scheme == "tiny":
         from vlmforge.sources.tiny import TinySource

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import SourceError
-from vlmforge.manifest import FileEntry
-from vlmforge.spec import SourceURI
+from vlmforge.specs.schema import SourceURI
 
 CHUNK = 8 * 1024 * 1024
 CHECKSUM_FILE = "SHA256SUMS"

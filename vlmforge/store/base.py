@@ -23,8 +23,8 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vlmforge.artifacts.manifest import EngineManifest, FileEntry, check_name
 from vlmforge.errors import IntegrityError, NotFound, StoreConflict, StoreError
-from vlmforge.manifest import EngineManifest, FileEntry, check_name
 from vlmforge.store.transfer import (
     ProgressSink,
     TaskGroup,

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import IntegrityError, NotFound, StoreError
-from vlmforge.manifest import FileEntry
 from vlmforge.store.base import ArtifactStore, ObjectInfo, PreconditionFailed, blob_key
 from vlmforge.store.transfer import ProgressSink, RangedCopy, TaskGroup, copy_range_fetcher, never_retry
 

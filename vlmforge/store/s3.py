@@ -16,8 +16,8 @@ import botocore.exceptions as bce
 import urllib3.exceptions
 from botocore.config import Config
 
+from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import IntegrityError, NotFound, StoreError
-from vlmforge.manifest import FileEntry
 from vlmforge.store.base import ArtifactStore, ObjectInfo, PreconditionFailed, blob_key
 from vlmforge.store.transfer import (
     OrderedHasher,

@@ -25,8 +25,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from vlmforge.artifacts.manifest import RESERVED_PREFIX, FileEntry
 from vlmforge.errors import IntegrityError
-from vlmforge.manifest import RESERVED_PREFIX, FileEntry
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The hf toolchain: torch + transformers builds that run anywhere, CPU or GPU.
 
-:mod:`vlmforge.toolchains.hf.common` holds the family-agnostic helpers (local tokenizers, golden
-images, ONNX export and comparison, greedy decoding, dtype-cast saving, weight-only quantization);
-everything family-specific lives in the family modules (:mod:`vlmforge.families`). Importing this
-package does not import torch.
+:mod:`vlmforge.toolchains.hf.stages` holds the stages (convert, quantize, LLM, visual, engine, validate),
+:mod:`~vlmforge.toolchains.hf.onnx` the visual export and :mod:`~vlmforge.toolchains.hf.saving` dtype-cast
+saving; the torch-level pieces the runner shares live in :mod:`vlmforge.modeling`, everything
+family-specific in the family modules (:mod:`vlmforge.families`). Importing this package does not import torch.
 """

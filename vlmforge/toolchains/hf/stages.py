@@ -6,7 +6,7 @@ exported to ONNX, checked in ONNX Runtime against torch) -> assemble (engine.jso
 (the runner against the unconverted float32 reference).
 
 Each function takes its inputs' directories and writes into an output directory it is given; it
-knows nothing of fingerprints or Prefect (see :mod:`vlmforge.pipeline`).
+knows nothing of fingerprints or Prefect (see :mod:`vlmforge.build.pipeline`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vlmforge.derived import ResolvedSpec
-from vlmforge.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
+from vlmforge.families import ResolvedSpec
 from vlmforge.sources.base import link_or_copy
-from vlmforge.spec import QuantMethod
+from vlmforge.specs.schema import QuantMethod
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def check_supported(resolved: ResolvedSpec) -> None:
 
 
 def _torch_dtype(name: str) -> Any:
-    from vlmforge.runner.engine import torch_dtype
+    from vlmforge.modeling.devices import torch_dtype
 
     return torch_dtype(name)
 
@@ -102,7 +102,7 @@ class ConvertResult(BaseModel):
 
 def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str = "cpu") -> ConvertResult:
     """Load with transformers, check the architecture facts, cast to the spec's dtype, save safetensors + processor."""
-    from vlmforge.toolchains.hf.common import safetensors_size, save_pretrained_as
+    from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
     facts = family.architecture_facts(read_config(source_dir))
@@ -139,7 +139,9 @@ class QuantizeResult(BaseModel):
 
 def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device: str = "cpu") -> QuantizeResult:
     """Weight-only int8/int4 quantization of the LLM with optimum-quanto (the lm_head stays in full precision)."""
-    from vlmforge.toolchains.hf.common import quantize_and_save, safetensors_size, weight_bytes
+    from vlmforge.modeling.devices import weight_bytes
+    from vlmforge.modeling.quantized import quantize_and_save
+    from vlmforge.toolchains.hf.saving import safetensors_size
 
     spec, family = resolved.spec, resolved.family
     weights = HF_QUANT_METHODS[spec.quantization.method]
@@ -165,7 +167,7 @@ class LlmResult(BaseModel):
 def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path, *,
               device: str = "cpu") -> LlmResult:
     """The LLM engine: the standalone language model (or its quantized form) plus the processor."""
-    from vlmforge.toolchains.hf.common import safetensors_size, save_pretrained_as
+    from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
     target = out / "llm"
@@ -197,7 +199,8 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     """Export the vision encoder + projector to ONNX and check ONNX Runtime against torch on the golden images."""
     import torch
 
-    from vlmforge.toolchains.hf.common import compare_onnx, export_onnx, synthetic_images
+    from vlmforge.modeling.images import synthetic_images
+    from vlmforge.toolchains.hf.onnx import compare_onnx, export_onnx
 
     family = resolved.family
     model = _load_model(resolved, source_dir, torch.float32)
@@ -270,8 +273,9 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     """Run the engine through the deployment runner on the golden inputs against the float32 reference."""
     import torch
 
+    from vlmforge.modeling.generation import compare_generations
+    from vlmforge.modeling.images import synthetic_images
     from vlmforge.runner.engine import HfEngine
-    from vlmforge.toolchains.hf.common import compare_generations, synthetic_images
 
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
     engine = HfEngine(engine_dir, device=device)

@@ -1,0 +1,106 @@
+"""The command line as a user meets it: JSON outputs, exit code 2 with one clear message on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.seed import normalize, parse_blocks
+
+
+def vlmforge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vlmforge", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_plan_json_reproduces_the_seed_llava_commands() -> None:
+    result = vlmforge("plan", "llava-1.5-7b-hf", "--dialect", "0.9", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) >= {"spec", "derived", "steps"}
+    assert plan["derived"]["max_multimodal_len"] == 576
+    for step in plan["steps"]:
+        assert set(step) >= {"name", "argv", "cwd", "image", "gpus", "inputs", "outputs"}
+    steps = {step["name"]: step["argv"] for step in plan["steps"]}
+    blocks = parse_blocks()
+    seed_convert, seed_build = blocks[8].commands
+    assert normalize(steps["convert"]) == normalize(seed_convert)
+    assert normalize(steps["build-llm"]) == normalize(seed_build)
+    assert normalize(steps["build-visual"]) == normalize(blocks[9].commands[0])
+
+
+def test_plan_overrides_and_12_dialect() -> None:
+    result = vlmforge("plan", "llava-1.5-7b-hf", "--tp", "2", "--max-batch-size", "2", "--visual-batch-size", "2", "--json")
+    plan = json.loads(result.stdout)
+    build = next(step["argv"] for step in plan["steps"] if step["name"] == "build-llm")
+    assert build[build.index("--max_multimodal_len") + 1] == "1152"
+    assert build[build.index("--max_seq_len") + 1] == "2560"
+    assert "--max_output_len" not in build
+
+
+def test_models_and_families_json() -> None:
+    models = json.loads(vlmforge("models", "--json").stdout)
+    assert {"llava-1.5-7b-hf", "nougat-small"} <= {row["name"] for row in models}
+    families = json.loads(vlmforge("families", "--json").stdout)
+    assert {"blip2-opt", "blip2-t5", "llava", "vila", "nougat"} <= {row["name"] for row in families}
+
+
+def test_spec_schema_is_json_schema() -> None:
+    schema = json.loads(vlmforge("spec", "schema").stdout)
+    assert schema["title"] == "vlmforge build spec" and "limits" in schema["properties"]
+
+
+def test_user_errors_exit_2_with_one_message(tmp_path: Path) -> None:
+    result = vlmforge("plan", "llava-7b")
+    assert result.returncode == 2
+    assert "unknown model 'llava-7b'" in result.stderr and "llava-1.5-7b-hf" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfamily: llava\nsource: tiny://llava\nlimits: {max_batch_size: 4, max_multimodal_len: 100}\n")
+    result = vlmforge("plan", str(bad))
+    assert result.returncode == 2
+    assert "max_batch_size x num_visual_features" in result.stderr and "Traceback" not in result.stderr
+    bad.write_text("name: x\n  family: : llava\n")
+    result = vlmforge("spec", "validate", str(bad))
+    assert result.returncode == 2 and f"{bad}:2" in result.stderr
+
+
+def test_a_bad_option_value_is_a_usage_error_not_a_traceback() -> None:
+    """typer vendors its own click: its parameter errors must end as click's usage errors (exit 2, one message)."""
+    for args, option in ((["plan", "llava-1.5-7b-hf", "--dtype", "fp13"], "--dtype"),
+                         (["serve", "/nonexistent", "--compile-mode", "reduce-overhead"], "--compile-mode"),
+                         (["plan", "llava-1.5-7b-hf", "--no-such-option"], "--no-such-option")):
+        result = vlmforge(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and option in result.stderr and "Usage:" in result.stderr
+
+
+def test_max_output_len_replaces_the_max_seq_len_of_a_spec_file(tmp_path: Path) -> None:
+    """--max-output-len clears a spec's own max_seq_len so it is derived again (input + output)."""
+    import yaml
+
+    from vlmforge.specs.catalog import catalog_entry
+
+    spec = catalog_entry("llava-1.5-7b-hf")
+    spec["limits"] = {**spec.get("limits", {}), "max_input_len": 2048, "max_seq_len": 2560}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = vlmforge("plan", str(path), "--max-output-len", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["derived"]["max_seq_len"] == 2148
+
+
+def test_an_error_naming_a_path_with_brackets_prints_it_as_is() -> None:
+    """Error messages carry user paths: rich markup in them ([x], [/y]) is printed, not interpreted."""
+    result = vlmforge("plan", "/nonexistent/[x]/[/y].yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "/nonexistent/[x]/[/y].yaml" in result.stderr
+
+
+def test_vila_is_refused_before_any_work_by_both_toolchains() -> None:
+    """VILA has plans but no transformers reference: the hf toolchain cannot build it, and the trtllm flow (which
+    validates against that reference) would fail only after the whole GPU plan; both refuse first."""
+    for toolchain, said in (("hf", "the hf toolchain cannot build VILA"), ("trtllm", "render the exact commands")):
+        result = vlmforge("build", "vila-7B", "--toolchain", toolchain)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr

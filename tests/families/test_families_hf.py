@@ -1,0 +1,287 @@
+"""The hf toolchain's family hooks on every family's tiny model (CPU, float32 unless said)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers.tiny import HF_FAMILIES, MAX_NEW_TOKENS, QUANTIZABLE, TinyCache, dir_digest
+from vlmforge.errors import ToolchainUnavailable
+from vlmforge.families import family_names, get_family
+from vlmforge.families.base import ArchitectureFacts, ModelFamily
+from vlmforge.families.tinykit import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID
+from vlmforge.modeling.generation import GenResult, compare_generations, teacher_forced_logits
+from vlmforge.modeling.quantized import load_quantized, quantize_and_save
+from vlmforge.specs.catalog import catalog_specs
+from vlmforge.specs.schema import BuildSpec
+from vlmforge.toolchains.hf.onnx import compare_onnx, run_onnx
+from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
+
+HF_HOOKS = (
+    "make_tiny", "hf_model_class", "load_model", "load_processor", "architecture_facts", "format_prompt",
+    "pixel_values", "visual_module", "extract_llm", "llm_class", "llm_prefix", "reference_generate",
+)
+# the hooks ModelFamily gives no default for (they raise NotImplementedError): every hf family must write them
+REQUIRED_HOOKS = tuple(hook for hook in HF_HOOKS
+                       if "raise NotImplementedError" in inspect.getsource(getattr(ModelFamily, hook)))
+LOGIT_TOL = 1e-4
+
+
+def tiny_spec(family: ModelFamily) -> BuildSpec:
+    return next(spec for spec in catalog_specs() if spec.source == family.tiny_source)
+
+
+def generate_all(tiny: Any, llm: Any, features: torch.Tensor) -> list[GenResult]:
+    return [tiny.family.generate(llm, tiny.processor, features[i : i + 1], tiny.prompt, MAX_NEW_TOKENS)
+            for i in range(features.shape[0])]
+
+
+def save_and_reload_llm(tiny: Any, dtype: torch.dtype, name: str) -> Any:
+    llm_dir = save_pretrained_as(tiny.family.extract_llm(tiny.model), tiny.work / name, dtype)
+    return tiny.family.llm_class().from_pretrained(llm_dir, dtype=dtype).eval()
+
+
+# --- the contract ---------------------------------------------------------------------------
+
+
+def test_every_hf_family_implements_every_hook() -> None:
+    assert all(callable(getattr(ModelFamily, hook)) for hook in HF_HOOKS)
+    assert {"hf_model_class", "make_tiny", "visual_module", "llm_prefix"} <= set(REQUIRED_HOOKS)
+    assert set(HF_FAMILIES) >= {"llava", "blip2-opt", "blip2-t5", "nougat"}
+    for name in HF_FAMILIES:
+        cls = type(get_family(name))
+        missing = [hook for hook in REQUIRED_HOOKS if getattr(cls, hook) is getattr(ModelFamily, hook)]
+        assert not missing, f"{name} lacks the hf hooks {missing}"
+        assert cls.tiny_source, f"{name} has no tiny model"
+
+
+def test_families_without_hf_support_refuse_every_hook(tmp_path: Path) -> None:
+    unsupported = [name for name in family_names() if not get_family(name).hf_supported]
+    assert unsupported == ["vila"]
+    family = get_family("vila")
+    for hook in HF_HOOKS:
+        if hook == "format_prompt":
+            continue
+        with pytest.raises(ToolchainUnavailable, match="vlmforge plan"):  # the refusal names the way out
+            getattr(family, hook)(tmp_path)
+
+
+# --- tiny models ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_make_tiny_is_deterministic(name: str, tiny: TinyCache, tmp_path: Path) -> None:
+    family, first = get_family(name), tiny(name).model_dir
+    family.make_tiny(tmp_path / "again", seed=0)
+    family.make_tiny(tmp_path / "seed1", seed=1)
+    assert (first / "config.json").is_file() and list(first.glob("*.safetensors"))
+    assert dir_digest(first) == dir_digest(tmp_path / "again")
+    assert dir_digest(first) != dir_digest(tmp_path / "seed1")
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_processor_and_tokenizer_load_offline(name: str, tiny: TinyCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+    from transformers import AutoProcessor, AutoTokenizer
+
+    model_dir = tiny(name).model_dir
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert type(processor) is type(get_family(name).load_processor(model_dir))
+    specials = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID, "<image>": IMAGE_ID}
+    assert {token: tokenizer.convert_tokens_to_ids(token) for token in specials} == specials
+    text = "Question: which city is this? Answer:"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_architecture_facts_match_the_catalog(name: str, tiny: TinyCache) -> None:
+    family = get_family(name)
+    config = json.loads((tiny(name).model_dir / "config.json").read_text())
+    arch = tiny_spec(family).architecture
+    assert family.architecture_facts(config) == ArchitectureFacts(arch.num_visual_features, arch.num_attention_heads)
+    assert tiny(name).features.shape[1] == arch.num_visual_features
+
+
+# Trimmed config.json of the real checkpoints (defaults left out, as the hub files do).
+REAL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llava-1.5-7b-hf": ("llava", {
+        "model_type": "llava", "vision_feature_select_strategy": "default", "vision_feature_layer": -2,
+        "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14,
+                          "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
+        "text_config": {"model_type": "llama", "vocab_size": 32064},
+    }),
+    "llava-1.5-13b-hf": ("llava", {
+        "model_type": "llava", "vision_feature_select_strategy": "default",
+        "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14},
+        "text_config": {"model_type": "llama", "hidden_size": 5120, "num_attention_heads": 40},
+    }),
+    "opt-2.7b": ("blip2-opt", {
+        "model_type": "blip-2", "num_query_tokens": 32,
+        "text_config": {"model_type": "opt", "hidden_size": 2560, "num_attention_heads": 32},
+    }),
+    "flan-t5-xxl": ("blip2-t5", {
+        "model_type": "blip-2", "num_query_tokens": 32,
+        "text_config": {"model_type": "t5", "d_model": 4096, "num_heads": 64},
+    }),
+    "nougat-base": ("nougat", {
+        "model_type": "vision-encoder-decoder",
+        "encoder": {"model_type": "donut-swin", "image_size": [896, 672], "patch_size": 4, "embed_dim": 128,
+                    "depths": [2, 2, 14, 2], "num_heads": [4, 8, 16, 32], "window_size": 7},
+        "decoder": {"model_type": "mbart", "d_model": 1024, "decoder_attention_heads": 16, "decoder_layers": 10},
+    }),
+}
+
+
+@pytest.mark.parametrize("model", sorted(REAL_CONFIGS))
+def test_architecture_facts_of_real_checkpoints(model: str) -> None:
+    family_name, config = REAL_CONFIGS[model]
+    arch = next(spec for spec in catalog_specs() if spec.name == model).architecture
+    facts = get_family(family_name).architecture_facts(config)
+    assert facts == ArchitectureFacts(arch.num_visual_features, arch.num_attention_heads)
+
+
+def test_format_prompt() -> None:
+    llava, opt, t5, nougat = (get_family(n) for n in ("llava", "blip2-opt", "blip2-t5", "nougat"))
+    assert llava.format_prompt("Hi?") == "USER: <image>\nHi? ASSISTANT:"
+    assert llava.format_prompt(llava.format_prompt("Hi?")) == "USER: <image>\nHi? ASSISTANT:"
+    assert llava.format_prompt(None) == "USER: <image>\nDescribe the image. ASSISTANT:"
+    assert (opt.format_prompt("a photo of"), opt.format_prompt(None)) == ("a photo of", None)
+    assert (t5.format_prompt("a photo of"), t5.format_prompt(None)) == ("a photo of", t5.golden_prompt)
+    assert (nougat.format_prompt("ignored"), nougat.format_prompt(None)) == (None, None)
+
+
+# --- the split pipeline: visual module -> LLM alone ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_llm_alone_fed_visual_features_matches_the_reference(name: str, tiny: TinyCache) -> None:
+    t = tiny(name)
+    assert t.pixel_values.dtype == torch.float32 and t.pixel_values.shape[:2] == (3, 3)
+    llm = save_and_reload_llm(t, torch.float32, "llm_fp32")
+    assert isinstance(llm, t.family.llm_class())
+    for ref, got in zip(t.refs, generate_all(t, llm, t.features), strict=True):
+        assert got.tokens == ref.tokens
+        assert got.logits.dtype == torch.float32 and got.logits.device.type == "cpu"
+        assert got.logits.shape == (len(ref.tokens), ref.logits.shape[1])
+        assert (got.logits - ref.logits).abs().max().item() < LOGIT_TOL
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_wrong_image_features_change_the_output(name: str, tiny: TinyCache) -> None:
+    t = tiny(name)
+    llm = t.family.extract_llm(t.model)
+    rolled = torch.cat([t.features[1:], t.features[:1]])  # every image gets the next one's features
+    wrong = [compare_generations(ref, got) for ref, got in zip(t.refs, generate_all(t, llm, rolled), strict=True)]
+    assert not all(c.exact for c in wrong)
+    assert min(c.first_step_logit_error for c in wrong) > 0.5
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_catalog_thresholds_pass_in_the_entry_dtype_and_catch_wrong_features(name: str, tiny: TinyCache) -> None:
+    """The tiny catalog entry's validation settings, as the comments in catalog.yaml measure them."""
+    t = tiny(name)
+    spec = tiny_spec(t.family)
+    dtype = getattr(torch, spec.dtype.value)
+    steps = spec.validation.max_new_tokens
+    model = t.family.load_model(t.model_dir, dtype)
+    with torch.no_grad():
+        features = t.family.visual_module(model)(t.pixel_values)
+    assert features.dtype == dtype
+    llm = save_and_reload_llm(t, dtype, f"llm_{spec.dtype.value}")
+    refs = t.refs if steps == MAX_NEW_TOKENS else [
+        t.family.reference_generate(t.model, t.processor, image, t.prompt, steps) for image in t.images
+    ]
+
+    def score(feats: torch.Tensor) -> tuple[float, float]:
+        comparisons = [
+            compare_generations(ref, t.family.generate(llm, t.processor, feats[i : i + 1], t.prompt, steps))
+            for i, ref in enumerate(refs)
+        ]
+        return (sum(c.token_agreement for c in comparisons) / len(comparisons),
+                max(c.first_step_logit_error for c in comparisons))
+
+    agreement, error = score(features)
+    assert agreement >= spec.validation.min_token_agreement
+    assert error <= spec.validation.max_logit_error
+    agreement, error = score(torch.cat([features[1:], features[:1]]))
+    assert agreement < spec.validation.min_token_agreement or error > spec.validation.max_logit_error
+
+
+def test_save_pretrained_as_leaves_the_shared_model_untouched(tiny: TinyCache) -> None:
+    t = tiny("blip2-opt")  # its LLM is the full model's own language_model
+    before = [p.detach().clone() for p in t.model.parameters()]
+    llm_dir = save_pretrained_as(t.family.extract_llm(t.model), t.work / "llm_bf16", torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+    assert t.model.config.text_config.dtype == torch.float32
+    assert json.loads((llm_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = t.family.llm_class().from_pretrained(llm_dir, dtype="auto")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+# --- ONNX visual engine ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_visual_module_onnx_matches_torch(name: str, tiny: TinyCache) -> None:
+    t = tiny(name)
+    info = t.onnx()
+    assert info.exporter in ("dynamo", "torchscript")
+    module = t.family.visual_module(t.model)
+    for batch in (1, 3):
+        report = compare_onnx(info.path, module, t.pixel_values[:batch])
+        assert report["batch"] == batch
+        assert report["max_rel_to_scale"] < LOGIT_TOL, report
+    # and the LLM fed the ONNX features still generates the reference's tokens
+    got = generate_all(t, t.family.extract_llm(t.model), run_onnx(info.path, t.pixel_values))
+    assert [g.tokens for g in got] == [r.tokens for r in t.refs]
+
+
+# --- weight-only quantization ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quanto_save_and_reload(name: str, weights: str, tiny: TinyCache) -> None:
+    from optimum.quanto import QTensor
+
+    t = tiny(name)
+    llm_cls = t.family.llm_class()
+    fp32_dir = t.work / "llm_fp32_for_quant"
+    if not fp32_dir.exists():
+        save_pretrained_as(t.family.extract_llm(t.model), fp32_dir, torch.float32)
+    quantized = llm_cls.from_pretrained(fp32_dir, dtype=torch.float32).eval()
+    qdir = quantize_and_save(quantized, t.work / f"llm_{weights}", weights)  # type: ignore[arg-type]
+    assert safetensors_size(qdir) < safetensors_size(fp32_dir)
+
+    reloaded = load_quantized(llm_cls, qdir, torch.float32, "cpu")
+    assert reloaded is not quantized and isinstance(reloaded, llm_cls)
+    assert any(isinstance(m.weight, QTensor) for m in reloaded.modules() if isinstance(m, torch.nn.Linear))
+    # the reload is exactly the quantized model, and close to the float one (one image: quanto is slow on CPU)
+    ref, mem, got = t.refs[0], *(generate_all(t, m, t.features[:1])[0] for m in (quantized, reloaded))
+    assert got.tokens == mem.tokens
+    assert torch.allclose(got.logits, mem.logits, atol=1e-5)
+    assert (got.logits[0] - ref.logits[0]).abs().max().item() < (0.1 if weights == "int8" else 1.0)
+    assert len(got.tokens) == MAX_NEW_TOKENS or got.tokens[-1] == EOS_ID
+
+
+def test_teacher_forced_logits_equal_the_greedy_steps(tiny: TinyCache) -> None:
+    t = tiny("llava")
+    llm = t.family.extract_llm(t.model)
+    family = t.family
+    # rebuild the prefix the way generate() does, through the public hook, and judge the reference tokens
+    n = t.features.shape[1]
+    ids = t.processor.tokenizer(t.prompt.replace("<image>", "<image>" * n), return_tensors="pt").input_ids
+    embeds = llm.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == IMAGE_ID).unsqueeze(-1), t.features[:1])
+    logits = teacher_forced_logits(llm, embeds, torch.ones_like(ids), t.refs[0].tokens)
+    assert logits.shape == t.refs[0].logits.shape
+    assert (logits - t.refs[0].logits).abs().max().item() < LOGIT_TOL
+    assert family.generate(llm, t.processor, t.features[:1], t.prompt, 1).tokens == t.refs[0].tokens[:1]

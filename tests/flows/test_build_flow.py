@@ -1,0 +1,146 @@
+"""The build flow end to end on the hf toolchain, through a real Prefect server and a real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmforge.errors import SourceError, ValidationFailed
+from vlmforge.families import get_family
+from vlmforge.store import open_store
+
+pytestmark = pytest.mark.slow
+TINY = ["tiny-llava", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-nougat"]
+
+
+@pytest.fixture
+def build(prefect_server: str, hf_offline: None, tmp_path: Path):
+    from vlmforge_flows.build import build_engine
+
+    def run(model: str, *, workdir: Path | None = None, store: Path | None = None, **overrides):
+        return build_engine(model=model, workdir=str(workdir or tmp_path / "work"), store=str(store or tmp_path / "store"),
+                            overrides=overrides or None)
+
+    return run
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, model: str) -> None:
+    summary = build(model)
+    assert summary["created"] and summary["aliases"] == {"latest": summary["build_id"]}
+    assert summary["validation"]["token_agreement"] >= 0.8
+    with open_store(str(tmp_path / "store")) as store:
+        manifest = store.resolve(f"{model}@latest")
+        pulled = tmp_path / "pulled"
+        store.pull(f"{model}@latest", pulled)
+    assert manifest.source.revision.startswith("tiny-sha256:")
+    assert manifest.validation["passed"] is True and manifest.toolchain == "hf"
+    assert {"engine.json", "vision/model.onnx"} <= {f.path for f in manifest.files}
+    assert json.loads((pulled / "engine.json").read_text())["family"] == get_family(manifest.spec["family"]).name
+
+
+def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(prefect_server: str, hf_offline: None, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from vlmforge_flows.build import build_engine
+
+    def run():  # type: ignore[no-untyped-def]
+        return build_engine(model="tiny-llava", workdir=str(tmp_path / "work"), store=str(tmp_path / "store"),
+                            return_state=True)
+
+    first = run().result()
+    state = run()
+    again = state.result()
+    assert again["build_id"] == first["build_id"] and again["created"] is False
+    assert set(again["stages"].values()) == {"skipped"}
+    with get_client(sync_client=True) as client:  # this run's artifacts (the server is shared by the session)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"build-tiny-llava", "build-tiny-llava-stages", "build-tiny-llava-manifest"} <= set(by_key)
+    assert f"models/tiny-llava/builds/{first['build_id']}.json" in str(by_key["build-tiny-llava-manifest"].data)
+
+
+def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
+    summary = build("tiny-llava", **{"quantization.method": "int8_wo"})
+    quantize = next((tmp_path / "work" / "tiny-llava").glob("quantize-*"))
+    result = json.loads((quantize / "_stage.json").read_text())["result"]
+    assert result["bytes_after"] < result["bytes_before"]
+    assert summary["validation"]["token_agreement"] >= 0.8
+
+
+def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Path) -> None:
+    with pytest.raises(ValidationFailed, match="nothing is published"):
+        build("tiny-nougat", **{"validation.min_token_agreement": 1.0, "validation.max_logit_error": 0.0})
+    with open_store(str(tmp_path / "store")) as store:
+        assert store.list_builds() == []
+
+
+def test_a_corrupted_source_file_is_detected(build, tmp_path: Path) -> None:
+    source = tmp_path / "checkpoint"
+    get_family("llava").make_tiny(source)
+    weights = next(source.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: broken-llava\nfamily: llava\nsource: file://{source}\ndtype: float16\n"
+                    "limits: {max_batch_size: 1, max_input_len: 128, max_output_len: 32}\n"
+                    "architecture: {num_visual_features: 16}\n")
+    with pytest.raises(SourceError, match=f"corrupt weights {weights.name}"):
+        build(str(spec))
+    with open_store(str(tmp_path / "store")) as store:
+        assert store.list_builds() == []
+
+
+def test_secrets_stay_out_of_manifests(build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value_123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value-456")
+    build("tiny-llava")
+    texts = [p.read_text(errors="ignore") for p in (tmp_path / "store").rglob("*.json")]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        texts += [str(artifact.data) for artifact in client.read_artifacts()]
+    assert texts and not any("hf_secret_token_value_123" in t or "aws-secret-value-456" in t for t in texts)
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlmforge", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _identity(store_dir: Path, model: str) -> dict:
+    with open_store(str(store_dir)) as store:
+        manifest = store.resolve(f"{model}@latest")
+    validation = {k: v for k, v in manifest.validation.items() if not k.endswith("_ms")}
+    return {"fingerprint": manifest.fingerprint, "files": manifest.files, "source": manifest.source,
+            "spec": manifest.spec, "validation": validation}
+
+
+def test_a_build_killed_mid_stage_resumes_and_publishes_the_same_engine(prefect_server: str, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_API_URL": prefect_server}
+    model, work, store = "tiny-blip2-t5", tmp_path / "work", tmp_path / "store"
+    proc = _cli(["build", model, "--workdir", str(work), "--store", str(store), "--json"], env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list((work / model).glob(".visual-*.partial-*")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_store(str(store)) as opened:
+        assert opened.list_builds() == []  # nothing half-published
+    rerun = _cli(["build", model, "--workdir", str(work), "--store", str(store), "--json"], env)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    stages = json.loads(out)["stages"]
+    assert stages["fetch"] == "skipped" and stages["visual"] != "skipped"
+    clean = _cli(["build", model, "--workdir", str(tmp_path / "work2"), "--store", str(tmp_path / "store2"), "--json"], env)
+    out, err = clean.communicate(timeout=600)
+    assert clean.returncode == 0, err[-3000:]
+    assert _identity(store, model) == _identity(tmp_path / "store2", model)

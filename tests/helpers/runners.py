@@ -1,0 +1,116 @@
+"""Runner processes for tests: `vlmforge serve` started, deployed and stopped for real; chat bodies and images
+as data URLs; the tiny-llava engine built by the real hf pipeline."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.net import ROOT, free_port, wait_http
+
+
+def runner_env(**extra: str) -> dict[str, str]:
+    """The environment of runner processes: this checkout first on the path, offline, quiet libraries."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env.update(extra)
+    return env
+
+
+def image_url(index: int = 0, size: int = 64, fmt: str = "PNG") -> str:
+    from vlmforge.modeling.images import synthetic_images
+
+    buffer = io.BytesIO()
+    synthetic_images(size)[index % 3].rotate(90 * (index // 3)).save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(text: str | None, url: str, model: str = "tiny-llava", **fields: object) -> dict:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": url}}]
+    if text is not None:
+        content.insert(0, {"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def build_tiny_llava(workdir: Path, **overrides: object) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    _, engine, _ = HfPipeline(load_model_or_spec("tiny-llava", dict(overrides)), Workdir(workdir)).run()
+    return Path(engine.path)
+
+
+@dataclass
+class Runner:
+    """A runner process and where it answers."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    pid_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_runner(engine: Path, log: Path, *, args: tuple[str, ...] = (), timeout: float = 120) -> Runner:
+    """`vlmforge serve` in a process group of its own; waits for /health."""
+    port = free_port()
+    pid_file = log.with_suffix(".pid")
+    argv = [sys.executable, "-m", "vlmforge", "serve", str(engine), "--port", str(port), "--pid-file", str(pid_file),
+            *args]
+    handle = log.open("w")
+    proc = subprocess.Popen(argv, env=runner_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=ROOT)
+    runner = Runner(proc, port, log, pid_file)
+    try:
+        wait_http(f"{runner.url}/health", timeout, proc)
+    except Exception:  # noqa: BLE001 - stop it, then say why with its log
+        stop_runner(runner)
+        raise RuntimeError(f"the runner did not come up:\n{runner.log_text()[-4000:]}") from None
+    return runner
+
+
+def deploy_runner(engine: Path, state_dir: Path, *, serve_args: tuple[str, ...] = (), **kwargs: object) -> Runner:
+    """`vlmforge.deploy.service.deploy` of a local engine directory (mpirun for TP > 1), from this process, so the
+    launcher is our child and its exit code can be checked."""
+    from vlmforge.deploy.service import LocalEngineSource, deploy
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in runner_env().items():
+            patch.setenv(key, value)
+        deployment = deploy("", LocalEngineSource(engine), port=free_port(), state_dir=state_dir,
+                            serve_args=serve_args, wait_s=180, **kwargs)  # type: ignore[arg-type]
+    assert deployment._proc is not None
+    return Runner(deployment._proc, deployment.port, deployment.log, deployment.pid_file)
+
+
+def stop_runner(runner: Runner, timeout: float = 30) -> int:
+    """SIGTERM to rank 0 (it drains, then releases the other ranks), then SIGKILL to the process group we
+    started if it does not end in time. Returns the exit code of the process we started."""
+    if runner.proc.poll() is None:
+        try:
+            os.kill(int(runner.pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            runner.proc.send_signal(signal.SIGTERM)
+        try:
+            runner.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(runner.proc.pid, signal.SIGKILL)
+            runner.proc.wait(10)
+    return runner.proc.returncode

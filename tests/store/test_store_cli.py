@@ -1,0 +1,138 @@
+"""The `vlmforge store` CLI on both backends: listings with --json, pull, promote, gc, exit code 2 on user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers.store import make_engine, new_manifest, read_tree, standard_files
+from tests.store.conftest import make_store
+from vlmforge.cli.store import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def published(store_url: str, tmp_path: Path) -> tuple[str, list[str], Path]:
+    store = make_store(store_url)
+    ids = []
+    engine = tmp_path
+    for i in range(3):
+        engine = make_engine(tmp_path / f"e{i}", standard_files(f"cli{i}"))
+        ids.append(store.publish(engine, new_manifest(minutes=i, seed=f"cli{i}")).manifest.build_id)
+    store.close()
+    return store_url, ids, engine
+
+
+def run(*args: str) -> object:
+    return runner.invoke(app, list(args))
+
+
+def test_listings_json(published: tuple[str, list[str], Path]) -> None:
+    url, ids, _ = published
+    result = run("ls", "--store", url, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"model": "qwen2-vl-2b", "builds": 3, "aliases": {"latest": ids[2]}}]
+    result = run("ls", "qwen2-vl-2b", "--store", url, "--json")
+    builds = json.loads(result.stdout)
+    assert [b["build_id"] for b in builds] == ids[::-1] and builds[0]["aliases"] == ["latest"]
+    result = run("show", f"qwen2-vl-2b#{ids[0]}", "--store", url, "--json")
+    assert json.loads(result.stdout)["build_id"] == ids[0]
+    for args in (("ls",), ("ls", "qwen2-vl-2b"), ("show", "qwen2-vl-2b")):
+        result = run(*args, "--store", url)
+        assert result.exit_code == 0 and ids[2] in result.stdout
+
+
+def test_env_default_store(published: tuple[str, list[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, ids, _ = published
+    monkeypatch.setenv("VLMFORGE_STORE", url)
+    result = run("ls", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["builds"] == 3
+
+
+def test_pull_promote_gc(published: tuple[str, list[str], Path], tmp_path: Path) -> None:
+    url, ids, engine = published
+    dest = tmp_path / "pulled"
+    result = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert ids[2] in result.stdout and read_tree(dest) == read_tree(engine)
+
+    result = run("promote", f"qwen2-vl-2b#{ids[0]}", "stable", "--store", url, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["moved"] is True
+    result = run("promote", f"qwen2-vl-2b#{ids[1]}", "stable", "--store", url, "--expect", ids[0])
+    assert result.exit_code == 0 and f"{ids[0]} -> {ids[1]}" in result.stdout
+
+    result = run("gc", "--keep", "1", "--store", url, "--json")
+    report = json.loads(result.stdout)
+    assert not report["applied"] and [b["build_id"] for b in report["deleted"]] == [ids[0]]
+    result = run("gc", "--keep", "1", "--store", url)
+    assert "would delete 1 builds" in result.stdout and "--apply" in result.stdout
+    result = run("gc", "--keep", "1", "--apply", "--store", url, "--json")
+    assert json.loads(result.stdout)["applied"] is True
+    result = run("ls", "qwen2-vl-2b", "--store", url, "--json")
+    assert [b["build_id"] for b in json.loads(result.stdout)] == [ids[2], ids[1]]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("show", "nope"), "model 'nope' not found"),
+        (("show", "qwen2-vl-2b@stable"), "has no alias 'stable'"),
+        (("show", "a/../b"), "bad reference"),
+        (("ls", "nope"), "model 'nope' not found"),
+        (("promote", "qwen2-vl-2b", "stable", "--expect", "20200101T000000Z-00000000"), "stable conflict"),
+        (("promote", "qwen2-vl-2b", "bad/alias"), "invalid alias"),
+    ],
+)
+def test_user_errors_exit_2(published: tuple[str, list[str], Path], args: tuple[str, ...], message: str) -> None:
+    url, _, _ = published
+    result = run(*args, "--store", url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.output and result.stderr.count("\n") == 1
+
+
+def test_pull_into_existing_dir_exit_2(published: tuple[str, list[str], Path], tmp_path: Path) -> None:
+    url, ids, _ = published
+    dest = tmp_path / "occupied"
+    dest.mkdir()
+    (dest / "other").write_text("x")
+    result = run("pull", "qwen2-vl-2b", str(dest), "--store", url)
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    result = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--force", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["build_id"] == ids[2]
+
+
+def test_bad_store_urls_exit_2(tmp_path: Path) -> None:
+    result = run("ls", "--store", "gs://bucket/x")
+    assert result.exit_code == 2 and "unsupported store URL" in result.stderr
+    result = run("ls", "--store", "s3:///nobucket")
+    assert result.exit_code == 2 and "bad store URL" in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = run("ls", "--store", str(tmp_path / "file"))
+    assert result.exit_code == 2 and "not a directory" in result.stderr
+
+
+def test_missing_bucket_exit_2(aws_env: str) -> None:
+    result = run("ls", "--store", "s3://no-such-bucket-vlmforge/x")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_default_store_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vlmforge.store import LocalStore, default_store_url, open_store
+    from vlmforge.store.s3 import S3Store
+
+    monkeypatch.delenv("VLMFORGE_STORE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_store_url() == str(tmp_path / "data" / "vlmforge" / "store")
+    store = open_store()
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "data" / "vlmforge" / "store"
+    assert not store.root.exists()  # opening (or listing) creates nothing
+    assert store.list_models() == []
+    monkeypatch.setenv("VLMFORGE_STORE", "s3://bucket/some/prefix/")
+    s3 = open_store()
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix, s3.url) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
+    assert isinstance(open_store(f"file://{tmp_path}/x"), LocalStore)

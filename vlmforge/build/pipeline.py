@@ -1,0 +1,202 @@
+"""One build as a set of fingerprinted, resumable stages (no Prefect here).
+
+Each method runs one stage through :class:`vlmforge.build.workdir.Workdir`: its fingerprint covers the
+stage's own settings, its inputs' fingerprints and the library versions, so a stage whose inputs
+are unchanged is skipped and a stage after a change is redone. The visual stage is keyed by the content of
+the vision weights and configs (:mod:`vlmforge.build.weights`), not by the whole revision, so a new revision
+that only changes the LLM reuses the visual engine. The Prefect flow calls these
+methods as tasks (and runs the visual and LLM branches at once); ``HfPipeline.run`` runs them in
+order for scripts and the GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vlmforge.build.fingerprint import fingerprint, spec_for_fingerprint
+from vlmforge.build.fingerprint import fingerprint as fingerprint_of
+from vlmforge.build.weights import PartDigest, visual_inputs_digest
+from vlmforge.build.workdir import StageOutcome, Workdir
+from vlmforge.errors import SourceError
+from vlmforge.families import ResolvedSpec, resolve
+from vlmforge.sources import FetchedSource, open_source, verify_tree
+from vlmforge.specs.schema import BuildSpec, QuantMethod
+from vlmforge.system.env import hardware, versions
+
+log = logging.getLogger(__name__)
+
+STAGE_CODE_VERSION = 1
+"""Bump when a stage's output changes for the same inputs (it is part of every fingerprint)."""
+LIBRARIES = ("torch", "transformers", "optimum-quanto", "onnx", "onnxruntime", "safetensors")
+
+
+def default_workdir() -> Path:
+    import os
+
+    return Path(os.environ.get("VLMFORGE_WORKDIR", "~/.cache/vlmforge/work")).expanduser()
+
+
+@dataclass
+class HfPipeline:
+    """The hf toolchain's stages for one spec."""
+
+    spec: BuildSpec
+    workdir: Workdir
+    device: str | None = None
+    on_event: Callable[[str], None] = field(default=log.info)
+    """Receives one line per stage: done (with its time) or skipped (with why)."""
+
+    def __post_init__(self) -> None:
+        from vlmforge.toolchains.hf.stages import check_supported, default_device
+
+        self.resolved: ResolvedSpec = resolve(self.spec)
+        check_supported(self.resolved)
+        self.device = self.device or default_device()
+        self._libraries = {name: version for name, version in versions(LIBRARIES).items()}
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    def _fp(self, stage: str, *parts: Any) -> str:
+        return fingerprint(stage, STAGE_CODE_VERSION, self._libraries, *parts)
+
+    def _run(self, stage: str, fp: str, work: Callable[[Path], Any]) -> StageOutcome:
+        outcome = self.workdir.run(self.model, stage, fp, work)
+        self.on_event(outcome.reason)
+        return outcome
+
+    # --- stages -----------------------------------------------------------------------------
+
+    def fetch(self) -> StageOutcome:
+        """Resolve the source's exact revision and download it (verified); reused while the revision holds."""
+        source = open_source(self.spec.source)
+        revision = source.resolve_revision()
+        fp = fingerprint("fetch", STAGE_CODE_VERSION, self.spec.source, revision)
+        outcome = self._run("fetch", fp, lambda out: source.fetch(out / "model"))
+        fetched = FetchedSource.model_validate(outcome.result)
+        if outcome.skipped:
+            try:
+                verify_tree(outcome.path / "model", fetched.files)
+            except SourceError as exc:
+                self.on_event(f"fetch: cached download is corrupt ({exc}): downloading again")
+                shutil.rmtree(outcome.path)
+                return self.fetch()
+        return outcome
+
+    def convert(self, fetched: StageOutcome) -> StageOutcome:
+        from vlmforge.toolchains.hf import stages
+
+        spec = spec_for_fingerprint(self.spec)
+        fp = self._fp("convert", fetched.record.fingerprint, spec["family"], spec["dtype"], spec["architecture"],
+                      spec["parallel"]["tp"])
+        return self._run("convert", fp, lambda out: stages.convert(self.resolved, fetched.path / "model", out, device=self.device))
+
+    def quantize(self, converted: StageOutcome) -> StageOutcome | None:
+        from vlmforge.toolchains.hf import stages
+
+        if self.spec.quantization.method is QuantMethod.NONE:
+            return None
+        fp = self._fp("quantize", converted.record.fingerprint, self.spec.quantization.method.value)
+        return self._run("quantize", fp, lambda out: stages.quantize(self.resolved, converted.path / "checkpoint", out,
+                                                                   device=self.device))
+
+    def build_llm(self, converted: StageOutcome, quantized: StageOutcome | None) -> StageOutcome:
+        from vlmforge.toolchains.hf import stages
+
+        upstream = (quantized or converted).record.fingerprint
+        fp = self._fp("llm", upstream)
+        return self._run("llm", fp, lambda out: stages.build_llm(
+            self.resolved, converted.path / "checkpoint", quantized.path if quantized else None, out, device=self.device))
+
+    def visual_inputs(self, fetched: StageOutcome) -> PartDigest | None:
+        """The digest of what the visual engine is built from (vision tensors and configs), if the family says."""
+        family = self.resolved.family
+        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys)
+
+    def build_visual(self, fetched: StageOutcome) -> StageOutcome:
+        """Keyed by the vision weights' content, not the whole revision: new LLM weights reuse it."""
+        from vlmforge.toolchains.hf import stages
+
+        inputs = self.visual_inputs(fetched)
+        if inputs is None:
+            basis: tuple[str, str] = ("checkpoint", fetched.record.fingerprint)
+        else:
+            basis = ("visual-inputs", inputs.digest)
+            log.info("visual inputs: %d tensors (%d bytes) and %s, digest %s", inputs.tensors, inputs.tensor_bytes,
+                     ", ".join(inputs.configs), inputs.digest[:12])
+        fp = self._fp("visual", *basis, self.spec.family)
+        return self._run("visual", fp, lambda out: stages.build_visual(self.resolved, fetched.path / "model", out))
+
+    def assemble(self, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:
+        from vlmforge.toolchains.hf import stages
+
+        spec = spec_for_fingerprint(self.spec)
+        fp = self._fp("engine", visual.record.fingerprint, llm.record.fingerprint, spec,
+                      self.resolved.derived.model_dump(mode="json"))
+        return self._run("engine", fp, lambda out: stages.assemble(
+            self.resolved, visual.path, stages.VisualResult.model_validate(visual.result), llm.path,
+            stages.LlmResult.model_validate(llm.result), out))
+
+    def validate(self, engine: StageOutcome, fetched: StageOutcome) -> StageOutcome:
+        from vlmforge.toolchains.hf import stages
+
+        fp = self._fp("validate", engine.record.fingerprint, fetched.record.fingerprint,
+                      self.spec.validation.model_dump(mode="json"))
+        return self._run("validate", fp, lambda out: stages.validate(self.resolved, engine.path, fetched.path / "model",
+                                                                     device=self.device))
+
+    # --- results ----------------------------------------------------------------------------
+
+    def manifest(self, fetched: StageOutcome, engine: StageOutcome, validation: StageOutcome,
+                 extra: dict[str, Any] | None = None) -> Any:
+        """The manifest of this build (published by the store)."""
+        fetched_source = FetchedSource.model_validate(fetched.result)
+        return engine_manifest(self.spec, self.resolved.derived, toolchain="hf", source_revision=fetched_source.revision,
+                               fingerprint=engine.record.fingerprint, files=engine.record.files,
+                               validation=validation.result, extra=extra)
+
+    def run(self) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
+        """All stages in order: (fetched, engine, validation)."""
+        fetched = self.fetch()
+        converted = self.convert(fetched)
+        quantized = self.quantize(converted)
+        llm = self.build_llm(converted, quantized)
+        visual = self.build_visual(fetched)
+        engine = self.assemble(visual, llm)
+        validation = self.validate(engine, fetched)
+        return fetched, engine, validation
+
+
+def engine_manifest(spec: BuildSpec, derived: Any, *, toolchain: str, source_revision: str, files: list[Any],
+                    validation: dict[str, Any], fingerprint: str | None = None, fingerprint_parts: tuple[Any, ...] = (),
+                    extra: dict[str, Any] | None = None) -> Any:
+    """A build's manifest: what was built, from which revision, with what, on what, and how it validated."""
+    from vlmforge.artifacts.manifest import EngineManifest, FileEntry, HardwareInfo, SourceInfo, new_build_id
+
+    hw = hardware()
+    fp = fingerprint or fingerprint_of(toolchain, spec_for_fingerprint(spec), source_revision, *fingerprint_parts)
+    now = datetime.now(UTC)
+    return EngineManifest(
+        model=spec.name,
+        build_id=new_build_id(fp, now),
+        fingerprint=fp,
+        created_at=now,
+        toolchain=toolchain,
+        spec=spec.model_dump(mode="json"),
+        derived=derived.model_dump(mode="json"),
+        source=SourceInfo(uri=spec.source, revision=source_revision),
+        versions=versions(),
+        hardware=HardwareInfo(gpu_name=hw.gpu_name, compute_capability=hw.compute_capability, gpu_count=hw.gpu_count,
+                              cpu=hw.cpu),
+        world_size=derived.world_size,
+        files=tuple(FileEntry(path=f.path, sha256=f.sha256, size=f.size) for f in files),
+        validation=validation,
+        extra=extra or {},
+    )

@@ -1,0 +1,1 @@
+"""Deploying runners from the store: build selection, launchers (process, container), records."""

@@ -1,0 +1,216 @@
+"""What a family feeds its LLM (:class:`LlmPrefix`), greedy decoding from it, and comparing generations.
+
+The unbatched KV-cached greedy loop here is what validation compares; the runner's batched loop
+(:mod:`vlmforge.runner.batching`) starts from the same prefixes. Results come back as float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from vlmforge.modeling.devices import model_device, model_dtype
+
+
+@dataclass(frozen=True)
+class LlmPrefix:
+    """What a family feeds its LLM for one request, before the first generated token.
+
+    Three shapes cover every family: ``decoder`` (decoder-only LLM: the prompt's embeddings with the
+    image rows spliced in), ``seq2seq`` (T5: the encoder's input embeddings; the decoder starts from
+    ``start``) and ``cross`` (Nougat: encoder hidden states a decoder cross-attends to, from ``start``).
+    The unbatched loops and the runner's batched loop (:mod:`vlmforge.runner.batching`) both start here.
+    """
+
+    kind: Literal["decoder", "seq2seq", "cross"]
+    embeds: torch.Tensor
+    """[1, L, hidden] on the LLM's device, in its dtype."""
+    mask: torch.Tensor
+    """[1, L] attention mask (all ones: one request has no padding)."""
+    eos: frozenset[int]
+    start: int | None = None
+    """Decoder start token (seq2seq and cross)."""
+
+    @property
+    def length(self) -> int:
+        """Prompt positions (text tokens and image features): the request's prompt tokens."""
+        return int(self.embeds.shape[1])
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """End-of-sequence ids as a set (a config may give one id, a list or none)."""
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(e) for e in eos_token_id)
+
+
+class GenResult(NamedTuple):
+    """Greedy output: unpacks as ``tokens, logits = family.generate(...)``."""
+
+    tokens: list[int]
+    """Newly generated tokens only (prompt excluded), the end-of-sequence token included if produced."""
+    logits: torch.Tensor
+    """[steps, vocab] float32 on the CPU: raw scores (before any logits processor)."""
+
+
+@dataclass(frozen=True)
+class GenComparison:
+    """How a generation agrees with the reference, in the terms of the spec's validation settings."""
+
+    token_agreement: float
+    """Fraction of positions (over the longer of the two) whose tokens are equal."""
+    exact: bool
+    first_step_logit_error: float
+    """Largest absolute difference of the first step's logits."""
+    prefix_match: int
+    """Number of leading tokens that agree."""
+    prefix_logit_error: float
+    """Largest absolute logit difference over the agreeing prefix and the first divergent step."""
+
+
+def compare_generations(ref: GenResult, got: GenResult) -> GenComparison:
+    """Position-by-position token agreement and logit errors of ``got`` against ``ref``."""
+    n = min(len(ref.tokens), len(got.tokens))
+    total = max(len(ref.tokens), len(got.tokens), 1)
+    agree = sum(int(a == b) for a, b in zip(ref.tokens[:n], got.tokens[:n], strict=True))
+    prefix = next((i for i in range(n) if ref.tokens[i] != got.tokens[i]), n)
+    k = min(prefix + 1, n)
+    ref_logits, got_logits = ref.logits.float().cpu(), got.logits.float().cpu()
+    prefix_err = float((ref_logits[:k] - got_logits[:k]).abs().max()) if k else float("inf")
+    first_err = float((ref_logits[0] - got_logits[0]).abs().max()) if n else float("inf")
+    return GenComparison(agree / total, ref.tokens == got.tokens, first_err, prefix, prefix_err)
+
+
+def _pick(step_logits: torch.Tensor, tokens: list[int], logits: list[torch.Tensor]) -> torch.Tensor:
+    """Greedy choice of a [1, vocab] step; records the token and the float32 logits."""
+    step_logits = step_logits.float()
+    logits.append(step_logits[0])
+    nxt = step_logits.argmax(-1)
+    tokens.append(int(nxt))
+    return nxt
+
+
+def _result(tokens: list[int], logits: list[torch.Tensor]) -> GenResult:
+    return GenResult(tokens, torch.stack(logits).to("cpu", torch.float32))
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) -> GenResult:
+    """The unbatched, KV-cached greedy loop for a prefix of any kind (what ``family.generate`` runs).
+
+    decoder: a ``*ForCausalLM`` fed the prefix embeddings, then one token at a time;
+    seq2seq: the encoder runs once on the embeddings (T5), the decoder from its start token;
+    cross:   a ``*ForCausalLM`` decoder cross-attending to the embeddings (Nougat's mBART).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prefix.kind != "decoder" and prefix.start is None:
+        raise ValueError(f"a {prefix.kind} prefix needs a decoder start token")
+    device = model_device(llm)
+    cache_key = cache_kwarg(llm)
+    mask = prefix.mask.to(device)
+    if prefix.kind == "seq2seq":
+        encoded = llm.get_encoder()(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, return_dict=True)
+    states = prefix.embeds.to(device, model_dtype(llm)) if prefix.kind == "cross" else None
+
+    def forward(token: torch.Tensor | None, cache: Any) -> Any:
+        """Logits for the next position: the whole prefix first (token None), then one token."""
+        nonlocal mask
+        if prefix.kind == "decoder":
+            if token is None:
+                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache})
+        ids = token if token is not None else torch.tensor([[prefix.start]], dtype=torch.long, device=device)
+        if prefix.kind == "seq2seq":
+            return llm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,
+                       **{cache_key: cache})
+        return llm(input_ids=ids, encoder_hidden_states=states, use_cache=True, **{cache_key: cache})
+
+    tokens: list[int] = []
+    logits: list[torch.Tensor] = []
+    out = forward(None, None)
+    while True:
+        nxt = _pick(out.logits[:, -1], tokens, logits)
+        if tokens[-1] in prefix.eos or len(tokens) >= max_new_tokens:
+            return _result(tokens, logits)
+        out = forward(nxt[:, None], cache_of(out))
+
+
+# Generation-config fields reset for the reference run: plain greedy, no logits processors that the
+# feature-fed loops above do not apply either (a real checkpoint's generation_config may set them).
+_PLAIN_GREEDY: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+}
+
+
+@torch.no_grad()
+def ref_generate(model: torch.nn.Module, inputs: dict[str, Any], max_new_tokens: int) -> GenResult:
+    """Plain greedy ``generate`` of the full transformers model (batch 1): new tokens + raw logits.
+
+    ``inputs`` is the processor's output; tensors move to the model's device and floating ones
+    (pixel values) to its dtype.
+    """
+    device, dtype = model_device(model), model_dtype(model)
+    moved = {
+        key: (value.to(device, dtype) if value.is_floating_point() else value.to(device))
+        if isinstance(value, torch.Tensor) else value
+        for key, value in inputs.items()
+    }
+    out = model.generate(
+        **moved,
+        **_PLAIN_GREEDY,
+        max_new_tokens=max_new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    steps = len(out.logits)
+    tokens = out.sequences[0, -steps:].tolist()
+    return GenResult(tokens, torch.stack([step[0] for step in out.logits]).to("cpu", torch.float32))
+
+
+@torch.no_grad()
+def teacher_forced_logits(
+    llm: torch.nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, tokens: list[int]
+) -> torch.Tensor:
+    """Decoder-only LLM: logits [len(tokens), vocab] predicting ``tokens`` after the prefix, in one forward.
+
+    Every step is judged on the reference history, so one early flip does not cascade (the way
+    to compare a quantized LLM with its float reference). float32 on the CPU.
+    """
+    device = model_device(llm)
+    inputs_embeds, attention_mask = inputs_embeds.to(device), attention_mask.to(device)
+    tok = torch.tensor([tokens[:-1]], dtype=torch.long, device=device)
+    embeds = torch.cat([inputs_embeds, llm.get_input_embeddings()(tok).to(inputs_embeds.dtype)], dim=1)
+    mask = torch.cat([attention_mask, torch.ones_like(tok, dtype=attention_mask.dtype)], dim=1)
+    logits = llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
+    start = inputs_embeds.shape[1] - 1
+    return logits[start : start + len(tokens)].to("cpu", torch.float32)

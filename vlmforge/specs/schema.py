@@ -1,0 +1,377 @@
+"""Build specs: one validated, declarative description of what to build.
+
+A spec is loaded from YAML (or taken from the catalog), every field has a default and a
+docstring, unknown keys are errors, and every error names the dotted YAML path, the bad value
+and the fix. Values derived from a spec (``max_multimodal_len`` and friends) and the
+cross-field rules live in :mod:`vlmforge.specs.derived`, computed and checked once.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmforge.errors import SpecError
+
+SCHEMA_VERSION = 1
+
+
+class Dtype(StrEnum):
+    """Precision of the LLM weights and activations (the visual engine follows it)."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+class QuantMethod(StrEnum):
+    """Quantization of the LLM weights (the visual engine is never quantized)."""
+
+    NONE = "none"
+    INT8_WO = "int8_wo"
+    INT4_WO = "int4_wo"
+    INT4_AWQ = "int4_awq"
+    INT8_SQ = "int8_sq"
+    FP8 = "fp8"
+
+    @property
+    def weight_only(self) -> bool:
+        return self in (QuantMethod.INT8_WO, QuantMethod.INT4_WO)
+
+
+class KvCacheDtype(StrEnum):
+    """KV-cache precision: ``auto`` follows the model dtype."""
+
+    AUTO = "auto"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+
+class Dialect(StrEnum):
+    """Which TensorRT-LLM release's command lines a plan is written in."""
+
+    V1_2 = "1.2"
+    """TensorRT-LLM 1.2.x: the last release line that builds TensorRT engines (default)."""
+    V0_9 = "0.9"
+    """The multimodal README of about v0.10 (the seed): for sites pinned to old containers."""
+
+
+class Toolchain(StrEnum):
+    """What executes a build: TensorRT-LLM in NVIDIA's container, or torch+transformers anywhere."""
+
+    HF = "hf"
+    TRTLLM = "trtllm"
+
+
+SOURCE_SCHEMES = ("hf", "s3", "file", "tiny")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_HF_RE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
+_S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?$")
+_TINY_RE = re.compile(r"^tiny://(?P<family>[a-z0-9-]+)$")
+
+PositiveLen = Annotated[int, Field(ge=1, le=1_048_576)]
+
+
+class StrictModel(BaseModel):
+    """Base for spec sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class Quantization(StrictModel):
+    """How the LLM is quantized."""
+
+    method: QuantMethod = QuantMethod.NONE
+    """Weight quantization: none, int8_wo, int4_wo (weight-only), int4_awq, int8_sq, fp8."""
+    kv_cache_dtype: KvCacheDtype = KvCacheDtype.AUTO
+    """KV-cache precision: auto (the model dtype), int8 or fp8."""
+    calib_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Calibration samples for int4_awq, int8_sq and fp8 (quantize.py --calib_size)."""
+
+
+class Parallelism(StrictModel):
+    """How the LLM is split across GPUs (the visual engine is replicated)."""
+
+    tp: Annotated[int, Field(ge=1, le=64)] = 1
+    """Tensor parallelism: GPUs per pipeline stage; must divide the attention heads."""
+    pp: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pipeline parallelism: number of pipeline stages."""
+
+
+class Limits(StrictModel):
+    """Sizes the LLM engine is built for. Leave derived values unset: they are computed."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=2048)] = 1
+    """Largest batch the LLM engine accepts."""
+    max_input_len: PositiveLen = 2048
+    """Longest prompt in tokens (text plus visual features for decoder-only families)."""
+    max_output_len: PositiveLen | None = None
+    """Most new tokens per request; defaults to max_seq_len - max_input_len, or 512."""
+    max_seq_len: PositiveLen | None = None
+    """Prompt plus output; derived as max_input_len + max_output_len when unset."""
+    max_beam_width: Annotated[int, Field(ge=1, le=64)] = 1
+    """Beam search width the engine supports (1 = greedy/sampling only)."""
+    max_multimodal_len: PositiveLen | None = None
+    """Visual-feature rows per batch; derived as max_batch_size x num_visual_features. Set it only to assert."""
+    max_encoder_input_len: PositiveLen | None = None
+    """Encoder-decoder families only: encoder input length; derived. Set it only to assert."""
+    use_fused_mlp: bool | None = None
+    """Fuse the gated MLP (trtllm-build --use_fused_mlp); default: the family's choice, never with quantization."""
+
+
+class Visual(StrictModel):
+    """The visual engine (vision encoder + projector)."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=2048)] | None = None
+    """Images per visual-engine call; default: the builder script's default (4). Must be >= limits.max_batch_size."""
+
+
+class Architecture(StrictModel):
+    """Facts about the checkpoint known before download (catalog entries fill them in).
+
+    They let a plan be checked before any GPU time is spent; the hf toolchain checks them
+    against the real config after download and fails on a mismatch.
+    """
+
+    num_visual_features: PositiveLen | None = None
+    """Visual tokens per image (BLIP-2: query tokens; LLaVA-1.5: (336/14)^2 = 576; Nougat: 588)."""
+    num_attention_heads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Attention heads of the LLM; tp must divide it."""
+
+
+class ValidationSettings(StrictModel):
+    """How a built engine is checked against the unconverted float32 reference before it is published."""
+
+    min_token_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    """Fraction of greedy tokens that must equal the reference's (position by position)."""
+    max_logit_error: Annotated[float, Field(ge=0.0)] = 1.0
+    """Largest allowed absolute logit difference against the reference, over the steps up to the first differing token."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Tokens generated per golden input; default: the family's (30, or run.py's own for prompt-free models)."""
+    input_text: str | None = None
+    """Prompt for the validation run; default: the family's golden prompt."""
+
+
+class BuildSpec(StrictModel):
+    """Everything needed to build, validate and publish one multimodal engine."""
+
+    schema_version: Literal[1] = 1
+    """Spec format version."""
+    name: str
+    """Model name in the catalog and the store: letters, digits, '.', '_' and '-'."""
+    family: str
+    """Model family (blip2-opt, blip2-t5, llava, vila, nougat, ...): `vlmforge models` lists them."""
+    source: str
+    """Where the weights come from: hf://org/repo@revision, s3://bucket/prefix, file:///path or a path, tiny://FAMILY."""
+    code_source: str | None = None
+    """Model code the checkpoint needs (VILA: the VILA repository, a git URL or a local path)."""
+    dtype: Dtype = Dtype.FLOAT16
+    """Precision of the LLM engine."""
+    quantization: Quantization = Field(default_factory=Quantization)
+    """LLM quantization."""
+    parallel: Parallelism = Field(default_factory=Parallelism)
+    """Tensor and pipeline parallelism of the LLM."""
+    limits: Limits = Field(default_factory=Limits)
+    """Engine size limits."""
+    visual: Visual = Field(default_factory=Visual)
+    """Visual engine settings."""
+    architecture: Architecture = Field(default_factory=Architecture)
+    """Checkpoint facts used to validate the plan before download."""
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    """Thresholds the built engine must meet against the reference."""
+    dialect: Dialect = Dialect.V1_2
+    """TensorRT-LLM command-line dialect for the trtllm toolchain."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid model name: use letters, digits, '.', '_' and '-' "
+                "(at most 100 characters, starting with a letter or digit)"
+            )
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        parse_source(value)
+        return value
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source.startswith("tiny://")
+
+
+class SourceURI(BaseModel):
+    """A parsed model source."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: Literal["hf", "s3", "file", "tiny"]
+    location: str
+    """hf: org/repo; s3: bucket/key-prefix; file: absolute or relative path; tiny: family name."""
+    revision: str | None = None
+    """hf only: branch, tag or commit sha (resolved to a commit sha at download)."""
+
+    def __str__(self) -> str:
+        if self.scheme == "hf":
+            return f"hf://{self.location}" + (f"@{self.revision}" if self.revision else "")
+        if self.scheme == "file":
+            return f"file://{self.location}"
+        return f"{self.scheme}://{self.location}"
+
+
+def parse_source(uri: str) -> SourceURI:
+    """Parse a source URI, raising ``ValueError`` with the accepted forms on bad input."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError("source is empty: give hf://org/repo@revision, s3://bucket/prefix, file:///path or tiny://FAMILY")
+    if uri.startswith("hf://"):
+        match = _HF_RE.match(uri)
+        if not match:
+            raise ValueError(f"{uri!r} is not a Hugging Face source: use hf://org/repo or hf://org/repo@revision")
+        return SourceURI(scheme="hf", location=match["repo"], revision=match["revision"])
+    if uri.startswith("s3://"):
+        match = _S3_RE.match(uri)
+        if not match:
+            raise ValueError(f"{uri!r} is not an S3 source: use s3://bucket/prefix (bucket names: 3-63 lowercase characters)")
+        return SourceURI(scheme="s3", location=f"{match['bucket']}/{(match['key'] or '').strip('/')}".rstrip("/"))
+    if uri.startswith("tiny://"):
+        match = _TINY_RE.match(uri)
+        if not match:
+            raise ValueError(f"{uri!r} is not a tiny source: use tiny://FAMILY, e.g. tiny://llava")
+        return SourceURI(scheme="tiny", location=match["family"])
+    if uri.startswith("file://"):
+        path = uri[len("file://") :]
+        if not path:
+            raise ValueError(f"{uri!r} has no path: use file:///absolute/path")
+        return SourceURI(scheme="file", location=path)
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"unknown source scheme {scheme!r} in {uri!r}: use one of {', '.join(s + '://' for s in SOURCE_SCHEMES)} or a path")
+    return SourceURI(scheme="file", location=uri)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map each key path of a composed YAML document to its 1-based line."""
+    lines: dict[tuple[Any, ...], int] = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[prefix + (key,)] = key_node.start_mark.line + 1
+            for sub, line in _line_index(value_node, prefix + (key,)).items():
+                lines.setdefault(sub, line)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_line_index(item, prefix + (index,)))
+    return lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    """Read a YAML mapping and its key-to-line index; malformed YAML names the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file: {exc.strerror}", location=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"malformed YAML: {problem}", location=where) from None
+    if not isinstance(data, dict):
+        raise SpecError("a spec must be a YAML mapping (key: value lines), not " + type(data).__name__, location=f"{path}:1")
+    return data, (_line_index(node) if node is not None else {})
+
+
+def spec_from_dict(
+    data: dict[str, Any], *, origin: str = "<spec>", lines: dict[tuple[Any, ...], int] | None = None
+) -> BuildSpec:
+    """Validate a mapping into a :class:`BuildSpec`, turning pydantic's errors into one :class:`SpecError`."""
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(exc, origin, lines or {}) from None
+
+
+def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], int]) -> SpecError:
+    messages = []
+    first_location = None
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        path = ".".join(str(part) for part in loc) or "(spec)"
+        line = None
+        for cut in range(len(loc), -1, -1):
+            if loc[:cut] in lines:
+                line = lines[loc[:cut]]
+                break
+        where = f"{origin}:{line}" if line else origin
+        first_location = first_location or where
+        msg = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            msg = f"unknown key; the allowed keys here are: {', '.join(_allowed_keys(loc[:-1]))}"
+        elif error["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in error and error["type"] not in ("model_type",):
+            msg = f"{msg} (got {error['input']!r})"
+        messages.append(f"{where}: {path}: {msg}")
+    if len(messages) == 1:
+        where, _, rest = messages[0].partition(": ")
+        return SpecError(rest, location=where)
+    return SpecError("invalid spec:\n  " + "\n  ".join(messages))
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = BuildSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return sorted(model.model_fields)
+
+
+def load_spec_file(path: Path) -> BuildSpec:
+    """Load and validate one spec file (YAML)."""
+    data, lines = read_yaml(path)
+    return spec_from_dict(data, origin=str(path), lines=lines)
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (``{"limits.max_batch_size": 8}``) to a spec mapping, returning a new mapping;
+    ``None`` removes the key (``{"limits.max_seq_len": None}``: derive it again)."""
+    result: dict[str, Any] = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        target = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            nxt = target.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise SpecError(f"cannot override {dotted}: {part} is not a section", path=dotted)
+            target = nxt
+        if value is None:
+            target.pop(parts[-1], None)
+        else:
+            target[parts[-1]] = value
+    return result
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec file (``vlmforge spec schema``)."""
+    schema = BuildSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "vlmforge build spec"
+    return schema

@@ -1,0 +1,1 @@
+"""This machine: library versions, hardware, installed toolchains, processes."""

@@ -1,0 +1,114 @@
+"""ONNX export of visual modules (dynamo first, TorchScript as the fallback) and their check in ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from vlmforge.modeling.devices import model_device
+
+logger = logging.getLogger(__name__)
+
+Exporter = Literal["dynamo", "torchscript"]
+
+
+@dataclass
+class OnnxExportInfo:
+    """Where an ONNX export went, which exporter produced it, and why the ones before it failed."""
+
+    path: Path
+    exporter: Exporter
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    input_name: str = "pixel_values",
+    output_name: str = "features",
+    opset: int = 18,
+    prefer: Sequence[Exporter] = ("dynamo", "torchscript"),
+) -> OnnxExportInfo:
+    """Export ``module(example) -> output`` with a dynamic batch axis, trying the exporters in order.
+
+    The dynamo exporter (torch.export) comes first; the TorchScript exporter is the fallback. The
+    result is checked with ``onnx.checker``. Raises RuntimeError naming every exporter's error.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    example = example.to(model_device(module))
+    errors: dict[str, str] = {}
+    for exporter in prefer:
+        try:
+            with torch.no_grad():
+                if exporter == "dynamo":
+                    batch = torch.export.Dim("batch", min=1, max=64)
+                    torch.onnx.export(
+                        module,
+                        (example,),
+                        str(path),
+                        input_names=[input_name],
+                        output_names=[output_name],
+                        dynamic_shapes=({0: batch},),
+                        opset_version=opset,
+                        dynamo=True,
+                        external_data=False,
+                        verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        module,
+                        (example,),
+                        str(path),
+                        input_names=[input_name],
+                        output_names=[output_name],
+                        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                        opset_version=min(opset, 17),
+                        dynamo=False,
+                    )
+            onnx.checker.check_model(str(path))
+            return OnnxExportInfo(path, exporter, errors)
+        except Exception as exc:  # noqa: BLE001 - record it and try the next exporter
+            errors[exporter] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            logger.warning("ONNX export with the %s exporter failed: %s", exporter, errors[exporter])
+    raise RuntimeError(f"every ONNX exporter failed: {errors}")
+
+
+def run_onnx(
+    path: Path, pixel_values: torch.Tensor, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> torch.Tensor:
+    """Run an exported visual module in onnxruntime; float32 CPU output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    name = session.get_inputs()[0].name
+    out = session.run(None, {name: pixel_values.detach().to("cpu", torch.float32).numpy()})[0]
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def compare_onnx(path: Path, module: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, float]:
+    """Run onnxruntime (CPU) and the torch module on the same batch and compare.
+
+    Returns ``max_abs``, ``max_rel`` (elementwise, against |ref| + 1e-6), ``max_rel_to_scale`` (max
+    abs error over the largest |ref|: the robust one) and ``batch``.
+    """
+    got = run_onnx(path, pixel_values).double().numpy()
+    with torch.no_grad():
+        ref = module.eval()(pixel_values.to(model_device(module))).double().cpu().numpy()
+    diff = np.abs(got - ref)
+    return {
+        "max_abs": float(diff.max()),
+        "max_rel": float((diff / (np.abs(ref) + 1e-6)).max()),
+        "max_rel_to_scale": float(diff.max() / (np.abs(ref).max() + 1e-12)),
+        "batch": int(pixel_values.shape[0]),
+    }
