@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from vlmforge.errors import BuildError
 from vlmforge.sources.base import FileEntry, hash_tree
+from vlmforge.system.processes import pid_alive
 
 log = logging.getLogger(__name__)
 RECORD = "_stage.json"
@@ -123,10 +124,4 @@ class Workdir:
 
 
 def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))

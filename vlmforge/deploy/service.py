@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.deploy.docker import DockerRunner
 from vlmforge.errors import DeployError
+from vlmforge.system.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -443,26 +444,13 @@ def record_path(state_dir: Path, name: str) -> Path:
     return state_dir / f"{name}.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def running(deployment: Deployment) -> bool:
     """Whether the deployment's launcher (process or container) is still there."""
     if deployment.container is not None:
         from vlmforge.deploy.docker import container_running
 
         return container_running(deployment.container)
-    return _alive(deployment.pid)
+    return pid_alive(deployment.pid)
 
 
 def _kill_group(pid: int) -> None:
@@ -658,14 +646,14 @@ def stop_deployment(deployment: Deployment, *, state_dir: Path | None = None, ti
         from vlmforge.deploy.docker import stop_container
 
         how = stop_container(deployment.container, timeout)
-    elif _alive(deployment.pid):
+    elif pid_alive(deployment.pid):
         rank0 = deployment.rank0_pid()
-        target = rank0 if rank0 is not None and _alive(rank0) else deployment.pid
+        target = rank0 if rank0 is not None and pid_alive(rank0) else deployment.pid
         os.kill(target, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(deployment.pid) and time.monotonic() < deadline:
+        while pid_alive(deployment.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(deployment.pid):
+        if pid_alive(deployment.pid):
             _kill_group(deployment.pid)
             how = f"killed after {timeout:.0f}s without draining"
         else:

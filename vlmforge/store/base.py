@@ -34,6 +34,7 @@ from vlmforge.store.transfer import (
     hash_tree,
     progress_bar,
 )
+from vlmforge.system.processes import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -982,7 +983,7 @@ class ArtifactStore(ABC):
     def _is_stale(self, info: LockInfo) -> bool:
         if _now() - info.created_at > self.lock_ttl:
             return True
-        return info.host == socket.gethostname() and not _pid_alive(info.pid)
+        return info.host == socket.gethostname() and not pid_alive(info.pid)
 
     @contextmanager
     def _writer_lock(self, purpose: str) -> Iterator[None]:
@@ -1052,18 +1053,6 @@ def _alias_conflict(model: str, alias: str, expected: str | None, actual: str | 
         f"alias {model}@{alias} conflict: expected it to point to {expected or '(no alias yet)'}, but it points"
         f" to {actual or '(nothing: alias absent)'} (another writer moved it); re-read it and retry"
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_marker(directory: Path) -> EngineManifest | None:
