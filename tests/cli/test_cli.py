@@ -66,6 +66,22 @@ def test_user_errors_exit_2_with_one_message(tmp_path: Path) -> None:
     assert result.returncode == 2 and f"{bad}:2" in result.stderr
 
 
+def test_a_yaml_alias_bomb_exits_2_with_a_message(tmp_path: Path) -> None:
+    """Nine levels of nine aliases: `spec validate` once used 8.5 GB and died silently; the child here gets 3 GiB
+    of address space (enough for the CLI's imports), so without the bound it fails instead of the machine."""
+    import resource
+
+    from tests.specs.test_input_safety import ALIAS_BOMB
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    result = subprocess.run([sys.executable, "-m", "vlmforge", "spec", "validate", str(bomb)], capture_output=True,
+                            text=True, timeout=120,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "YAML aliases expand to more than" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_bad_option_value_is_a_usage_error_not_a_traceback() -> None:
     """typer vendors its own click: its parameter errors must end as click's usage errors (exit 2, one message)."""
     for args, option in ((["plan", "llava-1.5-7b-hf", "--dtype", "fp13"], "--dtype"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -201,12 +202,28 @@ class BuildSpec(StrictModel):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
+        _refuse_leading_dash(value, "a path")
         parse_source(value)
+        return value
+
+    @field_validator("code_source")
+    @classmethod
+    def _check_code_source(cls, value: str | None) -> str | None:
+        if value is not None:
+            _refuse_leading_dash(value, "a git URL or a path")
         return value
 
     @property
     def is_tiny(self) -> bool:
         return self.source.startswith("tiny://")
+
+
+def _refuse_leading_dash(value: str, kind: str) -> None:
+    """A value the plan passes as a positional argument (``git clone SOURCE DIR``, ``vlmforge fetch SOURCE DIR``)
+    must not read as an option: ``--upload-pack=...`` would make git run a command."""
+    if value.startswith("-"):
+        raise ValueError(f"{value!r} starts with '-', which the plan's commands would read as an option: give {kind} "
+                         f"(a relative path that starts with '-' is written ./{value})")
 
 
 class SourceURI(BaseModel):
@@ -276,6 +293,63 @@ def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any
     return lines
 
 
+MAX_YAML_NODES = 10_000
+"""Most values a spec document may hold once its aliases are expanded (a real spec holds under 100): a few lines of
+anchors that refer to anchors ("billion laughs") expand exponentially, into gigabytes, when walked or validated."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int | None:
+    """The number of nodes of ``root`` with every alias expanded, or None once it exceeds ``limit`` or an alias
+    refers to itself; linear in the distinct nodes (each shared node is sized once)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int | None:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:  # a recursive alias (&a [*a]): infinite when expanded
+            return None
+        open_nodes.add(key)
+        total = 1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        for child in children:
+            sub = size(child)
+            if sub is None:
+                return None
+            total += sub
+            if total > limit:
+                return None
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def load_yaml(text: str, location: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document safely: the data and its composed node tree (for line numbers).
+
+    Aliases are allowed while the expanded document stays under :data:`MAX_YAML_NODES` values; an alias bomb
+    or a recursive alias is refused before anything walks or validates the expanded data.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, MAX_YAML_NODES) is None:
+            raise SpecError(f"YAML aliases expand to more than {MAX_YAML_NODES} values, or refer to themselves (an "
+                            "alias bomb?): write the values out, or use anchors only for small repeated sections",
+                            location=location)
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     """Read a YAML mapping and its key-to-line index; malformed YAML names the file and line."""
     try:
@@ -283,8 +357,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     except OSError as exc:
         raise SpecError(f"cannot read spec file: {exc.strerror}", location=str(path)) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -324,12 +397,19 @@ def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], 
         elif error["type"] == "missing":
             msg = "required field is missing"
         elif "input" in error and error["type"] not in ("model_type",):
-            msg = f"{msg} (got {error['input']!r})"
+            msg = f"{msg} (got {_short_repr(error['input'])})"
         messages.append(f"{where}: {path}: {msg}")
     if len(messages) == 1:
         where, _, rest = messages[0].partition(": ")
         return SpecError(rest, location=where)
     return SpecError("invalid spec:\n  " + "\n  ".join(messages))
+
+
+def _short_repr(value: Any) -> str:
+    """A bad value as an error shows it: bounded, however large the value (a list of lists of lists...)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, 120, 120
+    return short.repr(value)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
