@@ -183,8 +183,8 @@ class ModelFamily:
     def fetch_argv(self, ctx: PlanContext, source: str, dest: str) -> list[str]:
         url = self._git_clone_url(ctx, source)
         if url:
-            return ["git", "clone", url, dest]
-        return ["vlmforge", "fetch", source, dest]
+            return ["git", "clone", "--", url, dest]
+        return ["vlmforge", "fetch", "--", source, dest]
 
     def _git_clone_url(self, ctx: PlanContext, source: str) -> str | None:
         """The seed's dialect clones Hugging Face repos with git; 1.2 uses vlmforge's verified, pinned fetch."""
@@ -200,7 +200,10 @@ class ModelFamily:
         if validation.max_new_tokens is not None:
             args += ["--max_new_tokens", str(validation.max_new_tokens)]
         if validation.input_text is not None:
-            args += ["--input_text", validation.input_text]
+            text = validation.input_text
+            # run.py's argparse reads a separate value that starts with '-' as an option ("expected one argument"):
+            # attached, it is the option's value whatever it holds.
+            args += [f"--input_text={text}"] if text.startswith("-") else ["--input_text", text]
         return args
 
     def validate_step(self, ctx: PlanContext, engine_args: list[str], inputs: list[str]) -> Step:

@@ -68,12 +68,12 @@ class VilaFamily(DecoderOnlyFamily):
         code = self.code_path(ctx)
         steps: list[Step] = []
         if code == ctx.layout.code_dir:
-            steps.append(ctx.step("fetch-code", ["git", "clone", source, code], tool="git", outputs=[code]))
+            steps.append(ctx.step("fetch-code", ["git", "clone", "--", source, code], tool="git", outputs=[code]))
         if ctx.dialect.dialect is Dialect.V0_9:
             steps += super().fetch_steps(ctx)
             for name, script, relpath in SEED_PATCHES:
                 target = posixpath.join(code, relpath)
-                steps.append(ctx.step(name, ["sed", "-i", script, target], tool="sed", inputs=[target], outputs=[target]))
+                steps.append(ctx.step(name, ["sed", "-i", "--", script, target], tool="sed", edits=[target]))
         else:
             requirements = posixpath.join(ctx.dialect.cwd, "requirements-vila.txt")
             steps.append(ctx.step("install-code-deps", ["python", "-m", "pip", "install", "-r", "requirements-vila.txt"],
