@@ -1,11 +1,23 @@
-"""Resuming a TensorRT-LLM plan: a step is skipped only when it and every step before it ran with the same
-command and the same source revision (TensorRT-LLM itself cannot run here; the markers are plain files)."""
+"""Executing a TensorRT-LLM plan: a step is skipped only when it and every step before it ran with the same
+command and the same source revision (the markers are plain files); a step never deletes what it reads; in-place
+edits and `--` before positionals, run with the real git, sed and vlmforge (TensorRT-LLM itself cannot run here)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
 
-from vlmforge.specs.catalog import load_model_or_spec
+import pytest
+
+from vlmforge.errors import PlanError, VlmforgeError
+from vlmforge.plans.model import Plan, Step
+from vlmforge.specs.catalog import catalog_entry, catalog_names, load_model_or_spec
+from vlmforge.specs.schema import Dialect, merge_overrides, spec_from_dict
+from vlmforge.toolchains.trtllm import execute
 from vlmforge.toolchains.trtllm.execute import _marker
 from vlmforge.toolchains.trtllm.plan import build_plan
 
@@ -31,19 +43,6 @@ def test_a_new_revision_or_an_earlier_step_change_reruns_everything_after_it() -
 
 # --- a step never deletes its own inputs; in-place edits; `--` before positionals (issue 11 item 13) ------------
 
-import itertools  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import PurePosixPath  # noqa: E402
-
-import pytest  # noqa: E402
-
-from vlmforge.errors import PlanError, VlmforgeError  # noqa: E402
-from vlmforge.plans.model import Plan, Step  # noqa: E402
-from vlmforge.specs.catalog import catalog_entry, catalog_names  # noqa: E402
-from vlmforge.specs.schema import Dialect, merge_overrides, spec_from_dict  # noqa: E402
-from vlmforge.toolchains.trtllm import execute  # noqa: E402
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -132,8 +131,6 @@ def test_vila_clone_and_patches_run_for_real_and_repatch_a_fresh_clone(tmp_path:
     runs = execute.execute_plan(sub, tmp_path / "ws", tmp_path / "logs", lambda line: None, inputs="rev-1")
     assert [run.skipped for run in runs] == [True] * 4
     check()
-    import shutil
-
     shutil.rmtree(code)  # the clone is gone: it is made again, and so are its patches
     runs = execute.execute_plan(sub, tmp_path / "ws", tmp_path / "logs", lambda line: None, inputs="rev-1")
     assert [run.skipped for run in runs] == [False] * 4
@@ -151,7 +148,3 @@ def test_the_12_fetch_step_ends_options_before_its_positionals(tmp_path: Path, t
     execute.execute_plan(_plan_of([fetch], tmp_path), tmp_path / "ws", tmp_path / "logs", lambda line: None)
     assert (Path(fetch.outputs[0]) / "config.json").is_file()
 
-
-def test_a_code_source_cannot_become_a_git_option() -> None:
-    with pytest.raises(VlmforgeError, match="code_source: .*starts with '-'"):
-        spec_from_dict(merge_overrides(catalog_entry("vila-7B"), {"code_source": "--upload-pack=touch /tmp/x"}))
