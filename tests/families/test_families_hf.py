@@ -17,7 +17,7 @@ from tests.helpers.tiny import (
     TINY_MODELS,
     TinyCache,
     dir_digest,
-    tiny_family,
+    family_of_tiny,
     tiny_spec,
 )
 from vlmforge.errors import ToolchainUnavailable
@@ -90,7 +90,7 @@ def test_a_family_without_hf_support_is_refused_by_both_toolchains() -> None:
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_make_tiny_is_deterministic(name: str, tiny: TinyCache, tmp_path: Path) -> None:
-    family, first = tiny_family(name), tiny(name).model_dir
+    family, first = family_of_tiny(name), tiny(name).model_dir
     family.make_tiny_source(f"tiny://{name}", tmp_path / "again", seed=0)
     family.make_tiny_source(f"tiny://{name}", tmp_path / "seed1", seed=1)
     assert (first / "config.json").is_file() and list(first.rglob("*.safetensors"))
@@ -104,7 +104,7 @@ def test_processor_and_tokenizer_load_offline(name: str, tiny: TinyCache, monkey
     import huggingface_hub.constants
     from transformers import AutoProcessor
 
-    family, model_dir = tiny_family(name), tiny(name).model_dir
+    family, model_dir = family_of_tiny(name), tiny(name).model_dir
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert family.missing_processor_files(model_dir) == []
@@ -124,7 +124,7 @@ def test_processor_and_tokenizer_load_offline(name: str, tiny: TinyCache, monkey
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_architecture_facts_match_the_catalog(name: str, tiny: TinyCache) -> None:
-    family = tiny_family(name)
+    family = family_of_tiny(name)
     config = json.loads((tiny(name).model_dir / "config.json").read_text())
     arch = tiny_spec(name).architecture
     assert family.architecture_facts(config) == ArchitectureFacts(arch.num_visual_features, arch.num_attention_heads)

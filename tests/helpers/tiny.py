@@ -26,7 +26,7 @@ TINY_MODELS = list(_MAKERS)
 QUANTIZABLE = [name for name in TINY_MODELS if get_family(_MAKERS[name]).quantizable]
 
 
-def tiny_family(name: str) -> ModelFamily:
+def family_of_tiny(name: str) -> ModelFamily:
     """The family that makes ``tiny://name``."""
     return get_family(_MAKERS[name])
 
@@ -90,7 +90,7 @@ class TinyCache:
 
         from vlmforge.modeling.images import synthetic_images
 
-        family = tiny_family(name)
+        family = family_of_tiny(name)
         work = self.root / name
         model_dir = work / "model"
         family.make_tiny_source(f"tiny://{name}", model_dir, seed=0)

@@ -231,7 +231,7 @@ class VilaFamily(DecoderOnlyFamily):
     def load_processor(self, model_dir: Path) -> VilaProcessor:
         """From a saved processor (:data:`PROCESSOR_FILE`), or a VILA1.5 (``llm/``, ``vision_tower/``) or VILA 1.0
         folder (tokenizer at the top; image processor from preprocessor_config.json or the named tower)."""
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil, LlamaConfig
 
         from vlmforge.families.vila_config import KNOWN_TOWERS, parse_settings, read_config
 
@@ -244,8 +244,8 @@ class VilaFamily(DecoderOnlyFamily):
         if settings.layout == "vila1.5":
             tokenizer, image_processor = (AutoTokenizer.from_pretrained(root / "llm"),
                                           AutoImageProcessor.from_pretrained(root / "vision_tower"))
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(root)
+        else:  # the LLaMA's config: AutoTokenizer would read config.json, whose llava_llama transformers does not know
+            tokenizer = AutoTokenizer.from_pretrained(root, config=LlamaConfig.from_dict(settings.llm))
             if (root / "preprocessor_config.json").is_file():
                 image_processor = AutoImageProcessor.from_pretrained(root)
             else:

@@ -295,8 +295,12 @@ def _load_v10(root: Path, settings: VilaSettings, dtype: torch.dtype, device: st
         tower = tower.to(device, dtype)
     else:  # VILA's own path (delay_load): the tower named by mm_vision_tower, from the Hub or a local folder
         assert settings.tower_name is not None
-        tower = _checked(tower_cls.from_pretrained(settings.tower_name, dtype=dtype, device_map=device,
-                                                   output_loading_info=True), Path(settings.tower_name))
+        try:
+            loaded = tower_cls.from_pretrained(settings.tower_name, dtype=dtype, device_map=device, output_loading_info=True)
+        except OSError as exc:
+            raise SourceError(f"{root} holds no tower tensors (model.vision_tower.*), so the tower is mm_vision_tower "
+                              f"{settings.tower_name!r} (as VILA loads it), which cannot be loaded: {exc}") from None
+        tower = _checked(loaded, Path(settings.tower_name))
     projector = VilaProjector(settings.projector_type, settings.mm_hidden_size, llm.config.hidden_size,
                               settings.token_order)
     state = read_tensors(root, PROJECTOR_PREFIX_V10)
