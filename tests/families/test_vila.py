@@ -199,6 +199,26 @@ def test_vila10_layout_loads_every_tensor_into_its_module(ckpts: dict[str, Path]
     assert processor.image_processor.crop_size["height"] == 84 and processor.conv_mode == "vicuna_v1"
 
 
+def test_a_vila10_processor_loads_where_transformers_has_no_pil_clip_processor(ckpts: dict[str, Path],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trtllm flow loads the reference in TensorRT-LLM 1.2's image (transformers 4.57.1: no CLIPImageProcessorPil).
+    Checked there by hand on both tiny layouts; here transformers is stood in for by a module without that class."""
+    import sys
+    import types
+
+    import transformers
+
+    class WithoutPil(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            if name == "CLIPImageProcessorPil":
+                raise AttributeError(name)
+            return getattr(transformers, name)
+
+    monkeypatch.setitem(sys.modules, "transformers", WithoutPil("transformers"))
+    processor = VILA.load_processor(ckpts["vila1.0"])
+    assert processor.image_processor.crop_size["height"] == 84
+
+
 @pytest.mark.parametrize("name", ["vila", "vila1.0"])
 def test_the_converted_checkpoint_is_a_vila15_layout_that_loads_to_the_same_model(ckpts: dict[str, Path], name: str,
                                                                                   tmp_path: Path) -> None:

@@ -121,6 +121,16 @@ def expand2square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return out
 
 
+def _clip_image_processor(**settings: Any) -> Any:
+    """CLIP's PIL image processor: ``CLIPImageProcessorPil`` in transformers 5, ``CLIPImageProcessor`` in 4 (the
+    TensorRT-LLM image's, where the trtllm flow loads this family's reference)."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(**settings)
+
+
 @register_family
 class VilaFamily(DecoderOnlyFamily):
     """VILA: the visual builder imports VILA's own code (--vila_path); the hf toolchain needs none of it."""
@@ -231,7 +241,7 @@ class VilaFamily(DecoderOnlyFamily):
     def load_processor(self, model_dir: Path) -> VilaProcessor:
         """From a saved processor (:data:`PROCESSOR_FILE`), or a VILA1.5 (``llm/``, ``vision_tower/``) or VILA 1.0
         folder (tokenizer at the top; image processor from preprocessor_config.json or the named tower)."""
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil, LlamaConfig
+        from transformers import AutoImageProcessor, AutoTokenizer, LlamaConfig
 
         from vlmforge.families.vila_config import KNOWN_TOWERS, parse_settings, read_config
 
@@ -250,7 +260,7 @@ class VilaFamily(DecoderOnlyFamily):
                 image_processor = AutoImageProcessor.from_pretrained(root)
             else:
                 assert settings.tower_name is not None
-                image_processor = CLIPImageProcessorPil(**KNOWN_TOWERS[settings.tower_name].processor)
+                image_processor = _clip_image_processor(**KNOWN_TOWERS[settings.tower_name].processor)
         return VilaProcessor(tokenizer, image_processor, settings.image_aspect_ratio,
                              conv_mode_for(tokenizer, settings.conv_mode))
 
