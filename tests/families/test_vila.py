@@ -99,8 +99,11 @@ def test_the_projectors_are_vilas_layers_under_vilas_tensor_names() -> None:
                                                                        "layers.2.bias", "layers.2.weight"]
     assert sorted(VilaProjector("linear", d, h).state_dict()) == ["layers.bias", "layers.weight"]
     fix3 = VilaProjector("mlp_downsample_3x3_fix", d, h)
-    assert sorted({k.split(".")[1] for k in fix3.state_dict()}) == ["1", "2", "4", "5", "7"] and fix3.order == "column"
+    assert sorted({k.split(".")[1] for k in fix3.state_dict()}) == ["1", "2", "4", "5", "7"] and fix3.order == "row"
     assert fix3(torch.randn(1, 49, d)).shape == (1, 9, h)
+    assert VilaProjector("mlp_downsample_2x2_fix", d, h).order == "row"
+    with pytest.raises(ValueError, match="row by row"):
+        VilaProjector("mlp_downsample_2x2_fix", d, h, "column")
     assert [projected_tokens("mlp_downsample", n) for n in (729, 576, 1024)] == [196, 144, 256]
     assert projected_tokens("mlp_downsample_3x3_fix", 729) == 81 and projected_tokens("mlp2x_gelu", 576) == 576
     with pytest.raises(SourceError, match="square grid"):

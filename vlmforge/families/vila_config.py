@@ -183,7 +183,7 @@ def parse_settings(config: dict[str, Any]) -> VilaSettings:
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise SourceError(f"config.json: mm_vision_select_feature {select!r} is not supported: patch or cls_patch")
-    order = own.get("mm_downsample_token_order", MLP_DOWNSAMPLE_ORDER if kind == "mlp_downsample" else "row")
+    order = own.get("mm_downsample_token_order", default_token_order(kind))
     if order not in ("column", "row") or (kind.endswith("_fix") and order != "row"):
         fix = f" ({kind} is row order by definition)" if kind.endswith("_fix") else ""
         raise SourceError(f"config.json: {VLMFORGE_KEY}.mm_downsample_token_order {order!r}: use column or row{fix}")
@@ -196,6 +196,11 @@ def parse_settings(config: dict[str, Any]) -> VilaSettings:
                             tower=dict(tower), tower_name=tower_name, conv_mode=own.get("conv_mode"))
     settings.num_visual_features  # noqa: B018 - refuses a downsample projector on a non-square grid
     return settings
+
+
+def default_token_order(kind: str) -> TokenOrder:
+    """``mlp_downsample``: :data:`MLP_DOWNSAMPLE_ORDER` (VILA1.5's release code); the ``*_fix`` types are row order."""
+    return MLP_DOWNSAMPLE_ORDER if kind == "mlp_downsample" else "row"
 
 
 def projector_kind(kind: str) -> tuple[str, int]:

@@ -17,7 +17,6 @@ from torch import nn
 
 from vlmforge.errors import SourceError
 from vlmforge.families.vila_config import (
-    MLP_DOWNSAMPLE_ORDER,
     PROJECTOR_PREFIX_V10,
     TOWER_CLASSES,
     TOWER_PREFIX_V10,
@@ -25,6 +24,7 @@ from vlmforge.families.vila_config import (
     SelectFeature,
     TokenOrder,
     VilaSettings,
+    default_token_order,
     parse_settings,
     projector_kind,
     read_config,
@@ -89,10 +89,15 @@ def projector_layers(kind: str, d: int, h: int, order: TokenOrder) -> nn.Module:
 
 
 class VilaProjector(nn.Module):
-    """VILA's MultimodalProjector (``self.layers`` only): vision features [B, N, d] -> LLM rows [B, N', h]."""
+    """VILA's MultimodalProjector (``self.layers`` only): vision features [B, N, d] -> LLM rows [B, N', h].
 
-    def __init__(self, kind: str, mm_hidden_size: int, hidden_size: int, order: TokenOrder = MLP_DOWNSAMPLE_ORDER) -> None:
+    ``order``: the downsample types' token order, by default the type's own (:func:`default_token_order`)."""
+
+    def __init__(self, kind: str, mm_hidden_size: int, hidden_size: int, order: TokenOrder | None = None) -> None:
         super().__init__()
+        order = order or default_token_order(kind)
+        if kind.endswith("_fix") and order != "row":
+            raise ValueError(f"{kind} lists its merged tokens row by row; got order {order!r}")
         self.kind, self.order = kind, order
         self.layers = projector_layers(kind, mm_hidden_size, hidden_size, order)
 
