@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 
 from vlmforge.errors import SourceError, ValidationFailed
+from tests.helpers.tiny import HF_FAMILIES
 from vlmforge.families import get_family
+from vlmforge.specs.catalog import catalog_specs
 from vlmforge.store import open_store
 
 pytestmark = pytest.mark.slow
-TINY = ["tiny-llava", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-nougat"]
+TINY = [spec.name for spec in catalog_specs() if spec.source in {get_family(n).tiny_source for n in HF_FAMILIES}]
+"""The catalog entry of every hf family's (first) tiny model, from the registry: a new family is built here too."""
 
 
 @pytest.fixture

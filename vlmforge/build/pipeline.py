@@ -118,7 +118,8 @@ class HfPipeline:
     def visual_inputs(self, fetched: StageOutcome) -> PartDigest | None:
         """The digest of what the visual engine is built from (vision tensors and configs), if the family says."""
         family = self.resolved.family
-        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys)
+        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys,
+                                    family.visual_config_files)
 
     def build_visual(self, fetched: StageOutcome) -> StageOutcome:
         """Keyed by the vision weights' content, not the whole revision: new LLM weights reuse it."""

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from vlmforge.plans.model import DialectInfo, PlanContext, Step
 
 SEED_PROMPT = "Question: which city is this? Answer:"
+PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "tokenizer_config.json"))
+"""What a checkpoint folder holds for its processor (one of each group), unless the family says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class ModelFamily:
     """Prompt of the golden validation inputs; None for prompt-free models (Nougat)."""
     tiny_source: ClassVar[str | None] = None
     """``tiny://`` name of the family's locally generated test model, if it has one."""
+    extra_tiny_sources: ClassVar[tuple[str, ...]] = ()
+    """More ``tiny://`` models of the family (other checkpoint layouts), made by :meth:`make_tiny_source`."""
 
     # --- facts ------------------------------------------------------------------------------
 
@@ -79,9 +83,9 @@ class ModelFamily:
     # spec and plan layers never need torch.
 
     hf_supported: ClassVar[bool] = True
+    """The hf toolchain can build this family (every family today; a family that needs foreign model code would not)."""
     hf_unsupported_reason: ClassVar[str] = ""
     """Why the hf toolchain cannot build this family (when hf_supported is False)."""
-    """The hf toolchain can build this family (VILA cannot: its checkpoints need VILA's own code)."""
     quantizable: ClassVar[bool] = False
     """The hf toolchain can weight-quantize this family's LLM (decoder-only families)."""
     logit_scale_tolerance: ClassVar[float] = 1e-3
@@ -93,10 +97,27 @@ class ModelFamily:
     llm_config_keys: ClassVar[tuple[str, ...]] = ()
     """Top-level config.json keys that only the LLM reads, left out of the visual stage's fingerprint
     (every other key counts, so a key this list misses costs a rebuild, never a stale engine)."""
+    visual_config_files: ClassVar[tuple[str, ...]] = ()
+    """Further files (relative paths) the visual engine is built from, hashed into its fingerprint when present
+    (config.json and the top-level processor configs always are)."""
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a deterministic random-weight checkpoint with a real tokenizer and processor (no download)."""
         raise NotImplementedError
+
+    def tiny_sources(self) -> tuple[str, ...]:
+        """Every ``tiny://`` model of the family: :attr:`tiny_source` first."""
+        return ((self.tiny_source,) if self.tiny_source else ()) + self.extra_tiny_sources
+
+    def make_tiny_source(self, source: str, out_dir: Path, seed: int = 0) -> None:
+        """Write the tiny model ``source`` (one of :meth:`tiny_sources`)."""
+        if source != self.tiny_source:
+            raise ValueError(f"{self.name} makes no {source}; its tiny models: {', '.join(self.tiny_sources()) or 'none'}")
+        self.make_tiny(out_dir, seed)
+
+    def missing_processor_files(self, model_dir: Path) -> list[str]:
+        """Processor files a checkpoint folder lacks (each entry names the alternatives), checked before loading."""
+        return [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
 
     def hf_model_class(self) -> type:
         """The transformers class of the full reference model (what :meth:`load_model` loads)."""

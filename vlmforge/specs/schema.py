@@ -74,7 +74,7 @@ SOURCE_SCHEMES = ("hf", "s3", "file", "tiny")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HF_RE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 _S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?$")
-_TINY_RE = re.compile(r"^tiny://(?P<family>[a-z0-9-]+)$")
+_TINY_RE = re.compile(r"^tiny://(?P<family>[a-z0-9][a-z0-9.-]*)$")
 
 PositiveLen = Annotated[int, Field(ge=1, le=1_048_576)]
 
@@ -233,7 +233,7 @@ class SourceURI(BaseModel):
 
     scheme: Literal["hf", "s3", "file", "tiny"]
     location: str
-    """hf: org/repo; s3: bucket/key-prefix; file: absolute or relative path; tiny: family name."""
+    """hf: org/repo; s3: bucket/key-prefix; file: absolute or relative path; tiny: a family's tiny model (its name or e.g. vila1.0)."""
     revision: str | None = None
     """hf only: branch, tag or commit sha (resolved to a commit sha at download)."""
 

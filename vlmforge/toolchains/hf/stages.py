@@ -30,7 +30,6 @@ from vlmforge.specs.schema import QuantMethod
 log = logging.getLogger(__name__)
 
 HF_QUANT_METHODS = {QuantMethod.NONE: None, QuantMethod.INT8_WO: "int8", QuantMethod.INT4_WO: "int4"}
-PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "tokenizer_config.json"))
 GOLDEN_IMAGE_SIZE = 64
 
 
@@ -71,7 +70,7 @@ beside convert: loads and the ONNX export (which traces through the same globals
 
 
 def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
-    missing = [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
+    missing = resolved.family.missing_processor_files(model_dir)
     if missing:
         raise SourceError(f"missing processor files in {model_dir}: {', '.join(missing)}")
     try:
