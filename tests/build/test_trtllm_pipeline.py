@@ -33,7 +33,6 @@ def test_without_tensorrt_llm_the_pipeline_refuses_before_any_work(tmp_path: Pat
 
 
 @pytest.mark.parametrize(("model", "overrides", "words"), [
-    ("vila-7B", {}, "transformers reference"),
     ("tiny-llava", {"dialect": "0.9"}, "executes dialect 1.2 plans"),
 ])
 def test_what_it_cannot_finish_is_refused_before_tensorrt_llm_is_asked(tmp_path: Path, model: str, overrides: dict,
@@ -42,6 +41,13 @@ def test_what_it_cannot_finish_is_refused_before_tensorrt_llm_is_asked(tmp_path:
     with pytest.raises(ToolchainUnavailable, match=words):
         TrtllmPipeline(load_model_or_spec(model, overrides), Workdir(tmp_path), runtime=runtime)
     assert runtime.executed == []
+
+
+def test_vila_has_a_reference_now_and_is_not_refused(tmp_path: Path) -> None:
+    """VILA is validated against vlmforge's own transformers-module assembly (issue 14): no refusal before work."""
+    runtime = TrtllmStandIn()
+    pipeline = TrtllmPipeline(load_model_or_spec("vila-7B"), Workdir(tmp_path), runtime=runtime)
+    assert pipeline.resolved.family.name == "vila" and runtime.executed == []
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ MARKERS = ".vlmforge-steps"
 
 def check_buildable(family: Any) -> None:
     """Refuse, before any work, a family the trtllm flow cannot finish: it validates every engine against the
-    family's transformers reference (VILA has none: its checkpoints need VILA's own code)."""
+    family's transformers reference, which a plan-only family (``hf_supported = False``) lacks."""
     if not family.hf_supported:
         raise ToolchainUnavailable(f"{family.name}: `vlmforge build` validates every TensorRT engine against the "
                                    "transformers reference, which this family lacks; render the exact commands with "
