@@ -170,20 +170,20 @@ def test_deploy_list_request_undeploy_through_the_cli(tiny_engine: Path, tmp_pat
                state=tmp_path, env={"VLMFORGE_API_KEY": KEY, "AWS_SECRET_ACCESS_KEY": "the-deployer's-aws-secret"})
     assert done.returncode == 0, done.stderr
     started = json.loads(done.stdout)
-    assert started["endpoint"] == f"http://127.0.0.1:{port}" and started["tp"] == 1
-    assert started["ref"] == "tiny-llava#local" and started["status"] == "serving"
-    assert started["auth"] == "bearer" and started["key_fingerprint"] == fingerprint(SecretStr(KEY))
-    record = (tmp_path / f"tiny-llava-{port}.json").read_text()
-    assert KEY not in record and KEY not in done.stdout + done.stderr
-    rank0 = started["rank0_pid"]
-    environ = Path(f"/proc/{rank0}/environ").read_bytes().split(b"\0")
-    assert f"VLMFORGE_API_KEY={KEY}".encode() in environ and not [e for e in environ if e.startswith(b"AWS_")]
-    assert KEY not in Path(f"/proc/{rank0}/cmdline").read_text()
-    headers = {"Authorization": f"Bearer {KEY}"}
-    health = httpx.get(f"{started['endpoint']}/health", headers=headers).json()
-    assert health["decode"] == "static" and health["status"] == "ok"
-    assert "warmed up batch 4 (bucket 4 x" in Path(started["log"]).read_text()
-    try:
+    try:  # every check inside: a failed one must not leave the runner behind
+        assert started["endpoint"] == f"http://127.0.0.1:{port}" and started["tp"] == 1
+        assert started["ref"] == "tiny-llava#local" and started["status"] == "serving"
+        assert started["auth"] == "bearer" and started["key_fingerprint"] == fingerprint(SecretStr(KEY))
+        record = (tmp_path / f"tiny-llava-{port}.json").read_text()
+        assert KEY not in record and KEY not in done.stdout + done.stderr
+        rank0 = started["rank0_pid"]
+        environ = Path(f"/proc/{rank0}/environ").read_bytes().split(b"\0")
+        assert f"VLMFORGE_API_KEY={KEY}".encode() in environ and not [e for e in environ if e.startswith(b"AWS_")]
+        assert KEY not in Path(f"/proc/{rank0}/cmdline").read_text()
+        headers = {"Authorization": f"Bearer {KEY}"}
+        health = httpx.get(f"{started['endpoint']}/health", headers=headers, timeout=30).json()
+        assert health["decode"] == "static" and health["status"] == "ok"
+        assert "warmed up batch 4 (bucket 4 x" in Path(started["log"]).read_text()
         listing = cli("deployments", "--json", state=tmp_path)
         listed = json.loads(listing.stdout)
         assert [(d["name"], d["status"]) for d in listed] == [(f"tiny-llava-{port}", "serving")]
