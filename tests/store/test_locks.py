@@ -122,3 +122,19 @@ def test_publish_checks_every_blob_right_before_writing_the_manifest(store: Arti
     store._hash_and_upload = real  # type: ignore[method-assign]
     assert store.publish(engine, new_manifest()).created  # the rerun uploads it again
     store.pull(MODEL, tmp_path / "out")
+
+
+def test_a_namesake_host_is_not_this_host(store: ArtifactStore, store_url: str, tmp_path: Path) -> None:
+    """Another machine with our host name (another boot id): its process cannot be checked here, its lease rules."""
+    from vlmforge.store.locks import new_lock
+
+    _published(store, tmp_path)
+    mine = new_lock("writer", "publish m#1", timedelta(minutes=2))
+    assert mine.boot_id is not None
+    namesake = mine.model_copy(update={"boot_id": "0" * 8 + mine.boot_id[8:], "pid": 2**22 + 77})
+    put_raw(store_url, f"{WRITER_LOCKS}namesake.json", namesake.model_dump_json().encode())
+    with pytest.raises(StoreConflict, match="holders are alive"):
+        store.gc(1, apply=True)
+    dead_here = mine.model_copy(update={"pid": 2**22 + 77})  # this machine, a process that is gone
+    put_raw(store_url, f"{WRITER_LOCKS}namesake.json", dead_here.model_dump_json().encode())
+    assert "no longer runs" in store.gc(1, apply=True).broken_locks[0]

@@ -32,6 +32,7 @@ from vlmforge.system.processes import ProcessIdentity, same_process, start_time
 
 logger = logging.getLogger(__name__)
 
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 LEASE_SKEW = timedelta(seconds=60)
 """Clock difference between hosts tolerated before an expired lease counts: a lease is over only this much later."""
 
@@ -55,20 +56,27 @@ def new_lock(kind: Literal["writer", "gc"], purpose: str, lease: timedelta) -> L
     now = utcnow()
     return LockInfo(
         kind=kind, purpose=purpose, host=socket.gethostname(), pid=os.getpid(), by=actor(), created_at=now,
-        start_time=start_time(os.getpid()), boot_id=_read_text("/proc/sys/kernel/random/boot_id"),
+        start_time=start_time(os.getpid()), boot_id=_read_text(_BOOT_ID),
         pid_namespace=_pid_namespace(), lease_expires=now + lease, token=uuid.uuid4().hex,
     )
 
 
 def holder_dead(info: LockInfo, *, now: datetime, lock_ttl: timedelta) -> str | None:
-    """Why the holder of ``info`` is provably dead, or None if it may be alive."""
-    here = info.host == socket.gethostname()
-    if here and info.boot_id is not None and info.boot_id != _read_text("/proc/sys/kernel/random/boot_id"):
-        return f"{info.host} rebooted since pid {info.pid} took it"
-    if here and info.pid_namespace in (None, _pid_namespace()):
+    """Why the holder of ``info`` is provably dead, or None if it may be alive.
+
+    The holder's process can be checked only from the same kernel (same boot id, which is random per boot, so
+    two machines that share a host name are told apart) and the same pid namespace; then its pid and start time
+    decide. Otherwise only its lease can: it is over once expired by more than ``LEASE_SKEW``. A lock without a
+    boot id (written before leases, or where /proc is absent) is checked locally when its host name is ours.
+    """
+    if info.boot_id is not None:
+        local = info.boot_id == _read_text(_BOOT_ID) and info.pid_namespace == _pid_namespace()
+    else:
+        local = info.host == socket.gethostname() and info.pid_namespace in (None, _pid_namespace())
+    if local:
         if not same_process(ProcessIdentity(pid=info.pid, start_time=info.start_time)):
             return f"process {info.pid} no longer runs on {info.host}"
-        return None  # alive on this host, whatever its lease says
+        return None  # alive here, whatever its lease says
     if info.lease_expires is not None:
         if now > info.lease_expires + LEASE_SKEW:
             return f"its lease expired at {info.lease_expires:%Y-%m-%d %H:%M:%S}Z and was not renewed"
