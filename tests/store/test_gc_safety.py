@@ -149,3 +149,10 @@ def test_young_blobs_and_leftovers_are_kept_for_the_grace_period(store_url: str,
         assert report.incomplete == [] and incomplete_uploads(store_url) == [leftover]
     assert store.gc(1, apply=True, grace=timedelta(0)).blobs_deleted == 2
     assert incomplete_uploads(store_url) == []
+
+
+def test_a_location_with_only_scratch_like_names_is_not_adopted(store_url: str) -> None:
+    put_raw(store_url, "tmp/cache.bin", b"mine")
+    with pytest.raises(StoreError, match="holds tmp/ but no blobs/ or models/: .*cannot be adopted"):
+        make_store(store_url).init(adopt=True)
+    assert raw_keys(store_url) == {"tmp/cache.bin"}

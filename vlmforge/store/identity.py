@@ -53,10 +53,12 @@ class StoreIdentity(StoreBackend):
             unknown = sorted(name for name in found if name.rstrip("/") not in LAYOUT)
             if not adopt:
                 raise StoreError(self._not_a_store(found, doing="create a store"))
-            if unknown:
+            if not _looks_like_a_store(found):
+                what = f"{_names(unknown)}, which no vlmforge store contains" if unknown else (
+                    f"{_names(found)} but no blobs/ or models/")
                 raise StoreError(
-                    f"{self.url} holds {_names(unknown)}, which no vlmforge store contains: it is not a store made"
-                    " by an older vlmforge, so it cannot be adopted; choose an empty location for the store"
+                    f"{self.url} holds {what}: it is not a store made by an older vlmforge, so it cannot be"
+                    " adopted; choose an empty location for the store"
                 )
         return self._write_marker(adopted=bool(found))
 
@@ -107,7 +109,7 @@ class StoreIdentity(StoreBackend):
         marker = f"no {STORE_MARKER}"
         if not found:
             return f"refusing to {doing}: {self.url} is not a vlmforge store ({marker}; nothing was published there)"
-        if all(name.rstrip("/") in LAYOUT for name in found) and any(n.rstrip("/") in ("blobs", "models") for n in found):
+        if _looks_like_a_store(found):
             return (
                 f"refusing to {doing}: {self.url} looks like a store made before vlmforge wrote store markers"
                 f" ({marker}); if it is one, adopt it once with `vlmforge store init --adopt --store {self.url}`"
@@ -116,6 +118,12 @@ class StoreIdentity(StoreBackend):
             f"refusing to {doing}: {self.url} is not a vlmforge store ({marker}) and holds other data"
             f" ({_names(found)}); point --store at a store, or at an empty location to create one"
         )
+
+
+def _looks_like_a_store(found: list[str]) -> bool:
+    """Everything found belongs to a store's layout, and there are blobs or models (a store made before markers)."""
+    names = {name.rstrip("/") for name in found}
+    return names <= LAYOUT and bool(names & {"blobs", "models"})
 
 
 def _names(names: list[str], limit: int = 5) -> str:

@@ -106,6 +106,7 @@ class Lease:
         self._lease = lease
         self._lost: str | None = None
         self._stop = threading.Event()
+        self._renewing = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"vlmforge-lease-{info.kind}", daemon=True)
 
     def start(self) -> Lease:
@@ -114,7 +115,10 @@ class Lease:
         return self
 
     def check(self) -> None:
-        """Raise StoreError if the lock was lost (broken by another party, or not renewed in time)."""
+        """Renew the lease now, and raise StoreError if the lock was lost (broken by another party, or not renewed
+        in time): called right before a write that relies on the lock."""
+        if self._lost is None:
+            self.renew()
         if self._lost is not None:
             raise StoreError(
                 f"lost the {self.info.kind} lock {self.key} on {self._store.url} ({self._lost}); nothing more was"
@@ -123,6 +127,10 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease now (the heartbeat calls this); marks the lease lost if the lock is no longer ours."""
+        with self._renewing:  # the heartbeat and check() must not race each other's compare-and-swap
+            self._renew()
+
+    def _renew(self) -> None:
         try:
             data, version = self._store._get(self.key)
         except NotFound:

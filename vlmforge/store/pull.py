@@ -83,7 +83,7 @@ class PullOps(StoreReader, StoreIdentity):
         kept = {e.path for e in manifest.files if resumable and file_problem(staging, e, rehash=verify, chunk=chunk)
                 is None}
         todo = [entries for entries in groups.values() if not all(e.path in kept for e in entries)]
-        needed = sum(e.size for entries in todo for e in entries if e.path not in kept)
+        needed = sum(e.size for entries in todo for e in entries)  # every path of a blob to fetch is rewritten
         needed -= sum(allocated(parts_dir / entries[0].sha256) for entries in todo) if resumable else 0
         check_free_space(dest.parent, max(needed, 0), f"pulling {manifest.ref}")
 
