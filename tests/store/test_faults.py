@@ -124,8 +124,8 @@ url, engine, manifest = sys.argv[1:4]
 store = open_store(url, settings=TransferSettings.model_validate_json(sys.argv[4]))
 real = store._schedule_upload
 
-def slow(*args, **kwargs):  # throttle so the parent can kill us mid-publish
-    time.sleep(0.05)
+def slow(*args, **kwargs):  # throttle so the parent can kill us mid-publish (a loaded machine lists slowly)
+    time.sleep(0.2)
     return real(*args, **kwargs)
 
 store._schedule_upload = slow
