@@ -94,6 +94,8 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
         validation = t.validate(pipeline, engine, fetched)
         stages.append(validation)
         update_progress_artifact(progress, 85.0)
+        if quantized is not None:  # calibration set and digest, the quantized LLM against the float32 one
+            extra["quantization"] = quantized.result
         links = {"prefect_flow_run": flow_run.ui_url} if flow_run.ui_url else {}
         manifest = pipeline.manifest(fetched, engine, validation, extra=extra).model_copy(update={"links": links})
         published = t.publish(store, engine, manifest, tuple(aliases or ("latest",)))

@@ -3,6 +3,7 @@ then validate the TensorRT engine against the hf reference through the runner, a
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,10 @@ def build_with_trtllm(spec: BuildSpec, work: Workdir, store: str | None, logger:
                                f"(need {spec.validation.min_token_agreement}); nothing is published")
     files = hash_tree(engine_dir)
     extra: dict[str, Any] = {}
+    report = next((Path(out) for step in plan.steps if step.name == "checkpoint" for out in step.outputs
+                   if out.endswith(".json")), None)
+    if report is not None and report.is_file():  # vlmforge checkpoint's read-back figures
+        extra["checkpoint"] = json.loads(report.read_text())
     if expected_revision is not None:
         extra["expected_revision"] = expected_revision
         if source_revision != expected_revision:

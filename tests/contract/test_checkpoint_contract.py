@@ -52,7 +52,9 @@ def test_every_12_plan_writes_its_checkpoint_with_vlmforge() -> None:
     for label, plan, step in CHECKPOINT_STEPS:
         assert step.argv[:2] == ["vlmforge", "checkpoint"] and step.tool == "vlmforge", label
         build = next(s.argv for s in plan.steps if s.name == "build-llm")
-        assert step.outputs == [build[build.index("--checkpoint_dir") + 1]], label  # what trtllm-build reads
+        report = next(a.removeprefix("--report=") for a in step.argv if a.startswith("--report="))
+        assert step.outputs == [build[build.index("--checkpoint_dir") + 1], report], label  # what trtllm-build reads
+        assert "/trt_models/" not in report, label  # the flow removes trt_models/ after the build
     for label, plan in PLANS:
         names = [step.name for step in plan.steps]
         if plan.dialect is Dialect.V1_2 and not plan.derived.encoder_decoder:
@@ -68,6 +70,7 @@ def test_the_argv_parses_with_the_cli_and_reproduces_the_spec(index: int) -> Non
     with command.make_context("checkpoint", list(step.argv[2:])) as ctx:
         params: dict[str, Any] = dict(ctx.params)
     assert params["model_or_spec"] == step.inputs[0] and str(params["out"]) == step.outputs[0]
+    assert str(params["report"]) == step.outputs[1]
     overrides = checkpoint_overrides(**{k: params[k] for k in (
         "quant", "kv_cache_dtype", "group_size", "calib_source", "calib_size", "calib_batch_size", "calib_seed",
         "tp", "pp", "dtype", "max_logit_error")})
@@ -94,6 +97,16 @@ def _spec_for_dir(checkpoint_spec: Any, family: str, overrides: dict[str, Any], 
         stand_in.mkdir()
         (stand_in / "config.json").write_text("{}")
         return checkpoint_spec(str(stand_in), family, overrides)
+
+
+def test_values_that_look_like_options_stay_values() -> None:
+    from vlmforge.plans.checkpoint import checkpoint_argv
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    spec = load_model_or_spec("tiny-llava", {"quantization.method": "fp8", "quantization.calibration.source": "-set"})
+    argv = checkpoint_argv(spec, "-model", "-out")
+    with _cli().commands["checkpoint"].make_context("checkpoint", argv[2:]) as ctx:  # type: ignore[attr-defined]
+        assert (ctx.params["model_or_spec"], str(ctx.params["out"]), ctx.params["calib_source"]) == ("-model", "-out", "-set")
 
 
 def test_a_flag_the_cli_lacks_is_caught() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
-from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv
+from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv, checkpoint_report
 from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
@@ -270,9 +270,10 @@ class DecoderOnlyFamily(ModelFamily):
         spec = ctx.spec
         hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
         if ctx.dialect.dialect is not Dialect.V0_9:
-            argv = checkpoint_argv(spec, hf_dir, ckpt)
+            report = checkpoint_report(ctx.layout)
+            argv = checkpoint_argv(spec, hf_dir, ckpt, report)
             return ctx.step("checkpoint", argv, tool="vlmforge", gpus=1 if spec.quantization.needs_calibration else 0,
-                            inputs=[hf_dir], outputs=[ckpt])
+                            inputs=[hf_dir], outputs=[ckpt, report])
         info = ctx.dialect
         quant = spec.quantization
         parallel: list[str] = []

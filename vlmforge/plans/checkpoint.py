@@ -7,7 +7,10 @@ checkpoint writer can produce is said here too, so a plan is refused before any 
 
 from __future__ import annotations
 
+import posixpath
+
 from vlmforge.errors import PlanError
+from vlmforge.plans.model import Layout
 from vlmforge.specs.schema import CALIBRATION_SYNTHETIC, BuildSpec, KvCacheDtype, QuantMethod
 
 WEIGHT_ONLY = frozenset({QuantMethod.NONE, QuantMethod.INT8_WO, QuantMethod.INT4_WO})
@@ -48,10 +51,19 @@ def check_checkpoint_support(spec: BuildSpec, llm_kind: str) -> None:
                         "(its converter asserts pp_size == 1); use parallel.tp")
 
 
-def checkpoint_argv(spec: BuildSpec, model_dir: str, out_dir: str) -> list[str]:
-    """``vlmforge checkpoint MODEL_DIR --family F --out OUT ...``: only what differs from the command's defaults."""
+def checkpoint_report(layout: Layout) -> str:
+    """Where a plan's checkpoint step writes its result (the read-back's figures), for the build's manifest: outside
+    trt_models/, which goes once the engine is built."""
+    return posixpath.join(layout.workspace, "reports", layout.name, layout.variant, layout.gpus_label, "checkpoint.json")
+
+
+def checkpoint_argv(spec: BuildSpec, model_dir: str, out_dir: str, report: str | None = None) -> list[str]:
+    """``vlmforge checkpoint --family F --out OUT ... -- MODEL_DIR``: only what differs from the command's defaults;
+    values that are paths as ``--opt=value`` and the positional after ``--``, so none can pass for an option."""
     quant = spec.quantization
-    argv = ["vlmforge", "checkpoint", model_dir, "--family", spec.family, "--out", out_dir, "--dtype", spec.dtype.value]
+    argv = ["vlmforge", "checkpoint", "--family", spec.family, f"--out={out_dir}", "--dtype", spec.dtype.value]
+    if report is not None:
+        argv.append(f"--report={report}")
     if quant.method is not QuantMethod.NONE:
         argv += ["--quant", quant.method.value]
     if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
@@ -61,7 +73,7 @@ def checkpoint_argv(spec: BuildSpec, model_dir: str, out_dir: str) -> list[str]:
     if quant.needs_calibration:
         calibration = quant.calibration
         if calibration.source != CALIBRATION_SYNTHETIC:
-            argv += ["--calib-source", calibration.source]
+            argv.append(f"--calib-source={calibration.source}")
         argv += ["--calib-size", str(calibration.size), "--calib-batch-size", str(calibration.batch_size)]
         if calibration.seed:
             argv += ["--calib-seed", str(calibration.seed)]
@@ -72,4 +84,4 @@ def checkpoint_argv(spec: BuildSpec, model_dir: str, out_dir: str) -> list[str]:
     threshold = spec.validation.max_logit_error
     if threshold != type(spec.validation).model_fields["max_logit_error"].default:
         argv += ["--max-logit-error", repr(threshold)]
-    return argv
+    return argv + ["--", model_dir]
