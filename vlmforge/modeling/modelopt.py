@@ -105,7 +105,18 @@ def quant_config(method: QuantMethod, kv_cache: KvCacheDtype = KvCacheDtype.AUTO
         return None
     if kv_cache is not KvCacheDtype.AUTO:
         _add_entries(cfg, KV_ENTRIES[kv_cache])
+    _no_norm_quantizers(cfg)
     return cfg
+
+
+def _no_norm_quantizers(cfg: dict[str, Any]) -> None:
+    """No quantizer on ``nn.LayerNorm`` (OPT's norms): the presets' ``*input_quantizer`` pattern also switches on
+    ModelOpt's QuantLayerNorm input quantizer, which no engine has (TensorRT-LLM's norms run in float, and neither
+    export writes a scale for it), so the fake-quant model would compute what nothing serves."""
+    if _is_list_cfg(cfg):
+        cfg["quant_cfg"].append({"quantizer_name": "*", "parent_class": "nn.LayerNorm", "enable": False})
+    else:
+        cfg["quant_cfg"]["nn.LayerNorm"] = {"*": {"enable": False}}
 
 
 def calibrate(llm: torch.nn.Module, method: QuantMethod, kv_cache: KvCacheDtype, group_size: int,
