@@ -126,3 +126,18 @@ def test_a_checkpoint_missing_a_rank_is_refused(tmp_path: Path) -> None:
         read_back(tmp_path, opt.config, type(opt))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+
+
+def test_the_unified_cast_refuses_a_tensor_it_would_change(tmp_path: Path) -> None:
+    from vlmforge.modeling.unified import cast_unified
+
+    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
+    save_file({"a.weight": torch.tensor([1.0, 3e-6, 1e-9]), "a.weight_scale": torch.tensor(1e-9)},
+              str(tmp_path / "model.safetensors"))
+    assert cast_unified(tmp_path, "float16") == 1  # subnormals round within the dtype's floor; scales stay float32
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert stored["a.weight"].dtype == torch.float16 and stored["a.weight_scale"].dtype == torch.float32
+    assert json.loads((tmp_path / "config.json").read_text()) == {"dtype": "float16"}
+    save_file({"b.weight": torch.tensor([1e6])}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="b.weight did not survive the cast to float16"):
+        cast_unified(tmp_path, "float16")

@@ -13,6 +13,7 @@ from vlmforge.cli.app import app, console, print_json
 from vlmforge.cli.specs import DtypeOpt, JsonOpt, PpOpt, QuantOpt, TpOpt
 from vlmforge.errors import SpecError
 from vlmforge.specs.schema import BuildSpec, KvCacheDtype
+from vlmforge.toolchains.quantize.checkpoint import CheckpointKind
 
 
 def checkpoint_overrides(*, quant: Any = None, kv_cache_dtype: KvCacheDtype | None = None, group_size: int | None = None,
@@ -75,12 +76,15 @@ def checkpoint_cmd(
     max_logit_error: Annotated[Optional[float], typer.Option(
         "--max-logit-error", min=0.0, help="validation.max_logit_error: the accuracy gate on next-token logits.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when there is one).")] = None,
+    kind: Annotated[CheckpointKind, typer.Option("--kind", help="trtllm (for trtllm-build) or unified (ModelOpt's "
+                                                                "Hugging Face checkpoint: TensorRT-LLM's PyTorch backend, vLLM, SGLang).")] = CheckpointKind.TRTLLM,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write the result (JSON) to this file.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the TensorRT-LLM checkpoint that `trtllm-build --checkpoint_dir` takes (LLaMA-type LLMs through NVIDIA
-    ModelOpt, OPT through vlmforge's converter), calibrated on the family's real prefixes, then read it back and
-    compare its logits with the quantized torch model and the float32 reference."""
+    ModelOpt, OPT through vlmforge's converter), or with --kind unified ModelOpt's Hugging Face checkpoint,
+    calibrated on the family's real prefixes; then read it back and compare its logits with the quantized torch
+    model and the float32 reference."""
     from vlmforge.families import resolve
     from vlmforge.toolchains.quantize.checkpoint import write_checkpoint
 
@@ -92,13 +96,13 @@ def checkpoint_cmd(
     if out.exists() and any(out.iterdir()):
         raise SpecError(f"{out} is not empty: vlmforge checkpoint writes into a new or empty directory")
     if local is not None:
-        result = write_checkpoint(resolved, local, out, device=device)
+        result = write_checkpoint(resolved, local, out, device=device, kind=kind)
     else:
         from vlmforge.sources import open_source
 
         with tempfile.TemporaryDirectory(prefix="vlmforge-checkpoint-") as tmp:
             open_source(spec.source).fetch(Path(tmp) / "model")
-            result = write_checkpoint(resolved, Path(tmp) / "model", out, device=device)
+            result = write_checkpoint(resolved, Path(tmp) / "model", out, device=device, kind=kind)
     data = result.model_dump(mode="json")
     if report is not None:
         import json
@@ -109,7 +113,7 @@ def checkpoint_cmd(
         print_json(data)
         return
     check = result.verification
-    console.print(f"[bold green]checkpoint[/] {out}: {result.writer}, {result.method} ({result.quant_algo or 'float'}"
+    console.print(f"[bold green]{result.kind.value} checkpoint[/] {out}: {result.writer}, {result.method} ({result.quant_algo or 'float'}"
                   f"{', KV ' + result.kv_cache_quant_algo if result.kv_cache_quant_algo else ''}), tp {result.tp} pp "
                   f"{result.pp}, {len(result.files)} files, {result.bytes / 2**20:.1f} MiB", highlight=False)
     console.print(f"read back: vs the quantized model {check.readback_vs_quantized.max_error:.2e} (allowed "

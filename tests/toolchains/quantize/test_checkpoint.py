@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from tests.helpers.tiny import TinyCache
@@ -36,9 +37,10 @@ CASES = [
 ]
 
 
-def write(tiny: TinyCache, family: str, out: Path, **overrides: Any) -> ck.CheckpointResult:
+def write(tiny: TinyCache, family: str, out: Path, kind: ck.CheckpointKind = ck.CheckpointKind.TRTLLM,
+          **overrides: Any) -> ck.CheckpointResult:
     spec = load_model_or_spec(TINY[family], {**LOOSE, **overrides})
-    return ck.write_checkpoint(resolve(spec), tiny(family).model_dir, out, device="cpu")
+    return ck.write_checkpoint(resolve(spec), tiny(family).model_dir, out, device="cpu", kind=kind)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:5])))
@@ -122,3 +124,34 @@ def test_a_checkpoint_that_does_not_hold_the_model_is_caught(tiny: TinyCache, tm
     with pytest.raises(BuildError, match="does not read back as the quantized model"):
         write(tiny, "llava", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(("family", "method", "kv"), [("llava", "int4_awq", "auto"), ("llava", "w4a8_awq", "fp8"),
+                                                     ("blip2-opt", "fp8", "auto"), ("blip2-opt", "int8_sq", "auto")])
+def test_the_unified_checkpoint_reads_back_as_the_quantized_model(family: str, method: str, kv: str, tiny: TinyCache,
+                                                                  tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    result = write(tiny, family, tmp_path / "hf", ck.CheckpointKind.UNIFIED, **{
+        "quantization.method": method, "quantization.kv_cache_dtype": kv, "quantization.group_size": 64})
+    assert result.kind is ck.CheckpointKind.UNIFIED and result.writer == "modelopt-hf"
+    assert {f.name for f in result.files} == {"config.json", "generation_config.json", "hf_quant_config.json",
+                                              "model.safetensors"}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt" and config["dtype"] == "float16"
+    check = result.verification
+    assert check.readback_vs_quantized.max_error <= 1e-4  # compared in float32, before the float16 cast
+    assert check.readback_vs_reference.next_token_error <= LOOSE["validation.max_logit_error"]
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith(("norm.weight", "layer_norm.weight"))}
+    assert dtypes == {torch.float16}
+
+
+def test_what_a_unified_checkpoint_cannot_hold_is_refused(tiny: TinyCache, tmp_path: Path) -> None:
+    unified = ck.CheckpointKind.UNIFIED
+    with pytest.raises(SpecError, match="int8_wo is a TensorRT-LLM build-time format"):
+        write(tiny, "llava", tmp_path / "a", unified, **{"quantization.method": "int8_wo"})
+    with pytest.raises(SpecError, match="FP8 KV caches only"):
+        write(tiny, "llava", tmp_path / "b", unified, **{"quantization.method": "fp8", "quantization.kv_cache_dtype": "int8"})
+    with pytest.raises(SpecError, match="is not split"):
+        write(tiny, "llava", tmp_path / "c", unified, **{"quantization.method": "fp8", "parallel.tp": 2})

@@ -60,15 +60,7 @@ def config_problems(config: dict[str, Any], *, world_size: int | None = None) ->
     if not isinstance(quant, dict):
         problems.append("quantization is not a mapping")
         quant = {}
-    unknown = sorted(set(quant) - set(QUANT_CONFIG_FIELDS))
-    if unknown:
-        problems.append(f"quantization has keys QuantConfig does not take (TypeError in trtllm-build): {unknown}")
-    algo = quant.get("quant_algo")
-    if algo is not None and (algo not in QUANT_ALGOS or algo == "INT8"):
-        problems.append(f"quantization.quant_algo {algo!r} is not a weight QuantAlgo")
-    kv = quant.get("kv_cache_quant_algo")
-    if kv is not None and kv not in KV_CACHE_QUANT_ALGOS:
-        problems.append(f"quantization.kv_cache_quant_algo {kv!r} is none of {KV_CACHE_QUANT_ALGOS}")
+    problems += quant_config_problems(quant)
     mapping = config.get("mapping") or {}
     extra = sorted(set(mapping) - set(MAPPING_KEYS))
     if extra:
@@ -81,4 +73,20 @@ def config_problems(config: dict[str, Any], *, world_size: int | None = None) ->
     heads = config.get("num_attention_heads")
     if isinstance(heads, int) and heads % tp:
         problems.append(f"num_attention_heads {heads} is not divisible by tp_size {tp}")
+    return problems
+
+
+def quant_config_problems(quant: dict[str, Any]) -> list[str]:
+    """What ``QuantConfig(**quant)`` would refuse or misread (a config.json's ``quantization``, or the unified
+    checkpoint's hf_quant_config.json ``quantization``)."""
+    problems = []
+    unknown = sorted(set(quant) - set(QUANT_CONFIG_FIELDS))
+    if unknown:
+        problems.append(f"quantization has keys QuantConfig does not take (TypeError in trtllm-build): {unknown}")
+    algo = quant.get("quant_algo")
+    if algo is not None and (algo not in QUANT_ALGOS or algo == "INT8"):
+        problems.append(f"quantization.quant_algo {algo!r} is not a weight QuantAlgo")
+    kv = quant.get("kv_cache_quant_algo")
+    if kv is not None and kv not in KV_CACHE_QUANT_ALGOS:
+        problems.append(f"quantization.kv_cache_quant_algo {kv!r} is none of {KV_CACHE_QUANT_ALGOS}")
     return problems

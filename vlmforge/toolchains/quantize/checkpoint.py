@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,23 @@ class CheckpointVerification(BaseModel):
     """What the read-back computes like the engine: activation quantization, build-time weight rounding."""
 
 
+class CheckpointKind(StrEnum):
+    """What ``vlmforge checkpoint`` writes."""
+
+    TRTLLM = "trtllm"
+    """TensorRT-LLM's checkpoint: config.json + rank{N}.safetensors, for trtllm-build --checkpoint_dir."""
+    UNIFIED = "unified"
+    """ModelOpt's unified Hugging Face checkpoint (export_hf_checkpoint): what TensorRT-LLM's PyTorch backend, vLLM
+    and SGLang load; the LLM alone, not split."""
+
+
 class CheckpointResult(BaseModel):
     """What ``vlmforge checkpoint`` wrote and how it verified."""
 
+    kind: CheckpointKind = CheckpointKind.TRTLLM
     writer: str
-    """modelopt (ModelOpt's exporter) or opt (vlmforge's converter, after TensorRT-LLM's)."""
+    """modelopt (ModelOpt's TensorRT-LLM exporter), opt (vlmforge's converter, after TensorRT-LLM's) or
+    modelopt-hf (ModelOpt's unified exporter)."""
     method: str
     quant_algo: str | None
     kv_cache_quant_algo: str | None
@@ -75,15 +88,34 @@ class CheckpointResult(BaseModel):
     verification: CheckpointVerification
 
 
-def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, device: str | None = None) -> CheckpointResult:
-    """Write and verify the TensorRT-LLM checkpoint of ``resolved``'s LLM from the checkpoint in ``model_dir``."""
+def check_unified(spec: Any) -> None:
+    """What a unified checkpoint cannot hold, refused before any work."""
+    from vlmforge.modeling.unified import UNIFIED_KV, UNIFIED_METHODS
+
+    quant = spec.quantization
+    if quant.method not in UNIFIED_METHODS:
+        raise SpecError(f"a unified checkpoint holds ModelOpt's calibrated formats ({', '.join(m.value for m in UNIFIED_METHODS)}); "
+                        f"{quant.method.value} is a TensorRT-LLM build-time format: write --kind trtllm", path="quantization.method")
+    if quant.kv_cache_dtype not in UNIFIED_KV:
+        raise SpecError("ModelOpt's unified exporter writes FP8 KV caches only: set kv_cache_dtype fp8 or auto",
+                        path="quantization.kv_cache_dtype")
+    if spec.parallel.tp != 1 or spec.parallel.pp != 1:
+        raise SpecError("a unified checkpoint is not split (its loader shards it): set parallel.tp and pp to 1",
+                        path="parallel.tp")
+
+
+def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, device: str | None = None,
+                     kind: CheckpointKind = CheckpointKind.TRTLLM) -> CheckpointResult:
+    """Write and verify the checkpoint (TensorRT-LLM's, or the unified one) of ``resolved``'s LLM from the model
+    checkpoint in ``model_dir``."""
     import torch
 
     from vlmforge.modeling import modelopt as mo
-    from vlmforge.modeling.trtllm.config import config_problems
+    from vlmforge.modeling.trtllm.config import config_problems, quant_config_problems
     from vlmforge.modeling.trtllm.export import export_modelopt, writer_for
     from vlmforge.modeling.trtllm.opt import export_opt
     from vlmforge.modeling.trtllm.readback import read_back
+    from vlmforge.modeling.unified import cast_unified, export_unified, prepare_unified, read_back_unified
     from vlmforge.toolchains.quantize.calibration import calibration_set, golden_set, llm_batches
     from vlmforge.toolchains.quantize.llm import (
         batch_logits, check_groups, compare_logits, standalone_llm,
@@ -95,7 +127,10 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
     if family.encoder_decoder:
         raise SpecError(f"{family.name}: encoder-decoder checkpoints are written by TensorRT-LLM's enc_dec "
                         "convert_checkpoint.py in NVIDIA's container (vlmforge plan shows the command)", path="family")
-    check_checkpoint_support(spec, family.llm_kind)
+    if kind is CheckpointKind.UNIFIED:
+        check_unified(spec)
+    else:
+        check_checkpoint_support(spec, family.llm_kind)
     if spec.dtype.value == "float32":
         raise SpecError("TensorRT-LLM checkpoints are written in float16 or bfloat16", path="dtype")
     out = Path(out)
@@ -103,13 +138,14 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
         raise BuildError(f"{out} is not empty: vlmforge checkpoint writes into a new or empty directory")
     calibration = calibration_set(quant.calibration, family) if quant.needs_calibration else None
     modelopt_version = mo.require_modelopt() if quant.needs_calibration or family.llm_kind != "opt" else None
+    unified = kind is CheckpointKind.UNIFIED
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     dtype = torch.float32  # the reference, calibration and the read-back all in float32, also on a GPU
     model = family.load_model(Path(model_dir), dtype, device=device)
     processor = family.load_processor(Path(model_dir))
     llm = standalone_llm(family, model)
-    writer = writer_for(llm.config.model_type)
+    writer = "modelopt-hf" if unified else writer_for(llm.config.model_type)
     check_groups(llm, quant.method, quant.group_size, tp)
     heads = llm.config.num_attention_heads
     if heads % tp:
@@ -128,26 +164,34 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
     calibrate_seconds = time.perf_counter() - start
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if writer == "modelopt":
+    quantized = None
+    if unified:
+        prepare_unified(llm)
+        with mo.kv_cache_quantizers_off(llm):
+            quantized = batch_logits(llm, golden)  # the unified export packs the weights in place: run it first
+        config = {"quantization": export_unified(llm, out)["quantization"]}
+    elif writer == "modelopt":
         config = export_modelopt(llm, out, dtype=spec.dtype.value, tp=tp, pp=pp, method=quant.method,
                                  kv_cache=quant.kv_cache_dtype)
     else:
         config = export_opt(llm, out, dtype=spec.dtype.value, tp=tp, pp=pp, method=quant.method)
     export_seconds = time.perf_counter() - start
 
-    files = sorted(p for p in out.iterdir() if p.is_file())
-    problems = config_problems(config, world_size=len([f for f in files if f.name.startswith("rank")]))
+    problems = quant_config_problems(config["quantization"]) if unified else config_problems(
+        config, world_size=len(list(out.glob("rank*.safetensors"))))
     if problems:
-        raise BuildError(f"{out}/config.json would not load in TensorRT-LLM 1.2: " + "; ".join(problems))
+        raise BuildError(f"{out}: the checkpoint's config would not load: " + "; ".join(problems))
 
-    if calibration is not None:
-        mo.round_pre_quant_scales(llm, getattr(torch, spec.dtype.value))  # as stored, and as the engine applies them
-        with mo.kv_cache_quantizers_off(llm):
-            quantized = _quantized_model_logits(llm, quant.method, tp, spec.dtype.value, golden)
-    else:
-        quantized = _quantized_model_logits(llm, quant.method, tp, spec.dtype.value, golden)
-    readback = read_back(out, llm.config, type(llm))
+    if quantized is None:  # the TensorRT-LLM export leaves a model that runs: compared with as it is after it
+        quantized = _quantized_model_logits(llm, quant.method, tp, spec.dtype.value, golden,
+                                            calibrated=calibration is not None)
+    readback = (read_back_unified if unified else read_back)(out, llm.config, type(llm))
     read = batch_logits(readback.model, golden)
+    vs_quantized = compare_logits(read, quantized, golden)
+    if unified:  # verified in float32 (exact); now stored in the spec's dtype, and read back again for the gate
+        cast_unified(out, spec.dtype.value)
+        readback = read_back_unified(out, llm.config, type(llm))
+        read = batch_logits(readback.model, golden)
     simulated = []
     if readback.activations:
         simulated.append(f"activation quantization of {len(readback.activations)} linears")
@@ -156,7 +200,6 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
     if quant.kv_cache_dtype.value != "auto" and not readback.kv_scales:
         raise BuildError(f"{out}: a {quant.kv_cache_dtype.value} KV cache was asked for but the checkpoint holds no "
                          "KV-cache scaling factors")
-    vs_quantized = compare_logits(read, quantized, golden)
     vs_reference = compare_logits(read, reference, golden)
     verification = CheckpointVerification(
         readback_vs_quantized=vs_quantized, readback_vs_reference=vs_reference,
@@ -166,15 +209,17 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
         kv_cache_scales=readback.kv_scales, simulated=simulated,
     )
     quantization = config.get("quantization") or {}
+    files = sorted(p for p in out.iterdir() if p.is_file())
     result = CheckpointResult(
-        writer=writer, method=quant.method.value, quant_algo=quantization.get("quant_algo"),
+        kind=kind, writer=writer, method=quant.method.value, quant_algo=quantization.get("quant_algo"),
         kv_cache_quant_algo=quantization.get("kv_cache_quant_algo"), dtype=spec.dtype.value, tp=tp, pp=pp,
         files=[CheckpointFile(name=f.name, bytes=f.stat().st_size) for f in files],
         bytes=sum(f.stat().st_size for f in files), calibration=calibration.describe() | {
             "size": quant.calibration.size, "batch_size": quant.calibration.batch_size,
         } if calibration else None,
         calibrate_seconds=round(calibrate_seconds, 3), export_seconds=round(export_seconds, 3),
-        modelopt=modelopt_version, config_checked_against="TensorRT-LLM 1.2 PretrainedConfig/QuantConfig",
+        modelopt=modelopt_version, config_checked_against="TensorRT-LLM 1.2 " + ("QuantConfig" if unified else
+                                                                                "PretrainedConfig/QuantConfig"),
         verification=verification,
     )
     try:
@@ -202,17 +247,26 @@ def _gate(spec: Any, out: Path, verification: CheckpointVerification) -> None:
         )
 
 
-def _quantized_model_logits(llm: Any, method: QuantMethod, tp: int, dtype: str,
-                            batches: list[dict[str, Any]]) -> list[Any]:
-    """Logits of the quantized torch model: ModelOpt's fake-quant LLM as it is after the export, or, for the
-    weight-only formats (fp16 weights in the checkpoint), a copy with trtllm-build's per-channel rounding per rank."""
+def _quantized_model_logits(llm: Any, method: QuantMethod, tp: int, dtype: str, batches: list[dict[str, Any]], *,
+                            calibrated: bool) -> list[Any]:
+    """Logits of the quantized torch model as the checkpoint holds it: ModelOpt's fake-quant LLM after the export,
+    its pre-quant scales rounded to ``dtype`` as stored and its KV-cache quantizers off (the engine's attention
+    quantizes the KV cache; the read-back does not); for the weight-only formats (fp16 weights in the checkpoint),
+    a copy with trtllm-build's per-channel rounding per rank."""
     import copy
 
+    import torch
+
+    from vlmforge.modeling import modelopt as mo
     from vlmforge.modeling.trtllm.readback import simulate_weight_only
     from vlmforge.toolchains.quantize.llm import batch_logits
 
-    if not method.weight_only:
-        return batch_logits(llm, batches)
-    rounded = copy.deepcopy(llm)
-    simulate_weight_only(rounded, 8 if method is QuantMethod.INT8_WO else 4, tp, dtype)
-    return batch_logits(rounded, batches)
+    model = llm
+    if method.weight_only:
+        model = copy.deepcopy(llm)
+        simulate_weight_only(model, 8 if method is QuantMethod.INT8_WO else 4, tp, dtype)
+    if not calibrated:
+        return batch_logits(model, batches)
+    mo.round_pre_quant_scales(model, getattr(torch, dtype))
+    with mo.kv_cache_quantizers_off(model):
+        return batch_logits(model, batches)
