@@ -103,7 +103,7 @@ def _weight(tensors: dict[str, torch.Tensor], prefix: str, algo: str, group: int
     return w.float()
 
 
-def read_back_unified(ckpt_dir: Path, hf_config: Any, model_cls: type) -> Readback:
+def read_back_unified(ckpt_dir: Path, hf_config: Any, model_cls: type, device: str | torch.device = "cpu") -> Readback:
     """The unified checkpoint as a float32 ``model_cls`` computing what the engine computes (weights dequantized,
     inputs quantized with their ``input_scale`` after ``pre_quant_scale``)."""
     from safetensors.torch import load_file
@@ -114,7 +114,8 @@ def read_back_unified(ckpt_dir: Path, hf_config: Any, model_cls: type) -> Readba
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(ckpt_dir.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
-    model = model_cls._from_config(hf_config, dtype=torch.float32).eval()
+    with torch.device(device):
+        model = model_cls._from_config(hf_config, dtype=torch.float32).eval()
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     state: dict[str, torch.Tensor] = {}
     activations: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}

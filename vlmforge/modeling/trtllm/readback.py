@@ -168,7 +168,7 @@ def load_ranks(ckpt_dir: Path) -> tuple[dict[str, Any], list[dict[str, torch.Ten
     return config, [load_file(str(f)) for f in files]
 
 
-def read_back(ckpt_dir: Path, hf_config: Any, model_cls: type) -> Readback:
+def read_back(ckpt_dir: Path, hf_config: Any, model_cls: type, device: str | torch.device = "cpu") -> Readback:
     """The checkpoint in ``ckpt_dir`` as a float32 ``model_cls`` (``hf_config``: the LLM's transformers config) that
     computes what the engine computes: activation quantization included (:func:`simulate_activations`)."""
     config, ranks = load_ranks(ckpt_dir)
@@ -232,7 +232,8 @@ def read_back(ckpt_dir: Path, hf_config: Any, model_cls: type) -> Readback:
     if is_opt:
         positions = first[0]["transformer.position_embedding.weight"].float()
         state[f"{base}.embed_positions.weight"] = torch.cat([torch.zeros(2, positions.shape[1]), positions])
-    model = model_cls._from_config(hf_config, dtype=torch.float32).eval()
+    with torch.device(device):
+        model = model_cls._from_config(hf_config, dtype=torch.float32).eval()
     model.config.tie_word_embeddings = False  # the head read back is its own tensor
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "rotary" not in k]

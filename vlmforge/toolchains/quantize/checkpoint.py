@@ -185,12 +185,12 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
     if quantized is None:  # the TensorRT-LLM export leaves a model that runs: compared with as it is after it
         quantized = _quantized_model_logits(llm, quant.method, tp, spec.dtype.value, golden,
                                             calibrated=calibration is not None)
-    readback = (read_back_unified if unified else read_back)(out, llm.config, type(llm))
+    readback = (read_back_unified if unified else read_back)(out, llm.config, type(llm), device)
     read = batch_logits(readback.model, golden)
     vs_quantized = compare_logits(read, quantized, golden)
     if unified:  # verified in float32 (exact); now stored in the spec's dtype, and read back again for the gate
         cast_unified(out, spec.dtype.value)
-        readback = read_back_unified(out, llm.config, type(llm))
+        readback = read_back_unified(out, llm.config, type(llm), device)
         read = batch_logits(readback.model, golden)
     simulated = []
     if readback.activations:
