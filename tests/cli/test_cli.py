@@ -120,3 +120,32 @@ def test_vila_is_no_longer_refused_for_lack_of_a_reference() -> None:
     result = vlmforge("build", "vila-7B", "--toolchain", "trtllm")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "TensorRT-LLM is not installed here" in result.stderr and "reference" not in result.stderr
+
+
+def test_checkpoint_writes_and_verifies_a_tensorrt_llm_checkpoint(tmp_path: Path) -> None:
+    from vlmforge.families import get_family
+
+    get_family("blip2-opt").make_tiny(tmp_path / "model")
+    result = vlmforge("checkpoint", str(tmp_path / "model"), "--family", "blip2-opt", "--out", str(tmp_path / "ckpt"),
+                      "--quant", "int8_wo", "--tp", "2", "--report", str(tmp_path / "report.json"), "--json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert written == json.loads((tmp_path / "report.json").read_text())
+    assert written["writer"] == "opt" and written["quant_algo"] == "W8A16"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
+    check = written["verification"]
+    assert check["readback_vs_quantized"]["max_error"] <= check["tolerance"]
+    assert check["readback_vs_reference"]["next_token_error"] <= check["max_logit_error_allowed"]
+
+
+def test_checkpoint_refusals_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    result = vlmforge("checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "ckpt"))
+    assert result.returncode == 2 and "say its family with --family" in result.stderr
+    result = vlmforge("checkpoint", "tiny-blip2-t5", "--out", str(tmp_path / "ckpt"), "--quant", "int8_wo")
+    assert result.returncode == 2 and "encoder-decoder family" in result.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    result = vlmforge("checkpoint", "tiny-llava", "--out", str(tmp_path / "full"))
+    assert result.returncode == 2 and "not empty" in result.stderr and (tmp_path / "full" / "x").read_text() == "keep"

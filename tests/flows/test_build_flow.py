@@ -118,8 +118,11 @@ def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
     summary = build("tiny-llava", **{"quantization.method": "int8_wo"})
     quantize = next((tmp_path / "work" / "tiny-llava").glob("quantize-*"))
     result = json.loads((quantize / "_stage.json").read_text())["result"]
-    assert result["bytes_after"] < result["bytes_before"]
+    assert result["bytes_after"] < result["bytes_before"] and result["format"] == "lowbit"
     assert summary["validation"]["token_agreement"] >= 0.8
+    with open_store(str(tmp_path / "store")) as store:  # the quantize stage's figures travel with the build
+        manifest = store.resolve(f"tiny-llava#{summary['build_id']}")
+    assert manifest.extra["quantization"]["quantized_vs_reference"] == result["quantized_vs_reference"]
 
 
 def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ elsewhere constructing the pipeline refuses (``require_trtllm``) before any work
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -131,10 +132,23 @@ class TrtllmPipeline:
 
     def manifest(self, run: PlanRun, engine: StageOutcome, validation: StageOutcome,
                  extra: dict[str, Any] | None = None) -> Any:
-        """The manifest of this build (published by the store)."""
+        """The manifest of this build (published by the store), with ``vlmforge checkpoint``'s read-back figures
+        where the plan has that step."""
+        extra = dict(extra or {})
+        report = self.checkpoint_report()
+        if report is not None:
+            extra["checkpoint"] = report
         return engine_manifest(self.spec, self.resolved.derived, toolchain="trtllm", source_revision=run.source_revision,
                                fingerprint=engine.record.fingerprint, files=engine.record.files,
-                               validation=validation.result, extra=extra)
+                               validation=validation.result, extra=extra or None)
+
+    def checkpoint_report(self) -> dict[str, Any] | None:
+        """The JSON report the plan's checkpoint step wrote (None where the step is the container's script)."""
+        report = next((Path(out) for step in self.plan.steps if step.name == "checkpoint" for out in step.outputs
+                       if out.endswith(".json")), None)
+        if report is None or not report.is_file():
+            return None
+        return json.loads(report.read_text())
 
     def remove_checkpoints(self) -> None:
         """The converted checkpoints are intermediate: gone once the engine is published."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
+from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv, checkpoint_report
 from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
@@ -272,6 +273,11 @@ class DecoderOnlyFamily(ModelFamily):
     def convert_extra_args(self, ctx: PlanContext) -> list[str]:
         return []
 
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        """1.2 plans write the checkpoint with ``vlmforge checkpoint``: refuse what its writer cannot produce."""
+        if info.dialect is not Dialect.V0_9:
+            check_checkpoint_support(spec, self.llm_kind)
+
     def llm_build_flags(self, ctx: PlanContext) -> list[str]:
         spec = ctx.spec
         gemm = "auto" if spec.quantization.method is QuantMethod.FP8 and ctx.dialect.uses_max_seq_len else spec.dtype.value
@@ -283,23 +289,27 @@ class DecoderOnlyFamily(ModelFamily):
         return flags
 
     def convert_step(self, ctx: PlanContext) -> Step:
+        """The TensorRT-LLM checkpoint. 1.2: ``vlmforge checkpoint`` (ModelOpt, or vlmforge's own converter where
+        ModelOpt has no exporter), verified by reading it back, on any machine with torch. 0.9: the seed's scripts."""
         spec = ctx.spec
+        hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
+        if ctx.dialect.dialect is not Dialect.V0_9:
+            report = checkpoint_report(ctx.layout)
+            argv = checkpoint_argv(spec, hf_dir, ckpt, report)
+            return ctx.step("checkpoint", argv, tool="vlmforge", gpus=1 if spec.quantization.needs_calibration else 0,
+                            inputs=[hf_dir], outputs=[ckpt, report])
         info = ctx.dialect
         quant = spec.quantization
-        hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
         parallel: list[str] = []
         if spec.parallel.tp > 1:
             parallel += ["--tp_size", str(spec.parallel.tp)]
         if spec.parallel.pp > 1:
             parallel += ["--pp_size", str(spec.parallel.pp)]
-        needs_quantize = quant.method in (QuantMethod.INT4_AWQ, QuantMethod.INT8_SQ, QuantMethod.FP8) or (
-            quant.kv_cache_dtype is not KvCacheDtype.AUTO
-        )
-        if needs_quantize:
+        if quant.needs_calibration:
             qformat = "full_prec" if quant.method is QuantMethod.NONE else quant.method.value
             argv = ctx.python(info.quantize_script) + [
                 "--model_dir", hf_dir, "--output_dir", ckpt, "--dtype", spec.dtype.value,
-                "--qformat", qformat, "--calib_size", str(quant.calib_size),
+                "--qformat", qformat, "--calib_size", str(quant.calibration.size),
             ]
             if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
                 argv += ["--kv_cache_dtype", quant.kv_cache_dtype.value]

@@ -32,18 +32,35 @@ class Dtype(StrEnum):
 
 
 class QuantMethod(StrEnum):
-    """Quantization of the LLM weights (the visual engine is never quantized)."""
+    """Quantization of the LLM (the visual engine is never quantized); the names of quantize.py's --qformat."""
 
     NONE = "none"
     INT8_WO = "int8_wo"
+    """int8 weights, float activations (TensorRT-LLM W8A16; the hf runner's int8 kernel)."""
     INT4_WO = "int4_wo"
+    """int4 weights, float activations (TensorRT-LLM W4A16, per channel; the hf runner: groups of group_size)."""
     INT4_AWQ = "int4_awq"
+    """Activation-aware int4 weights in groups of group_size (W4A16_AWQ), calibrated."""
+    W4A8_AWQ = "w4a8_awq"
+    """AWQ int4 weights with FP8 activations (W4A8_AWQ; FP8 GPUs), calibrated."""
     INT8_SQ = "int8_sq"
+    """SmoothQuant int8 weights and activations (W8A8_SQ_PER_CHANNEL), calibrated."""
     FP8 = "fp8"
+    """FP8 weights and activations, per tensor (FP8; compute capability 8.9+), calibrated."""
 
     @property
     def weight_only(self) -> bool:
         return self in (QuantMethod.INT8_WO, QuantMethod.INT4_WO)
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration data (the weight-only formats need none unless the KV cache is quantized)."""
+        return self in (QuantMethod.INT4_AWQ, QuantMethod.W4A8_AWQ, QuantMethod.INT8_SQ, QuantMethod.FP8)
+
+    @property
+    def grouped(self) -> bool:
+        """Quantizes int4 weights in groups of ``quantization.group_size`` (on the hf toolchain, int4_wo too)."""
+        return self in (QuantMethod.INT4_AWQ, QuantMethod.W4A8_AWQ, QuantMethod.INT4_WO)
 
 
 class KvCacheDtype(StrEnum):
@@ -85,15 +102,67 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+CALIBRATION_SYNTHETIC = "synthetic"
+
+
+class Calibration(StrictModel):
+    """The images and prompts a quantization is calibrated on.
+
+    Each sample goes through the family's processor, vision encoder and prompt template, so the LLM is
+    calibrated on the embeddings it really receives: text with the visual features spliced in (calibrating
+    on text alone is a known cause of wrong VLM outputs, TensorRT-LLM #1860). The set's content digest is
+    part of the quantize stage's fingerprint: other images or prompts give another build.
+    """
+
+    source: str = CALIBRATION_SYNTHETIC
+    """``synthetic`` (the built-in set: generated images, varied prompts) or a local folder (a path or
+    ``file://`` URI) of images (.png, .jpg, .jpeg, .webp, .bmp; sorted by name) and an optional
+    ``prompts.txt`` (one prompt per line, used in turn; without it, the family's golden prompt)."""
+    size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Samples (image + prompt) to calibrate on (quantize.py --calib_size; TensorRT-LLM caps AWQ at 32)."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    """Samples per calibration forward pass (quantize.py --batch_size)."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the synthetic set's images and prompt order."""
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("calibration source is empty: use synthetic or a local folder of images and prompts.txt")
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(f"{value!r}: calibration data comes from `synthetic` or a local folder (path or file://)")
+        return value
+
+    @property
+    def folder(self) -> Path | None:
+        """The local folder, or None for the synthetic set."""
+        if self.source == CALIBRATION_SYNTHETIC:
+            return None
+        return Path(self.source.removeprefix("file://")).expanduser()
+
+
 class Quantization(StrictModel):
-    """How the LLM is quantized."""
+    """How the LLM is quantized (NVIDIA ModelOpt: what TensorRT-LLM's quantize.py runs)."""
 
     method: QuantMethod = QuantMethod.NONE
-    """Weight quantization: none, int8_wo, int4_wo (weight-only), int4_awq, int8_sq, fp8."""
+    """none, int8_wo, int4_wo (weight-only), int4_awq, w4a8_awq, int8_sq, fp8."""
     kv_cache_dtype: KvCacheDtype = KvCacheDtype.AUTO
-    """KV-cache precision: auto (the model dtype), int8 or fp8."""
-    calib_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    """Calibration samples for int4_awq, int8_sq and fp8 (quantize.py --calib_size)."""
+    """KV-cache precision: auto (the model dtype), int8 or fp8 (calibrated scales)."""
+    group_size: Literal[32, 64, 128, 256] = 128
+    """int4 group size: int4_awq/w4a8_awq (quantize.py --awq_block_size) and the hf toolchain's int4_wo. Every
+    quantized layer's input width divided by parallel.tp must be a multiple of it."""
+    calibration: Calibration = Field(default_factory=Calibration)
+    """Calibration data for int4_awq, w4a8_awq, int8_sq, fp8 and quantized KV caches."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.calibrated or self.kv_cache_dtype is not KvCacheDtype.AUTO
+
+    @property
+    def active(self) -> bool:
+        """Anything quantized at all (weights or KV cache)."""
+        return self.method is not QuantMethod.NONE or self.kv_cache_dtype is not KvCacheDtype.AUTO
 
 
 class Parallelism(StrictModel):
@@ -378,6 +447,10 @@ def spec_from_dict(
         raise _spec_error(exc, origin, lines or {}) from None
 
 
+MOVED_KEYS = {"quantization.calib_size": "quantization.calibration.size"}
+"""Keys of earlier spec versions and where they live now."""
+
+
 def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], int]) -> SpecError:
     messages = []
     first_location = None
@@ -392,7 +465,9 @@ def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], 
         where = f"{origin}:{line}" if line else origin
         first_location = first_location or where
         msg = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden" and path in MOVED_KEYS:
+            msg = f"this key moved: write {MOVED_KEYS[path]} instead"
+        elif error["type"] == "extra_forbidden":
             msg = f"unknown key; the allowed keys here are: {', '.join(_allowed_keys(loc[:-1]))}"
         elif error["type"] == "missing":
             msg = "required field is missing"
