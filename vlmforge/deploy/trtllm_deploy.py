@@ -16,8 +16,6 @@ import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
 from pydantic import BaseModel, SecretStr
 
 from vlmforge.deploy.auth import is_loopback
@@ -150,8 +148,8 @@ def _request(plan: TrtllmPlan, folder: Path, state_dir: Path, source: str, wait_
                          wait_s=wait_s)
 
 
-def _runner(plan: TrtllmPlan, architecture: str | None) -> TrtllmServeRunner:
-    return TrtllmServeRunner(image=plan.image, limits=plan.limits, options=llm_api_options(plan.limits, architecture),
+def _runner(plan: TrtllmPlan) -> TrtllmServeRunner:
+    return TrtllmServeRunner(image=plan.image, limits=plan.limits, options=llm_api_options(plan.limits),
                              log_level=plan.log_level)  # type: ignore[arg-type]
 
 
@@ -180,14 +178,13 @@ def dry_run(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = N
     """The command and options file :func:`deploy_trtllm_serve` would use; pulls and starts nothing. A local folder
     is checked now; a store build's folder is where the pull would put it, checked when it is pulled."""
     state_dir = state_dir or default_state_dir()
-    architecture, checked = None, "the model folder is checked once pulled"
+    checked = "the model folder is checked once pulled"
     if isinstance(source, LocalCheckpointSource):
         folder = source.model_dir
-        architecture = check_checkpoint(folder, plan.limits).architecture
-        checked = f"model folder checked: {architecture}"
+        checked = f"model folder checked: {check_checkpoint(folder, plan.limits).architecture}"
     else:
         folder = (cache_dir or default_cache_dir()) / plan.build.model / plan.build.build_id / HF_DIR
-    runner = _runner(plan, architecture)
+    runner = _runner(plan)
     request = _request(plan, folder, state_dir, source.describe(), 1.0)
     spec = container_spec(request, runner)
     return DryRun(plan=plan, docker_run=spec.docker_run_argv(), command=spec.command, options_file=spec.options_file,
@@ -195,7 +192,7 @@ def dry_run(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = N
 
 
 def deploy_trtllm_serve(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = None,
-                        state_dir: Path | None = None, wait_s: float = 1800.0, launcher: Any = None) -> Deployment:
+                        state_dir: Path | None = None, wait_s: float = 1800.0) -> Deployment:
     """Pull (a store build: verified), check the model folder, stop what this replaces, start trtllm-serve's
     container, wait until healthy, record it."""
     state_dir = state_dir or default_state_dir()
@@ -208,5 +205,4 @@ def deploy_trtllm_serve(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Pat
         stop_deployment(plan.replaces, state_dir=state_dir)
         if port_in_use(plan.host, plan.port):
             raise DeployError(f"port {plan.port} on {plan.host} is still in use after stopping {plan.name}")
-    launcher = launcher or TrtllmServeLauncher(_runner(plan, facts.architecture))
-    return launcher.start(_request(plan, folder, state_dir, source.describe(), wait_s))
+    return TrtllmServeLauncher(_runner(plan)).start(_request(plan, folder, state_dir, source.describe(), wait_s))

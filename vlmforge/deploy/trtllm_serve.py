@@ -67,12 +67,6 @@ MULTIMODAL_ARCHITECTURES = frozenset({
 })
 """The "Multimodal Feature Support Matrix (PyTorch Backend)" of docs/source/models/supported-models.md (VILA is its
 ``LlavaLlamaModel`` row: the VILA1.5 layout; LLaVA-1.5, BLIP-2 and Nougat are not there)."""
-NO_KV_REUSE = frozenset({"LlavaLlamaModel", "Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration",
-                         "InklingForConditionalGeneration", "Llama4ForConditionalGeneration",
-                         "MiniMaxM3SparseForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
-                         "Qwen3_5MoeForConditionalGeneration"})
-"""Rows of that matrix whose "KV Cache Reuse" is No (block reuse is turned off for them; it stays off for every
-model by default, as the release's multimodal serving example does)."""
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _WORD_RE = re.compile(r"[^\s*?\[\]{}'\"\\$`]+")
@@ -97,7 +91,8 @@ class KvCacheOptions(_Options):
     free_gpu_memory_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = DEFAULT_KV_CACHE_FRACTION
     """Of the GPU memory free after the weights and buffers, the share the KV cache takes."""
     enable_block_reuse: bool = False
-    """KV reuse across requests: off (the release's multimodal example turns it off; VILA has none)."""
+    """KV reuse across requests: off, as the release's multimodal serving example has it (its support matrix says
+    No for several multimodal models, VILA among them)."""
 
 
 class LlmApiOptions(_Options):
@@ -155,9 +150,8 @@ class ServeLimits(BaseModel):
             raise DeployError(f"{field} {error.get('input')!r}: {error['msg']}") from None
 
 
-def llm_api_options(limits: ServeLimits, architecture: str | None = None) -> LlmApiOptions:
-    """The options file for ``limits`` (``architecture``: the model's, for its KV-reuse row)."""
-    del architecture  # reuse stays off for every model; NO_KV_REUSE says which could never have it
+def llm_api_options(limits: ServeLimits) -> LlmApiOptions:
+    """The options file for ``limits``."""
     return LlmApiOptions(tensor_parallel_size=limits.tp, pipeline_parallel_size=limits.pp,
                          max_batch_size=limits.max_batch_size, max_seq_len=limits.max_seq_len,
                          max_num_tokens=max(DEFAULT_MAX_NUM_TOKENS, limits.max_seq_len),
