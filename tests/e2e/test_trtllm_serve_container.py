@@ -5,6 +5,7 @@ container is a labelled stand-in (the base image running ``sleep``): what runs i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -73,3 +74,21 @@ def test_a_container_of_the_name_that_is_not_the_deployments_is_left_alone(stand
         TrtllmServeLauncher._clear_stale(docker_client(), container_name(record.name), "other")
     container.reload()
     assert container.status == "running"
+
+
+def test_deployments_and_undeploy_handle_a_trtllm_serve_deployment(stand_in: tuple, tmp_path: Path) -> None:
+    from tests.helpers.deploy import cli
+    from vlmforge.deploy.records import read_record, write_record
+
+    record, container = stand_in
+    state = tmp_path / "state"
+    write_record(record, state)
+    listed = cli("deployments", "--json", state=state)
+    assert listed.returncode == 0, listed.stderr
+    (shown,) = [d for d in json.loads(listed.stdout) if d["name"] == record.name]
+    assert shown["backend"] == "trtllm-serve" and shown["status"] == "unhealthy"  # running; /health not answering
+    stopped = cli("undeploy", record.name, "--timeout", "5", "--json", state=state)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["result"].startswith(("stopped", "killed"))
+    assert read_record(state, record.name) is None and not record.options_file.exists()
+    assert subprocess.run(["docker", "inspect", container.id], capture_output=True).returncode != 0
