@@ -109,10 +109,18 @@ def fetch_cmd(
 def selftest_cmd(
     toolchain: Annotated[Toolchain, typer.Option(help="The toolchain to prove (trtllm: inside NVIDIA's container).")] = Toolchain.TRTLLM,
     workdir: WorkdirOpt = None,
+    backend: Annotated[Optional[str], typer.Option(help="trtllm-serve: prove the trtllm-serve deploy backend instead (NVIDIA's release container on this host's GPUs).")] = None,
+    image: Annotated[Optional[str], typer.Option(help="--backend trtllm-serve: the TensorRT-LLM image (default: the pinned release).")] = None,
+    tp: Annotated[int, typer.Option(min=1, help="--backend trtllm-serve: tensor-parallel ranks (GPUs).")] = 1,
 ) -> None:
-    """Prove a site's container in minutes: build, validate, publish and run tiny-llava through the toolchain."""
+    """Prove a site's container in minutes: build, validate, publish and run tiny-llava through the toolchain. With
+    --backend trtllm-serve: deploy a tiny LLaVA-NeXT with trtllm-serve, ask it about an image with the openai client
+    and compare with the transformers reference."""
     import tempfile
 
+    if backend is not None:
+        _selftest_backend(backend, workdir, image=image, tp=tp)
+        return
     preflight("tiny-llava", toolchain, {})
     quiet_prefect()
     build_engine = load_flow("build-engine")
@@ -132,3 +140,20 @@ def selftest_cmd(
     console.print(f"[bold green]selftest passed[/] ({toolchain.value}): built {summary['build_id']}, validation "
                   f"{summary['validation']['token_agreement']}, served {len(output.tokens)} tokens in "
                   f"{output.e2e_ms:.0f} ms", highlight=False)
+
+
+def _selftest_backend(backend: str, workdir: Path | None, *, image: str | None, tp: int) -> None:
+    import tempfile
+
+    from vlmforge.deploy.records import ServeBackend
+    from vlmforge.errors import DeployError
+
+    if backend != ServeBackend.TRTLLM_SERVE.value:
+        raise DeployError(f"--backend {backend}: the selftest proves trtllm-serve (--backend trtllm-serve); vlmforge's "
+                          "runner is proven with --toolchain")
+    from vlmforge.deploy.trtllm_selftest import run_selftest
+
+    with tempfile.TemporaryDirectory(prefix="vlmforge-selftest-", dir=workdir) as tmp:
+        result = run_selftest(Path(tmp), image=image, tp=tp)
+    console.print(f"[bold green]selftest passed[/] (trtllm-serve, {result.image}): {result.comparison.matched_tokens} "
+                  f"reference tokens reproduced, agreement {result.comparison.agreement}", highlight=False)
