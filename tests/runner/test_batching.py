@@ -161,8 +161,7 @@ def test_the_engine_batches_what_it_generates_alone(tiny_engine: Path) -> None:
         assert a.tokens == b.tokens and a.text == b.text
         assert (a.logits - b.logits).abs().max().item() < 5e-3  # float16 rounding of a differently shaped batch
     assert [engine.prompt_length(p) for p in PROMPTS] == [
-        engine.family.llm_prefix(engine.llm, engine.processor, engine.encode_images([images[0]]), p).length
-        for p in PROMPTS]
+        engine.llm_prefix(engine.encode_images([images[0]])[0], p).length for p in PROMPTS]
 
 
 @pytest.mark.parametrize("tiny_family", FAMILIES, indirect=True)

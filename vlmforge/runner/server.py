@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
-from vlmforge.errors import DeployError, ToolchainUnavailable
+from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
 from vlmforge.runner.openai_api import (
     ApiError,
@@ -52,6 +52,7 @@ from vlmforge.runner.openai_api import (
     stop_strings,
     usage,
 )
+from vlmforge.runner.protocol import ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -92,36 +93,33 @@ class ServeSettings(BaseModel):
 class Runtime:
     """What the HTTP handlers share: the engine, its scheduler, metrics and the drain flag."""
 
-    def __init__(self, engine: Any, settings: ServeSettings, *, channel: Any = None, tp: int = 1) -> None:
+    def __init__(self, engine: ServingEngine, settings: ServeSettings, *, channel: Any = None, tp: int = 1) -> None:
         from vlmforge.runner.metrics import Metrics
         from vlmforge.runner.scheduler import Scheduler
 
         self.engine = engine
         self.settings = settings
         self.config: EngineConfig = engine.config
+        self.limits = engine.limits
         self.model = settings.model_name or self.config.name
         self.tp = tp
         self.created = int(time.time())
         self.metrics = Metrics(self.model, str(settings.engine_dir), tp)
-        batch = settings.max_batch_size or self.config.max_batch_size
-        if self.config.toolchain == "trtllm" and batch > self.config.max_batch_size:
-            raise DeployError(f"--max-batch-size {batch} exceeds the TensorRT engine's max_batch_size "
-                              f"{self.config.max_batch_size}")
-        self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
-                                      self.config.max_output_len)
+        batch = min(settings.max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
+                                      self.limits.max_output_len)
         warmup = None
-        static = getattr(engine, "static", None)
-        if settings.warmup and static is not None:
+        if settings.warmup:
             prompt = self.config.num_visual_features + 32
             sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
 
             def warmup() -> None:
-                static.warmup(sizes, prompt, self.default_max_tokens)
+                engine.warmup(sizes, prompt, self.default_max_tokens)
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
                                    warmup=warmup)
         self.draining = False
-        self.decode = "static" if static is not None else ("dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
+        self.decode = engine.decode_path
 
     @property
     def takes_prompt(self) -> bool:
@@ -131,7 +129,7 @@ class Runtime:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vlmforge",
                 "engine": self.config.name, "family": self.config.family, "toolchain": self.config.toolchain,
                 "tensor_parallel": self.tp, "max_batch_size": self.scheduler.max_batch_size,
-                "max_input_len": self.config.max_input_len, "max_output_len": self.config.max_output_len}
+                "max_input_len": self.limits.max_input_len, "max_output_len": self.limits.max_output_len}
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -196,7 +194,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             if runtime.draining:
                 raise ApiError(503, "the runner is shutting down")
             parsed = parse_messages(chat.messages, takes_prompt=runtime.takes_prompt, model=runtime.model)
-            limit = max_new_tokens(chat, max_output_len=runtime.config.max_output_len,
+            limit = max_new_tokens(chat, max_output_len=runtime.limits.max_output_len,
                                    default=runtime.default_max_tokens)
             stops = stop_strings(chat, limits)
             image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
@@ -204,9 +202,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 prompt_tokens = runtime.engine.prompt_length(parsed.text)
             except ValueError as exc:
                 raise ApiError(400, f"messages: {exc}", param="messages") from None
-            if runtime.takes_prompt and prompt_tokens > runtime.config.max_input_len:
+            if runtime.takes_prompt and prompt_tokens > runtime.limits.max_input_len:
                 raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and image), over this engine's "
-                                    f"max_input_len of {runtime.config.max_input_len}", param="messages",
+                                    f"max_input_len of {runtime.limits.max_input_len}", param="messages",
                                code="context_length_exceeded")
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
@@ -390,27 +388,6 @@ def check_port_free(host: str, port: int) -> None:
             raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror} (pass another --port)") from None
 
 
-def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any:
-    """The engine of this rank: hf (TP over transformers' plan) or TensorRT-LLM's runner."""
-    config = EngineConfig.read(settings.engine_dir)
-    if config.toolchain == "trtllm":
-        from vlmforge.runner.trtllm import TrtllmEngine
-
-        if info.world_size != config.world_size:
-            raise DeployError(f"{settings.engine_dir} is a TensorRT engine for {config.world_size} rank(s); it runs only "
-                              f"with mpirun -n {config.world_size}, not {info.world_size}")
-        try:
-            return TrtllmEngine(settings.engine_dir)
-        except ToolchainUnavailable as exc:
-            raise ToolchainUnavailable(f"{settings.engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a "
-                                       "GPU (the runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
-                                       f"{exc}") from None
-    from vlmforge.runner.engine import HfEngine
-
-    return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
-                    decode=settings.decode.value, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode.value)
-
-
 def serve(settings: ServeSettings) -> int:
     """Run this rank of a runner until it is told to stop; returns the exit code."""
     import torch
@@ -422,6 +399,8 @@ def serve(settings: ServeSettings) -> int:
         init_distributed,
         run_follower,
     )
+
+    from vlmforge.runner.loader import LoadOptions, load_engine
 
     info = RankInfo.from_env()
     config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
@@ -438,7 +417,9 @@ def serve(settings: ServeSettings) -> int:
         if not cuda:
             torch.set_num_threads(cpu_threads_per_rank(info))
     try:
-        engine = load_serving_engine(settings, info, channel)
+        engine = load_engine(settings.engine_dir, LoadOptions(
+            device=settings.device, decode=settings.decode, compile_mode=settings.compile_mode,
+            max_batch_size=settings.max_batch_size, world_size=info.world_size, leader=info.leader))
         if not info.leader:
             run_follower(engine, channel)
             return 0
