@@ -118,6 +118,11 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "file url without root": (chat_body("hi", "file:///etc/passwd"), 400, "--image-root"),
     "no messages": ({"model": "tiny-llava", "messages": []}, 400, "messages"),
     "not json": (b"{not json", 400, "not JSON"),
+    "deeply nested json": (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+    "prompt over the character cap": (chat_body("x" * 1025, image_url(0)), 400, "1025 characters"),
+    "an EPS payload": (chat_body("hi", "data:image/png;base64," + base64.b64encode(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n%%EOF\n").decode()), 400,
+                       "PNG, JPEG, WebP or GIF"),
 }
 
 

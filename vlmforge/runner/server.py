@@ -6,6 +6,10 @@ Rank 0 (the only rank without tensor parallelism) serves HTTP with FastAPI and u
   :mod:`vlmforge.runner.openai_api`), plain or streamed (server-sent events);
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus).
 
+With an API key (required when listening beyond loopback) every path but ``/health`` needs
+``Authorization: Bearer KEY`` (:mod:`vlmforge.runner.access`). A request's text is capped before it is
+tokenized, and tokenizing, image decoding and JSON parsing run bounded (docs/security.md).
+
 Requests are batched by :class:`~vlmforge.runner.scheduler.Scheduler`. Under ``mpirun -n TP`` the
 other ranks load their share of the LLM and follow rank 0 (:mod:`vlmforge.runner.distributed`).
 
@@ -32,19 +36,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
+from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
     TextStream,
+    check_prompt_chars,
     chunk,
     completion,
     completion_id,
+    decode_json,
     load_image,
     max_new_tokens,
     parse_messages,
@@ -62,7 +69,15 @@ class ServeSettings(BaseModel):
 
     engine_dir: Path
     host: str = "127.0.0.1"
+    """Address rank 0 listens on; beyond loopback an ``api_key`` is required."""
     port: int = 8000
+    api_key: SecretStr | None = None
+    """Clients send it as ``Authorization: Bearer KEY`` (every path but /health); empty: none."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection whose request headers are not complete this long after it opened (or after its previous
+    response) is closed."""
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """A request body that has not fully arrived this long after its headers gets 408."""
     model_name: str | None = None
     """The model id clients send (default: the engine's name)."""
     max_batch_size: int | None = Field(default=None, ge=1)
@@ -108,6 +123,7 @@ class Runtime:
         batch = min(settings.max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
                                       self.limits.max_output_len)
+        self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
         warmup = None
         if settings.warmup:
             prompt = self.config.num_visual_features + 32
@@ -146,8 +162,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.draining = True
         await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="vlmforge runner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vlmforge runner", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    if api_key:
+        def refused(path: str) -> None:
+            if path == "/v1/chat/completions":
+                metrics.requests.labels(status="401").inc()
+
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_refused=refused)
 
     def refuse(exc: ApiError) -> JSONResponse:
         metrics.requests.labels(status=str(exc.status)).inc()
@@ -187,7 +210,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         arrived = time.perf_counter()
         try:
-            chat = parse_request(await _json_body(request, limits.max_request_bytes))
+            body = await _read_body(request, limits.max_request_bytes, settings.body_timeout_s)
+            chat = parse_request(decode_json(body, limits))
             if chat.model != runtime.model:
                 raise ApiError(404, f"model {chat.model!r} is not served here (this runner serves {runtime.model!r})",
                                param="model", code="model_not_found")
@@ -197,15 +221,17 @@ def create_app(runtime: Runtime) -> FastAPI:
             limit = max_new_tokens(chat, max_output_len=runtime.limits.max_output_len,
                                    default=runtime.default_max_tokens)
             stops = stop_strings(chat, limits)
-            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
-            try:
-                prompt_tokens = runtime.engine.prompt_length(parsed.text)
+            check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
+                               limits.max_prompt_chars_per_token)
+            try:  # off the event loop: /health and other requests go on meanwhile
+                prompt_tokens = await run_in_threadpool(runtime.engine.prompt_length, parsed.text)
             except ValueError as exc:
                 raise ApiError(400, f"messages: {exc}", param="messages") from None
             if runtime.takes_prompt and prompt_tokens > runtime.limits.max_input_len:
                 raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and image), over this engine's "
                                     f"max_input_len of {runtime.limits.max_input_len}", param="messages",
                                code="context_length_exceeded")
+            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
             gen = GenRequest(image, parsed.text, limit, prompt_tokens,
@@ -229,19 +255,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-async def _json_body(request: Any, limit: int) -> Any:
+async def _read_body(request: Any, limit: int, timeout_s: float) -> bytearray:
+    """The request body, up to ``limit`` bytes (413 beyond) and within ``timeout_s`` (408 beyond)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request is {declared} bytes, over the limit of {limit}")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request is over the limit of {limit} bytes")
     try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise ApiError(413, f"the request is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g}s") from None
+    return body
 
 
 def _finish_reason(text: TextStream, reason: str) -> str:
@@ -403,6 +431,7 @@ def serve(settings: ServeSettings) -> int:
     from vlmforge.runner.loader import LoadOptions, load_engine
 
     info = RankInfo.from_env()
+    check_exposure(settings.host, settings.api_key.get_secret_value() if settings.api_key is not None else None)
     config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
     if info.leader:
         check_port_free(settings.host, settings.port)
@@ -441,6 +470,7 @@ def _run_http(runtime: Runtime, config: EngineConfig) -> None:
     app = create_app(runtime)
     server = _uvicorn_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                                            http=header_timeout_protocol(settings.header_timeout_s),
                                             lifespan="on"), runtime)
     if settings.pid_file:
         settings.pid_file.parent.mkdir(parents=True, exist_ok=True)
