@@ -59,8 +59,8 @@ def check_exposure(host: str, api_key: str | None) -> None:
         return
     raise DeployError(
         f"the runner would listen on {host or 'all interfaces'!r}, which is not a loopback address, without an API "
-        f"key: anyone who reaches it could use it. Set a key (--api-key KEY, or the environment variable {API_KEY_ENV}; "
-        "clients send 'Authorization: Bearer KEY'), or listen on 127.0.0.1 (--host 127.0.0.1)"
+        "key: anyone who reaches it could use it. Set a key (--api-key KEY, or the environment variable "
+        f"{API_KEY_ENV}; clients send 'Authorization: Bearer KEY'), or listen on 127.0.0.1 (--host 127.0.0.1)"
     )
 
 

@@ -52,7 +52,8 @@ def _load_trtllm(engine_dir: Path, config: EngineConfig, options: LoadOptions) -
         return TrtllmEngine(engine_dir, hf_model_dir=options.hf_model_dir)
     except ToolchainUnavailable as exc:
         raise ToolchainUnavailable(f"{engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a GPU (the "
-                                   f"runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). {exc}") from None
+                                   "runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
+                                   f"{exc}") from None
 
 
 LOADERS: dict[str, Callable[[Path, EngineConfig, LoadOptions], ServingEngine]] = {

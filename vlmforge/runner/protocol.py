@@ -15,6 +15,13 @@ runner probes an engine for optional attributes: what is optional here has a def
 (``warmup`` does nothing where nothing is compiled).
 
 :func:`vlmforge.runner.loader.load_engine` gives the engine an engine directory needs.
+
+Where the next serving features meet this protocol: several images per request change what
+``encode_images`` returns per request and what ``llm_prefix`` takes (a list of feature tensors, of any
+number of rows each); sampling adds per-request parameters to ``new_batch``; in-flight batching makes
+``new_batch``'s state take rows while it runs (and the scheduler's loop feed them). The scheduler and the
+followers reach incremental engines only through :mod:`vlmforge.runner.jobs`, so the first two change the jobs
+and the engines, not the loops.
 """
 
 from __future__ import annotations

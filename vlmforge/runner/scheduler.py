@@ -278,7 +278,8 @@ class Scheduler:
         """An incremental engine's batch: encoded, sent to the other ranks, decoded one step per token for all."""
         engine: IncrementalEngine = self.engine  # type: ignore[assignment]  # chosen by kind in __init__
         try:
-            job = encode_job(engine, [r.image for r in live], [r.prompt for r in live], [r.max_new_tokens for r in live])
+            job = encode_job(engine, [r.image for r in live], [r.prompt for r in live],
+                             [r.max_new_tokens for r in live])
         except Exception as exc:
             log.exception("visual engine failed on a batch of %d", len(live))
             self._fail(live, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
