@@ -1,4 +1,5 @@
-"""Prefect tasks for one engine build: each wraps one stage of :class:`vlmforge.build.pipeline.HfPipeline`."""
+"""Prefect tasks for one engine build: each wraps one stage of :class:`vlmforge.build.pipeline.HfPipeline` or
+:class:`vlmforge.build.trtllm_pipeline.TrtllmPipeline`; both toolchains publish through the same task."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from prefect.cache_policies import NONE
 
 from vlmforge_tasks.common import retry_transient
 from vlmforge.build.pipeline import HfPipeline
+from vlmforge.build.trtllm_pipeline import PlanRun, TrtllmPipeline
 from vlmforge.build.workdir import StageOutcome
 
 # Stage results are cached by vlmforge's own fingerprinted work dir (it survives SIGKILL and needs no
@@ -58,6 +60,37 @@ def validate(pipeline: HfPipeline, engine: StageOutcome, fetched: StageOutcome) 
     """Run the engine through the deployment runner against the float32 reference; fails below threshold."""
     return _log(pipeline.validate(engine, fetched))
 
+
+# --- trtllm ------------------------------------------------------------------------------------
+
+@task(name="resolve-revision", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient, **STAGE)
+def trtllm_revision(pipeline: TrtllmPipeline) -> str:
+    """The exact source revision the plan's fetch step downloads."""
+    return pipeline.source_revision()
+
+
+@task(name="run-trtllm-plan", **STAGE)
+def run_trtllm_plan(pipeline: TrtllmPipeline, revision: str) -> PlanRun:
+    """The plan's steps, holding the build's GPUs in the `gpu` global concurrency limit (infra/setup-pools.sh)."""
+    from prefect.concurrency.sync import concurrency
+
+    logger = get_run_logger()
+    with concurrency("gpu", occupy=pipeline.plan.derived.world_size, strict=False):
+        return pipeline.run_plan(revision, on_line=logger.info)
+
+
+@task(name="assemble-engine", **STAGE)
+def assemble_trtllm(pipeline: TrtllmPipeline, run: PlanRun) -> StageOutcome:
+    return _log(pipeline.assemble(run))
+
+
+@task(name="validate", **STAGE)
+def validate_trtllm(pipeline: TrtllmPipeline, engine: StageOutcome) -> StageOutcome:
+    """Run the TensorRT engine through the runner against the float32 reference; fails below threshold."""
+    return _log(pipeline.validate(engine))
+
+
+# --- both ---------------------------------------------------------------------------------------
 
 @task(name="publish", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient, **STAGE)
 def publish(store_url: str | None, engine: StageOutcome, manifest: Any, aliases: tuple[str, ...] = ("latest",)) -> Any:

@@ -7,9 +7,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
-
 from vlmforge_tasks.common import retry_transient
-from vlmforge.deploy.service import BuildSource, Deployment, DeployPlan, fetch_engine, plan_deploy, start_runner
+
+from vlmforge.deploy.records import Deployment
+from vlmforge.deploy.service import DeployPlan, fetch_engine, plan_deploy, start_runner
+from vlmforge.deploy.sources import BuildSource
 
 STEP = {"cache_policy": NONE, "persist_result": False}
 
@@ -33,7 +35,7 @@ def pull(plan: DeployPlan, source: BuildSource, cache_dir: Path | None = None) -
 @task(name="start-runner", **STEP)
 def start(plan: DeployPlan, engine_dir: Path, source: BuildSource, **kwargs: Any) -> Deployment:
     """Start `mpirun -n TP ... vlmforge serve`, or its container (draining the deployment it replaces), and wait
-    until healthy."""
+    until healthy. The API key (``api_key``, a SecretStr) is not a recorded input: no result or cache is kept."""
     deployment = start_runner(plan, engine_dir, source=source.describe(), **kwargs)
     get_run_logger().info("serving %s at %s (TP %d)", deployment.ref, deployment.endpoint, deployment.tp)
     return deployment

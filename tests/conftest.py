@@ -158,6 +158,22 @@ def tiny_engine_tp2(build_workdir: Path, tiny_engine: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vila_engine(build_workdir: Path) -> Path:
+    """The tiny-vila engine (VILA1.5 layout, float16 LLM, ONNX visual engine), built and validated by HfPipeline."""
+    from tests.helpers.runners import build_tiny
+
+    return build_tiny("tiny-vila", build_workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vila_engine_tp2(build_workdir: Path, tiny_vila_engine: Path) -> Path:
+    """tiny-vila built for TP 2 (reuses the TP 1 build's fetch, convert and visual stages)."""
+    from tests.helpers.runners import build_tiny
+
+    return build_tiny("tiny-vila", build_workdir, parallel={"tp": 2})
+
+
+@pytest.fixture(scope="session")
 def runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     """One TP=1 runner for the HTTP tests of the session (batches up to 8)."""
     from tests.helpers.runners import start_runner, stop_runner

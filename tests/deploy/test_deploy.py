@@ -6,49 +6,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
+from tests.helpers.deploy import BUILDS, CPU, H100x2, RecordingSource, build, cli
 from tests.helpers.net import ROOT, free_port
 from tests.helpers.runners import chat_body, image_url, runner_env
-from vlmforge.deploy.service import (
-    BuildInfo,
-    Machine,
-    check_build,
-    deploy,
-    launch_argv,
-    plan_deploy,
-    select_build,
-)
+from vlmforge.deploy.auth import fingerprint
+from vlmforge.deploy.launchers.process import launch_argv
+from vlmforge.deploy.machine import check_build, select_build
+from vlmforge.deploy.service import deploy, plan_deploy
 from vlmforge.errors import DeployError
 
-T0 = datetime(2026, 11, 1, tzinfo=UTC)
-TRT = {"tensorrt": "10.13.3", "tensorrt_llm": "1.2.1"}
-
-H100x2 = Machine(toolchains={"hf": "5.24.0", "trtllm": "1.2.1"}, tensorrt="10.13.3", gpu_name="NVIDIA H100 80GB HBM3",
-                 compute_capability="9.0", gpu_count=2, cpu_count=32, mpirun=True)
-CPU = Machine(toolchains={"hf": "5.24.0"}, cpu_count=2, mpirun=True)
-
-
-def build(build_id: str, age_days: int, toolchain: str = "trtllm", world_size: int = 1, cc: str | None = "9.0",
-          versions: dict[str, str] | None = None) -> BuildInfo:
-    return BuildInfo(model="llava-1.5-7b-hf", build_id=build_id, created_at=T0 - timedelta(days=age_days),
-                     toolchain=toolchain, world_size=world_size, compute_capability=cc if toolchain == "trtllm" else None,
-                     gpu_name={"9.0": "NVIDIA H100", "8.0": "NVIDIA A100"}.get(cc or ""), gpu_count=world_size,
-                     versions=(TRT if versions is None else versions) if toolchain == "trtllm" else {})
-
-
-BUILDS = [
-    build("a100-newest", 0, cc="8.0"),
-    build("h100-tp4", 1, world_size=4),
-    build("h100-old-trtllm", 2, versions={"tensorrt": "10.13.3", "tensorrt_llm": "1.1.0"}),
-    build("h100-tp2", 3, world_size=2),
-    build("h100-tp1", 4),
-    build("hf-tp1", 5, toolchain="hf"),
-]
+KEY = "cli-test-key-" + "z" * 24
 
 
 def test_the_newest_build_that_fits_is_chosen_and_the_others_explained() -> None:
@@ -98,26 +71,6 @@ def test_check_build_versions_architecture_ranks_and_mpirun() -> None:
     assert check_build(build("hf2", 0, toolchain="hf", world_size=2), CPU) == []
 
 
-class RecordingSource:
-    """Builds as a store would describe them; records whether anything was pulled."""
-
-    def __init__(self, builds: list[BuildInfo]) -> None:
-        self.builds = builds
-        self.pulled: list[str] = []
-
-    def describe(self) -> str:
-        return "test builds"
-
-    def candidates(self, ref: str) -> list[BuildInfo]:
-        if "#" in ref:
-            return [b for b in self.builds if b.ref == ref]
-        return list(self.builds)
-
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
-        self.pulled.append(build.ref)
-        raise AssertionError("nothing may be pulled")
-
-
 @pytest.mark.parametrize(("ref", "tp", "words"), [
     ("llava-1.5-7b-hf#a100-newest", None, "compute capability 8.0"),
     ("llava-1.5-7b-hf#h100-tp2", 1, r"world size 2\), not TP 1"),
@@ -148,18 +101,22 @@ def test_launch_argv_mpirun_for_tp_and_hostfiles(tmp_path: Path) -> None:
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# the runners\n\ngpu-node-1 slots=8\ngpu-node-2 slots=8\n")
     argv = launch_argv(engine, tp=16, host="0.0.0.0", port=9000, model_name="m", pid_file=pid, hostfile=hostfile,
-                       gpus=True, master_port=29555, env={"PATH": "/bin", "NCCL_DEBUG": "INFO", "SECRET": "x"})
+                       gpus=True, master_port=29555,
+                       env={"PATH": "/bin", "NCCL_DEBUG": "INFO", "SECRET": "x", "AWS_SECRET_ACCESS_KEY": "s",
+                            "AWS_ACCESS_KEY_ID": "a", "AWS_ENDPOINT_URL": "http://s3", "HF_TOKEN": "t", "HF_HOME": "/hf",
+                            "VLMFORGE_API_KEY": "k", "VLMFORGE_STORE": "s3://b", "NCCL_SOCKET_TOKEN": "t"})
     assert argv[:5] == ["mpirun", "-n", "16", "--bind-to", "none"]
     assert "--oversubscribe" not in argv and argv[argv.index("--hostfile") + 1] == str(hostfile)
     exported = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
-    assert exported == ["MASTER_ADDR=gpu-node-1", "MASTER_PORT=29555", "NCCL_DEBUG", "PATH"]
+    assert exported == ["MASTER_ADDR=gpu-node-1", "MASTER_PORT=29555", "HF_HOME", "NCCL_DEBUG", "PATH"]
+    keyed = launch_argv(engine, tp=16, host="0.0.0.0", port=9000, model_name="m", pid_file=pid, hostfile=hostfile,
+                        gpus=True, master_port=29555, env={"PATH": "/bin"}, rank0_only=("VLMFORGE_API_KEY",))
+    rank0, rest = keyed[:keyed.index(":")], keyed[keyed.index(":"):]
+    exports = ["-x", "MASTER_ADDR=gpu-node-1", "-x", "MASTER_PORT=29555", "-x", "PATH"]
+    serve = argv[argv.index(sys.executable):]
+    assert rank0[rank0.index("-n"):] == ["-n", "1", *exports, "-x", "VLMFORGE_API_KEY", *serve]  # it may be remote
+    assert rest == [":", "-n", "15", *exports, "env", "-u", "VLMFORGE_API_KEY", *serve]
     assert argv[argv.index("serve") + 1:argv.index("serve") + 2] == [str(engine)]
-
-
-def cli(*args: str, state: Path, timeout: float = 120, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = runner_env(**({"VLMFORGE_CACHE": str(cache)} if cache else {}))
-    return subprocess.run([sys.executable, "-m", "vlmforge", *args, "--state-dir", str(state)], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
 def test_the_cli_refuses_a_tp_the_engine_was_not_built_for(tiny_engine: Path, tmp_path: Path) -> None:
@@ -205,23 +162,36 @@ def test_the_cli_refuses_a_tensorrt_engine_for_another_gpu(tiny_engine: Path, tm
 
 
 def test_deploy_list_request_undeploy_through_the_cli(tiny_engine: Path, tmp_path: Path) -> None:
+    """With an API key in the deployer's environment (and an AWS secret, which no rank may get): the key reaches
+    rank 0 through its environment only; the record, the output and every command line hold its fingerprint at
+    most; clients send it as OpenAI clients do."""
     port = free_port()
     done = cli("deploy", "--engine-dir", str(tiny_engine), "--port", str(port), "--decode", "static", "--json",
-               state=tmp_path)
+               state=tmp_path, env={"VLMFORGE_API_KEY": KEY, "AWS_SECRET_ACCESS_KEY": "the-deployer's-aws-secret"})
     assert done.returncode == 0, done.stderr
     started = json.loads(done.stdout)
-    assert started["endpoint"] == f"http://127.0.0.1:{port}" and started["tp"] == 1
-    assert started["ref"] == "tiny-llava#local" and started["status"] == "serving"
-    health = httpx.get(f"{started['endpoint']}/health").json()
-    assert health["decode"] == "static" and health["status"] == "ok"
-    assert "warmed up batch 4 (bucket 4 x" in Path(started["log"]).read_text()
-    try:
-        listed = json.loads(cli("deployments", "--json", state=tmp_path).stdout)
+    try:  # every check inside: a failed one must not leave the runner behind
+        assert started["endpoint"] == f"http://127.0.0.1:{port}" and started["tp"] == 1
+        assert started["ref"] == "tiny-llava#local" and started["status"] == "serving"
+        assert started["auth"] == "bearer" and started["key_fingerprint"] == fingerprint(SecretStr(KEY))
+        record = (tmp_path / f"tiny-llava-{port}.json").read_text()
+        assert KEY not in record and KEY not in done.stdout + done.stderr
+        rank0 = started["rank0_pid"]
+        environ = Path(f"/proc/{rank0}/environ").read_bytes().split(b"\0")
+        assert f"VLMFORGE_API_KEY={KEY}".encode() in environ and not [e for e in environ if e.startswith(b"AWS_")]
+        assert KEY not in Path(f"/proc/{rank0}/cmdline").read_text()
+        headers = {"Authorization": f"Bearer {KEY}"}
+        health = httpx.get(f"{started['endpoint']}/health", headers=headers, timeout=30).json()
+        assert health["decode"] == "static" and health["status"] == "ok"
+        assert "warmed up batch 4 (bucket 4 x" in Path(started["log"]).read_text()
+        listing = cli("deployments", "--json", state=tmp_path)
+        listed = json.loads(listing.stdout)
         assert [(d["name"], d["status"]) for d in listed] == [(f"tiny-llava-{port}", "serving")]
+        assert KEY not in listing.stdout
         again = cli("deploy", "--engine-dir", str(tiny_engine), "--port", str(port), state=tmp_path)
         assert again.returncode == 2 and "is running" in again.stderr
-        answer = httpx.post(f"{started['endpoint']}/v1/chat/completions", json=chat_body("hi", image_url(0),
-                                                                                          max_tokens=4), timeout=60)
+        answer = httpx.post(f"{started['endpoint']}/v1/chat/completions", headers=headers, timeout=60,
+                            json=chat_body("hi", image_url(0), max_tokens=4))
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
     finally:
         stopped = cli("undeploy", f"tiny-llava-{port}", "--json", state=tmp_path)

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 
 from vlmforge.errors import SourceError, ValidationFailed
+from tests.helpers.tiny import HF_FAMILIES
 from vlmforge.families import get_family
+from vlmforge.specs.catalog import catalog_specs
 from vlmforge.store import open_store
 
 pytestmark = pytest.mark.slow
-TINY = ["tiny-llava", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-nougat"]
+TINY = [spec.name for spec in catalog_specs() if spec.source in {get_family(n).tiny_source for n in HF_FAMILIES}]
+"""The catalog entry of every hf family's (first) tiny model, from the registry: a new family is built here too."""
 
 
 @pytest.fixture
@@ -68,12 +71,58 @@ def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(prefect_server: str, hf_offl
     assert f"models/tiny-llava/builds/{first['build_id']}.json" in str(by_key["build-tiny-llava-manifest"].data)
 
 
+@pytest.mark.parametrize("toolchain", ["hf", "trtllm"])
+def test_aliases_reach_the_store_on_both_toolchains(prefect_server: str, hf_offline: None, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, toolchain: str) -> None:
+    """`vlmforge build --toolchain trtllm --alias prod` once published only `latest` (the trtllm branch did its own
+    publishing, without the flow's aliases or the retrying task). Both toolchains go through the same flow code:
+    hf builds for real; trtllm swaps only the TensorRT-LLM runtime for the labelled test double of
+    tests/helpers/trtllm.py (TensorRT-LLM cannot run here). The Prefect server, the flow, its tasks (the retrying
+    publish task included) and the store are real."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from vlmforge.build import trtllm_pipeline
+    from vlmforge_flows.build import build_engine
+
+    if toolchain == "trtllm":
+        from tests.helpers.trtllm import TrtllmStandIn
+
+        monkeypatch.setattr(trtllm_pipeline, "default_runtime", TrtllmStandIn)  # TEST DOUBLE: TensorRT-LLM only
+        monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # its fetch step
+    store_dir = tmp_path / "store"
+    state = build_engine(model="tiny-llava", toolchain=toolchain, workdir=str(tmp_path / "work"), store=str(store_dir),
+                         aliases=["prod", "canary"], return_state=True)
+    summary = state.result()
+    build_id = summary["build_id"]
+    assert summary["toolchain"] == toolchain and summary["aliases"] == {"prod": build_id, "canary": build_id}
+    with open_store(str(store_dir)) as store:
+        assert store.resolve("tiny-llava@prod").build_id == build_id
+        assert store.resolve("tiny-llava@canary").build_id == build_id
+        assert store.get_alias("tiny-llava", "latest") is None  # only the aliases asked for move
+        manifest = store.resolve("tiny-llava@prod")
+    assert manifest.toolchain == toolchain and manifest.validation["passed"] is True
+    assert {"engine.json", "processor/tokenizer.json"} <= {f.path for f in manifest.files}
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    names = {run.name.rsplit("-", 1)[0] for run in task_runs}
+    assert "publish" in names and {"assemble-engine", "validate"} <= names
+    if toolchain == "trtllm":
+        assert "run-trtllm-plan" in names
+        assert manifest.validation["max_logit_error"] is None and "not measured" in manifest.validation["logit_check"]
+        assert any(f.path.startswith("llm/TEST-DOUBLE") for f in manifest.files)
+
+
 def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
     summary = build("tiny-llava", **{"quantization.method": "int8_wo"})
     quantize = next((tmp_path / "work" / "tiny-llava").glob("quantize-*"))
     result = json.loads((quantize / "_stage.json").read_text())["result"]
-    assert result["bytes_after"] < result["bytes_before"]
+    assert result["bytes_after"] < result["bytes_before"] and result["format"] == "lowbit"
     assert summary["validation"]["token_agreement"] >= 0.8
+    with open_store(str(tmp_path / "store")) as store:  # the quantize stage's figures travel with the build
+        manifest = store.resolve(f"tiny-llava#{summary['build_id']}")
+    assert manifest.extra["quantization"]["quantized_vs_reference"] == result["quantized_vs_reference"]
 
 
 def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Path) -> None:

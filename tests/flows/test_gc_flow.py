@@ -39,3 +39,23 @@ def test_gc_flow_reports_then_deletes(prefect_server: str, tmp_path: Path) -> No
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) == {"gc-store", "gc-store-builds"}
     assert "Would delete (dry run): 2 builds" in by_key["gc-store"].data
+
+
+def test_gc_flow_refuses_to_apply_while_a_manifest_is_unreadable(prefect_server: str, tmp_path: Path) -> None:
+    from vlmforge_flows.gc import gc_markdown, gc_store
+
+    from vlmforge.store import GcReport, open_store
+    from vlmforge.store.base import build_key
+
+    url = str(tmp_path / "store")
+    with open_store(url) as store:
+        ids = [store.publish(make_engine(tmp_path / f"e{i}", standard_files(f"u{i}")),
+                             new_manifest("qwen2-vl-2b", minutes=i, seed=f"u{i}")).manifest.build_id for i in range(2)]
+    key = build_key("qwen2-vl-2b", ids[0])
+    (tmp_path / "store" / key).write_text('{"schema_version": 2}')
+    report = GcReport.model_validate(gc_store(keep=1, store=url, grace_minutes=0))
+    assert report.refused_manifests == [key] and report.refusal
+    assert "apply refuses while records are unreadable" in gc_markdown(report, url)
+    state = gc_store(keep=1, apply=True, store=url, grace_minutes=0, return_state=True)
+    assert state.is_failed() and "gc refused" in str(state.result(raise_on_failure=False))
+    assert (tmp_path / "store" / key).exists()

@@ -243,7 +243,7 @@ def test_a_new_quantization_reuses_the_download_and_the_visual_engine(world: Wor
     visual = pipeline.build_visual(fetched)
     assert fetched.skipped and converted.skipped and visual.skipped
     assert quantized is not None and not quantized.skipped and not llm.skipped
-    assert llm.result["format"] == "quanto"
+    assert llm.result["format"] == "lowbit"
 
 
 def test_a_revision_that_fails_validation_leaves_latest_and_is_announced_once(world: World) -> None:

@@ -16,8 +16,21 @@ from vlmforge.toolchains.trtllm.plan import build_plan
 BLOCKS = parse_blocks()
 
 
+END_OF_OPTIONS = (["git", "clone"], ["sed", "-i"])
+"""The second deliberate deviation from the seed: vlmforge ends these commands' options with `--`, so a URL or path
+can never read as an option (issue 11: `git clone --upload-pack=...` from a spec's code_source)."""
+
+
+def with_end_of_options(cmd: list[str]) -> list[str]:
+    """A seed command as vlmforge writes it: `git clone -- URL DIR`, `sed -i -- SCRIPT FILE`; others unchanged."""
+    for head in END_OF_OPTIONS:
+        if cmd[: len(head)] == head:
+            return head + ["--"] + cmd[len(head):]
+    return cmd
+
+
 def seed_commands(*indexes: int) -> list[list[str]]:
-    return [cmd for index in indexes for cmd in BLOCKS[index].commands]
+    return [with_end_of_options(cmd) for index in indexes for cmd in BLOCKS[index].commands]
 
 
 def plan_for(model: str, overrides: dict[str, Any] | None = None) -> Plan:
@@ -119,3 +132,9 @@ def test_comparison_sees_a_changed_value_and_a_missing_flag() -> None:
     assert normalize(changed) != normalize(build)
     assert normalize(build[:-2]) != normalize(build)
     assert normalize(build[:2] + ["/elsewhere"] + build[3:]) == normalize(build)  # paths aside
+
+
+def test_only_clone_and_sed_gain_an_end_of_options_marker() -> None:
+    changed = [cmd for block in BLOCKS for cmd in block.commands if with_end_of_options(cmd) != cmd]
+    assert changed and {tuple(cmd[:2]) for cmd in changed} == {("git", "clone"), ("sed", "-i")}
+    assert all("--" not in cmd for block in BLOCKS for cmd in block.commands)  # the seed itself has none

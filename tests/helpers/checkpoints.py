@@ -22,9 +22,10 @@ from vlmforge.store import open_store
 
 
 def rewrite_llm_tensors(model_dir: Path, family: ModelFamily, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> int:
-    """Apply ``edit`` to every tensor outside the family's visual prefixes; the number of tensors edited."""
+    """Apply ``edit`` to every tensor outside the family's visual prefixes, in every safetensors file of the checkpoint
+    (sub-folders too: VILA1.5 keeps its LLM in llm/); the number of tensors edited."""
     edited = 0
-    for path in sorted(model_dir.glob("*.safetensors")):
+    for path in sorted(model_dir.rglob("*.safetensors")):
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata()
         tensors = load_file(str(path))

@@ -1,5 +1,5 @@
 """Runner processes for tests: `vlmforge serve` started, deployed and stopped for real; chat bodies and images
-as data URLs; the tiny-llava engine built by the real hf pipeline."""
+as data URLs; the tiny engines built by the real hf pipeline."""
 
 from __future__ import annotations
 
@@ -41,14 +41,19 @@ def chat_body(text: str | None, url: str, model: str = "tiny-llava", **fields: o
     return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
 
 
-def build_tiny_llava(workdir: Path, **overrides: object) -> Path:
+def build_tiny(model: str, workdir: Path, **overrides: object) -> Path:
+    """A tiny catalog model's engine directory, built and validated by the real hf pipeline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vlmforge.build.pipeline import HfPipeline
     from vlmforge.build.workdir import Workdir
     from vlmforge.specs.catalog import load_model_or_spec
 
-    _, engine, _ = HfPipeline(load_model_or_spec("tiny-llava", dict(overrides)), Workdir(workdir)).run()
+    _, engine, _ = HfPipeline(load_model_or_spec(model, dict(overrides)), Workdir(workdir)).run()
     return Path(engine.path)
+
+
+def build_tiny_llava(workdir: Path, **overrides: object) -> Path:
+    return build_tiny("tiny-llava", workdir, **overrides)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def normalize(argv: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str | 
     """(program words, sorted flags) with path values dropped: 'exact, paths aside'."""
     program: list[str] = []
     index = 0
-    while index < len(argv) and not argv[index].startswith("--"):
+    while index < len(argv) and (argv[index] == "--" or not argv[index].startswith("--")):  # `--`: end of options
         program.append(argv[index])
         index += 1
     if program[:1] == ["mpirun"]:
@@ -95,9 +95,9 @@ def normalize(argv: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str | 
         inner_program, inner_flags = normalize(tail)
         return tuple(program) + inner_program, inner_flags
     if program[:2] == ["git", "clone"]:
-        program = program[:3]  # the URL, not the destination
+        program = program[:-1]  # the URL, not the destination
     if program[:1] == ["sed"]:
-        program = program[:3] + [Path(program[3]).name] if len(program) > 3 else program
+        program = program[:-1] + [Path(program[-1]).name] if len(program) > 3 else program
     flags: list[tuple[str, str | None]] = []
     while index < len(argv):
         flag = argv[index]

@@ -19,7 +19,23 @@ if TYPE_CHECKING:
 MAX_NEW_TOKENS = 16
 
 HF_FAMILIES = [name for name in family_names() if get_family(name).hf_supported]
-QUANTIZABLE = [name for name in HF_FAMILIES if get_family(name).quantizable]
+"""Every family the hf toolchain builds, from the registry: a new family is tested without editing a list."""
+_MAKERS = {source.removeprefix("tiny://"): name for name in HF_FAMILIES for source in get_family(name).tiny_sources()}
+TINY_MODELS = list(_MAKERS)
+"""Every tiny model of those families (``llava``, ..., ``vila``, ``vila1.0``): the per-family tests run on each."""
+QUANTIZABLE = [name for name in TINY_MODELS if get_family(_MAKERS[name]).quantizable]
+
+
+def family_of_tiny(name: str) -> ModelFamily:
+    """The family that makes ``tiny://name``."""
+    return get_family(_MAKERS[name])
+
+
+def tiny_spec(name: str) -> Any:
+    """The catalog entry built from ``tiny://name``."""
+    from vlmforge.specs.catalog import catalog_specs
+
+    return next(spec for spec in catalog_specs() if spec.source == f"tiny://{name}")
 
 
 def dir_digest(path: Path) -> str:
@@ -64,6 +80,7 @@ class TinyCache:
         self._made: dict[str, Tiny] = {}
 
     def __call__(self, name: str) -> Tiny:
+        """The tiny model ``tiny://name`` (``llava``, ``vila1.0``...)."""
         if name not in self._made:
             self._made[name] = self._make(name)
         return self._made[name]
@@ -73,10 +90,10 @@ class TinyCache:
 
         from vlmforge.modeling.images import synthetic_images
 
-        family = get_family(name)
+        family = family_of_tiny(name)
         work = self.root / name
         model_dir = work / "model"
-        family.make_tiny(model_dir, seed=0)
+        family.make_tiny_source(f"tiny://{name}", model_dir, seed=0)
         model = family.load_model(model_dir, torch.float32)
         processor = family.load_processor(model_dir)
         prompt = family.format_prompt(family.golden_prompt)

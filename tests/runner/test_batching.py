@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.tiny import TINY_MODELS, family_of_tiny
 from vlmforge.families import get_family
 from vlmforge.modeling.images import synthetic_images
 from vlmforge.runner import batching
 from vlmforge.runner.batching import GreedyBatch, greedy_batch
 
-FAMILIES = ["llava", "blip2-opt", "blip2-t5", "nougat"]
+FAMILIES = TINY_MODELS
+"""Every tiny model of every hf family, from the registry."""
 PROMPTS = ["Question: which city is this? Answer:", "What?",
            "Describe the picture of two dogs playing in the snow near a tree, please.", None, "A photo of"]
 LIMITS = [16, 5, 16, 9, 12]
@@ -43,12 +45,12 @@ _made: dict[str, Tiny] = {}
 
 @pytest.fixture
 def tiny_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    """A family's tiny float32 model: its LLM alone, and five images' features from its visual module."""
+    """A tiny float32 model (``tiny://NAME``): its LLM alone, and five images' features from its visual module."""
     name = request.param
     if name not in _made:
-        family = get_family(name)
+        family = family_of_tiny(name)
         model_dir = tmp_path_factory.mktemp(name) / "model"
-        family.make_tiny(model_dir, seed=0)
+        family.make_tiny_source(f"tiny://{name}", model_dir, seed=0)
         model = family.load_model(model_dir, torch.float32)
         processor = family.load_processor(model_dir)
         images = synthetic_images() + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
@@ -147,12 +149,13 @@ def test_step_sync_sees_every_fed_token_and_the_end(tiny_family: Tiny) -> None:
     assert batching.follow_batch(t.llm, t.prefixes(), Replay(recorder.steps)) == batch.steps
 
 
-def test_the_engine_batches_what_it_generates_alone(tiny_engine: Path) -> None:
+@pytest.mark.parametrize("engine_fixture", ["tiny_engine", "tiny_vila_engine"])
+def test_the_engine_batches_what_it_generates_alone(engine_fixture: str, request: pytest.FixtureRequest) -> None:
     """The float16 engine (ONNX visual engine + LLM), five requests in one call (the visual engine takes
-    four at a time), against one call per request."""
+    four at a time), against one call per request: tiny-llava and tiny-vila."""
     from vlmforge.runner.engine import HfEngine
 
-    engine = HfEngine(tiny_engine)
+    engine = HfEngine(request.getfixturevalue(engine_fixture))
     images = synthetic_images(64) + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
     assert engine.config.visual.max_batch_size < len(images)
     alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, PROMPTS, LIMITS)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmforge.deploy.service import free_port
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "runner_gpu.py"

@@ -208,3 +208,35 @@ def test_metrics_count_requests_latency_and_tokens(runner: Runner) -> None:
     text = httpx.get(f"{runner.url}/metrics").text
     assert re.search(r'^vlmforge_runner_info\{engine="[^"]+",model="tiny-llava",tp="1"\} 1\.0$', text, re.MULTILINE)
     assert re.search(r"^vlmforge_queue_depth 0\.0$", text, re.MULTILINE)
+
+
+def test_the_http_port_is_held_from_before_the_engine_loads(tiny_engine, monkeypatch):
+    """Regression: the port was only probed before the engine loaded and the ranks joined, then released, so gloo's
+    ephemeral sockets could take it in between (a TP 2 runner died with 'address already in use'). Anything that
+    binds the port while the engine loads must now find it taken."""
+    import errno
+    import socket
+
+    from tests.helpers.net import free_port
+    from vlmforge.runner import server as server_module
+
+    port = free_port()
+    seen: list[int] = []
+
+    def loading(settings, info, channel):
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", port))
+            except OSError as exc:
+                seen.append(exc.errno)
+            else:
+                seen.append(0)
+        raise KeyboardInterrupt  # stop before serving
+
+    monkeypatch.setattr(server_module, "load_serving_engine", loading)
+    with pytest.raises(KeyboardInterrupt):
+        server_module.serve(server_module.ServeSettings(engine_dir=tiny_engine, port=port, device="cpu"))
+    assert seen == [errno.EADDRINUSE]
+    with socket.socket() as again:  # and released when the runner ends
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))

@@ -69,6 +69,31 @@ def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2:
     assert [answer(o) for o in others] == [want[1]] * 2
 
 
+def test_vila_served_at_tp2_answers_what_tp1_answers(tiny_vila_engine: Path, tiny_vila_engine_tp2: Path,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """tiny-vila (VILA1.5 layout, vlmforge's own projector) served at TP 1 and at TP 2 under mpirun: the same greedy
+    answers, one at a time and as concurrent requests batched in lockstep."""
+    from tests.helpers.runners import start_runner
+
+    tp1 = start_runner(tiny_vila_engine, tmp_path_factory.mktemp("vila-tp1") / "serve.log",
+                       args=("--max-batch-size", "4", "--batch-wait-ms", "20"))
+    tp2 = None
+    try:
+        tp2 = deploy_runner(tiny_vila_engine_tp2, tmp_path_factory.mktemp("vila-tp2"),
+                            serve_args=("--max-batch-size", "4", "--batch-wait-ms", "50"))
+        assert httpx.get(f"{tp2.url}/health").json()["tensor_parallel"] == 2
+        want = [answer(ask(tp1, *case, model="tiny-vila")) for case in CASES]
+        assert [answer(ask(tp2, *case, model="tiny-vila")) for case in CASES] == want
+        assert len({text for text, _, _ in want}) > 1, "different images and prompts give different answers"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda case: answer(ask(tp2, *case, model="tiny-vila")), CASES * 2))
+        assert got == want * 2
+    finally:
+        stop_runner(tp1)
+        if tp2 is not None:
+            assert stop_runner(tp2, timeout=60) == 0, tp2.log_text()[-3000:]
+
+
 def test_sigterm_to_rank_0_drains_then_every_rank_exits(runner_tp2: Runner) -> None:
     """Last in this module: it stops the module's TP=2 runner. Requests in flight when rank 0 gets SIGTERM run
     to their end; later ones are refused (503, or no connection); then every rank exits 0."""

@@ -112,3 +112,17 @@ def test_an_unreachable_hub_is_a_source_error_of_that_model(monkeypatch: pytest.
     finally:
         monkeypatch.undo()
         importlib.reload(constants)
+
+
+def test_tiny_sources_include_every_tiny_model_of_a_family(tmp_path: Path) -> None:
+    """tiny://vila1.0 is VILA's second tiny model (the VILA 1.0 layout): resolved and fetched like the first."""
+    pytest.importorskip("torch")
+    source = open_source("tiny://vila1.0")
+    fetched = source.fetch(tmp_path / "v10")
+    assert fetched.revision == source.resolve_revision() and fetched.revision.startswith("tiny-sha256:")
+    files = {f.path for f in fetched.files}
+    assert {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"} <= files
+    assert not any("/" in path for path in files)  # one folder
+    assert open_source("tiny://vila").resolve_revision() != fetched.revision
+    with pytest.raises(SourceError, match=r"no family makes tiny://vila2\.0; tiny sources: .*tiny://vila, tiny://vila1\.0"):
+        open_source("tiny://vila2.0").resolve_revision()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import boto3
@@ -46,12 +47,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"s3://{request.getfixturevalue('bucket')}/engines"
 
 
-def make_store(url: str, settings: TransferSettings = SETTINGS, endpoint_url: str | None = None) -> ArtifactStore:
-    """Open ``url`` with the small test settings and short lock waits."""
+def make_store(url: str, settings: TransferSettings = SETTINGS, endpoint_url: str | None = None,
+               gc_grace: timedelta = timedelta(0), **kwargs: object) -> ArtifactStore:
+    """Open ``url`` with the small test settings, short lock waits and no gc grace period (tests that are about
+    the grace period pass one)."""
+    options = {"lock_wait": 0.5, "gc_grace": gc_grace, **kwargs}
     if url.startswith("s3://"):
         bucket, _, prefix = url[5:].partition("/")
-        return S3Store(bucket, prefix, settings=settings, endpoint_url=endpoint_url, lock_wait=0.5)
-    return LocalStore(Path(url), settings=settings, lock_wait=0.5)
+        return S3Store(bucket, prefix, settings=settings, endpoint_url=endpoint_url, **options)  # type: ignore[arg-type]
+    return LocalStore(Path(url), settings=settings, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture()
@@ -75,3 +79,45 @@ def faulty_store(bucket: str, proxy: FaultProxy) -> Iterator[ArtifactStore]:
     """An S3 store reached through the fault proxy."""
     with make_store(f"s3://{bucket}/engines", endpoint_url=proxy.url) as opened:
         yield opened
+
+
+def put_raw(url: str, key: str, data: bytes) -> None:
+    """Write an object at ``key`` under a store location behind the store's back (foreign data, damage)."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        boto3.client("s3").put_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key, Body=data)
+        return
+    path = Path(url) / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def raw_keys(url: str) -> set[str]:
+    """Every object key under a store location, read behind the store's back."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        return {obj["Key"][len(prefix) + 1 :] for page in pages for obj in page.get("Contents", [])}
+    root = Path(url)
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def leave_incomplete_upload(url: str, sha256: str) -> str:
+    """Leave what an upload killed midway leaves (S3: a multipart upload; local: a scratch file); its key."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        key = f"blobs/sha256/{sha256[:2]}/{sha256}"
+        boto3.client("s3").create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{key}")
+        return key
+    key = f".vlmforge-scratch/{sha256[:32]}.tmp"
+    put_raw(url, key, b"partial")
+    return key
+
+
+def incomplete_uploads(url: str) -> list[str]:
+    """Keys of upload leftovers still present (S3: multipart uploads; local: scratch files)."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
+        return sorted(u["Key"][len(prefix) + 1 :] for u in uploads)
+    return sorted(k for k in raw_keys(url) if k.startswith(".vlmforge-scratch/"))

@@ -51,11 +51,12 @@ def test_republish_is_idempotent_and_noop(store: ArtifactStore, tmp_path: Path) 
     assert rehash.created and rehash.uploaded_blobs == 0 and rehash.reused_blobs == 5
 
 
-def test_same_build_id_different_content_conflicts(store: ArtifactStore, tmp_path: Path) -> None:
+def test_same_build_id_different_fingerprint_conflicts(store: ArtifactStore, tmp_path: Path) -> None:
     first, _ = publish(store, tmp_path)
     other = make_engine(tmp_path / "other", {"x.engine": b"different"})
-    with pytest.raises(StoreConflict, match="already exists in .* with different content"):
-        store.publish(other, new_manifest())
+    clash = new_manifest(seed="other").model_copy(update={"build_id": first.manifest.build_id})
+    with pytest.raises(StoreConflict, match="already exists in .* with another fingerprint"):
+        store.publish(other, clash)
     assert store.resolve("qwen2-vl-2b") == first.manifest
 
 
@@ -247,10 +248,14 @@ def test_manifest_with_path_traversal_is_rejected(store: ArtifactStore, tmp_path
     with pytest.raises(IntegrityError, match="refused manifest"):
         store.pull(f"qwen2-vl-2b#{raw['build_id']}", work / "out")
     assert not (tmp_path / "evil").exists() and not work.exists()
-    # Listings skip the refused manifest; gc reports it and leaves it in place.
+    # Listings skip the refused manifest; gc reports it, and --apply refuses while it is there.
     assert [b.build_id for b in store.list_builds("qwen2-vl-2b")] == [result.manifest.build_id]
-    report = store.gc(1, apply=True)
+    assert store.gc(1).refused_manifests == [build_key("qwen2-vl-2b", raw["build_id"])]
+    with pytest.raises(StoreError, match="gc refused"):
+        store.gc(1, apply=True)
+    report = store.gc(1, apply=True, ignore_unreadable=True)
     assert report.refused_manifests == [build_key("qwen2-vl-2b", raw["build_id"])]
+    assert store._size(build_key("qwen2-vl-2b", raw["build_id"])) is not None  # left in place
 
 
 def test_pull_resumes_after_interruption(store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,8 +370,12 @@ def test_gc_and_writers_exclude_each_other(store: ArtifactStore, tmp_path: Path)
         store.gc(1, apply=True)
     assert store.gc(1).applied is False  # dry runs need no lock
     assert store._size(GC_LOCK) is None  # the refused gc released its lock
-    report = store.gc(1, apply=True, break_locks=True)
-    assert report.applied and store._size(f"{WRITER_LOCKS}live.json") is None
+    # --break-locks never breaks the lock of a live holder (it did: the publisher then wrote a manifest whose
+    # blobs gc had just deleted)
+    with pytest.raises(StoreConflict, match="holders are alive"):
+        store.gc(1, apply=True, break_locks=True)
+    assert store._size(f"{WRITER_LOCKS}live.json") is not None
+    store._delete(f"{WRITER_LOCKS}live.json")
 
     dead = {**lock, "pid": 2**22 + 12345}  # a publisher that was killed on this host
     store._put(f"{WRITER_LOCKS}dead.json", json.dumps(dead).encode())

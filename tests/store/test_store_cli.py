@@ -103,7 +103,7 @@ def test_pull_into_existing_dir_exit_2(published: tuple[str, list[str], Path], t
     result = run("pull", "qwen2-vl-2b", str(dest), "--store", url)
     assert result.exit_code == 2 and "already exists" in result.stderr
     result = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--force", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["build_id"] == ids[2]
+    assert result.exit_code == 0 and json.loads(result.stdout)["manifest"]["build_id"] == ids[2]
 
 
 def test_bad_store_urls_exit_2(tmp_path: Path) -> None:
@@ -136,3 +136,63 @@ def test_default_store_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     s3 = open_store()
     assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix, s3.url) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
     assert isinstance(open_store(f"file://{tmp_path}/x"), LocalStore)
+
+
+def test_pull_says_what_it_checked(published: tuple[str, list[str], Path], tmp_path: Path) -> None:
+    """`store pull` printed "8 files verified" for a reused copy it had not checked at all."""
+    url, _, engine = published
+    dest = tmp_path / "engine"
+    first = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--no-progress")
+    assert first.exit_code == 0 and "5 files downloaded into" in first.stdout and "sha256 checked" in first.stdout
+    again = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--no-progress")
+    assert "already holds it: 5 files present with the expected sizes (not re-hashed" in again.stdout
+    assert "verified" not in again.stdout
+    (dest / "config.json").unlink()
+    repaired = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--no-progress", "--json")
+    report = json.loads(repaired.stdout)
+    assert report["repaired"] == ["config.json is missing"] and report["check"] == "sha256"
+    assert read_tree(dest) == read_tree(engine)
+    verified = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--verify")
+    assert "5 files re-hashed, every sha256 matches" in verified.stdout
+
+
+def test_gc_cli_refuses_unreadable_records_and_lists_what_it_removes(published: tuple[str, list[str], Path]) -> None:
+    from tests.store.conftest import put_raw
+    from vlmforge.store.base import build_key
+
+    url, ids, _ = published
+    dry = run("gc", "--keep", "1", "--grace", "0", "--store", url)
+    assert dry.exit_code == 0 and dry.stdout.count("would delete blob ") == 4
+    assert "would delete 2 builds, 4 blobs" in dry.stdout
+    key = build_key("qwen2-vl-2b", ids[0])
+    put_raw(url, key, b'{"schema_version": 2}')
+    dry = run("gc", "--keep", "1", "--store", url)
+    assert dry.exit_code == 0 and f"warning: unreadable {key}: refused manifest" in dry.stdout
+    assert "--apply will refuse" in dry.stdout
+    applied = run("gc", "--keep", "1", "--apply", "--store", url)
+    assert applied.exit_code == 2 and applied.stderr.startswith("error: gc refused") and "--ignore-unreadable" in applied.stderr
+    forced = run("gc", "--keep", "1", "--apply", "--ignore-unreadable", "--store", url, "--json")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["ignored_unreadable"] is True
+    bad = run("gc", "--grace", "soon", "--store", url)
+    assert bad.exit_code == 2 and "--grace 'soon'" in bad.stderr
+
+
+def test_gc_and_pull_refuse_a_directory_that_is_not_a_store(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "tmp" / "work").mkdir(parents=True)
+    (home / "tmp" / "work" / "thesis.tex").write_text("years of work")
+    for args in (("gc", "--apply"), ("gc",), ("pull", "m", str(tmp_path / "x"))):
+        result = run(*args, "--store", str(home))
+        assert result.exit_code == 2 and "is not a vlmforge store" in result.stderr, result.output
+    assert (home / "tmp" / "work" / "thesis.tex").read_text() == "years of work"
+
+
+def test_init_creates_and_adopts(tmp_path: Path) -> None:
+    result = run("init", "--store", str(tmp_path / "new"), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["adopted"] is False
+    old = tmp_path / "old"
+    (old / "models" / "m" / "builds").mkdir(parents=True)
+    result = run("init", "--store", str(old))
+    assert result.exit_code == 2 and "--adopt" in result.stderr
+    result = run("init", "--store", str(old), "--adopt")
+    assert result.exit_code == 0 and "adopted" in result.stdout

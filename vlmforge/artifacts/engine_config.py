@@ -28,9 +28,12 @@ class LlmEngineInfo(BaseModel):
     """The language model engine."""
 
     path: str
-    format: Literal["safetensors", "quanto", "tensorrt"]
+    format: Literal["safetensors", "lowbit", "modelopt", "quanto", "tensorrt"]
+    """safetensors (float), lowbit (int8/int4 weights on torch's kernels), modelopt (ModelOpt's fake-quant LLM),
+    tensorrt; quanto: optimum-quanto engines of earlier vlmforge releases, no longer served (rebuild them)."""
     dtype: str
     quantization: str
+    kv_cache_dtype: str = "auto"
     architecture: str
     """The transformers class of the standalone LLM (hf), or TensorRT-LLM's architecture (trtllm)."""
 

@@ -19,6 +19,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
+MAX_FILE_SIZE = 5 * 1024**4
+"""Largest file a manifest may list: 5 TiB, the largest object S3 stores (a bigger size is a crafted manifest)."""
+
 RESERVED_PREFIX = ".vlmforge"
 """Top-level names starting with this are reserved for the store (pull markers, temp files)."""
 
@@ -80,6 +83,13 @@ class FileEntry(_Frozen):
     @classmethod
     def _valid_path(cls, value: str) -> str:
         return check_relative_path(value)
+
+    @field_validator("size")
+    @classmethod
+    def _possible_size(cls, value: int) -> int:
+        if value > MAX_FILE_SIZE:
+            raise ValueError(f"{value} bytes is larger than any store holds (at most {MAX_FILE_SIZE}, 5 TiB)")
+        return value
 
 
 class SourceInfo(_Frozen):

@@ -26,14 +26,14 @@ from vlmforge.build.workdir import StageOutcome, Workdir
 from vlmforge.errors import SourceError
 from vlmforge.families import ResolvedSpec, resolve
 from vlmforge.sources import FetchedSource, open_source, verify_tree
-from vlmforge.specs.schema import BuildSpec, QuantMethod
+from vlmforge.specs.schema import BuildSpec
 from vlmforge.system.env import hardware, versions
 
 log = logging.getLogger(__name__)
 
 STAGE_CODE_VERSION = 1
 """Bump when a stage's output changes for the same inputs (it is part of every fingerprint)."""
-LIBRARIES = ("torch", "transformers", "optimum-quanto", "onnx", "onnxruntime", "safetensors")
+LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnxruntime", "safetensors")
 
 
 def default_workdir() -> Path:
@@ -101,9 +101,14 @@ class HfPipeline:
     def quantize(self, converted: StageOutcome) -> StageOutcome | None:
         from vlmforge.toolchains.hf import stages
 
-        if self.spec.quantization.method is QuantMethod.NONE:
+        from vlmforge.toolchains.quantize.hf import calibration_digest
+
+        quant = self.spec.quantization
+        if not quant.active:
             return None
-        fp = self._fp("quantize", converted.record.fingerprint, self.spec.quantization.method.value)
+        digest = calibration_digest(self.resolved)  # the set's content: other images or prompts, another build
+        settings = quant.model_dump(mode="json", exclude={"calibration"} if digest is None else set())
+        fp = self._fp("quantize", converted.record.fingerprint, settings, digest)
         return self._run("quantize", fp, lambda out: stages.quantize(self.resolved, converted.path / "checkpoint", out,
                                                                    device=self.device))
 
@@ -112,13 +117,15 @@ class HfPipeline:
 
         upstream = (quantized or converted).record.fingerprint
         fp = self._fp("llm", upstream)
+        done = (quantized.path, stages.QuantizeResult.model_validate(quantized.result)) if quantized else None
         return self._run("llm", fp, lambda out: stages.build_llm(
-            self.resolved, converted.path / "checkpoint", quantized.path if quantized else None, out, device=self.device))
+            self.resolved, converted.path / "checkpoint", done, out, device=self.device))
 
     def visual_inputs(self, fetched: StageOutcome) -> PartDigest | None:
         """The digest of what the visual engine is built from (vision tensors and configs), if the family says."""
         family = self.resolved.family
-        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys)
+        return visual_inputs_digest(fetched.path / "model", family.visual_weight_prefixes, family.llm_config_keys,
+                                    family.visual_config_files)
 
     def build_visual(self, fetched: StageOutcome) -> StageOutcome:
         """Keyed by the vision weights' content, not the whole revision: new LLM weights reuse it."""

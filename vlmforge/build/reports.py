@@ -7,6 +7,7 @@ from typing import Any
 from vlmforge.build.workdir import StageOutcome
 from vlmforge.specs.derived import Derived
 from vlmforge.specs.schema import BuildSpec
+from vlmforge.toolchains.trtllm.execute import StepRun
 
 
 def stage_rows(stages: list[StageOutcome]) -> list[dict[str, Any]]:
@@ -21,6 +22,21 @@ def stage_rows(stages: list[StageOutcome]) -> list[dict[str, Any]]:
         }
         for s in stages
     ]
+
+
+def step_rows(runs: list[StepRun]) -> list[dict[str, Any]]:
+    """The TensorRT-LLM plan's steps as this build ran them (a skipped step completed before, same command)."""
+    return [
+        {"step": r.step.name, "status": "skipped (completed before)" if r.skipped else "done",
+         "seconds": round(r.seconds, 1), "log": str(r.log_path)}
+        for r in runs
+    ]
+
+
+def _logit_error(validation: dict[str, Any]) -> str:
+    if validation.get("max_logit_error") is None and validation.get("logit_check"):
+        return str(validation["logit_check"])
+    return f"{validation.get('max_logit_error')} (<= {validation.get('max_logit_error_allowed')})"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -52,7 +68,7 @@ def build_report_markdown(spec: BuildSpec, derived: Derived, stages: list[StageO
         "| token agreement | max logit error | vision ms | LLM ms | end-to-end ms |",
         "|---|---|---|---|---|",
         f"| {validation.get('token_agreement')} (>= {validation.get('min_token_agreement')}) | "
-        f"{validation.get('max_logit_error')} (<= {validation.get('max_logit_error_allowed')}) | "
+        f"{_logit_error(validation)} | "
         f"{validation.get('vision_ms')} | {validation.get('llm_ms')} | {validation.get('e2e_ms')} |",
         "",
         "## Stages",

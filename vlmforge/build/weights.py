@@ -120,8 +120,12 @@ def config_without(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in keys}
 
 
-def visual_inputs_digest(model_dir: Path, weight_prefixes: tuple[str, ...], llm_config_keys: tuple[str, ...]) -> PartDigest | None:
+def visual_inputs_digest(model_dir: Path, weight_prefixes: tuple[str, ...], llm_config_keys: tuple[str, ...],
+                         config_files: tuple[str, ...] = ()) -> PartDigest | None:
     """The digest of everything the visual engine is built from, or None when it cannot be told apart.
+
+    ``config_files``: more files (paths relative to ``model_dir``) hashed when present, e.g. the configs in a
+    checkpoint's sub-folders.
 
     None (the caller then falls back to the whole checkpoint) when the family declares no prefixes or no
     tensor matches them (weights in another format, or a naming this code does not know).
@@ -138,7 +142,7 @@ def visual_inputs_digest(model_dir: Path, weight_prefixes: tuple[str, ...], llm_
     config = config_without(model_dir / "config.json", llm_config_keys)
     outer.update(b"config.json " + json.dumps(config, sort_keys=True, separators=(",", ":")).encode() + b"\n")
     configs.append("config.json" + (f" (without {', '.join(llm_config_keys)})" if llm_config_keys else ""))
-    for name in PROCESSOR_CONFIGS:
+    for name in (*PROCESSOR_CONFIGS, *config_files):
         path = model_dir / name
         if path.is_file():
             outer.update(f"{name} ".encode() + hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")

@@ -38,10 +38,10 @@ def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
 
         check_supported(resolved)
     else:
+        from vlmforge.build.trtllm_pipeline import check_trtllm_buildable
         from vlmforge.system.env import require_trtllm
-        from vlmforge.toolchains.trtllm.execute import check_buildable
 
-        check_buildable(resolved.family)
+        check_trtllm_buildable(resolved)
         require_trtllm()
 
 
@@ -75,8 +75,14 @@ def build_cmd(
     console.print(f"stored in {summary['store']}" + ("" if summary["created"] else " (already there: nothing uploaded)"),
                   highlight=False)
     console.print(f"validation: token agreement {validation['token_agreement']}, max logit error "
-                  f"{validation['max_logit_error']}, vision {validation['vision_ms']} ms, LLM {validation['llm_ms']} ms, "
-                  f"end-to-end {validation['e2e_ms']} ms", highlight=False)
+                  f"{_figure(validation['max_logit_error'])}, vision {_figure(validation['vision_ms'], ' ms')}, LLM "
+                  f"{_figure(validation['llm_ms'], ' ms')}, end-to-end {_figure(validation['e2e_ms'], ' ms')}",
+                  highlight=False)
+
+
+def _figure(value: float | None, unit: str = "") -> str:
+    """A validation figure, or what a toolchain could not measure (TensorRT-LLM's runner: logits, stage times)."""
+    return "not measured" if value is None else f"{value}{unit}"
 
 
 @app.command("fetch")

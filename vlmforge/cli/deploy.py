@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import signal
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
 from vlmforge.cli.app import app, console, err_console, print_json
-from vlmforge.deploy.docker import DockerRunner
+from vlmforge.deploy.auth import API_KEY_ENV
+from vlmforge.deploy.launchers import DockerRunner
+from vlmforge.deploy.records import LauncherKind
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
-
-
-class Launcher(str, Enum):
-    """How `vlmforge deploy` starts the runner."""
-
-    PROCESS = "process"
-    DOCKER = "docker"
-
 
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where deployments are recorded (default: $VLMFORGE_STATE/deployments or ~/.local/state/vlmforge/deployments).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -53,16 +47,18 @@ def deploy_cmd(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the runner to be healthy.")] = 600.0,
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
-    launcher: Annotated[Launcher, typer.Option(help="process: mpirun/the runner as a child of this command; docker: a runner container through the Docker daemon.")] = Launcher.PROCESS,
+    launcher: Annotated[LauncherKind, typer.Option(help="process: mpirun/the runner as a child of this command; docker: a runner container through the Docker daemon.")] = LauncherKind.PROCESS,
     image: Annotated[str | None, typer.Option(help="--launcher docker: the runner image (vlmforge-runner:TAG, vlmforge-runner-cpu:TAG).")] = None,
     volume: Annotated[list[str] | None, typer.Option("--volume", help="--launcher docker: a mount SOURCE:TARGET[:MODE] (default: the engine dir, read-only).")] = None,
     network: Annotated[str | None, typer.Option(help="--launcher docker: the Docker network of the runner.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_default=False, help=f"The key clients must send (Authorization: Bearer KEY); required unless --host is loopback, and always for --launcher docker. Prefer ${API_KEY_ENV}: an option shows in `ps`. It reaches rank 0 through its environment; records keep only its fingerprint.")] = None,
     state_dir: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
     and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it."""
-    from vlmforge.deploy.service import LocalEngineSource, StoreSource, deploy, serve_args
+    from vlmforge.deploy.service import deploy, serve_args
+    from vlmforge.deploy.sources import LocalEngineSource, StoreSource
 
     if engine_dir is None and ref is None:
         raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or an --engine-dir")
@@ -70,7 +66,7 @@ def deploy_cmd(
         raise DeployError("--store and --engine-dir exclude each other")
     source = LocalEngineSource(engine_dir) if engine_dir is not None else StoreSource(store)
     docker = None
-    if launcher is Launcher.DOCKER:
+    if launcher is LauncherKind.DOCKER:
         if not image:
             raise DeployError("--launcher docker needs --image (the runner image, e.g. vlmforge-runner:local from "
                               "infra/build-images.sh runner)")
@@ -87,7 +83,8 @@ def deploy_cmd(
     args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size,
                       image_root=image_root)
     deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
-                        state_dir=state_dir, serve_args=args, wait_s=wait, replace=replace, docker=docker)
+                        state_dir=state_dir, serve_args=args, wait_s=wait, replace=replace, docker=docker,
+                        api_key=SecretStr(api_key) if api_key else None)
     if as_json:
         print_json({**_summary(deployment, "serving"), "selection": deployment.selection})
     else:
@@ -104,16 +101,17 @@ def _attach(deployment: Any, state_dir: Path | None) -> int:
     """Wait for the runner; SIGTERM/SIGINT here go to rank 0, which drains. The runner's exit code."""
     import os
 
-    from vlmforge.deploy.service import default_state_dir, record_path
+    from vlmforge.deploy.records import default_state_dir, remove_record
+    from vlmforge.system.processes import same_process
 
     def forward(signum: int, frame: Any) -> None:
-        pid = deployment.rank0_pid()
-        os.kill(pid if pid is not None else deployment.pid, signal.SIGTERM)
+        rank0 = deployment.rank0_identity()  # the launcher is our child: its pid is not reused before we reap it
+        os.kill(rank0.pid if rank0 is not None and same_process(rank0) else deployment.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = deployment._proc.wait()
-    record_path(state_dir or default_state_dir(), deployment.name).unlink(missing_ok=True)
+    remove_record(state_dir or default_state_dir(), deployment.name)
     return code
 
 
@@ -145,7 +143,8 @@ def undeploy_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Drain and stop a runner: SIGTERM to rank 0 (running requests finish), SIGKILL after --timeout."""
-    from vlmforge.deploy.service import default_state_dir, list_deployments, read_deployment, stop_deployment
+    from vlmforge.deploy.records import default_state_dir
+    from vlmforge.deploy.service import list_deployments, read_deployment, stop_deployment
 
     directory = state_dir or default_state_dir()
     deployment = read_deployment(directory, name)

@@ -1,10 +1,12 @@
-"""`vlmforge store` commands: list, show, pull, promote and garbage-collect engine builds."""
+"""`vlmforge store` commands: list, show, pull, promote, garbage-collect engine builds, and create a store."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from vlmforge.errors import NotFound, VlmforgeError
+from vlmforge.errors import NotFound, StoreError, VlmforgeError
 from vlmforge.store import ANY, STORE_ENV, ArtifactStore, open_store
+from vlmforge.store.engine_dir import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +62,18 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+_size = human_bytes
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> timedelta:
+    """``90s``, ``30m``, ``1h``, ``2d`` or plain seconds; StoreError naming the option if malformed."""
+    match = _DURATION.match(text)
+    if not match:
+        raise StoreError(f"{option} {text!r}: expected a duration such as 0, 90s, 30m, 1h or 2d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 @app.command("ls")
@@ -146,15 +154,26 @@ def pull(
     store_url: StoreOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace DEST if it holds something else.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-hash files DEST already holds (default: check presence and sizes).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Download a build into DEST, verifying every file's sha256 (resumes an interrupted pull)."""
+    """Download a build into DEST, checking every downloaded file's sha256 (resumes an interrupted pull).
+
+    If DEST already holds the build, its files are checked for presence and size (with --verify: re-hashed)
+    and a damaged copy is pulled again; the output says which check was made.
+    """
+    from vlmforge.store import PullResult
+
     with _opened(store_url) as store:
-        manifest = store.pull(ref, dest, overwrite=force, progress=not no_progress and not as_json)
+        result = store.pull_engine(ref, dest, overwrite=force, progress=not no_progress and not as_json,
+                                   verify=verify)
     if as_json:
-        typer.echo(manifest.to_json().decode(), nl=False)
+        _emit_json(result, PullResult)
     else:
-        typer.echo(f"{manifest.ref}: {len(manifest.files)} files ({_size(manifest.total_size)}) verified in {dest}")
+        manifest = result.manifest
+        typer.echo(f"{manifest.ref} ({len(manifest.files)} files, {_size(manifest.total_size)}): {result.summary}")
 
 
 @app.command("promote")
@@ -187,19 +206,44 @@ def gc(
     store_url: StoreOption = None,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Builds to keep per model (plus alias targets).")] = 5,
     apply: Annotated[bool, typer.Option("--apply", help="Really delete (default: dry run).")] = False,
+    grace: Annotated[
+        str, typer.Option("--grace", help="Never collect blobs or upload leftovers younger than this (0, 30m, 1h, 2d).")
+    ] = "1h",
+    ignore_unreadable: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-unreadable",
+            help="Collect even though some manifests or alias records cannot be read: blobs and builds named in"
+            " their raw bytes are kept, anything else they need is LOST.",
+        ),
+    ] = False,
     break_locks: Annotated[
-        bool, typer.Option("--break-locks", help="Ignore publish locks (only if their publishers are dead).")
+        bool,
+        typer.Option(
+            "--break-locks",
+            help="Kept for compatibility: gc always breaks the locks of provably dead holders (same host: pid and"
+            " start time; other hosts: expired lease) and never a live holder's.",
+        ),
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete builds beyond the newest --keep per model that no alias points to, and their unshared blobs."""
+    """Delete builds beyond the newest --keep per model that no alias points to, and their unshared blobs.
+
+    The dry run lists everything --apply would remove. --apply refuses while a manifest or alias record
+    cannot be read (exit 2), unless --ignore-unreadable.
+    """
     from vlmforge.store import GcReport
 
     with _opened(store_url) as store:
-        report = store.gc(keep, apply=apply, break_locks=break_locks)
+        report = store.gc(keep, apply=apply, break_locks=break_locks, grace=parse_duration(grace, "--grace"),
+                          ignore_unreadable=ignore_unreadable)
     if as_json:
         _emit_json(report, GcReport)
         return
+    _print_gc(report)
+
+
+def _print_gc(report: Any) -> None:
     console = _console()
     verb = "deleted" if report.applied else "would delete"
     table = Table("BUILD", "CREATED (UTC)", "ACTION", "WHY", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
@@ -209,16 +253,52 @@ def gc(
     for b in report.deleted:
         table.add_row(f"{b.model}#{b.build_id}", f"{b.created_at:%Y-%m-%d %H:%M:%S}", verb, ", ".join(b.reasons))
     console.print(table)
-    console.print(
-        f"{verb} {len(report.deleted)} builds and {report.blobs_deleted} blobs ({_size(report.bytes_deleted)});"
-        f" keeping {len(report.kept)} builds, {report.blobs_kept} blobs ({_size(report.bytes_kept)})",
-        highlight=False,
-    )
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False, markup=False)
+
+    for blob in report.blobs:
+        say(f"{verb} blob {blob.sha256} ({_size(blob.size)}, stored {blob.modified:%Y-%m-%d %H:%M:%S})")
+    for item in report.incomplete:
+        say(f"{'removed' if report.applied else 'would remove'} {item.kind} {item.key}"
+            f" (started {item.started:%Y-%m-%d %H:%M:%S})")
+    say(f"{verb} {len(report.deleted)} builds, {report.blobs_deleted} blobs ({_size(report.bytes_deleted)}) and"
+        f" {len(report.incomplete)} upload leftovers; keeping {len(report.kept)} builds, {report.blobs_kept} blobs"
+        f" ({_size(report.bytes_kept)})")
+    if report.blobs_young:
+        say(f"kept {report.blobs_young} unreferenced blobs younger than the grace period ({report.grace_seconds:.0f} s)")
+    for line in report.broken_locks:
+        say(f"broke the lock of a dead holder: {line}")
     for line in report.dangling_aliases:
-        console.print(f"warning: dangling alias {line}", highlight=False, markup=False)
+        say(f"warning: dangling alias {line}")
     for sha in report.missing_blobs:
-        console.print(f"warning: blob {sha} is referenced by a kept build but missing", highlight=False, markup=False)
-    for key in report.refused_manifests:
-        console.print(f"warning: unreadable manifest {key} (left in place)", highlight=False, markup=False)
-    if not report.applied and report.deleted:
-        console.print("dry run: pass --apply to delete", highlight=False)
+        say(f"warning: blob {sha} is referenced by a kept build but missing")
+    for key in report.refused_manifests + report.refused_aliases:
+        say(f"warning: unreadable {key}: {report.reasons.get(key, '')}")
+    if report.refusal and not report.applied:
+        say("--apply will refuse while these records are unreadable (--ignore-unreadable overrides, at a risk)")
+    elif report.ignored_unreadable:
+        say("--ignore-unreadable: collected although records are unreadable; what they name was kept")
+    if not report.applied and (report.deleted or report.blobs or report.incomplete):
+        say("dry run: pass --apply to delete")
+
+
+@app.command("init")
+def init(
+    store_url: StoreOption = None,
+    adopt: Annotated[
+        bool, typer.Option("--adopt", help="Add the store marker to a store made before vlmforge wrote one.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a store at an empty location (a first publish does this too), or adopt an existing one."""
+    from vlmforge.store import StoreInfo
+
+    with _opened(store_url) as store:
+        info = store.init(adopt=adopt)
+        url = store.url
+    if as_json:
+        _emit_json(info, StoreInfo)
+    else:
+        typer.echo(f"{url} is a vlmforge store (created {info.created_at:%Y-%m-%d %H:%M:%S} UTC by {info.created_by}"
+                   f"{', adopted' if info.adopted else ''})")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
+from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv, checkpoint_report
 from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from vlmforge.plans.model import DialectInfo, PlanContext, Step
 
 SEED_PROMPT = "Question: which city is this? Answer:"
+PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "tokenizer_config.json"))
+"""What a checkpoint folder holds for its processor (one of each group), unless the family says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class ModelFamily:
     """Prompt of the golden validation inputs; None for prompt-free models (Nougat)."""
     tiny_source: ClassVar[str | None] = None
     """``tiny://`` name of the family's locally generated test model, if it has one."""
+    extra_tiny_sources: ClassVar[tuple[str, ...]] = ()
+    """More ``tiny://`` models of the family (other checkpoint layouts), made by :meth:`make_tiny_source`."""
 
     # --- facts ------------------------------------------------------------------------------
 
@@ -79,9 +84,9 @@ class ModelFamily:
     # spec and plan layers never need torch.
 
     hf_supported: ClassVar[bool] = True
+    """The hf toolchain can build this family (every family today; a family that needs foreign model code would not)."""
     hf_unsupported_reason: ClassVar[str] = ""
     """Why the hf toolchain cannot build this family (when hf_supported is False)."""
-    """The hf toolchain can build this family (VILA cannot: its checkpoints need VILA's own code)."""
     quantizable: ClassVar[bool] = False
     """The hf toolchain can weight-quantize this family's LLM (decoder-only families)."""
     logit_scale_tolerance: ClassVar[float] = 1e-3
@@ -93,10 +98,27 @@ class ModelFamily:
     llm_config_keys: ClassVar[tuple[str, ...]] = ()
     """Top-level config.json keys that only the LLM reads, left out of the visual stage's fingerprint
     (every other key counts, so a key this list misses costs a rebuild, never a stale engine)."""
+    visual_config_files: ClassVar[tuple[str, ...]] = ()
+    """Further files (relative paths) the visual engine is built from, hashed into its fingerprint when present
+    (config.json and the top-level processor configs always are)."""
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a deterministic random-weight checkpoint with a real tokenizer and processor (no download)."""
         raise NotImplementedError
+
+    def tiny_sources(self) -> tuple[str, ...]:
+        """Every ``tiny://`` model of the family: :attr:`tiny_source` first."""
+        return ((self.tiny_source,) if self.tiny_source else ()) + self.extra_tiny_sources
+
+    def make_tiny_source(self, source: str, out_dir: Path, seed: int = 0) -> None:
+        """Write the tiny model ``source`` (one of :meth:`tiny_sources`)."""
+        if source != self.tiny_source:
+            raise ValueError(f"{self.name} makes no {source}; its tiny models: {', '.join(self.tiny_sources()) or 'none'}")
+        self.make_tiny(out_dir, seed)
+
+    def missing_processor_files(self, model_dir: Path) -> list[str]:
+        """Processor files a checkpoint folder lacks (each entry names the alternatives), checked before loading."""
+        return [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
 
     def hf_model_class(self) -> type:
         """The transformers class of the full reference model (what :meth:`load_model` loads)."""
@@ -183,8 +205,8 @@ class ModelFamily:
     def fetch_argv(self, ctx: PlanContext, source: str, dest: str) -> list[str]:
         url = self._git_clone_url(ctx, source)
         if url:
-            return ["git", "clone", url, dest]
-        return ["vlmforge", "fetch", source, dest]
+            return ["git", "clone", "--", url, dest]
+        return ["vlmforge", "fetch", "--", source, dest]
 
     def _git_clone_url(self, ctx: PlanContext, source: str) -> str | None:
         """The seed's dialect clones Hugging Face repos with git; 1.2 uses vlmforge's verified, pinned fetch."""
@@ -200,7 +222,10 @@ class ModelFamily:
         if validation.max_new_tokens is not None:
             args += ["--max_new_tokens", str(validation.max_new_tokens)]
         if validation.input_text is not None:
-            args += ["--input_text", validation.input_text]
+            text = validation.input_text
+            # run.py's argparse reads a separate value that starts with '-' as an option ("expected one argument"):
+            # attached, it is the option's value whatever it holds.
+            args += [f"--input_text={text}"] if text.startswith("-") else ["--input_text", text]
         return args
 
     def validate_step(self, ctx: PlanContext, engine_args: list[str], inputs: list[str]) -> Step:
@@ -248,6 +273,11 @@ class DecoderOnlyFamily(ModelFamily):
     def convert_extra_args(self, ctx: PlanContext) -> list[str]:
         return []
 
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        """1.2 plans write the checkpoint with ``vlmforge checkpoint``: refuse what its writer cannot produce."""
+        if info.dialect is not Dialect.V0_9:
+            check_checkpoint_support(spec, self.llm_kind)
+
     def llm_build_flags(self, ctx: PlanContext) -> list[str]:
         spec = ctx.spec
         gemm = "auto" if spec.quantization.method is QuantMethod.FP8 and ctx.dialect.uses_max_seq_len else spec.dtype.value
@@ -259,23 +289,27 @@ class DecoderOnlyFamily(ModelFamily):
         return flags
 
     def convert_step(self, ctx: PlanContext) -> Step:
+        """The TensorRT-LLM checkpoint. 1.2: ``vlmforge checkpoint`` (ModelOpt, or vlmforge's own converter where
+        ModelOpt has no exporter), verified by reading it back, on any machine with torch. 0.9: the seed's scripts."""
         spec = ctx.spec
+        hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
+        if ctx.dialect.dialect is not Dialect.V0_9:
+            report = checkpoint_report(ctx.layout)
+            argv = checkpoint_argv(spec, hf_dir, ckpt, report)
+            return ctx.step("checkpoint", argv, tool="vlmforge", gpus=1 if spec.quantization.needs_calibration else 0,
+                            inputs=[hf_dir], outputs=[ckpt, report])
         info = ctx.dialect
         quant = spec.quantization
-        hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
         parallel: list[str] = []
         if spec.parallel.tp > 1:
             parallel += ["--tp_size", str(spec.parallel.tp)]
         if spec.parallel.pp > 1:
             parallel += ["--pp_size", str(spec.parallel.pp)]
-        needs_quantize = quant.method in (QuantMethod.INT4_AWQ, QuantMethod.INT8_SQ, QuantMethod.FP8) or (
-            quant.kv_cache_dtype is not KvCacheDtype.AUTO
-        )
-        if needs_quantize:
+        if quant.needs_calibration:
             qformat = "full_prec" if quant.method is QuantMethod.NONE else quant.method.value
             argv = ctx.python(info.quantize_script) + [
                 "--model_dir", hf_dir, "--output_dir", ckpt, "--dtype", spec.dtype.value,
-                "--qformat", qformat, "--calib_size", str(quant.calib_size),
+                "--qformat", qformat, "--calib_size", str(quant.calibration.size),
             ]
             if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
                 argv += ["--kv_cache_dtype", quant.kv_cache_dtype.value]

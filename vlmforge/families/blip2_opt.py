@@ -124,7 +124,7 @@ class Blip2Common(ModelFamily):
             return super().fetch_steps(ctx)
         repo = self.legacy_llm_repos[self.legacy_variant(ctx)]
         hf_dir = ctx.layout.hf_dir
-        return [ctx.step("fetch", ["git", "clone", f"https://huggingface.co/{repo}", hf_dir], tool="git", outputs=[hf_dir])]
+        return [ctx.step("fetch", ["git", "clone", "--", f"https://huggingface.co/{repo}", hf_dir], tool="git", outputs=[hf_dir])]
 
     # --- hf toolchain (shared by both BLIP-2 families) ---------------------------------------
 

@@ -6,6 +6,7 @@ Importing this module imports ``tokenizers`` and ``transformers``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -32,8 +33,8 @@ Template = Literal["bos", "eos", "none"]
 """Post-processing of a single sequence: ``<s> $A`` (LLaMA, OPT), ``$A </s>`` (T5) or nothing."""
 
 
-def train_bpe_tokenizer(vocab_size: int = 320, template: Template = "bos") -> Tokenizer:
-    """A byte-level BPE trained on :data:`CORPUS` (deterministic: same vocab and merges every time)."""
+def train_bpe_tokenizer(vocab_size: int = 320, template: Template = "bos", corpus: Sequence[str] = CORPUS) -> Tokenizer:
+    """A byte-level BPE trained on ``corpus`` (deterministic: same vocab and merges every time)."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -43,7 +44,7 @@ def train_bpe_tokenizer(vocab_size: int = 320, template: Template = "bos") -> To
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(CORPUS) * 4, trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer)
     if template == "bos":
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
@@ -56,16 +57,18 @@ def train_bpe_tokenizer(vocab_size: int = 320, template: Template = "bos") -> To
 
 
 def make_fast_tokenizer(
-    template: Template = "bos", vocab_size: int = 320, image_token: bool = True, **kwargs: Any
+    template: Template = "bos", vocab_size: int = 320, image_token: bool = True, corpus: Sequence[str] = CORPUS,
+    **kwargs: Any,
 ) -> PreTrainedTokenizerFast:
     """The trained BPE wrapped as a transformers fast tokenizer (saved as ``TokenizersBackend``).
 
     ``image_token`` registers ``<image>`` as the tokenizer's ``image_token`` attribute (LLaVA's
-    processor reads it; BLIP-2's processor must own it instead).
+    processor reads it; BLIP-2's processor must own it instead). ``corpus``: what the BPE is trained on
+    (a family with a long chat template adds it, so its prompts take as many tokens as a real tokenizer's would).
     """
     extra = {"image_token": "<image>"} if image_token else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe_tokenizer(vocab_size, template),
+        tokenizer_object=train_bpe_tokenizer(vocab_size, template, corpus),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",

@@ -74,17 +74,37 @@ class GenComparison:
     """Largest absolute logit difference over the agreeing prefix and the first divergent step."""
 
 
+@dataclass(frozen=True)
+class TokenComparison:
+    """How generated tokens agree with the reference's (for engines that return no logits)."""
+
+    token_agreement: float
+    """Fraction of positions (over the longer of the two) whose tokens are equal."""
+    exact: bool
+    prefix_match: int
+    """Number of leading tokens that agree."""
+
+
+def compare_tokens(ref: Sequence[int], got: Sequence[int]) -> TokenComparison:
+    """Position-by-position token agreement of ``got`` against ``ref``."""
+    ref, got = list(ref), list(got)
+    n = min(len(ref), len(got))
+    total = max(len(ref), len(got), 1)
+    agree = sum(int(a == b) for a, b in zip(ref[:n], got[:n], strict=True))
+    prefix = next((i for i in range(n) if ref[i] != got[i]), n)
+    return TokenComparison(agree / total, ref == got, prefix)
+
+
 def compare_generations(ref: GenResult, got: GenResult) -> GenComparison:
     """Position-by-position token agreement and logit errors of ``got`` against ``ref``."""
+    tokens = compare_tokens(ref.tokens, got.tokens)
     n = min(len(ref.tokens), len(got.tokens))
-    total = max(len(ref.tokens), len(got.tokens), 1)
-    agree = sum(int(a == b) for a, b in zip(ref.tokens[:n], got.tokens[:n], strict=True))
-    prefix = next((i for i in range(n) if ref.tokens[i] != got.tokens[i]), n)
+    prefix = tokens.prefix_match
     k = min(prefix + 1, n)
     ref_logits, got_logits = ref.logits.float().cpu(), got.logits.float().cpu()
     prefix_err = float((ref_logits[:k] - got_logits[:k]).abs().max()) if k else float("inf")
     first_err = float((ref_logits[0] - got_logits[0]).abs().max()) if n else float("inf")
-    return GenComparison(agree / total, ref.tokens == got.tokens, first_err, prefix, prefix_err)
+    return GenComparison(tokens.token_agreement, tokens.exact, first_err, prefix, prefix_err)
 
 
 def _pick(step_logits: torch.Tensor, tokens: list[int], logits: list[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,11 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image  # imported where images are made: the GPU benchmark machine has no Pillow
 
-def synthetic_images(size: int = 64) -> list[Image.Image]:
+GOLDEN_IMAGE_SIZE = 64
+"""Side of the golden validation images (every toolchain validates on the same three)."""
+
+
+def synthetic_images(size: int = GOLDEN_IMAGE_SIZE) -> list[Image.Image]:
     """The three golden RGB images: a colour gradient, a checkerboard, rings and blocks."""
     from PIL import Image
 

@@ -1,10 +1,24 @@
-"""Weight-only quantized LLMs (optimum-quanto): quantize and save, and load for serving."""
+"""Weight-only int8/int4 LLMs that run on torch's own low-bit matmul kernels (the hf runner's int8_wo and int4_wo).
+
+Every ``nn.Linear`` of the LLM but the head becomes an :class:`Int8Linear` (per-output-channel symmetric int8,
+``torch._weight_int8pack_mm``) or an :class:`Int4Linear` (asymmetric int4 in groups along the input,
+``torch._weight_int4pack_mm``: tinygemm on CUDA, bf16 activations; its CPU twin ``_weight_int4pack_mm_for_cpu``).
+The weights stay low-bit in memory and are read low-bit by the kernel: no fake quantization.
+
+On disk (``save_quantized``): ``config.json``, ``lowbit.json`` (format, bits, group size, the quantized
+modules) and ``model.safetensors`` with the float tensors under their own names and, per quantized linear,
+``NAME.qweight`` (int8 [N, K], or uint8 [N, K/2] holding two int4 codes per byte, the even input column in the
+high nibble, the layout ``_convert_weight_to_int4pack`` takes on CUDA), ``NAME.scale`` (float32: [N] for int8,
+[N, K/group] for int4) and, for int4, ``NAME.zero`` ([N, K/group]): ``w = (code - 8) * scale + zero``.
+The device's own packed layout is made when the model is loaded (:func:`load_quantized`).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -14,76 +28,261 @@ logger = logging.getLogger(__name__)
 
 QuantWeights = Literal["int8", "int4"]
 
-QUANTO_WEIGHTS_FILE = "model.safetensors"
-QUANTO_MAP_FILE = "quanto_qmap.json"
-QUANTO_ALIASES_FILE = "quanto_aliases.json"
+LOWBIT_FORMAT = "vlmforge-lowbit-1"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "lowbit.json"
+INT4_GROUPS = (32, 64, 128, 256)
+"""Group sizes the int4 kernels take."""
+DEFAULT_EXCLUDE = ("lm_head",)
 
 
-def quantize_and_save(
-    llm: torch.nn.Module, out_dir: Path, weights: QuantWeights, exclude: Sequence[str] | None = None
-) -> Path:
-    """Weight-only quantize a decoder-only LLM with optimum-quanto IN PLACE, freeze it, and save it.
+# --- quantizing tensors (pure, device-independent) ----------------------------------------------
 
-    Pass a model you own (not one sharing modules with a full model you still use). ``out_dir``
-    gets config.json, model.safetensors (quanto's state dict: ``*.weight._data``, ``*._scale``...),
-    quanto_qmap.json (the quantization map) and quanto_aliases.json (tied keys). ``exclude``:
-    module name patterns left in float (default: the lm_head).
-    """
-    from optimum.quanto import freeze, qint4, qint8, quantization_map, quantize
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (codes int8 [N, K], scale float32 [N]), ``w ~= codes * scale``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    codes = torch.clamp(torch.round(w / scale[:, None]), -128, 127).to(torch.int8)
+    return codes, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of ``group_size`` input columns (min/max per group, as tinygemm takes it):
+    (packed uint8 [N, K/2], scale float32 [N, K/g], zero float32 [N, K/g]), ``w ~= (code - 8) * scale + zero``."""
+    w = weight.detach().float()
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15.0).clamp(min=1e-6)
+    codes = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
+    zero = low + 8.0 * scale
+    return pack_int4(codes.reshape(n, k)), scale, zero
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] -> [N, K/2]: column 2j in the high nibble, 2j+1 in the low one."""
+    codes = codes.to(torch.uint8)
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: uint8 [N, K/2] -> int32 codes [N, K]."""
+    high = (packed >> 4).to(torch.int32)
+    low = (packed & 0x0F).to(torch.int32)
+    return torch.stack([high, low], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [N, K] from the stored int4 tensors (for checks; serving never does this)."""
+    codes = unpack_int4(packed).float()
+    return (codes - 8.0) * scale.repeat_interleave(group_size, dim=1) + zero.repeat_interleave(group_size, dim=1)
+
+
+def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    """The int4 kernels' shape rules: K a multiple of the group and of 32 (two 16-wide k-tiles), N of 8."""
+    return in_features % group_size == 0 and in_features % 32 == 0 and out_features % 8 == 0
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    return next(tiles for tiles in (8, 4, 2) if in_features % (tiles * 16) == 0)
+
+
+# --- the modules ---------------------------------------------------------------------------------
+
+
+class Int8Linear(torch.nn.Module):
+    """``y = x @ (codes * scale).T + b`` on ``torch._weight_int8pack_mm`` (int8 weights read as int8)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        # a fresh copy: safetensors hands out tensors at any byte offset, and torch's CPU bfloat16 kernel
+        # crashes (SIGSEGV, torch 2.13) on a weight that is not 64-byte aligned
+        self.register_buffer("qweight", codes.clone(memory_format=torch.contiguous_format))
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.is_cuda:  # the CUDA kernel reads float32 activations and scales
+            out = torch._weight_int8pack_mm(flat.float().contiguous(), self.qweight, self.scale).to(x.dtype)
+        else:
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int4Linear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W int4 in groups, on ``torch._weight_int4pack_mm`` (CUDA: bfloat16 activations)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features = packed.shape[0]
+        self.in_features = packed.shape[1] * 2
+        self.group_size = group_size
+        tiles = _inner_k_tiles(self.in_features)
+        self.cuda_kernel = device.type == "cuda"
+        if self.cuda_kernel:
+            kernel_weight = torch.ops.aten._convert_weight_to_int4pack(packed.to(device).contiguous(), tiles)
+            dtype = torch.bfloat16
+        else:
+            kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(device), tiles)
+        # [K/g, N, 2]: per group and output channel, (scale, zero)
+        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(device, dtype).contiguous()
+        self.register_buffer("kernel_weight", kernel_weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.cuda_kernel:
+            out = torch.ops.aten._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), self.kernel_weight,
+                                                     self.group_size, self.scales_and_zeros).to(x.dtype)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.kernel_weight, self.group_size,
+                                                             self.scales_and_zeros.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
+def _linears(model: torch.nn.Module, exclude: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(name == e or name.endswith("." + e) for e in exclude):
+            yield name, module
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# --- save and load ---------------------------------------------------------------------------------
+
+
+def quantize_and_save(llm: torch.nn.Module, out_dir: Path, weights: QuantWeights, *, group_size: int = 128,
+                      dtype: torch.dtype | None = None, exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> dict[str, object]:
+    """Quantize every linear of ``llm`` but ``exclude`` (the head) and write the lowbit directory; ``llm`` is left
+    as it was. The float tensors (embeddings, norms, head, biases) are stored in ``dtype`` (default: as they are);
+    int4 layers whose shape the kernel cannot take stay in float (listed in lowbit.json). Returns lowbit.json's
+    content."""
     from safetensors.torch import save_file
 
-    qtypes = {"int8": qint8, "int4": qint4}
-    if weights not in qtypes:
-        raise ValueError(f"unknown quanto weights {weights!r}: use one of {', '.join(qtypes)}")
+    if weights not in ("int8", "int4"):
+        raise ValueError(f"unknown weight format {weights!r}: int8 or int4")
+    if weights == "int4" and group_size not in INT4_GROUPS:
+        raise ValueError(f"int4 group size {group_size} is not one the kernels take: {INT4_GROUPS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    quantize(llm, weights=qtypes[weights], exclude=list(exclude) if exclude is not None else ["lm_head"])
-    freeze(llm)
-    llm.config.save_pretrained(out_dir)
-    state, aliases = _split_aliases(llm.state_dict())
-    save_file(state, str(out_dir / QUANTO_WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / QUANTO_MAP_FILE).write_text(json.dumps(quantization_map(llm), indent=1, sort_keys=True))
-    (out_dir / QUANTO_ALIASES_FILE).write_text(json.dumps(aliases, indent=1, sort_keys=True))
-    logger.info("saved quanto %s LLM to %s", weights, out_dir)
-    return out_dir
-
-
-def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses shared storage: keep the first key of each tied group (embed_tokens) and
-    record the others (lm_head.weight) as aliases restored at load time. Tensors come back on the CPU."""
-    first: dict[tuple[int, torch.dtype, tuple[int, ...]], str] = {}
-    out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for key, value in state.items():
-        ident = (value.data_ptr(), value.dtype, tuple(value.shape))
-        if value.numel() and ident in first:
-            aliases[key] = first[ident]
+    targets = dict(_linears(llm, exclude))
+    tensors: dict[str, torch.Tensor] = {}
+    quantized, skipped = [], []
+    for name, linear in targets.items():
+        weight = linear.weight
+        if weights == "int4" and not int4_fits(linear.in_features, linear.out_features, group_size):
+            skipped.append(name)
+            continue
+        if weights == "int8":
+            codes, scale = quantize_int8(weight)
+            tensors.update({f"{name}.qweight": codes, f"{name}.scale": scale})
         else:
-            first[ident] = key
-            out[key] = value.detach().to("cpu").contiguous()
-    return out, aliases
+            packed, scale, zero = quantize_int4(weight, group_size)
+            tensors.update({f"{name}.qweight": packed, f"{name}.scale": scale, f"{name}.zero": zero})
+        if linear.bias is not None:
+            tensors[f"{name}.bias"] = linear.bias.detach()
+        quantized.append(name)
+    done = {f"{name}.{p}" for name in quantized for p in ("weight", "bias")}
+    seen: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, value in llm.state_dict().items():
+        if key in done:
+            continue
+        if value.numel() and value.data_ptr() in seen:  # tied (embed_tokens / lm_head): stored once
+            aliases[key] = seen[value.data_ptr()]
+            continue
+        seen[value.data_ptr()] = key
+        tensors[key] = value.detach()
+    codes = {f"{name}.{part}" for name in quantized for part in ("qweight", "scale", "zero")}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if k not in codes and v.is_floating_point() else v for k, v in tensors.items()}
+    save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(llm.config)  # type: ignore[attr-defined]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(out_dir)
+    meta: dict[str, object] = {"format": LOWBIT_FORMAT, "weights": weights, "group_size": group_size if weights == "int4" else None,
+                               "quantized": quantized, "kept_float": skipped, "aliases": aliases}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    if skipped:
+        logger.warning("int4: %d linear layers have shapes the kernel cannot take and stay in float: %s", len(skipped),
+                       ", ".join(skipped[:5]))
+    return meta
 
 
-def load_quantized(
-    model_cls: type, out_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """A fresh ``model_cls`` object from a :func:`quantize_and_save` directory (eval mode, on ``device``).
+def read_meta(out_dir: Path) -> dict[str, object]:
+    path = Path(out_dir) / META_FILE
+    meta = json.loads(path.read_text())
+    if meta.get("format") != LOWBIT_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {LOWBIT_FORMAT}")
+    return meta
 
-    ``dtype`` is that of the non-quantized parameters: use the dtype the LLM was quantized in.
-    """
-    from optimum.quanto import requantize
+
+def load_quantized(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A ``model_cls`` LLM from a :func:`quantize_and_save` directory, on ``device``, its linears on the kernels."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    device = torch.device(device)
     config = AutoConfig.from_pretrained(out_dir)
-    # Not on torch.device("meta"): requantize() only fills the state dict, so non-persistent buffers
-    # (LLaMA's rotary inv_freq) would stay uninitialised and the logits wrong.
-    model = model_cls._from_config(config, dtype=dtype)
-    state = load_file(str(out_dir / QUANTO_WEIGHTS_FILE))
-    for alias, source in json.loads((out_dir / QUANTO_ALIASES_FILE).read_text()).items():
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=dtype)
+    state = load_file(str(out_dir / WEIGHTS_FILE), device=str(device))
+    for name in meta["quantized"]:  # type: ignore[union-attr]
+        bias = state.pop(f"{name}.bias", None)
+        bias = bias.to(dtype) if bias is not None else None
+        if meta["weights"] == "int8":
+            module: torch.nn.Module = Int8Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), bias)
+        else:
+            module = Int4Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), state.pop(f"{name}.zero"),
+                                int(meta["group_size"]), bias, device, dtype)  # type: ignore[arg-type]
+        _set_module(model, name, module)
+    for alias, source in meta.get("aliases", {}).items():  # type: ignore[union-attr]
         state[alias] = state[source]
-    qmap = json.loads((out_dir / QUANTO_MAP_FILE).read_text())
-    requantize(model, state, qmap, device=torch.device(device))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                                strict=False)
+    lowbit = {n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    missing = [k for k in missing if k.rpartition(".")[0] not in lowbit]
+    if missing or unexpected:
+        raise ValueError(f"{out_dir}: the weights do not fit {model_cls.__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     model.tie_weights()
     return model.eval()
+
+
+def lowbit_kernels(model: torch.nn.Module) -> dict[str, int]:
+    """How many linears run on which kernel (for logs and benchmarks)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            key = "_weight_int8pack_mm"
+        elif isinstance(module, Int4Linear):
+            key = "_weight_int4pack_mm" if module.cuda_kernel else "_weight_int4pack_mm_for_cpu"
+        elif isinstance(module, torch.nn.Linear):
+            key = "float"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -105,7 +105,9 @@ class Step(BaseModel):
     inputs: list[str] = Field(default_factory=list)
     """Paths the step reads."""
     outputs: list[str] = Field(default_factory=list)
-    """Paths the step writes."""
+    """Paths the step creates: what an interrupted run left there is deleted before the step runs again."""
+    edits: list[str] = Field(default_factory=list)
+    """Paths the step changes in place (``sed -i``): they must exist before it runs and are never deleted."""
     tool: str
     """The program: 'trtllm-build', a script path relative to the TensorRT-LLM root, or an external command."""
 
@@ -139,8 +141,17 @@ class Plan(BaseModel):
             "dialect": self.dialect.value,
             "requirements": self.requirements.model_dump(mode="json"),
             "engine_dir": self.engine_dir,
-            "steps": [step.model_dump(mode="json") for step in self.steps],
+            "steps": [_step_json(step) for step in self.steps],
         }
+
+
+def _step_json(step: Step) -> dict[str, Any]:
+    """A step as JSON; ``edits`` only where a step edits in place, so other plans (and their fingerprints) read
+    as before the field existed."""
+    data = step.model_dump(mode="json")
+    if not data["edits"]:
+        del data["edits"]
+    return data
 
 
 @dataclass(frozen=True)
@@ -182,9 +193,9 @@ class PlanContext:
     image: str
 
     def step(self, name: str, argv: list[str], *, tool: str, gpus: int = 0, inputs: list[str] | None = None,
-             outputs: list[str] | None = None, cwd: str | None = None) -> Step:
+             outputs: list[str] | None = None, edits: list[str] | None = None, cwd: str | None = None) -> Step:
         return Step(name=name, argv=argv, cwd=cwd or self.dialect.cwd, image=self.image, gpus=gpus,
-                    inputs=inputs or [], outputs=outputs or [], tool=tool)
+                    inputs=inputs or [], outputs=outputs or [], edits=edits or [], tool=tool)
 
     def python(self, repo_path: str) -> list[str]:
         """``python <script>`` with the script written relative to the multimodal directory."""

@@ -42,8 +42,6 @@ class HfEngine:
                  compile_mode: str = "max-autotune-no-cudagraphs") -> None:
         import torch
 
-        from vlmforge.modeling.quantized import load_quantized
-
         self.dir = Path(engine_dir)
         self.config = EngineConfig.read(self.dir)
         if self.config.toolchain != "hf":
@@ -66,8 +64,8 @@ class HfEngine:
             self.tp = check_tensor_parallel(self.dir, self.config)
         else:
             self.tp = 1
-        if self.config.llm.format == "quanto":
-            self.llm = load_quantized(self.family.llm_class(), llm_dir, dtype=dtype, device=self.device)
+        if self.config.llm.format in ("lowbit", "modelopt", "quanto"):
+            self.llm = load_quantized_llm(self.config, self.family.llm_class(), llm_dir, dtype, self.device)
         else:
             kwargs: dict[str, Any] = {"dtype": dtype}
             if tp_plan:
@@ -86,12 +84,12 @@ class HfEngine:
         for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never."""
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
-        fits = not self.family.encoder_decoder and self.config.llm.format == "safetensors" and self.tp == 1
+        fits = not self.family.encoder_decoder and self.config.llm.format in ("safetensors", "lowbit") and self.tp == 1
         if decode == "dynamic" or decode == "auto" and not (fits and self.device.startswith("cuda")):
             return None
         if not fits:
-            raise DeployError(f"{self.config.name}: the static decode path needs a float decoder-only LLM without tensor "
-                              "parallelism; use --decode dynamic")
+            raise DeployError(f"{self.config.name}: the static decode path needs a float or low-bit decoder-only LLM "
+                              "without tensor parallelism; use --decode dynamic")
         from vlmforge.runner.static import StaticDecoder
 
         limit = self.config.max_input_len + self.config.max_output_len
@@ -198,6 +196,22 @@ class HfEngine:
         llm_ms = (time.perf_counter() - start) * 1000
         return [Generation(tokens=r.tokens, text=self.tokenizer.decode(r.tokens, skip_special_tokens=True),
                            logits=r.logits, vision_ms=job.vision_ms, llm_ms=llm_ms) for r in batch.results()]
+
+
+def load_quantized_llm(config: EngineConfig, llm_cls: type, llm_dir: Path, dtype: Any, device: str) -> Any:
+    """A quantized hf engine's LLM: low-bit weights on torch's int8/int4 kernels, or ModelOpt's fake-quant LLM."""
+    if config.llm.format == "lowbit":
+        from vlmforge.modeling.quantized import load_quantized, lowbit_kernels
+
+        llm = load_quantized(llm_cls, llm_dir, dtype=dtype, device=device)
+        log.info("%s: low-bit LLM on %s", config.name, lowbit_kernels(llm))
+        return llm
+    if config.llm.format == "modelopt":
+        from vlmforge.modeling.modelopt import load_fake_quant
+
+        return load_fake_quant(llm_cls, llm_dir, dtype=dtype, device=device)
+    raise DeployError(f"{config.name}: an optimum-quanto engine of an earlier vlmforge; this one serves int8/int4 on "
+                      "torch's low-bit kernels instead: rebuild the engine")
 
 
 def tensor_parallel_kwargs(world: int) -> dict[str, Any]:

@@ -407,13 +407,18 @@ def _uvicorn_server(config: Any, runtime: Runtime) -> Any:
     return DrainingServer(config)
 
 
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror} (pass another --port)") from None
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound before the engine loads and before the ranks join: a taken port fails in a second,
+    and nothing started later (gloo's ephemeral sockets, a compile worker) can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror} (pass another --port)") from None
+    return sock
 
 
 def serve(settings: ServeSettings) -> int:
@@ -433,8 +438,7 @@ def serve(settings: ServeSettings) -> int:
     info = RankInfo.from_env()
     check_exposure(settings.host, settings.api_key.get_secret_value() if settings.api_key is not None else None)
     config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
-    if info.leader:
-        check_port_free(settings.host, settings.port)
+    listener = bind_listener(settings.host, settings.port) if info.leader else None
     cuda = torch.cuda.is_available() and not (settings.device or "").startswith("cpu")
     if settings.device is None:
         settings = settings.model_copy(update={"device": f"cuda:{info.local_rank}" if cuda else "cpu"})
@@ -453,9 +457,12 @@ def serve(settings: ServeSettings) -> int:
             run_follower(engine, channel)
             return 0
         runtime = Runtime(engine, settings, channel=channel, tp=info.world_size)
-        _run_http(runtime, config)
+        assert listener is not None
+        _run_http(runtime, config, listener)
         return 0
     finally:
+        if listener is not None:
+            listener.close()
         if channel is not None:
             import torch.distributed as dist
 
@@ -463,7 +470,7 @@ def serve(settings: ServeSettings) -> int:
                 dist.destroy_process_group()
 
 
-def _run_http(runtime: Runtime, config: EngineConfig) -> None:
+def _run_http(runtime: Runtime, config: EngineConfig, listener: socket.socket) -> None:
     import uvicorn
 
     settings = runtime.settings
@@ -476,7 +483,7 @@ def _run_http(runtime: Runtime, config: EngineConfig) -> None:
         settings.pid_file.parent.mkdir(parents=True, exist_ok=True)
         settings.pid_file.write_text(f"{os.getpid()}\n")
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         if settings.pid_file:
             with contextlib.suppress(OSError):

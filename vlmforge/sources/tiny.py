@@ -1,4 +1,4 @@
-"""tiny:// sources: a family's deterministic random-weight model, built locally with no download."""
+"""tiny:// sources: a family's deterministic random-weight models, built locally with no download."""
 
 from __future__ import annotations
 
@@ -14,21 +14,24 @@ from vlmforge.sources.base import FetchedSource, Source, hash_tree, tree_digest
 class TinySource(Source):
     """tiny://FAMILY: the revision is the digest of the generated files (same code, same bytes)."""
 
+    @property
+    def wanted(self) -> str:
+        return f"tiny://{self.uri.location}"
+
     def family(self) -> ModelFamily:
-        wanted = f"tiny://{self.uri.location}"
         for name in family_names():
             family = get_family(name)
-            if family.tiny_source == wanted:
+            if self.wanted in family.tiny_sources():
                 return family
-        known = sorted(get_family(n).tiny_source for n in family_names() if get_family(n).tiny_source)
-        raise SourceError(f"no family makes {wanted}; tiny sources: {', '.join(known)}")
+        known = sorted(s for n in family_names() for s in get_family(n).tiny_sources())
+        raise SourceError(f"no family makes {self.wanted}; tiny sources: {', '.join(known)}")
 
     def resolve_revision(self) -> str:
         with tempfile.TemporaryDirectory(prefix="vlmforge-tiny-") as tmp:
-            self.family().make_tiny(Path(tmp))
+            self.family().make_tiny_source(self.wanted, Path(tmp))
             return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp)))
 
     def fetch(self, dest: Path) -> FetchedSource:
         dest.mkdir(parents=True, exist_ok=True)
-        self.family().make_tiny(dest)
+        self.family().make_tiny_source(self.wanted, dest)
         return self._finish(dest, "tiny-sha256:" + tree_digest(hash_tree(dest)))

@@ -8,16 +8,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlmforge.errors import SpecError, UnknownModel
-from vlmforge.specs.schema import BuildSpec, load_spec_file, merge_overrides, read_yaml, spec_from_dict
+from vlmforge.specs.schema import BuildSpec, load_spec_file, load_yaml, merge_overrides, read_yaml, spec_from_dict
 
 
 @cache
 def _entries() -> dict[str, dict[str, Any]]:
     text = resources.files("vlmforge.specs").joinpath("catalog.yaml").read_text(encoding="utf-8")
-    entries = yaml.safe_load(text) or []
+    entries, _ = load_yaml(text, "vlmforge/specs/catalog.yaml")
+    entries = entries or []
     return {entry["name"]: entry for entry in entries}
 
 

@@ -43,7 +43,7 @@ class Derived(BaseModel):
     max_new_tokens: int
     """Tokens generated per validation input."""
     min_compute_capability: str | None
-    """Lowest GPU compute capability the engine can be built for (fp8: 8.9)."""
+    """Lowest GPU compute capability the engine can be built for (fp8, w4a8_awq, fp8 KV cache: 8.9)."""
 
 
 class FamilyRules(Protocol):
@@ -126,12 +126,13 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
 
     # quantization rules
     quant = spec.quantization
-    if encoder_decoder and (quant.method is not QuantMethod.NONE or quant.kv_cache_dtype is not KvCacheDtype.AUTO):
+    if encoder_decoder and quant.active:
         raise SpecError(
-            f"{family.name} is an encoder-decoder family: TensorRT-LLM has no weight or KV-cache quantization "
-            f"for it; set quantization.method: none and kv_cache_dtype: auto (got {quant.method.value}, "
-            f"{quant.kv_cache_dtype.value})",
-            path="quantization.method",
+            f"{family.name} is an encoder-decoder family: TensorRT-LLM's enc_dec converter has no weight or KV-cache "
+            "quantization and its quantize.py (NVIDIA ModelOpt) exports decoder-only LLMs only, so there is nothing to "
+            f"build a quantized engine from; set quantization.method: none and kv_cache_dtype: auto (got "
+            f"{quant.method.value}, {quant.kv_cache_dtype.value})",
+            path="quantization.method" if quant.method is not QuantMethod.NONE else "quantization.kv_cache_dtype",
         )
     quantized = quant.method is not QuantMethod.NONE
     if limits.use_fused_mlp and quantized:
@@ -199,7 +200,7 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
         use_fused_mlp=use_fused_mlp,
         max_new_tokens=max_new_tokens,
         min_compute_capability=FP8_MIN_COMPUTE_CAPABILITY
-        if quant.method is QuantMethod.FP8 or quant.kv_cache_dtype is KvCacheDtype.FP8
+        if quant.method in (QuantMethod.FP8, QuantMethod.W4A8_AWQ) or quant.kv_cache_dtype is KvCacheDtype.FP8
         else None,
     )
     return derived

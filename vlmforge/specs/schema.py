@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,18 +32,35 @@ class Dtype(StrEnum):
 
 
 class QuantMethod(StrEnum):
-    """Quantization of the LLM weights (the visual engine is never quantized)."""
+    """Quantization of the LLM (the visual engine is never quantized); the names of quantize.py's --qformat."""
 
     NONE = "none"
     INT8_WO = "int8_wo"
+    """int8 weights, float activations (TensorRT-LLM W8A16; the hf runner's int8 kernel)."""
     INT4_WO = "int4_wo"
+    """int4 weights, float activations (TensorRT-LLM W4A16, per channel; the hf runner: groups of group_size)."""
     INT4_AWQ = "int4_awq"
+    """Activation-aware int4 weights in groups of group_size (W4A16_AWQ), calibrated."""
+    W4A8_AWQ = "w4a8_awq"
+    """AWQ int4 weights with FP8 activations (W4A8_AWQ; FP8 GPUs), calibrated."""
     INT8_SQ = "int8_sq"
+    """SmoothQuant int8 weights and activations (W8A8_SQ_PER_CHANNEL), calibrated."""
     FP8 = "fp8"
+    """FP8 weights and activations, per tensor (FP8; compute capability 8.9+), calibrated."""
 
     @property
     def weight_only(self) -> bool:
         return self in (QuantMethod.INT8_WO, QuantMethod.INT4_WO)
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration data (the weight-only formats need none unless the KV cache is quantized)."""
+        return self in (QuantMethod.INT4_AWQ, QuantMethod.W4A8_AWQ, QuantMethod.INT8_SQ, QuantMethod.FP8)
+
+    @property
+    def grouped(self) -> bool:
+        """Quantizes int4 weights in groups of ``quantization.group_size`` (on the hf toolchain, int4_wo too)."""
+        return self in (QuantMethod.INT4_AWQ, QuantMethod.W4A8_AWQ, QuantMethod.INT4_WO)
 
 
 class KvCacheDtype(StrEnum):
@@ -73,7 +91,7 @@ SOURCE_SCHEMES = ("hf", "s3", "file", "tiny")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HF_RE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 _S3_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?$")
-_TINY_RE = re.compile(r"^tiny://(?P<family>[a-z0-9-]+)$")
+_TINY_RE = re.compile(r"^tiny://(?P<family>[a-z0-9][a-z0-9.-]*)$")
 
 PositiveLen = Annotated[int, Field(ge=1, le=1_048_576)]
 
@@ -84,15 +102,67 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+CALIBRATION_SYNTHETIC = "synthetic"
+
+
+class Calibration(StrictModel):
+    """The images and prompts a quantization is calibrated on.
+
+    Each sample goes through the family's processor, vision encoder and prompt template, so the LLM is
+    calibrated on the embeddings it really receives: text with the visual features spliced in (calibrating
+    on text alone is a known cause of wrong VLM outputs, TensorRT-LLM #1860). The set's content digest is
+    part of the quantize stage's fingerprint: other images or prompts give another build.
+    """
+
+    source: str = CALIBRATION_SYNTHETIC
+    """``synthetic`` (the built-in set: generated images, varied prompts) or a local folder (a path or
+    ``file://`` URI) of images (.png, .jpg, .jpeg, .webp, .bmp; sorted by name) and an optional
+    ``prompts.txt`` (one prompt per line, used in turn; without it, the family's golden prompt)."""
+    size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Samples (image + prompt) to calibrate on (quantize.py --calib_size; TensorRT-LLM caps AWQ at 32)."""
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    """Samples per calibration forward pass (quantize.py --batch_size)."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the synthetic set's images and prompt order."""
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("calibration source is empty: use synthetic or a local folder of images and prompts.txt")
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(f"{value!r}: calibration data comes from `synthetic` or a local folder (path or file://)")
+        return value
+
+    @property
+    def folder(self) -> Path | None:
+        """The local folder, or None for the synthetic set."""
+        if self.source == CALIBRATION_SYNTHETIC:
+            return None
+        return Path(self.source.removeprefix("file://")).expanduser()
+
+
 class Quantization(StrictModel):
-    """How the LLM is quantized."""
+    """How the LLM is quantized (NVIDIA ModelOpt: what TensorRT-LLM's quantize.py runs)."""
 
     method: QuantMethod = QuantMethod.NONE
-    """Weight quantization: none, int8_wo, int4_wo (weight-only), int4_awq, int8_sq, fp8."""
+    """none, int8_wo, int4_wo (weight-only), int4_awq, w4a8_awq, int8_sq, fp8."""
     kv_cache_dtype: KvCacheDtype = KvCacheDtype.AUTO
-    """KV-cache precision: auto (the model dtype), int8 or fp8."""
-    calib_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    """Calibration samples for int4_awq, int8_sq and fp8 (quantize.py --calib_size)."""
+    """KV-cache precision: auto (the model dtype), int8 or fp8 (calibrated scales)."""
+    group_size: Literal[32, 64, 128, 256] = 128
+    """int4 group size: int4_awq/w4a8_awq (quantize.py --awq_block_size) and the hf toolchain's int4_wo. Every
+    quantized layer's input width divided by parallel.tp must be a multiple of it."""
+    calibration: Calibration = Field(default_factory=Calibration)
+    """Calibration data for int4_awq, w4a8_awq, int8_sq, fp8 and quantized KV caches."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.calibrated or self.kv_cache_dtype is not KvCacheDtype.AUTO
+
+    @property
+    def active(self) -> bool:
+        """Anything quantized at all (weights or KV cache)."""
+        return self.method is not QuantMethod.NONE or self.kv_cache_dtype is not KvCacheDtype.AUTO
 
 
 class Parallelism(StrictModel):
@@ -201,12 +271,28 @@ class BuildSpec(StrictModel):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
+        _refuse_leading_dash(value, "a path")
         parse_source(value)
+        return value
+
+    @field_validator("code_source")
+    @classmethod
+    def _check_code_source(cls, value: str | None) -> str | None:
+        if value is not None:
+            _refuse_leading_dash(value, "a git URL or a path")
         return value
 
     @property
     def is_tiny(self) -> bool:
         return self.source.startswith("tiny://")
+
+
+def _refuse_leading_dash(value: str, kind: str) -> None:
+    """A value the plan passes as a positional argument (``git clone SOURCE DIR``, ``vlmforge fetch SOURCE DIR``)
+    must not read as an option: ``--upload-pack=...`` would make git run a command."""
+    if value.startswith("-"):
+        raise ValueError(f"{value!r} starts with '-', which the plan's commands would read as an option: give {kind} "
+                         f"(a relative path that starts with '-' is written ./{value})")
 
 
 class SourceURI(BaseModel):
@@ -216,7 +302,7 @@ class SourceURI(BaseModel):
 
     scheme: Literal["hf", "s3", "file", "tiny"]
     location: str
-    """hf: org/repo; s3: bucket/key-prefix; file: absolute or relative path; tiny: family name."""
+    """hf: org/repo; s3: bucket/key-prefix; file: absolute or relative path; tiny: a family's tiny model (its name or e.g. vila1.0)."""
     revision: str | None = None
     """hf only: branch, tag or commit sha (resolved to a commit sha at download)."""
 
@@ -276,6 +362,63 @@ def _line_index(node: yaml.Node, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any
     return lines
 
 
+MAX_YAML_NODES = 10_000
+"""Most values a spec document may hold once its aliases are expanded (a real spec holds under 100): a few lines of
+anchors that refer to anchors ("billion laughs") expand exponentially, into gigabytes, when walked or validated."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int | None:
+    """The number of nodes of ``root`` with every alias expanded, or None once it exceeds ``limit`` or an alias
+    refers to itself; linear in the distinct nodes (each shared node is sized once)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int | None:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:  # a recursive alias (&a [*a]): infinite when expanded
+            return None
+        open_nodes.add(key)
+        total = 1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        for child in children:
+            sub = size(child)
+            if sub is None:
+                return None
+            total += sub
+            if total > limit:
+                return None
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def load_yaml(text: str, location: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document safely: the data and its composed node tree (for line numbers).
+
+    Aliases are allowed while the expanded document stays under :data:`MAX_YAML_NODES` values; an alias bomb
+    or a recursive alias is refused before anything walks or validates the expanded data.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, MAX_YAML_NODES) is None:
+            raise SpecError(f"YAML aliases expand to more than {MAX_YAML_NODES} values, or refer to themselves (an "
+                            "alias bomb?): write the values out, or use anchors only for small repeated sections",
+                            location=location)
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     """Read a YAML mapping and its key-to-line index; malformed YAML names the file and line."""
     try:
@@ -283,8 +426,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
     except OSError as exc:
         raise SpecError(f"cannot read spec file: {exc.strerror}", location=str(path)) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -305,6 +447,10 @@ def spec_from_dict(
         raise _spec_error(exc, origin, lines or {}) from None
 
 
+MOVED_KEYS = {"quantization.calib_size": "quantization.calibration.size"}
+"""Keys of earlier spec versions and where they live now."""
+
+
 def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], int]) -> SpecError:
     messages = []
     first_location = None
@@ -319,17 +465,26 @@ def _spec_error(exc: ValidationError, origin: str, lines: dict[tuple[Any, ...], 
         where = f"{origin}:{line}" if line else origin
         first_location = first_location or where
         msg = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden" and path in MOVED_KEYS:
+            msg = f"this key moved: write {MOVED_KEYS[path]} instead"
+        elif error["type"] == "extra_forbidden":
             msg = f"unknown key; the allowed keys here are: {', '.join(_allowed_keys(loc[:-1]))}"
         elif error["type"] == "missing":
             msg = "required field is missing"
         elif "input" in error and error["type"] not in ("model_type",):
-            msg = f"{msg} (got {error['input']!r})"
+            msg = f"{msg} (got {_short_repr(error['input'])})"
         messages.append(f"{where}: {path}: {msg}")
     if len(messages) == 1:
         where, _, rest = messages[0].partition(": ")
         return SpecError(rest, location=where)
     return SpecError("invalid spec:\n  " + "\n  ".join(messages))
+
+
+def _short_repr(value: Any) -> str:
+    """A bad value as an error shows it: bounded, however large the value (a list of lists of lists...)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, 120, 120
+    return short.repr(value)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

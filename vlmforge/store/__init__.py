@@ -15,7 +15,10 @@ from vlmforge.store.base import (
     GcReport,
     ModelSummary,
     PublishResult,
+    PullCheck,
+    PullResult,
     Ref,
+    StoreInfo,
 )
 from vlmforge.store.local import LocalStore
 from vlmforge.store.transfer import TransferSettings
@@ -33,7 +36,10 @@ __all__ = [
     "LocalStore",
     "ModelSummary",
     "PublishResult",
+    "PullCheck",
+    "PullResult",
     "Ref",
+    "StoreInfo",
     "TransferSettings",
     "default_store_url",
     "open_store",

@@ -6,9 +6,9 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
+import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +16,16 @@ from typing import Any
 
 from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import IntegrityError, NotFound, StoreError
-from vlmforge.store.base import ArtifactStore, ObjectInfo, PreconditionFailed, blob_key
+from vlmforge.store.backend import PreconditionFailed
+from vlmforge.store.base import ArtifactStore
+from vlmforge.store.keys import SCRATCH, blob_key
+from vlmforge.store.records import IncompleteUpload, ObjectInfo
 from vlmforge.store.transfer import ProgressSink, RangedCopy, TaskGroup, copy_range_fetcher, never_retry
 
 logger = logging.getLogger(__name__)
+
+_SCRATCH_FILE = re.compile(r"^[0-9a-f]{32}\.tmp(\.parts)?$")
+"""The only names this backend writes into its scratch directory (and so the only ones gc removes there)."""
 
 
 class LocalStore(ArtifactStore):
@@ -35,7 +41,7 @@ class LocalStore(ArtifactStore):
         return self.root / key
 
     def _tmp(self) -> Path:
-        tmp = self.root / "tmp"
+        tmp = self.root / SCRATCH
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{uuid.uuid4().hex}.tmp"
 
@@ -114,6 +120,12 @@ class LocalStore(ArtifactStore):
             return []
         return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
 
+    def _entries(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "") for entry in os.scandir(base))
+
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -150,15 +162,23 @@ class LocalStore(ArtifactStore):
             what=f"blob {entry.sha256[:12]} of {entry.path}", on_done=on_done, retryable=never_retry,
         ).schedule(group, sink)
 
-    def _cleanup_incomplete(self) -> int:
-        tmp = self.root / "tmp"
-        if not tmp.is_dir():
-            return 0
-        count = 0
-        for entry in os.scandir(tmp):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                Path(entry.path).unlink(missing_ok=True)
-            count += 1
-        return count
+    def _list_incomplete(self, started_before: datetime) -> list[IncompleteUpload]:
+        scratch = self.root / SCRATCH
+        if not scratch.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(scratch):
+            if not _SCRATCH_FILE.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue  # not ours: never touched
+            try:
+                modified = datetime.fromtimestamp(entry.stat(follow_symlinks=False).st_mtime, UTC)
+            except FileNotFoundError:
+                continue
+            if modified < started_before:
+                found.append(IncompleteUpload(kind="scratch file", key=f"{SCRATCH}/{entry.name}", started=modified))
+        return sorted(found, key=lambda item: item.key)
+
+    def _remove_incomplete(self, items: Sequence[IncompleteUpload]) -> int:
+        for item in items:
+            (self.root / item.key).unlink(missing_ok=True)
+        return len(items)

@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from botocore.config import Config
 
 from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import IntegrityError, NotFound, StoreError
-from vlmforge.store.base import ArtifactStore, ObjectInfo, PreconditionFailed, blob_key
+from vlmforge.store.backend import PreconditionFailed
+from vlmforge.store.base import ArtifactStore
+from vlmforge.store.keys import blob_key
+from vlmforge.store.records import IncompleteUpload, ObjectInfo
 from vlmforge.store.transfer import (
     OrderedHasher,
     ProgressSink,
@@ -200,6 +204,17 @@ class S3Store(ArtifactStore):
                     names.append(self._unkey(common["Prefix"])[len(prefix) :].rstrip("/"))
         return sorted(names)
 
+    def _entries(self, prefix: str) -> list[str]:
+        names = []
+        with self._backend_errors(f"listing of {prefix or 'the store root'}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix), Delimiter="/"
+            )
+            for page in pages:
+                names += [self._unkey(obj["Key"])[len(prefix) :] for obj in page.get("Contents", [])]
+                names += [self._unkey(common["Prefix"])[len(prefix) :] for common in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
     def _delete(self, key: str) -> None:
         with self._backend_errors(f"delete of {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -273,19 +288,24 @@ class S3Store(ArtifactStore):
             what=f"blob {entry.sha256[:12]} of {entry.path}", on_done=on_done, retryable=is_retryable,
         ).schedule(group, sink)
 
-    def _cleanup_incomplete(self) -> int:
-        count = 0
-        with self._backend_errors("cleanup of incomplete uploads"):
+    def _list_incomplete(self, started_before: datetime) -> list[IncompleteUpload]:
+        found = []
+        with self._backend_errors("listing of incomplete uploads"):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=self._key("blobs/")
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    count += 1
-        return count
+                    if upload["Initiated"] < started_before:
+                        found.append(IncompleteUpload(kind="multipart upload", key=self._unkey(upload["Key"]),
+                                                      started=upload["Initiated"], upload_id=upload["UploadId"]))
+        return found
+
+    def _remove_incomplete(self, items: Sequence[IncompleteUpload]) -> int:
+        with self._backend_errors("cleanup of incomplete uploads"):
+            for item in items:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(item.key), UploadId=item.upload_id)
+        return len(items)
 
 
 class _MultipartUpload:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from vlmforge.errors import ToolchainUnavailable
 
-TRACKED_PACKAGES = ("vlmforge", "torch", "transformers", "optimum-quanto", "onnx", "onnxruntime", "tensorrt",
+TRACKED_PACKAGES = ("vlmforge", "torch", "transformers", "nvidia-modelopt", "onnx", "onnxruntime", "tensorrt",
                     "tensorrt_llm", "safetensors")
 
 

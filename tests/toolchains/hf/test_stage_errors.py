@@ -38,7 +38,19 @@ def test_architecture_facts_are_checked_against_the_spec(tiny_llava: Path, tmp_p
 
 
 def test_unsupported_requests_are_refused_before_work() -> None:
-    with pytest.raises(ToolchainUnavailable, match="int4_awq"):
-        stages.check_supported(resolve(load_model_or_spec("tiny-llava", {"quantization.method": "int4_awq"})))
-    with pytest.raises(ToolchainUnavailable, match="VILA"):
-        stages.check_supported(resolve(load_model_or_spec("vila-7B")))
+    for method in ("int4_awq", "w4a8_awq", "int8_sq", "fp8", "int8_wo", "int4_wo"):  # all built on the hf toolchain
+        stages.check_supported(resolve(load_model_or_spec("tiny-llava", {"quantization.method": method})))
+    with pytest.raises(ToolchainUnavailable, match="float KV cache"):
+        stages.check_supported(resolve(load_model_or_spec("tiny-llava", {"quantization.method": "int8_wo",
+                                                                          "quantization.kv_cache_dtype": "fp8"})))
+    stages.check_supported(resolve(load_model_or_spec("vila-7B")))  # VILA needs no VILA code on the hf toolchain
+    stages.check_supported(resolve(load_model_or_spec("vila-7B", {"quantization.method": "int4_awq"})))
+
+
+def test_a_vila15_checkpoint_without_its_image_processor_is_named(tmp_path: Path) -> None:
+    """VILA1.5 keeps its tokenizer in llm/ and its image processor in vision_tower/: those are what must exist."""
+    source = tmp_path / "ckpt"
+    get_family("vila").make_tiny(source)
+    (source / "vision_tower" / "preprocessor_config.json").unlink()
+    with pytest.raises(SourceError, match="missing processor files in .*vision_tower/preprocessor_config.json"):
+        stages.convert(resolve(load_model_or_spec("tiny-vila")), source, tmp_path / "out")

@@ -1,6 +1,7 @@
 """The hf toolchain's stages, each doing real work with torch and transformers.
 
-convert (cast and re-save the checkpoint) -> quantize (weight-only, decoder-only LLMs) -> LLM engine
+convert (cast and re-save the checkpoint) -> quantize (decoder-only LLMs: int8/int4 weights on torch's low-bit
+kernels, or ModelOpt's calibrated fake quantization) -> LLM engine
 (the standalone language model) and, beside it, the visual engine (vision encoder + projector
 exported to ONNX, checked in ONNX Runtime against torch) -> assemble (engine.json) -> validate
 (the runner against the unconverted float32 reference).
@@ -24,32 +25,23 @@ from pydantic import BaseModel
 from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
+from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
 from vlmforge.sources.base import link_or_copy
-from vlmforge.specs.schema import QuantMethod
+from vlmforge.toolchains.quantize.hf import QuantizeResult
 
 log = logging.getLogger(__name__)
 
-HF_QUANT_METHODS = {QuantMethod.NONE: None, QuantMethod.INT8_WO: "int8", QuantMethod.INT4_WO: "int4"}
-PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "tokenizer_config.json"))
-GOLDEN_IMAGE_SIZE = 64
 
 
 def check_supported(resolved: ResolvedSpec) -> None:
     """Refuse, before any work, what the hf toolchain cannot build."""
-    family, spec = resolved.family, resolved.spec
+    from vlmforge.toolchains.quantize.hf import check_hf_quantization
+
+    family = resolved.family
     if not family.hf_supported:
         raise ToolchainUnavailable(family.hf_unsupported_reason
                                    or f"the hf toolchain cannot build {family.name}: use --toolchain trtllm")
-    if spec.quantization.method not in HF_QUANT_METHODS:
-        raise ToolchainUnavailable(
-            f"quantization.method {spec.quantization.method.value}: the hf toolchain quantizes int8_wo and int4_wo "
-            "(weight-only); int4_awq, int8_sq and fp8 need calibration kernels from TensorRT-LLM: use --toolchain trtllm"
-        )
-    if spec.quantization.kv_cache_dtype.value != "auto":
-        raise ToolchainUnavailable("quantization.kv_cache_dtype: the hf toolchain keeps the KV cache in the model dtype; "
-                                   "use --toolchain trtllm for int8/fp8 KV caches")
-    if spec.quantization.method is not QuantMethod.NONE and not family.quantizable:
-        raise SpecError(f"the hf toolchain cannot quantize {family.name}'s LLM", path="quantization.method")
+    check_hf_quantization(resolved)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -71,7 +63,7 @@ beside convert: loads and the ONNX export (which traces through the same globals
 
 
 def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
-    missing = [" or ".join(names) for names in PROCESSOR_FILES if not any((model_dir / n).is_file() for n in names)]
+    missing = resolved.family.missing_processor_files(model_dir)
     if missing:
         raise SourceError(f"missing processor files in {model_dir}: {', '.join(missing)}")
     try:
@@ -129,33 +121,11 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
                          num_attention_heads=facts.num_attention_heads, bytes=safetensors_size(target))
 
 
-class QuantizeResult(BaseModel):
-    method: str
-    bytes_before: int
-    """The LLM's weights in the spec's dtype."""
-    bytes_after: int
-    ratio: float
-
-
 def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device: str = "cpu") -> QuantizeResult:
-    """Weight-only int8/int4 quantization of the LLM with optimum-quanto (the lm_head stays in full precision)."""
-    from vlmforge.modeling.devices import weight_bytes
-    from vlmforge.modeling.quantized import quantize_and_save
-    from vlmforge.toolchains.hf.saving import safetensors_size
+    """The LLM quantized as the hf runner serves it (:mod:`vlmforge.toolchains.quantize.hf`)."""
+    from vlmforge.toolchains.quantize.hf import quantize_for_hf
 
-    spec, family = resolved.spec, resolved.family
-    weights = HF_QUANT_METHODS[spec.quantization.method]
-    if weights is None:
-        raise BuildError("quantize was called for an unquantized spec")
-    dtype = _torch_dtype(spec.dtype.value)
-    model = _load_model(resolved, checkpoint_dir, dtype, device)
-    llm = family.extract_llm(model)
-    before = weight_bytes(llm, dtype)  # what the unquantized LLM's safetensors would hold
-    quantize_and_save(llm, out / "llm", weights)
-    after = safetensors_size(out / "llm")
-    log.info("quantized %s LLM to %s: %d -> %d bytes", spec.name, weights, before, after)
-    return QuantizeResult(method=spec.quantization.method.value, bytes_before=before, bytes_after=after,
-                          ratio=round(after / before, 4) if before else 0.0)
+    return quantize_for_hf(resolved, checkpoint_dir, out, device=device)
 
 
 class LlmResult(BaseModel):
@@ -164,16 +134,17 @@ class LlmResult(BaseModel):
     bytes: int
 
 
-def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized_dir: Path | None, out: Path, *,
+def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized: tuple[Path, QuantizeResult] | None, out: Path, *,
               device: str = "cpu") -> LlmResult:
-    """The LLM engine: the standalone language model (or its quantized form) plus the processor."""
+    """The LLM engine: the standalone language model (or the quantize stage's form of it) plus the processor."""
     from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
     target = out / "llm"
-    if quantized_dir is not None:
+    if quantized is not None:
+        quantized_dir, result = quantized
         shutil.copytree(quantized_dir / "llm", target)
-        fmt = "quanto"
+        fmt = result.format
     else:
         dtype = _torch_dtype(spec.dtype.value)
         llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype, device))
@@ -239,7 +210,8 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
         visual=VisualEngineInfo(path="vision/model.onnx", format="onnx", precision=visual.precision,
                                 max_batch_size=derived.visual_max_batch_size, output_shape=visual.output_shape),
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
-                          quantization=spec.quantization.method.value, architecture=llm.architecture),
+                          quantization=spec.quantization.method.value,
+                          kv_cache_dtype=spec.quantization.kv_cache_dtype.value, architecture=llm.architecture),
     )
     config.write(out)
     return config

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmforge.errors import BuildError, ToolchainUnavailable
+from vlmforge.errors import BuildError, PlanError, ToolchainUnavailable
 from vlmforge.plans.model import Plan, Step
 from vlmforge.system.env import require_trtllm
 
@@ -30,7 +31,7 @@ MARKERS = ".vlmforge-steps"
 
 def check_buildable(family: Any) -> None:
     """Refuse, before any work, a family the trtllm flow cannot finish: it validates every engine against the
-    family's transformers reference (VILA has none: its checkpoints need VILA's own code)."""
+    family's transformers reference, which a plan-only family (``hf_supported = False``) lacks."""
     if not family.hf_supported:
         raise ToolchainUnavailable(f"{family.name}: `vlmforge build` validates every TensorRT engine against the "
                                    "transformers reference, which this family lacks; render the exact commands with "
@@ -45,6 +46,28 @@ def require_examples(plan: Plan) -> None:
             f"TensorRT-LLM's example scripts are not at {', '.join(missing)}: this container does not match dialect "
             f"{plan.dialect.value} ({plan.requirements.tensorrt_llm}); pick the matching image or --dialect"
         )
+
+
+def _within(path: str, other: str) -> bool:
+    """``path`` is ``other`` or lies below it."""
+    path, other = posixpath.normpath(path), posixpath.normpath(other)
+    return path == other or path.startswith(other.rstrip("/") + "/")
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Deleting one of the two paths would delete (part of) the other."""
+    return _within(a, b) or _within(b, a)
+
+
+def check_step_paths(plan: Plan) -> None:
+    """Refuse, before anything runs, a step whose outputs overlap what it reads or edits: a step's stale outputs
+    are deleted before it runs, which would delete its own inputs (a file it patches in place is an edit)."""
+    for step in plan.steps:
+        for out in step.outputs:
+            clash = [path for path in step.inputs + step.edits if overlaps(out, path)]
+            if clash:
+                raise PlanError(f"step {step.name}: output {out} overlaps its input {clash[0]}; running it would "
+                                "delete what it reads (list a file a step changes in place under edits, not outputs)")
 
 
 @dataclass(frozen=True)
@@ -89,15 +112,23 @@ def run_step(step: Step, log_path: Path, on_line: Callable[[str], None], *, env:
 def execute_plan(plan: Plan, workspace: Path, log_dir: Path, on_line: Callable[[str], None], *,
                  inputs: str = "") -> list[StepRun]:
     """Run every step of ``plan`` in order, skipping those already completed with the same argv and ``inputs``
-    (the source's resolved revision: a new one runs every step again, from the download on)."""
+    (the source's resolved revision: a new one runs every step again, from the download on).
+
+    A step's outputs are deleted before it runs (what an interrupted run left); its edits never are. A step that
+    edits in place runs again whenever an earlier step of this run wrote the file it edits (a fresh clone is
+    unpatched), and is otherwise skipped like any other: its edits are not idempotent (``sed`` appending a line).
+    """
+    check_step_paths(plan)
     require_trtllm()
     require_examples(plan)
     runs = []
     digest = inputs
+    written: list[str] = []  # outputs of the steps this run executed
     for index, step in enumerate(plan.steps, 1):
         marker, digest = _marker(workspace, step, digest)
         log_path = log_dir / f"{index:02d}-{step.name}.log"
-        if marker.is_file() and all(Path(out).exists() for out in step.outputs):
+        fresh_edit = any(overlaps(edit, out) for edit in step.edits for out in written)
+        if marker.is_file() and all(Path(out).exists() for out in step.outputs) and not fresh_edit:
             on_line(f"[{step.name}] skipped: completed before with the same command and inputs")
             runs.append(StepRun(step, log_path, 0.0, True))
             continue
@@ -106,5 +137,6 @@ def execute_plan(plan: Plan, workspace: Path, log_dir: Path, on_line: Callable[[
         seconds = run_step(step, log_path, on_line)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"argv": step.argv, "seconds": seconds}))
+        written += step.outputs
         runs.append(StepRun(step, log_path, seconds, False))
     return runs
