@@ -223,7 +223,7 @@ def test_the_http_port_is_held_from_before_the_engine_loads(tiny_engine, monkeyp
     port = free_port()
     seen: list[int] = []
 
-    def loading(settings, info, channel):
+    def loading(engine_dir, options):
         with socket.socket() as other:
             try:
                 other.bind(("127.0.0.1", port))
@@ -233,7 +233,7 @@ def test_the_http_port_is_held_from_before_the_engine_loads(tiny_engine, monkeyp
                 seen.append(0)
         raise KeyboardInterrupt  # stop before serving
 
-    monkeypatch.setattr(server_module, "load_serving_engine", loading)
+    monkeypatch.setattr(server_module, "load_engine", loading)
     with pytest.raises(KeyboardInterrupt):
         server_module.serve(server_module.ServeSettings(engine_dir=tiny_engine, port=port, device="cpu"))
     assert seen == [errno.EADDRINUSE]

@@ -59,6 +59,7 @@ from vlmforge.runner.openai_api import (
     stop_strings,
     usage,
 )
+from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.protocol import ServingEngine
 
 log = logging.getLogger(__name__)
@@ -432,8 +433,6 @@ def serve(settings: ServeSettings) -> int:
         init_distributed,
         run_follower,
     )
-
-    from vlmforge.runner.loader import LoadOptions, load_engine
 
     info = RankInfo.from_env()
     check_exposure(settings.host, settings.api_key.get_secret_value() if settings.api_key is not None else None)
