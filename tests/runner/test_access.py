@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vlmforge.errors import DeployError
-from vlmforge.runner.access import check_exposure, is_loopback
+from vlmforge.runner.access import check_exposure, is_loopback, is_loopback_address
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
@@ -20,9 +20,15 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
+def test_names_count_as_loopback_only_when_resolved_here() -> None:
+    """The runner resolves a name it is told to listen on; deploy (which may start rank 0 on another host) does not."""
+    assert is_loopback("localhost") and is_loopback_address("localhost")
+    assert not is_loopback_address("ip6-localhost") and not is_loopback_address("no-such-host.invalid")
+
+
 def test_listening_beyond_loopback_needs_a_key() -> None:
     check_exposure("127.0.0.1", None)
-    check_exposure("0.0.0.0", "a-key")
+    check_exposure("0.0.0.0", "a-key-of-sixteen+")
     for key in (None, ""):
         with pytest.raises(DeployError) as caught:
             check_exposure("0.0.0.0", key)
@@ -54,3 +60,14 @@ def test_the_cli_takes_the_key_from_its_option_or_the_environment(
     assert (settings.api_key.get_secret_value() if settings.api_key else None) == key
     assert settings.header_timeout_s == 3
     assert "from-the" not in repr(settings), "the key never shows in logs or reprs"
+
+
+@pytest.mark.parametrize(("key", "words"), [("short-key", "at least 16"), ("a key with spaces in it", "visible ASCII"),
+                                            ("new\nline-in-the-key-x", "visible ASCII")])
+def test_a_weak_or_unsendable_key_is_refused_on_any_address(key: str, words: str) -> None:
+    """The runner takes the keys deploy takes: one no header can carry would let no client in, a short one can be
+    guessed. The message never echoes the key."""
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with pytest.raises(DeployError, match=words) as caught:
+            check_exposure(host, key)
+        assert key not in str(caught.value)

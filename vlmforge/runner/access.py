@@ -1,6 +1,7 @@
 """Who may reach the runner, and how long a connection may take to say what it wants.
 
-- :func:`check_exposure`: a runner that listens beyond loopback must have an API key (it refuses to start).
+- :func:`check_exposure`: a runner that listens beyond loopback must have an API key (it refuses to start), and a
+  key must be one a client can send and no one can guess (:func:`check_key`; deploy applies the same rules).
 - :class:`ApiKeyMiddleware`: with a key, every path but ``/health`` needs ``Authorization: Bearer KEY`` (as
   OpenAI's clients send it), compared in constant time; otherwise 401 with OpenAI's error body, before the
   request body is read.
@@ -17,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -26,6 +28,12 @@ from vlmforge.errors import DeployError
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "VLMFORGE_API_KEY"
+"""The environment variable the runner (and ``vlmforge deploy``, which passes it to rank 0) reads the key from."""
+MIN_KEY_LENGTH = 16
+"""Shorter keys can be guessed (and deploy records a fingerprint of the key, which a short one would give away)."""
+GENERATE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+_KEY_RE = re.compile(r"[\x21-\x7e]+")
+"""Visible ASCII: what an HTTP header and an environment variable carry unchanged."""
 OPEN_PATHS = frozenset({"/health"})
 """Paths answered without the key (load balancers and orchestrators probe them)."""
 
@@ -35,15 +43,28 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) reaches this machine only: every address it resolves to is loopback.
-    ``""``, ``0.0.0.0`` and ``::`` (all interfaces) are not."""
-    if host in ("", "0.0.0.0", "::"):
-        return False
+def is_loopback_address(host: str) -> bool:
+    """Whether ``host`` is loopback as written (127.0.0.0/8, ::1, ``localhost``), without resolving names: all
+    interfaces (``0.0.0.0``, ``::``, empty) and other names are not. Deploy uses this (rank 0 may run on another
+    host, where a name resolves differently)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only: loopback as written, or a name whose every
+    address is loopback. ``""``, ``0.0.0.0`` and ``::`` (all interfaces) are not."""
+    if is_loopback_address(host):
+        return True
+    if host in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return False  # an address that is not loopback
     except ValueError:
         pass
     try:
@@ -53,9 +74,24 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
+def check_key(api_key: str) -> None:
+    """A DeployError saying why ``api_key`` cannot be a runner's key (never echoing it): under
+    :data:`MIN_KEY_LENGTH` characters, or characters other than visible ASCII (a header could not carry it, so no
+    client could ever be let in)."""
+    if len(api_key) < MIN_KEY_LENGTH:
+        raise DeployError(f"the API key is {len(api_key)} characters long; use at least {MIN_KEY_LENGTH} "
+                          f"(make one with {GENERATE_KEY})")
+    if not _KEY_RE.fullmatch(api_key):
+        raise DeployError("the API key may hold only visible ASCII characters (no spaces, newlines or other "
+                          f"control characters): it travels in an HTTP header (make one with {GENERATE_KEY})")
+
+
 def check_exposure(host: str, api_key: str | None) -> None:
-    """Refuse to listen beyond loopback without an API key."""
-    if api_key or is_loopback(host):
+    """Refuse a key that cannot serve (:func:`check_key`), and to listen beyond loopback without one."""
+    if api_key:
+        check_key(api_key)
+        return
+    if is_loopback(host):
         return
     raise DeployError(
         f"the runner would listen on {host or 'all interfaces'!r}, which is not a loopback address, without an API "
