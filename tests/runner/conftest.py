@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +26,20 @@ def guarded_runner(tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) 
                            env={"VLMFORGE_API_KEY": GUARD_KEY})
     yield started
     stop_runner(started)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_of(build_workdir: Path) -> Callable[[str], Path]:
+    """The engine directory of a tiny model (``llava``, ``vila1.0``: ``tiny://NAME``'s catalog entry), built by the
+    real hf pipeline once per session in the shared work dir (tiny-llava's and tiny-vila's builds are reused)."""
+    from tests.helpers.runners import build_tiny
+    from tests.helpers.tiny import tiny_spec
+
+    made: dict[str, Path] = {}
+
+    def engine_of(name: str) -> Path:
+        if name not in made:
+            made[name] = build_tiny(tiny_spec(name).name, build_workdir)
+        return made[name]
+
+    return engine_of

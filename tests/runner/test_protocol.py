@@ -1,5 +1,5 @@
 """The engine protocol: one loader that dispatches by toolchain, and both engines giving everything their protocol
-declares (the scheduler, the followers and the server use nothing else)."""
+declares (the scheduler, the followers and the server use nothing else), for every registered family."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.tiny import TINY_MODELS
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.protocol import Engine, EngineKind, IncrementalEngine, WholeRequestEngine
@@ -34,18 +35,63 @@ def same_parameters(declared: Any, actual: Any, *, bound: bool) -> bool:
         p.default is not inspect.Parameter.empty for p in have[len(want):])
 
 
-def test_the_hf_engine_is_an_incremental_engine(tiny_engine: Path) -> None:
-    engine = load_engine(tiny_engine)
+class Recorder:
+    """Rank 0's side of the control channel: the tokens fed after each step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[list[int], bool]] = []
+
+    def step(self, tokens: Any, go_on: bool) -> None:
+        self.steps.append((tokens.tolist(), go_on))
+
+
+class Replay:
+    """A following rank's side: rank 0's recorded steps."""
+
+    def __init__(self, steps: list[tuple[list[int], bool]]) -> None:
+        self.steps = iter(steps)
+
+    def step(self, size: int) -> tuple[Any, bool]:
+        import torch
+
+        tokens, go_on = next(self.steps)
+        assert len(tokens) == size
+        return torch.tensor(tokens), go_on
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_every_family_serves_through_the_incremental_protocol(name: str, tiny_engine_of: Any) -> None:
+    """Every tiny model of every registered family: the loader gives an incremental engine with everything the
+    protocol declares, and the one encode -> prefix -> batch sequence (vlmforge.runner.jobs) gives rank 0 the
+    tokens of each request alone, and a following rank, fed rank 0's tokens, the same steps."""
+    from vlmforge.modeling.images import synthetic_images
+    from vlmforge.runner.jobs import encode_job, follow_job, lead_batch
+
+    engine = load_engine(tiny_engine_of(name))
     assert engine.kind is EngineKind.INCREMENTAL
-    missing = [name for name in members(IncrementalEngine) if not hasattr(engine, name)]
+    missing = [member for member in members(IncrementalEngine) if not hasattr(engine, member)]
     assert not missing, missing
-    for name in members(IncrementalEngine):
-        declared = getattr(IncrementalEngine, name, None)
+    for member in members(IncrementalEngine):
+        declared = getattr(IncrementalEngine, member, None)
         if inspect.isfunction(declared):
-            assert same_parameters(declared, getattr(engine, name), bound=True), name
+            assert same_parameters(declared, getattr(engine, member), bound=True), member
     assert engine.limits.max_batch_size == engine.config.max_batch_size
     assert engine.decode_path == "dynamic"
     engine.warmup([1, 2], 20, 4)  # nothing to compile on the dynamic path
+
+    images = synthetic_images(64)
+    prompts = ["What is this?", None, "Describe the picture, please."] if engine.family.takes_prompt else [None] * 3
+    limits = [6, 3, 8]
+    job = encode_job(engine, images, prompts, limits)
+    assert [f.shape[0] for f in job.features] == [1, 1, 1] and job.vision_ms > 0
+    recorder = Recorder()
+    batch = lead_batch(engine, job, sync=recorder)
+    for _ in batch:
+        pass
+    alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, prompts, limits)]
+    assert [r.tokens for r in batch.results()] == [a.tokens for a in alone]
+    assert recorder.steps and [go for _, go in recorder.steps][-1] is False
+    assert follow_job(engine, job.to_host(), Replay(recorder.steps)) == batch.steps
 
 
 def test_the_tensorrt_engine_class_is_a_whole_request_engine() -> None:
