@@ -1,8 +1,9 @@
 """GPU benchmark of quantization on LLaVA-1.5-7B shapes (random fp16 weights): two parts, each under 10 minutes.
 
 ``--parts decode`` (needs vlmforge's core only: pydantic, see bench/README.md): the hf runner's LLM engines at batch 1
-on the static-cache, compiled and graph-captured decode path: fp16 against int4 and int8 weight-only (torch's
-``_weight_int4pack_mm`` / ``_weight_int8pack_mm`` kernels, vlmforge's low-bit format), all in this run: decode
+on the static-cache, compiled and graph-captured decode path: fp16 against int4 and int8 weight-only (vlmforge's
+low-bit format; int4 on torch's ``_weight_int4pack_mm``, int8 codes cast inside the compiled matmul), all in this
+run: decode
 tokens/s, the speed-up over fp16 (target: 1.8x for int4), the weight bytes each reads per token, and, teacher-forced
 on fp16's greedy tokens, the logit error and the greedy agreement against fp16.
 

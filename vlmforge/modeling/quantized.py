@@ -1,7 +1,7 @@
 """Weight-only int8/int4 LLMs that run on torch's own low-bit matmul kernels (the hf runner's int8_wo and int4_wo).
 
 Every ``nn.Linear`` of the LLM but the head becomes an :class:`Int8Linear` (per-output-channel symmetric int8,
-``torch._weight_int8pack_mm``) or an :class:`Int4Linear` (asymmetric int4 in groups along the input,
+``torch._weight_int8pack_mm`` on the CPU, the codes cast inside a fused matmul on CUDA) or an :class:`Int4Linear` (asymmetric int4 in groups along the input,
 ``torch._weight_int4pack_mm``: tinygemm on CUDA, bf16 activations; its CPU twin ``_weight_int4pack_mm_for_cpu``).
 The weights stay low-bit in memory and are read low-bit by the kernel: no fake quantization.
 
@@ -92,7 +92,8 @@ def _inner_k_tiles(in_features: int) -> int:
 
 
 class Int8Linear(torch.nn.Module):
-    """``y = x @ (codes * scale).T + b`` on ``torch._weight_int8pack_mm`` (int8 weights read as int8)."""
+    """``y = x @ (codes * scale).T + b``: ``torch._weight_int8pack_mm`` on the CPU; on CUDA the codes are cast in
+    the matmul (fused by the compiled decode step). The weights stay int8 in memory."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -105,8 +106,12 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.is_cuda:  # the CUDA kernel reads float32 activations and scales
-            out = torch._weight_int8pack_mm(flat.float().contiguous(), self.qweight, self.scale).to(x.dtype)
+        if flat.is_cuda:
+            # Not torch's CUDA _weight_int8pack_mm: it reads float32 activations and ran LLaVA-7B's decode at 20 tok/s
+            # on an H200 (fp16: 236; bench/quantize_gpu.py). The int8 codes cast in the matmul's operand, scaled after
+            # (exact: |code| <= 127): the compiled decode step fuses the cast into the matrix-vector product, so the
+            # weights are still read as int8.
+            out = torch.nn.functional.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)
         else:
             out = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale.to(x.dtype))
         if self.bias is not None:
@@ -118,7 +123,9 @@ class Int8Linear(torch.nn.Module):
 
 
 class Int4Linear(torch.nn.Module):
-    """``y = x @ W.T + b`` with W int4 in groups, on ``torch._weight_int4pack_mm`` (CUDA: bfloat16 activations)."""
+    """``y = x @ W.T + b`` with W int4 in groups, on ``torch._weight_int4pack_mm`` (CUDA: tinygemm, bfloat16
+    activations; its CPU twin on the CPU). Casting unpacked codes inside a compiled matmul, as int8 does, is 3.7x
+    slower per layer than tinygemm on an H200 (bench/lowbit_gemv.py): Inductor does not fuse the unpacking."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
@@ -277,7 +284,7 @@ def lowbit_kernels(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, Int8Linear):
-            key = "_weight_int8pack_mm"
+            key = "int8_cast_in_linear" if module.qweight.is_cuda else "_weight_int8pack_mm"
         elif isinstance(module, Int4Linear):
             key = "_weight_int4pack_mm" if module.cuda_kernel else "_weight_int4pack_mm_for_cpu"
         elif isinstance(module, torch.nn.Linear):

@@ -58,7 +58,7 @@ def test_split_pipeline_on_cuda(name: str, tmp_path: Path) -> None:
             quantize_and_save(float_llm, tmp_path / weights, weights, group_size=64)
             on_gpu = load_quantized(family.llm_class(), tmp_path / weights, torch.float32, "cuda")
             on_cpu = load_quantized(family.llm_class(), tmp_path / weights, torch.float32, "cpu")
-            assert lowbit_kernels(on_gpu).get("_weight_int4pack_mm" if weights == "int4" else "_weight_int8pack_mm")
+            assert lowbit_kernels(on_gpu).get("_weight_int4pack_mm" if weights == "int4" else "int8_cast_in_linear")
             cpu = family.generate(on_cpu, processor, features[:1].cpu(), prompt, MAX_NEW_TOKENS)
             gpu = family.generate(on_gpu, processor, features[:1], prompt, MAX_NEW_TOKENS)
             assert (gpu.logits[0] - cpu.logits[0]).abs().max().item() < tolerance

@@ -17,7 +17,7 @@ from vlmforge.families import resolve
 from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.toolchains.quantize import checkpoint as ck
 
-TINY = {"llava": "tiny-llava", "blip2-opt": "tiny-blip2-opt"}
+TINY = {"llava": "tiny-llava", "blip2-opt": "tiny-blip2-opt", "vila": "tiny-vila"}
 LOOSE = {"validation.max_logit_error": 10.0, "quantization.calibration.size": 4}
 """Random tiny LLMs are fragile under int4 (next-token errors up to 0.35 here): these tests check the checkpoint, not
 the quantization's accuracy, so the gate is loosened (test_the_accuracy_gate_refuses... checks the gate)."""
@@ -34,6 +34,8 @@ CASES = [
     ("llava", "none", "int8", 1, 2, None),
     ("blip2-opt", "none", "auto", 2, 1, None),
     ("blip2-opt", "int4_wo", "auto", 1, 1, "W4A16"),
+    ("vila", "int4_awq", "auto", 2, 1, "W4A16_AWQ"),  # VILA1.5's layout: the LLaMA in llm/
+    ("vila", "int8_sq", "auto", 1, 1, "W8A8_SQ_PER_CHANNEL"),
 ]
 
 
@@ -67,7 +69,7 @@ def test_every_format_reads_back_as_the_quantized_model(case: tuple[Any, ...], t
         assert result.calibration["samples"] == 4 and result.calibration["source"] == "synthetic"
     with safe_open(str(tmp_path / "ckpt" / "rank0.safetensors"), "pt") as f:
         qkv = f.get_tensor("transformer.layers.0.attention.qkv.weight")
-    rows = {"llava": (4 + 2 + 2) * 16, "blip2-opt": 3 * 64}[family] // tp
+    rows = {"llava": (4 + 2 + 2) * 16, "vila": (4 + 2 + 2) * 16, "blip2-opt": 3 * 64}[family] // tp
     assert qkv.shape[0] == (rows // 2 if algo in ("W4A16_AWQ", "W4A8_AWQ") else rows)  # int4: two per byte
 
 

@@ -28,6 +28,9 @@ CASES = [
     ("tiny-llava", "none", "int8", 0.5, 0.05),       # 0.79 / 0.0099
     ("tiny-blip2-opt", "int4_awq", "auto", 0.4, 0.5),  # 0.67 / 0.30
     ("tiny-blip2-opt", "int8_wo", "auto", 0.5, 0.06),  # 0.67 / 0.019
+    # VILA's tiny LLaMA (init 0.08, larger logits, more near-ties): both on-disk layouts
+    ("tiny-vila", "int4_awq", "auto", 0.1, 1.2),
+    ("tiny-vila1.0", "int8_sq", "auto", 0.1, 1.0),  # 0.19 / 0.68
 ]
 
 
