@@ -11,6 +11,7 @@ import typer
 
 from vlmforge.cli.app import app
 from vlmforge.runner import CompileMode, DecodeMode
+from vlmforge.runner.access import API_KEY_ENV
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
 
@@ -32,7 +33,7 @@ def serve_cmd(
                                                show_envvar=True)],
     host: Annotated[str, typer.Option(help="Address rank 0 listens on (beyond loopback, an API key is required).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port rank 0 listens on ($VLMFORGE_PORT).")] = DEFAULT_PORT,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="VLMFORGE_API_KEY", show_envvar=True, show_default=False,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
                                                 help="Clients must send 'Authorization: Bearer KEY' (all but /health). Prefer the environment variable: arguments are visible to other users of the machine.")] = None,
     header_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a connection may take to send a request's headers before it is closed.")] = 10.0,
     body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request body may take to arrive (408 beyond).")] = 60.0,
