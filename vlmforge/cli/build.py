@@ -125,7 +125,7 @@ def selftest_cmd(
     quiet_prefect()
     build_engine = load_flow("build-engine")
     from vlmforge.modeling.images import synthetic_images
-    from vlmforge.runner.engine import load_engine
+    from vlmforge.runner.loader import load_engine
     from vlmforge.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="vlmforge-selftest-") as tmp:
