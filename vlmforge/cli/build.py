@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from vlmforge.cli.app import app, console, print_json
+from vlmforge.cli.app import app, console, err_console, print_json
 from vlmforge.cli.flows import load_flow, quiet_prefect
 from vlmforge.cli.specs import (
     BatchOpt,
@@ -22,17 +23,22 @@ from vlmforge.cli.specs import (
     VisualBatchOpt,
     spec_overrides,
 )
+from vlmforge.errors import VlmforgeError
 from vlmforge.families import resolve
 from vlmforge.specs.catalog import load_model_or_spec
-from vlmforge.specs.schema import Toolchain
+from vlmforge.specs.schema import BuildSpec, Toolchain
+
+if TYPE_CHECKING:
+    from vlmforge.build.published import PublishedBuild
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE or a local dir).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Work dir for stage outputs (default: $VLMFORGE_WORKDIR).")]
 
 
-def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
+def preflight(model: str, toolchain: Toolchain, overrides: dict) -> BuildSpec:
     """Everything that can be refused before Prefect starts: the spec, the rules, the toolchain."""
-    resolved = resolve(load_model_or_spec(model, overrides))
+    spec = load_model_or_spec(model, overrides)
+    resolved = resolve(spec)
     if toolchain is Toolchain.HF:
         from vlmforge.toolchains.hf.stages import check_supported
 
@@ -43,6 +49,23 @@ def preflight(model: str, toolchain: Toolchain, overrides: dict) -> None:
 
         check_trtllm_buildable(resolved)
         require_trtllm()
+    return spec
+
+
+def already_published(spec: BuildSpec, toolchain: Toolchain, store: str | None, workdir: Path | None,
+                      aliases: list[str] | None) -> PublishedBuild | None:
+    """The stored build this run would produce, with its aliases in place (checked before any server starts); None
+    when the flow has work to do, or when the check itself could not be made (the flow then says why, with retries)."""
+    from vlmforge.build.pipeline import default_workdir
+    from vlmforge.build.published import find_published
+
+    try:
+        return find_published(spec, toolchain, store_url=store, workdir=workdir or default_workdir(),
+                              aliases=tuple(aliases or ("latest",)))
+    except VlmforgeError as exc:
+        err_console.print(f"could not check whether {spec.name} is already published ({escape(str(exc))}): building",
+                          highlight=False)
+        return None
 
 
 @app.command("build")
@@ -54,14 +77,31 @@ def build_cmd(
     max_batch_size: BatchOpt = None, max_input_len: InputOpt = None, max_output_len: OutputOpt = None,
     visual_batch_size: VisualBatchOpt = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Aliases to move after validation (default: latest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run the build flow even when the store already holds this "
+                                        "build with its aliases in place (its stages still reuse the work dir).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build, validate and publish an engine through the Prefect flow (a temporary local Prefect server unless
-    PREFECT_API_URL is set)."""
+    PREFECT_API_URL is set). A build the store already holds, from the same spec, source revision and libraries,
+    with its aliases in place, is reported in seconds without starting Prefect (--force runs the flow anyway)."""
     overrides = spec_overrides(tp=tp, pp=pp, dtype=dtype, quant=quant, max_batch_size=max_batch_size,
                                max_input_len=max_input_len, max_output_len=max_output_len,
                                visual_batch_size=visual_batch_size, dialect=dialect)
-    preflight(model, toolchain, overrides)
+    spec = preflight(model, toolchain, overrides)
+    published = None if force else already_published(spec, toolchain, store, workdir, alias)
+    if published is not None:
+        summary = published.summary(toolchain)
+        if as_json:
+            print_json(summary)
+            return
+        console.print(f"[bold green]engine[/] {summary['model']}#{summary['build_id']} is already published: nothing "
+                      "to build (same spec, source revision and libraries; --force runs the build flow anyway)",
+                      highlight=False)
+        console.print(f"stored in {summary['store']}", highlight=False)
+        console.print(f"manifest {summary['manifest_url']}", highlight=False, soft_wrap=True)
+        console.print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in summary["aliases"].items()), highlight=False)
+        _print_validation(summary["validation"])
+        return
     quiet_prefect()
     build_engine = load_flow("build-engine")
 
@@ -74,6 +114,10 @@ def build_cmd(
     console.print(f"\n[bold green]engine[/] {summary['model']}#{summary['build_id']}", highlight=False)
     console.print(f"stored in {summary['store']}" + ("" if summary["created"] else " (already there: nothing uploaded)"),
                   highlight=False)
+    _print_validation(validation)
+
+
+def _print_validation(validation: dict) -> None:
     console.print(f"validation: token agreement {validation['token_agreement']}, max logit error "
                   f"{_figure(validation['max_logit_error'])}, vision {_figure(validation['vision_ms'], ' ms')}, LLM "
                   f"{_figure(validation['llm_ms'], ' ms')}, end-to-end {_figure(validation['e2e_ms'], ' ms')}",

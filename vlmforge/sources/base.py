@@ -120,6 +120,12 @@ class Source(ABC):
     def resolve_revision(self) -> str:
         """The exact current revision, as cheaply as the source allows (used by the watcher)."""
 
+    def revision_key(self) -> str | None:
+        """A cheap key that determines :meth:`resolve_revision`'s answer exactly, for a source whose revision is a
+        pure function of code on this machine (``tiny://``); None for the others (their revision is what they hold
+        now: a directory's content, a bucket's listing, a hub's commit)."""
+        return None
+
     @abstractmethod
     def fetch(self, dest: Path) -> FetchedSource:
         """Download into ``dest`` (an empty directory), verify, and describe what was fetched."""
