@@ -15,9 +15,10 @@ import pytest
 
 from vlmforge.build.pipeline import BUILD_KEY, HfPipeline
 from vlmforge.build.publish import publish_engine
-from vlmforge.build.published import build_key_for, find_published
+from vlmforge.build.published import build_keys, find_published
 from vlmforge.build.revisions import RevisionMemo
 from vlmforge.build.workdir import StageOutcome, Workdir
+from vlmforge.errors import SourceError
 from vlmforge.families import get_family
 from vlmforge.sources import open_source
 from vlmforge.specs.schema import BuildSpec, Toolchain, spec_from_dict
@@ -86,7 +87,7 @@ def test_the_key_known_before_the_build_is_the_one_the_build_records(built: Buil
     assert check(built, store_url) is None  # nothing published yet (on S3: the bucket has no store yet)
     published = built.publish(store_url).manifest
     revision = open_source(built.pipeline.spec.source).resolve_revision()
-    assert published.extra[BUILD_KEY] == build_key_for(built.pipeline.spec, Toolchain.HF, revision, built.workdir)
+    assert published.extra[BUILD_KEY] == build_keys(built.pipeline.spec, Toolchain.HF, built.workdir)(revision)
     found = check(built, store_url)
     assert found is not None and found.manifest.build_id == published.build_id
     assert found.aliases == {"latest": published.build_id}
@@ -136,6 +137,20 @@ def test_a_source_that_moved_on_is_not_published(built: Built, store_url: str) -
     moved = local_spec(built.source.parent / "elsewhere")  # the source is part of the build's fingerprint
     shutil.copytree(built.source, built.source.parent / "elsewhere", dirs_exist_ok=True)
     assert check(built, store_url, moved) is None
+
+
+def test_the_source_is_resolved_only_when_a_stored_build_could_match(built: Built, store_url: str) -> None:
+    missing = local_spec(built.source.parent / "missing")  # resolving this source fails
+    assert check(built, store_url, missing) is None  # no store yet: nothing to resolve
+    built.publish(store_url)
+    assert check(built, store_url, missing) is None  # another source than the stored build's: nothing to resolve
+    hidden = built.source.with_name("hidden")
+    built.source.rename(hidden)
+    try:
+        with pytest.raises(SourceError, match="source directory not found"):
+            check(built, store_url)  # a stored build could match: the source is resolved, and the failure said
+    finally:
+        hidden.rename(built.source)
 
 
 def test_a_manifest_without_a_key_never_matches(built: Built, store_url: str) -> None:

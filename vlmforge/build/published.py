@@ -7,16 +7,18 @@ source revision to validation (:meth:`vlmforge.build.pipeline.HfFingerprints.bui
 for the source's current revision is exactly the build the flow would produce and validate; when each alias asked
 for already points to it (or to a newer build, which publishing keeps), running the flow would change nothing.
 
-The source's revision is resolved as the build resolves it (a hub API call for ``hf://``, a listing for ``s3://``,
-hashing the directory for ``file://``), except ``tiny://``, whose revision is remembered per code and library
-versions (:mod:`vlmforge.build.revisions`). Manifests without a key (published before keys were recorded) never
+The source's current revision is resolved only when the store holds a build of this spec (its key at its own
+revision matches): as the build resolves it (a hub API call for ``hf://``, a listing for ``s3://``, hashing the
+directory for ``file://``), except ``tiny://``, whose revision is remembered per code and library versions
+(:mod:`vlmforge.build.revisions`). Manifests without a key (published before keys were recorded) never
 match: the flow runs, and publishes nothing when the engine's fingerprint is stored already.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +63,16 @@ class PublishedBuild:
         }
 
 
-def build_key_for(spec: BuildSpec, toolchain: Toolchain, revision: str, workdir: Path) -> str:
-    """The key the build of ``spec`` from ``revision`` records in its manifest."""
+def build_keys(spec: BuildSpec, toolchain: Toolchain, workdir: Path) -> Callable[[str], str]:
+    """revision -> the key the build of ``spec`` from that revision records in its manifest."""
     if toolchain is Toolchain.TRTLLM:
         from vlmforge.build.trtllm_pipeline import TrtllmPipeline
 
         # The plan's paths lie under the work dir, as the flow's do; constructing it refuses outside the container.
-        return TrtllmPipeline(spec, Workdir(workdir), on_event=lambda line: None).build_key(revision)
+        return TrtllmPipeline(spec, Workdir(workdir), on_event=lambda line: None).build_key
     fingerprints = hf_fingerprints(spec)
-    return fingerprints.build_key(revision, calibration_of(fingerprints.resolved))
+    calibration = calibration_of(fingerprints.resolved)
+    return lambda revision: fingerprints.build_key(revision, calibration)
 
 
 def find_published(spec: BuildSpec, toolchain: Toolchain, *, store_url: str | None, workdir: Path,
@@ -77,16 +80,23 @@ def find_published(spec: BuildSpec, toolchain: Toolchain, *, store_url: str | No
     """The stored build the flow would produce for ``spec`` with every alias in ``aliases`` already in place, or
     None (never published, an alias would move, or the source moved on: the flow has work to do).
 
-    Errors reaching the source or the store propagate: the caller decides whether to build anyway.
+    The store is read first: a stored build can only match if its key is the key of this spec at the revision it
+    was built from, so the source's current revision is resolved only when such a build exists (a first build, or
+    a changed spec, costs no resolution). Errors reaching the source or the store propagate: the caller decides
+    whether to build anyway.
     """
-    source = open_source(spec.source)
-    revision = RevisionMemo(workdir).resolve(source)
-    key = build_key_for(spec, toolchain, revision, workdir)
     with open_store(store_url) as store:
-        match = next((m for m in store.manifests(spec.name)
-                      if m.extra.get(BUILD_KEY) == key and m.toolchain == toolchain.value), None)
+        key_at = functools.cache(build_keys(spec, toolchain, workdir))
+        candidates = [m for m in store.manifests(spec.name)
+                      if m.toolchain == toolchain.value and m.source.uri == spec.source and m.source.revision
+                      and m.extra.get(BUILD_KEY) == key_at(m.source.revision)]
+        if not candidates:
+            log.info("%s: no stored build of this spec (and libraries) in %s", spec.name, store.url)
+            return None
+        revision = RevisionMemo(workdir).resolve(open_source(spec.source))
+        match = next((m for m in candidates if m.source.revision == revision), None)
         if match is None:
-            log.info("%s: no stored build has key %s (revision %s)", spec.name, key[:12], revision)
+            log.info("%s: the source moved on to %s since its stored builds", spec.name, revision)
             return None
         placed = {}
         for alias in aliases:
@@ -95,4 +105,4 @@ def find_published(spec: BuildSpec, toolchain: Toolchain, *, store_url: str | No
                 log.info("%s: %s is published, but publishing it would move %s", spec.name, match.ref, alias)
                 return None
             placed[alias] = stays.build_id
-        return PublishedBuild(manifest=match, store_url=store.url, key=key, aliases=placed)
+        return PublishedBuild(manifest=match, store_url=store.url, key=key_at(revision), aliases=placed)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from vlmforge.cli.app import app, console, err_console, print_json
-from vlmforge.cli.flows import load_flow, quiet_prefect
+from vlmforge.cli.flows import load_flow, quiet_prefect, start_api
 from vlmforge.cli.specs import (
     BatchOpt,
     DialectOpt,
@@ -103,7 +103,13 @@ def build_cmd(
         _print_validation(summary["validation"])
         return
     quiet_prefect()
+    wait_for_api = start_api()  # Prefect's server starts meanwhile: the two overlap on a small machine
     build_engine = load_flow("build-engine")
+    if toolchain is Toolchain.HF:
+        from vlmforge.build.pipeline import import_stage_modules
+
+        import_stage_modules()
+    wait_for_api()
 
     summary = build_engine(model=model, toolchain=toolchain.value, store=store,
                            workdir=str(workdir) if workdir else None, overrides=overrides, aliases=alias)
