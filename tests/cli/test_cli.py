@@ -184,3 +184,29 @@ def test_a_published_build_is_reported_in_seconds_without_prefect(prefect_server
     assert prod.returncode == 0, prod.stderr[-3000:]
     assert json.loads(prod.stdout)["aliases"] == {"prod": built["build_id"]}
     assert json.loads(cli("--alias", "prod", "--json", environ=nowhere).stdout)["already_published"] is True
+
+
+@pytest.mark.slow
+def test_a_build_prints_one_progress_display_and_verbose_shows_the_rest(prefect_server: str, tmp_path: Path) -> None:
+    """A build printed Prefect's run log, torch's ONNX exporter warnings (torchvision), FutureWarnings and
+    transformers' per-file progress bars between its lines: now one progress display and the result; --verbose
+    prints all of it as before."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
+    noise = ("Loading weights", "Writing model shards", "torchvision", "FutureWarning", "Finished in state",
+             "INFO")
+
+    def build(*extra: str, run: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vlmforge", "build", "tiny-llava", "--store",
+                               str(tmp_path / run / "store"), "--workdir", str(tmp_path / run / "work"), *extra],
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    quiet = build(run="quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not [word for word in noise if word in quiet.stderr + quiet.stdout], quiet.stderr
+    for stage in ("fetch", "convert", "llm", "visual", "engine", "validate"):
+        assert f"✓ {stage} done in" in quiet.stderr
+    assert "7/7" in quiet.stderr and "engine tiny-llava#" in quiet.stdout and "validation: token agreement" in quiet.stdout
+    verbose = build("--verbose", run="verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert {"Loading weights", "torchvision", "Finished in state"} <= {w for w in noise if w in verbose.stderr}
+    assert "7/7" not in verbose.stderr and "engine tiny-llava#" in verbose.stdout

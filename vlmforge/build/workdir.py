@@ -26,6 +26,9 @@ from vlmforge.system.processes import pid_alive
 
 log = logging.getLogger(__name__)
 RECORD = "_stage.json"
+STAGE_LOG_ATTR = "vlmforge_stage"
+"""Log record attribute naming the stage a record reports the outcome of (``logger.info(reason, extra=...)``):
+the CLI's progress display counts these records."""
 
 
 class StageRecord(BaseModel):
@@ -52,6 +55,11 @@ class StageOutcome:
     @property
     def result(self) -> dict[str, Any]:
         return self.record.result
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """``extra`` for the log record that reports this outcome."""
+        return {STAGE_LOG_ATTR: self.record.stage}
 
     @property
     def reason(self) -> str:

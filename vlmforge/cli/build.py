@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 
 from vlmforge.cli.app import app, console, err_console, print_json
 from vlmforge.cli.flows import load_flow, quiet_prefect, start_api
+from vlmforge.cli.output import BuildProgress, quiet_third_party
 from vlmforge.cli.specs import (
     BatchOpt,
     DialectOpt,
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from vlmforge.build.published import PublishedBuild
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store URL (default: $VLMFORGE_STORE or a local dir).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print Prefect's run log and what third parties "
+                                          "print (warnings, progress bars) instead of one progress display.")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Work dir for stage outputs (default: $VLMFORGE_WORKDIR).")]
 
 
@@ -79,6 +84,7 @@ def build_cmd(
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Aliases to move after validation (default: latest).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Run the build flow even when the store already holds this "
                                         "build with its aliases in place (its stages still reuse the work dir).")] = False,
+    verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build, validate and publish an engine through the Prefect flow (a temporary local Prefect server unless
@@ -87,6 +93,8 @@ def build_cmd(
     overrides = spec_overrides(tp=tp, pp=pp, dtype=dtype, quant=quant, max_batch_size=max_batch_size,
                                max_input_len=max_input_len, max_output_len=max_output_len,
                                visual_batch_size=visual_batch_size, dialect=dialect)
+    if not verbose:
+        quiet_third_party()  # before torch or transformers is imported
     spec = preflight(model, toolchain, overrides)
     published = None if force else already_published(spec, toolchain, store, workdir, alias)
     if published is not None:
@@ -102,17 +110,8 @@ def build_cmd(
         console.print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in summary["aliases"].items()), highlight=False)
         _print_validation(summary["validation"])
         return
-    quiet_prefect()
-    wait_for_api = start_api()  # Prefect's server starts meanwhile: the two overlap on a small machine
-    build_engine = load_flow("build-engine")
-    if toolchain is Toolchain.HF:
-        from vlmforge.build.pipeline import import_stage_modules
-
-        import_stage_modules()
-    wait_for_api()
-
-    summary = build_engine(model=model, toolchain=toolchain.value, store=store,
-                           workdir=str(workdir) if workdir else None, overrides=overrides, aliases=alias)
+    summary = run_build_flow(spec, toolchain, verbose=verbose, model=model, store=store,
+                             workdir=str(workdir) if workdir else None, overrides=overrides, aliases=alias)
     if as_json:
         print_json(summary)
         return
@@ -121,6 +120,35 @@ def build_cmd(
     console.print(f"stored in {summary['store']}" + ("" if summary["created"] else " (already there: nothing uploaded)"),
                   highlight=False)
     _print_validation(validation)
+
+
+def expected_stages(spec: BuildSpec, toolchain: Toolchain) -> int:
+    """How many stage outcomes the build flow logs (the progress bar's length): hf fetch, convert, [quantize], llm,
+    visual, engine, validate, publish; trtllm engine, validate, publish (its plan's lines show as steps)."""
+    if toolchain is Toolchain.TRTLLM:
+        return 3
+    return 7 + int(spec.quantization.active)
+
+
+def run_build_flow(spec: BuildSpec, toolchain: Toolchain, *, verbose: bool, **parameters: Any) -> dict[str, Any]:
+    """The build-engine flow on ``toolchain`` with ``parameters``, behind one progress display (``verbose``: Prefect's run log and
+    everything third parties print instead). Prefect's API is reached in a thread while the stages' modules are
+    imported: on a small machine the temporary server's start and the imports overlap."""
+    quiet_prefect()
+    display = nullcontext(None) if verbose else BuildProgress(err_console, spec.name, expected_stages(spec, toolchain))
+    with display as progress:
+        step = progress.step if progress is not None else (lambda text: None)
+        step("reaching Prefect's API" if os.environ.get("PREFECT_API_URL") else "starting Prefect's temporary server")
+        wait_for_api = start_api()
+        build_engine = load_flow("build-engine")
+        if toolchain is Toolchain.HF:
+            from vlmforge.build.pipeline import import_stage_modules
+
+            step("importing torch and transformers (while Prefect starts)")
+            import_stage_modules()
+        wait_for_api()
+        step("running the build flow")
+        return build_engine(toolchain=toolchain.value, **parameters)
 
 
 def _print_validation(validation: dict) -> None:
@@ -159,13 +187,14 @@ def fetch_cmd(
 def selftest_cmd(
     toolchain: Annotated[Toolchain, typer.Option(help="The toolchain to prove (trtllm: inside NVIDIA's container).")] = Toolchain.TRTLLM,
     workdir: WorkdirOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Prove a site's container in minutes: build, validate, publish and run tiny-llava through the toolchain."""
     import tempfile
 
-    preflight("tiny-llava", toolchain, {})
-    quiet_prefect()
-    build_engine = load_flow("build-engine")
+    if not verbose:
+        quiet_third_party()
+    spec = preflight("tiny-llava", toolchain, {})
     from vlmforge.modeling.images import synthetic_images
     from vlmforge.runner.engine import load_engine
     from vlmforge.store import open_store
@@ -173,8 +202,7 @@ def selftest_cmd(
     with tempfile.TemporaryDirectory(prefix="vlmforge-selftest-") as tmp:
         root = Path(tmp)
         store_url = str(root / "store")
-        summary = build_engine(model="tiny-llava", toolchain=toolchain.value, store=store_url,
-                               workdir=str(workdir or root / "work"))
+        summary = run_build_flow(spec, toolchain, verbose=verbose, model="tiny-llava", store=store_url, workdir=str(workdir or root / "work"))
         with open_store(store_url) as store:
             store.pull("tiny-llava@latest", root / "engine")
         engine = load_engine(root / "engine")
