@@ -67,7 +67,9 @@ def test_stages_build_validate_and_describe_the_engine(tmp_path: Path, on_path: 
     manifest = pipeline.manifest(run, engine, validation, extra={"expected_revision": run.source_revision})
     assert manifest.toolchain == "trtllm" and manifest.fingerprint == engine.record.fingerprint
     assert manifest.source.revision == run.source_revision and manifest.validation["logit_check"] == NO_LOGITS
-    assert manifest.extra == {"expected_revision": run.source_revision}
+    assert manifest.extra["expected_revision"] == run.source_revision
+    assert manifest.extra["build_key"] == pipeline.build_key(run.source_revision)  # what the published check computes
+    assert set(manifest.extra) <= {"expected_revision", "build_key", "checkpoint"}
     rerun = TrtllmStandIn()
     again = TrtllmPipeline(load_model_or_spec("tiny-llava"), Workdir(tmp_path), runtime=rerun)
     run2, engine2, validation2 = again.run()
