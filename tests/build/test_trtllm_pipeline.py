@@ -15,6 +15,8 @@ from vlmforge.families import resolve
 from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.toolchains.trtllm.stages import NO_LOGITS, GoldenComparison, judge
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 
 @pytest.fixture
 def on_path(monkeypatch: pytest.MonkeyPatch) -> None:
