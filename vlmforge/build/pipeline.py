@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,14 +160,14 @@ class HfPipeline:
 
     def fetch(self) -> StageOutcome:
         """Resolve the source's exact revision and download it (verified); reused while the revision holds."""
-        source = open_source(self.spec.source)
-        revision = source.resolve_revision()
+        source = open_source(self.spec.source, digests=self.workdir.digests)  # one read of each byte: resolve,
+        revision = source.resolve_revision()                                   # fetch and the stage record share it
         RevisionMemo(self.workdir.root).remember(source, revision)
         outcome = self._run("fetch", self.fingerprints.fetch(revision), lambda out: source.fetch(out / "model"))
         fetched = FetchedSource.model_validate(outcome.result)
         if outcome.skipped:
             try:
-                verify_tree(outcome.path / "model", fetched.files)
+                verify_tree(outcome.path / "model", fetched.files, digests=self.workdir.digests)
             except SourceError as exc:
                 self.on_event(f"fetch: cached download is corrupt ({exc}): downloading again")
                 shutil.rmtree(outcome.path)
@@ -242,13 +243,16 @@ class HfPipeline:
                                fingerprint=engine.record.fingerprint, files=engine.record.files,
                                validation=validation.result, extra={**(extra or {}), BUILD_KEY: key})
 
-    def run(self) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
-        """All stages in order: (fetched, engine, validation)."""
+    def run(self, *, overlap: bool = False) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
+        """All stages: (fetched, engine, validation). In order, or with ``overlap`` the visual stage (ONNX export on
+        the CPU) in a thread beside convert, quantize and the LLM stage (on the GPU), as the build flow runs them."""
         fetched = self.fetch()
-        converted = self.convert(fetched)
-        quantized = self.quantize(converted)
-        llm = self.build_llm(converted, quantized)
-        visual = self.build_visual(fetched)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="visual") as pool:
+            visual_later = pool.submit(self.build_visual, fetched) if overlap else None
+            converted = self.convert(fetched)
+            quantized = self.quantize(converted)
+            llm = self.build_llm(converted, quantized)
+            visual = visual_later.result() if visual_later is not None else self.build_visual(fetched)
         engine = self.assemble(visual, llm)
         validation = self.validate(engine, fetched)
         return fetched, engine, validation

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vlmforge.errors import BuildError
-from vlmforge.sources.base import FileEntry, hash_tree
+from vlmforge.sources.base import DigestCache, FileEntry, hash_tree
 from vlmforge.system.processes import pid_alive
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,12 @@ class StageOutcome:
 
 
 class Workdir:
-    """Stage folders under ``root/<model>/<stage>-<fingerprint>``."""
+    """Stage folders under ``root/<model>/<stage>-<fingerprint>``. ``digests``: the file digests this build has
+    computed, shared by its stages and sources, so a file (or a hard link to it) is hashed once per build."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, digests: DigestCache | None = None) -> None:
         self.root = Path(root).expanduser()
+        self.digests = digests or DigestCache()
 
     def stage_path(self, model: str, stage: str, fingerprint: str) -> Path:
         return self.root / model / f"{stage}-{fingerprint[:16]}"
@@ -115,7 +117,8 @@ class Workdir:
             result = work(scratch)
             payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
             record = StageRecord(stage=stage, fingerprint=fingerprint, completed_at=datetime.now(UTC),
-                                 seconds=time.perf_counter() - start, result=payload, files=hash_tree(scratch))
+                                 seconds=time.perf_counter() - start, result=payload,
+                                 files=hash_tree(scratch, digests=self.digests))
             (scratch / RECORD).write_text(record.model_dump_json(indent=2))
             if final.exists():
                 shutil.rmtree(final)

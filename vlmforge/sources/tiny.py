@@ -37,7 +37,7 @@ class TinySource(Source):
     def resolve_revision(self) -> str:
         with tempfile.TemporaryDirectory(prefix="vlmforge-tiny-") as tmp:
             self.family().make_tiny_source(self.wanted, Path(tmp))
-            return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp)))
+            return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp), digests=self.digests))
 
     def fetch(self, dest: Path) -> FetchedSource:
         dest.mkdir(parents=True, exist_ok=True)
