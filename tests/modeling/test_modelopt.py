@@ -14,6 +14,8 @@ from vlmforge.errors import ToolchainUnavailable
 from vlmforge.modeling import modelopt as mo
 from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 
 def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)

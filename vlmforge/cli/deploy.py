@@ -169,8 +169,7 @@ def _attach(deployment: Any, state_dir: Path | None) -> int:
 @app.command("deployments")
 def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """The runners deployed from this machine and whether they serve."""
-    from rich.table import Table
-
+    from vlmforge.cli.tables import Col, fit_table
     from vlmforge.deploy.service import list_deployments
 
     found = list_deployments(state_dir)
@@ -180,10 +179,10 @@ def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> Non
     if not found:
         console.print("no deployments")
         return
-    table = Table("name", "build", "endpoint", "tp", "status", "started")
-    for d, status in found:
-        table.add_row(d.name, d.ref, d.endpoint, str(d.tp), status, f"{d.started_at:%Y-%m-%d %H:%M:%S}")
-    console.print(table)
+    columns = (Col("name", keep=True), Col("build", keep=True), Col("endpoint", keep=True),
+               Col("tp", drop=1, justify="right"), Col("status", whole_words=True), Col("started", drop=0))
+    rows = [(d.name, d.ref, d.endpoint, str(d.tp), status, f"{d.started_at:%Y-%m-%d %H:%M:%S}") for d, status in found]
+    console.print(fit_table(console, columns, rows))
 
 
 @app.command("undeploy")
