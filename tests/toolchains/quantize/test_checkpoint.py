@@ -84,7 +84,9 @@ def test_a_weight_on_a_rounding_tie_reads_back(tiny: TinyCache, tmp_path: Path) 
                                                       "quantization.calibration.size": 16})
     check = result.verification
     assert result.quant_algo == "W8A8_SQ_PER_CHANNEL" and result.calibration["samples"] == 16
-    assert check.readback_vs_quantized.max_error < 0.1 * check.tolerance  # 7e-4 of a 2.78 scale
+    # 7e-4 of a 2.78 scale under transformers 5.24; 5.8e-3 under 4.57.1 (the container run: another tiny model, whose
+    # activations land near an int8 step once); without the fix the checkpoint is refused at 0.062
+    assert check.readback_vs_quantized.max_error < 0.5 * check.tolerance
 
 
 def test_shape_and_support_refusals_come_before_calibration(tiny: TinyCache, tmp_path: Path) -> None:
