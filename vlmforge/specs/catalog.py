@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmforge.errors import SpecError, UnknownModel
-from vlmforge.specs.schema import BuildSpec, load_spec_file, load_yaml, merge_overrides, read_yaml, spec_from_dict
+from vlmforge.specs.schema import BuildSpec, load_spec_file, merge_overrides, spec_from_dict
+from vlmforge.specs.yaml_io import load_yaml, read_yaml
 
 
 @cache
