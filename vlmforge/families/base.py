@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
+from vlmforge.families.contract import VisualContractHooks
 from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv, checkpoint_report
 from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
@@ -36,16 +37,15 @@ class ArchitectureFacts:
     num_attention_heads: int
 
 
-class ModelFamily:
-    """A family of multimodal models: its facts, its rules and its build steps."""
+class ModelFamily(VisualContractHooks):
+    """A family of multimodal models: its facts, its rules and its build steps (its visual contract:
+    :class:`~vlmforge.families.contract.VisualContractHooks`)."""
 
     name: ClassVar[str]
     """Registry name, used in specs (``family: llava``)."""
     description: ClassVar[str]
     encoder_decoder: ClassVar[bool] = False
     """The LLM is an encoder-decoder (no weight quantization in TensorRT-LLM)."""
-    default_num_visual_features: ClassVar[int]
-    """Visual tokens per image when the spec's architecture does not say."""
     llm_kind: ClassVar[str]
     """Which convert_checkpoint.py directory serves the LLM: opt, llama or enc_dec."""
     needs_code_source: ClassVar[bool] = False
@@ -63,10 +63,7 @@ class ModelFamily:
     extra_tiny_sources: ClassVar[tuple[str, ...]] = ()
     """More ``tiny://`` models of the family (other checkpoint layouts), made by :meth:`make_tiny_source`."""
 
-    # --- facts ------------------------------------------------------------------------------
-
-    def num_visual_features(self, spec: BuildSpec) -> int:
-        return spec.architecture.num_visual_features or self.default_num_visual_features
+    # --- facts (the visual ones: vlmforge.families.contract) ----------------------------------
 
     encoder_input_formula: ClassVar[str] = ""
 

@@ -14,6 +14,7 @@ from vlmforge.families.base import EncoderDecoderFamily
 from vlmforge.families.blip2_opt import TINY_NUM_ATTENTION_HEADS, TINY_VOCAB_SIZE, Blip2Common
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec, Dialect
+from vlmforge.specs.visual import VisualPlacement
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
         "flan-t5-xxl": "google/flan-t5-xxl",
     }
     encoder_input_formula: ClassVar[str] = "max_input_len (the T5 encoder reads visual and text tokens)"
+    visual_placement: ClassVar[VisualPlacement] = VisualPlacement.ENCODER_INPUT
 
     def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int:
         return spec.limits.max_input_len

@@ -141,6 +141,7 @@ class LlavaFamily(DecoderOnlyFamily):
         "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
     )
     llm_config_keys: ClassVar[tuple[str, ...]] = ("text_config",)
+    images_per_prompt_limit: ClassVar[int | None] = None  # one <image> per image, each expanded to its features
 
     def visual_model_type(self, ctx: PlanContext) -> str:
         return "llava"

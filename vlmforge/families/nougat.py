@@ -22,6 +22,7 @@ from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec
+from vlmforge.specs.visual import VisualPlacement
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +128,7 @@ class NougatFamily(EncoderDecoderFamily):
     takes_prompt: ClassVar[bool] = False
     tiny_source: ClassVar[str | None] = "tiny://nougat"
     encoder_input_formula: ClassVar[str] = "max_batch_size x num_visual_features"
+    visual_placement: ClassVar[VisualPlacement] = VisualPlacement.CROSS_ATTENTION
     # The Swin encoder, and the projection to the decoder's width when the two differ.
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = ("encoder.", "enc_to_dec_proj.")
     llm_config_keys: ClassVar[tuple[str, ...]] = ("decoder",)

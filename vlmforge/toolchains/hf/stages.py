@@ -206,7 +206,8 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
     config = EngineConfig(
         name=spec.name, family=spec.family, toolchain="hf", world_size=derived.world_size, tp=spec.parallel.tp,
         pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
-        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features, processor="processor",
+        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features,
+        max_images_per_prompt=derived.max_images_per_prompt, processor="processor",
         visual=VisualEngineInfo(path="vision/model.onnx", format="onnx", precision=visual.precision,
                                 max_batch_size=derived.visual_max_batch_size, output_shape=visual.output_shape),
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
