@@ -17,8 +17,7 @@ from vlmforge.specs.schema import BuildSpec, Dialect
 from vlmforge.specs.visual import VisualPlacement
 
 if TYPE_CHECKING:
-    import torch
-
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import LlmPrefix
 
 
@@ -72,8 +71,9 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
             initializer_factor=1.0,
         )
 
-    def format_prompt(self, text: str | None) -> str | None:
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
         """The text as it is; None becomes the golden prompt (T5 has no BOS to caption from)."""
+        self.check_image_count(num_images)
         return self.golden_prompt if text is None else text
 
     def llm_class(self) -> type:
@@ -81,7 +81,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
 
         return T5ForConditionalGeneration
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))

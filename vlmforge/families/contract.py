@@ -7,7 +7,7 @@ tokens an image gives, how many images a prompt carries, where the visual rows g
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from vlmforge.specs.schema import BuildSpec, ImageSize
 from vlmforge.specs.visual import VisualContract, VisualPlacement
@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import torch
+    from PIL import Image
+
+ImageFeatures: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"
+"""A request's visual features: one image's [1, N, hidden], or one such tensor per image of the prompt, in order."""
 
 
 class VisualContractHooks:
@@ -39,6 +43,9 @@ class VisualContractHooks:
     """Size-dependent families: the largest image a spec is sized for unless visual.max_image_size says."""
     dynamic_spatial_axes: ClassVar[bool] = False
     """The visual module takes images of their own height and width: its ONNX export keeps both axes dynamic."""
+    spatial_check_size: ClassVar[ImageSize | None] = None
+    """Families with dynamic_spatial_axes: a second, non-square image size the ONNX export is traced at and checked
+    against torch at (besides the golden images' own size)."""
 
     def num_visual_features(self, spec: BuildSpec) -> int:
         """The fixed count: architecture.num_visual_features, or the family's default."""
@@ -70,7 +77,7 @@ class VisualContractHooks:
             max_images_per_prompt=self.images_per_prompt_limit, position_id_dims=self.position_id_dims,
             dynamic_spatial_axes=self.dynamic_spatial_axes)
 
-    def image_features(self, features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, features: ImageFeatures) -> list[torch.Tensor]:
         """A request's visual features as one [1, N_i, hidden] tensor per image (one tensor: one image), checked
         against the family's images-per-prompt limit; ValueError otherwise."""
         parts = [features] if not isinstance(features, (list, tuple)) else list(features)
@@ -79,6 +86,18 @@ class VisualContractHooks:
                 raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(part.shape)}")
         self.check_image_count(len(parts))
         return parts
+
+    def visual_counts(self, num_visual_features: int | Sequence[int]) -> list[int]:
+        """One image's token count, or one per image of a prompt, as a list checked like :meth:`image_features`."""
+        counts = [num_visual_features] if isinstance(num_visual_features, int) else list(num_visual_features)
+        self.check_image_count(len(counts))
+        return counts
+
+    def image_list(self, image: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+        """One image, or a prompt's images in order, as a list checked like :meth:`image_features`."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        self.check_image_count(len(images))
+        return images
 
     def check_image_count(self, count: int) -> None:
         """ValueError unless one prompt of this family can carry ``count`` images."""

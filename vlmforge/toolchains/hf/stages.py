@@ -171,7 +171,7 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     import torch
 
     from vlmforge.modeling.images import synthetic_images
-    from vlmforge.toolchains.hf.onnx import compare_onnx, export_onnx
+    from vlmforge.toolchains.hf.onnx import OnnxRunError, compare_onnx, export_onnx
 
     family = resolved.family
     model = _load_model(resolved, source_dir, torch.float32)
@@ -179,10 +179,22 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     module = family.visual_module(model).eval()
     images = synthetic_images(GOLDEN_IMAGE_SIZE)
     pixels = family.pixel_values(processor, images)
+    checks, example = [pixels[:1], pixels], pixels[:2]
+    dynamic = family.dynamic_spatial_axes
+    if dynamic:  # traced and checked at a second size too: ONNX Runtime must take both
+        size = family.spatial_check_size
+        if size is None:
+            raise BuildError(f"{family.name} declares dynamic_spatial_axes but no spatial_check_size to check them at")
+        other = family.pixel_values(processor, [image.resize((size.width, size.height)) for image in images])
+        checks.append(other)
+        example = other[:2]
     target = out / "vision" / "model.onnx"
     with _LOADING:  # the exporter traces through transformers' module-level registries too
-        info = export_onnx(module, target, pixels[:2])
-    errors = [compare_onnx(target, module, pixels[:1]), compare_onnx(target, module, pixels)]
+        info = export_onnx(module, target, example, dynamic_spatial=dynamic)
+    try:
+        errors = [compare_onnx(target, module, batch) for batch in checks]
+    except OnnxRunError as exc:  # e.g. an export whose spatial axes came out fixed
+        raise BuildError(f"visual engine check failed ({info.exporter} export): {exc}") from None
     worst = {key: max(err[key] for err in errors) for key in ("max_abs", "max_rel", "max_rel_to_scale")}
     if worst["max_rel_to_scale"] > family.logit_scale_tolerance:
         raise BuildError(
@@ -190,7 +202,9 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
             f"output scale (tolerance {family.logit_scale_tolerance:.0e})"
         )
     with torch.no_grad():
-        shape = list(module(pixels[:1]).shape)
+        shape: list[int | str] = list(module(pixels[:1]).shape)
+    if dynamic:
+        shape[1] = "tokens"  # as many as the image's size gives
     return VisualResult(exporter=info.exporter, precision="float32", output_shape=["batch", *shape[1:]],
                         max_abs_error=worst["max_abs"], max_rel_error=worst["max_rel"],
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
