@@ -50,6 +50,7 @@ from vlmforge.families import get_family
 from vlmforge.families.tinykit import IMAGE_ID, make_fast_tokenizer
 from vlmforge.modeling.generation import LlmPrefix
 from vlmforge.runner.batching import GreedyBatch
+from vlmforge.runner.protocol import EngineKind
 from vlmforge.runner.static import StaticDecoder
 
 log = logging.getLogger("bench")
@@ -218,29 +219,29 @@ def measure_runner(bench: Bench, new_tokens: int, repeats: int, factory: Any) ->
 
 
 class TorchVisionEngine:
-    """What the scheduler needs of an engine, with the visual module in torch on the GPU (the hf engine's ONNX
-    visual engine would run on the CPU here: this machine's onnxruntime has no CUDA provider)."""
+    """The parts of :class:`~vlmforge.runner.protocol.IncrementalEngine` the scheduler uses, with the visual module
+    in torch on the GPU (the hf engine's ONNX visual engine would run on the CPU here: this machine's onnxruntime
+    has no CUDA provider). Random weights: no request ends early on an end token."""
+
+    kind = EngineKind.INCREMENTAL
 
     def __init__(self, bench: Bench, factory: Any) -> None:
         self.bench = bench
-        self.family = _NoEosFamily(bench.family)
-        self.llm = bench.llm
-        self.processor = bench.processor
-        self.pad_token_id = 1
-        self.batch_factory = factory
+        self.factory = factory
 
-    def encode_images(self, images: list[int]) -> torch.Tensor:
+    def encode_images(self, images: list[int]) -> list[torch.Tensor]:
         pixels = torch.cat([pixel_values(self.bench.model.config, i, self.bench.device, self.bench.dtype)
                             for i in images])
-        return self.bench.features(pixels)
+        features = self.bench.features(pixels)
+        return [features[i:i + 1] for i in range(features.shape[0])]
 
+    def llm_prefix(self, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        prefix = self.bench.family.llm_prefix(self.bench.llm, self.bench.processor, features, prompt)
+        return dataclasses.replace(prefix, eos=frozenset())
 
-class _NoEosFamily:
-    def __init__(self, family: Any) -> None:
-        self._family = family
-
-    def llm_prefix(self, *args: Any) -> LlmPrefix:
-        return dataclasses.replace(self._family.llm_prefix(*args), eos=frozenset())
+    def new_batch(self, prefixes: Any, max_new_tokens: Any, *, sync: Any = None, keep_logits: bool = False) -> Any:
+        return GreedyBatch(self.bench.llm, prefixes, max_new_tokens, sync=sync, keep_logits=keep_logits, pad_token_id=1,
+                           factory=self.factory)
 
 
 def measure_scheduler(bench: Bench, requests: int, new_tokens: int, factory: Any) -> dict[str, Any]:

@@ -80,6 +80,8 @@ def _build_hf(pipeline: HfPipeline, revision: str | None, stages: list[StageOutc
     llm = t.build_llm(pipeline, converted, quantized)
     visual = visual_future.result()
     stages += [converted, *([quantized] if quantized else []), llm, visual]
+    if quantized is not None:  # calibration set and digest, the quantized LLM against the float32 one
+        extra["quantization"] = quantized.result
     update_progress_artifact(progress, 60.0)
     engine = t.assemble(pipeline, visual, llm)
     stages.append(engine)
@@ -133,8 +135,6 @@ def build_engine(model: str, toolchain: str = "hf", store: str | None = None, wo
         else:
             engine, validation, manifest = _build_hf(pipeline, revision, stages, progress, logger)
         update_progress_artifact(progress, 85.0)
-        if quantized is not None:  # calibration set and digest, the quantized LLM against the float32 one
-            extra["quantization"] = quantized.result
         links = {"prefect_flow_run": flow_run.ui_url} if flow_run.ui_url else {}
         manifest = manifest.model_copy(update={"links": links})
         published = t.publish(store, engine, manifest, tuple(aliases or ("latest",)))

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 from vlmforge_tasks.common import retry_transient
 from vlmforge.build.pipeline import HfPipeline
 from vlmforge.build.trtllm_pipeline import PlanRun, TrtllmPipeline
-from vlmforge.build.workdir import StageOutcome
+from vlmforge.build.workdir import STAGE_LOG_ATTR, StageOutcome
 
 # Stage results are cached by vlmforge's own fingerprinted work dir (it survives SIGKILL and needs no
 # result storage), so Prefect's task cache is off.
@@ -20,7 +20,7 @@ STAGE = {"cache_policy": NONE, "persist_result": False}
 
 def _log(outcome: StageOutcome | None) -> StageOutcome | None:
     if outcome is not None:
-        get_run_logger().info(outcome.reason)
+        get_run_logger().info(outcome.reason, extra=outcome.log_extra)
     return outcome
 
 
@@ -98,5 +98,5 @@ def publish(store_url: str | None, engine: StageOutcome, manifest: Any, aliases:
     from vlmforge.build.publish import publish_engine
 
     result = publish_engine(store_url, engine.path, manifest, aliases=aliases)
-    get_run_logger().info(result.summary)
+    get_run_logger().info(result.summary, extra={STAGE_LOG_ATTR: "publish"})
     return result

@@ -15,6 +15,8 @@ from vlmforge.families import resolve
 from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.toolchains.trtllm.stages import NO_LOGITS, GoldenComparison, judge
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 
 @pytest.fixture
 def on_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +69,10 @@ def test_stages_build_validate_and_describe_the_engine(tmp_path: Path, on_path: 
     manifest = pipeline.manifest(run, engine, validation, extra={"expected_revision": run.source_revision})
     assert manifest.toolchain == "trtllm" and manifest.fingerprint == engine.record.fingerprint
     assert manifest.source.revision == run.source_revision and manifest.validation["logit_check"] == NO_LOGITS
-    assert manifest.extra == {"expected_revision": run.source_revision}
+    assert manifest.extra["expected_revision"] == run.source_revision
+    assert manifest.extra["build_key"] == pipeline.build_key(run.source_revision)  # what the published check computes
+    assert set(manifest.extra) == {"expected_revision", "build_key", "checkpoint"}  # + checkpoint's read-back report
+    assert manifest.extra["checkpoint"]["verification"]["readback_vs_quantized"]["max_error"] >= 0
     rerun = TrtllmStandIn()
     again = TrtllmPipeline(load_model_or_spec("tiny-llava"), Workdir(tmp_path), runtime=rerun)
     run2, engine2, validation2 = again.run()

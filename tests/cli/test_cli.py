@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.seed import normalize, parse_blocks
 
@@ -149,6 +152,64 @@ def test_checkpoint_refusals_exit_2(tmp_path: Path) -> None:
     (tmp_path / "full" / "x").write_text("keep")
     result = vlmforge("checkpoint", "tiny-llava", "--out", str(tmp_path / "full"))
     assert result.returncode == 2 and "not empty" in result.stderr and (tmp_path / "full" / "x").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_a_published_build_is_reported_in_seconds_without_prefect(prefect_server: str, tmp_path: Path) -> None:
+    """`vlmforge build` again with nothing changed: the store already holds the build and its alias, so it says so
+    and exits 0 without reaching Prefect (the second run's API URL leads nowhere); --force and a new alias run the
+    flow (on the session's real Prefect server)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    nowhere = {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    args = ["build", "tiny-llava", "--store", str(tmp_path / "store"), "--workdir", str(tmp_path / "work")]
+
+    def cli(*extra: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vlmforge", *args, *extra], capture_output=True, text=True,
+                              timeout=600, env=environ)
+
+    first = cli("--json", environ=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    built = json.loads(first.stdout)
+    again = cli("--json", environ=nowhere)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["already_published"] is True and summary["build_id"] == built["build_id"]
+    assert summary["aliases"] == {"latest": built["build_id"]} and summary["fingerprint"] == built["fingerprint"]
+    plain = cli(environ={**nowhere, "COLUMNS": "80"})
+    assert plain.returncode == 0 and "is already published" in plain.stdout and built["build_id"] in plain.stdout
+    forced = cli("--force", "--json", environ=env)  # the flow runs: every stage skipped, nothing uploaded
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert json.loads(forced.stdout)["stages"] and set(json.loads(forced.stdout)["stages"].values()) == {"skipped"}
+    prod = cli("--alias", "prod", "--json", environ=env)  # the store holds the build, but prod must move: the flow
+    assert prod.returncode == 0, prod.stderr[-3000:]
+    assert json.loads(prod.stdout)["aliases"] == {"prod": built["build_id"]}
+    assert json.loads(cli("--alias", "prod", "--json", environ=nowhere).stdout)["already_published"] is True
+
+
+@pytest.mark.slow
+def test_a_build_prints_one_progress_display_and_verbose_shows_the_rest(prefect_server: str, tmp_path: Path) -> None:
+    """A build printed Prefect's run log, torch's ONNX exporter warnings (torchvision), FutureWarnings and
+    transformers' per-file progress bars between its lines: now one progress display and the result; --verbose
+    prints all of it as before."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
+    noise = ("Loading weights", "Writing model shards", "torchvision", "FutureWarning", "Finished in state",
+             "INFO")
+
+    def build(*extra: str, run: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vlmforge", "build", "tiny-llava", "--store",
+                               str(tmp_path / run / "store"), "--workdir", str(tmp_path / run / "work"), *extra],
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    quiet = build(run="quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not [word for word in noise if word in quiet.stderr + quiet.stdout], quiet.stderr
+    for stage in ("fetch", "convert", "llm", "visual", "engine", "validate"):
+        assert f"✓ {stage} done in" in quiet.stderr
+    assert "7/7" in quiet.stderr and "engine tiny-llava#" in quiet.stdout and "validation: token agreement" in quiet.stdout
+    verbose = build("--verbose", run="verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert {"Loading weights", "torchvision", "Finished in state"} <= {w for w in noise if w in verbose.stderr}
+    assert "7/7" not in verbose.stderr and "engine tiny-llava#" in verbose.stdout
 
 
 def test_plan_explains_each_derived_number() -> None:

@@ -17,6 +17,8 @@ from tests.contract.test_trtllm_flags import PLANS
 from vlmforge.modeling.trtllm import config as trt
 from vlmforge.specs.schema import Dialect
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 RECORD = json.loads(Path(__file__).with_name("trtllm_checkpoint_config.json").read_text())
 CHECKPOINT_STEPS = [(label, plan, step) for label, plan in PLANS if plan.dialect is Dialect.V1_2
                     for step in plan.steps if step.name == "checkpoint"]

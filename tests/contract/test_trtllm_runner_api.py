@@ -13,6 +13,8 @@ import torch
 
 from vlmforge.runner.trtllm import StreamingModel, run_multimodal
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 API = json.loads((Path(__file__).parent / "trtllm_runner_api.json").read_text())
 END_ID, MAX_SEQ_LEN = 2, 24
 

@@ -88,6 +88,7 @@ def test_a_family_without_hf_support_is_refused_by_both_toolchains() -> None:
 # --- tiny models ----------------------------------------------------------------------------
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_make_tiny_is_deterministic(name: str, tiny: TinyCache, tmp_path: Path) -> None:
     family, first = family_of_tiny(name), tiny(name).model_dir
@@ -98,6 +99,7 @@ def test_make_tiny_is_deterministic(name: str, tiny: TinyCache, tmp_path: Path) 
     assert dir_digest(first) != dir_digest(tmp_path / "seed1")
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_processor_and_tokenizer_load_offline(name: str, tiny: TinyCache, monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
@@ -122,6 +124,7 @@ def test_processor_and_tokenizer_load_offline(name: str, tiny: TinyCache, monkey
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_architecture_facts_match_the_catalog(name: str, tiny: TinyCache) -> None:
     family = family_of_tiny(name)
@@ -193,6 +196,7 @@ def test_format_prompt() -> None:
 # --- the split pipeline: visual module -> LLM alone ---------------------------------------------
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_llm_alone_fed_visual_features_matches_the_reference(name: str, tiny: TinyCache) -> None:
     t = tiny(name)
@@ -216,6 +220,7 @@ def test_wrong_image_features_change_the_output(name: str, tiny: TinyCache) -> N
     assert min(c.first_step_logit_error for c in wrong) > 0.5
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_catalog_thresholds_pass_in_the_entry_dtype_and_catch_wrong_features(name: str, tiny: TinyCache) -> None:
     """The tiny catalog entry's validation settings, as the comments in catalog.yaml measure them."""
@@ -307,6 +312,7 @@ def test_lowbit_save_and_reload(name: str, weights: str, tiny: TinyCache) -> Non
     assert len(got.tokens) == MAX_NEW_TOKENS or got.tokens[-1] == EOS_ID
 
 
+@pytest.mark.container  # the reference that validation runs inside NVIDIA's image
 def test_teacher_forced_logits_equal_the_greedy_steps(tiny: TinyCache) -> None:
     t = tiny("llava")
     llm = t.family.extract_llm(t.model)

@@ -453,7 +453,7 @@ def test_the_vila10_layout_converts_quantizes_builds_and_validates(tmp_path: Pat
     assert quantized is not None and quantized.result["bytes_after"] < quantized.result["bytes_before"]
     engine = pipeline.assemble(pipeline.build_visual(fetched), pipeline.build_llm(converted, quantized))
     config = EngineConfig.read(engine.path)
-    assert (config.llm.format, config.llm.architecture, config.num_visual_features) == ("quanto", "LlamaForCausalLM", 36)
+    assert (config.llm.format, config.llm.architecture, config.num_visual_features) == ("lowbit", "LlamaForCausalLM", 36)
     report = pipeline.validate(engine, fetched).result
     assert report["passed"] and report["token_agreement"] >= 0.8, report
     assert pipeline.visual_inputs(fetched) is not None  # the visual stage is keyed by the vision tensors alone

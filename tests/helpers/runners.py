@@ -73,14 +73,15 @@ class Runner:
         return self.log.read_text(errors="replace")
 
 
-def start_runner(engine: Path, log: Path, *, args: tuple[str, ...] = (), timeout: float = 120) -> Runner:
-    """`vlmforge serve` in a process group of its own; waits for /health."""
+def start_runner(engine: Path, log: Path, *, args: tuple[str, ...] = (), timeout: float = 120,
+                 env: dict[str, str] | None = None) -> Runner:
+    """`vlmforge serve` in a process group of its own (``env``: added to its environment); waits for /health."""
     port = free_port()
     pid_file = log.with_suffix(".pid")
     argv = [sys.executable, "-m", "vlmforge", "serve", str(engine), "--port", str(port), "--pid-file", str(pid_file),
             *args]
     handle = log.open("w")
-    proc = subprocess.Popen(argv, env=runner_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(argv, env=runner_env(**(env or {})), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=ROOT)
     runner = Runner(proc, port, log, pid_file)
     try:
@@ -119,3 +120,7 @@ def stop_runner(runner: Runner, timeout: float = 30) -> int:
             os.killpg(runner.proc.pid, signal.SIGKILL)
             runner.proc.wait(10)
     return runner.proc.returncode
+
+
+GUARD_KEY = "vlmforge-test-key-5d1c9e"
+"""The API key of the tests' guarded runner (tests/runner/conftest.py)."""

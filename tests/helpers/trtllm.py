@@ -42,7 +42,7 @@ class ReferenceAsEngine:
     def generate(self, image: Any, prompt: str | None, max_new_tokens: int) -> Any:
         import torch
 
-        from vlmforge.runner.engine import Generation
+        from vlmforge.runner.protocol import Generation
 
         start = time.perf_counter()
         ref = self.family.reference_generate(self.model, self.processor, image, self.family.format_prompt(prompt),

@@ -14,6 +14,8 @@ from vlmforge.errors import ToolchainUnavailable
 from vlmforge.modeling import modelopt as mo
 from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 
 def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -108,3 +110,50 @@ def test_layer_norms_are_not_quantized(method: QuantMethod) -> None:
     enabled = [name for name, quantizer in mo._quantizers(opt) if quantizer.is_enabled and name.rpartition(".")[0] in norms]
     assert norms and enabled == []
     assert mo.quantizer_summary(opt)["input"] == 12  # the linears' inputs still are
+
+
+def _exported(module: torch.nn.Module) -> torch.Tensor:
+    """What ModelOpt's exporters write for ``module``'s weight (int8 codes or FP8 values, times the scale)."""
+    from modelopt.torch.export.quant_utils import get_quantization_format, get_weight_scaling_factor, to_quantized_weight
+
+    scale = get_weight_scaling_factor(module).float()
+    codes = to_quantized_weight(module.weight.detach().float(), scale, get_quantization_format(module)).float()
+    return codes * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
+
+
+def _put_on_a_tie(module: torch.nn.Module) -> None:
+    """Set one weight of ``module`` next to a rounding tie of the exporter's ``w / s`` (within one float32 step of
+    -60.5 codes) where the fake-quant forward's ``w * (127 / amax)`` gives the other code."""
+    scales = module.weight_quantizer.amax.reshape(-1).float() / 127
+    with torch.no_grad():
+        for row, scale in enumerate(scales):
+            tie = torch.tensor(-60.5) * scale
+            for w in (tie, torch.nextafter(tie, tie - 1), torch.nextafter(tie, tie + 1)):
+                module.weight[row, 0] = w
+                fake = torch.round(module.weight_quantizer(module.weight)[row, 0] / scale)
+                if fake != torch.round(_exported(module)[row, 0] / scale):
+                    return
+    raise AssertionError("no weight next to a tie rounds differently in this layer")
+
+
+def test_weights_are_rounded_as_the_exporter_rounds_them() -> None:
+    """A weight on a rounding tie: ModelOpt's fake-quant forward and its exporter gave codes one step apart, and
+    with int8 activations downstream the checkpoint's read-back then differed by 0.062 (tiny-vila int8_sq)."""
+    llm = tiny_llama()
+    mo.calibrate(llm, QuantMethod.INT8_SQ, KvCacheDtype.AUTO, 128, batches())
+    q_proj = llm.model.layers[0].self_attn.q_proj
+    _put_on_a_tie(q_proj)
+    assert not torch.equal(q_proj.weight_quantizer(q_proj.weight), _exported(q_proj))
+    linears = [m for m in llm.modules() if isinstance(m, torch.nn.Linear) and m.weight_quantizer.is_enabled]
+    exported = [_exported(m) for m in linears]
+    assert mo.round_weights_as_exported(llm) == len(linears) == 14
+    with torch.no_grad():
+        for module, want in zip(linears, exported, strict=True):
+            assert torch.equal(module.weight, want)
+            # the forward keeps every code (one code off is 1/128 of the row's amax; float32 ulps remain)
+            torch.testing.assert_close(module.weight_quantizer(module.weight), want, rtol=1e-6, atol=1e-9)
+    fp8 = tiny_llama()
+    mo.calibrate(fp8, QuantMethod.FP8, KvCacheDtype.AUTO, 128, batches(1))
+    down = fp8.model.layers[1].mlp.down_proj
+    want = _exported(down)
+    assert mo.round_weights_as_exported(fp8) == 14 and torch.equal(down.weight, want)

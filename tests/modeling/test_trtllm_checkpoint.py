@@ -18,6 +18,8 @@ from vlmforge.modeling.trtllm.opt import export_opt
 from vlmforge.modeling.trtllm.readback import read_back, unpack_int4
 from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 GOOD = {"architecture": "LlamaForCausalLM", "dtype": "float16", "hidden_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "hidden_act": "silu", "logits_dtype": "float16",
         "position_embedding_type": "rope_gpt_neox", "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1},

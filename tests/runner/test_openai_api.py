@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +15,8 @@ from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
     TextStream,
+    check_prompt_chars,
+    decode_json,
     load_image,
     max_new_tokens,
     parse_messages,
@@ -142,3 +145,76 @@ def test_text_stream_stops_before_a_stop_string_split_over_tokens(tokenizer) -> 
     assert stream.stopped and "".join(deltas) == "The quick "
     deltas, stream = _stream(tokenizer, "The quick brown fox", ["zebra"])
     assert not stream.stopped and "".join(deltas) == "The quick brown fox"
+
+
+def _data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def test_only_the_documented_image_formats_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EPS payload made Pillow start Ghostscript: only PNG, JPEG, WebP and GIF are ever opened."""
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    started: list[object] = []
+
+    def ghostscript(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise OSError("Ghostscript was asked to run")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n0 0 moveto showpage\n%%EOF\n"
+    with pytest.raises(ApiError) as caught:
+        load_image(_data_url(eps, "image/png"), Limits(), None)
+    assert caught.value.status == 400 and "PNG, JPEG, WebP or GIF" in caught.value.message
+    assert started == []
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF"):
+        assert load_image(image_url(0, fmt=fmt), Limits(), None).size == (64, 64), fmt
+    for fmt in ("BMP", "TIFF", "ICO", "PPM"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), "red").save(buffer, fmt)
+        with pytest.raises(ApiError, match="PNG, JPEG, WebP or GIF"):
+            load_image(_data_url(buffer.getvalue()), Limits(), None)
+
+
+def test_json_bodies_are_bounded_before_they_are_parsed() -> None:
+    body = json.dumps(chat_body("hi", "data:x")).encode()
+    assert decode_json(body, Limits())["model"] == "tiny-llava"
+    with pytest.raises(ApiError) as caught:  # once a RecursionError: a 500
+        decode_json(b"[" * 5000 + b"]" * 5000, Limits())
+    assert caught.value.status == 400 and "nested too deeply" in caught.value.message
+    with pytest.raises(ApiError) as caught:  # ten thousand tiny values parse slowly, holding the interpreter
+        decode_json(b"[" + b"1," * 20_000 + b"1]", Limits(max_json_values=10_000))
+    assert caught.value.status == 400 and "over 10000 JSON values" in caught.value.message
+    for bad in (b"{not json", b"\xff\xfe", b""):
+        with pytest.raises(ApiError, match="not JSON"):
+            decode_json(bad, Limits())
+
+
+def test_a_prompt_over_the_character_cap_is_refused_before_tokenizing() -> None:
+    check_prompt_chars(None, 80, 10, 8)
+    check_prompt_chars("x" * 80, 80, 10, 8)
+    with pytest.raises(ApiError) as caught:
+        check_prompt_chars("x" * 81, 80, 10, 8)
+    assert caught.value.status == 400 and caught.value.code == "context_length_exceeded"
+    assert "81 characters" in caught.value.message and "limit of 80" in caught.value.message
+
+
+def test_a_403_does_not_say_where_a_symlink_points(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    hidden = tmp_path / "private-area-7f3a"
+    hidden.mkdir()
+    Image.new("RGB", (4, 4)).save(hidden / "secret.png")
+    (root / "innocent.png").symlink_to(hidden / "secret.png")
+    (root / "gone.png").symlink_to(hidden / "missing.png")
+    with pytest.raises(ApiError) as caught:
+        load_image((root / "innocent.png").as_uri(), Limits(), root)
+    assert caught.value.status == 403
+    assert "innocent.png" in caught.value.message and "private-area-7f3a" not in caught.value.message
+    with pytest.raises(ApiError) as caught:
+        load_image((root / "gone.png").as_uri(), Limits(), root)
+    assert "private-area-7f3a" not in caught.value.message

@@ -118,6 +118,11 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "file url without root": (chat_body("hi", "file:///etc/passwd"), 400, "--image-root"),
     "no messages": ({"model": "tiny-llava", "messages": []}, 400, "messages"),
     "not json": (b"{not json", 400, "not JSON"),
+    "deeply nested json": (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+    "prompt over the character cap": (chat_body("x" * 1025, image_url(0)), 400, "1025 characters"),
+    "an EPS payload": (chat_body("hi", "data:image/png;base64," + base64.b64encode(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n%%EOF\n").decode()), 400,
+                       "PNG, JPEG, WebP or GIF"),
 }
 
 
@@ -218,7 +223,7 @@ def test_the_http_port_is_held_from_before_the_engine_loads(tiny_engine, monkeyp
     port = free_port()
     seen: list[int] = []
 
-    def loading(settings, info, channel):
+    def loading(engine_dir, options):
         with socket.socket() as other:
             try:
                 other.bind(("127.0.0.1", port))
@@ -228,7 +233,7 @@ def test_the_http_port_is_held_from_before_the_engine_loads(tiny_engine, monkeyp
                 seen.append(0)
         raise KeyboardInterrupt  # stop before serving
 
-    monkeypatch.setattr(server_module, "load_serving_engine", loading)
+    monkeypatch.setattr(server_module, "load_engine", loading)
     with pytest.raises(KeyboardInterrupt):
         server_module.serve(server_module.ServeSettings(engine_dir=tiny_engine, port=port, device="cpu"))
     assert seen == [errno.EADDRINUSE]

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from vlmforge.runner.engine import Generation
+from vlmforge.runner.protocol import EngineKind, Generation
 from vlmforge.runner.scheduler import Draining, Finished, GenRequest, Scheduler, Token
 
 
 class WholeEngine:
     """Request 0 streams its tokens (a decoder-only LLM); request 1 does not (an encoder-decoder one)."""
 
-    streams_tokens = False
+    kind = EngineKind.WHOLE_REQUEST
 
     def __init__(self, events: dict[int, list[Any]]) -> None:
         self.events = events

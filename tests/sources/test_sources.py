@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -126,3 +127,52 @@ def test_tiny_sources_include_every_tiny_model_of_a_family(tmp_path: Path) -> No
     assert open_source("tiny://vila").resolve_revision() != fetched.revision
     with pytest.raises(SourceError, match=r"no family makes tiny://vila2\.0; tiny sources: .*tiny://vila, tiny://vila1\.0"):
         open_source("tiny://vila2.0").resolve_revision()
+
+
+def test_a_local_fetch_reads_each_source_byte_once(tmp_path: Path) -> None:
+    """The fetch stage hashed a local checkpoint four times (resolving the revision, before the copy, after it, and
+    for the stage record): with the build's digests shared, the hard-linked copy and the record reuse the first."""
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.families import get_family
+    from vlmforge.specs.schema import spec_from_dict
+
+    source = tmp_path / "checkpoint"
+    get_family("llava").make_tiny(source)
+    total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    spec = spec_from_dict({"name": "local-llava", "family": "llava", "source": f"file://{source}",
+                           "limits": {"max_batch_size": 1, "max_input_len": 128, "max_output_len": 32},
+                           "architecture": {"num_visual_features": 16}})
+    work = Workdir(tmp_path / "work")
+    fetched = HfPipeline(spec, work, device="cpu", on_event=lambda line: None).fetch()
+    assert sum(entry.size for entry in fetched.record.files) == total
+    assert work.digests.hashed_bytes == total and work.digests.reused_bytes >= 3 * total
+
+
+def test_a_file_changed_in_place_is_read_again(tmp_path: Path) -> None:
+    from vlmforge.sources import DigestCache
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    cache = DigestCache()
+    first, _ = cache.sha256(path)
+    assert cache.sha256(path)[0] == first and cache.reused_bytes == 1000
+    link = tmp_path / "link.bin"
+    link.hardlink_to(path)  # the same file under another name: not read again
+    assert cache.sha256(link)[0] == first and cache.hashed_bytes == 1000
+    stat = path.stat()
+    path.write_bytes(b"b" * 1000)  # same size; a new modification time
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert cache.sha256(path)[0] == hashlib.sha256(b"b" * 1000).hexdigest() and cache.hashed_bytes == 2000
+
+
+def test_hash_tree_in_parallel_matches_one_file_at_a_time(tmp_path: Path) -> None:
+    from vlmforge.sources.base import hash_tree, sha256_file
+
+    for i in range(20):
+        (tmp_path / f"d{i % 3}").mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 3}" / f"f{i}.bin").write_bytes(bytes([i]) * (i * 100_003))
+    entries = hash_tree(tmp_path)
+    assert [e.path for e in entries] == sorted(e.path for e in entries) and len(entries) == 20
+    assert all(e.sha256 == sha256_file(tmp_path / e.path) and e.size == (tmp_path / e.path).stat().st_size
+               for e in entries)

@@ -11,7 +11,8 @@ import pytest
 
 from vlmforge.errors import SpecError
 from vlmforge.specs.catalog import catalog_entry
-from vlmforge.specs.schema import load_spec_file, merge_overrides, read_yaml, spec_from_dict
+from vlmforge.specs.schema import load_spec_file, merge_overrides, spec_from_dict
+from vlmforge.specs.yaml_io import read_yaml
 
 # "billion laughs": nine levels of nine aliases each, 9**9 strings once expanded (about 8.5 GB when walked).
 ALIAS_BOMB = textwrap.dedent("""\

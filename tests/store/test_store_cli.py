@@ -196,3 +196,27 @@ def test_init_creates_and_adopts(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--adopt" in result.stderr
     result = run("init", "--store", str(old), "--adopt")
     assert result.exit_code == 0 and "adopted" in result.stdout
+
+
+def test_listings_keep_names_ids_and_aliases_whole_on_80_columns(store_url: str, tmp_path: Path) -> None:
+    """`store ls` on an 80-column terminal cut every column to fit (`tiny-llava-3…`): names, build ids and alias
+    entries stay whole now, and less important columns are dropped or wrapped."""
+    model = "tiny-llava-3-long-model-name-for-narrow-terminals"
+    store = make_store(store_url)
+    ids = []
+    for i in range(2):
+        engine = make_engine(tmp_path / f"e{i}", standard_files(f"narrow{i}", big=1000))
+        manifest = new_manifest(model, minutes=i, seed=f"narrow{i}")
+        ids.append(store.publish(engine, manifest, aliases=("latest", "production-candidate")).manifest.build_id)
+    store.close()
+    narrow = CliRunner(env={"COLUMNS": "80"})
+    models = narrow.invoke(app, ["ls", "--store", store_url])
+    builds = narrow.invoke(app, ["ls", model, "--store", store_url])
+    assert models.exit_code == 0 and builds.exit_code == 0, models.output + builds.output
+    for output in (models.stdout, builds.stdout):
+        assert max(len(line) for line in output.splitlines()) <= 80, output
+        assert "…" not in output
+    assert model in models.stdout and f"production-candidate={ids[1]}" in models.stdout
+    assert all(build_id in builds.stdout for build_id in ids) and "production-candidate" in builds.stdout
+    wide = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["ls", model, "--store", store_url])
+    assert "CREATED (UTC)" in wide.stdout and "CREATED (UTC)" not in builds.stdout  # the id carries the time

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from vlmforge.build.fingerprint import fingerprint, spec_for_fingerprint
 from vlmforge.build.fingerprint import fingerprint as fingerprint_of
+from vlmforge.build.revisions import RevisionMemo
 from vlmforge.build.weights import PartDigest, visual_inputs_digest
 from vlmforge.build.workdir import StageOutcome, Workdir
 from vlmforge.errors import SourceError
@@ -33,13 +35,98 @@ log = logging.getLogger(__name__)
 
 STAGE_CODE_VERSION = 1
 """Bump when a stage's output changes for the same inputs (it is part of every fingerprint)."""
+BUILD_KEY = "build_key"
+"""The manifest's ``extra`` entry holding the build's key (see :meth:`HfFingerprints.build_key`)."""
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnxruntime", "safetensors")
+
+
+STAGE_MODULES = ("torch", "transformers", "vlmforge.toolchains.hf.stages", "vlmforge.toolchains.hf.onnx",
+                 "vlmforge.runner.engine")
+"""What the hf stages import (seconds on a small machine): see :func:`import_stage_modules`."""
+
+
+def import_stage_modules() -> None:
+    """Import what the hf stages use, so a caller can pay for it while it waits on something else (the CLI: while
+    Prefect's server starts) rather than inside the first stage."""
+    import importlib
+
+    for name in STAGE_MODULES:
+        importlib.import_module(name)
 
 
 def default_workdir() -> Path:
     import os
 
     return Path(os.environ.get("VLMFORGE_WORKDIR", "~/.cache/vlmforge/work")).expanduser()
+
+
+@dataclass(frozen=True)
+class HfFingerprints:
+    """Every hf stage's fingerprint as a pure function of its inputs' fingerprints: what :class:`HfPipeline` keys its
+    stages by, and what :meth:`build_key` derives, before anything runs, from the source revision alone."""
+
+    resolved: ResolvedSpec
+    libraries: dict[str, str]
+
+    def _fp(self, stage: str, *parts: Any) -> str:
+        return fingerprint(stage, STAGE_CODE_VERSION, self.libraries, *parts)
+
+    def fetch(self, revision: str) -> str:
+        return fingerprint("fetch", STAGE_CODE_VERSION, self.resolved.spec.source, revision)
+
+    def convert(self, fetched: str) -> str:
+        spec = spec_for_fingerprint(self.resolved.spec)
+        return self._fp("convert", fetched, spec["family"], spec["dtype"], spec["architecture"], spec["parallel"]["tp"])
+
+    def quantize(self, converted: str, calibration: str | None) -> str:
+        """``calibration``: the calibration set's digest (None where nothing is calibrated)."""
+        settings = self.resolved.spec.quantization.model_dump(
+            mode="json", exclude={"calibration"} if calibration is None else set())
+        return self._fp("quantize", converted, settings, calibration)
+
+    def llm(self, upstream: str) -> str:
+        return self._fp("llm", upstream)
+
+    def visual(self, basis: tuple[str, ...]) -> str:
+        return self._fp("visual", *basis, self.resolved.spec.family)
+
+    def visual_basis_of(self, fetched: str) -> tuple[str, ...]:
+        """What stands for the visual inputs' digest in :meth:`build_key`: the download (its revision fixes the
+        bytes, so the digest) and the family's rules for picking the visual part out of it."""
+        family = self.resolved.family
+        return ("visual-inputs-of", fetched, fingerprint(family.visual_weight_prefixes, family.llm_config_keys,
+                                                          family.visual_config_files))
+
+    def engine(self, visual: str, llm: str) -> str:
+        return self._fp("engine", visual, llm, spec_for_fingerprint(self.resolved.spec),
+                        self.resolved.derived.model_dump(mode="json"))
+
+    def validate(self, engine: str, fetched: str) -> str:
+        return self._fp("validate", engine, fetched, self.resolved.spec.validation.model_dump(mode="json"))
+
+    def build_key(self, revision: str, calibration: str | None) -> str:
+        """The whole build's key: the stages' fingerprint chain from ``revision`` to validation, with the visual
+        inputs' digest (which needs the downloaded files) stood in for by what determines it. Same key, same engine
+        fingerprint and same validation: the published-build check compares it with the key each manifest records."""
+        fetched = self.fetch(revision)
+        converted = self.convert(fetched)
+        upstream = self.quantize(converted, calibration) if self.resolved.spec.quantization.active else converted
+        engine = self.engine(self.visual(self.visual_basis_of(fetched)), self.llm(upstream))
+        return fingerprint("hf-build", self.validate(engine, fetched))
+
+
+def calibration_of(resolved: ResolvedSpec) -> str | None:
+    """The calibration set's digest for the quantize stage's fingerprint (None without an active quantization)."""
+    if not resolved.spec.quantization.active:
+        return None
+    from vlmforge.toolchains.quantize.hf import calibration_digest
+
+    return calibration_digest(resolved)  # the set's content: other images or prompts, another build
+
+
+def hf_fingerprints(spec: BuildSpec) -> HfFingerprints:
+    """The fingerprints of ``spec``'s hf build with this machine's libraries (no torch import, no device)."""
+    return HfFingerprints(resolve(spec), dict(versions(LIBRARIES)))
 
 
 @dataclass
@@ -58,14 +145,11 @@ class HfPipeline:
         self.resolved: ResolvedSpec = resolve(self.spec)
         check_supported(self.resolved)
         self.device = self.device or default_device()
-        self._libraries = {name: version for name, version in versions(LIBRARIES).items()}
+        self.fingerprints = HfFingerprints(self.resolved, dict(versions(LIBRARIES)))
 
     @property
     def model(self) -> str:
         return self.spec.name
-
-    def _fp(self, stage: str, *parts: Any) -> str:
-        return fingerprint(stage, STAGE_CODE_VERSION, self._libraries, *parts)
 
     def _run(self, stage: str, fp: str, work: Callable[[Path], Any]) -> StageOutcome:
         outcome = self.workdir.run(self.model, stage, fp, work)
@@ -76,14 +160,14 @@ class HfPipeline:
 
     def fetch(self) -> StageOutcome:
         """Resolve the source's exact revision and download it (verified); reused while the revision holds."""
-        source = open_source(self.spec.source)
-        revision = source.resolve_revision()
-        fp = fingerprint("fetch", STAGE_CODE_VERSION, self.spec.source, revision)
-        outcome = self._run("fetch", fp, lambda out: source.fetch(out / "model"))
+        source = open_source(self.spec.source, digests=self.workdir.digests)  # one read of each byte: resolve,
+        revision = source.resolve_revision()                                   # fetch and the stage record share it
+        RevisionMemo(self.workdir.root).remember(source, revision)
+        outcome = self._run("fetch", self.fingerprints.fetch(revision), lambda out: source.fetch(out / "model"))
         fetched = FetchedSource.model_validate(outcome.result)
         if outcome.skipped:
             try:
-                verify_tree(outcome.path / "model", fetched.files)
+                verify_tree(outcome.path / "model", fetched.files, digests=self.workdir.digests)
             except SourceError as exc:
                 self.on_event(f"fetch: cached download is corrupt ({exc}): downloading again")
                 shutil.rmtree(outcome.path)
@@ -93,30 +177,22 @@ class HfPipeline:
     def convert(self, fetched: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
 
-        spec = spec_for_fingerprint(self.spec)
-        fp = self._fp("convert", fetched.record.fingerprint, spec["family"], spec["dtype"], spec["architecture"],
-                      spec["parallel"]["tp"])
+        fp = self.fingerprints.convert(fetched.record.fingerprint)
         return self._run("convert", fp, lambda out: stages.convert(self.resolved, fetched.path / "model", out, device=self.device))
 
     def quantize(self, converted: StageOutcome) -> StageOutcome | None:
         from vlmforge.toolchains.hf import stages
 
-        from vlmforge.toolchains.quantize.hf import calibration_digest
-
-        quant = self.spec.quantization
-        if not quant.active:
+        if not self.spec.quantization.active:
             return None
-        digest = calibration_digest(self.resolved)  # the set's content: other images or prompts, another build
-        settings = quant.model_dump(mode="json", exclude={"calibration"} if digest is None else set())
-        fp = self._fp("quantize", converted.record.fingerprint, settings, digest)
+        fp = self.fingerprints.quantize(converted.record.fingerprint, calibration_of(self.resolved))
         return self._run("quantize", fp, lambda out: stages.quantize(self.resolved, converted.path / "checkpoint", out,
                                                                    device=self.device))
 
     def build_llm(self, converted: StageOutcome, quantized: StageOutcome | None) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
 
-        upstream = (quantized or converted).record.fingerprint
-        fp = self._fp("llm", upstream)
+        fp = self.fingerprints.llm((quantized or converted).record.fingerprint)
         done = (quantized.path, stages.QuantizeResult.model_validate(quantized.result)) if quantized else None
         return self._run("llm", fp, lambda out: stages.build_llm(
             self.resolved, converted.path / "checkpoint", done, out, device=self.device))
@@ -138,15 +214,13 @@ class HfPipeline:
             basis = ("visual-inputs", inputs.digest)
             log.info("visual inputs: %d tensors (%d bytes) and %s, digest %s", inputs.tensors, inputs.tensor_bytes,
                      ", ".join(inputs.configs), inputs.digest[:12])
-        fp = self._fp("visual", *basis, self.spec.family)
+        fp = self.fingerprints.visual(basis)
         return self._run("visual", fp, lambda out: stages.build_visual(self.resolved, fetched.path / "model", out))
 
     def assemble(self, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
 
-        spec = spec_for_fingerprint(self.spec)
-        fp = self._fp("engine", visual.record.fingerprint, llm.record.fingerprint, spec,
-                      self.resolved.derived.model_dump(mode="json"))
+        fp = self.fingerprints.engine(visual.record.fingerprint, llm.record.fingerprint)
         return self._run("engine", fp, lambda out: stages.assemble(
             self.resolved, visual.path, stages.VisualResult.model_validate(visual.result), llm.path,
             stages.LlmResult.model_validate(llm.result), out))
@@ -154,8 +228,7 @@ class HfPipeline:
     def validate(self, engine: StageOutcome, fetched: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
 
-        fp = self._fp("validate", engine.record.fingerprint, fetched.record.fingerprint,
-                      self.spec.validation.model_dump(mode="json"))
+        fp = self.fingerprints.validate(engine.record.fingerprint, fetched.record.fingerprint)
         return self._run("validate", fp, lambda out: stages.validate(self.resolved, engine.path, fetched.path / "model",
                                                                      device=self.device))
 
@@ -164,18 +237,22 @@ class HfPipeline:
     def manifest(self, fetched: StageOutcome, engine: StageOutcome, validation: StageOutcome,
                  extra: dict[str, Any] | None = None) -> Any:
         """The manifest of this build (published by the store)."""
-        fetched_source = FetchedSource.model_validate(fetched.result)
-        return engine_manifest(self.spec, self.resolved.derived, toolchain="hf", source_revision=fetched_source.revision,
+        revision = FetchedSource.model_validate(fetched.result).revision
+        key = self.fingerprints.build_key(revision, calibration_of(self.resolved))
+        return engine_manifest(self.spec, self.resolved.derived, toolchain="hf", source_revision=revision,
                                fingerprint=engine.record.fingerprint, files=engine.record.files,
-                               validation=validation.result, extra=extra)
+                               validation=validation.result, extra={**(extra or {}), BUILD_KEY: key})
 
-    def run(self) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
-        """All stages in order: (fetched, engine, validation)."""
+    def run(self, *, overlap: bool = False) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
+        """All stages: (fetched, engine, validation). In order, or with ``overlap`` the visual stage (ONNX export on
+        the CPU) in a thread beside convert, quantize and the LLM stage (on the GPU), as the build flow runs them."""
         fetched = self.fetch()
-        converted = self.convert(fetched)
-        quantized = self.quantize(converted)
-        llm = self.build_llm(converted, quantized)
-        visual = self.build_visual(fetched)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="visual") as pool:
+            visual_later = pool.submit(self.build_visual, fetched) if overlap else None
+            converted = self.convert(fetched)
+            quantized = self.quantize(converted)
+            llm = self.build_llm(converted, quantized)
+            visual = visual_later.result() if visual_later is not None else self.build_visual(fetched)
         engine = self.assemble(visual, llm)
         validation = self.validate(engine, fetched)
         return fetched, engine, validation

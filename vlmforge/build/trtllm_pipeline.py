@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmforge.build.fingerprint import fingerprint, spec_for_fingerprint
-from vlmforge.build.pipeline import STAGE_CODE_VERSION, engine_manifest
+from vlmforge.build.pipeline import BUILD_KEY, STAGE_CODE_VERSION, engine_manifest
 from vlmforge.build.workdir import StageOutcome, Workdir
 from vlmforge.errors import ToolchainUnavailable
 from vlmforge.families import ResolvedSpec, resolve
@@ -98,8 +98,19 @@ class TrtllmPipeline:
 
     def engine_fingerprint(self, run: PlanRun) -> str:
         """What the engine is: the spec, the source revision, the plan, the release and the GPU architecture."""
-        return fingerprint("trtllm", spec_for_fingerprint(self.spec), run.source_revision, self.plan.to_json_dict(),
+        return self._engine_fp(run.source_revision)
+
+    def _engine_fp(self, revision: str) -> str:
+        return fingerprint("trtllm", spec_for_fingerprint(self.spec), revision, self.plan.to_json_dict(),
                            self.trtllm_version, self._runtime.compute_capability())
+
+    def _validate_fp(self, engine_fp: str) -> str:
+        return fingerprint("validate", STAGE_CODE_VERSION, engine_fp, self.spec.validation.model_dump(mode="json"))
+
+    def build_key(self, revision: str) -> str:
+        """The whole build's key from the source revision alone: the engine's and the validation's fingerprints
+        (what the published-build check compares with the key each manifest records)."""
+        return fingerprint("trtllm-build", self._validate_fp(self._engine_fp(revision)))
 
     def assemble(self, run: PlanRun) -> StageOutcome:
         """The plan's engine (llm/, vision/) hard-linked into a stage folder, with processor/ and engine.json."""
@@ -117,9 +128,7 @@ class TrtllmPipeline:
         """The engine through the runner against the float32 reference; fails below the spec's thresholds."""
         from vlmforge.toolchains.trtllm import stages
 
-        fp = fingerprint("validate", STAGE_CODE_VERSION, engine.record.fingerprint,
-                         self.spec.validation.model_dump(mode="json"))
-        return self._run("validate", fp, lambda out: stages.validate(
+        return self._run("validate", self._validate_fp(engine.record.fingerprint), lambda out: stages.validate(
             self.resolved, self._runtime.load_engine(engine.path, self.hf_dir), self.hf_dir,
             device=self._runtime.reference_device))
 
@@ -134,13 +143,13 @@ class TrtllmPipeline:
                  extra: dict[str, Any] | None = None) -> Any:
         """The manifest of this build (published by the store), with ``vlmforge checkpoint``'s read-back figures
         where the plan has that step."""
-        extra = dict(extra or {})
+        extra = {**(extra or {}), BUILD_KEY: self.build_key(run.source_revision)}
         report = self.checkpoint_report()
         if report is not None:
             extra["checkpoint"] = report
         return engine_manifest(self.spec, self.resolved.derived, toolchain="trtllm", source_revision=run.source_revision,
                                fingerprint=engine.record.fingerprint, files=engine.record.files,
-                               validation=validation.result, extra=extra or None)
+                               validation=validation.result, extra=extra)
 
     def checkpoint_report(self) -> dict[str, Any] | None:
         """The JSON report the plan's checkpoint step wrote (None where the step is the container's script)."""

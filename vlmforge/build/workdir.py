@@ -21,11 +21,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from vlmforge.errors import BuildError
-from vlmforge.sources.base import FileEntry, hash_tree
+from vlmforge.sources.base import DigestCache, FileEntry, hash_tree
 from vlmforge.system.processes import pid_alive
 
 log = logging.getLogger(__name__)
 RECORD = "_stage.json"
+STAGE_LOG_ATTR = "vlmforge_stage"
+"""Log record attribute naming the stage a record reports the outcome of (``logger.info(reason, extra=...)``):
+the CLI's progress display counts these records."""
 
 
 class StageRecord(BaseModel):
@@ -54,6 +57,11 @@ class StageOutcome:
         return self.record.result
 
     @property
+    def log_extra(self) -> dict[str, str]:
+        """``extra`` for the log record that reports this outcome."""
+        return {STAGE_LOG_ATTR: self.record.stage}
+
+    @property
     def reason(self) -> str:
         if self.skipped:
             return (f"{self.record.stage} skipped: inputs' fingerprint {self.record.fingerprint[:12]} unchanged "
@@ -62,10 +70,12 @@ class StageOutcome:
 
 
 class Workdir:
-    """Stage folders under ``root/<model>/<stage>-<fingerprint>``."""
+    """Stage folders under ``root/<model>/<stage>-<fingerprint>``. ``digests``: the file digests this build has
+    computed, shared by its stages and sources, so a file (or a hard link to it) is hashed once per build."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, digests: DigestCache | None = None) -> None:
         self.root = Path(root).expanduser()
+        self.digests = digests or DigestCache()
 
     def stage_path(self, model: str, stage: str, fingerprint: str) -> Path:
         return self.root / model / f"{stage}-{fingerprint[:16]}"
@@ -107,7 +117,8 @@ class Workdir:
             result = work(scratch)
             payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
             record = StageRecord(stage=stage, fingerprint=fingerprint, completed_at=datetime.now(UTC),
-                                 seconds=time.perf_counter() - start, result=payload, files=hash_tree(scratch))
+                                 seconds=time.perf_counter() - start, result=payload,
+                                 files=hash_tree(scratch, digests=self.digests))
             (scratch / RECORD).write_text(record.model_dump_json(indent=2))
             if final.exists():
                 shutil.rmtree(final)

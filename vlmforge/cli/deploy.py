@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from vlmforge.cli.app import app, console, err_console, print_json
 from vlmforge.deploy.auth import API_KEY_ENV
 from vlmforge.deploy.launchers import DockerRunner
-from vlmforge.deploy.records import LauncherKind
+from vlmforge.deploy.records import LauncherKind, ServeBackend
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
 
@@ -48,18 +48,39 @@ def deploy_cmd(
     replace: Annotated[bool, typer.Option("--replace", help="Stop (drain) a running deployment of the same name first.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached: SIGTERM/SIGINT here drain the runner (containers).")] = False,
     launcher: Annotated[LauncherKind, typer.Option(help="process: mpirun/the runner as a child of this command; docker: a runner container through the Docker daemon.")] = LauncherKind.PROCESS,
-    image: Annotated[str | None, typer.Option(help="--launcher docker: the runner image (vlmforge-runner:TAG, vlmforge-runner-cpu:TAG).")] = None,
+    image: Annotated[str | None, typer.Option(help="--launcher docker: the runner image (vlmforge-runner:TAG, vlmforge-runner-cpu:TAG); --backend trtllm-serve: the TensorRT-LLM image (default: $VLMFORGE_TRTLLM_SERVE_IMAGE, else the pinned release).")] = None,
     volume: Annotated[list[str] | None, typer.Option("--volume", help="--launcher docker: a mount SOURCE:TARGET[:MODE] (default: the engine dir, read-only).")] = None,
     network: Annotated[str | None, typer.Option(help="--launcher docker: the Docker network of the runner.")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_default=False, help=f"The key clients must send (Authorization: Bearer KEY); required unless --host is loopback, and always for --launcher docker. Prefer ${API_KEY_ENV}: an option shows in `ps`. It reaches rank 0 through its environment; records keep only its fingerprint.")] = None,
+    backend: Annotated[ServeBackend, typer.Option(help="vlmforge: vlmforge's runner on a build's engine; trtllm-serve: TensorRT-LLM's own server on a build's Hugging Face model folder (hf/), in NVIDIA's release container (--image overrides the pinned one).")] = ServeBackend.VLMFORGE,
+    checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="--backend trtllm-serve: deploy this Hugging Face model folder instead of a store build.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(min=2, help="--backend trtllm-serve: prompt + output tokens per request (default: the build's).")] = None,
+    kv_cache_fraction: Annotated[float | None, typer.Option(help="--backend trtllm-serve: share of the GPU memory left after the weights that the KV cache takes (default 0.9).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--backend trtllm-serve: print the container's command and the options file; start nothing.")] = False,
     state_dir: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
-    and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it."""
+    and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it.
+    With --backend trtllm-serve: TensorRT-LLM's server on the build's Hugging Face model folder instead."""
     from vlmforge.deploy.service import deploy, serve_args
     from vlmforge.deploy.sources import LocalEngineSource, StoreSource
 
+    if backend is ServeBackend.TRTLLM_SERVE:
+        if engine_dir is not None or launcher is not LauncherKind.PROCESS or volume or network or image_root:
+            raise DeployError("--backend trtllm-serve runs NVIDIA's container itself on a Hugging Face model folder: "
+                              "--engine-dir, --launcher, --volume, --network and --image-root go with --backend vlmforge")
+        if foreground:
+            raise DeployError("--foreground goes with --backend vlmforge (trtllm-serve runs as a container: stop it "
+                              "with `vlmforge undeploy`)")
+        _trtllm_serve(ref, store=store, checkpoint_dir=checkpoint_dir, tp=tp, host=host, port=port, hostfile=hostfile,
+                      name=name, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                      kv_cache_fraction=kv_cache_fraction, image=image, wait=wait, replace=replace, dry_run=dry_run,
+                      api_key=SecretStr(api_key) if api_key else None, state_dir=state_dir, as_json=as_json)
+        return
+    if checkpoint_dir is not None or max_seq_len is not None or kv_cache_fraction is not None or dry_run:
+        raise DeployError("--checkpoint-dir, --max-seq-len, --kv-cache-fraction and --dry-run go with --backend "
+                          "trtllm-serve")
     if engine_dir is None and ref is None:
         raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or an --engine-dir")
     if engine_dir is not None and store is not None:
@@ -97,6 +118,36 @@ def deploy_cmd(
         raise typer.Exit(_attach(deployment, state_dir))
 
 
+def _trtllm_serve(ref: str | None, *, store: str | None, checkpoint_dir: Path | None, state_dir: Path | None,
+                  as_json: bool, dry_run: bool, wait: float, **options: Any) -> None:
+    """`deploy --backend trtllm-serve`: plan (every refusal first), then print the dry run or start and record."""
+    from vlmforge.deploy.sources import StoreSource
+    from vlmforge.deploy.trtllm_deploy import LocalCheckpointSource, deploy_trtllm_serve, plan_trtllm_serve
+    from vlmforge.deploy.trtllm_deploy import dry_run as make_dry_run
+
+    if checkpoint_dir is None and ref is None:
+        raise DeployError("name a model (MODEL, MODEL@ALIAS or MODEL#BUILD_ID) or a --checkpoint-dir")
+    if checkpoint_dir is not None and store is not None:
+        raise DeployError("--store and --checkpoint-dir exclude each other")
+    source: Any = LocalCheckpointSource(checkpoint_dir, ref) if checkpoint_dir is not None else StoreSource(store)
+    plan = plan_trtllm_serve(ref or "", source, state_dir=state_dir, check_port=not dry_run, **options)
+    if dry_run:
+        shown = make_dry_run(plan, source, state_dir=state_dir)
+        if as_json:
+            print_json(shown.model_dump(mode="json"))
+        else:
+            console.print(shown.render(), highlight=False, markup=False, soft_wrap=True)
+        return
+    deployment = deploy_trtllm_serve(plan, source, state_dir=state_dir, wait_s=wait)
+    if as_json:
+        print_json({**_summary(deployment, "serving"), "selection": deployment.selection})
+    else:
+        console.print(deployment.selection, highlight=False)
+        console.print(f"[bold green]serving[/] {deployment.ref} with trtllm-serve at {deployment.endpoint}/v1 (TP "
+                      f"{deployment.tp}, deployment {deployment.name}, container {(deployment.container or '')[:12]}: "
+                      f"`{deployment.log}`)", highlight=False)
+
+
 def _attach(deployment: Any, state_dir: Path | None) -> int:
     """Wait for the runner; SIGTERM/SIGINT here go to rank 0, which drains. The runner's exit code."""
     import os
@@ -118,8 +169,7 @@ def _attach(deployment: Any, state_dir: Path | None) -> int:
 @app.command("deployments")
 def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """The runners deployed from this machine and whether they serve."""
-    from rich.table import Table
-
+    from vlmforge.cli.tables import Col, fit_table
     from vlmforge.deploy.service import list_deployments
 
     found = list_deployments(state_dir)
@@ -129,10 +179,10 @@ def deployments_cmd(state_dir: StateOpt = None, as_json: JsonOpt = False) -> Non
     if not found:
         console.print("no deployments")
         return
-    table = Table("name", "build", "endpoint", "tp", "status", "started")
-    for d, status in found:
-        table.add_row(d.name, d.ref, d.endpoint, str(d.tp), status, f"{d.started_at:%Y-%m-%d %H:%M:%S}")
-    console.print(table)
+    columns = (Col("name", keep=True), Col("build", keep=True), Col("endpoint", keep=True),
+               Col("tp", drop=1, justify="right"), Col("status", whole_words=True), Col("started", drop=0))
+    rows = [(d.name, d.ref, d.endpoint, str(d.tp), status, f"{d.started_at:%Y-%m-%d %H:%M:%S}") for d, status in found]
+    console.print(fit_table(console, columns, rows))
 
 
 @app.command("undeploy")

@@ -11,6 +11,7 @@ import typer
 
 from vlmforge.cli.app import app
 from vlmforge.runner import CompileMode, DecodeMode
+from vlmforge.runner.access import API_KEY_ENV
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
 
@@ -30,8 +31,12 @@ def _logging(rank: int) -> None:
 def serve_cmd(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory (with engine.json).", envvar="VLMFORGE_ENGINE_DIR",
                                                show_envvar=True)],
-    host: Annotated[str, typer.Option(help="Address rank 0 listens on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address rank 0 listens on (beyond loopback, an API key is required).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port rank 0 listens on ($VLMFORGE_PORT).")] = DEFAULT_PORT,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                                                help="Clients must send 'Authorization: Bearer KEY' (all but /health). Prefer the environment variable: arguments are visible to other users of the machine.")] = None,
+    header_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a connection may take to send a request's headers before it is closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request body may take to arrive (408 beyond).")] = 60.0,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Model id clients send (default: the engine's name).")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for more requests.")] = 5.0,
@@ -56,7 +61,8 @@ def serve_cmd(
 
     _logging(RankInfo.from_env().rank)
     settings = ServeSettings(
-        engine_dir=engine_dir, host=host, port=port, model_name=model_name, max_batch_size=max_batch_size,
+        engine_dir=engine_dir, host=host, port=port, api_key=api_key or None, header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout, model_name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
         drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup, compile_mode=compile_mode,
         limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,

@@ -10,6 +10,8 @@ import typer
 import yaml
 from rich.table import Table
 
+from vlmforge.cli.tables import Col, fit_table
+
 from vlmforge.cli.app import app, console, print_json
 from vlmforge.families import family_names, get_family, resolve
 from vlmforge.specs.catalog import catalog_specs, load_model_or_spec
@@ -72,11 +74,12 @@ def models_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "family", "source", "dtype", "batch", "visual feats", "mm len", title="vlmforge catalog")
-    for row in rows:
-        table.add_row(row["name"], row["family"], row["source"], row["dtype"], str(row["max_batch_size"]),
-                      str(row["num_visual_features"]), str(row["max_multimodal_len"]))
-    console.print(table)
+    columns = (Col("name", keep=True), Col("family", drop=4), Col("source", keep=True), Col("dtype", drop=3),
+               Col("batch", drop=1, justify="right"), Col("visual feats", drop=2, justify="right"),
+               Col("mm len", drop=0, justify="right"))
+    cells = [(row["name"], row["family"], row["source"], row["dtype"], str(row["max_batch_size"]),
+              str(row["num_visual_features"]), str(row["max_multimodal_len"])) for row in rows]
+    console.print(fit_table(console, columns, cells, title="vlmforge catalog"))
 
 
 @app.command("families")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vlmforge.cli.tables import Col, fit_table
 from vlmforge.errors import NotFound, StoreError, VlmforgeError
 from vlmforge.store import ANY, STORE_ENV, ArtifactStore, open_store
 from vlmforge.store.engine_dir import human_bytes
@@ -57,9 +59,9 @@ def _opened(url: str | None) -> Iterator[ArtifactStore]:
 
 
 def _console() -> Console:
-    """Console for tables: real width on a terminal, wide enough not to truncate ids when piped."""
+    """Console for tables: the terminal's width (or $COLUMNS), else wide enough not to wrap lines when piped."""
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
 
 _size = human_bytes
@@ -92,11 +94,12 @@ def ls(
             if as_json:
                 _emit_json(models, list[ModelSummary])
                 return
-            table = Table("MODEL", "BUILDS", "ALIASES", title=store.url, title_justify="left", box=box.SIMPLE_HEAD,
-                          pad_edge=False, padding=(0, 1))
-            for m in models:
-                table.add_row(m.model, str(m.builds), ", ".join(f"{a}={b}" for a, b in sorted(m.aliases.items())))
-            console.print(table)
+            columns = (Col("MODEL", keep=True), Col("BUILDS", drop=0, justify="right"),
+                       Col("ALIASES", whole_words=True))
+            rows = [(m.model, str(m.builds), ", ".join(f"{a}={b}" for a, b in sorted(m.aliases.items())))
+                    for m in models]
+            console.print(fit_table(console, columns, rows, title=store.url, title_justify="left",
+                                    box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1)))
             return
         builds = store.list_builds(model)
         if not builds and model not in {m.model for m in store.list_models()}:
@@ -104,15 +107,17 @@ def ls(
         if as_json:
             _emit_json(builds, list[BuildSummary])
             return
-        table = Table(title=f"{model} in {store.url}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                      padding=(0, 1))
-        for name in ("BUILD", "CREATED (UTC)", "TOOL", "GPU", "WORLD", "SIZE", "ALIASES"):
-            table.add_column(name, no_wrap=name != "ALIASES")
+        # The build id starts with its creation time (UTC, to the second): CREATED goes first on a narrow terminal.
+        columns = (Col("BUILD", keep=True), Col("CREATED (UTC)", drop=0), Col("TOOL", drop=3), Col("GPU", drop=2),
+                   Col("WORLD", drop=1, justify="right"), Col("SIZE", drop=4, justify="right"),
+                   Col("ALIASES", whole_words=True))
+        rows = []
         for b in builds:
             gpu = f"{b.gpu_name or '?'} sm{b.compute_capability}" if b.compute_capability else (b.gpu_name or "cpu")
-            table.add_row(b.build_id, f"{b.created_at:%Y-%m-%d %H:%M}", b.toolchain, gpu, str(b.world_size),
-                          _size(b.size), ", ".join(b.aliases))
-        console.print(table)
+            rows.append((b.build_id, f"{b.created_at:%Y-%m-%d %H:%M}", b.toolchain, gpu, str(b.world_size),
+                         _size(b.size), ", ".join(b.aliases)))
+        console.print(fit_table(console, columns, rows, title=f"{model} in {store.url}", title_justify="left",
+                                box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1)))
 
 
 @app.command("show")

@@ -10,21 +10,17 @@ required and a short fingerprint of it (:func:`fingerprint`), never the key.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import re
 from enum import Enum
 
 from pydantic import SecretStr
 
 from vlmforge.errors import DeployError
+from vlmforge.runner.access import API_KEY_ENV, MIN_KEY_LENGTH, is_loopback_address
+from vlmforge.runner.access import GENERATE_KEY as GENERATE
+from vlmforge.runner.access import check_key as check_key_value
 
-API_KEY_ENV = "VLMFORGE_API_KEY"
-"""The environment variable the runner (and ``vlmforge deploy``) read the key from."""
-MIN_KEY_LENGTH = 16
-"""Shorter keys can be guessed; ``python -c 'import secrets; print(secrets.token_urlsafe(32))'`` makes a good one."""
-_KEY_RE = re.compile(r"[\x21-\x7e]+")
-"""Visible ASCII: what an HTTP header and an environment variable carry unchanged."""
-GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+__all__ = ["API_KEY_ENV", "MIN_KEY_LENGTH", "AuthMode", "auth_headers", "check_key", "fingerprint", "is_loopback",
+           "require_key"]
 
 
 class AuthMode(str, Enum):
@@ -37,25 +33,16 @@ class AuthMode(str, Enum):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, ``localhost``); all interfaces (``0.0.0.0``,
-    ``::``, empty) and names other than ``localhost`` are not."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    """Whether ``host`` is a loopback address as written (127.0.0.0/8, ::1, ``localhost``); all interfaces
+    (``0.0.0.0``, ``::``, empty) and names other than ``localhost`` are not (they are not resolved here: with a
+    hostfile rank 0 runs elsewhere)."""
+    return is_loopback_address(host)
 
 
 def check_key(key: SecretStr) -> SecretStr:
-    """``key`` if it can be a runner's API key; else a DeployError saying why (without echoing it)."""
-    value = key.get_secret_value()
-    if len(value) < MIN_KEY_LENGTH:
-        raise DeployError(f"the API key is {len(value)} characters long; use at least {MIN_KEY_LENGTH} "
-                          f"(make one with {GENERATE})")
-    if not _KEY_RE.fullmatch(value):
-        raise DeployError("the API key may hold only visible ASCII characters (no spaces, newlines or other "
-                          f"control characters): it travels in an HTTP header (make one with {GENERATE})")
+    """``key`` if it can be a runner's API key (the runner's own rules); else a DeployError saying why (without
+    echoing it)."""
+    check_key_value(key.get_secret_value())
     return key
 
 

@@ -65,3 +65,26 @@ def launch_environment(env: Mapping[str, str], *, mpi: bool, hostfile: bool = Fa
     if api_key is not None:
         out[API_KEY_ENV] = api_key.get_secret_value()
     return out
+
+
+CONTAINER_PREFIXES = ("NCCL_", "OMP_", "MKL_", "TORCH_", "TLLM_", "TRTLLM_")
+"""Tuning knobs a container of another image (NVIDIA's release image) gets from the deployer."""
+HOST_ONLY_WORDS = ("DIR", "PATH", "HOME", "CACHE", "VISIBLE_DEVICES")
+"""Names holding one of these are this host's paths or GPU numbering, wrong inside a container (the daemon picks
+its GPUs): never given to one."""
+CONTAINER_FIXED = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}
+"""What every runner container from another image is started with: it loads a local folder and reaches no hub."""
+
+
+def container_variable(name: str) -> bool:
+    """Whether a container of another image may get the deployer's variable ``name``."""
+    upper = name.upper()
+    return (name.startswith(CONTAINER_PREFIXES) and not any(word in upper for word in SECRET_WORDS)
+            and not any(word in upper for word in HOST_ONLY_WORDS))
+
+
+def container_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a runner container from another image: :data:`CONTAINER_FIXED` and the deployer's tuning
+    knobs of :data:`CONTAINER_PREFIXES` (no secrets, no host paths); never its PATH, Python or library paths."""
+    return {**{name: value for name, value in sorted(env.items()) if container_variable(name)}, **CONTAINER_FIXED}

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from vlmforge.artifacts.engine_config import EngineConfig
+from vlmforge.deploy.trtllm_serve import HF_DIR
 from vlmforge.errors import DeployError
 
 # --- what a build needs, what this machine has --------------------------------------------------
@@ -34,6 +35,11 @@ class BuildInfo(BaseModel):
     compute_capability: str | None = None
     gpu_count: int = 0
     versions: dict[str, str] = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    """The spec it was built from (limits and parallelism size a trtllm-serve deployment)."""
+    derived: dict[str, Any] = Field(default_factory=dict)
+    has_hf_checkpoint: bool = False
+    """It holds a Hugging Face model folder of the whole model (``hf/config.json``): what trtllm-serve loads."""
 
     @property
     def ref(self) -> str:
@@ -45,7 +51,9 @@ class BuildInfo(BaseModel):
         hw = manifest.hardware
         return cls(model=manifest.model, build_id=manifest.build_id, created_at=manifest.created_at,
                    toolchain=manifest.toolchain, world_size=manifest.world_size, gpu_name=hw.gpu_name,
-                   compute_capability=hw.compute_capability, gpu_count=hw.gpu_count, versions=dict(manifest.versions))
+                   compute_capability=hw.compute_capability, gpu_count=hw.gpu_count, versions=dict(manifest.versions),
+                   spec=dict(manifest.spec), derived=dict(manifest.derived),
+                   has_hf_checkpoint=any(entry.path == f"{HF_DIR}/config.json" for entry in manifest.files))
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> BuildInfo:

@@ -35,6 +35,15 @@ class LauncherKind(str, Enum):
     """A runner container of its own, through a Docker daemon."""
 
 
+class ServeBackend(str, Enum):
+    """What serves the model (``vlmforge deploy --backend``)."""
+
+    VLMFORGE = "vlmforge"
+    """vlmforge's own runner (``vlmforge serve``) on a build's engine directory."""
+    TRTLLM_SERVE = "trtllm-serve"
+    """TensorRT-LLM's own server (PyTorch backend) on a Hugging Face model folder, in NVIDIA's release container."""
+
+
 def check_deployment_name(name: str) -> str:
     """``name`` if it can name a deployment (it names the record and log files); else a DeployError."""
     try:
@@ -57,8 +66,8 @@ class Deployment(BaseModel):
     tp: int
     pid: int
     """The launcher: mpirun, or the runner itself for TP 1 on one host."""
-    pid_file: Path
-    """Where rank 0 wrote its pid: SIGTERM there drains the runner."""
+    pid_file: Path | None = None
+    """Where rank 0 wrote its pid: SIGTERM there drains the runner (None: trtllm-serve writes none)."""
     log: Path
     argv: list[str]
     source: str
@@ -80,6 +89,10 @@ class Deployment(BaseModel):
     """Whether clients must send an API key (the key itself is never recorded)."""
     key_fingerprint: str | None = None
     """:func:`vlmforge.deploy.auth.fingerprint` of the runner's key: which key it was given."""
+    backend: ServeBackend = ServeBackend.VLMFORGE
+    """What serves it (records written before backends existed: vlmforge's runner)."""
+    options_file: Path | None = None
+    """trtllm-serve: the LLM-API options file it was started with (in the state directory)."""
     _proc: subprocess.Popen | None = PrivateAttr(default=None)
     """The launcher process, when this process started it."""
 
@@ -107,6 +120,8 @@ class Deployment(BaseModel):
             return None
         if self.rank0_process is not None:
             return self.rank0_process
+        if self.pid_file is None:
+            return None
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):

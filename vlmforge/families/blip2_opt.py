@@ -141,22 +141,22 @@ class Blip2Common(ModelFamily):
         from vlmforge.families.tinykit import IMAGE_ID
 
         vision, qformer = _tiny_vision_qformer_configs()
-        return Blip2Config(
-            vision_config=vision,
-            qformer_config=qformer,
-            text_config=self._tiny_text_config(),
+        return Blip2Config(  # sub-configs as dicts: transformers 4.57's Blip2Config takes only those
+            vision_config=vision.to_dict(),
+            qformer_config=qformer.to_dict(),
+            text_config=self._tiny_text_config().to_dict(),
             num_query_tokens=TINY_NUM_QUERY_TOKENS,
             image_token_index=IMAGE_ID,
             initializer_range=0.2,  # query_tokens (re-drawn in make_tiny) and language_projection
         )
 
     def _tiny_processor(self) -> Any:
-        from transformers import Blip2Processor, BlipImageProcessorPil
+        from transformers import Blip2Processor
 
-        from vlmforge.families.tinykit import make_fast_tokenizer
+        from vlmforge.families.tinykit import make_fast_tokenizer, pil_image_processor
 
         template: Template = "eos" if self.tokenizer_template == "eos" else "bos"
-        image_processor = BlipImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+        image_processor = pil_image_processor("BlipImageProcessor", size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
         # No `image_token` attribute on the tokenizer: Blip2Processor (transformers 5.24) would then use
         # tokenizer.image_token (a str) and crash on `.content`; the processor owns "<image>".
         tokenizer = make_fast_tokenizer(template=template, vocab_size=TINY_VOCAB_SIZE, image_token=False)

@@ -82,12 +82,13 @@ def _tiny_config() -> Any:
 
 
 def _tiny_processor() -> Any:
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
-    from vlmforge.families.tinykit import make_fast_tokenizer
+    from vlmforge.families.tinykit import make_fast_tokenizer, pil_image_processor
 
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    image_processor = pil_image_processor(
+        "CLIPImageProcessor",
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
     )
     return LlavaProcessor(
         image_processor=image_processor,

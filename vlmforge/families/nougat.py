@@ -88,14 +88,19 @@ def _tiny_config() -> Any:
 
 def _tiny_processor() -> Any:
     """Nougat's own processor and tokenizer class, the tokenizer filled with the locally trained BPE."""
-    from transformers import NougatImageProcessorPil, NougatProcessor, NougatTokenizer
+    import transformers
+    from transformers import NougatProcessor
 
-    from vlmforge.families.tinykit import train_bpe_tokenizer
+    from vlmforge.families.tinykit import pil_image_processor, train_bpe_tokenizer
 
-    bpe = json.loads(train_bpe_tokenizer(TINY_VOCAB_SIZE, template="none").to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
-    image_processor = NougatImageProcessorPil(size={"height": TINY_IMAGE_HW[0], "width": TINY_IMAGE_HW[1]})
-    tokenizer = NougatTokenizer(vocab=bpe["vocab"], merges=merges)
+    trained = train_bpe_tokenizer(TINY_VOCAB_SIZE, template="none")
+    image_processor = pil_image_processor("NougatImageProcessor", size={"height": TINY_IMAGE_HW[0], "width": TINY_IMAGE_HW[1]})
+    if hasattr(transformers, "NougatTokenizer"):  # transformers 5: the class builds its pipeline from vocab, merges
+        bpe = json.loads(trained.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+        tokenizer = transformers.NougatTokenizer(vocab=bpe["vocab"], merges=merges)
+    else:  # transformers 4.57 (NVIDIA's TensorRT-LLM 1.2 image): only the fast class, over the trained BPE
+        tokenizer = transformers.NougatTokenizerFast(tokenizer_object=trained)
     return NougatProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

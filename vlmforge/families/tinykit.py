@@ -33,6 +33,15 @@ Template = Literal["bos", "eos", "none"]
 """Post-processing of a single sequence: ``<s> $A`` (LLaMA, OPT), ``$A </s>`` (T5) or nothing."""
 
 
+def pil_image_processor(name: str, **settings: Any) -> Any:
+    """transformers' PIL image processor ``name`` (e.g. ``CLIPImageProcessor``): ``<name>Pil`` in transformers 5,
+    ``<name>`` itself in 4.57 (NVIDIA's TensorRT-LLM 1.2 image, where the trtllm selftest makes a tiny model)."""
+    import transformers
+
+    processor_class = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+    return processor_class(**settings)
+
+
 def train_bpe_tokenizer(vocab_size: int = 320, template: Template = "bos", corpus: Sequence[str] = CORPUS) -> Tokenizer:
     """A byte-level BPE trained on ``corpus`` (deterministic: same vocab and merges every time)."""
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -67,6 +76,8 @@ def make_fast_tokenizer(
     (a family with a long chat template adds it, so its prompts take as many tokens as a real tokenizer's would).
     """
     extra = {"image_token": "<image>"} if image_token else {}
+    kwargs.setdefault("model_input_names", ["input_ids", "attention_mask"])  # LLaMA's, OPT's and T5's tokenizers;
+    # transformers 4.57's default adds token_type_ids, which the models' generate() refuses
     return PreTrainedTokenizerFast(
         tokenizer_object=train_bpe_tokenizer(vocab_size, template, corpus),
         bos_token="<s>",

@@ -1,4 +1,9 @@
-"""Runners: load an engine directory and generate (the same code validates builds and serves deployments)."""
+"""Runners: load an engine directory and generate (the same code validates builds and serves deployments).
+
+protocol (what an engine gives the runner), loader (the engine of a directory, by toolchain), engine (hf),
+trtllm (TensorRT-LLM), jobs (encode -> prefix -> batch), batching and static (the decode loops), scheduler,
+distributed (TP followers), access, openai_api and server (HTTP), metrics.
+"""
 
 from enum import Enum
 

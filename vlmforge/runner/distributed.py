@@ -1,7 +1,7 @@
 """Tensor-parallel runners: one process per rank under ``mpirun``, rank 0 leads, the others follow.
 
 Rank 0 serves HTTP, batches requests and runs the visual engine; for every batch it sends the
-followers a :class:`BatchJob` (the visual features, prompts and token limits), then every rank runs
+followers a :class:`~vlmforge.runner.jobs.BatchJob` (the visual features, prompts and token limits), then every rank runs
 the same LLM forwards (transformers' tensor-parallel plan splits the weights and all-reduces), and
 after every step rank 0 sends the tokens to feed next and whether to go on. So the ranks stay in
 lockstep even when rank 0 ends a row early (a stop string, a lost client).
@@ -21,6 +21,8 @@ from datetime import timedelta
 from typing import Any
 
 from vlmforge.errors import DeployError
+from vlmforge.runner.jobs import BatchJob, JobRejected, WholeJob, follow_job
+from vlmforge.runner.protocol import EngineKind, ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +55,6 @@ class RankInfo:
     @property
     def leader(self) -> bool:
         return self.rank == 0
-
-
-@dataclass
-class BatchJob:
-    """One batch, as rank 0 sends it: features [1, N, H] float32 on the CPU per request, in order."""
-
-    features: list[Any]
-    prompts: list[str | None]
-    max_new_tokens: list[int]
-
-
-@dataclass
-class WholeJob:
-    """A batch for engines that generate whole requests (TensorRT-LLM): the images themselves, since every
-    rank runs TensorRT-LLM's runner on the same inputs."""
-
-    images: list[Any]
-    prompts: list[str | None]
-    max_new_tokens: list[int]
 
 
 @dataclass(frozen=True)
@@ -170,12 +153,8 @@ def ignore_termination(info: RankInfo) -> None:
     signal.signal(signal.SIGINT, note)
 
 
-def run_follower(engine: Any, channel: ControlChannel) -> int:
+def run_follower(engine: ServingEngine, channel: ControlChannel) -> int:
     """A follower rank's whole life: run every batch rank 0 sends until it says stop. Returns batches run."""
-    import torch
-
-    from vlmforge.runner.batching import follow_batch
-
     batches = 0
     while True:
         message = channel.receive()
@@ -185,15 +164,15 @@ def run_follower(engine: Any, channel: ControlChannel) -> int:
         if isinstance(message, Heartbeat):
             continue
         if isinstance(message, WholeJob):
+            if engine.kind is not EngineKind.WHOLE_REQUEST:
+                raise DeployError(f"rank 0 sent a whole-request job to a {engine.kind.value} engine")
             engine.generate_many(message.images, message.prompts, message.max_new_tokens)
-            batches += 1
-            continue
-        try:
-            with torch.no_grad():
-                prefixes = [engine.family.llm_prefix(engine.llm, engine.processor, f.to(engine.device), p)
-                            for f, p in zip(message.features, message.prompts)]
-        except ValueError as exc:  # rank 0 fails the same way on the same inputs and skips the batch too
-            log.warning("rank %d: batch skipped: %s", channel.info.rank, exc)
-            continue
-        follow_batch(engine.llm, prefixes, channel)
+        else:
+            if engine.kind is not EngineKind.INCREMENTAL:
+                raise DeployError(f"rank 0 sent a batch job to a {engine.kind.value} engine")
+            try:
+                follow_job(engine, message, channel)
+            except JobRejected as exc:  # rank 0 fails the same way on the same inputs and skips the batch too
+                log.warning("rank %d: batch skipped: %s", channel.info.rank, exc)
+                continue
         batches += 1

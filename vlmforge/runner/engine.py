@@ -8,44 +8,34 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.families import get_family
+from vlmforge.runner.protocol import EngineKind, EngineLimits, Generation
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from vlmforge.modeling.generation import LlmPrefix
+    from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Generation:
-    """One request's result with its timings."""
-
-    tokens: list[int]
-    text: str
-    logits: torch.Tensor
-    """Per-step logits [steps, vocab], float32 on the CPU."""
-    vision_ms: float
-    llm_ms: float
-
-    @property
-    def e2e_ms(self) -> float:
-        return self.vision_ms + self.llm_ms
-
-
 class HfEngine:
-    """A loaded hf-toolchain engine.
+    """A loaded hf-toolchain engine (an :class:`~vlmforge.runner.protocol.IncrementalEngine`).
 
     ``tp_plan``: load the LLM with transformers' tensor-parallel plan over the initialised
     ``torch.distributed`` world (one rank per process; see :mod:`vlmforge.runner.distributed`).
     ``load_vision``: False on follower ranks, which get the features from rank 0.
     """
+
+    kind: ClassVar[Literal[EngineKind.INCREMENTAL]] = EngineKind.INCREMENTAL
 
     def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
                  load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None,
@@ -60,6 +50,7 @@ class HfEngine:
                 "inside NVIDIA's TensorRT-LLM container)"
             )
         self.family = get_family(self.config.family)
+        self.max_batch_size = max_batch_size or self.config.max_batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = self.family.load_processor(self.dir / self.config.processor)
         self.vision = None
@@ -84,7 +75,7 @@ class HfEngine:
                 self.llm = self.llm.to(self.device)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.static = self._static_decoder(decode, max_batch_size or self.config.max_batch_size, compile_mode)
+        self.static = self._static_decoder(decode, self.max_batch_size, compile_mode)
         log.info("loaded %s engine %s on %s (tp %d, %s decoding)", self.config.family, self.dir, self.device, self.tp,
                  "static-cache compiled" if self.static is not None else "dynamic-cache eager")
 
@@ -107,9 +98,18 @@ class HfEngine:
                              compile=self.device.startswith("cuda"), mode=compile_mode)
 
     @property
-    def batch_factory(self) -> Any:
-        """What :class:`~vlmforge.runner.batching.GreedyBatch` builds its batches with (None: the dynamic cache)."""
-        return self.static.batch if self.static is not None else None
+    def limits(self) -> EngineLimits:
+        return EngineLimits(max_batch_size=self.max_batch_size, max_input_len=self.config.max_input_len,
+                            max_output_len=self.config.max_output_len)
+
+    @property
+    def decode_path(self) -> str:
+        return "static" if self.static is not None else "dynamic"
+
+    def warmup(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int) -> None:
+        """Compile (and capture) the static decode path's buckets for these shapes; nothing on the dynamic path."""
+        if self.static is not None:
+            self.static.warmup(batch_sizes, prompt_length, max_new_tokens)
 
     def _load_vision(self) -> None:
         import onnxruntime as ort
@@ -124,9 +124,8 @@ class HfEngine:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Visual features for a batch of images (float32, on the LLM's device), in chunks of the visual
-        engine's batch size."""
+    def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Visual features [B, N, hidden] (float32, on the LLM's device), in chunks of the visual engine's batch."""
         import torch
 
         if self.vision is None:
@@ -134,21 +133,43 @@ class HfEngine:
         chunk = self.config.visual.max_batch_size
         parts = []
         for start in range(0, len(images), chunk):
-            pixels = self.family.pixel_values(self.processor, images[start:start + chunk])
+            pixels = self.family.pixel_values(self.processor, list(images[start:start + chunk]))
             features = self.vision.run(None, {self.vision_input: pixels.float().cpu().numpy()})[0]
             parts.append(torch.from_numpy(features))
         return torch.cat(parts).to(self.device)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
+        features = self._features(images)
+        return [features[i:i + 1] for i in range(features.shape[0])]
+
+    def llm_prefix(self, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+        return self.family.llm_prefix(self.llm, self.processor, features.to(self.device), prompt)
+
+    def new_batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
+                  sync: StepSync | None = None, keep_logits: bool = False) -> GreedyBatch:
+        from vlmforge.runner.batching import GreedyBatch
+
+        return GreedyBatch(self.llm, prefixes, max_new_tokens, keep_logits=keep_logits, sync=sync,
+                           pad_token_id=self.pad_token_id,
+                           factory=self.static.batch if self.static is not None else None)
+
+    def follow_batch(self, prefixes: Sequence[LlmPrefix], source: StepSource) -> int:
+        from vlmforge.runner.batching import follow_batch
+
+        return follow_batch(self.llm, prefixes, source)
 
     def prompt_length(self, prompt: str | None) -> int:
         """Prompt positions (text tokens and image features) the LLM will be fed; ValueError for a bad prompt."""
         return self.family.prompt_length(self.processor, prompt, self.config.num_visual_features)
 
     def generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int) -> Generation:
-        """Greedy generation for one image and prompt (the prompt is formatted by the family)."""
+        """Greedy generation for one image and prompt through the unbatched loop (``family.generate``): what build
+        validation compares with the reference, and what batched decoding must equal."""
         import torch
 
         start = time.perf_counter()
-        features = self.encode_images([image])
+        features = self._features([image])
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         vision_ms = (time.perf_counter() - start) * 1000
@@ -158,31 +179,23 @@ class HfEngine:
         text = self.processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return Generation(tokens=list(result.tokens), text=text, logits=result.logits, vision_ms=vision_ms, llm_ms=llm_ms)
 
-    def generate_batch(self, images: list[Image.Image], prompts: list[str | None], max_new_tokens: int | list[int], *,
-                       keep_logits: bool = False) -> list[Generation]:
-        """Greedy generation for many requests at once (one LLM forward per step for all of them)."""
-        import torch
-
-        from vlmforge.runner.batching import GreedyBatch
+    def generate_batch(self, images: Sequence[Image.Image], prompts: Sequence[str | None],
+                       max_new_tokens: int | Sequence[int], *, keep_logits: bool = False) -> list[Generation]:
+        """Greedy generation for many requests at once (one LLM forward per step for all of them), through the
+        runner's own sequence (:mod:`vlmforge.runner.jobs`)."""
+        from vlmforge.runner.jobs import encode_job, lead_batch
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        job = encode_job(self, images, prompts, limits)
         start = time.perf_counter()
-        features = self.encode_images(images)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        vision_ms = (time.perf_counter() - start) * 1000
-        start = time.perf_counter()
-        prefixes = [self.family.llm_prefix(self.llm, self.processor, features[i:i + 1], prompt)
-                    for i, prompt in enumerate(prompts)]
-        batch = GreedyBatch(self.llm, prefixes, limits, keep_logits=keep_logits, pad_token_id=self.pad_token_id,
-                            factory=self.batch_factory)
+        batch = lead_batch(self, job, keep_logits=keep_logits)
         for _ in batch:
             pass
         llm_ms = (time.perf_counter() - start) * 1000
         return [Generation(tokens=r.tokens, text=self.tokenizer.decode(r.tokens, skip_special_tokens=True),
-                           logits=r.logits, vision_ms=vision_ms, llm_ms=llm_ms) for r in batch.results()]
+                           logits=r.logits, vision_ms=job.vision_ms, llm_ms=llm_ms) for r in batch.results()]
 
 
 def load_quantized_llm(config: EngineConfig, llm_cls: type, llm_dir: Path, dtype: Any, device: str) -> Any:
@@ -238,13 +251,3 @@ def check_tensor_parallel(engine_dir: Path, config: EngineConfig) -> int:
         if heads is not None and heads % world:
             raise DeployError(f"{config.name}: {key} = {heads} is not divisible by the tensor-parallel size {world}")
     return world
-
-
-def load_engine(engine_dir: Path, **kwargs: Any) -> HfEngine:
-    """Load an engine directory with the runner its toolchain needs."""
-    config = EngineConfig.read(Path(engine_dir))
-    if config.toolchain == "trtllm":
-        from vlmforge.runner.trtllm import TrtllmEngine
-
-        return TrtllmEngine(Path(engine_dir), **kwargs)  # type: ignore[return-value]
-    return HfEngine(Path(engine_dir), **kwargs)

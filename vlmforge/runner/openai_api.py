@@ -4,7 +4,8 @@ Requests are parsed and checked here (no web framework): a bad request is an :cl
 its HTTP status and OpenAI's error body. What the runner takes:
 
 - one ``user`` message (single turn) with at most one text part and exactly one ``image_url`` part:
-  a ``data:image/...;base64,`` URL, or a ``file://`` URL under the runner's ``--image-root``;
+  a ``data:image/...;base64,`` URL, or a ``file://`` URL under the runner's ``--image-root``; the image a PNG,
+  JPEG, WebP or GIF (its first frame), as OpenAI's vision API takes (:data:`IMAGE_FORMATS`);
 - prompt-free models (Nougat) take the image alone;
 - ``max_tokens`` / ``max_completion_tokens`` up to the engine's ``max_output_len``; ``stop`` strings;
   ``stream`` with ``stream_options.include_usage``;
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import time
 import urllib.parse
 import uuid
@@ -25,6 +27,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MiB = 1024 * 1024
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+"""The image formats the API takes (Pillow's names); Pillow is never asked to try another (EPS would start
+Ghostscript, and each extra decoder is attack surface)."""
+IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP or GIF"
 
 
 class ApiError(Exception):
@@ -52,13 +59,19 @@ class ApiError(Exception):
 
 
 class Limits(BaseModel):
-    """What one request may ask for; beyond it, a 4xx."""
+    """What one request may ask for; beyond it, a 4xx. Each bounds the work a request costs before it is refused."""
 
-    max_request_bytes: int = 32 * MiB
-    max_image_bytes: int = 20 * MiB
-    max_image_pixels: int = 4096 * 4096
-    max_image_side: int = 8192
-    max_stop_strings: int = 4
+    max_request_bytes: int = Field(default=32 * MiB, ge=1)
+    max_image_bytes: int = Field(default=20 * MiB, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_image_side: int = Field(default=8192, ge=1)
+    max_stop_strings: int = Field(default=4, ge=0)
+    max_json_values: int = Field(default=100_000, ge=16)
+    """Objects, arrays and list items a request body may hold, counted on its bytes before it is parsed (JSON parsing
+    holds the interpreter: a 32 MiB body of tiny values would stall every other request for a second)."""
+    max_prompt_chars_per_token: int = Field(default=8, ge=1)
+    """A prompt's text may be at most this many characters per token of the engine's max_input_len, checked before
+    it is tokenized (English averages about 4 characters per token)."""
 
 
 # --- the request ---------------------------------------------------------------------------------
@@ -105,6 +118,22 @@ class ChatRequest(BaseModel):
     n: int | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
+
+
+def decode_json(body: bytes | bytearray, limits: Limits) -> Any:
+    """The request body as JSON, within :attr:`Limits.max_json_values` and Python's nesting limit (400 otherwise)."""
+    # Every value after a container's first follows a comma; every container opens with [ or {: so this count bounds
+    # the values json.loads would make, whatever the strings hold (it may overcount, never undercount).
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > limits.max_json_values:
+        raise ApiError(400, f"the request body holds over {limits.max_json_values} JSON values (commas, objects and "
+                            "arrays); a chat request needs a few dozen")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -163,6 +192,14 @@ def parse_messages(messages: list[Message], *, takes_prompt: bool, model: str) -
     return ParsedChat(text=text, image_url=images[0])
 
 
+def check_prompt_chars(text: str | None, max_chars: int, max_input_len: int, chars_per_token: int) -> None:
+    """Refuse a text too long to tokenize within the engine's input limit, before tokenizing it."""
+    if text is not None and len(text) > max_chars:
+        raise ApiError(400, f"messages: the text is {len(text)} characters, over this runner's limit of {max_chars} "
+                            f"(max_input_len {max_input_len} tokens x {chars_per_token} characters per token); "
+                            "shorten the prompt", param="messages", code="context_length_exceeded")
+
+
 def stop_strings(request: ChatRequest, limits: Limits) -> list[str]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     stops = [s for s in stops if s]
@@ -212,12 +249,12 @@ def load_image(url: str, limits: Limits, image_root: Path | None) -> Any:
         raise ApiError(413, f"image_url: the image is {len(raw)} bytes, over the limit of {limits.max_image_bytes}",
                        param=param)
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:  # Pillow's own ceiling, met before ours can be checked
         raise ApiError(413, f"image_url: the image's declared size is over the limit ({limits.max_image_pixels} "
                             "pixels)", param=param) from None
     except (UnidentifiedImageError, OSError, ValueError):
-        raise ApiError(400, "image_url: the data is not an image this runner can read (PNG, JPEG, WebP...)",
+        raise ApiError(400, f"image_url: the data is not an image this runner reads ({IMAGE_FORMAT_NAMES})",
                        param=param) from None
     width, height = image.size
     if width * height > limits.max_image_pixels or max(width, height) > limits.max_image_side:
@@ -239,13 +276,14 @@ def _read_file_url(url: str, limits: Limits, image_root: Path | None, param: str
         raise ApiError(400, f"image_url: a file URL names a local path (file:///...), not host {parsed.netloc!r}",
                        param=param)
     root = image_root.resolve()
-    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    asked = urllib.parse.unquote(parsed.path)  # messages name only this: never where a symlink in it leads
+    path = Path(asked).resolve()
     if not path.is_relative_to(root):
-        raise ApiError(403, f"image_url: {path} is outside the runner's image root", param=param)
+        raise ApiError(403, f"image_url: {asked} is outside the runner's image root", param=param)
     if not path.is_file():
-        raise ApiError(400, f"image_url: no file {path}", param=param)
+        raise ApiError(400, f"image_url: no file {asked}", param=param)
     if path.stat().st_size > limits.max_image_bytes:
-        raise ApiError(413, f"image_url: {path} is over {limits.max_image_bytes} bytes", param=param)
+        raise ApiError(413, f"image_url: {asked} is over {limits.max_image_bytes} bytes", param=param)
     return path.read_bytes()
 
 

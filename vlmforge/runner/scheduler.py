@@ -2,9 +2,10 @@
 
 Requests come from the HTTP handlers (any thread, usually the event loop); each carries a
 thread-safe sink its handler reads tokens from. The scheduler thread takes the first queued request,
-waits up to ``batch_wait_s`` for more (never beyond ``max_batch_size``), encodes their images in one
-visual-engine batch, and decodes them with :class:`~vlmforge.runner.batching.GreedyBatch`. Requests
-that arrive meanwhile wait for the next batch.
+waits up to ``batch_wait_s`` for more (never beyond ``max_batch_size``), and runs them as one batch:
+an incremental engine's batch goes through :mod:`vlmforge.runner.jobs` (images encoded in one
+visual-engine batch, prefixes, one decode step per token for all), a whole-request engine gets the
+requests themselves (:mod:`vlmforge.runner.protocol`). Requests that arrive meanwhile wait for the next batch.
 
 With tensor parallelism the scheduler is rank 0's: it sends each batch to the other ranks before
 the first forward, and the batch's steps keep them in lockstep. Idle, it sends heartbeats; stopped,
@@ -23,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlmforge.runner.distributed import HEARTBEAT_SECONDS, BatchJob, ControlChannel, Heartbeat, Shutdown
+from vlmforge.runner.distributed import HEARTBEAT_SECONDS, ControlChannel, Heartbeat, Shutdown
+from vlmforge.runner.jobs import JobRejected, WholeJob, encode_job, lead_batch
+from vlmforge.runner.protocol import EngineKind, IncrementalEngine, ServingEngine, WholeRequestEngine
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class GenRequest:
 class Scheduler:
     """Batches requests for one engine on a thread of its own."""
 
-    def __init__(self, engine: Any, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
+    def __init__(self, engine: ServingEngine, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
                  channel: ControlChannel | None = None, metrics: Any = None,
                  warmup: Callable[[], None] | None = None) -> None:
         if max_batch_size < 1:
@@ -130,6 +133,11 @@ class Scheduler:
         self._in_flight = 0
         self._count_lock = threading.Lock()
         self.error: BaseException | None = None
+        self._execute: Callable[[list[GenRequest]], None]
+        if engine.kind is EngineKind.WHOLE_REQUEST:
+            self._execute = self._run_whole
+        else:
+            self._execute = self._run_incremental
 
     # --- the HTTP side ----------------------------------------------------------------------
 
@@ -237,10 +245,6 @@ class Scheduler:
                 return out
 
     def _run_batch(self, requests: list[GenRequest]) -> None:
-        import torch
-
-        from vlmforge.runner.batching import GreedyBatch
-
         live = []
         for request in requests:
             if request.cancelled:
@@ -249,39 +253,50 @@ class Scheduler:
                 live.append(request)
         if not live:
             return
-        engine = self.engine
         started = time.perf_counter()
         for request in live:
             request.started_at = started
         if self.metrics:
             self.metrics.batch_size.observe(len(live))
-        if not getattr(engine, "streams_tokens", True):
-            self._run_whole(live)
-            return
-        try:
-            features = engine.encode_images([r.image for r in live])
-        except Exception as exc:
-            log.exception("visual engine failed on a batch of %d", len(live))
-            for request in live:
-                request._emit(Failed(500, f"the visual engine failed: {type(exc).__name__}: {exc}"))
-            return
-        rows = [features[i:i + 1] for i in range(len(live))]
-        prompts = [r.prompt for r in live]
-        limits = [r.max_new_tokens for r in live]
-        if self.channel is not None:
-            self.channel.send(BatchJob([f.to("cpu") for f in rows], prompts, limits))
-        try:
-            with torch.no_grad():
-                prefixes = [engine.family.llm_prefix(engine.llm, engine.processor, f, p) for f, p in zip(rows, prompts)]
-        except ValueError as exc:  # the followers fail the same way and skip this batch too
-            for request in live:
-                request._emit(Failed(400, str(exc)))
-            return
         self.running = len(live)
         if self.metrics:
             self.metrics.running.set(len(live))
-        batch = GreedyBatch(engine.llm, prefixes, limits, sync=self.channel, pad_token_id=engine.pad_token_id,
-                            factory=getattr(engine, "batch_factory", None))
+        try:
+            self._execute(live)
+        finally:
+            self.running = 0
+            if self.metrics:
+                self.metrics.running.set(0)
+        self.batches += 1
+        log.debug("batch of %d in %.3fs", len(live), time.perf_counter() - started)
+
+    def _fail(self, live: list[GenRequest], status: int, message: str) -> None:
+        for request in live:
+            request._emit(Failed(status, message))
+
+    def _run_incremental(self, live: list[GenRequest]) -> None:
+        """An incremental engine's batch: encoded, sent to the other ranks, decoded one step per token for all."""
+        engine: IncrementalEngine = self.engine  # type: ignore[assignment]  # chosen by kind in __init__
+        try:
+            job = encode_job(engine, [r.image for r in live], [r.prompt for r in live],
+                             [r.max_new_tokens for r in live])
+        except Exception as exc:
+            log.exception("visual engine failed on a batch of %d", len(live))
+            self._fail(live, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
+            return
+        if self.channel is not None:
+            self.channel.send(job.to_host())
+        try:
+            batch = lead_batch(engine, job, sync=self.channel)
+        except JobRejected as exc:  # the followers fail the same way and skip this batch too
+            self._fail(live, 400, str(exc))
+            return
+        except Exception as exc:
+            log.exception("a batch of %d could not start", len(live))
+            self._fail(live, 500, f"decoding failed: {type(exc).__name__}: {exc}")
+            if self.channel is not None:
+                raise  # the followers wait for steps that will not come: _run ends the job
+            return
         for row, request in enumerate(live):
             request._attach(batch, row)
         try:
@@ -293,31 +308,23 @@ class Scheduler:
                         request._emit(Finished(event.finish))
         except Exception as exc:
             log.exception("decoding failed in a batch of %d", len(live))
-            for request in live:
-                request._emit(Failed(500, f"decoding failed: {type(exc).__name__}: {exc}"))
+            self._fail(live, 500, f"decoding failed: {type(exc).__name__}: {exc}")
             if self.channel is not None:
                 raise  # the ranks are out of step: _run ends the job
-        finally:
-            self.running = 0
-            if self.metrics:
-                self.metrics.running.set(0)
+            return
         for row, request in enumerate(live):
             if not request.finished:
                 request._emit(Finished(batch.finish[row] or "cancelled"))
-        self.batches += 1
         if self.metrics:
             self.metrics.decode_steps.inc(batch.steps)
-        log.debug("batch of %d: %d steps in %.3fs", len(live), batch.steps, time.perf_counter() - started)
 
     def _run_whole(self, live: list[GenRequest]) -> None:
-        """Engines that take whole requests (TensorRT-LLM's multimodal runner): every rank runs the same calls;
-        rank 0's tokens go out as the engine streams them, the rest when each request is done."""
-        from vlmforge.runner.distributed import WholeJob
-
+        """A whole-request engine (TensorRT-LLM's multimodal runner): every rank runs the same calls; rank 0's
+        tokens go out as the engine streams them, the rest when each request is done."""
+        engine: WholeRequestEngine = self.engine  # type: ignore[assignment]  # chosen by kind in __init__
+        images, prompts, limits = [r.image for r in live], [r.prompt for r in live], [r.max_new_tokens for r in live]
         if self.channel is not None:
-            self.channel.send(WholeJob([r.image for r in live], [r.prompt for r in live],
-                                       [r.max_new_tokens for r in live]))
-        self.running = len(live)
+            self.channel.send(WholeJob(images, prompts, limits))
         sent = [0] * len(live)
 
         def on_token(index: int, token: int) -> None:
@@ -325,19 +332,14 @@ class Scheduler:
             live[index]._emit(Token(token))
 
         try:
-            results = self.engine.generate_many([r.image for r in live], [r.prompt for r in live],
-                                                [r.max_new_tokens for r in live], on_token=on_token)
+            results = engine.generate_many(images, prompts, limits, on_token=on_token)
         except Exception as exc:
             log.exception("generation failed in a batch of %d", len(live))
-            for request in live:
-                request._emit(Failed(500, f"generation failed: {type(exc).__name__}: {exc}"))
+            self._fail(live, 500, f"generation failed: {type(exc).__name__}: {exc}")
             if self.channel is not None:
                 raise
             return
-        finally:
-            self.running = 0
         for index, (request, result) in enumerate(zip(live, results)):
             for token in result.tokens[sent[index]:]:  # what was not streamed (encoder-decoder LLMs)
                 request._emit(Token(token))
             request._emit(Finished("length" if len(result.tokens) >= request.max_new_tokens else "stop"))
-        self.batches += 1

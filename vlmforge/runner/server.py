@@ -6,6 +6,10 @@ Rank 0 (the only rank without tensor parallelism) serves HTTP with FastAPI and u
   :mod:`vlmforge.runner.openai_api`), plain or streamed (server-sent events);
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus).
 
+With an API key (required when listening beyond loopback) every path but ``/health`` needs
+``Authorization: Bearer KEY`` (:mod:`vlmforge.runner.access`). A request's text is capped before it is
+tokenized, and tokenizing, image decoding and JSON parsing run bounded (docs/security.md).
+
 Requests are batched by :class:`~vlmforge.runner.scheduler.Scheduler`. Under ``mpirun -n TP`` the
 other ranks load their share of the LLM and follow rank 0 (:mod:`vlmforge.runner.distributed`).
 
@@ -32,19 +36,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
-from vlmforge.errors import DeployError, ToolchainUnavailable
+from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
+from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
     TextStream,
+    check_prompt_chars,
     chunk,
     completion,
     completion_id,
+    decode_json,
     load_image,
     max_new_tokens,
     parse_messages,
@@ -52,6 +59,8 @@ from vlmforge.runner.openai_api import (
     stop_strings,
     usage,
 )
+from vlmforge.runner.loader import LoadOptions, load_engine
+from vlmforge.runner.protocol import ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,15 @@ class ServeSettings(BaseModel):
 
     engine_dir: Path
     host: str = "127.0.0.1"
+    """Address rank 0 listens on; beyond loopback an ``api_key`` is required."""
     port: int = 8000
+    api_key: SecretStr | None = None
+    """Clients send it as ``Authorization: Bearer KEY`` (every path but /health); empty: none."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection whose request headers are not complete this long after it opened (or after its previous
+    response) is closed."""
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """A request body that has not fully arrived this long after its headers gets 408."""
     model_name: str | None = None
     """The model id clients send (default: the engine's name)."""
     max_batch_size: int | None = Field(default=None, ge=1)
@@ -92,36 +109,34 @@ class ServeSettings(BaseModel):
 class Runtime:
     """What the HTTP handlers share: the engine, its scheduler, metrics and the drain flag."""
 
-    def __init__(self, engine: Any, settings: ServeSettings, *, channel: Any = None, tp: int = 1) -> None:
+    def __init__(self, engine: ServingEngine, settings: ServeSettings, *, channel: Any = None, tp: int = 1) -> None:
         from vlmforge.runner.metrics import Metrics
         from vlmforge.runner.scheduler import Scheduler
 
         self.engine = engine
         self.settings = settings
         self.config: EngineConfig = engine.config
+        self.limits = engine.limits
         self.model = settings.model_name or self.config.name
         self.tp = tp
         self.created = int(time.time())
         self.metrics = Metrics(self.model, str(settings.engine_dir), tp)
-        batch = settings.max_batch_size or self.config.max_batch_size
-        if self.config.toolchain == "trtllm" and batch > self.config.max_batch_size:
-            raise DeployError(f"--max-batch-size {batch} exceeds the TensorRT engine's max_batch_size "
-                              f"{self.config.max_batch_size}")
-        self.default_max_tokens = min(settings.default_max_tokens or self.config.max_output_len,
-                                      self.config.max_output_len)
+        batch = min(settings.max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
+                                      self.limits.max_output_len)
+        self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
         warmup = None
-        static = getattr(engine, "static", None)
-        if settings.warmup and static is not None:
+        if settings.warmup:
             prompt = self.config.num_visual_features + 32
             sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
 
             def warmup() -> None:
-                static.warmup(sizes, prompt, self.default_max_tokens)
+                engine.warmup(sizes, prompt, self.default_max_tokens)
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
                                    warmup=warmup)
         self.draining = False
-        self.decode = "static" if static is not None else ("dynamic" if self.config.toolchain == "hf" else "tensorrt-llm")
+        self.decode = engine.decode_path
 
     @property
     def takes_prompt(self) -> bool:
@@ -131,7 +146,7 @@ class Runtime:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vlmforge",
                 "engine": self.config.name, "family": self.config.family, "toolchain": self.config.toolchain,
                 "tensor_parallel": self.tp, "max_batch_size": self.scheduler.max_batch_size,
-                "max_input_len": self.config.max_input_len, "max_output_len": self.config.max_output_len}
+                "max_input_len": self.limits.max_input_len, "max_output_len": self.limits.max_output_len}
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -148,8 +163,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.draining = True
         await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="vlmforge runner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vlmforge runner", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    if api_key:
+        def refused(path: str) -> None:
+            if path == "/v1/chat/completions":
+                metrics.requests.labels(status="401").inc()
+
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_refused=refused)
 
     def refuse(exc: ApiError) -> JSONResponse:
         metrics.requests.labels(status=str(exc.status)).inc()
@@ -189,25 +211,28 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         arrived = time.perf_counter()
         try:
-            chat = parse_request(await _json_body(request, limits.max_request_bytes))
+            body = await _read_body(request, limits.max_request_bytes, settings.body_timeout_s)
+            chat = parse_request(decode_json(body, limits))
             if chat.model != runtime.model:
                 raise ApiError(404, f"model {chat.model!r} is not served here (this runner serves {runtime.model!r})",
                                param="model", code="model_not_found")
             if runtime.draining:
                 raise ApiError(503, "the runner is shutting down")
             parsed = parse_messages(chat.messages, takes_prompt=runtime.takes_prompt, model=runtime.model)
-            limit = max_new_tokens(chat, max_output_len=runtime.config.max_output_len,
+            limit = max_new_tokens(chat, max_output_len=runtime.limits.max_output_len,
                                    default=runtime.default_max_tokens)
             stops = stop_strings(chat, limits)
-            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
-            try:
-                prompt_tokens = runtime.engine.prompt_length(parsed.text)
+            check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
+                               limits.max_prompt_chars_per_token)
+            try:  # off the event loop: /health and other requests go on meanwhile
+                prompt_tokens = await run_in_threadpool(runtime.engine.prompt_length, parsed.text)
             except ValueError as exc:
                 raise ApiError(400, f"messages: {exc}", param="messages") from None
-            if runtime.takes_prompt and prompt_tokens > runtime.config.max_input_len:
+            if runtime.takes_prompt and prompt_tokens > runtime.limits.max_input_len:
                 raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and image), over this engine's "
-                                    f"max_input_len of {runtime.config.max_input_len}", param="messages",
+                                    f"max_input_len of {runtime.limits.max_input_len}", param="messages",
                                code="context_length_exceeded")
+            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
             gen = GenRequest(image, parsed.text, limit, prompt_tokens,
@@ -231,19 +256,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-async def _json_body(request: Any, limit: int) -> Any:
+async def _read_body(request: Any, limit: int, timeout_s: float) -> bytearray:
+    """The request body, up to ``limit`` bytes (413 beyond) and within ``timeout_s`` (408 beyond)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request is {declared} bytes, over the limit of {limit}")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request is over the limit of {limit} bytes")
     try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise ApiError(413, f"the request is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g}s") from None
+    return body
 
 
 def _finish_reason(text: TextStream, reason: str) -> str:
@@ -395,27 +422,6 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_serving_engine(settings: ServeSettings, info: Any, channel: Any) -> Any:
-    """The engine of this rank: hf (TP over transformers' plan) or TensorRT-LLM's runner."""
-    config = EngineConfig.read(settings.engine_dir)
-    if config.toolchain == "trtllm":
-        from vlmforge.runner.trtllm import TrtllmEngine
-
-        if info.world_size != config.world_size:
-            raise DeployError(f"{settings.engine_dir} is a TensorRT engine for {config.world_size} rank(s); it runs only "
-                              f"with mpirun -n {config.world_size}, not {info.world_size}")
-        try:
-            return TrtllmEngine(settings.engine_dir)
-        except ToolchainUnavailable as exc:
-            raise ToolchainUnavailable(f"{settings.engine_dir} is a TensorRT engine: serving it needs TensorRT-LLM and a "
-                                       "GPU (the runner image on vlmforge-builder, NVIDIA's TensorRT-LLM container). "
-                                       f"{exc}") from None
-    from vlmforge.runner.engine import HfEngine
-
-    return HfEngine(settings.engine_dir, device=settings.device, tp_plan=info.world_size > 1, load_vision=info.leader,
-                    decode=settings.decode.value, max_batch_size=settings.max_batch_size, compile_mode=settings.compile_mode.value)
-
-
 def serve(settings: ServeSettings) -> int:
     """Run this rank of a runner until it is told to stop; returns the exit code."""
     import torch
@@ -429,6 +435,7 @@ def serve(settings: ServeSettings) -> int:
     )
 
     info = RankInfo.from_env()
+    check_exposure(settings.host, settings.api_key.get_secret_value() if settings.api_key is not None else None)
     config = EngineConfig.read(settings.engine_dir)  # a clear error before anything heavy
     listener = bind_listener(settings.host, settings.port) if info.leader else None
     cuda = torch.cuda.is_available() and not (settings.device or "").startswith("cpu")
@@ -442,7 +449,9 @@ def serve(settings: ServeSettings) -> int:
         if not cuda:
             torch.set_num_threads(cpu_threads_per_rank(info))
     try:
-        engine = load_serving_engine(settings, info, channel)
+        engine = load_engine(settings.engine_dir, LoadOptions(
+            device=settings.device, decode=settings.decode, compile_mode=settings.compile_mode,
+            max_batch_size=settings.max_batch_size, world_size=info.world_size, leader=info.leader))
         if not info.leader:
             run_follower(engine, channel)
             return 0
@@ -467,6 +476,7 @@ def _run_http(runtime: Runtime, config: EngineConfig, listener: socket.socket) -
     app = create_app(runtime)
     server = _uvicorn_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                                            http=header_timeout_protocol(settings.header_timeout_s),
                                             lifespan="on"), runtime)
     if settings.pid_file:
         settings.pid_file.parent.mkdir(parents=True, exist_ok=True)

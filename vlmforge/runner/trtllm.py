@@ -11,14 +11,14 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.families import get_family
-from vlmforge.runner.engine import Generation
+from vlmforge.runner.protocol import EngineKind, EngineLimits, Generation, TokenCallback
 from vlmforge.system.env import require_trtllm
 
 TRTLLM_ROOT = os.environ.get("VLMFORGE_TRTLLM_ROOT", "/app/tensorrt_llm")
@@ -92,7 +92,12 @@ def run_multimodal(runner: Any, text: str, image: Any, max_new_tokens: int) -> A
 
 
 class TrtllmEngine:
-    """A TensorRT-LLM multimodal engine (engine_dir/{llm,vision}) behind the same interface as HfEngine."""
+    """A TensorRT-LLM multimodal engine (engine_dir/{llm,vision}): a
+    :class:`~vlmforge.runner.protocol.WholeRequestEngine`. TensorRT-LLM's multimodal runner takes whole requests (no
+    shared batch with the server's scheduler); tokens stream through ``on_token`` while a request runs (decoder-only
+    LLMs; encoder-decoder ones send the answer whole)."""
+
+    kind: ClassVar[Literal[EngineKind.WHOLE_REQUEST]] = EngineKind.WHOLE_REQUEST
 
     def __init__(self, engine_dir: Path, *, hf_model_dir: Path | None = None) -> None:
         version = require_trtllm()
@@ -116,9 +121,18 @@ class TrtllmEngine:
         self.family = get_family(self.config.family)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    streams_tokens = False
-    """TensorRT-LLM's multimodal runner takes whole requests (no shared batch with the server's scheduler); tokens
-    stream through ``on_token`` while a request runs (decoder-only LLMs; encoder-decoder ones send the answer whole)."""
+    @property
+    def limits(self) -> EngineLimits:
+        """The engine's own ceilings (TensorRT engines are built for them)."""
+        return EngineLimits(max_batch_size=self.config.max_batch_size, max_input_len=self.config.max_input_len,
+                            max_output_len=self.config.max_output_len)
+
+    @property
+    def decode_path(self) -> str:
+        return "tensorrt-llm"
+
+    def warmup(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int) -> None:
+        """Nothing to compile: a TensorRT engine was built for its shapes."""
 
     def prompt_length(self, prompt: str | None) -> int:
         """The user text's tokens and the image features (TensorRT-LLM adds its model's template around them and
@@ -126,8 +140,8 @@ class TrtllmEngine:
         text = self.family.format_prompt(prompt) or ""
         return len(self.tokenizer(text, add_special_tokens=False).input_ids) + self.config.num_visual_features
 
-    def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int],
-                      on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+    def generate_many(self, images: Sequence[Any], prompts: Sequence[str | None], max_new_tokens: Sequence[int],
+                      on_token: TokenCallback | None = None) -> list[Generation]:
         """Requests one after another through TensorRT-LLM's runner (every rank makes the same calls);
         ``on_token(request_index, token)`` gets each token as it is made (rank 0)."""
         return [self.generate(image, prompt, limit,

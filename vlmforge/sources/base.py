@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import struct
+import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -31,22 +33,78 @@ class FetchedSource(BaseModel):
 
 
 def sha256_file(path: Path) -> str:
+    return _sha256_and_size(path)[0]
+
+
+def _sha256_and_size(path: Path) -> tuple[str, int]:
+    """sha256 hex of a file and the bytes read (one pass; hashlib releases the GIL, so threads hash in parallel)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as handle:
+        while n := handle.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
 
 
-def hash_tree(root: Path, *, skip: frozenset[str] = frozenset({CHECKSUM_FILE})) -> list[FileEntry]:
-    """Every regular file under ``root`` (sorted), with its sha256 and size."""
-    entries = []
+class DigestCache:
+    """The sha256 of every file this build has read, by (device, inode, size, modification time): the same file met
+    again, under another path or as a hard link a later stage made (the fetched checkpoint, the LLM engine assembled
+    into the engine folder), is not read again. A file whose size, inode or modification time changed is read
+    again. A file rewritten in place at the same size within its file system's timestamp resolution would not be:
+    stage outputs are written once and never touched after, and a source changing under a fetch is caught by its
+    before/after comparison. Thread-safe; counts what it read and what it reused.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int, int, int], str] = {}
+        self._lock = threading.Lock()
+        self.hashed_bytes = 0
+        self.reused_bytes = 0
+
+    def sha256(self, path: Path) -> tuple[str, int]:
+        """(sha256 hex, size) of ``path``, read only if this cache has not seen the file as it is now."""
+        before = path.stat()
+        key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None:
+                self.reused_bytes += before.st_size
+                return known, before.st_size
+        digest, size = _sha256_and_size(path)
+        after = path.stat()
+        with self._lock:
+            self.hashed_bytes += size
+            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key and size == before.st_size:
+                self._known[key] = digest  # unchanged while it was read
+        return digest, size
+
+
+def hash_workers(count: int) -> int:
+    """Threads to hash ``count`` files with: one per core, at most 8 (a disk or page cache feeds about that many)."""
+    return max(1, min(count, os.cpu_count() or 1, 8))
+
+
+def hash_tree(root: Path, *, skip: frozenset[str] = frozenset({CHECKSUM_FILE}),
+              digests: DigestCache | None = None) -> list[FileEntry]:
+    """Every regular file under ``root`` (sorted), with its sha256 and size: files hashed in parallel (largest
+    first), each read at most once per ``digests``."""
+    cache = digests or DigestCache()
+    paths = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel in skip or rel.startswith(".cache/"):
             continue
-        entries.append(FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
-    return entries
+        paths.append((rel, path))
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=hash_workers(len(paths)), thread_name_prefix="hash") as pool:
+        largest_first = sorted(paths, key=lambda item: -item[1].stat().st_size)
+        found = dict(zip((rel for rel, _ in largest_first), pool.map(lambda item: cache.sha256(item[1]), largest_first),
+                         strict=True))
+    return [FileEntry(path=rel, sha256=found[rel][0], size=found[rel][1]) for rel, _ in paths]
 
 
 def tree_digest(entries: list[FileEntry]) -> str:
@@ -55,8 +113,8 @@ def tree_digest(entries: list[FileEntry]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def verify_tree(root: Path, expected: list[FileEntry]) -> None:
-    """Raise :class:`SourceError` naming the first missing, resized or altered file."""
+def verify_tree(root: Path, expected: list[FileEntry], *, digests: DigestCache | None = None) -> None:
+    """Raise :class:`SourceError` naming the first missing, resized or altered file (hashed in parallel)."""
     for entry in expected:
         path = root / entry.path
         if not path.is_file():
@@ -64,7 +122,10 @@ def verify_tree(root: Path, expected: list[FileEntry]) -> None:
         size = path.stat().st_size
         if size != entry.size:
             raise SourceError(f"corrupt file {entry.path}: {size} bytes, expected {entry.size}")
-        digest = sha256_file(path)
+    cache = digests or DigestCache()
+    with ThreadPoolExecutor(max_workers=hash_workers(len(expected)), thread_name_prefix="verify") as pool:
+        found = list(pool.map(lambda entry: cache.sha256(root / entry.path)[0], expected))
+    for entry, digest in zip(expected, found, strict=True):
         if digest != entry.sha256:
             raise SourceError(f"corrupt file {entry.path}: sha256 {digest[:12]}..., expected {entry.sha256[:12]}...")
 
@@ -111,21 +172,29 @@ def check_checkpoint(root: Path, entries: list[FileEntry]) -> None:
 
 
 class Source(ABC):
-    """Where a checkpoint comes from."""
+    """Where a checkpoint comes from. ``digests``: the build's file digests (a file hashed by one step of the build
+    is not read again by the next)."""
 
-    def __init__(self, uri: SourceURI) -> None:
+    def __init__(self, uri: SourceURI, digests: DigestCache | None = None) -> None:
         self.uri = uri
+        self.digests = digests or DigestCache()
 
     @abstractmethod
     def resolve_revision(self) -> str:
         """The exact current revision, as cheaply as the source allows (used by the watcher)."""
+
+    def revision_key(self) -> str | None:
+        """A cheap key that determines :meth:`resolve_revision`'s answer exactly, for a source whose revision is a
+        pure function of code on this machine (``tiny://``); None for the others (their revision is what they hold
+        now: a directory's content, a bucket's listing, a hub's commit)."""
+        return None
 
     @abstractmethod
     def fetch(self, dest: Path) -> FetchedSource:
         """Download into ``dest`` (an empty directory), verify, and describe what was fetched."""
 
     def _finish(self, dest: Path, revision: str) -> FetchedSource:
-        entries = hash_tree(dest)
+        entries = hash_tree(dest, digests=self.digests)
         check_checkpoint(dest, entries)
         return FetchedSource(uri=str(self.uri), revision=revision, path=str(dest), files=entries)
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from vlmforge.errors import SourceError
-from vlmforge.sources.base import FetchedSource, Source, sha256_file
+from vlmforge.sources.base import FetchedSource, Source
 
 
 class HfSource(Source):
@@ -72,7 +72,7 @@ class HfSource(Source):
             if sibling.size is not None and path.stat().st_size != sibling.size:
                 raise SourceError(f"corrupt download {sibling.rfilename}: size differs from the hub's {sibling.size}")
             lfs = getattr(sibling, "lfs", None)
-            if lfs is not None and sha256_file(path) != lfs.sha256:
+            if lfs is not None and self.digests.sha256(path)[0] != lfs.sha256:  # _finish reuses this digest
                 raise SourceError(f"corrupt download {sibling.rfilename}: sha256 differs from the hub's LFS pointer")
         shutil.rmtree(dest / ".cache", ignore_errors=True)
         return self._finish(dest, info.sha)

@@ -22,13 +22,14 @@ class LocalSource(Source):
 
     def resolve_revision(self) -> str:
         self._check()
-        return "sha256:" + tree_digest(hash_tree(self.root))
+        return "sha256:" + tree_digest(hash_tree(self.root, digests=self.digests))
 
     def fetch(self, dest: Path) -> FetchedSource:
         self._check()
-        before = hash_tree(self.root)
-        # Hard links where the work dir shares the source's file system (a 14 GB checkpoint costs no space);
-        # the fetched tree is verified against the source's hashes either way, and again on reuse.
+        before = hash_tree(self.root, digests=self.digests)  # read once: resolve_revision's hashes, if it ran
+        # Hard links where the work dir shares the source's file system (a 14 GB checkpoint costs no space, and its
+        # digests carry over: the same inodes); copies are read again. The fetched tree is verified against the
+        # source's hashes either way, and again on reuse.
         shutil.copytree(self.root, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git"),
                         copy_function=link_or_copy)
         fetched = self._finish(dest, "sha256:" + tree_digest(before))

@@ -26,10 +26,18 @@ class TinySource(Source):
         known = sorted(s for n in family_names() for s in get_family(n).tiny_sources())
         raise SourceError(f"no family makes {self.wanted}; tiny sources: {', '.join(known)}")
 
+    def revision_key(self) -> str:
+        """The generated files depend only on vlmforge's code, the installed libraries and this machine."""
+        import hashlib
+
+        from vlmforge.system.env import installation_digest
+
+        return hashlib.sha256(f"tiny-source\0{self.wanted}\0{installation_digest()}".encode()).hexdigest()
+
     def resolve_revision(self) -> str:
         with tempfile.TemporaryDirectory(prefix="vlmforge-tiny-") as tmp:
             self.family().make_tiny_source(self.wanted, Path(tmp))
-            return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp)))
+            return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp), digests=self.digests))
 
     def fetch(self, dest: Path) -> FetchedSource:
         dest.mkdir(parents=True, exist_ok=True)

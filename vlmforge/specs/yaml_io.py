@@ -1,4 +1,4 @@
-"""Safe YAML reading for specs and the catalog: one document, aliases bounded, every key's line kept for errors."""
+"""Safe YAML for specs and the catalog: one document, aliases bounded, every key's line kept for error messages."""
 
 from __future__ import annotations
 

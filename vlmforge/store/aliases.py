@@ -73,6 +73,30 @@ class AliasOps(StoreReader, StoreLocks, StoreIdentity):
         with self._writer_lock(f"alias {manifest.model}@{alias}"):
             return self._move_alias(manifest, alias, only_if_newer=only_if_newer, attempts=attempts)
 
+    def alias_in_place(self, manifest: EngineManifest, alias: str) -> AliasMove | None:
+        """What publishing ``manifest`` would leave ``alias`` as, when it would not move it (it points there already,
+        or to a newer build); None when publishing would move it. Reads only: the published-build check asks this.
+        An unreadable alias record raises IntegrityError, as publishing would."""
+        current, _ = self._current_alias(manifest.model, checked_name(alias, "alias"), replace_unreadable=False)
+        return self._alias_stays(manifest, alias, current.build_id if current else None, only_if_newer=True)
+
+    def _alias_stays(self, manifest: EngineManifest, alias: str, found: str | None, *,
+                     only_if_newer: bool) -> AliasMove | None:
+        """The outcome when the alias, now at ``found``, is not to move to ``manifest``'s build; else None."""
+        model, build_id = manifest.model, manifest.build_id
+        if found == build_id:
+            return AliasMove(model=model, alias=alias, previous=found, build_id=build_id, moved=False,
+                             note="already there")
+        if only_if_newer and found is not None:
+            try:
+                other = self._read_manifest(model, found)
+            except (NotFound, IntegrityError):
+                other = None  # dangling or unreadable target: replace it
+            if other is not None and other.sort_key() > manifest.sort_key():
+                return AliasMove(model=model, alias=alias, previous=found, build_id=found, moved=False,
+                                 note=f"kept: {found} is newer")
+        return None
+
     def _current_alias(self, model: str, alias: str, *, replace_unreadable: bool) -> tuple[AliasRecord | None, str | None]:
         """The alias record and its version; an unreadable record is refused, or (explicit moves) to be replaced."""
         try:
@@ -95,17 +119,9 @@ class AliasOps(StoreReader, StoreLocks, StoreIdentity):
         for attempt in range(1, attempts + 1):
             current, _ = self._current_alias(model, alias, replace_unreadable=not only_if_newer)
             found = current.build_id if current else None
-            if found == build_id:
-                return AliasMove(model=model, alias=alias, previous=found, build_id=build_id, moved=False,
-                                 note="already there")
-            if only_if_newer and found is not None:
-                try:
-                    other = self._read_manifest(model, found)
-                except (NotFound, IntegrityError):
-                    other = None  # dangling or unreadable target: replace it
-                if other is not None and other.sort_key() > manifest.sort_key():
-                    return AliasMove(model=model, alias=alias, previous=found, build_id=found, moved=False,
-                                     note=f"kept: {found} is newer")
+            stays = self._alias_stays(manifest, alias, found, only_if_newer=only_if_newer)
+            if stays is not None:
+                return stays
             try:
                 self._swap_alias(model, alias, build_id, found, replace_unreadable=not only_if_newer)
             except StoreConflict as exc:

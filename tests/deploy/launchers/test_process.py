@@ -199,6 +199,9 @@ def test_a_tp2_runner_keeps_the_key_on_rank_0_and_serves_with_it(tiny_engine_tp2
                             headers={"Authorization": f"Bearer {KEY}"},
                             json=chat_body("What is this?", image_url(0), max_tokens=6))
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        refused = httpx.get(f"{deployment.endpoint}/v1/models", timeout=30)  # the runner took the key it was given
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{deployment.endpoint}/health", timeout=30).status_code == 200  # open, for probes
     finally:
         how = stop_deployment(deployment, state_dir=tmp_path / "state", timeout=90)
     assert how == "drained and stopped" and deployment._proc is not None and deployment._proc.wait(10) == 0

@@ -17,6 +17,8 @@ from vlmforge.specs.schema import Calibration
 from vlmforge.toolchains.quantize.calibration import calibration_set, folder_set, llm_batches, synthetic_set
 from vlmforge.toolchains.quantize.hf import calibration_digest
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 
 def write_images(folder: Path, count: int) -> None:
     from PIL import Image

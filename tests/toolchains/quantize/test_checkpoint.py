@@ -17,6 +17,8 @@ from vlmforge.families import resolve
 from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.toolchains.quantize import checkpoint as ck
 
+pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there
+
 TINY = {"llava": "tiny-llava", "blip2-opt": "tiny-blip2-opt", "vila": "tiny-vila"}
 LOOSE = {"validation.max_logit_error": 10.0, "quantization.calibration.size": 4}
 """Random tiny LLMs are fragile under int4 (next-token errors up to 0.35 here): these tests check the checkpoint, not
@@ -71,6 +73,18 @@ def test_every_format_reads_back_as_the_quantized_model(case: tuple[Any, ...], t
         qkv = f.get_tensor("transformer.layers.0.attention.qkv.weight")
     rows = {"llava": (4 + 2 + 2) * 16, "vila": (4 + 2 + 2) * 16, "blip2-opt": 3 * 64}[family] // tp
     assert qkv.shape[0] == (rows // 2 if algo in ("W4A16_AWQ", "W4A8_AWQ") else rows)  # int4: two per byte
+
+
+def test_a_weight_on_a_rounding_tie_reads_back(tiny: TinyCache, tmp_path: Path) -> None:
+    """tiny-vila int8_sq with 16 calibration samples: one q_proj weight falls on a rounding tie, which the exporter
+    and ModelOpt's fake-quant forward round one code apart. The int8 activations turned that code into a read-back
+    difference of 0.062 (allowed 0.028), and a right checkpoint was refused. The quantized model is now compared
+    with its weights rounded as exported."""
+    result = write(tiny, "vila", tmp_path / "ckpt", **{"quantization.method": "int8_sq",
+                                                      "quantization.calibration.size": 16})
+    check = result.verification
+    assert result.quant_algo == "W8A8_SQ_PER_CHANNEL" and result.calibration["samples"] == 16
+    assert check.readback_vs_quantized.max_error < 0.1 * check.tolerance  # 7e-4 of a 2.78 scale
 
 
 def test_shape_and_support_refusals_come_before_calibration(tiny: TinyCache, tmp_path: Path) -> None:
@@ -142,7 +156,12 @@ def test_the_unified_checkpoint_reads_back_as_the_quantized_model(family: str, m
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt" and config["dtype"] == "float16"
     check = result.verification
-    assert check.readback_vs_quantized.max_error <= 1e-4  # compared in float32, before the float16 cast
+    # Compared in float32, before the float16 cast: exact, but for quantized activations, where the read-back
+    # rounds x / input_scale (TensorRT's quantize) and ModelOpt's fake quant x * (448 / amax): one element on a
+    # rounding boundary can land on the next FP8 value (3e-4 on tiny-blip2-opt's fp8 logits under transformers
+    # 4.57.1, whose random init makes another tiny model; 0.0 under 5.24).
+    activations = any("activation quantization" in what for what in check.simulated)
+    assert check.readback_vs_quantized.max_error <= (1e-3 if activations else 1e-4)
     assert check.readback_vs_reference.next_token_error <= LOOSE["validation.max_logit_error"]
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith(("norm.weight", "layer_norm.weight"))}

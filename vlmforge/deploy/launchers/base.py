@@ -110,10 +110,19 @@ def endpoint_url(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
 
+def runner_ok(status: int, body: bytes) -> bool:
+    """vlmforge's runner is healthy: 200 and ``{"status": "ok"}``."""
+    try:
+        return status == 200 and json.loads(body).get("status") == "ok"
+    except (ValueError, AttributeError):
+        return False
+
+
 def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], log_tail: Callable[[], str],
-                 api_key: SecretStr | None = None) -> None:
-    """Poll ``url``/health until it says ok; DeployError with the log's tail if the runner dies (``died`` says how)
-    or is late. ``/health`` needs no key; the runner's key is sent all the same, as any client would."""
+                 api_key: SecretStr | None = None, healthy: Callable[[int, bytes], bool] = runner_ok) -> None:
+    """Poll ``url``/health until ``healthy`` says so (default: vlmforge's runner's answer); DeployError with the log's
+    tail if the runner dies (``died`` says how) or is late. ``/health`` needs no key; the runner's key is sent all
+    the same, as any client would."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"{url}/health", headers=auth_headers(api_key))
     while time.monotonic() < deadline:
@@ -122,7 +131,7 @@ def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], lo
             raise DeployError(f"{how} before it was healthy; the end of its log:\n{log_tail()}")
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                if response.status == 200 and json.loads(response.read()).get("status") == "ok":
+                if healthy(response.status, response.read()):
                     return
         except (OSError, urllib.error.URLError, ValueError):
             pass

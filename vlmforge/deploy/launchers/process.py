@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,7 +153,7 @@ class ProcessLauncher:
         with log_file.open("w") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        launcher = identify(proc.pid)  # Popen returns once the launcher has exec'd: this is its command line
+        launcher = started_identity(proc, argv)
         endpoint = endpoint_url(request.host, request.port)
         try:
             wait_healthy(endpoint, request.wait_s, api_key=request.api_key,
@@ -198,6 +199,19 @@ class ProcessLauncher:
 
     def discover(self) -> list[Deployment]:
         return []
+
+
+def started_identity(proc: subprocess.Popen[Any], argv: list[str], wait_s: float = 5.0) -> ProcessIdentity:
+    """The identity of a child just started with ``argv``. Popen returns when the child's exec has closed its
+    close-on-exec pipe, which the kernel does before it lays out the new argv: read at once, ``/proc/PID/cmdline``
+    can still be empty (seen on a loaded machine), and a record holding that made every later stop say the runner
+    was gone. So wait until the kernel shows a command line; record ``argv`` itself if it shows none in time."""
+    deadline = time.monotonic() + wait_s
+    identity = identify(proc.pid)
+    while not identity.cmdline and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        identity = identify(proc.pid)
+    return identity if identity.cmdline else identity.model_copy(update={"cmdline": list(argv)})
 
 
 def _rank0(pid_file: Path) -> ProcessIdentity | None:

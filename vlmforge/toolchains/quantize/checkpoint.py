@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 
 READBACK_TOLERANCE = 0.01
 """Largest read-back vs quantized-model logit difference, relative to the reference's logit scale. A layout or
-packing error moves logits by the scale itself; what remains of a right checkpoint is fp16 storage of the
-storage (the quantized model is compared with its pre-quant scales rounded as stored and its KV-cache quantizers
-off, since KV-cache quantization happens in the engine's attention): 0.03 % of the scale on the tiny models."""
+packing error moves logits by the scale itself. The quantized model is compared as the checkpoint holds it: pre-quant
+scales rounded as stored, int8/FP8 weights rounded as the exporter rounds them (the fake-quant forward rounds ties
+differently, and activation quantization turns one such code into percents of the scale), KV-cache quantizers off
+(KV-cache quantization happens in the engine's attention). What remains of a right checkpoint is then float
+arithmetic: up to 0.03 % of the scale on the tiny models."""
 
 
 class CheckpointFile(BaseModel):
@@ -167,6 +169,7 @@ def write_checkpoint(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devi
     quantized = None
     if unified:
         prepare_unified(llm)
+        mo.round_weights_as_exported(llm)
         with mo.kv_cache_quantizers_off(llm):
             quantized = batch_logits(llm, golden)  # the unified export packs the weights in place: run it first
         config = {"quantization": export_unified(llm, out)["quantization"]}
@@ -250,7 +253,8 @@ def _gate(spec: Any, out: Path, verification: CheckpointVerification) -> None:
 def _quantized_model_logits(llm: Any, method: QuantMethod, tp: int, dtype: str, batches: list[dict[str, Any]], *,
                             calibrated: bool) -> list[Any]:
     """Logits of the quantized torch model as the checkpoint holds it: ModelOpt's fake-quant LLM after the export,
-    its pre-quant scales rounded to ``dtype`` as stored and its KV-cache quantizers off (the engine's attention
+    its pre-quant scales rounded to ``dtype`` as stored, its int8/FP8 weights rounded as the exporter rounds them
+    (:func:`~vlmforge.modeling.modelopt.round_weights_as_exported`) and its KV-cache quantizers off (the engine's attention
     quantizes the KV cache; the read-back does not); for the weight-only formats (fp16 weights in the checkpoint),
     a copy with trtllm-build's per-channel rounding per rank."""
     import copy
@@ -268,5 +272,6 @@ def _quantized_model_logits(llm: Any, method: QuantMethod, tp: int, dtype: str, 
     if not calibrated:
         return batch_logits(model, batches)
     mo.round_pre_quant_scales(model, getattr(torch, dtype))
+    mo.round_weights_as_exported(model)
     with mo.kv_cache_quantizers_off(model):
         return batch_logits(model, batches)

@@ -4,13 +4,15 @@ logit comparisons on the golden prefixes (what the quantize and checkpoint stage
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
 
 from vlmforge.errors import SpecError
 from vlmforge.specs.schema import QuantMethod
+
+if TYPE_CHECKING:  # torch is imported where it is used: the build CLI's checks import this module
+    import torch
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -40,6 +42,8 @@ def standalone_llm(family: Any, model: Any) -> Any:
 def quantized_linears(llm: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The linears a quantization touches: every one of the decoder layers (the head, embeddings and anything
     outside the layers stay in float, as in TensorRT-LLM's exports)."""
+    import torch
+
     return {name: module for name, module in llm.named_modules()
             if isinstance(module, torch.nn.Linear) and ".layers." in name}
 
@@ -62,6 +66,8 @@ def check_groups(llm: torch.nn.Module, method: QuantMethod, group_size: int, tp:
 
 def batch_logits(llm: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """float32 CPU logits of every batch."""
+    import torch
+
     out = []
     with torch.no_grad():
         for batch in batches:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vlmforge.plans.model import Plan
-from vlmforge.runner.engine import Generation
+from vlmforge.runner.protocol import Generation
 from vlmforge.system.env import require_trtllm
 from vlmforge.toolchains.trtllm.execute import StepRun, execute_plan
 

@@ -1,0 +1,93 @@
+"""Batch jobs: the encode -> prefix -> batch sequence of an incremental engine, written once.
+
+The scheduler (rank 0), the tensor-parallel followers and :meth:`HfEngine.generate_batch` all go through it:
+
+1. :func:`encode_job`: the batch's images through the visual engine (rank 0 only) -> a :class:`BatchJob`
+   (each request's features, prompt and token limit), which rank 0 also sends the other ranks;
+2. :func:`lead_batch` (rank 0) or :func:`follow_job` (the others): each request's LLM prefix from its features
+   and prompt, then the batch that decodes them (rank 0 picks the tokens, the others are fed them).
+
+A prompt the family refuses is a :class:`JobRejected` on every rank alike, so every rank skips the batch.
+Whole-request engines get a :class:`WholeJob` instead (the images themselves: each rank runs its own runner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmforge.modeling.generation import LlmPrefix
+    from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+    from vlmforge.runner.protocol import IncrementalEngine
+
+
+class JobRejected(ValueError):
+    """The family cannot take a request of the batch (the same on every rank): the batch is skipped."""
+
+
+@dataclass
+class BatchJob:
+    """One batch after its visual stage, in request order; what rank 0 sends the other ranks."""
+
+    features: list[torch.Tensor]
+    """Each request's visual features [1, N, hidden]."""
+    prompts: list[str | None]
+    max_new_tokens: list[int]
+    vision_ms: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not len(self.features) == len(self.prompts) == len(self.max_new_tokens):
+            raise ValueError(f"{len(self.features)} feature sets, {len(self.prompts)} prompts and "
+                             f"{len(self.max_new_tokens)} token limits")
+
+    def to_host(self) -> BatchJob:
+        """The same job with its features on the CPU (what goes over the control channel)."""
+        return replace(self, features=[f.to("cpu") for f in self.features])
+
+
+@dataclass
+class WholeJob:
+    """A batch for whole-request engines: the images themselves, since every rank runs the engine's own runner on
+    the same inputs."""
+
+    images: list[Any]
+    prompts: list[str | None]
+    max_new_tokens: list[int]
+
+
+def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequence[str | None],
+               max_new_tokens: Sequence[int]) -> BatchJob:
+    """Stage 1 (rank 0): every request's image through the visual engine, timed."""
+    import time
+
+    if not len(images) == len(prompts) == len(max_new_tokens):
+        raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
+    started = time.perf_counter()
+    features = engine.encode_images(list(images))
+    return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
+
+
+def job_prefixes(engine: IncrementalEngine, job: BatchJob) -> list[LlmPrefix]:
+    """Stage 2 (every rank): each request's LLM prefix; :class:`JobRejected` for a prompt the family refuses."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return [engine.llm_prefix(features, prompt) for features, prompt in zip(job.features, job.prompts)]
+    except ValueError as exc:
+        raise JobRejected(str(exc)) from exc
+
+
+def lead_batch(engine: IncrementalEngine, job: BatchJob, *, sync: StepSync | None = None,
+               keep_logits: bool = False) -> GreedyBatch:
+    """Stage 3 on rank 0 (or alone): the batch that decodes the job; iterate it for its tokens."""
+    return engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits)
+
+
+def follow_job(engine: IncrementalEngine, job: BatchJob, source: StepSource) -> int:
+    """Stage 3 on a following rank: the same forwards as rank 0, fed its tokens. Returns the steps run."""
+    return engine.follow_batch(job_prefixes(engine, job), source)
