@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
@@ -239,6 +239,8 @@ class GoldenResult(BaseModel):
     agreement: float
     max_logit_error: float
     engine_text: str
+    images: int = Field(default=1, exclude_if=lambda value: value == 1)
+    """Golden images in the request (left out at 1: one-image reports read as before)."""
 
 
 class ValidationReport(BaseModel):
@@ -270,17 +272,24 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     processor = _load_processor(resolved, source_dir)
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
-    engine.generate(synthetic_images(GOLDEN_IMAGE_SIZE)[0], text, 1)  # warm-up, not profiled
+    golden = synthetic_images(GOLDEN_IMAGE_SIZE)
+    engine.generate(golden[0], text, 1)  # warm-up, not profiled
+    inputs: list[Any] = list(golden)
+    several = min(derived.max_images_per_prompt, len(golden))
+    if several > 1:  # a spec for several images per prompt is validated on a request that carries them
+        inputs.append(golden[:several])
     results, profiles = [], []
-    for image in synthetic_images(GOLDEN_IMAGE_SIZE):
-        ref = family.reference_generate(reference, processor, image, family.format_prompt(text), steps)
+    for image in inputs:
+        count = len(image) if isinstance(image, list) else 1
+        ref = family.reference_generate(reference, processor, image, family.format_prompt(text, count), steps)
         got = engine.generate(image, text, steps)
         comparison = compare_generations(ref, got)  # type: ignore[arg-type]  # Generation has tokens and logits
-        results.append(GoldenResult(prompt=family.format_prompt(text), reference_tokens=list(ref.tokens),
+        results.append(GoldenResult(prompt=family.format_prompt(text, count), reference_tokens=list(ref.tokens),
                                     engine_tokens=got.tokens, agreement=comparison.token_agreement,
                                     max_logit_error=comparison.prefix_logit_error,
-                                    engine_text=got.text))
-        profiles.append(got)
+                                    engine_text=got.text, images=count))
+        if count == 1:  # the profile compares one-image requests across specs
+            profiles.append(got)
     agreement = statistics.fmean(r.agreement for r in results)
     error = max(r.max_logit_error for r in results)
     threshold = spec.validation
