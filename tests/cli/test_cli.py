@@ -210,3 +210,23 @@ def test_a_build_prints_one_progress_display_and_verbose_shows_the_rest(prefect_
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert {"Loading weights", "torchvision", "Finished in state"} <= {w for w in noise if w in verbose.stderr}
     assert "7/7" not in verbose.stderr and "engine tiny-llava#" in verbose.stdout
+
+
+def test_plan_explains_each_derived_number() -> None:
+    """`plan --explain`: each number with its formula (two images per prompt here); plain --json is unchanged."""
+    args = ["plan", "llava-1.5-7b-hf", "--max-batch-size", "2", "--visual-batch-size", "4", "--json"]
+    plain = vlmforge(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert "explain" not in json.loads(plain.stdout)
+    result = vlmforge(*args, "--explain")
+    explained = {line["name"]: line for line in json.loads(result.stdout)["explain"]}
+    assert explained["max_multimodal_len"]["value"] == 1152
+    assert explained["max_multimodal_len"]["formula"] == "max_batch_size x num_visual_features = 2 x 576"
+    assert explained["visual_max_batch_size"]["formula"] == "visual.max_batch_size"
+    two = vlmforge(*args, "--max-images-per-prompt", "2", "--explain")
+    explained = {line["name"]: line for line in json.loads(two.stdout)["explain"]}
+    assert explained["max_multimodal_len"]["value"] == 2304
+    assert explained["max_multimodal_len"]["formula"] == (
+        "max_batch_size x max_images_per_prompt x num_visual_features = 2 x 2 x 576")
+    text = vlmforge("plan", "llava-1.5-7b-hf", "--explain")
+    assert text.returncode == 0 and "derived values" in text.stdout and "max_multimodal_len" in text.stdout

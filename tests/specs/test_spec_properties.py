@@ -42,9 +42,13 @@ specs = st.fixed_dictionaries(
         "limits": st.fixed_dictionaries({}, optional={
             "max_batch_size": ints, "max_input_len": ints, "max_output_len": ints, "max_seq_len": ints,
             "max_beam_width": ints, "max_multimodal_len": ints, "max_encoder_input_len": ints,
+            "max_images_per_prompt": st.one_of(ints, st.integers(min_value=1, max_value=4)),
             "use_fused_mlp": st.one_of(st.booleans(), st.none(), st.just("yes")),
         }),
-        "visual": st.fixed_dictionaries({}, optional={"max_batch_size": ints}),
+        "visual": st.fixed_dictionaries({}, optional={
+            "max_batch_size": ints,
+            "max_image_size": st.one_of(st.fixed_dictionaries({"height": ints, "width": ints}), ints),
+        }),
         "architecture": st.fixed_dictionaries({}, optional={"num_visual_features": ints, "num_attention_heads": ints}),
         "validation": st.fixed_dictionaries({}, optional={
             "min_token_agreement": st.floats(min_value=-1, max_value=2), "max_new_tokens": ints,
@@ -67,6 +71,8 @@ def test_any_spec_validates_or_raises_the_spec_error(data: dict[str, Any]) -> No
         return
     assert plan.steps and all(step.argv for step in plan.steps)
     derived = plan.derived
-    assert derived.max_multimodal_len == spec.limits.max_batch_size * derived.num_visual_features
+    images = derived.max_images_per_prompt
+    assert images == (spec.limits.max_images_per_prompt or 1)
+    assert derived.max_multimodal_len == spec.limits.max_batch_size * images * derived.num_visual_features
     assert derived.max_seq_len == derived.max_input_len + derived.max_output_len
-    assert derived.visual_max_batch_size >= spec.limits.max_batch_size
+    assert derived.visual_max_batch_size >= spec.limits.max_batch_size * images

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from vlmforge.errors import DeployError
 
@@ -54,6 +54,9 @@ class EngineConfig(BaseModel):
     max_input_len: int
     max_output_len: int
     num_visual_features: int
+    max_images_per_prompt: int = Field(default=1, ge=1, exclude_if=lambda value: value == 1)
+    """Most images one request may carry (the spec's limits.max_images_per_prompt); left out of engine.json at 1, so
+    the engines of earlier specs are written byte for byte as before."""
     processor: str
     """Directory (relative) with the tokenizer and image processor."""
     visual: VisualEngineInfo

@@ -32,13 +32,14 @@ BatchOpt = Annotated[Optional[int], typer.Option("--max-batch-size", min=1, help
 InputOpt = Annotated[Optional[int], typer.Option("--max-input-len", min=1, help="limits.max_input_len")]
 OutputOpt = Annotated[Optional[int], typer.Option("--max-output-len", min=1, help="limits.max_output_len")]
 VisualBatchOpt = Annotated[Optional[int], typer.Option("--visual-batch-size", min=1, help="visual.max_batch_size")]
+ImagesOpt = Annotated[Optional[int], typer.Option("--max-images-per-prompt", min=1, help="limits.max_images_per_prompt")]
 DialectOpt = Annotated[Optional[Dialect], typer.Option("--dialect", help="TensorRT-LLM dialect (default: the spec's, 1.2).")]
 
 
 def spec_overrides(
     *, tp: int | None = None, pp: int | None = None, dtype: Dtype | None = None, quant: QuantMethod | None = None,
     max_batch_size: int | None = None, max_input_len: int | None = None, max_output_len: int | None = None,
-    visual_batch_size: int | None = None, dialect: Dialect | None = None,
+    visual_batch_size: int | None = None, dialect: Dialect | None = None, max_images_per_prompt: int | None = None,
 ) -> dict[str, Any]:
     """CLI options as dotted spec overrides (unset options are left out)."""
     values = {
@@ -50,6 +51,7 @@ def spec_overrides(
         "limits.max_input_len": max_input_len,
         "limits.max_output_len": max_output_len,
         "visual.max_batch_size": visual_batch_size,
+        "limits.max_images_per_prompt": max_images_per_prompt,
         "dialect": dialect.value if dialect else None,
     }
     overrides = {key: value for key, value in values.items() if value is not None}
@@ -87,14 +89,18 @@ def families_cmd(as_json: JsonOpt = False) -> None:
     for name in family_names():
         family = get_family(name)
         rows.append({"name": name, "description": family.description, "encoder_decoder": family.encoder_decoder,
-                     "num_visual_features": family.default_num_visual_features, "tiny_source": family.tiny_source})
+                     "num_visual_features": family.default_num_visual_features, "tiny_source": family.tiny_source,
+                     "visual_placement": family.visual_placement.value,
+                     "max_images_per_prompt": family.images_per_prompt_limit,
+                     "size_dependent_tokens": family.size_dependent_tokens})
     if as_json:
         print_json(rows)
         return
-    table = Table("family", "description", "enc-dec", "visual feats", "tiny model")
+    table = Table("family", "description", "enc-dec", "visual feats", "visual rows go to", "images", "tiny model")
     for row in rows:
         table.add_row(row["name"], row["description"], "yes" if row["encoder_decoder"] else "no",
-                      str(row["num_visual_features"]), row["tiny_source"] or "-")
+                      str(row["num_visual_features"]) + (" at most" if row["size_dependent_tokens"] else ""),
+                      row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-")
     console.print(table)
 
 
@@ -103,19 +109,25 @@ def plan_cmd(
     model: Annotated[str, typer.Argument(help="Catalog model name or spec YAML path.")],
     dialect: DialectOpt = None, tp: TpOpt = None, pp: PpOpt = None, dtype: DtypeOpt = None, quant: QuantOpt = None,
     max_batch_size: BatchOpt = None, max_input_len: InputOpt = None, max_output_len: OutputOpt = None,
-    visual_batch_size: VisualBatchOpt = None,
+    visual_batch_size: VisualBatchOpt = None, max_images_per_prompt: ImagesOpt = None,
     workspace: Annotated[str, typer.Option(help="Workspace directory inside the container.")] = "/workspace",
     image: Annotated[Optional[str], typer.Option(help="Container image (default: the dialect's release image).")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Say how each derived number was reached (with --json: "
+                                                            "an 'explain' list).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Render the exact trtllm build plan: every step's argv, container, GPUs, inputs and outputs."""
     overrides = spec_overrides(tp=tp, pp=pp, dtype=dtype, quant=quant, max_batch_size=max_batch_size,
                                max_input_len=max_input_len, max_output_len=max_output_len,
-                               visual_batch_size=visual_batch_size, dialect=dialect)
+                               visual_batch_size=visual_batch_size, dialect=dialect,
+                               max_images_per_prompt=max_images_per_prompt)
     spec = load_model_or_spec(model, overrides)
     plan = build_plan(spec, workspace=workspace, image=image)
     if as_json:
-        print_json(plan.to_json_dict())
+        data = plan.to_json_dict()
+        if explain:
+            data["explain"] = [line.model_dump(mode="json") for line in plan.derived.explanation]
+        print_json(data)
         return
     derived = plan.derived
     console.print(f"[bold]{spec.name}[/] ({spec.family}) dialect {plan.dialect.value}, image {plan.steps[0].image}")
@@ -125,6 +137,11 @@ def plan_cmd(
         + (f"  min compute capability {derived.min_compute_capability}" if derived.min_compute_capability else ""),
         highlight=False,
     )
+    if explain:
+        table = Table("number", "value", "how", "what for", title="derived values")
+        for line in plan.derived.explanation:
+            table.add_row(line.name, str(line.value), line.formula, line.note)
+        console.print(table)
     for index, step in enumerate(plan.steps, 1):
         console.print(f"\n[bold]# {index}. {step.name}[/]  (gpus: {step.gpus})", highlight=False)
         console.print(f"cd {shlex.quote(step.cwd)} && {shlex.join(step.argv)}", highlight=False, markup=False, soft_wrap=True)

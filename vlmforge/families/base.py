@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
+from vlmforge.families.contract import VisualContractHooks
 from vlmforge.plans.checkpoint import check_checkpoint_support, checkpoint_argv, checkpoint_report
 from vlmforge.specs.schema import BuildSpec, Dialect, KvCacheDtype, QuantMethod, parse_source
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from PIL import Image
 
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import GenResult, LlmPrefix
     from vlmforge.plans.model import DialectInfo, PlanContext, Step
 
@@ -36,16 +40,15 @@ class ArchitectureFacts:
     num_attention_heads: int
 
 
-class ModelFamily:
-    """A family of multimodal models: its facts, its rules and its build steps."""
+class ModelFamily(VisualContractHooks):
+    """A family of multimodal models: its facts, its rules and its build steps (its visual contract:
+    :class:`~vlmforge.families.contract.VisualContractHooks`)."""
 
     name: ClassVar[str]
     """Registry name, used in specs (``family: llava``)."""
     description: ClassVar[str]
     encoder_decoder: ClassVar[bool] = False
     """The LLM is an encoder-decoder (no weight quantization in TensorRT-LLM)."""
-    default_num_visual_features: ClassVar[int]
-    """Visual tokens per image when the spec's architecture does not say."""
     llm_kind: ClassVar[str]
     """Which convert_checkpoint.py directory serves the LLM: opt, llama or enc_dec."""
     needs_code_source: ClassVar[bool] = False
@@ -63,10 +66,7 @@ class ModelFamily:
     extra_tiny_sources: ClassVar[tuple[str, ...]] = ()
     """More ``tiny://`` models of the family (other checkpoint layouts), made by :meth:`make_tiny_source`."""
 
-    # --- facts ------------------------------------------------------------------------------
-
-    def num_visual_features(self, spec: BuildSpec) -> int:
-        return spec.architecture.num_visual_features or self.default_num_visual_features
+    # --- facts (the visual ones: vlmforge.families.contract) ----------------------------------
 
     encoder_input_formula: ClassVar[str] = ""
 
@@ -137,8 +137,10 @@ class ModelFamily:
         """num_visual_features and LLM attention heads read from the checkpoint's config.json."""
         raise NotImplementedError
 
-    def format_prompt(self, text: str | None) -> str | None:
-        """Wrap user text the way the model expects (image placeholder, chat template); None stays None."""
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
+        """Wrap user text the way the model expects for ``num_images`` images (their placeholders, chat template);
+        None stays None. ValueError for more images than the family takes."""
+        self.check_image_count(num_images)
         return text
 
     def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
@@ -159,29 +161,32 @@ class ModelFamily:
         """The transformers class of the standalone LLM."""
         raise NotImplementedError
 
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
         """``llm_prefix(...).length`` from the tokenizer alone, so a server can refuse a long prompt before any
-        forward; raises ValueError for a prompt the family cannot take."""
+        forward: ``num_visual_features`` is one image's count, or one count per image of the prompt. Raises
+        ValueError for a prompt the family cannot take."""
         raise NotImplementedError
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        """What the LLM is fed for one image's features [1, N, hidden] and the user's text (formatted here)."""
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
+        """What the LLM is fed for one request: its images' features (one [1, N, hidden] tensor, or one per image of
+        the prompt, in order; see :meth:`image_features`) and the user's text (formatted here)."""
         raise NotImplementedError
 
-    def generate(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None,
+    def generate(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None,
                  max_new_tokens: int) -> GenResult:
-        """Greedy generation from the LLM alone, fed the visual features (batch 1)."""
+        """Greedy generation from the LLM alone, fed the visual features of the request's image(s) (batch 1)."""
         from vlmforge.modeling.generation import greedy_prefix
 
         return greedy_prefix(llm, self.llm_prefix(llm, processor, features, prompt), max_new_tokens)
 
-    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
-                           max_new_tokens: int) -> GenResult:
-        """Greedy generation of the full reference model (batch 1), fed what its processor makes of the image and
-        the formatted prompt."""
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
+                           prompt: str | None, max_new_tokens: int) -> GenResult:
+        """Greedy generation of the full reference model (batch 1), fed what its processor makes of the image (or the
+        prompt's images, in order) and the prompt formatted for them."""
         from vlmforge.modeling.generation import ref_generate
 
-        inputs = processor(images=image, text=self.format_prompt(prompt), return_tensors="pt")
+        images = self.image_list(image)
+        inputs = processor(images=images, text=self.format_prompt(prompt, len(images)), return_tensors="pt")
         return ref_generate(model, dict(inputs), max_new_tokens)
 
     # --- trtllm plan ------------------------------------------------------------------------

@@ -26,8 +26,11 @@ from vlmforge.plans.model import PlanContext, Step
 from vlmforge.specs.schema import Dialect, parse_source
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.families.tinykit import Template
     from vlmforge.modeling.generation import LlmPrefix
 
@@ -197,20 +200,21 @@ class Blip2Common(ModelFamily):
         return model.language_model.eval()
 
 
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
         """Q image rows + the prompt's ids (no prompt: BOS alone)."""
+        (count,) = self.visual_counts(num_visual_features)
         prompt = self.format_prompt(prompt)
-        return num_visual_features + (1 if prompt is None else len(processor.tokenizer(prompt).input_ids))
+        return count + (1 if prompt is None else len(processor.tokenizer(prompt).input_ids))
 
-    def _llm_inputs(self, llm: Any, processor: Any, features: torch.Tensor,
+    def _llm_inputs(self, llm: Any, processor: Any, features: ImageFeatures,
                     prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[<image>] x Q + the prompt's ids (OPT: BOS first; no prompt: BOS alone), image rows = features."""
+        """[<image>] x Q + the prompt's ids (OPT: BOS first; no prompt: BOS alone), image rows = features (the
+        processor puts the query tokens of its one image first)."""
         import torch
 
         from vlmforge.modeling.devices import model_device
 
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise ValueError(f"expected the features of one image [1, Q, hidden], got {tuple(features.shape)}")
+        (features,) = self.image_features(features)
         tokenizer = processor.tokenizer
         image_id = tokenizer.convert_tokens_to_ids(str(processor.image_token))
         if prompt is not None:
@@ -269,7 +273,7 @@ class Blip2OptFamily(Blip2Common, DecoderOnlyFamily):
 
         return OPTForCausalLM
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))

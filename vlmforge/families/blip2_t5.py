@@ -14,10 +14,10 @@ from vlmforge.families.base import EncoderDecoderFamily
 from vlmforge.families.blip2_opt import TINY_NUM_ATTENTION_HEADS, TINY_VOCAB_SIZE, Blip2Common
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec, Dialect
+from vlmforge.specs.visual import VisualPlacement
 
 if TYPE_CHECKING:
-    import torch
-
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import LlmPrefix
 
 
@@ -35,6 +35,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
         "flan-t5-xxl": "google/flan-t5-xxl",
     }
     encoder_input_formula: ClassVar[str] = "max_input_len (the T5 encoder reads visual and text tokens)"
+    visual_placement: ClassVar[VisualPlacement] = VisualPlacement.ENCODER_INPUT
 
     def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int:
         return spec.limits.max_input_len
@@ -70,8 +71,9 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
             initializer_factor=1.0,
         )
 
-    def format_prompt(self, text: str | None) -> str | None:
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
         """The text as it is; None becomes the golden prompt (T5 has no BOS to caption from)."""
+        self.check_image_count(num_images)
         return self.golden_prompt if text is None else text
 
     def llm_class(self) -> type:
@@ -79,7 +81,7 @@ class Blip2T5Family(Blip2Common, EncoderDecoderFamily):
 
         return T5ForConditionalGeneration
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
         embeds, mask = self._llm_inputs(llm, processor, features, self.format_prompt(prompt))

@@ -22,13 +22,16 @@ from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily
 from vlmforge.plans.model import PlanContext
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import LlmPrefix
 
 IMAGE_TOKEN = "<image>"
-PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
-"""LLaVA-1.5's conversation format (llava-hf model cards), one image per prompt."""
+PROMPT_TEMPLATE = "USER: {images}{text} ASSISTANT:"
+"""LLaVA-1.5's conversation format (llava-hf model cards and chat template): ``<image>\\n`` per image, then the text."""
 DEFAULT_USER_TEXT = "Describe the image."
 """User text when none is given: LLaVA is a chat model and always needs a request."""
 
@@ -142,6 +145,7 @@ class LlavaFamily(DecoderOnlyFamily):
         "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
     )
     llm_config_keys: ClassVar[tuple[str, ...]] = ("text_config",)
+    images_per_prompt_limit: ClassVar[int | None] = None  # one <image> per image, each expanded to its features
 
     def visual_model_type(self, ctx: PlanContext) -> str:
         return "llava"
@@ -173,12 +177,14 @@ class LlavaFamily(DecoderOnlyFamily):
         extra = 1 if cfg.vision_feature_select_strategy == "full" else 0
         return ArchitectureFacts(patches + extra, cfg.text_config.num_attention_heads)
 
-    def format_prompt(self, text: str | None) -> str | None:
-        """``USER: <image>\\n{text} ASSISTANT:``; text that already holds ``<image>`` is kept as it is."""
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
+        """``USER: <image>\\n{text} ASSISTANT:`` (one ``<image>\\n`` per image, as llava-hf's chat template writes
+        them); text that already holds ``<image>`` is kept as it is (its count is checked against the images')."""
+        self.check_image_count(num_images)
         text = DEFAULT_USER_TEXT if text is None else text
         if IMAGE_TOKEN in text:
             return text
-        return PROMPT_TEMPLATE.format(text=text)
+        return PROMPT_TEMPLATE.format(images=(IMAGE_TOKEN + "\n") * num_images, text=text)
 
     def visual_module(self, model: Any) -> torch.nn.Module:
         return _visual_module_class()(model).eval()
@@ -208,31 +214,38 @@ class LlavaFamily(DecoderOnlyFamily):
 
         return LlamaForCausalLM
 
-    def _prompt_ids(self, processor: Any, prompt: str | None, n: int) -> Any:
-        prompt = self.format_prompt(prompt)
+    def _prompt_ids(self, processor: Any, prompt: str | None, counts: list[int]) -> Any:
+        """The prompt's ids, its k-th ``<image>`` expanded to the k-th image's ``counts[k]`` placeholder tokens (what
+        LlavaProcessor does)."""
+        prompt = self.format_prompt(prompt, len(counts))
         assert prompt is not None
         token = processor.image_token
-        if prompt.count(token) != 1:
-            raise ValueError(f"a LLaVA prompt holds exactly one {token}: {prompt!r}")
-        return processor.tokenizer(prompt.replace(token, token * n), return_tensors="pt").input_ids
+        if prompt.count(token) != len(counts):
+            exactly = "exactly one" if len(counts) == 1 else f"exactly {len(counts)}"
+            raise ValueError(f"a LLaVA prompt for {len(counts)} image{'s' if len(counts) > 1 else ''} holds {exactly} "
+                             f"{token}, one per image in order: {prompt!r}")
+        head, *tails = prompt.split(token)
+        expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
+        return processor.tokenizer(expanded, return_tensors="pt").input_ids
 
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
-        return int(self._prompt_ids(processor, prompt, num_visual_features).shape[1])
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
+        return int(self._prompt_ids(processor, prompt, self.visual_counts(num_visual_features)).shape[1])
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        """Token embeddings of the prompt, its one <image> expanded to the feature rows and replaced by them."""
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
+        """Token embeddings of the prompt, each <image> expanded to its image's feature rows and replaced by them
+        (the images in order, as LlavaForConditionalGeneration scatters them)."""
         import torch
 
         from vlmforge.modeling.devices import model_device
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
+        parts = self.image_features(features)
         device = model_device(llm)
-        ids = self._prompt_ids(processor, prompt, features.shape[1]).to(device)
+        ids = self._prompt_ids(processor, prompt, [int(part.shape[1]) for part in parts]).to(device)
         embeds = llm.get_input_embeddings()(ids)
         mask = (ids == processor.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, features.to(device, embeds.dtype))
+        rows = torch.cat([part.to(device, embeds.dtype) for part in parts], dim=1)
+        embeds = embeds.masked_scatter(mask, rows)
         eos = llm.generation_config.eos_token_id
         return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos if eos is not None else llm.config.eos_token_id))
 

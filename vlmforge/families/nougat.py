@@ -22,11 +22,15 @@ from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec
+from vlmforge.specs.visual import VisualPlacement
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from PIL import Image
 
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import GenResult, LlmPrefix
 
 logger = logging.getLogger(__name__)
@@ -132,6 +136,7 @@ class NougatFamily(EncoderDecoderFamily):
     takes_prompt: ClassVar[bool] = False
     tiny_source: ClassVar[str | None] = "tiny://nougat"
     encoder_input_formula: ClassVar[str] = "max_batch_size x num_visual_features"
+    visual_placement: ClassVar[VisualPlacement] = VisualPlacement.CROSS_ATTENTION
     # The Swin encoder, and the projection to the decoder's width when the two differ.
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = ("encoder.", "enc_to_dec_proj.")
     llm_config_keys: ClassVar[tuple[str, ...]] = ("decoder",)
@@ -183,8 +188,9 @@ class NougatFamily(EncoderDecoderFamily):
         features = (height // patch_h // merge) * (width // patch_w // merge)
         return ArchitectureFacts(features, cfg.decoder.decoder_attention_heads)
 
-    def format_prompt(self, text: str | None) -> str | None:
-        """Always None: Nougat reads the page without a prompt (given text is ignored)."""
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
+        """Always None: Nougat reads the page (one image) without a prompt (given text is ignored)."""
+        self.check_image_count(num_images)
         if text is not None:
             logger.warning("nougat takes no prompt: ignoring %r", text)
         return None
@@ -209,19 +215,19 @@ class NougatFamily(EncoderDecoderFamily):
 
         return MBartForCausalLM
 
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int) -> int:
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
         """The encoder states the decoder attends to (no text: the prompt is the start token alone)."""
-        return num_visual_features
+        (count,) = self.visual_counts(num_visual_features)
+        return count
 
-    def llm_prefix(self, llm: Any, processor: Any, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
         import torch
 
         from vlmforge.modeling.devices import model_device, model_dtype
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise ValueError(f"expected the features of one image [1, L, hidden], got {tuple(features.shape)}")
+        (features,) = self.image_features(features)
         self.format_prompt(prompt)
         gen, cfg = llm.generation_config, llm.config
         start = next((v for v in (gen.decoder_start_token_id, cfg.decoder_start_token_id, cfg.bos_token_id)
@@ -233,10 +239,11 @@ class NougatFamily(EncoderDecoderFamily):
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         return LlmPrefix("cross", states, mask, eos_ids(eos), start=start)
 
-    def reference_generate(self, model: Any, processor: Any, image: Image.Image, prompt: str | None,
-                           max_new_tokens: int) -> GenResult:
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
+                           prompt: str | None, max_new_tokens: int) -> GenResult:
         from vlmforge.modeling.generation import ref_generate
 
+        images = self.image_list(image)
         self.format_prompt(prompt)
-        inputs = {"pixel_values": self.pixel_values(processor, [image])}
+        inputs = {"pixel_values": self.pixel_values(processor, images)}
         return ref_generate(model, inputs, max_new_tokens)

@@ -33,9 +33,12 @@ from vlmforge.plans.model import PlanContext, Step
 from vlmforge.specs.schema import Dialect
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from PIL import Image
 
+    from vlmforge.families.contract import ImageFeatures
     from vlmforge.modeling.generation import GenResult, LlmPrefix
 
 # The seed's source patches (0.9 dialect): load the vision tower eagerly, and make AWQ work without
@@ -272,10 +275,11 @@ class VilaFamily(DecoderOnlyFamily):
         settings = parse_settings(config)
         return ArchitectureFacts(settings.num_visual_features, int(settings.llm["num_attention_heads"]))
 
-    def format_prompt(self, text: str | None) -> str | None:
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
         """The user's turn as ``llava/eval/run_vila.py`` makes it: ``<image>\\n`` in front unless the text holds
         ``<image>``. The chat template, which depends on the checkpoint, is added with the processor
         (:meth:`VilaProcessor.chat_prompt`), so formatting twice changes nothing."""
+        self.check_image_count(num_images)  # one image per prompt: llm_prefix splices one
         text = DEFAULT_USER_TEXT if text is None else text
         return text if IMAGE_TOKEN in text else f"{IMAGE_TOKEN}\n{text}"
 
@@ -316,10 +320,12 @@ class VilaFamily(DecoderOnlyFamily):
             raise ValueError(f"a VILA prompt holds exactly one {IMAGE_TOKEN}: {query!r}")
         return tokenizer_image_token(processor.chat_prompt(query), processor.tokenizer)
 
-    def prompt_length(self, processor: VilaProcessor, prompt: str | None, num_visual_features: int) -> int:
-        return len(self._prompt_ids(processor, prompt)) - 1 + num_visual_features
+    def prompt_length(self, processor: VilaProcessor, prompt: str | None,
+                      num_visual_features: int | Sequence[int]) -> int:
+        (count,) = self.visual_counts(num_visual_features)
+        return len(self._prompt_ids(processor, prompt)) - 1 + count
 
-    def llm_prefix(self, llm: Any, processor: VilaProcessor, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
+    def llm_prefix(self, llm: Any, processor: VilaProcessor, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         """The text chunks' embeddings with the image's feature rows between them (VILA's
         ``prepare_inputs_labels_for_multimodal``, one image); stops at EOS and the template's end of turn."""
         import torch
@@ -327,8 +333,7 @@ class VilaFamily(DecoderOnlyFamily):
         from vlmforge.modeling.devices import model_device
         from vlmforge.modeling.generation import LlmPrefix
 
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise ValueError(f"expected the features of one image [1, N, hidden], got {tuple(features.shape)}")
+        (features,) = self.image_features(features)
         ids = self._prompt_ids(processor, prompt)
         cut = ids.index(IMAGE_TOKEN_INDEX)
         device = model_device(llm)
@@ -338,8 +343,8 @@ class VilaFamily(DecoderOnlyFamily):
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
         return LlmPrefix("decoder", embeds, mask, processor.stop_token_ids)
 
-    def reference_generate(self, model: Any, processor: VilaProcessor, image: Image.Image, prompt: str | None,
-                           max_new_tokens: int) -> GenResult:
+    def reference_generate(self, model: Any, processor: VilaProcessor, image: Image.Image | Sequence[Image.Image],
+                           prompt: str | None, max_new_tokens: int) -> GenResult:
         """The float reference: :class:`VilaModel`'s tower and projector on the image, the features placed the way
         TensorRT-LLM's prompt table does (ids ``vocab_size + i`` looked up in ``[embed_tokens; features]``), and
         transformers' greedy ``generate`` on the LLM."""
@@ -350,7 +355,7 @@ class VilaFamily(DecoderOnlyFamily):
 
         device = model_device(model)
         with torch.no_grad():
-            features = model.visual(self.pixel_values(processor, [image]).to(device))[0]
+            features = model.visual(self.pixel_values(processor, self.image_list(image)).to(device))[0]
         vocab = model.llm.config.vocab_size
         ids: list[int] = []
         for token in self._prompt_ids(processor, prompt):

@@ -100,7 +100,8 @@ class HfEngine:
     @property
     def limits(self) -> EngineLimits:
         return EngineLimits(max_batch_size=self.max_batch_size, max_input_len=self.config.max_input_len,
-                            max_output_len=self.config.max_output_len)
+                            max_output_len=self.config.max_output_len,
+                            max_images_per_prompt=self.config.max_images_per_prompt)
 
     @property
     def decode_path(self) -> str:
@@ -143,8 +144,11 @@ class HfEngine:
         features = self._features(images)
         return [features[i:i + 1] for i in range(features.shape[0])]
 
-    def llm_prefix(self, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        return self.family.llm_prefix(self.llm, self.processor, features.to(self.device), prompt)
+    def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
+        """One request's prefix from its features: one tensor, or one per image in order."""
+        moved = ([f.to(self.device) for f in features] if isinstance(features, (list, tuple))
+                 else features.to(self.device))
+        return self.family.llm_prefix(self.llm, self.processor, moved, prompt)
 
     def new_batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
                   sync: StepSync | None = None, keep_logits: bool = False) -> GreedyBatch:
@@ -159,30 +163,39 @@ class HfEngine:
 
         return follow_batch(self.llm, prefixes, source)
 
-    def prompt_length(self, prompt: str | None) -> int:
-        """Prompt positions (text tokens and image features) the LLM will be fed; ValueError for a bad prompt."""
-        return self.family.prompt_length(self.processor, prompt, self.config.num_visual_features)
+    def prompt_length(self, prompt: str | None, num_images: int = 1) -> int:
+        """Prompt positions (text tokens and image features) the LLM will be fed for ``num_images`` images;
+        ValueError for a bad prompt."""
+        count = self.config.num_visual_features
+        return self.family.prompt_length(self.processor, prompt, count if num_images == 1 else [count] * num_images)
 
-    def generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int) -> Generation:
-        """Greedy generation for one image and prompt through the unbatched loop (``family.generate``): what build
-        validation compares with the reference, and what batched decoding must equal."""
+    def generate(self, image: Image.Image | Sequence[Image.Image], prompt: str | None,
+                 max_new_tokens: int) -> Generation:
+        """Greedy generation for one request (its image, or its images in order) and prompt through the unbatched
+        loop (``family.generate``): what build validation compares with the reference, and what batched decoding
+        must equal."""
         import torch
 
+        several = isinstance(image, (list, tuple))
+        images = list(image) if several else [image]
         start = time.perf_counter()
-        features = self._features([image])
+        encoded = self._features(images)
+        features = [encoded[i:i + 1] for i in range(len(images))] if several else encoded
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         vision_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        result = self.family.generate(self.llm, self.processor, features, self.family.format_prompt(prompt), max_new_tokens)
+        result = self.family.generate(self.llm, self.processor, features,
+                                      self.family.format_prompt(prompt, len(images)), max_new_tokens)
         llm_ms = (time.perf_counter() - start) * 1000
         text = self.processor.tokenizer.decode(result.tokens, skip_special_tokens=True)
         return Generation(tokens=list(result.tokens), text=text, logits=result.logits, vision_ms=vision_ms, llm_ms=llm_ms)
 
-    def generate_batch(self, images: Sequence[Image.Image], prompts: Sequence[str | None],
+    def generate_batch(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str | None],
                        max_new_tokens: int | Sequence[int], *, keep_logits: bool = False) -> list[Generation]:
         """Greedy generation for many requests at once (one LLM forward per step for all of them), through the
-        runner's own sequence (:mod:`vlmforge.runner.jobs`)."""
+        runner's own sequence (:mod:`vlmforge.runner.jobs`); a request's entry in ``images`` is its image or a list of
+        its images."""
         from vlmforge.runner.jobs import encode_job, lead_batch
 
         if len(images) != len(prompts):

@@ -2,8 +2,9 @@
 
 The scheduler (rank 0), the tensor-parallel followers and :meth:`HfEngine.generate_batch` all go through it:
 
-1. :func:`encode_job`: the batch's images through the visual engine (rank 0 only) -> a :class:`BatchJob`
-   (each request's features, prompt and token limit), which rank 0 also sends the other ranks;
+1. :func:`encode_job`: the batch's images (every image of every request, in one pass) through the visual engine
+   (rank 0 only) -> a :class:`BatchJob` (each request's features, prompt and token limit), which rank 0 also sends
+   the other ranks;
 2. :func:`lead_batch` (rank 0) or :func:`follow_job` (the others): each request's LLM prefix from its features
    and prompt, then the batch that decodes them (rank 0 picks the tokens, the others are fed them).
 
@@ -33,8 +34,9 @@ class JobRejected(ValueError):
 class BatchJob:
     """One batch after its visual stage, in request order; what rank 0 sends the other ranks."""
 
-    features: list[torch.Tensor]
-    """Each request's visual features [1, N, hidden]."""
+    features: list[torch.Tensor | list[torch.Tensor]]
+    """Each request's visual features: [1, N, hidden] for a one-image request, one such tensor per image (in order)
+    for a request with several."""
     prompts: list[str | None]
     max_new_tokens: list[int]
     vision_ms: float = field(default=0.0, compare=False)
@@ -46,7 +48,8 @@ class BatchJob:
 
     def to_host(self) -> BatchJob:
         """The same job with its features on the CPU (what goes over the control channel)."""
-        return replace(self, features=[f.to("cpu") for f in self.features])
+        return replace(self, features=[[p.to("cpu") for p in f] if isinstance(f, list) else f.to("cpu")
+                                       for f in self.features])
 
 
 @dataclass
@@ -61,13 +64,20 @@ class WholeJob:
 
 def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequence[str | None],
                max_new_tokens: Sequence[int]) -> BatchJob:
-    """Stage 1 (rank 0): every request's image through the visual engine, timed."""
+    """Stage 1 (rank 0): every request's image through the visual engine, timed. A request's entry in ``images`` is
+    its image, or a list of its images (several per prompt): all of the batch's images are encoded together and
+    handed back to their requests in order."""
     import time
 
     if not len(images) == len(prompts) == len(max_new_tokens):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
     started = time.perf_counter()
-    features = engine.encode_images(list(images))
+    groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
+    encoded = iter(engine.encode_images([image for group in groups for image in group]))
+    features: list[Any] = []
+    for entry, group in zip(images, groups, strict=True):
+        own = [next(encoded) for _ in group]
+        features.append(own if isinstance(entry, (list, tuple)) else own[0])
     return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
 
 

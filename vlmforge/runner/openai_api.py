@@ -1,11 +1,13 @@
-"""The OpenAI chat-completions format, as far as a greedy one-image runner serves it.
+"""The OpenAI chat-completions format, as far as a greedy runner serves it.
 
 Requests are parsed and checked here (no web framework): a bad request is an :class:`ApiError` with
 its HTTP status and OpenAI's error body. What the runner takes:
 
-- one ``user`` message (single turn) with at most one text part and exactly one ``image_url`` part:
-  a ``data:image/...;base64,`` URL, or a ``file://`` URL under the runner's ``--image-root``; the image a PNG,
-  JPEG, WebP or GIF (its first frame), as OpenAI's vision API takes (:data:`IMAGE_FORMATS`);
+- one ``user`` message (single turn) with text parts and one ``image_url`` part per image, up to the engine's
+  ``max_images_per_prompt`` (1 unless its spec said more; the images go to the model in their order, before the
+  text, as LLaVA's chat template places them): a ``data:image/...;base64,`` URL, or a ``file://`` URL under the
+  runner's ``--image-root``; each image a PNG, JPEG, WebP or GIF (its first frame), as OpenAI's vision API takes
+  (:data:`IMAGE_FORMATS`);
 - prompt-free models (Nougat) take the image alone;
 - ``max_tokens`` / ``max_completion_tokens`` up to the engine's ``max_output_len``; ``stop`` strings;
   ``stream`` with ``stream_options.include_usage``;
@@ -159,11 +161,17 @@ def parse_request(body: Any) -> ChatRequest:
 
 class ParsedChat(BaseModel):
     text: str | None
-    image_url: str
+    image_urls: list[str]
+    """The request's images, in order."""
+
+    @property
+    def image_url(self) -> str:
+        """The first (for one-image requests: the) image."""
+        return self.image_urls[0]
 
 
-def parse_messages(messages: list[Message], *, takes_prompt: bool, model: str) -> ParsedChat:
-    """The one user turn's text and image URL."""
+def parse_messages(messages: list[Message], *, takes_prompt: bool, model: str, max_images: int = 1) -> ParsedChat:
+    """The one user turn's text and image URLs (1 to ``max_images``, the engine's max_images_per_prompt)."""
     roles = [m.role for m in messages]
     if roles != ["user"]:
         raise ApiError(400, f"messages: this runner serves one user message with one image (single turn); got roles "
@@ -182,14 +190,18 @@ def parse_messages(messages: list[Message], *, takes_prompt: bool, model: str) -
         else:
             raise ApiError(400, f"messages[0].content[{index}]: unsupported content type {part.type!r} (text and "
                                 "image_url are)", param=f"messages[0].content[{index}]")
-    if len(images) != 1:
+    if max_images == 1 and len(images) != 1:
         raise ApiError(400, f"messages[0]: {model} takes exactly one image per request (an image_url part); got "
                             f"{len(images)}", param="messages")
+    if not 1 <= len(images) <= max_images:
+        raise ApiError(400, f"messages[0]: {model} takes 1 to {max_images} images per request (image_url parts; its "
+                            f"engine was built for max_images_per_prompt {max_images}); got {len(images)}",
+                       param="messages")
     text = "\n".join(t for t in texts if t) or None
     if text is not None and not takes_prompt:
         raise ApiError(400, f"messages[0]: {model} reads the image alone (no prompt): send the image_url part without "
                             "text", param="messages")
-    return ParsedChat(text=text, image_url=images[0])
+    return ParsedChat(text=text, image_urls=images)
 
 
 def check_prompt_chars(text: str | None, max_chars: int, max_input_len: int, chars_per_token: int) -> None:

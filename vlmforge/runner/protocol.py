@@ -16,12 +16,13 @@ runner probes an engine for optional attributes: what is optional here has a def
 
 :func:`vlmforge.runner.loader.load_engine` gives the engine an engine directory needs.
 
-Where the next serving features meet this protocol: several images per request change what
-``encode_images`` returns per request and what ``llm_prefix`` takes (a list of feature tensors, of any
-number of rows each); sampling adds per-request parameters to ``new_batch``; in-flight batching makes
-``new_batch``'s state take rows while it runs (and the scheduler's loop feed them). The scheduler and the
-followers reach incremental engines only through :mod:`vlmforge.runner.jobs`, so the first two change the jobs
-and the engines, not the loops.
+Several images per request (up to :attr:`EngineLimits.max_images_per_prompt`): a request carries a list of
+images, :mod:`vlmforge.runner.jobs` encodes every image of a batch at once and hands each request its images'
+features (a list of [1, N_i, hidden] tensors, of any number of rows each), which ``llm_prefix`` splices in order.
+Where the next serving features meet this protocol: sampling adds per-request parameters to ``new_batch``;
+in-flight batching makes ``new_batch``'s state take rows while it runs (and the scheduler's loop feed them). The
+scheduler and the followers reach incremental engines only through :mod:`vlmforge.runner.jobs`, so those change
+the jobs and the engines, not the loops.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class EngineLimits:
     """Prompt positions (text tokens and image features) per request."""
     max_output_len: int
     """New tokens per request."""
+    max_images_per_prompt: int = 1
+    """Images per request (engine.json's max_images_per_prompt; 1 where the engine serves one)."""
 
 
 class Tokenizer(Protocol):
@@ -111,13 +114,14 @@ class Engine(Protocol):
         """How it decodes, as /health reports it: ``static``, ``dynamic`` or ``tensorrt-llm``."""
         ...
 
-    def prompt_length(self, prompt: str | None) -> int:
-        """Prompt positions (text tokens and image features) a request takes, from the tokenizer alone (no forward);
-        ValueError for a prompt the family cannot take."""
+    def prompt_length(self, prompt: str | None, num_images: int = 1) -> int:
+        """Prompt positions (text tokens and image features) a request with ``num_images`` images takes, from the
+        tokenizer alone (no forward); ValueError for a prompt the family cannot take."""
         ...
 
-    def generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int) -> Generation:
-        """One request alone, to its end (build validation, selftest)."""
+    def generate(self, image: Image.Image | Sequence[Image.Image], prompt: str | None,
+                 max_new_tokens: int) -> Generation:
+        """One request (its image, or its images in order) alone, to its end (build validation, selftest)."""
         ...
 
     def warmup(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int) -> None:
@@ -134,9 +138,10 @@ class IncrementalEngine(Engine, Protocol):
         """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only)."""
         ...
 
-    def llm_prefix(self, features: torch.Tensor, prompt: str | None) -> LlmPrefix:
-        """What the LLM is fed for one request: its image features (from any device; followers get them from rank
-        0) and the user's text. ValueError for a prompt the family cannot take."""
+    def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
+        """What the LLM is fed for one request: its image features (one tensor, or one per image in order; from any
+        device: followers get them from rank 0) and the user's text. ValueError for a prompt the family cannot
+        take."""
         ...
 
     def new_batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,

@@ -69,6 +69,7 @@ class GenRequest:
                  sink: Callable[[Event], None]) -> None:
         self.id = next(_ids)
         self.image = image
+        """The request's image, or a list of its images (several per prompt), in order."""
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens = prompt_tokens

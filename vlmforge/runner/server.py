@@ -2,8 +2,8 @@
 
 Rank 0 (the only rank without tensor parallelism) serves HTTP with FastAPI and uvicorn:
 
-- ``POST /v1/chat/completions``: OpenAI chat format, one image per request (see
-  :mod:`vlmforge.runner.openai_api`), plain or streamed (server-sent events);
+- ``POST /v1/chat/completions``: OpenAI chat format, one image per request or up to the engine's
+  ``max_images_per_prompt`` (see :mod:`vlmforge.runner.openai_api`), plain or streamed (server-sent events);
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus).
 
 With an API key (required when listening beyond loopback) every path but ``/health`` needs
@@ -146,7 +146,8 @@ class Runtime:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vlmforge",
                 "engine": self.config.name, "family": self.config.family, "toolchain": self.config.toolchain,
                 "tensor_parallel": self.tp, "max_batch_size": self.scheduler.max_batch_size,
-                "max_input_len": self.limits.max_input_len, "max_output_len": self.limits.max_output_len}
+                "max_input_len": self.limits.max_input_len, "max_output_len": self.limits.max_output_len,
+                "max_images_per_prompt": self.limits.max_images_per_prompt}
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -218,24 +219,27 @@ def create_app(runtime: Runtime) -> FastAPI:
                                param="model", code="model_not_found")
             if runtime.draining:
                 raise ApiError(503, "the runner is shutting down")
-            parsed = parse_messages(chat.messages, takes_prompt=runtime.takes_prompt, model=runtime.model)
+            parsed = parse_messages(chat.messages, takes_prompt=runtime.takes_prompt, model=runtime.model,
+                                    max_images=runtime.limits.max_images_per_prompt)
+            count = len(parsed.image_urls)
             limit = max_new_tokens(chat, max_output_len=runtime.limits.max_output_len,
                                    default=runtime.default_max_tokens)
             stops = stop_strings(chat, limits)
             check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
                                limits.max_prompt_chars_per_token)
             try:  # off the event loop: /health and other requests go on meanwhile
-                prompt_tokens = await run_in_threadpool(runtime.engine.prompt_length, parsed.text)
+                prompt_tokens = await run_in_threadpool(runtime.engine.prompt_length, parsed.text, count)
             except ValueError as exc:
                 raise ApiError(400, f"messages: {exc}", param="messages") from None
             if runtime.takes_prompt and prompt_tokens > runtime.limits.max_input_len:
-                raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and image), over this engine's "
+                raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and {count} image"
+                                    f"{'s' if count > 1 else ''}), over this engine's "
                                     f"max_input_len of {runtime.limits.max_input_len}", param="messages",
                                code="context_length_exceeded")
-            image = await run_in_threadpool(load_image, parsed.image_url, limits, settings.image_root)
+            images = [await run_in_threadpool(load_image, url, limits, settings.image_root) for url in parsed.image_urls]
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
-            gen = GenRequest(image, parsed.text, limit, prompt_tokens,
+            gen = GenRequest(images[0] if count == 1 else images, parsed.text, limit, prompt_tokens,
                              sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
             try:
                 scheduler.submit(gen)

@@ -123,9 +123,10 @@ class TrtllmEngine:
 
     @property
     def limits(self) -> EngineLimits:
-        """The engine's own ceilings (TensorRT engines are built for them)."""
+        """The engine's own ceilings (TensorRT engines are built for them); one image per request, whatever the
+        engine was sized for: this path hands TensorRT-LLM's runner one image (several were never run here)."""
         return EngineLimits(max_batch_size=self.config.max_batch_size, max_input_len=self.config.max_input_len,
-                            max_output_len=self.config.max_output_len)
+                            max_output_len=self.config.max_output_len, max_images_per_prompt=1)
 
     @property
     def decode_path(self) -> str:
@@ -134,9 +135,11 @@ class TrtllmEngine:
     def warmup(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int) -> None:
         """Nothing to compile: a TensorRT engine was built for its shapes."""
 
-    def prompt_length(self, prompt: str | None) -> int:
+    def prompt_length(self, prompt: str | None, num_images: int = 1) -> int:
         """The user text's tokens and the image features (TensorRT-LLM adds its model's template around them and
-        enforces the engine's max_input_len itself)."""
+        enforces the engine's max_input_len itself); one image per request on this path."""
+        if num_images != 1:
+            raise ValueError(f"the TensorRT-LLM runner path serves one image per request, got {num_images}")
         text = self.family.format_prompt(prompt) or ""
         return len(self.tokenizer(text, add_special_tokens=False).input_ids) + self.config.num_visual_features
 

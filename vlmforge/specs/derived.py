@@ -1,33 +1,53 @@
 """Values derived from a spec, computed in one place, and the rules checked before any work.
 
 ``derive(spec, family)`` is the single validation pass after field validation (``vlmforge.families.resolve``
-looks the family up and calls it): it computes every derived number once (``max_multimodal_len = max_batch_size x num_visual_features``,
-``max_seq_len = max_input_len + max_output_len``, encoder input length), refuses a user value that
-contradicts its formula (naming the formula and both numbers), and applies the cross-field rules.
+looks the family up and calls it): it computes every derived number once from the spec and the family's visual
+contract (:mod:`vlmforge.specs.visual`): ``max_multimodal_len = max_batch_size x max_images_per_prompt x tokens of
+the largest image``, ``max_seq_len = max_input_len + max_output_len``, encoder input length, the visual engine's
+batch), records how each was reached (``vlmforge plan --explain``), refuses a user value that contradicts its
+formula (naming the formula and both numbers), and applies the cross-field rules.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from vlmforge.errors import SpecError
-from vlmforge.specs.schema import BuildSpec, KvCacheDtype, QuantMethod
+from vlmforge.specs.schema import BuildSpec, ImageSize, KvCacheDtype, QuantMethod
+from vlmforge.specs.visual import VisualContract
 
 DEFAULT_MAX_OUTPUT_LEN = 512
 FP8_MIN_COMPUTE_CAPABILITY = "8.9"
 
 
+class Explained(BaseModel):
+    """One derived number and how it was reached."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    value: int | str | bool | None
+    formula: str
+    """The rule with the spec's numbers in it, or where the value was taken from."""
+    note: str = ""
+    """What reads it (a trtllm-build flag, the runner) or why the rule holds."""
+
+
 class Derived(BaseModel):
-    """Numbers computed from a spec; never stored in the spec itself."""
+    """Numbers computed from a spec; never stored in the spec itself.
+
+    Fields added after the first release are left out of dumps at the value every earlier spec had, so earlier
+    plans, manifests and fingerprints read exactly as before."""
 
     model_config = ConfigDict(frozen=True)
 
     num_visual_features: int
-    """Visual tokens per image."""
+    """Visual tokens per image: the family's fixed count, or the count of the largest image (visual.max_image_size)
+    for families whose count depends on the image's size."""
     max_multimodal_len: int
-    """max_batch_size x num_visual_features: rows of the prompt-embedding table."""
+    """max_batch_size x max_images_per_prompt x num_visual_features: rows of the prompt-embedding table."""
     max_input_len: int
     max_output_len: int
     max_seq_len: int
@@ -44,6 +64,13 @@ class Derived(BaseModel):
     """Tokens generated per validation input."""
     min_compute_capability: str | None
     """Lowest GPU compute capability the engine can be built for (fp8, w4a8_awq, fp8 KV cache: 8.9)."""
+    max_images_per_prompt: int = Field(default=1, exclude_if=lambda value: value == 1)
+    """Images one prompt carries: limits.max_images_per_prompt, or 1."""
+    max_image_size: ImageSize | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The largest image the budgets were counted at (families whose tokens depend on the image's size)."""
+    explanation: tuple[Explained, ...] = Field(default=(), exclude=True)
+    """How each number was reached, in order (``vlmforge plan --explain``); never dumped or fingerprinted (the spec
+    and the numbers themselves are)."""
 
 
 class FamilyRules(Protocol):
@@ -58,7 +85,7 @@ class FamilyRules(Protocol):
     default_max_new_tokens: int
     encoder_input_formula: str
 
-    def num_visual_features(self, spec: BuildSpec) -> int: ...
+    def visual_contract(self, spec: BuildSpec) -> VisualContract: ...
 
     def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int: ...
 
@@ -68,7 +95,36 @@ class FamilyRules(Protocol):
 def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch: int = 4) -> Derived:
     """Compute derived values and check every rule; raises :class:`SpecError` naming path and fix."""
     limits = spec.limits
-    nvf = family.num_visual_features(spec)
+    explained: list[Explained] = []
+
+    def explain(name: str, value: int | str | bool | None, formula: str, note: str = "") -> None:
+        explained.append(Explained(name=name, value=value, formula=formula, note=note))
+
+    # the visual contract: tokens of the largest image, images per prompt
+    contract = family.visual_contract(spec)
+    nvf = contract.tokens_per_image
+    size = contract.max_image_size
+    if spec.visual.max_image_size is not None and not contract.size_dependent:
+        raise SpecError(
+            f"{family.name} resizes every image to its vision tower's input, so its visual tokens ({nvf}) do not "
+            f"depend on the image's size: remove visual.max_image_size",
+            path="visual.max_image_size",
+        )
+    images = limits.max_images_per_prompt or 1
+    ceiling = contract.max_images_per_prompt
+    if ceiling is not None and images > ceiling:
+        raise SpecError(
+            f"{family.name} takes at most {ceiling} image{'s' if ceiling > 1 else ''} per prompt, but "
+            f"limits.max_images_per_prompt is {images}: set it to {ceiling} or less (or remove it)",
+            path="limits.max_images_per_prompt",
+        )
+    at_size = f" at visual.max_image_size {size}" if size is not None else " (every image is resized to one size)"
+    explain("visual_placement", contract.placement.value, f"{family.name}'s visual contract",
+            f"position ids: {contract.position_id_dims} axis" + ("" if contract.position_id_dims == 1 else "es"))
+    explain("num_visual_features", nvf, contract.tokens_source + at_size, "visual tokens of the largest image")
+    explain("max_images_per_prompt", images,
+            "limits.max_images_per_prompt" if limits.max_images_per_prompt else "default",
+            f"{family.name} takes " + (f"at most {ceiling}" if ceiling is not None else "any number") + " per prompt")
 
     # max_output_len / max_seq_len
     if limits.max_output_len is not None and limits.max_seq_len is not None:
@@ -81,6 +137,7 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
                 path="limits.max_seq_len",
             )
         max_output_len = limits.max_output_len
+        output_formula = "limits.max_output_len"
     elif limits.max_seq_len is not None:
         max_output_len = limits.max_seq_len - limits.max_input_len
         if max_output_len < 1:
@@ -89,20 +146,28 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
                 "max_output_len = max_seq_len - max_input_len would be " + str(max_output_len),
                 path="limits.max_seq_len",
             )
+        output_formula = f"max_seq_len - max_input_len = {limits.max_seq_len} - {limits.max_input_len}"
     else:
         max_output_len = limits.max_output_len or DEFAULT_MAX_OUTPUT_LEN
+        output_formula = "limits.max_output_len" if limits.max_output_len else "default"
     max_seq_len = limits.max_input_len + max_output_len
 
     encoder_decoder = family.encoder_decoder
     # multimodal table
-    max_multimodal_len = limits.max_batch_size * nvf
+    max_multimodal_len = limits.max_batch_size * images * nvf
+    if images == 1:
+        mm_formula = f"max_batch_size x num_visual_features = {limits.max_batch_size} x {nvf}"
+    else:
+        mm_formula = (f"max_batch_size x max_images_per_prompt x num_visual_features = "
+                      f"{limits.max_batch_size} x {images} x {nvf}")
     if limits.max_multimodal_len is not None and limits.max_multimodal_len != max_multimodal_len:
         raise SpecError(
-            f"max_multimodal_len must equal max_batch_size x num_visual_features = {limits.max_batch_size} x {nvf} "
-            f"= {max_multimodal_len}, but the spec says {limits.max_multimodal_len}; remove it (it is derived) "
-            "or change max_batch_size",
+            f"max_multimodal_len must equal {mm_formula} = {max_multimodal_len}, but the spec says "
+            f"{limits.max_multimodal_len}; remove it (it is derived) or change max_batch_size",
             path="limits.max_multimodal_len",
         )
+    explain("max_multimodal_len", max_multimodal_len, mm_formula,
+            "trtllm-build --max_multimodal_len: rows of the prompt-embedding table")
 
     max_encoder_input_len = family.encoder_input_len(spec, nvf) if encoder_decoder else None
     if limits.max_encoder_input_len is not None:
@@ -117,12 +182,29 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
                 f"but the spec says {limits.max_encoder_input_len}; remove it (it is derived)",
                 path="limits.max_encoder_input_len",
             )
-    if not encoder_decoder and limits.max_input_len < nvf:
-        raise SpecError(
-            f"max_input_len ({limits.max_input_len}) is smaller than one image's visual features ({nvf}): "
-            f"the prompt holds the visual tokens, so raise max_input_len to at least {nvf} plus the text",
-            path="limits.max_input_len",
-        )
+    visual_tokens = images * nvf
+    if contract.placement.takes_input_positions and limits.max_input_len < visual_tokens:
+        if images == 1 and size is None and not encoder_decoder:
+            message = (f"max_input_len ({limits.max_input_len}) is smaller than one image's visual features ({nvf}): "
+                       f"the prompt holds the visual tokens, so raise max_input_len to at least {nvf} plus the text")
+        else:
+            what = (f"{images} images" if images > 1 else "one image") + (f" of {size}" if size is not None else "")
+            count = f"{images} x {nvf} = {visual_tokens}" if images > 1 else str(nvf)
+            fixes = [f"raise limits.max_input_len to at least {visual_tokens} plus the text"]
+            fixes += ["lower visual.max_image_size"] if size is not None else []
+            fixes += ["lower limits.max_images_per_prompt"] if images > 1 else []
+            message = (f"max_input_len ({limits.max_input_len}) cannot hold the visual tokens of {what} ({count} "
+                       f"tokens, {contract.tokens_source}): the {'encoder input' if encoder_decoder else 'prompt'} "
+                       "holds them; " + " or ".join(fixes))
+        raise SpecError(message, path="limits.max_input_len")
+    explain("max_input_len", limits.max_input_len, "limits.max_input_len",
+            f"prompt positions: text plus {images} x {nvf} = {visual_tokens} visual tokens"
+            if contract.placement.takes_input_positions else "text tokens (the visual states go to cross-attention)")
+    explain("max_output_len", max_output_len, output_formula)
+    explain("max_seq_len", max_seq_len, f"max_input_len + max_output_len = {limits.max_input_len} + {max_output_len}")
+    if max_encoder_input_len is not None:
+        explain("max_encoder_input_len", max_encoder_input_len, family.encoder_input_formula,
+                "trtllm-build --max_encoder_input_len of the decoder")
 
     # quantization rules
     quant = spec.quantization
@@ -146,6 +228,8 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
     )
     if use_fused_mlp and not family.supports_fused_mlp:
         raise SpecError(f"{family.name} has no gated MLP to fuse: set limits.use_fused_mlp: false", path="limits.use_fused_mlp")
+    explain("use_fused_mlp", use_fused_mlp, "limits.use_fused_mlp" if limits.use_fused_mlp is not None
+            else f"{family.name}'s default" + (", off when quantized" if family.fused_mlp_default else ""))
 
     # code source
     if family.needs_code_source and not spec.code_source:
@@ -166,17 +250,26 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             f"tp={tp} must divide the LLM's {heads} attention heads; choose one of {divisors}",
             path="parallel.tp",
         )
+    world_size = spec.parallel.tp * spec.parallel.pp
+    explain("world_size", world_size, f"tp x pp = {spec.parallel.tp} x {spec.parallel.pp}", "GPUs (MPI ranks) of the LLM")
 
-    # visual batch
+    # visual batch: every image of an LLM batch in one visual-engine call
     visual_batch = spec.visual.max_batch_size or visual_builder_default_batch
-    if visual_batch < limits.max_batch_size:
-        origin = "visual.max_batch_size" if spec.visual.max_batch_size else "the visual builder's default"
+    origin = "visual.max_batch_size" if spec.visual.max_batch_size else "the visual builder's default"
+    per_image = contract.engine_inputs_per_image
+    engine_inputs = limits.max_batch_size * images * per_image
+    if images * per_image == 1:
+        need = f"the LLM's max_batch_size ({limits.max_batch_size})"
+    else:
+        need = (f"the visual-engine inputs of one LLM batch: max_batch_size x max_images_per_prompt x inputs per "
+                f"image = {limits.max_batch_size} x {images} x {per_image} = {engine_inputs}")
+    if visual_batch < engine_inputs:
         raise SpecError(
-            f"the visual engine's batch ({visual_batch}, {origin}) is smaller than the LLM's max_batch_size "
-            f"({limits.max_batch_size}): every image of a batch must fit one visual call; set "
-            f"visual.max_batch_size: {limits.max_batch_size} or more",
+            f"the visual engine's batch ({visual_batch}, {origin}) is smaller than {need}: every image of a batch "
+            f"must fit one visual call; set visual.max_batch_size: {engine_inputs} or more",
             path="visual.max_batch_size",
         )
+    explain("visual_max_batch_size", visual_batch, origin, f"at least {need}")
     family.check_spec(spec)
 
     max_new_tokens = spec.validation.max_new_tokens or family.default_max_new_tokens
@@ -186,8 +279,13 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             "lower it or raise limits.max_output_len",
             path="validation.max_new_tokens",
         )
+    explain("max_new_tokens", max_new_tokens, "validation.max_new_tokens" if spec.validation.max_new_tokens
+            else f"{family.name}'s default", "tokens generated per validation input")
+    fp8 = quant.method in (QuantMethod.FP8, QuantMethod.W4A8_AWQ) or quant.kv_cache_dtype is KvCacheDtype.FP8
+    min_cc = FP8_MIN_COMPUTE_CAPABILITY if fp8 else None
+    explain("min_compute_capability", min_cc, "fp8 weights, activations or KV cache" if fp8 else "no fp8")
 
-    derived = Derived(
+    return Derived(
         num_visual_features=nvf,
         max_multimodal_len=max_multimodal_len,
         max_input_len=limits.max_input_len,
@@ -195,12 +293,12 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
         max_seq_len=max_seq_len,
         max_encoder_input_len=max_encoder_input_len,
         visual_max_batch_size=visual_batch,
-        world_size=spec.parallel.tp * spec.parallel.pp,
+        world_size=world_size,
         encoder_decoder=encoder_decoder,
         use_fused_mlp=use_fused_mlp,
         max_new_tokens=max_new_tokens,
-        min_compute_capability=FP8_MIN_COMPUTE_CAPABILITY
-        if quant.method in (QuantMethod.FP8, QuantMethod.W4A8_AWQ) or quant.kv_cache_dtype is KvCacheDtype.FP8
-        else None,
+        min_compute_capability=min_cc,
+        max_images_per_prompt=images,
+        max_image_size=size,
+        explanation=tuple(explained),
     )
-    return derived

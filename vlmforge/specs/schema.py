@@ -97,9 +97,28 @@ PositiveLen = Annotated[int, Field(ge=1, le=1_048_576)]
 
 
 class StrictModel(BaseModel):
-    """Base for spec sections: unknown keys are errors, values are validated on assignment."""
+    """Base for spec sections: unknown keys are errors, values are validated on assignment.
+
+    Fields added after a section's first release are left out of its dump while unset (``exclude_if``), so the
+    specs, plans, manifests and fingerprints of earlier builds read exactly as before."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+class ImageSize(StrictModel):
+    """An image's size in pixels."""
+
+    height: Annotated[int, Field(ge=1, le=16384)]
+    """Rows of pixels."""
+    width: Annotated[int, Field(ge=1, le=16384)]
+    """Columns of pixels."""
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}"
 
 
 CALIBRATION_SYNTHETIC = "synthetic"
@@ -193,13 +212,20 @@ class Limits(StrictModel):
     """Encoder-decoder families only: encoder input length; derived. Set it only to assert."""
     use_fused_mlp: bool | None = None
     """Fuse the gated MLP (trtllm-build --use_fused_mlp); default: the family's choice, never with quantization."""
+    max_images_per_prompt: Annotated[int, Field(ge=1, le=64)] | None = Field(default=None, exclude_if=_is_none)
+    """Most images one prompt carries; default: the family's (1). The prompt-embedding table, the visual engine's batch
+    and the prompt must hold max_batch_size x this x the tokens of the largest image."""
 
 
 class Visual(StrictModel):
     """The visual engine (vision encoder + projector)."""
 
     max_batch_size: Annotated[int, Field(ge=1, le=2048)] | None = None
-    """Images per visual-engine call; default: the builder script's default (4). Must be >= limits.max_batch_size."""
+    """Images per visual-engine call; default: the builder script's default (4). Must be >= limits.max_batch_size
+    x limits.max_images_per_prompt (x the engine inputs one image takes, for tiling families)."""
+    max_image_size: ImageSize | None = Field(default=None, exclude_if=_is_none)
+    """Largest image the engine is sized for, for families whose visual tokens depend on the image's size (the
+    budgets count its tokens); default: the family's. Families that resize every image to one size refuse it."""
 
 
 class Architecture(StrictModel):

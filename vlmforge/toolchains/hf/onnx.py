@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 Exporter = Literal["dynamo", "torchscript"]
 
 
+class OnnxRunError(RuntimeError):
+    """ONNX Runtime refused to run an export on an input (a shape outside its axes, a broken graph)."""
+
+
 @dataclass
 class OnnxExportInfo:
     """Where an ONNX export went, which exporter produced it, and why the ones before it failed."""
@@ -35,8 +39,14 @@ def export_onnx(
     output_name: str = "features",
     opset: int = 18,
     prefer: Sequence[Exporter] = ("dynamo", "torchscript"),
+    dynamic_spatial: bool = False,
 ) -> OnnxExportInfo:
     """Export ``module(example) -> output`` with a dynamic batch axis, trying the exporters in order.
+
+    ``dynamic_spatial`` (families whose visual contract says ``dynamic_spatial_axes``): the input's height and width
+    [B, C, H, W] and the output's token axis stay dynamic too; trace on an example whose size differs from the
+    module's native square size, or a same-size shortcut (a skipped position-embedding interpolation) is traced in.
+    Only ONNX Runtime at a second size proves the axes (the hf visual stage checks two sizes).
 
     The dynamo exporter (torch.export) comes first; the TorchScript exporter is the fallback. The
     result is checked with ``onnx.checker``. Raises RuntimeError naming every exporter's error.
@@ -53,13 +63,15 @@ def export_onnx(
             with torch.no_grad():
                 if exporter == "dynamo":
                     batch = torch.export.Dim("batch", min=1, max=64)
+                    # AUTO: torch.export finds the sizes the module takes (e.g. multiples of its patch size)
+                    spatial = {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if dynamic_spatial else {}
                     torch.onnx.export(
                         module,
                         (example,),
                         str(path),
                         input_names=[input_name],
                         output_names=[output_name],
-                        dynamic_shapes=({0: batch},),
+                        dynamic_shapes=({0: batch, **spatial},),
                         opset_version=opset,
                         dynamo=True,
                         external_data=False,
@@ -72,7 +84,8 @@ def export_onnx(
                         str(path),
                         input_names=[input_name],
                         output_names=[output_name],
-                        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                        dynamic_axes={input_name: {0: "batch", **({2: "height", 3: "width"} if dynamic_spatial else {})},
+                                      output_name: {0: "batch", **({1: "tokens"} if dynamic_spatial else {})}},
                         opset_version=min(opset, 17),
                         dynamo=False,
                     )
@@ -92,7 +105,11 @@ def run_onnx(
 
     session = ort.InferenceSession(str(path), providers=list(providers))
     name = session.get_inputs()[0].name
-    out = session.run(None, {name: pixel_values.detach().to("cpu", torch.float32).numpy()})[0]
+    try:
+        out = session.run(None, {name: pixel_values.detach().to("cpu", torch.float32).numpy()})[0]
+    except Exception as exc:  # onnxruntime's own error classes derive from Exception alone
+        raise OnnxRunError(f"ONNX Runtime cannot run {Path(path).name} on an input of shape "
+                           f"{tuple(pixel_values.shape)}: {type(exc).__name__}: {str(exc)[:300]}") from exc
     return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
@@ -171,7 +171,7 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     import torch
 
     from vlmforge.modeling.images import synthetic_images
-    from vlmforge.toolchains.hf.onnx import compare_onnx, export_onnx
+    from vlmforge.toolchains.hf.onnx import OnnxRunError, compare_onnx, export_onnx
 
     family = resolved.family
     model = _load_model(resolved, source_dir, torch.float32)
@@ -179,10 +179,22 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     module = family.visual_module(model).eval()
     images = synthetic_images(GOLDEN_IMAGE_SIZE)
     pixels = family.pixel_values(processor, images)
+    checks, example = [pixels[:1], pixels], pixels[:2]
+    dynamic = family.dynamic_spatial_axes
+    if dynamic:  # traced and checked at a second size too: ONNX Runtime must take both
+        size = family.spatial_check_size
+        if size is None:
+            raise BuildError(f"{family.name} declares dynamic_spatial_axes but no spatial_check_size to check them at")
+        other = family.pixel_values(processor, [image.resize((size.width, size.height)) for image in images])
+        checks.append(other)
+        example = other[:2]
     target = out / "vision" / "model.onnx"
     with _LOADING:  # the exporter traces through transformers' module-level registries too
-        info = export_onnx(module, target, pixels[:2])
-    errors = [compare_onnx(target, module, pixels[:1]), compare_onnx(target, module, pixels)]
+        info = export_onnx(module, target, example, dynamic_spatial=dynamic)
+    try:
+        errors = [compare_onnx(target, module, batch) for batch in checks]
+    except OnnxRunError as exc:  # e.g. an export whose spatial axes came out fixed
+        raise BuildError(f"visual engine check failed ({info.exporter} export): {exc}") from None
     worst = {key: max(err[key] for err in errors) for key in ("max_abs", "max_rel", "max_rel_to_scale")}
     if worst["max_rel_to_scale"] > family.logit_scale_tolerance:
         raise BuildError(
@@ -190,7 +202,9 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
             f"output scale (tolerance {family.logit_scale_tolerance:.0e})"
         )
     with torch.no_grad():
-        shape = list(module(pixels[:1]).shape)
+        shape: list[int | str] = list(module(pixels[:1]).shape)
+    if dynamic:
+        shape[1] = "tokens"  # as many as the image's size gives
     return VisualResult(exporter=info.exporter, precision="float32", output_shape=["batch", *shape[1:]],
                         max_abs_error=worst["max_abs"], max_rel_error=worst["max_rel"],
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
@@ -206,7 +220,8 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
     config = EngineConfig(
         name=spec.name, family=spec.family, toolchain="hf", world_size=derived.world_size, tp=spec.parallel.tp,
         pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
-        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features, processor="processor",
+        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features,
+        max_images_per_prompt=derived.max_images_per_prompt, processor="processor",
         visual=VisualEngineInfo(path="vision/model.onnx", format="onnx", precision=visual.precision,
                                 max_batch_size=derived.visual_max_batch_size, output_shape=visual.output_shape),
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
@@ -224,6 +239,8 @@ class GoldenResult(BaseModel):
     agreement: float
     max_logit_error: float
     engine_text: str
+    images: int = Field(default=1, exclude_if=lambda value: value == 1)
+    """Golden images in the request (left out at 1: one-image reports read as before)."""
 
 
 class ValidationReport(BaseModel):
@@ -255,17 +272,24 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     processor = _load_processor(resolved, source_dir)
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
-    engine.generate(synthetic_images(GOLDEN_IMAGE_SIZE)[0], text, 1)  # warm-up, not profiled
+    golden = synthetic_images(GOLDEN_IMAGE_SIZE)
+    engine.generate(golden[0], text, 1)  # warm-up, not profiled
+    inputs: list[Any] = list(golden)
+    several = min(derived.max_images_per_prompt, len(golden))
+    if several > 1:  # a spec for several images per prompt is validated on a request that carries them
+        inputs.append(golden[:several])
     results, profiles = [], []
-    for image in synthetic_images(GOLDEN_IMAGE_SIZE):
-        ref = family.reference_generate(reference, processor, image, family.format_prompt(text), steps)
+    for image in inputs:
+        count = len(image) if isinstance(image, list) else 1
+        ref = family.reference_generate(reference, processor, image, family.format_prompt(text, count), steps)
         got = engine.generate(image, text, steps)
         comparison = compare_generations(ref, got)  # type: ignore[arg-type]  # Generation has tokens and logits
-        results.append(GoldenResult(prompt=family.format_prompt(text), reference_tokens=list(ref.tokens),
+        results.append(GoldenResult(prompt=family.format_prompt(text, count), reference_tokens=list(ref.tokens),
                                     engine_tokens=got.tokens, agreement=comparison.token_agreement,
                                     max_logit_error=comparison.prefix_logit_error,
-                                    engine_text=got.text))
-        profiles.append(got)
+                                    engine_text=got.text, images=count))
+        if count == 1:  # the profile compares one-image requests across specs
+            profiles.append(got)
     agreement = statistics.fmean(r.agreement for r in results)
     error = max(r.max_logit_error for r in results)
     threshold = spec.validation

@@ -35,7 +35,8 @@ def assemble(resolved: ResolvedSpec, engine_dir: Path, hf_dir: Path, *, trtllm_v
     config = EngineConfig(
         name=spec.name, family=spec.family, toolchain="trtllm", world_size=derived.world_size, tp=spec.parallel.tp,
         pp=spec.parallel.pp, max_batch_size=spec.limits.max_batch_size, max_input_len=derived.max_input_len,
-        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features, processor="processor",
+        max_output_len=derived.max_output_len, num_visual_features=derived.num_visual_features,
+        max_images_per_prompt=derived.max_images_per_prompt, processor="processor",
         visual=VisualEngineInfo(path="vision", format="tensorrt", precision="float16",
                                 max_batch_size=derived.visual_max_batch_size,
                                 output_shape=["batch", derived.num_visual_features, "hidden"]),
