@@ -104,13 +104,8 @@ def plan_deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: s
     build = selection.build
     name = check_deployment_name(name or f"{build.model}-{port}")
     existing = read_deployment(state_dir, name)
-    replaces = None
-    if existing is not None and running(existing):
-        if not replace:
-            raise DeployError(f"deployment {name} is running ({existing.ref} at {existing.endpoint}); stop it with "
-                              f"`vlmforge undeploy {name}` or deploy with --replace")
-        replaces = existing
-    else:
+    replaces = replaced_deployment(existing, name, replace=replace)
+    if replaces is None:
         if existing is not None and existing.kind is LauncherKind.PROCESS and pid_alive(existing.pid):
             log.warning("the recorded runner of %s is gone; pid %d now belongs to another process, which is left "
                         "alone", name, existing.pid)
@@ -180,6 +175,16 @@ def serve_args(*, decode: str = "auto", compile_mode: str = "max-autotune-no-cud
 
 
 # --- deployments on this machine ---------------------------------------------------------------------
+
+
+def replaced_deployment(existing: Deployment | None, name: str, *, replace: bool) -> Deployment | None:
+    """The running deployment of this name that a new one replaces (None if none runs); refused without --replace."""
+    if existing is None or not running(existing):
+        return None
+    if not replace:
+        raise DeployError(f"deployment {name} is running ({existing.ref} at {existing.endpoint}); stop it with "
+                          f"`vlmforge undeploy {name}` or deploy with --replace")
+    return existing
 
 
 def running(deployment: Deployment) -> bool:

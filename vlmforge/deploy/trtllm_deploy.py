@@ -24,7 +24,7 @@ from vlmforge.deploy.launchers.base import port_in_use
 from vlmforge.deploy.launchers.trtllm import TrtllmServeLauncher, TrtllmServeRunner, container_spec
 from vlmforge.deploy.machine import BuildInfo
 from vlmforge.deploy.records import Deployment, check_deployment_name, default_state_dir
-from vlmforge.deploy.service import read_deployment, running, stop_deployment
+from vlmforge.deploy.service import read_deployment, replaced_deployment, running, stop_deployment
 from vlmforge.deploy.sources import BuildSource, default_cache_dir, is_exact
 from vlmforge.deploy.trtllm_serve import (
     HF_DIR,
@@ -129,14 +129,8 @@ def plan_trtllm_serve(ref: str, source: BuildSource, *, tp: int | None = None, h
                                        max_seq_len=max_seq_len, kv_cache_fraction=kv_cache_fraction)
     name = check_deployment_name(name or f"{build.model}-{port}")
     state_dir = state_dir or default_state_dir()
-    existing = read_deployment(state_dir, name)
-    replaces = None
-    if existing is not None and running(existing):
-        if not replace:
-            raise DeployError(f"deployment {name} is running ({existing.ref} at {existing.endpoint}); stop it with "
-                              f"`vlmforge undeploy {name}` or deploy with --replace")
-        replaces = existing
-    elif check_port and port_in_use(host, port):
+    replaces = replaced_deployment(read_deployment(state_dir, name), name, replace=replace)
+    if replaces is None and check_port and port_in_use(host, port):
         raise DeployError(f"port {port} on {host} is in use: pass another --port")
     return TrtllmPlan(ref=ref, build=build, selection=reason, name=name, host=host, port=port, limits=limits,
                       image=image or default_image(), log_level=log_level, replaces=replaces)
