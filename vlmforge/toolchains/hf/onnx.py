@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vlmforge.modeling.devices import model_device
+from vlmforge.toolchains.hf.export_gate import EXPORT_GATE
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def export_onnx(
     errors: dict[str, str] = {}
     for exporter in prefer:
         try:
-            with torch.no_grad():
+            with EXPORT_GATE.exclusive(), torch.no_grad():  # no other torch work while torch.export traces
                 if exporter == "dynamo":
                     batch = torch.export.Dim("batch", min=1, max=64)
                     # AUTO: torch.export finds the sizes the module takes (e.g. multiples of its patch size)

@@ -27,6 +27,7 @@ from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavail
 from vlmforge.families import ResolvedSpec
 from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
 from vlmforge.sources.base import link_or_copy
+from vlmforge.toolchains.hf.export_gate import EXPORT_GATE, beside_exports
 from vlmforge.toolchains.quantize.hf import QuantizeResult
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def default_device() -> str:
 _LOADING = threading.Lock()
 """transformers' from_pretrained is not thread-safe (its lazy imports and its meta-device init patch module
 globals: two concurrent loads leave parameters on the meta device), and the flow runs the visual stage
-beside convert: loads and the ONNX export (which traces through the same globals) take turns."""
+beside convert: loads and the ONNX export (which traces through the same globals) take turns. Lock order:
+:data:`EXPORT_GATE` first, then this lock."""
 
 
 def _load_model(resolved: ResolvedSpec, model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
@@ -92,6 +94,7 @@ class ConvertResult(BaseModel):
     bytes: int
 
 
+@beside_exports
 def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str = "cpu") -> ConvertResult:
     """Load with transformers, check the architecture facts, cast to the spec's dtype, save safetensors + processor."""
     from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
@@ -121,6 +124,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
                          num_attention_heads=facts.num_attention_heads, bytes=safetensors_size(target))
 
 
+@beside_exports
 def quantize(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path, *, device: str = "cpu") -> QuantizeResult:
     """The LLM quantized as the hf runner serves it (:mod:`vlmforge.toolchains.quantize.hf`)."""
     from vlmforge.toolchains.quantize.hf import quantize_for_hf
@@ -134,6 +138,7 @@ class LlmResult(BaseModel):
     bytes: int
 
 
+@beside_exports
 def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized: tuple[Path, QuantizeResult] | None, out: Path, *,
               device: str = "cpu") -> LlmResult:
     """The LLM engine: the standalone language model (or the quantize stage's form of it) plus the processor."""
@@ -189,7 +194,8 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
         checks.append(other)
         example = other[:2]
     target = out / "vision" / "model.onnx"
-    with _LOADING:  # the exporter traces through transformers' module-level registries too
+    # the export holds the process's torch work off (export_gate) and traces through transformers' registries too
+    with EXPORT_GATE.exclusive(), _LOADING:
         info = export_onnx(module, target, example, dynamic_spatial=dynamic)
     try:
         errors = [compare_onnx(target, module, batch) for batch in checks]
@@ -258,6 +264,7 @@ class ValidationReport(BaseModel):
     inputs: list[GoldenResult]
 
 
+@beside_exports
 def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, device: str | None = None) -> ValidationReport:
     """Run the engine through the deployment runner on the golden inputs against the float32 reference."""
     import torch
