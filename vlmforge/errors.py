@@ -34,6 +34,10 @@ class SourceError(VlmforgeError):
     """A model source cannot be resolved, downloaded or verified."""
 
 
+class SourceMoved(SourceError):
+    """The source no longer holds the revision the build resolved (it moved on between resolve and fetch)."""
+
+
 class BuildError(VlmforgeError):
     """A build stage failed (the message names the stage and the cause)."""
 

@@ -93,3 +93,41 @@ def test_a_stage_clears_dead_builds_partials_but_not_a_live_ones(tmp_path: Path)
     finally:
         other.kill()
         other.wait()
+
+
+
+def test_a_source_that_moves_between_resolve_and_fetch_is_not_cached_under_the_old_revision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fetch stage is keyed by the resolved revision: the bytes stored under that key must be that revision's.
+    Before the fix the download took what the directory held at fetch time, and a later build of the old revision
+    reused the new bytes as if they were it."""
+    from tests.helpers.checkpoints import directory_checkpoint, tiny_llava_spec
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.sources import open_source
+    from vlmforge.sources.base import FetchedSource
+    from vlmforge.sources.local import LocalSource
+
+    src = directory_checkpoint(tmp_path / "src", "v1")
+    real_resolve = LocalSource.resolve_revision
+    moves = ["v2"]
+
+    def resolve_then_move(self: LocalSource) -> str:
+        revision = real_resolve(self)
+        if moves:  # another writer replaces the checkpoint right after the build resolved it
+            directory_checkpoint(src, moves.pop())
+        return revision
+
+    events: list[str] = []
+    pipeline = HfPipeline(tiny_llava_spec("moving", f"file://{src}"), Workdir(tmp_path / "work"), device="cpu",
+                          on_event=events.append)
+    monkeypatch.setattr(LocalSource, "resolve_revision", resolve_then_move)
+    outcome = pipeline.fetch()
+    monkeypatch.undo()
+    fetched = FetchedSource.model_validate(outcome.result)
+    assert (outcome.path / "model" / "weights.bin").read_text() == "v2"
+    assert fetched.revision == open_source(f"file://{src}").resolve_revision()
+    assert outcome.path.name == Path(pipeline.workdir.stage_path("moving", "fetch",
+                                                                  pipeline.fingerprints.fetch(fetched.revision))).name
+    assert any("moved on since its revision was resolved" in event for event in events)
+    stored = [p for p in outcome.path.parent.iterdir() if not p.name.startswith(".")]
+    assert stored == [outcome.path]  # nothing kept under the first (v1) revision's key

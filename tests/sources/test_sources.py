@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmforge.errors import SourceError
+from vlmforge.errors import SourceError, SourceMoved
 from vlmforge.sources import open_source
 from vlmforge.sources.base import CHECKSUM_FILE
 
@@ -176,3 +176,124 @@ def test_hash_tree_in_parallel_matches_one_file_at_a_time(tmp_path: Path) -> Non
     assert [e.path for e in entries] == sorted(e.path for e in entries) and len(entries) == 20
     assert all(e.sha256 == sha256_file(tmp_path / e.path) and e.size == (tmp_path / e.path).stat().st_size
                for e in entries)
+
+
+# --- a fetch is pinned to the revision the build resolved (its stage key) -------------------------------------------
+
+
+def test_a_local_fetch_of_a_revision_the_directory_no_longer_holds_is_refused(tmp_path: Path) -> None:
+    src = fake_checkpoint(tmp_path / "ckpt")
+    source = open_source(f"file://{src}")
+    resolved = source.resolve_revision()
+    fake_checkpoint(src, b"\x01" * 64)  # moved on after it was resolved
+    with pytest.raises(SourceMoved, match="moved on since its revision was resolved"):
+        open_source(f"file://{src}").fetch(tmp_path / "dest", revision=resolved)
+    current = open_source(f"file://{src}").resolve_revision()
+    assert open_source(f"file://{src}").fetch(tmp_path / "dest2", revision=current).revision == current
+
+
+def test_an_offline_hf_fetch_of_another_commit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    fake_checkpoint(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    importlib.reload(constants)
+    try:
+        with pytest.raises(SourceMoved):
+            open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision="f" * 40)
+        assert open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision=commit).revision == commit
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)
+
+
+@pytest.fixture
+def s3_checkpoint(aws_env: str, tmp_path: Path) -> str:
+    import uuid
+
+    import boto3
+
+    from tests.helpers.checkpoints import upload
+
+    bucket = f"src-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    upload(fake_checkpoint(tmp_path / "ckpt"), bucket, "model")
+    return f"s3://{bucket}/model"
+
+
+def test_an_s3_fetch_of_a_listing_that_changed_since_it_was_resolved_is_refused(s3_checkpoint: str,
+                                                                                 tmp_path: Path) -> None:
+    from tests.helpers.checkpoints import upload
+
+    resolved = open_source(s3_checkpoint).resolve_revision()
+    bucket = s3_checkpoint.removeprefix("s3://").split("/")[0]
+    upload(fake_checkpoint(tmp_path / "v2", b"\x02" * 64), bucket, "model")
+    with pytest.raises(SourceMoved):
+        open_source(s3_checkpoint).fetch(tmp_path / "dest", revision=resolved)
+
+
+def test_an_s3_object_replaced_during_the_download_is_caught(s3_checkpoint: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same size, so the size check passes: only the listing after the download shows it."""
+    import boto3
+
+    from vlmforge.sources import s3 as s3_source
+
+    bucket = s3_checkpoint.removeprefix("s3://").split("/")[0]
+    resolved = open_source(s3_checkpoint).resolve_revision()
+    real_client = s3_source.s3_client
+
+    def client_that_races():  # noqa: ANN202 - a real client; another writer replaces an object mid-download
+        client = real_client()
+        download = client.download_file
+
+        def racing_download(bucket_name: str, key: str, filename: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            download(bucket_name, key, filename, *args, **kwargs)
+            if key.endswith("config.json"):
+                body = json.dumps({"model_type": "llavA"}).encode()  # same length, other bytes
+                boto3.client("s3").put_object(Bucket=bucket, Key="model/config.json", Body=body)
+
+        client.download_file = racing_download
+        return client
+
+    monkeypatch.setattr(s3_source, "s3_client", client_that_races)
+    with pytest.raises(SourceMoved):
+        open_source(s3_checkpoint).fetch(tmp_path / "dest", revision=resolved)
+
+
+def test_an_s3_fetch_reads_each_byte_once_and_still_checks_the_etag(s3_checkpoint: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmforge.sources import s3 as s3_source
+    from vlmforge.sources.base import DigestCache
+
+    digests = DigestCache()
+    fetched = open_source(s3_checkpoint, digests=digests).fetch(tmp_path / "dest")
+    total = sum(entry.size for entry in fetched.files)
+    assert digests.hashed_bytes == total and digests.reused_bytes == total  # the MD5 read gave the sha256 too
+
+    real_client = s3_source.s3_client
+
+    def client_that_corrupts():  # noqa: ANN202 - a real client; the bytes on disk go bad after the transfer
+        client = real_client()
+        download = client.download_file
+
+        def corrupting_download(bucket_name: str, key: str, filename: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            download(bucket_name, key, filename, *args, **kwargs)
+            if key.endswith("model.safetensors"):
+                data = bytearray(Path(filename).read_bytes())
+                data[-1] ^= 0xFF
+                Path(filename).write_bytes(bytes(data))
+
+        client.download_file = corrupting_download
+        return client
+
+    monkeypatch.setattr(s3_source, "s3_client", client_that_corrupts)
+    with pytest.raises(SourceError, match="does not match ETag"):
+        open_source(s3_checkpoint).fetch(tmp_path / "dest2")

@@ -25,7 +25,7 @@ from vlmforge.build.fingerprint import fingerprint as fingerprint_of
 from vlmforge.build.revisions import RevisionMemo
 from vlmforge.build.weights import PartDigest, visual_inputs_digest
 from vlmforge.build.workdir import StageOutcome, Workdir
-from vlmforge.errors import SourceError
+from vlmforge.errors import SourceError, SourceMoved
 from vlmforge.families import ResolvedSpec, resolve
 from vlmforge.sources import FetchedSource, open_source, verify_tree
 from vlmforge.specs.schema import BuildSpec
@@ -158,12 +158,22 @@ class HfPipeline:
 
     # --- stages -----------------------------------------------------------------------------
 
-    def fetch(self) -> StageOutcome:
-        """Resolve the source's exact revision and download it (verified); reused while the revision holds."""
+    def fetch(self, *, attempts: int = 3) -> StageOutcome:
+        """Resolve the source's exact revision and download it (verified); reused while the revision holds.
+
+        The download is pinned to the resolved revision (it is the stage's key); a source that moves on in between
+        is resolved again, up to ``attempts`` times."""
         source = open_source(self.spec.source, digests=self.workdir.digests)  # one read of each byte: resolve,
         revision = source.resolve_revision()                                   # fetch and the stage record share it
         RevisionMemo(self.workdir.root).remember(source, revision)
-        outcome = self._run("fetch", self.fingerprints.fetch(revision), lambda out: source.fetch(out / "model"))
+        try:
+            outcome = self._run("fetch", self.fingerprints.fetch(revision),
+                                lambda out: source.fetch(out / "model", revision=revision))
+        except SourceMoved as exc:
+            if attempts <= 1:
+                raise
+            self.on_event(f"fetch: {exc}")
+            return self.fetch(attempts=attempts - 1)
         fetched = FetchedSource.model_validate(outcome.result)
         if outcome.skipped:
             try:

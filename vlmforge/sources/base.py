@@ -11,11 +11,12 @@ import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from vlmforge.artifacts.manifest import FileEntry
-from vlmforge.errors import SourceError
+from vlmforge.errors import SourceError, SourceMoved
 from vlmforge.specs.schema import SourceURI
 
 CHUNK = 8 * 1024 * 1024
@@ -36,8 +37,9 @@ def sha256_file(path: Path) -> str:
     return _sha256_and_size(path)[0]
 
 
-def _sha256_and_size(path: Path) -> tuple[str, int]:
-    """sha256 hex of a file and the bytes read (one pass; hashlib releases the GIL, so threads hash in parallel)."""
+def _sha256_and_size(path: Path, also: Any = None) -> tuple[str, int]:
+    """sha256 hex of a file and the bytes read (one pass; hashlib releases the GIL, so threads hash in parallel).
+    ``also``: another hashlib object fed the same bytes (an S3 download's MD5 check shares the read)."""
     digest = hashlib.sha256()
     size = 0
     buf = bytearray(CHUNK)
@@ -45,6 +47,8 @@ def _sha256_and_size(path: Path) -> tuple[str, int]:
     with path.open("rb", buffering=0) as handle:
         while n := handle.readinto(buf):
             digest.update(view[:n])
+            if also is not None:
+                also.update(view[:n])
             size += n
     return digest.hexdigest(), size
 
@@ -64,16 +68,20 @@ class DigestCache:
         self.hashed_bytes = 0
         self.reused_bytes = 0
 
-    def sha256(self, path: Path) -> tuple[str, int]:
-        """(sha256 hex, size) of ``path``, read only if this cache has not seen the file as it is now."""
+    def sha256(self, path: Path, *, also: Any = None) -> tuple[str, int]:
+        """(sha256 hex, size) of ``path``, read only if this cache has not seen the file as it is now. ``also``:
+        another hashlib object to feed the file's bytes; it is fed whether or not the sha256 was known."""
         before = path.stat()
         key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
         with self._lock:
             known = self._known.get(key)
             if known is not None:
                 self.reused_bytes += before.st_size
-                return known, before.st_size
-        digest, size = _sha256_and_size(path)
+        if known is not None:
+            if also is not None:
+                _sha256_and_size(path, also)
+            return known, before.st_size
+        digest, size = _sha256_and_size(path, also)
         after = path.stat()
         with self._lock:
             self.hashed_bytes += size
@@ -190,8 +198,17 @@ class Source(ABC):
         return None
 
     @abstractmethod
-    def fetch(self, dest: Path) -> FetchedSource:
-        """Download into ``dest`` (an empty directory), verify, and describe what was fetched."""
+    def fetch(self, dest: Path, revision: str | None = None) -> FetchedSource:
+        """Download into ``dest`` (an empty directory), verify, and describe what was fetched.
+
+        ``revision``: the one :meth:`resolve_revision` gave. The fetch gets exactly it (hf: that commit) or raises
+        :class:`SourceMoved` when the source no longer holds it: a build keys its download by the resolved revision,
+        and another revision's bytes stored under that key would be reused as if they were it."""
+
+    def _check_pinned(self, revision: str | None, found: str) -> None:
+        if revision is not None and found != revision:
+            raise SourceMoved(f"{self.uri} moved on since its revision was resolved ({revision} -> {found}): "
+                              "resolve it again")
 
     def _finish(self, dest: Path, revision: str) -> FetchedSource:
         entries = hash_tree(dest, digests=self.digests)

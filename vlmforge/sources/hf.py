@@ -23,14 +23,15 @@ class HfSource(Source):
     def _offline(self) -> bool:
         return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
-    def _info(self):  # noqa: ANN202
+    def _info(self, revision: str | None = None):  # noqa: ANN202
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+        wanted = revision or self.requested
         try:
-            return HfApi().model_info(self.repo, revision=self.requested, files_metadata=True)
+            return HfApi().model_info(self.repo, revision=wanted, files_metadata=True)
         except RevisionNotFoundError:
-            raise SourceError(f"unknown revision {self.requested!r} of {self.repo}") from None
+            raise SourceError(f"unknown revision {wanted!r} of {self.repo}") from None
         except RepositoryNotFoundError:
             raise SourceError(f"unknown repository {self.repo} (or it is private: set HF_TOKEN)") from None
         except Exception as exc:  # the hub unreachable or failing (its HTTP client's errors vary by release):
@@ -54,16 +55,18 @@ class HfSource(Source):
             return self._cached_snapshot().name
         return self._info().sha
 
-    def fetch(self, dest: Path) -> FetchedSource:
+    def fetch(self, dest: Path, revision: str | None = None) -> FetchedSource:
+        """``revision``: a commit sha is fetched as it is, even after the branch moved on."""
         import shutil
 
         from huggingface_hub import snapshot_download
 
         if self._offline():
             snapshot = self._cached_snapshot()
+            self._check_pinned(revision, snapshot.name)
             shutil.copytree(snapshot, dest, dirs_exist_ok=True, symlinks=False)
             return self._finish(dest, snapshot.name)
-        info = self._info()
+        info = self._info(revision)
         snapshot_download(self.repo, revision=info.sha, local_dir=dest)
         for sibling in info.siblings or []:
             path = dest / sibling.rfilename

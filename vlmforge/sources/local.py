@@ -24,9 +24,10 @@ class LocalSource(Source):
         self._check()
         return "sha256:" + tree_digest(hash_tree(self.root, digests=self.digests))
 
-    def fetch(self, dest: Path) -> FetchedSource:
+    def fetch(self, dest: Path, revision: str | None = None) -> FetchedSource:
         self._check()
         before = hash_tree(self.root, digests=self.digests)  # read once: resolve_revision's hashes, if it ran
+        self._check_pinned(revision, "sha256:" + tree_digest(before))
         # Hard links where the work dir shares the source's file system (a 14 GB checkpoint costs no space, and its
         # digests carry over: the same inodes); copies are read again. The fetched tree is verified against the
         # source's hashes either way, and again on reuse.

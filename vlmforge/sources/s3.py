@@ -49,11 +49,12 @@ class S3Source(Source):
     def resolve_revision(self) -> str:
         return self._revision(self._objects(s3_client()))
 
-    def fetch(self, dest: Path) -> FetchedSource:
+    def fetch(self, dest: Path, revision: str | None = None) -> FetchedSource:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = s3_client()
         objects = self._objects(client)
+        self._check_pinned(revision, self._revision(objects))
         for obj in objects:
             rel = obj["Key"][len(self.prefix):]
             if rel.startswith("/") or ".." in PurePosixPath(rel).parts:
@@ -68,8 +69,12 @@ class S3Source(Source):
             if size != obj["Size"]:
                 raise SourceError(f"corrupt download {rel}: {size} bytes, the bucket lists {obj['Size']}")
             etag = obj["ETag"].strip('"')
-            if "-" not in etag:  # single-part uploads: the ETag is the MD5 of the content
-                md5 = hashlib.md5(target.read_bytes(), usedforsecurity=False).hexdigest()
-                if md5 != etag:
-                    raise SourceError(f"corrupt download {rel}: MD5 {md5} does not match ETag {etag}")
+            if "-" not in etag:  # single-part uploads: the ETag is the MD5 of the content; the one read of the
+                md5 = hashlib.md5(usedforsecurity=False)  # file also gives _finish its sha256 (the build's digests)
+                self.digests.sha256(target, also=md5)
+                if md5.hexdigest() != etag:
+                    raise SourceError(f"corrupt download {rel}: MD5 {md5.hexdigest()} does not match ETag {etag}")
+        # a multipart object overwritten with one of the same size during the download passes the size check and
+        # has no MD5 ETag: the listing after the download must still be the one downloaded
+        self._check_pinned(self._revision(objects), self._revision(self._objects(client)))
         return self._finish(dest, self._revision(objects))

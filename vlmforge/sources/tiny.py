@@ -39,7 +39,9 @@ class TinySource(Source):
             self.family().make_tiny_source(self.wanted, Path(tmp))
             return "tiny-sha256:" + tree_digest(hash_tree(Path(tmp), digests=self.digests))
 
-    def fetch(self, dest: Path) -> FetchedSource:
+    def fetch(self, dest: Path, revision: str | None = None) -> FetchedSource:
         dest.mkdir(parents=True, exist_ok=True)
         self.family().make_tiny_source(self.wanted, dest)
-        return self._finish(dest, "tiny-sha256:" + tree_digest(hash_tree(dest)))
+        fetched = self._finish(dest, "tiny-sha256:" + tree_digest(hash_tree(dest)))
+        self._check_pinned(revision, fetched.revision)  # other code or libraries since it was resolved
+        return fetched
