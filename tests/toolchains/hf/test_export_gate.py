@@ -32,7 +32,10 @@ class SlowVisual(torch.nn.Module):
 
 
 @beside_exports
-def _watch_for_exports(stop: threading.Event, seen: list[bool], seconds: float = 30.0) -> None:
+def _watch_for_exports(stop: threading.Event, seen: list[bool], seconds: float = 30.0,
+                       inside: threading.Event | None = None) -> None:
+    if inside is not None:
+        inside.set()
     end = time.monotonic() + seconds
     while time.monotonic() < end and not stop.is_set():
         seen.append(torch.compiler.is_exporting())
@@ -46,10 +49,10 @@ def _export(tmp_path: Path, tracing: threading.Event) -> None:
 def test_stage_work_started_first_holds_the_export_off(tmp_path: Path) -> None:
     _export(tmp_path / "warm", threading.Event())  # the exporter's first imports take seconds
     seen: list[bool] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_for_exports, args=(stop, seen))
+    stop, inside = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=_watch_for_exports, args=(stop, seen), kwargs={"inside": inside})
     watcher.start()
-    time.sleep(0.1)
+    assert inside.wait(10)
     tracing = threading.Event()
     exporter = threading.Thread(target=_export, args=(tmp_path, tracing))
     exporter.start()
@@ -124,7 +127,10 @@ def test_readers_share_and_a_waiting_writer_goes_first() -> None:
 
     w = threading.Thread(target=writer)
     w.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not gate._writers_waiting and time.monotonic() < deadline:  # the writer waits for the readers
+        time.sleep(0.005)
+    assert gate._writers_waiting == 1
 
     def late_reader() -> None:
         with gate.shared():
