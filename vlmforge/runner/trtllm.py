@@ -5,9 +5,10 @@ Runs only inside NVIDIA's TensorRT-LLM container with a GPU; elsewhere construct
 
 Sampling: the multimodal runner calls its LLM runner with ``top_k``, ``top_p``, ``temperature`` and
 ``repetition_penalty`` from run.py's arguments (greedy: ``top_k=1``); :class:`StreamingModel` replaces them per
-request and adds ``random_seed``, ``presence_penalty``, ``frequency_penalty`` and ``min_length``, which
-``ModelRunnerCpp.generate`` hands to ``SamplingConfig.update`` (:func:`trtllm_sampling`). TensorRT-LLM's own decoder
-applies them (its penalties count the prompt's tokens too). Refused with a 400: ``logprobs`` (the runner returns no
+request and adds ``random_seed``, ``presence_penalty``, ``frequency_penalty`` and ``min_tokens``: keyword arguments
+``ModelRunnerCpp.generate`` turns into the executor's ``SamplingConfig`` (it keeps only the names it lists and drops
+the rest silently: tests/contract records the list). TensorRT-LLM's own decoder applies them (its penalties count the
+prompt's tokens too). Refused with a 400: ``logprobs`` (the runner returns no
 logits here), ``ignore_eos``, and any sampling for encoder-decoder LLMs (that path does not go through the proxy).
 A greedy request passes nothing: exactly run.py's greedy decode.
 """
@@ -95,8 +96,9 @@ class StreamingModel:
 
 
 def trtllm_sampling(params: SamplingParams | None) -> dict[str, Any]:
-    """The LLM runner's keyword arguments for ``params`` (all of them ``SamplingConfig`` fields); nothing for a plain
-    greedy request. TensorRT-LLM reads ``top_k=0`` as "no top-k" and ``top_p=0`` with ``top_k=0`` as greedy."""
+    """The LLM runner's keyword arguments for ``params`` (names ``ModelRunnerCpp.generate`` accepts); nothing for a
+    plain greedy request. ``top_k=0`` is "no top-k"; ``top_p`` is always sent for a sampled request (1.0: all tokens),
+    since TensorRT-LLM reads ``top_k=0`` without a ``top_p`` as greedy."""
     if params is None:
         return {}
     out: dict[str, Any] = {}
@@ -110,7 +112,7 @@ def trtllm_sampling(params: SamplingParams | None) -> dict[str, Any]:
     if params.frequency_penalty:
         out["frequency_penalty"] = params.frequency_penalty
     if params.min_tokens:
-        out["min_length"] = params.min_tokens
+        out["min_tokens"] = params.min_tokens
     return out
 
 
