@@ -39,8 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError
-from vlmforge.runner import CompileMode, DecodeMode
-from vlmforge.runner import choices as answers
+from vlmforge.runner import CompileMode, DecodeMode, answers
 from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
 from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.openai_api import (
