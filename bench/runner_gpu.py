@@ -239,9 +239,10 @@ class TorchVisionEngine:
         prefix = self.bench.family.llm_prefix(self.bench.llm, self.bench.processor, features, prompt)
         return dataclasses.replace(prefix, eos=frozenset())
 
-    def new_batch(self, prefixes: Any, max_new_tokens: Any, *, sync: Any = None, keep_logits: bool = False) -> Any:
+    def new_batch(self, prefixes: Any, max_new_tokens: Any, *, sync: Any = None, keep_logits: bool = False,
+                  sampling: Any = None) -> Any:
         return GreedyBatch(self.bench.llm, prefixes, max_new_tokens, sync=sync, keep_logits=keep_logits, pad_token_id=1,
-                           factory=self.factory)
+                           factory=self.factory, sampling=sampling)
 
 
 def measure_scheduler(bench: Bench, requests: int, new_tokens: int, factory: Any) -> dict[str, Any]:

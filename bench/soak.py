@@ -122,7 +122,7 @@ def cases(model: str, max_input_len: int, limits: Limits, api_key: str | None) -
         "unknown model": (chat("gpt-4o", "hi", images[0]), 404),
         "two turns": ({"model": model, "messages": [{"role": "system", "content": "x"},
                                                     *chat(model, "hi", images[0])["messages"]]}, 400),
-        "sampling": (chat(model, "hi", images[0], temperature=0.7), 400),
+        "temperature over 2": (chat(model, "hi", images[0], temperature=2.5), 400),
         "http image URL": (chat(model, "hi", "http://169.254.169.254/latest/meta-data"), 400),
         "file URL": (chat(model, "hi", "file:///etc/passwd"), 400),
         "no image": ({"model": model, "messages": [{"role": "user", "content": "hi"}]}, 400),

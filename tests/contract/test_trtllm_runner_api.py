@@ -98,3 +98,55 @@ def test_a_stream_that_yields_nothing_is_an_error() -> None:
     proxy = StreamingModel(CppRunner([[]]), lambda row, token: None)
     with pytest.raises(RuntimeError, match="streamed nothing"):
         proxy.generate([torch.tensor([1], dtype=torch.int32)])
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+def recorded_generate_kwargs() -> dict[str, Any]:
+    """The keyword arguments the multimodal runner passes its LLM runner, from the recorded 1.2 call line."""
+    import ast
+
+    line = API["MultimodalModelRunner.generate calls its LLM runner (decoder-only LLMs), 1.2"][0]
+    call = ast.parse(line.split("=", 1)[1].strip()).body[0].value  # type: ignore[attr-defined]
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def test_sampling_reaches_the_llm_runner_under_names_it_accepts() -> None:
+    from vlmforge.runner.sampling import SamplingParams
+    from vlmforge.runner.trtllm import trtllm_sampling
+
+    accepted = set(API["ModelRunnerCpp.generate sampling keyword arguments, 1.2"]["accepted_parameters"])
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=11, presence_penalty=0.5,
+                            frequency_penalty=0.25, repetition_penalty=1.1, min_tokens=3)
+    sent = trtllm_sampling(params)
+    assert set(sent) <= accepted, set(sent) - accepted  # anything else would be dropped silently
+    assert sent == {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "random_seed": 11, "presence_penalty": 0.5,
+                    "frequency_penalty": 0.25, "repetition_penalty": 1.1, "min_tokens": 3}
+    recorded = recorded_generate_kwargs()
+    assert {"top_k", "top_p", "temperature", "repetition_penalty"} <= set(recorded), "what the proxy replaces"
+    cpp = CppRunner([[[11], [12]]])
+    proxy = StreamingModel(cpp, None, sent)
+    proxy.generate([torch.tensor([5, 6], dtype=torch.int32)], **recorded)
+    call = cpp.calls[0]
+    assert all(call[name] == value for name, value in sent.items())
+    assert call["max_new_tokens"] == recorded["max_new_tokens"] and call["end_id"] == recorded["end_id"]
+    assert proxy.tokens == {0: [11, 12]}, "without on_token the tokens are collected"
+    unlimited = trtllm_sampling(SamplingParams(temperature=1.0, seed=1))
+    assert unlimited["top_k"] == 0 and unlimited["top_p"] == 1.0, "no top-k, all tokens (top_p 0 would be greedy)"
+
+
+def test_greedy_requests_pass_nothing_and_what_cannot_be_honoured_is_refused() -> None:
+    from vlmforge.runner.sampling import SamplingParams, UnsupportedSampling
+    from vlmforge.runner.trtllm import check_trtllm_sampling, trtllm_sampling
+
+    assert trtllm_sampling(None) == {} and trtllm_sampling(SamplingParams()) == {}
+    assert trtllm_sampling(SamplingParams(top_p=0.5, top_k=3)) == {}, "greedy ignores top-k/top-p, as run.py's"
+    check_trtllm_sampling(SamplingParams(temperature=1.0, seed=1), encoder_decoder=False)
+    for params, encoder_decoder, param in [(SamplingParams(logprobs=2), False, "logprobs"),
+                                           (SamplingParams(ignore_eos=True), False, "ignore_eos"),
+                                           (SamplingParams(temperature=0.5, seed=1), True, "temperature"),
+                                           (SamplingParams(min_tokens=2), True, "min_tokens")]:
+        with pytest.raises(UnsupportedSampling) as caught:
+            check_trtllm_sampling(params, encoder_decoder=encoder_decoder)
+        assert caught.value.param == param and str(caught.value).startswith(f"{param}: ")

@@ -44,8 +44,6 @@ def test_a_request_parses_to_one_text_and_one_image() -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [
-    (chat_body("hi", "u", n=2), 400, "one choice"),
-    (chat_body("hi", "u", top_p=0.5), 400, "greedily"),
     (chat_body("hi", "u", max_tokens=0), 400, "at least 1"),
     (chat_body("hi", "u", max_completion_tokens=33), 400, "max_output_len of 32"),
     (chat_body("hi", "u", stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
@@ -218,3 +216,59 @@ def test_a_403_does_not_say_where_a_symlink_points(tmp_path: Path) -> None:
     with pytest.raises(ApiError) as caught:
         load_image((root / "gone.png").as_uri(), Limits(), root)
     assert "private-area-7f3a" not in caught.value.message
+
+
+# --- sampling parameters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+    ({"temperature": -0.1}, "temperature", "greater than or equal to 0"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
+    ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+    ({"n": 9}, "n", "limit of 8 choices"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+    ({"min_tokens": 17}, "min_tokens", "token limit of 16"),
+    ({"seed": 2 ** 64}, "seed", "less than or equal to"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
+    ({"logit_bias": {"50": 10}}, "logit_bias", "not supported"),
+])
+def test_each_sampling_refusal_names_its_parameter(fields: dict, param: str, words: str) -> None:
+    from vlmforge.runner.openai_api import choices, sampling_params
+
+    with pytest.raises(ApiError) as caught:
+        request = parse_request(chat_body("hi", "u", max_tokens=16, **fields))
+        choices(request, Limits())
+        sampling_params(request, max_new_tokens(request, max_output_len=32, default=16))
+    assert caught.value.status == 400 and caught.value.param == param
+    assert param in caught.value.message and words in caught.value.message, caught.value.message
+
+
+def test_sampling_fields_become_the_requests_parameters() -> None:
+    from vlmforge.runner.openai_api import choices, sampling_params
+    from vlmforge.runner.sampling import SamplingParams
+
+    greedy = parse_request(chat_body("hi", "u"))
+    assert sampling_params(greedy, 16) == SamplingParams() and SamplingParams().plain_greedy
+    assert choices(greedy, Limits()) == 1
+    assert sampling_params(parse_request(chat_body("hi", "u", temperature=0, top_p=1, response_format={"type": "text"})),
+                           16).plain_greedy
+    request = parse_request(chat_body("hi", "u", temperature=0.7, top_p=0.9, top_k=40, seed=5, n=3, logprobs=True,
+                                      top_logprobs=2, presence_penalty=0.5, frequency_penalty=-0.5,
+                                      repetition_penalty=1.2, min_tokens=3, ignore_eos=True))
+    params = sampling_params(request, 16)
+    assert params == SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=5, logprobs=2, presence_penalty=0.5,
+                                    frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=3, ignore_eos=True)
+    assert choices(request, Limits()) == 3
+    assert [params.for_choice(i).seed for i in range(3)] == [5, 6, 7]
+    assert sampling_params(parse_request(chat_body("hi", "u", logprobs=True)), 16).logprobs == 0
+    unseeded = [sampling_params(parse_request(chat_body("hi", "u", temperature=1)), 16).seed for _ in range(2)]
+    assert None not in unseeded and unseeded[0] != unseeded[1], "a sampled request without a seed gets a random one"

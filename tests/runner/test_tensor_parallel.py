@@ -51,6 +51,20 @@ def test_tp2_gives_the_greedy_outputs_of_tp1(runner: Runner, runner_tp2: Runner)
         assert answer(ask(runner_tp2, *case)) == answer(ask(runner, *case)), case
 
 
+def test_tp2_samples_what_tp1_samples_with_the_same_seed(runner: Runner, runner_tp2: Runner) -> None:
+    """Rank 0 alone samples (its seeded generator) and the followers are fed its tokens: a seeded request, alone and
+    as n choices, gives TP 1's texts; so do concurrent seeded requests batched in lockstep."""
+    fields = {"temperature": 1.0, "seed": 77, "n": 2}
+    for case in CASES[:2]:
+        want, got = ask(runner, *case, **fields), ask(runner_tp2, *case, **fields)
+        texts = [c["message"]["content"] for c in want["choices"]]
+        assert [c["message"]["content"] for c in got["choices"]] == texts, case
+        assert texts[0] != answer(ask(runner, *case))[0] or texts[1] != texts[0], "sampling changed something"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        batched = list(pool.map(lambda case: ask(runner_tp2, *case, temperature=0.9, seed=5), CASES))
+    assert [answer(b) for b in batched] == [answer(ask(runner, *case, temperature=0.9, seed=5)) for case in CASES]
+
+
 def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2: Runner) -> None:
     """Concurrent requests of different lengths (and a stop string that ends one row early) in shared batches:
     every rank must feed the same tokens at every step, or the outputs (or the job) break."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlmforge.runner.protocol import EngineKind, Generation
+from vlmforge.runner.sampling import SamplingParams
 from vlmforge.runner.scheduler import Draining, Finished, GenRequest, Scheduler, Token
 
 
@@ -24,7 +25,8 @@ class WholeEngine:
         self.live_checks: list[bool] = []
 
     def generate_many(self, images: list[Any], prompts: list[str | None], max_new_tokens: list[int],
-                      on_token: Any = None) -> list[Generation]:
+                      on_token: Any = None, sampling: Any = None) -> list[Generation]:
+        self.sampling = sampling
         results = []
         for index, image in enumerate(images):
             tokens = [1, 2, 3] if image == "decoder" else [7, 8]
@@ -51,8 +53,10 @@ def test_tokens_stream_while_a_whole_request_runs_and_the_rest_follow_at_its_end
     scheduler = Scheduler(engine, max_batch_size=2, batch_wait_s=0.2)
     scheduler.start()
     scheduler.submit(GenRequest("decoder", "a", 5, 1, sink(0)))
-    scheduler.submit(GenRequest("encoder-decoder", "b", 2, 1, sink(1)))
+    seeded = SamplingParams(temperature=0.5, seed=3)
+    scheduler.submit(GenRequest("encoder-decoder", "b", 2, 1, sink(1), sampling=seeded))
     assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    assert engine.sampling == [None, seeded], "each request's sampling parameters reach the engine"
     scheduler.stop(timeout=10)
     assert events[0] == [Token(1), Token(2), Token(3), Finished("stop")]
     assert events[1] == [Token(7), Token(8), Finished("length")]

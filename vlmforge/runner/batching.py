@@ -1,4 +1,4 @@
-"""Batched greedy decoding: many requests through one LLM forward per step.
+"""Batched decoding: many requests through one LLM forward per step, greedy or sampled per row.
 
 Every request arrives as a :class:`~vlmforge.modeling.LlmPrefix` (what its family feeds
 the LLM); a batch pads them to one shape and decodes them together:
@@ -11,6 +11,8 @@ the LLM); a batch pads them to one shape and decodes them together:
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
 
 Greedy tokens of each row equal those of the unbatched loops (``family.generate``); the tests check it.
+Rows with sampling parameters (:mod:`vlmforge.runner.sampling`) are picked by a :class:`BatchSampler`, each
+with its own generator; a batch of plain greedy rows never builds one and takes the argmax as it always did.
 A finished row (end token, its own token limit, or cancelled by the server) is fed a pad token
 until the whole batch is done; its outputs are ignored.
 
@@ -29,6 +31,7 @@ import torch
 
 from vlmforge.modeling.devices import model_device
 from vlmforge.modeling.generation import GenResult, LlmPrefix, cache_kwarg, cache_of
+from vlmforge.runner.sampling import BatchSampler, SamplingParams, TokenLogprob, needs_sampler
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
@@ -178,11 +181,13 @@ class StepSource(Protocol):
 
 @dataclass(frozen=True)
 class RowEvent:
-    """A row's new token; ``finish`` says why the row ended with it ("stop": end token, "length": its limit)."""
+    """A row's new token; ``finish`` says why the row ended with it ("stop": end token, "length": its limit);
+    ``logprob`` where the row asked for logprobs."""
 
     row: int
     token: int
     finish: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 class _HostCopy:
@@ -205,7 +210,8 @@ class _HostCopy:
 
 
 class GreedyBatch:
-    """A batch's greedy decode, one step per iteration: ``for events in batch: ...``.
+    """A batch's decode, one step per iteration: ``for events in batch: ...``; greedy unless ``sampling`` gives a
+    row other parameters (one :class:`SamplingParams` or None per row).
 
     ``cancel(row, reason)`` ends a row at the next step (the server's stop strings and lost clients);
     the batch ends when every row has. With ``keep_logits`` each row's raw float32 logits are kept
@@ -214,7 +220,8 @@ class GreedyBatch:
 
     def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
                  keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0,
-                 factory: BatchFactory | None = None) -> None:
+                 factory: BatchFactory | None = None,
+                 sampling: Sequence[SamplingParams | None] | None = None) -> None:
         if len(max_new_tokens) != len(prefixes):
             raise ValueError(f"{len(prefixes)} prefixes but {len(max_new_tokens)} token limits")
         if any(n < 1 for n in max_new_tokens):
@@ -226,6 +233,10 @@ class GreedyBatch:
         self.sync = sync
         self.pad = pad_token_id
         self.factory = factory
+        if sampling is not None and len(sampling) != len(prefixes):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(sampling)} sampling parameter sets")
+        self.sampling = list(sampling) if needs_sampler(sampling) else None  # type: ignore[arg-type]
+        self.ignore_eos = [bool(p and p.ignore_eos) for p in sampling or [None] * len(prefixes)]
         self.tokens: list[list[int]] = [[] for _ in prefixes]
         self.logits: list[list[torch.Tensor]] = [[] for _ in prefixes]
         self.finish: list[str | None] = [None] * len(prefixes)
@@ -252,14 +263,21 @@ class GreedyBatch:
         else:
             state = make_batch(self.llm, self.prefixes)
         logits = state.prefill()
+        sampler = None
+        if self.sampling is not None:
+            sampler = BatchSampler(self.sampling, [p.eos for p in self.prefixes], logits.device)
         # Without followers to tell (no tensor parallelism), the next step is fed this step's tokens straight
         # from the device and launched before they are read back: the GPU runs step t+1 while the host turns
-        # step t into events. Finished rows are then fed their own argmax instead of a pad token (their outputs
+        # step t into events. Finished rows are then fed their own pick instead of a pad token (their outputs
         # are dropped either way; rows do not see each other), and a batch ended by an end token or a cancel
         # has run one step too many.
         ahead = self.sync is None
         while True:
-            picked = logits.argmax(-1)
+            logprobs: list[TokenLogprob | None] | None = None
+            if sampler is None:
+                picked = logits.argmax(-1)
+            else:
+                picked, logprobs = sampler.step(logits)
             host_tokens = _HostCopy(picked)
             if self.keep_logits:
                 host_logits = logits.float().cpu()
@@ -275,11 +293,11 @@ class GreedyBatch:
                 self.tokens[row].append(token)
                 if self.keep_logits:
                     self.logits[row].append(host_logits[row])
-                if token in self.prefixes[row].eos:
+                if token in self.prefixes[row].eos and not self.ignore_eos[row]:
                     self.finish[row] = "stop"
                 elif len(self.tokens[row]) >= self.limits[row]:
                     self.finish[row] = "length"
-                events.append(RowEvent(row, token, self.finish[row]))
+                events.append(RowEvent(row, token, self.finish[row], logprobs[row] if logprobs else None))
             self.steps += 1
             yield events
             for row, reason in list(self._cancelled.items()):  # cancelled while the events were handled
@@ -312,10 +330,11 @@ class GreedyBatch:
 
 
 def greedy_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int] | int, *,
-                 keep_logits: bool = True, factory: BatchFactory | None = None) -> list[GenResult]:
-    """Decode a batch to the end; one :class:`GenResult` per prefix, in order."""
+                 keep_logits: bool = True, factory: BatchFactory | None = None,
+                 sampling: Sequence[SamplingParams | None] | None = None) -> list[GenResult]:
+    """Decode a batch to the end (greedy unless ``sampling`` says otherwise); one :class:`GenResult` per prefix."""
     limits = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    batch = GreedyBatch(llm, prefixes, limits, keep_logits=keep_logits, factory=factory)
+    batch = GreedyBatch(llm, prefixes, limits, keep_logits=keep_logits, factory=factory, sampling=sampling)
     for _ in batch:
         pass
     return batch.results()

@@ -166,7 +166,7 @@ def run_follower(engine: ServingEngine, channel: ControlChannel) -> int:
         if isinstance(message, WholeJob):
             if engine.kind is not EngineKind.WHOLE_REQUEST:
                 raise DeployError(f"rank 0 sent a whole-request job to a {engine.kind.value} engine")
-            engine.generate_many(message.images, message.prompts, message.max_new_tokens)
+            engine.generate_many(message.images, message.prompts, message.max_new_tokens, sampling=message.sampling)
         else:
             if engine.kind is not EngineKind.INCREMENTAL:
                 raise DeployError(f"rank 0 sent a batch job to a {engine.kind.value} engine")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+    from vlmforge.runner.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,17 @@ class HfEngine:
                  else features.to(self.device))
         return self.family.llm_prefix(self.llm, self.processor, moved, prompt)
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Every sampling parameter is honoured here (:mod:`vlmforge.runner.sampling`)."""
+
     def new_batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
-                  sync: StepSync | None = None, keep_logits: bool = False) -> GreedyBatch:
+                  sync: StepSync | None = None, keep_logits: bool = False,
+                  sampling: Sequence[SamplingParams | None] | None = None) -> GreedyBatch:
         from vlmforge.runner.batching import GreedyBatch
 
         return GreedyBatch(self.llm, prefixes, max_new_tokens, keep_logits=keep_logits, sync=sync,
                            pad_token_id=self.pad_token_id,
-                           factory=self.static.batch if self.static is not None else None)
+                           factory=self.static.batch if self.static is not None else None, sampling=sampling)
 
     def follow_batch(self, prefixes: Sequence[LlmPrefix], source: StepSource) -> int:
         from vlmforge.runner.batching import follow_batch

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
     from vlmforge.runner.protocol import IncrementalEngine
+    from vlmforge.runner.sampling import SamplingParams
 
 
 class JobRejected(ValueError):
@@ -60,6 +61,8 @@ class WholeJob:
     images: list[Any]
     prompts: list[str | None]
     max_new_tokens: list[int]
+    sampling: list[SamplingParams | None] | None = None
+    """Each request's sampling parameters (seeds included: every rank's runner must draw the same tokens)."""
 
 
 def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequence[str | None],
@@ -93,9 +96,11 @@ def job_prefixes(engine: IncrementalEngine, job: BatchJob) -> list[LlmPrefix]:
 
 
 def lead_batch(engine: IncrementalEngine, job: BatchJob, *, sync: StepSync | None = None,
-               keep_logits: bool = False) -> GreedyBatch:
-    """Stage 3 on rank 0 (or alone): the batch that decodes the job; iterate it for its tokens."""
-    return engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits)
+               keep_logits: bool = False, sampling: Sequence[SamplingParams | None] | None = None) -> GreedyBatch:
+    """Stage 3 on rank 0 (or alone): the batch that decodes the job; iterate it for its tokens. ``sampling``: each
+    request's parameters (rank 0 alone samples: the followers are fed its tokens, so the job does not carry them)."""
+    return engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits,
+                            sampling=sampling)
 
 
 def follow_job(engine: IncrementalEngine, job: BatchJob, source: StepSource) -> int:

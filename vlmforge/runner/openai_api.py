@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions format, as far as a greedy runner serves it.
+"""The OpenAI chat-completions format, as far as the runner serves it.
 
 Requests are parsed and checked here (no web framework): a bad request is an :class:`ApiError` with
 its HTTP status and OpenAI's error body. What the runner takes:
@@ -10,8 +10,17 @@ its HTTP status and OpenAI's error body. What the runner takes:
   (:data:`IMAGE_FORMATS`);
 - prompt-free models (Nougat) take the image alone;
 - ``max_tokens`` / ``max_completion_tokens`` up to the engine's ``max_output_len``; ``stop`` strings;
-  ``stream`` with ``stream_options.include_usage``;
-- greedy decoding only: ``temperature`` 0 (or unset), ``top_p`` 1 (or unset), ``n`` 1.
+  ``stream`` with ``stream_options.include_usage`` (``prompt_tokens`` counts the image features' positions);
+- sampling (:mod:`vlmforge.runner.sampling`): ``temperature`` 0..2 (0 or unset: greedy, exactly the runner's argmax
+  decode; note OpenAI's own default is 1), ``top_p`` (0, 1], ``seed`` (the same seed gives the same text, batched
+  or not), ``n`` choices (up to :attr:`Limits.max_choices`; choice i is seeded ``seed + i``),
+  ``presence_penalty``/``frequency_penalty`` -2..2, ``logprobs`` with ``top_logprobs`` 0..20 (log-softmax of the
+  model's raw logits), and vLLM's extensions ``top_k`` (-1 or 0: off), ``min_tokens``, ``ignore_eos`` and
+  ``repetition_penalty`` (> 0); penalties count the generated tokens only.
+
+Refused with a 400 naming the parameter: ``tools``, ``logit_bias``, ``response_format`` other than ``text``
+(``json_object`` and ``json_schema`` would need constrained decoding, which the runner does not do), and any
+sampling parameter the engine cannot honour (the TensorRT-LLM path: see :mod:`vlmforge.runner.trtllm`).
 """
 
 from __future__ import annotations
@@ -20,13 +29,14 @@ import base64
 import binascii
 import io
 import json
-import time
 import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlmforge.runner.sampling import MAX_LOGPROBS, SamplingParams
 
 MiB = 1024 * 1024
 
@@ -68,6 +78,8 @@ class Limits(BaseModel):
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_image_side: int = Field(default=8192, ge=1)
     max_stop_strings: int = Field(default=4, ge=0)
+    max_choices: int = Field(default=8, ge=1)
+    """``n``: choices per request (each is a row of the batch)."""
     max_json_values: int = Field(default=100_000, ge=16)
     """Objects, arrays and list items a request body may hold, counted on its bytes before it is parsed (JSON parsing
     holds the interpreter: a 32 MiB body of tiny values would stall every other request for a second)."""
@@ -115,10 +127,20 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    n: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
 
 
@@ -145,15 +167,15 @@ def parse_request(body: Any) -> ChatRequest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"invalid request: {where}: {first['msg']}", param=where or None) from None
-    if request.n not in (None, 1):
-        raise ApiError(400, "n: this runner returns one choice per request", param="n")
-    if request.temperature not in (None, 0, 0.0):
-        raise ApiError(400, "temperature: this runner decodes greedily; send temperature 0 or leave it out",
-                       param="temperature")
-    if request.top_p not in (None, 1, 1.0):
-        raise ApiError(400, "top_p: this runner decodes greedily; send top_p 1 or leave it out", param="top_p")
-    if request.logprobs:
-        raise ApiError(400, "logprobs are not served by this runner", param="logprobs")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        kind = request.response_format.get("type")
+        raise ApiError(400, f"response_format: {kind!r} is not supported (the runner does not constrain its "
+                            "decoding to JSON); leave response_format out or send {\"type\": \"text\"}",
+                       param="response_format")
+    if request.logit_bias:
+        raise ApiError(400, "logit_bias is not supported by this runner", param="logit_bias")
     if request.tools:
         raise ApiError(400, "tools are not served by this runner", param="tools")
     return request
@@ -218,6 +240,36 @@ def stop_strings(request: ChatRequest, limits: Limits) -> list[str]:
     if len(stops) > limits.max_stop_strings:
         raise ApiError(400, f"stop: at most {limits.max_stop_strings} stop strings", param="stop")
     return stops
+
+
+def choices(request: ChatRequest, limits: Limits) -> int:
+    """How many choices the request asks for (``n``), within :attr:`Limits.max_choices`."""
+    n = request.n or 1
+    if n > limits.max_choices:
+        raise ApiError(400, f"n = {n} exceeds this runner's limit of {limits.max_choices} choices per request",
+                       param="n")
+    return n
+
+
+def sampling_params(request: ChatRequest, max_tokens: int) -> SamplingParams:
+    """The request's :class:`SamplingParams` (limits already checked by the request's model); ``min_tokens`` may not
+    exceed the request's token limit. A sampled request without a seed gets a random one here, so every choice and
+    every rank that needs it can be told the same seed."""
+    import secrets
+
+    if request.min_tokens is not None and request.min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens = {request.min_tokens} exceeds the request's token limit of {max_tokens}",
+                       param="min_tokens")
+    given = {name: getattr(request, name) for name in (
+        "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "min_tokens", "ignore_eos")}
+    fields = {name: value for name, value in given.items() if value is not None}
+    if request.logprobs:
+        fields["logprobs"] = request.top_logprobs or 0
+    params = SamplingParams(**fields)
+    if params.seed is None and not params.greedy:
+        params = params.model_copy(update={"seed": secrets.randbits(63)})
+    return params
 
 
 def max_new_tokens(request: ChatRequest, *, max_output_len: int, default: int) -> int:
@@ -309,16 +361,6 @@ def completion_id() -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
 
 
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,

@@ -19,8 +19,9 @@ runner probes an engine for optional attributes: what is optional here has a def
 Several images per request (up to :attr:`EngineLimits.max_images_per_prompt`): a request carries a list of
 images, :mod:`vlmforge.runner.jobs` encodes every image of a batch at once and hands each request its images'
 features (a list of [1, N_i, hidden] tensors, of any number of rows each), which ``llm_prefix`` splices in order.
-Where the next serving features meet this protocol: sampling adds per-request parameters to ``new_batch``;
-in-flight batching makes ``new_batch``'s state take rows while it runs (and the scheduler's loop feed them). The
+Sampling: ``new_batch`` takes each request's :class:`~vlmforge.runner.sampling.SamplingParams` (rank 0 alone samples;
+the followers are fed its tokens); every engine says which parameters it honours with ``check_sampling``, so the
+server refuses the others with a 400 before a request is queued. In-flight batching makes ``new_batch``'s state take rows while it runs (and the scheduler's loop feed them). The
 scheduler and the followers reach incremental engines only through :mod:`vlmforge.runner.jobs`, so those change
 the jobs and the engines, not the loops.
 """
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from vlmforge.families import ModelFamily
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+    from vlmforge.runner.sampling import SamplingParams
 
 
 class EngineKind(str, Enum):
@@ -128,6 +130,11 @@ class Engine(Protocol):
         """Compile what the given batch shapes need before serving (nothing, where nothing is compiled)."""
         ...
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Raise :class:`~vlmforge.runner.sampling.UnsupportedSampling` (naming the parameter and why) for
+        parameters this engine cannot honour; the server turns it into a 400."""
+        ...
+
 
 class IncrementalEngine(Engine, Protocol):
     """An engine whose decode the runner drives: images -> features -> LLM prefixes -> a batch, step by step."""
@@ -145,9 +152,10 @@ class IncrementalEngine(Engine, Protocol):
         ...
 
     def new_batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
-                  sync: StepSync | None = None, keep_logits: bool = False) -> GreedyBatch:
+                  sync: StepSync | None = None, keep_logits: bool = False,
+                  sampling: Sequence[SamplingParams | None] | None = None) -> GreedyBatch:
         """The batch that decodes these prefixes together (``sync``: the leading rank tells the followers every
-        step's tokens)."""
+        step's tokens; ``sampling``: each row's parameters, None: greedy)."""
         ...
 
     def follow_batch(self, prefixes: Sequence[LlmPrefix], source: StepSource) -> int:
@@ -161,8 +169,10 @@ class WholeRequestEngine(Engine, Protocol):
     kind: ClassVar[Literal[EngineKind.WHOLE_REQUEST]]
 
     def generate_many(self, images: Sequence[Any], prompts: Sequence[str | None], max_new_tokens: Sequence[int],
-                      on_token: TokenCallback | None = None) -> list[Generation]:
-        """The requests to their ends, in order; ``on_token`` gets tokens as they are made (the leading rank)."""
+                      on_token: TokenCallback | None = None,
+                      sampling: Sequence[SamplingParams | None] | None = None) -> list[Generation]:
+        """The requests to their ends, in order; ``on_token`` gets tokens as they are made (the leading rank);
+        ``sampling``: each request's parameters (None: greedy), within what ``check_sampling`` accepts."""
         ...
 
 

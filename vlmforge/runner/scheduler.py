@@ -27,6 +27,7 @@ from typing import Any
 from vlmforge.runner.distributed import HEARTBEAT_SECONDS, ControlChannel, Heartbeat, Shutdown
 from vlmforge.runner.jobs import JobRejected, WholeJob, encode_job, lead_batch
 from vlmforge.runner.protocol import EngineKind, IncrementalEngine, ServingEngine, WholeRequestEngine
+from vlmforge.runner.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Token:
     token: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,14 @@ class GenRequest:
     """One request's journey through the scheduler; ``sink`` receives its events from the scheduler thread."""
 
     def __init__(self, image: Any, prompt: str | None, max_new_tokens: int, prompt_tokens: int,
-                 sink: Callable[[Event], None]) -> None:
+                 sink: Callable[[Event], None], sampling: SamplingParams | None = None) -> None:
         self.id = next(_ids)
         self.image = image
         """The request's image, or a list of its images (several per prompt), in order."""
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        """How its tokens are picked (None: greedy)."""
         self.prompt_tokens = prompt_tokens
         self.sink = sink
         self.enqueued_at = time.perf_counter()
@@ -288,7 +292,7 @@ class Scheduler:
         if self.channel is not None:
             self.channel.send(job.to_host())
         try:
-            batch = lead_batch(engine, job, sync=self.channel)
+            batch = lead_batch(engine, job, sync=self.channel, sampling=[r.sampling for r in live])
         except JobRejected as exc:  # the followers fail the same way and skip this batch too
             self._fail(live, 400, str(exc))
             return
@@ -304,7 +308,7 @@ class Scheduler:
             for events in batch:
                 for event in events:
                     request = live[event.row]
-                    request._emit(Token(event.token))
+                    request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))
         except Exception as exc:
@@ -325,7 +329,7 @@ class Scheduler:
         engine: WholeRequestEngine = self.engine  # type: ignore[assignment]  # chosen by kind in __init__
         images, prompts, limits = [r.image for r in live], [r.prompt for r in live], [r.max_new_tokens for r in live]
         if self.channel is not None:
-            self.channel.send(WholeJob(images, prompts, limits))
+            self.channel.send(WholeJob(images, prompts, limits, [r.sampling for r in live]))
         sent = [0] * len(live)
 
         def on_token(index: int, token: int) -> None:
@@ -333,7 +337,8 @@ class Scheduler:
             live[index]._emit(Token(token))
 
         try:
-            results = engine.generate_many(images, prompts, limits, on_token=on_token)
+            results = engine.generate_many(images, prompts, limits, on_token=on_token,
+                                           sampling=[r.sampling for r in live])
         except Exception as exc:
             log.exception("generation failed in a batch of %d", len(live))
             self._fail(live, 500, f"generation failed: {type(exc).__name__}: {exc}")

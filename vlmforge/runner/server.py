@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -41,26 +39,26 @@ from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError
-from vlmforge.runner import CompileMode, DecodeMode
+from vlmforge.runner import CompileMode, DecodeMode, answers
 from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
+from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.openai_api import (
     ApiError,
     Limits,
     TextStream,
     check_prompt_chars,
-    chunk,
-    completion,
+    choices,
     completion_id,
     decode_json,
     load_image,
     max_new_tokens,
     parse_messages,
     parse_request,
+    sampling_params,
     stop_strings,
-    usage,
 )
-from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.protocol import ServingEngine
+from vlmforge.runner.sampling import UnsupportedSampling
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +223,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             limit = max_new_tokens(chat, max_output_len=runtime.limits.max_output_len,
                                    default=runtime.default_max_tokens)
             stops = stop_strings(chat, limits)
+            sampling, n = sampling_params(chat, limit), choices(chat, limits)
+            try:
+                runtime.engine.check_sampling(sampling)
+            except UnsupportedSampling as exc:
+                raise ApiError(400, str(exc), param=exc.param) from None
             check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
                                limits.max_prompt_chars_per_token)
             try:  # off the event loop: /health and other requests go on meanwhile
@@ -239,23 +242,35 @@ def create_app(runtime: Runtime) -> FastAPI:
             images = [await run_in_threadpool(load_image, url, limits, settings.image_root) for url in parsed.image_urls]
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
-            gen = GenRequest(images[0] if count == 1 else images, parsed.text, limit, prompt_tokens,
-                             sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            gens = [GenRequest(images[0] if count == 1 else images, parsed.text, limit, prompt_tokens,
+                               sink=lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event)),
+                               sampling=sampling.for_choice(i)) for i in range(n)]
             try:
-                scheduler.submit(gen)
-            except QueueFull as exc:
+                for gen in gens:  # n choices: n rows; all of them or none
+                    scheduler.submit(gen)
+            except (QueueFull, Draining) as exc:
+                for gen in gens:
+                    gen.cancel("cancelled")
+                if isinstance(exc, Draining):
+                    raise ApiError(503, "the runner is shutting down") from None
                 raise ApiError(429, f"the runner is busy: {exc}; retry later") from None
-            except Draining:
-                raise ApiError(503, "the runner is shutting down") from None
         except ApiError as exc:
             return refuse(exc)
-        cid = completion_id()
-        text = TextStream(runtime.engine.tokenizer, stops)
+        tokenizer = runtime.engine.tokenizer
+        rows = [answers.Choice(i, gen, TextStream(tokenizer, stops), [] if sampling.logprobs is not None else None)
+                for i, gen in enumerate(gens)]
+
+        def observe(status: int, first: float | None, tokens: int) -> None:
+            _observe(runtime, gens[0], status, arrived, first, tokens)
+
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_stream(runtime, gen, events, text, cid, include_usage, arrived),
+            return StreamingResponse(answers.stream(rows, events, tokenizer, observe, completion_id(), runtime.model,
+                                                    prompt_tokens, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(runtime, gen, events, text, cid, arrived)
+        status, body = await answers.complete(rows, events, tokenizer, observe, completion_id(), runtime.model,
+                                              prompt_tokens)
+        return JSONResponse(body, status_code=status)
 
     return app
 
@@ -277,10 +292,6 @@ async def _read_body(request: Any, limit: int, timeout_s: float) -> bytearray:
     return body
 
 
-def _finish_reason(text: TextStream, reason: str) -> str:
-    return "stop" if text.stopped else ("length" if reason == "length" else "stop")
-
-
 def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: float | None, tokens: int) -> None:
     metrics = runtime.metrics
     metrics.requests.labels(status=str(status)).inc()
@@ -293,90 +304,6 @@ def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: flo
             metrics.queue_time.observe(gen.started_at - gen.enqueued_at)
         metrics.prompt_tokens.inc(gen.prompt_tokens)
         metrics.generation_tokens.inc(tokens)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Outcome:
-    """How a request ended: a finish reason, or the failure the scheduler reported; its generated tokens."""
-
-    finish: str | None
-    failed: Any
-    tokens: int
-
-
-async def _text_then_outcome(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream,
-                             arrived: float) -> AsyncIterator[str | _Outcome]:
-    """The answer's new text piece by piece (stop strings applied), then its :class:`_Outcome`; metrics observed.
-    Closed before the outcome (the client went away), it cancels the request."""
-    from vlmforge.runner.scheduler import Failed, Finished, Token
-
-    first, tokens, done = None, 0, False
-    try:
-        while True:
-            event = await events.get()
-            if isinstance(event, Token):
-                if text.stopped:
-                    continue
-                first = first or time.perf_counter()
-                tokens += 1
-                delta = text.push(event.token)
-                if text.stopped:
-                    gen.cancel("stop")
-                if delta:
-                    yield delta
-            elif isinstance(event, Finished):
-                done = True
-                tail = text.flush()
-                if tail:
-                    yield tail
-                _observe(runtime, gen, 200, arrived, first, tokens)
-                yield _Outcome(_finish_reason(text, event.reason), None, tokens)
-                return
-            elif isinstance(event, Failed):
-                done = True
-                _observe(runtime, gen, event.status, arrived, first, tokens)
-                yield _Outcome(None, event, tokens)
-                return
-    finally:
-        if not done:  # the client went away
-            gen.cancel("cancelled")
-            runtime.metrics.requests.labels(status="499").inc()
-
-
-async def _complete(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str,
-                    arrived: float) -> Any:
-    async with contextlib.aclosing(_text_then_outcome(runtime, gen, events, text, arrived)) as pieces:
-        async for piece in pieces:
-            if isinstance(piece, _Outcome):
-                if piece.failed is not None:
-                    return JSONResponse(ApiError(piece.failed.status, piece.failed.message).body(),
-                                        status_code=piece.failed.status)
-                return JSONResponse(completion(cid, runtime.model, text.text, piece.finish, gen.prompt_tokens,
-                                               piece.tokens))
-    raise AssertionError("the request ended without an outcome")
-
-
-def _sse(data: Any) -> bytes:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-async def _stream(runtime: Runtime, gen: Any, events: asyncio.Queue, text: TextStream, cid: str, include_usage: bool,
-                  arrived: float) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    model = runtime.model
-    yield _sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
-    async with contextlib.aclosing(_text_then_outcome(runtime, gen, events, text, arrived)) as pieces:
-        async for piece in pieces:
-            if isinstance(piece, str):
-                yield _sse(chunk(cid, model, created, {"content": piece}))
-            elif piece.failed is not None:
-                yield _sse(ApiError(piece.failed.status, piece.failed.message).body())
-            else:
-                yield _sse(chunk(cid, model, created, {}, piece.finish))
-                if include_usage:
-                    yield _sse(chunk(cid, model, created, {}, usage_=usage(gen.prompt_tokens, piece.tokens),
-                                     choices=False))
-                yield b"data: [DONE]\n\n"
 
 
 # --- the process -----------------------------------------------------------------------------------
