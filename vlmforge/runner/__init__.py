@@ -2,7 +2,8 @@
 
 protocol (what an engine gives the runner), loader (the engine of a directory, by toolchain), engine (hf),
 trtllm (TensorRT-LLM), jobs (encode -> prefix -> batch), batching and static (the decode loops), scheduler,
-distributed (TP followers), access, openai_api and server (HTTP), metrics.
+distributed (TP followers), access, openai_api and server (HTTP), metrics, image_cache (visual features of
+images seen before).
 """
 
 from enum import Enum
