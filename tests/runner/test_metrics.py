@@ -51,6 +51,20 @@ def test_image_cache_hits_misses_and_bytes_move_on_a_real_runner(runner: Runner)
     assert metric(runner, "vlmforge_image_cache_evictions_total") == 0
 
 
+def test_image_cache_mib_0_serves_without_a_cache(tiny_engine: Path, tmp_path: Path) -> None:
+    from tests.helpers.runners import start_runner, stop_runner
+
+    started = start_runner(tiny_engine, tmp_path / "serve.log", args=("--image-cache-mib", "0"))
+    try:
+        url = _noise_url(1603)
+        answers = [_ask(started, url)["choices"][0]["message"]["content"] for _ in range(2)]
+        assert answers[0] == answers[1]
+        text = httpx.get(f"{started.url}/metrics").text
+        assert "vlmforge_image_cache" not in text and "vlmforge_time_per_output_token_seconds" in text
+    finally:
+        assert stop_runner(started) == 0
+
+
 def test_time_per_output_token_latency_and_idle_gauges_on_a_real_runner(runner: Runner) -> None:
     names = ("vlmforge_time_per_output_token_seconds_count", "vlmforge_time_per_output_token_seconds_sum",
              "vlmforge_request_duration_seconds_count", "vlmforge_time_to_first_token_seconds_count")

@@ -61,8 +61,8 @@ class HfEngine:
             if image_cache_bytes > 0:
                 from vlmforge.runner.image_cache import ImageCache
 
-                self.image_cache = ImageCache(image_cache_bytes, namespace=f"{self.dir.resolve()}|{self.config.family}|"
-                                                                          f"{self.config.visual.model_dump_json()}")
+                namespace = f"{self.dir.resolve()}|{self.config.family}|{self.config.visual.model_dump_json()}"
+                self.image_cache = ImageCache(image_cache_bytes, namespace=namespace)
         llm_dir = self.dir / self.config.llm.path
         from vlmforge.modeling.devices import torch_dtype
 
@@ -149,8 +149,8 @@ class HfEngine:
 
         assert self.vision is not None, "_pixels refuses an engine without its visual engine first"
         chunk = self.config.visual.max_batch_size
-        return torch.cat([torch.from_numpy(self.vision.run(None, {self.vision_input: pixels[start:start + chunk].numpy()})[0])
-                          for start in range(0, pixels.shape[0], chunk)])
+        return torch.cat([torch.from_numpy(self.vision.run(None, {self.vision_input: part.numpy()})[0])
+                          for part in pixels.split(chunk)])
 
     def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Visual features [B, N, hidden] (float32, on the LLM's device), in chunks of the visual engine's batch."""

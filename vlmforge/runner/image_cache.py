@@ -75,7 +75,7 @@ class ImageCache:
         host = pixels.detach().to("cpu").contiguous()
         digest = hashlib.sha256(self._namespace)
         digest.update(f"{host.dtype}|{tuple(host.shape)}|".encode())
-        digest.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+        digest.update(host.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
         return digest.hexdigest()
 
     def stats(self) -> CacheStats:

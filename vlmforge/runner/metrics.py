@@ -40,7 +40,7 @@ class _ImageCacheCollector:
         self.stats = stats
 
     def describe(self) -> list[Any]:
-        return []  # collected lazily: the registry does not call collect() at registration
+        return []  # no names reserved: the series are read from the cache at each scrape
 
     def collect(self) -> Iterator[Any]:
         s = self.stats()
@@ -53,8 +53,8 @@ class _ImageCacheCollector:
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily("vlmforge_image_cache_bytes", "Bytes of visual features the image cache holds (host "
                                 "memory of rank 0).", value=s.bytes)
-        yield GaugeMetricFamily("vlmforge_image_cache_capacity_bytes", "The image cache's size limit (--image-cache-mib).",
-                                value=s.capacity_bytes)
+        yield GaugeMetricFamily("vlmforge_image_cache_capacity_bytes",
+                                "The image cache's size limit (--image-cache-mib).", value=s.capacity_bytes)
         yield GaugeMetricFamily("vlmforge_image_cache_entries", "Images the image cache holds.", value=s.entries)
 
 

@@ -124,8 +124,9 @@ class Runtime:
         self.tp = tp
         self.created = int(time.time())
         batch = min(settings.max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
-        kv = batch * (self.limits.max_input_len + self.limits.max_output_len) if engine.kind is EngineKind.INCREMENTAL else 0
-        self.metrics = Metrics(self.model, str(settings.engine_dir), tp, kv_capacity=kv)
+        kv = (self.limits.max_input_len + self.limits.max_output_len) * batch  # KV positions, hf (incremental) only
+        self.metrics = Metrics(self.model, str(settings.engine_dir), tp,
+                               kv_capacity=kv if engine.kind is EngineKind.INCREMENTAL else 0)
         if engine.image_cache is not None:
             self.metrics.watch_image_cache(engine.image_cache.stats)
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
