@@ -83,6 +83,27 @@ def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2:
     assert [answer(o) for o in others] == [want[1]] * 2
 
 
+def test_tp2_image_cache_hits_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
+    """Only rank 0 encodes (and caches); the followers get the features it used, hit or miss, so a hit at TP 2 still
+    answers what TP 1 answers."""
+    from tests.runner.test_metrics import _noise_url
+    from tests.runner.test_server import metric
+
+    body = chat_body("What is this?", _noise_url(1604), max_tokens=12)  # an image no other test sends
+
+    def ask_noise(target: Runner) -> tuple[str, str, int]:
+        response = httpx.post(f"{target.url}/v1/chat/completions", timeout=120, json=body)
+        assert response.status_code == 200, response.text
+        return answer(response.json())
+
+    want = ask_noise(runner)
+    hits, misses = (metric(runner_tp2, f"vlmforge_image_cache_{kind}_total") for kind in ("hits", "misses"))
+    assert ask_noise(runner_tp2) == want
+    assert metric(runner_tp2, "vlmforge_image_cache_misses_total") == misses + 1
+    assert ask_noise(runner_tp2) == want
+    assert metric(runner_tp2, "vlmforge_image_cache_hits_total") == hits + 1
+
+
 def test_vila_served_at_tp2_answers_what_tp1_answers(tiny_vila_engine: Path, tiny_vila_engine_tp2: Path,
                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
     """tiny-vila (VILA1.5 layout, vlmforge's own projector) served at TP 1 and at TP 2 under mpirun: the same greedy

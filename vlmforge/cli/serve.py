@@ -12,6 +12,7 @@ import typer
 from vlmforge.cli.app import app
 from vlmforge.runner import CompileMode, DecodeMode
 from vlmforge.runner.access import API_KEY_ENV
+from vlmforge.runner.image_cache import DEFAULT_IMAGE_CACHE_MIB
 
 DEFAULT_PORT = int(os.environ.get("VLMFORGE_PORT", "8000"))
 
@@ -51,6 +52,7 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: this rank's GPU, else the CPU).")] = None,
     decode: Annotated[DecodeMode, typer.Option(help="auto (a static KV cache and a compiled decode step on a GPU), static or dynamic.")] = DecodeMode.AUTO,
     warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
+    image_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of host memory (rank 0) for the visual features of images seen before: a repeated image skips the visual engine. 0: no cache. hf engines only.")] = DEFAULT_IMAGE_CACHE_MIB,
     compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = CompileMode.MAX_AUTOTUNE,
 ) -> None:
     """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their
@@ -65,6 +67,7 @@ def serve_cmd(
         body_timeout_s=body_timeout, model_name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
         drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup, compile_mode=compile_mode,
+        image_cache_mib=image_cache_mib,
         limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                       max_request_bytes=max_request_bytes),
     )

@@ -3,7 +3,8 @@
 protocol (what an engine gives the runner), loader (the engine of a directory, by toolchain), engine (hf),
 trtllm (TensorRT-LLM), jobs (encode -> prefix -> batch), batching and static (the decode loops), scheduler,
 distributed (TP followers), sampling (per-request parameters, the batch's sampler), access, openai_api, answers
-(a completion's choices, plain or streamed) and server (HTTP), metrics.
+(a completion's choices, plain or streamed) and server (HTTP), metrics, image_cache (visual features of images seen
+before).
 """
 
 from enum import Enum

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+    from vlmforge.runner.image_cache import ImageCache
     from vlmforge.runner.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class HfEngine:
 
     def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
                  load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None,
-                 compile_mode: str = "max-autotune-no-cudagraphs") -> None:
+                 compile_mode: str = "max-autotune-no-cudagraphs", image_cache_bytes: int = 0) -> None:
         import torch
 
         self.dir = Path(engine_dir)
@@ -55,8 +56,14 @@ class HfEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = self.family.load_processor(self.dir / self.config.processor)
         self.vision = None
+        self.image_cache: ImageCache | None = None
         if load_vision:
             self._load_vision()
+            if image_cache_bytes > 0:
+                from vlmforge.runner.image_cache import ImageCache
+
+                namespace = f"{self.dir.resolve()}|{self.config.family}|{self.config.visual.model_dump_json()}"
+                self.image_cache = ImageCache(image_cache_bytes, namespace=namespace)
         llm_dir = self.dir / self.config.llm.path
         from vlmforge.modeling.devices import torch_dtype
 
@@ -126,24 +133,44 @@ class HfEngine:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Visual features [B, N, hidden] (float32, on the LLM's device), in chunks of the visual engine's batch."""
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The visual engine's input [B, 3, H, W] (float32, CPU): the family's preprocessing, in chunks of the visual
+        engine's batch."""
         import torch
 
         if self.vision is None:
             raise DeployError("this engine was loaded without its visual engine (a follower rank)")
         chunk = self.config.visual.max_batch_size
-        parts = []
-        for start in range(0, len(images), chunk):
-            pixels = self.family.pixel_values(self.processor, list(images[start:start + chunk]))
-            features = self.vision.run(None, {self.vision_input: pixels.float().cpu().numpy()})[0]
-            parts.append(torch.from_numpy(features))
-        return torch.cat(parts).to(self.device)
+        return torch.cat([self.family.pixel_values(self.processor, list(images[start:start + chunk])).float().cpu()
+                          for start in range(0, len(images), chunk)])
+
+    def _run_vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Visual features [B, N, hidden] on the CPU, from pixels in chunks of the visual engine's batch."""
+        import torch
+
+        assert self.vision is not None, "_pixels refuses an engine without its visual engine first"
+        chunk = self.config.visual.max_batch_size
+        return torch.cat([torch.from_numpy(self.vision.run(None, {self.vision_input: part.numpy()})[0])
+                          for part in pixels.split(chunk)])
+
+    def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Visual features [B, N, hidden] (float32, on the LLM's device), in chunks of the visual engine's batch."""
+        return self._run_vision(self._pixels(images)).to(self.device)
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
-        features = self._features(images)
-        return [features[i:i + 1] for i in range(features.shape[0])]
+        """Each image's visual features [1, N, hidden] (float32, on the LLM's device); with an image cache, images
+        seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`)."""
+        if self.image_cache is None:
+            features = self._features(images)
+            return [features[i:i + 1] for i in range(features.shape[0])]
+        pixels = self._pixels(images)
+
+        def encode(indices: list[int]) -> list[torch.Tensor]:
+            fresh = self._run_vision(pixels[indices])
+            return [fresh[i:i + 1] for i in range(fresh.shape[0])]
+
+        host = self.image_cache.encode([pixels[i] for i in range(pixels.shape[0])], encode)
+        return [features.to(self.device, copy=True) for features in host]  # the cache keeps its own entries intact
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
         """One request's prefix from its features: one tensor, or one per image in order."""

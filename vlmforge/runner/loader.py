@@ -27,6 +27,8 @@ class LoadOptions:
     """Ranks of the job (mpirun -n): hf engines split their LLM over them; TensorRT engines must be built for it."""
     leader: bool = True
     """Rank 0, which runs the visual engine (hf followers load the LLM only)."""
+    image_cache_bytes: int = 0
+    """hf engines, rank 0: the image-embedding cache's size (vlmforge.runner.image_cache); 0: no cache."""
     hf_model_dir: Path | None = None
     """TensorRT engines: the Hugging Face directory its tokenizer and processor come from (default: the engine's)."""
 
@@ -36,7 +38,7 @@ def _load_hf(engine_dir: Path, config: EngineConfig, options: LoadOptions) -> Se
 
     return HfEngine(engine_dir, device=options.device, tp_plan=options.world_size > 1, load_vision=options.leader,
                     decode=options.decode.value, max_batch_size=options.max_batch_size,
-                    compile_mode=options.compile_mode.value)
+                    compile_mode=options.compile_mode.value, image_cache_bytes=options.image_cache_bytes)
 
 
 def _load_trtllm(engine_dir: Path, config: EngineConfig, options: LoadOptions) -> ServingEngine:

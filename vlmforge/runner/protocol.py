@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vlmforge.families import ModelFamily
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
+    from vlmforge.runner.image_cache import ImageCache
     from vlmforge.runner.sampling import SamplingParams
 
 
@@ -102,6 +103,9 @@ class Engine(Protocol):
     config: EngineConfig
     """engine.json of the directory it was loaded from."""
     family: ModelFamily
+    image_cache: ImageCache | None
+    """Visual features of images seen before (:mod:`vlmforge.runner.image_cache`), where the runner encodes images
+    itself and was given a size for it; None otherwise."""
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -271,7 +271,7 @@ class Scheduler:
         finally:
             self.running = 0
             if self.metrics:
-                self.metrics.running.set(0)
+                self.metrics.batch_ended()
         self.batches += 1
         log.debug("batch of %d in %.3fs", len(live), time.perf_counter() - started)
 
@@ -311,6 +311,8 @@ class Scheduler:
                     request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))
+                if self.metrics:
+                    self.metrics.observe_step(batch)
         except Exception as exc:
             log.exception("decoding failed in a batch of %d", len(live))
             self._fail(live, 500, f"decoding failed: {type(exc).__name__}: {exc}")

@@ -41,6 +41,7 @@ from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode, answers
 from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
+from vlmforge.runner.image_cache import DEFAULT_IMAGE_CACHE_MIB, MIB
 from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.openai_api import (
     ApiError,
@@ -57,7 +58,7 @@ from vlmforge.runner.openai_api import (
     sampling_params,
     stop_strings,
 )
-from vlmforge.runner.protocol import ServingEngine
+from vlmforge.runner.protocol import EngineKind, ServingEngine
 from vlmforge.runner.sampling import UnsupportedSampling
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class ServeSettings(BaseModel):
     """torch.compile mode of the static decode step: max-autotune-no-cudagraphs tunes the matrix-vector products
     (fastest decode; about a minute per batch bucket of a 7B model, cached by Inductor for later starts);
     default compiles in about half the time, decodes about 15% slower."""
+    image_cache_mib: int = Field(default=DEFAULT_IMAGE_CACHE_MIB, ge=0)
+    """Visual features of images seen before, kept on rank 0's host (vlmforge.runner.image_cache); 0: no cache."""
     limits: Limits = Field(default_factory=Limits)
 
 
@@ -118,8 +121,12 @@ class Runtime:
         self.model = settings.model_name or self.config.name
         self.tp = tp
         self.created = int(time.time())
-        self.metrics = Metrics(self.model, str(settings.engine_dir), tp)
         batch = min(settings.max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        kv = (self.limits.max_input_len + self.limits.max_output_len) * batch  # KV positions, hf (incremental) only
+        self.metrics = Metrics(self.model, str(settings.engine_dir), tp,
+                               kv_capacity=kv if engine.kind is EngineKind.INCREMENTAL else 0)
+        if engine.image_cache is not None:
+            self.metrics.watch_image_cache(engine.image_cache.stats)
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
                                       self.limits.max_output_len)
         self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
@@ -293,17 +300,9 @@ async def _read_body(request: Any, limit: int, timeout_s: float) -> bytearray:
 
 
 def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: float | None, tokens: int) -> None:
-    metrics = runtime.metrics
-    metrics.requests.labels(status=str(status)).inc()
-    if status == 200:
-        now = time.perf_counter()
-        metrics.latency.observe(now - arrived)
-        if first is not None:
-            metrics.ttft.observe(first - arrived)
-        if gen.started_at is not None:
-            metrics.queue_time.observe(gen.started_at - gen.enqueued_at)
-        metrics.prompt_tokens.inc(gen.prompt_tokens)
-        metrics.generation_tokens.inc(tokens)
+    runtime.metrics.observe_request(status, arrived=arrived, first=first, done=time.perf_counter(), tokens=tokens,
+                                    prompt_tokens=gen.prompt_tokens, queued_s=None if gen.started_at is None
+                                    else gen.started_at - gen.enqueued_at)
 
 
 # --- the process -----------------------------------------------------------------------------------
@@ -382,7 +381,8 @@ def serve(settings: ServeSettings) -> int:
     try:
         engine = load_engine(settings.engine_dir, LoadOptions(
             device=settings.device, decode=settings.decode, compile_mode=settings.compile_mode,
-            max_batch_size=settings.max_batch_size, world_size=info.world_size, leader=info.leader))
+            max_batch_size=settings.max_batch_size, world_size=info.world_size, leader=info.leader,
+            image_cache_bytes=settings.image_cache_mib * MIB))
         if not info.leader:
             run_follower(engine, channel)
             return 0

@@ -147,6 +147,8 @@ class TrtllmEngine:
     LLMs; encoder-decoder ones send the answer whole)."""
 
     kind: ClassVar[Literal[EngineKind.WHOLE_REQUEST]] = EngineKind.WHOLE_REQUEST
+    image_cache: ClassVar[None] = None
+    """None: TensorRT-LLM's runner encodes the images of the requests it takes itself."""
 
     def __init__(self, engine_dir: Path, *, hf_model_dir: Path | None = None) -> None:
         version = require_trtllm()
