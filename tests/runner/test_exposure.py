@@ -135,7 +135,7 @@ def _largest_image() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_health_answers_within_a_second_while_the_worst_requests_are_parsed(guarded_runner: Runner) -> None:
+def test_health_answers_within_seconds_while_the_worst_requests_are_parsed(guarded_runner: Runner) -> None:
     """The worst each default limit allows (32 MiB request, 100,000 JSON values, nesting, the longest prompt that is
     tokenized, an image of 4096 x 4096 pixels), twice each and all at once, while /health is asked every 0.1 s.
     Before the text cap, the 32 MiB prompt was tokenized on the event loop: over a minute without an answer."""
@@ -183,4 +183,6 @@ def test_health_answers_within_a_second_while_the_worst_requests_are_parsed(guar
     for name, status in results:
         assert status in worst[name][1], (name, status)
     print(f"/health: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
-    assert len(latencies) >= 5 and max(latencies) < 1.0
+    # the defect this guards against blocked /health for over a minute; the bound leaves room for a loaded 2-core
+    # machine, where ten worst-case bodies parsed in threads share the GIL with the event loop (1.3 s seen once)
+    assert len(latencies) >= 5 and max(latencies) < 3.0
