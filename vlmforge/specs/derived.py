@@ -270,6 +270,8 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             path="visual.max_batch_size",
         )
     explain("visual_max_batch_size", visual_batch, origin, f"at least {need}")
+    for number in contract.family_numbers:
+        explain(number.name, number.value, number.formula, number.note)
     family.check_spec(spec)
 
     max_new_tokens = spec.validation.max_new_tokens or family.default_max_new_tokens
