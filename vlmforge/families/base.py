@@ -83,6 +83,8 @@ class ModelFamily(VisualContractHooks):
     # Implemented by every family module; torch and transformers are imported inside them, so the
     # spec and plan layers never need torch.
 
+    plan_dialects: ClassVar[tuple[Dialect, ...]] = (Dialect.V0_9, Dialect.V1_2)
+    """TensorRT-LLM dialects whose scripts build this family (``vlmforge families``; the others refuse its plan)."""
     hf_supported: ClassVar[bool] = True
     """The hf toolchain can build this family (every family today; a family that needs foreign model code would not)."""
     hf_unsupported_reason: ClassVar[str] = ""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from vlmforge.errors import PlanError
 from vlmforge.families import register_family
 from vlmforge.families.release_llm import ReleaseConverterFamily
-from vlmforge.plans.model import PlanContext, Step
+from vlmforge.plans.model import DialectInfo, PlanContext, Step
 from vlmforge.specs.schema import BuildSpec, ImageSize
 from vlmforge.specs.visual import FamilyNumber
 
@@ -26,6 +27,9 @@ MIN_PIXELS = 56 * 56  # 3136: preprocessor_config.json of both Instruct checkpoi
 MAX_PIXELS = 28 * 28 * 16384  # 12845056: idem
 MAX_ASPECT_RATIO = 200
 ROWS_PER_TOKEN = MERGE * MERGE
+RUNNER_IMAGE = ImageSize(height=504, width=504)
+"""What TensorRT-LLM 1.2's run.py resizes every qwen2_vl image to."""
+RUNNER_IMAGE_TOKENS = 324
 REQUIREMENTS = "requirements-qwen2vl.txt"
 """The 1.2 README's first step: accelerate, qwen-vl-utils 0.0.8 and transformers 4.51.0 (nvbugs/5385987) for the qwen
 converter and the visual builder."""
@@ -105,6 +109,19 @@ class Qwen2VlFamily(ReleaseConverterFamily):
                          f"/ 14^2 = {MIN_PIXELS} / 196", "build_multimodal_engine.py --min_hw_dims (its default 128 "
                          "would refuse one image under 128 rows, e.g. 112x112)"),
         )
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        """1.2's run.py (the plan's validate step) resizes every image to 504x504: the engines must take that image."""
+        super().check_dialect(spec, info)
+        size = spec.visual.max_image_size or self.default_max_image_size
+        assert size is not None
+        tokens = largest_tokens(size)[0]
+        if tokens < RUNNER_IMAGE_TOKENS:
+            raise PlanError(
+                f"visual.max_image_size {size} gives at most {tokens} tokens per image, but TensorRT-LLM "
+                f"{info.release}'s run.py (the plan's validate step) resizes every image to {RUNNER_IMAGE} "
+                f"({RUNNER_IMAGE_TOKENS} tokens, {RUNNER_IMAGE_TOKENS * ROWS_PER_TOKEN} patch rows), which the engines "
+                f"would refuse; set visual.max_image_size to {RUNNER_IMAGE} or more")
 
     def visual_extra_args(self, ctx: PlanContext) -> list[str]:
         numbers = {number.name: number.value for number in self.visual_contract(ctx.spec).family_numbers}

@@ -28,7 +28,7 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
     """build_multimodal_engine.py --model_type."""
     hf_class: ClassVar[str]
     """The transformers class that would serve the family on the hf toolchain (its next step)."""
-    first_dialect: ClassVar[Dialect] = Dialect.V1_2
+    plan_dialects: ClassVar[tuple[Dialect, ...]] = (Dialect.V1_2,)
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -37,7 +37,7 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
                 f"{cls.name} is plan-only on the hf toolchain for now: transformers' {cls.hf_class} would serve it, "
                 "and its hf path (convert, visual ONNX export, validation, serving) is the next step; `vlmforge plan "
                 f"MODEL` writes the commands that build it in NVIDIA's TensorRT-LLM "
-                f"{DIALECTS[cls.first_dialect].release} container")
+                f"{DIALECTS[cls.plan_dialects[0]].release} container")
 
     def visual_model_type(self, ctx: PlanContext) -> str:
         return self.builder_model_type
@@ -50,10 +50,10 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
                 path="architecture.num_visual_features")
 
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
-        if info.dialect is Dialect.V0_9:
-            have = DIALECTS[self.first_dialect]
+        if info.dialect not in self.plan_dialects:
+            have = DIALECTS[self.plan_dialects[0]]
             raise PlanError(
-                f"{self.name} cannot be planned in dialect 0.9: TensorRT-LLM {info.release}'s "
+                f"{self.name} cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release}'s "
                 f"{info.visual_builder} has no --model_type {self.builder_model_type} (the family arrived later); "
                 f"TensorRT-LLM {have.release} builds it ({have.visual_builder} --model_type {self.builder_model_type}): "
                 f"set dialect: '{have.dialect.value}' (or --dialect {have.dialect.value})")
