@@ -136,3 +136,13 @@ def test_explain_says_how_each_family_number_was_reached() -> None:
     lines = {line.name: line for line in resolve(spec("Qwen2-VL-7B-Instruct")).derived.explanation}
     assert (lines["max_hw_dims"].value, lines["min_hw_dims"].value) == (1296, 16)
     assert "4 x 324" in lines["max_hw_dims"].formula and "--max_hw_dims" in lines["max_hw_dims"].note
+
+
+def test_explain_says_whether_the_size_is_the_specs_or_the_familys() -> None:
+    own = {line.name: line for line in resolve(spec("Qwen2-VL-7B-Instruct")).derived.explanation}
+    assert own["num_visual_features"].formula.endswith("at visual.max_image_size 504x504")
+    default = resolve(spec("Qwen2-VL-7B-Instruct", **{"visual.max_image_size": None})).derived
+    lines = {line.name: line for line in default.explanation}
+    assert default.num_visual_features == 324
+    assert lines["num_visual_features"].formula.endswith(
+        "at qwen2_vl's default largest image 504x504 (set visual.max_image_size to change it)")
