@@ -5,7 +5,9 @@ and encoded with a 336x336 thumbnail: the visual engine takes 1 + tiles inputs p
 576 (thumbnail) + the tile grid's patches with the padding removed + one newline embedding per grid row
 (TensorRT-LLM 1.2's builder writes ``image_newlines.safetensors``). The count is transformers'
 ``LlavaNextProcessor._get_number_of_features`` (measured: /work/notes/families15.md); the largest is 2928 (a square
-image on the 672x672 pinpoint). Plans are the 1.2 README's; the hf toolchain does not build it yet.
+image on the 672x672 pinpoint). TensorRT-LLM's runner (``LlavaNextUtils.unpad_image``) truncates where transformers
+rounds, so it never unpads to more rows than counted here: the budgets hold for it too. Plans are the 1.2 README's;
+the hf toolchain does not build it yet.
 """
 
 from __future__ import annotations
