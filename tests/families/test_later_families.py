@@ -146,3 +146,34 @@ def test_explain_says_whether_the_size_is_the_specs_or_the_familys() -> None:
     assert default.num_visual_features == 324
     assert lines["num_visual_features"].formula.endswith(
         "at qwen2_vl's default largest image 504x504 (set visual.max_image_size to change it)")
+
+
+def test_the_counts_equal_transformers_processors_on_random_sizes() -> None:
+    """Live, beside the recorded counts above: transformers' LlavaNextProcessor (the llava-v1.6 checkpoints' settings,
+    placeholder tokens counted) and Qwen2VLImageProcessor (grid t*h*w / 4) on 40 random image sizes each."""
+    import random
+
+    from PIL import Image
+    from transformers import LlavaNextProcessor
+
+    from vlmforge.families.llava_next import DEFAULT_PINPOINTS
+    from vlmforge.families.qwen2_vl import MIN_PIXELS
+    from vlmforge.families.tinykit import IMAGE_ID, make_fast_tokenizer, pil_image_processor
+
+    llava_images = pil_image_processor("LlavaNextImageProcessor", size={"shortest_edge": 336},
+                                       crop_size={"height": 336, "width": 336},
+                                       image_grid_pinpoints=[list(pin) for pin in DEFAULT_PINPOINTS])
+    llava = LlavaNextProcessor(image_processor=llava_images, tokenizer=make_fast_tokenizer(), patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    qwen = pil_image_processor("Qwen2VLImageProcessor", size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    rng = random.Random(0)
+    for _ in range(40):
+        width, height = rng.randint(20, 1600), rng.randint(20, 1600)
+        inputs = llava(text="<image>hi", images=Image.new("RGB", (width, height)), return_tensors="pt")
+        count = anyres_count(height, width)
+        assert (int((inputs["input_ids"] == IMAGE_ID).sum()), int(inputs["pixel_values"].shape[1])) == (
+            count.tokens, count.tiles), (height, width)
+        width, height = rng.randint(28, 2600), rng.randint(28, 2600)
+        t, h, w = qwen(Image.new("RGB", (width, height)), return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert t * h * w // 4 == image_tokens(height, width), (height, width)
