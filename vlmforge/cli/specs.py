@@ -102,7 +102,8 @@ def families_cmd(as_json: JsonOpt = False) -> None:
                   "hf toolchain", "trtllm toolchain")
     for row in rows:
         table.add_row(row["name"], row["description"], "yes" if row["encoder_decoder"] else "no",
-                      str(row["num_visual_features"]) + (f" at {row['default_max_image_size']}" if row["size_dependent_tokens"] else ""),
+                      str(row["num_visual_features"])
+                      + (f" at {row['default_max_image_size']}" if row["size_dependent_tokens"] else ""),
                       row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-",
                       row["toolchains"]["hf"], row["toolchains"]["trtllm"])
     console.print(table)

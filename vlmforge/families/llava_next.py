@@ -152,7 +152,8 @@ class LlavaNextFamily(ReleaseConverterFamily):
         text_model = TEXT_MODELS.get(parsed.location) if parsed.scheme == "hf" else None
         if text_model is not None and text_model not in RUNNER_TEMPLATES:
             raise PlanError(
-                f"{spec.source}: TensorRT-LLM {info.release}'s multimodal runner (run.py, the plan's validate step) has "
+                f"{spec.source}: TensorRT-LLM {info.release}'s multimodal runner (run.py, the plan's validate step) "
+                "has "
                 f"llava_next prompt templates only for {' and '.join(RUNNER_TEMPLATES)}; this checkpoint's language "
                 f"model is {text_model}, so run.py stops with 'Prompt template for {text_model} ... not included'. "
                 "Build llava-v1.6-mistral-7b-hf (or llava-v1.6-34b-hf) with this release, or wait for the hf toolchain")

@@ -35,7 +35,8 @@ REQUIREMENTS = "requirements-qwen2vl.txt"
 converter and the visual builder."""
 
 
-def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """transformers' Qwen2-VL ``smart_resize``: the (height, width) an image is resized to, multiples of 28 within
     [min_pixels, max_pixels]; ValueError for an aspect ratio over 200."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:

@@ -55,7 +55,8 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
             raise PlanError(
                 f"{self.name} cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release}'s "
                 f"{info.visual_builder} has no --model_type {self.builder_model_type} (the family arrived later); "
-                f"TensorRT-LLM {have.release} builds it ({have.visual_builder} --model_type {self.builder_model_type}): "
+                f"TensorRT-LLM {have.release} builds it ({have.visual_builder} --model_type "
+                f"{self.builder_model_type}): "
                 f"set dialect: '{have.dialect.value}' (or --dialect {have.dialect.value})")
         super().check_dialect(spec, info)
 
