@@ -122,6 +122,12 @@ def test_a_spec_that_cannot_hold_its_largest_image_is_refused_naming_size_tokens
         resolve(spec("llava-v1.6-mistral-7b-hf", **{"limits.max_images_per_prompt": 2, "visual.max_batch_size": 10}))
 
 
+def test_a_qwen2_vl_box_the_processor_refuses_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match=r"visual.max_image_size 1x300: .*aspect ratio at most 200") as info:
+        resolve(spec("Qwen2-VL-2B-Instruct", **{"visual.max_image_size": {"height": 1, "width": 300}}))
+    assert info.value.path == "visual.max_image_size"
+
+
 def test_the_fixed_count_field_is_refused_for_size_dependent_families() -> None:
     with pytest.raises(SpecError, match="depend on each image's size") as info:
         resolve(spec("Qwen2-VL-2B-Instruct", **{"architecture.num_visual_features": 324}))

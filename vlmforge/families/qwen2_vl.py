@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from vlmforge.errors import PlanError
+from vlmforge.errors import PlanError, SpecError
 from vlmforge.families import register_family
 from vlmforge.families.release_llm import ReleaseConverterFamily
 from vlmforge.plans.model import DialectInfo, PlanContext, Step
@@ -67,7 +67,11 @@ def largest_tokens(size: ImageSize, min_pixels: int = MIN_PIXELS, max_pixels: in
     if h_bar * w_bar > max_pixels:
         return max_pixels // (FACTOR * FACTOR), f"qwen2_vl: max_pixels / 28^2 = {max_pixels} / 784 (the resize cap)"
     if h_bar * w_bar < min_pixels:
-        h_bar, w_bar = smart_resize(size.height, size.width, min_pixels, max_pixels)
+        try:
+            h_bar, w_bar = smart_resize(size.height, size.width, min_pixels, max_pixels)
+        except ValueError as error:
+            raise SpecError(f"visual.max_image_size {size}: {error}; give the largest image the engine must take",
+                            path="visual.max_image_size") from None
     tokens = (h_bar // PATCH) * (w_bar // PATCH) // ROWS_PER_TOKEN
     return tokens, (f"qwen2_vl smart_resize to {h_bar}x{w_bar} (multiples of 28): "
                     f"({h_bar}/14) x ({w_bar}/14) / 4 = {tokens}")
