@@ -47,6 +47,24 @@ def test_models_and_families_json() -> None:
     assert {"llava-1.5-7b-hf", "nougat-small"} <= {row["name"] for row in models}
     families = json.loads(vlmforge("families", "--json").stdout)
     assert {"blip2-opt", "blip2-t5", "llava", "vila", "nougat"} <= {row["name"] for row in families}
+    by_name = {row["name"]: row for row in families}
+    assert by_name["llava"]["toolchains"]["hf"] == "build, validate, serve"
+    assert by_name["llava"]["toolchains"]["trtllm"].startswith("plan (0.9, 1.2), build")
+    for name, cls in (("llava_next", "LlavaNextForConditionalGeneration"), ("qwen2_vl", "Qwen2VLForConditionalGeneration")):
+        assert by_name[name]["toolchains"] == {"hf": f"not yet (plan-only; {cls})",
+                                               "trtllm": "plan (1.2) only; run it in NVIDIA's container"}
+        assert by_name[name]["size_dependent_tokens"]
+    assert (by_name["qwen2_vl"]["num_visual_features"], by_name["qwen2_vl"]["default_max_image_size"]) == (324, "504x504")
+
+
+def test_plan_explain_json_names_the_family_numbers() -> None:
+    result = vlmforge("plan", "Qwen2-VL-7B-Instruct", "--explain", "--json")
+    assert result.returncode == 0, result.stderr
+    explain = {line["name"]: line for line in json.loads(result.stdout)["explain"]}
+    assert explain["max_hw_dims"]["value"] == 1296 and explain["min_hw_dims"]["value"] == 16
+    assert explain["num_visual_features"]["value"] == 324 and "smart_resize to 504x504" in explain["num_visual_features"]["formula"]
+    refused = vlmforge("plan", "Qwen2-VL-7B-Instruct", "--dialect", "0.9")
+    assert refused.returncode == 2 and "v1.2.1 builds it" in refused.stderr
 
 
 def test_spec_schema_is_json_schema() -> None:

@@ -58,6 +58,8 @@ def test_the_contract_of_every_registered_family() -> None:
     assert set(PLACEMENTS) <= set(family_names())
     for name in family_names():
         family = get_family(name)
+        if family.size_dependent_tokens:  # llava_next, qwen2_vl: tests/families/test_later_families.py
+            continue
         for spec in (s for s in catalog_specs() if s.family == name):
             contract = family.visual_contract(spec)
             assert contract.tokens_per_image == family.num_visual_features(spec)
@@ -73,6 +75,8 @@ def test_every_catalog_spec_dumps_plans_and_fingerprints_as_before() -> None:
     """The new spec, derived and engine.json fields are left out at their defaults: earlier manifests, plans and
     fingerprints read the same (the 204 plans of the catalog were compared with main's, byte for byte)."""
     for spec in catalog_specs():
+        if get_family(spec.family).size_dependent_tokens:
+            continue  # families added with the visual contract: their derived dumps hold max_image_size
         derived = resolve(spec).derived
         dumped = derived.model_dump(mode="json")
         assert set(dumped) == DERIVED_KEYS_BEFORE, spec.name

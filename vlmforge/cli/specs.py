@@ -13,7 +13,7 @@ from rich.table import Table
 from vlmforge.cli.tables import Col, fit_table
 
 from vlmforge.cli.app import app, console, print_json
-from vlmforge.families import family_names, get_family, resolve
+from vlmforge.families import ModelFamily, family_names, get_family, resolve
 from vlmforge.specs.catalog import catalog_specs, load_model_or_spec
 from vlmforge.specs.schema import Dialect, Dtype, QuantMethod, spec_json_schema
 from vlmforge.toolchains.trtllm.plan import build_plan
@@ -92,16 +92,30 @@ def families_cmd(as_json: JsonOpt = False) -> None:
                      "num_visual_features": family.default_num_visual_features, "tiny_source": family.tiny_source,
                      "visual_placement": family.visual_placement.value,
                      "max_images_per_prompt": family.images_per_prompt_limit,
-                     "size_dependent_tokens": family.size_dependent_tokens})
+                     "size_dependent_tokens": family.size_dependent_tokens,
+                     "default_max_image_size": str(family.default_max_image_size or "") or None,
+                     "toolchains": family_toolchains(family)})
     if as_json:
         print_json(rows)
         return
-    table = Table("family", "description", "enc-dec", "visual feats", "visual rows go to", "images", "tiny model")
+    table = Table("family", "description", "enc-dec", "visual feats", "visual rows go to", "images", "tiny model",
+                  "hf toolchain", "trtllm toolchain")
     for row in rows:
         table.add_row(row["name"], row["description"], "yes" if row["encoder_decoder"] else "no",
-                      str(row["num_visual_features"]) + (" at most" if row["size_dependent_tokens"] else ""),
-                      row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-")
+                      str(row["num_visual_features"])
+                      + (f" at {row['default_max_image_size']}" if row["size_dependent_tokens"] else ""),
+                      row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-",
+                      row["toolchains"]["hf"], row["toolchains"]["trtllm"])
     console.print(table)
+
+
+def family_toolchains(family: ModelFamily) -> dict[str, str]:
+    """What works for a family on each toolchain, in words (``vlmforge families``)."""
+    dialects = ", ".join(dialect.value for dialect in family.plan_dialects)
+    if family.hf_supported:
+        return {"hf": "build, validate, serve", "trtllm": f"plan ({dialects}), build (validated against hf)"}
+    return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
+            "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}
 
 
 @app.command("plan")

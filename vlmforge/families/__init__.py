@@ -18,7 +18,7 @@ from vlmforge.families.base import ModelFamily
 from vlmforge.specs.derived import Derived, derive
 from vlmforge.specs.schema import BuildSpec
 
-NOT_FAMILIES = frozenset({"base", "contract", "tinykit", "vila_config", "vila_model", "vila_tiny"})
+NOT_FAMILIES = frozenset({"base", "contract", "release_llm", "tinykit", "vila_config", "vila_model", "vila_tiny"})
 """Modules of this package that hold no family (shared code)."""
 
 _REGISTRY: dict[str, type[ModelFamily]] = {}

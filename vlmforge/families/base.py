@@ -83,6 +83,8 @@ class ModelFamily(VisualContractHooks):
     # Implemented by every family module; torch and transformers are imported inside them, so the
     # spec and plan layers never need torch.
 
+    plan_dialects: ClassVar[tuple[Dialect, ...]] = (Dialect.V0_9, Dialect.V1_2)
+    """TensorRT-LLM dialects whose scripts build this family (``vlmforge families``; the others refuse its plan)."""
     hf_supported: ClassVar[bool] = True
     """The hf toolchain can build this family (every family today; a family that needs foreign model code would not)."""
     hf_unsupported_reason: ClassVar[str] = ""
@@ -274,13 +276,16 @@ class DecoderOnlyFamily(ModelFamily):
 
     emit_beam_width: ClassVar[bool] = False
     """Always pass --max_beam_width (the seed's OPT commands do; its LLaMA ones don't)."""
+    release_converter: ClassVar[bool] = False
+    """1.2 plans convert with the release's own convert_checkpoint.py / quantize.py, as in 0.9 (the LLM has no
+    ``vlmforge checkpoint`` writer, e.g. Qwen2-VL's M-RoPE LLM)."""
 
     def convert_extra_args(self, ctx: PlanContext) -> list[str]:
         return []
 
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
         """1.2 plans write the checkpoint with ``vlmforge checkpoint``: refuse what its writer cannot produce."""
-        if info.dialect is not Dialect.V0_9:
+        if info.dialect is not Dialect.V0_9 and not self.release_converter:
             check_checkpoint_support(spec, self.llm_kind)
 
     def llm_build_flags(self, ctx: PlanContext) -> list[str]:
@@ -298,7 +303,7 @@ class DecoderOnlyFamily(ModelFamily):
         ModelOpt has no exporter), verified by reading it back, on any machine with torch. 0.9: the seed's scripts."""
         spec = ctx.spec
         hf_dir, ckpt = ctx.layout.hf_dir, ctx.layout.checkpoint_dir
-        if ctx.dialect.dialect is not Dialect.V0_9:
+        if ctx.dialect.dialect is not Dialect.V0_9 and not self.release_converter:
             report = checkpoint_report(ctx.layout)
             argv = checkpoint_argv(spec, hf_dir, ckpt, report)
             return ctx.step("checkpoint", argv, tool="vlmforge", gpus=1 if spec.quantization.needs_calibration else 0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from vlmforge.specs.schema import BuildSpec, ImageSize
-from vlmforge.specs.visual import VisualContract, VisualPlacement
+from vlmforge.specs.visual import FamilyNumber, VisualContract, VisualPlacement
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -60,13 +60,21 @@ class VisualContractHooks:
         """Visual-engine batch entries one image of ``size`` takes (tiling families: its tiles)."""
         return 1
 
+    def visual_token_formula(self, spec: BuildSpec, size: ImageSize | None) -> str:
+        """How :meth:`visual_tokens` counts at ``size``, for ``--explain`` (size-dependent families)."""
+        return f"{self.name}'s token count"
+
+    def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
+        """Numbers only this family's plan passes, at the largest image ``size`` (see VisualContract)."""
+        return ()
+
     def visual_contract(self, spec: BuildSpec) -> VisualContract:
         """The contract at the spec's largest image: what the derived budgets are computed from."""
         size = (spec.visual.max_image_size or self.default_max_image_size) if self.size_dependent_tokens else None
         if self.size_dependent_tokens and size is None:
             raise NotImplementedError(f"{self.name}: a size-dependent family needs default_max_image_size")
         if size is not None:
-            source = f"{self.name}'s token count"
+            source = self.visual_token_formula(spec, size)
         elif spec.architecture.num_visual_features:
             source = "architecture.num_visual_features"
         else:
@@ -75,7 +83,7 @@ class VisualContractHooks:
             placement=self.visual_placement, tokens_per_image=self.visual_tokens(spec, size), tokens_source=source,
             max_image_size=size, engine_inputs_per_image=self.visual_engine_inputs(spec, size),
             max_images_per_prompt=self.images_per_prompt_limit, position_id_dims=self.position_id_dims,
-            dynamic_spatial_axes=self.dynamic_spatial_axes)
+            dynamic_spatial_axes=self.dynamic_spatial_axes, family_numbers=self.family_numbers(spec, size))
 
     def image_features(self, features: ImageFeatures) -> list[torch.Tensor]:
         """A request's visual features as one [1, N_i, hidden] tensor per image (one tensor: one image), checked

@@ -74,6 +74,7 @@ DIALECTS: dict[Dialect, DialectInfo] = {
         script_dirs={
             "opt": "examples/models/contrib/opt",
             "llama": "examples/models/core/llama",
+            "qwen": "examples/models/core/qwen",
             "enc_dec": "examples/models/core/enc_dec",
         },
         quantize_script="examples/quantization/quantize.py",

@@ -118,7 +118,12 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             f"limits.max_images_per_prompt is {images}: set it to {ceiling} or less (or remove it)",
             path="limits.max_images_per_prompt",
         )
-    at_size = f" at visual.max_image_size {size}" if size is not None else " (every image is resized to one size)"
+    if size is None:
+        at_size = " (every image is resized to one size)"
+    elif spec.visual.max_image_size is not None:
+        at_size = f" at visual.max_image_size {size}"
+    else:
+        at_size = f" at {family.name}'s default largest image {size} (set visual.max_image_size to change it)"
     explain("visual_placement", contract.placement.value, f"{family.name}'s visual contract",
             f"position ids: {contract.position_id_dims} axis" + ("" if contract.position_id_dims == 1 else "es"))
     explain("num_visual_features", nvf, contract.tokens_source + at_size, "visual tokens of the largest image")
@@ -270,6 +275,8 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             path="visual.max_batch_size",
         )
     explain("visual_max_batch_size", visual_batch, origin, f"at least {need}")
+    for number in contract.family_numbers:
+        explain(number.name, number.value, number.formula, number.note)
     family.check_spec(spec)
 
     max_new_tokens = spec.validation.max_new_tokens or family.default_max_new_tokens

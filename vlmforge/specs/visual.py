@@ -32,6 +32,16 @@ class VisualPlacement(StrEnum):
 
 
 @dataclass(frozen=True)
+class FamilyNumber:
+    """One family-specific number of a plan and how it was reached (an ``--explain`` line)."""
+
+    name: str
+    value: int | str
+    formula: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class VisualContract:
     """What one image and one prompt take, for one family and spec (numbers at the spec's largest image)."""
 
@@ -53,6 +63,9 @@ class VisualContract:
     """Axes of the LLM's position ids: 1, or 3 for Qwen2-VL's M-RoPE (time, height, width)."""
     dynamic_spatial_axes: bool = False
     """The visual engine takes images of their own height and width (the ONNX export marks both axes dynamic)."""
+    family_numbers: tuple[FamilyNumber, ...] = ()
+    """Numbers only this family's plan passes (Qwen2-VL's --max_hw_dims, the tile grid of LLaVA-NeXT's largest
+    image), with how each was reached: ``vlmforge plan --explain`` lists them after the shared ones."""
 
     @property
     def size_dependent(self) -> bool:

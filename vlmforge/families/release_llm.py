@@ -1,0 +1,95 @@
+"""The shape of the families TensorRT-LLM 1.2 added to its multimodal builder (LLaVA-NeXT, Qwen2-VL, ...).
+
+Their plans are the 1.2 README's: the LLM converted by the release's own ``convert_checkpoint.py`` (or quantize.py),
+``trtllm-build`` with the attention plugin and ``--max_num_tokens``, ``build_multimodal_engine.py --model_type``.
+v0.10 (dialect 0.9) has none of them: its builder's ``--model_type`` lacks them, so such a plan is refused naming the
+release that has it. The hf toolchain does not build them yet (plan-only): each family says which transformers
+class would serve it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import ClassVar
+
+from vlmforge.errors import PlanError, SpecError
+from vlmforge.families.base import DecoderOnlyFamily
+from vlmforge.plans.model import DIALECTS, DialectInfo, PlanContext, Step
+from vlmforge.specs.schema import BuildSpec, Dialect, ImageSize, QuantMethod
+from vlmforge.specs.visual import FamilyNumber
+
+
+class ReleaseConverterFamily(DecoderOnlyFamily):
+    """A family the 1.2 builder knows and 0.9's does not, converted by the release's scripts, plan-only on hf."""
+
+    release_converter: ClassVar[bool] = True
+    hf_supported: ClassVar[bool] = False
+    builder_model_type: ClassVar[str]
+    """build_multimodal_engine.py --model_type."""
+    hf_class: ClassVar[str]
+    """The transformers class that would serve the family on the hf toolchain (its next step)."""
+    plan_dialects: ClassVar[tuple[Dialect, ...]] = (Dialect.V1_2,)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "hf_unsupported_reason" not in cls.__dict__ and "hf_class" in cls.__dict__:
+            cls.hf_unsupported_reason = (
+                f"{cls.name} is plan-only on the hf toolchain for now: transformers' {cls.hf_class} would serve it, "
+                "and its hf path (convert, visual ONNX export, validation, serving) is the next step; `vlmforge plan "
+                f"MODEL` writes the commands that build it in NVIDIA's TensorRT-LLM "
+                f"{DIALECTS[cls.plan_dialects[0]].release} container")
+
+    def visual_model_type(self, ctx: PlanContext) -> str:
+        return self.builder_model_type
+
+    def check_spec(self, spec: BuildSpec) -> None:
+        if self.size_dependent_tokens and spec.architecture.num_visual_features is not None:
+            raise SpecError(
+                f"architecture.num_visual_features does not apply to {self.name}: its visual tokens depend on each "
+                "image's size and are counted at visual.max_image_size; remove it (set visual.max_image_size instead)",
+                path="architecture.num_visual_features")
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if info.dialect not in self.plan_dialects:
+            have = DIALECTS[self.plan_dialects[0]]
+            raise PlanError(
+                f"{self.name} cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release}'s "
+                f"{info.visual_builder} has no --model_type {self.builder_model_type} (the family arrived later); "
+                f"TensorRT-LLM {have.release} builds it ({have.visual_builder} --model_type "
+                f"{self.builder_model_type}): "
+                f"set dialect: '{have.dialect.value}' (or --dialect {have.dialect.value})")
+        super().check_dialect(spec, info)
+
+    def attention_plugin(self, ctx: PlanContext) -> list[str]:
+        """--gpt_attention_plugin as the README writes it; its FP8 build leaves the plugin at its default."""
+        if ctx.spec.quantization.method is QuantMethod.FP8:
+            return []
+        return ["--gpt_attention_plugin", ctx.spec.dtype.value]
+
+    def max_num_tokens(self, ctx: PlanContext) -> int:
+        """--max_num_tokens: max_input_len, the README's and NVIDIA CI's value for these families."""
+        return ctx.derived.max_input_len
+
+    def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
+        numbers = (FamilyNumber("max_num_tokens", spec.limits.max_input_len, "max_input_len (TensorRT-LLM 1.2's "
+                                "README and CI for these families)", "trtllm-build --max_num_tokens: tokens of one "
+                                "forward pass, so one full prompt fits it"),)
+        return numbers + self.visual_numbers(spec, size)
+
+    def visual_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
+        """The family's own visual numbers at the largest image ``size``."""
+        return ()
+
+    def llm_step(self, ctx: PlanContext) -> tuple[Step, str]:
+        derived = ctx.derived
+        ckpt = ctx.layout.checkpoint_dir
+        out = posixpath.join(ctx.layout.engine_dir, "llm")
+        argv = ["trtllm-build", "--checkpoint_dir", ckpt, "--output_dir", out] + self.attention_plugin(ctx)
+        argv += self.llm_build_flags(ctx) + [
+            "--max_batch_size", str(ctx.spec.limits.max_batch_size),
+            "--max_input_len", str(derived.max_input_len),
+            *self.sizing_flag_for_output(ctx),
+            "--max_num_tokens", str(self.max_num_tokens(ctx)),
+            "--max_multimodal_len", str(derived.max_multimodal_len),
+        ]
+        return ctx.step("build-llm", argv, tool="trtllm-build", gpus=1, inputs=[ckpt], outputs=[out]), out
