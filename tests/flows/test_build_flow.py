@@ -45,8 +45,13 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
         store.pull(f"{model}@latest", pulled)
     assert manifest.source.revision.startswith("tiny-sha256:")
     assert manifest.validation["passed"] is True and manifest.toolchain == "hf"
-    assert {"engine.json", "vision/model.onnx"} <= {f.path for f in manifest.files}
-    assert json.loads((pulled / "engine.json").read_text())["family"] == get_family(manifest.spec["family"]).name
+    assert {"engine.json", "vision/model.onnx", "hf/config.json"} <= {f.path for f in manifest.files}
+    written = json.loads((pulled / "engine.json").read_text())
+    assert written["family"] == get_family(manifest.spec["family"]).name
+    architecture = json.loads((pulled / "hf" / "config.json").read_text())["architectures"][0]  # the whole model
+    assert written["hf_checkpoint"] == manifest.extra["hf_checkpoint"] == {
+        "path": "hf", "architecture": architecture, "dtype": manifest.spec["dtype"], "quantization": "none",
+        "missing": None}
 
 
 def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(prefect_server: str, hf_offline: None, tmp_path: Path) -> None:
@@ -123,6 +128,9 @@ def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
     with open_store(str(tmp_path / "store")) as store:  # the quantize stage's figures travel with the build
         manifest = store.resolve(f"tiny-llava#{summary['build_id']}")
     assert manifest.extra["quantization"]["quantized_vs_reference"] == result["quantized_vs_reference"]
+    recorded = manifest.extra["hf_checkpoint"]  # no float folder beside a quantized engine: it was not validated
+    assert recorded["path"] is None and "no trtllm-serve checkpoint exists for quantization" in recorded["missing"]
+    assert not any(f.path.startswith("hf/") for f in manifest.files)
 
 
 def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Path) -> None:

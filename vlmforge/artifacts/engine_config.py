@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlmforge.errors import DeployError
 
 ENGINE_CONFIG = "engine.json"
+HF_CHECKPOINT_DIR = "hf"
+"""Where an hf engine directory holds the whole model as a Hugging Face model folder (:class:`HfCheckpointInfo`)."""
+HF_CHECKPOINT_EXTRA = "hf_checkpoint"
+"""The manifest's ``extra`` entry repeating engine.json's ``hf_checkpoint``: what deploy --backend trtllm-serve reads
+before it pulls anything."""
 
 
 class VisualEngineInfo(BaseModel):
@@ -38,6 +43,25 @@ class LlmEngineInfo(BaseModel):
     """The transformers class of the standalone LLM (hf), or TensorRT-LLM's architecture (trtllm)."""
 
 
+class HfCheckpointInfo(BaseModel):
+    """The whole multimodal model as one Hugging Face model folder (config.json, the safetensors of the vision tower,
+    projector and language model, the tokenizer and processor files): what trtllm-serve's PyTorch backend loads. The
+    hf toolchain's convert stage writes it (cast to the spec's dtype); the engine directory hard-links it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None
+    """The folder, relative to the engine directory (``hf``); None where this build has none (``missing``)."""
+    architecture: str | None = None
+    """config.json's ``architectures[0]`` (a transformers class, or VILA1.5's ``LlavaLlamaModel``)."""
+    dtype: str
+    """The dtype its float tensors are stored in (the spec's)."""
+    quantization: str = "none"
+    """The spec's quantization method (``none``: a float folder)."""
+    missing: str | None = None
+    """Why there is no folder (``path`` None), and what to do instead: deploy says it."""
+
+
 class EngineConfig(BaseModel):
     """Everything a runner needs to know before loading an engine."""
 
@@ -61,6 +85,9 @@ class EngineConfig(BaseModel):
     """Directory (relative) with the tokenizer and image processor."""
     visual: VisualEngineInfo
     llm: LlmEngineInfo
+    hf_checkpoint: HfCheckpointInfo | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The whole model as a Hugging Face folder, or why there is none (hf engines of this version); None (left out):
+    an engine of the trtllm toolchain or of an earlier vlmforge, which records nothing about it."""
     tensorrt_version: str | None = None
     tensorrt_llm_version: str | None = None
     compute_capability: str | None = None

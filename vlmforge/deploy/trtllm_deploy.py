@@ -2,12 +2,13 @@
 that holds a Hugging Face model folder (or take a local folder), make every refusal before anything is pulled or
 started, check the folder, write the options file, start the container, wait for health, record it.
 
-The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. A store build holds
-one as ``hf/`` (:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`); builds without one are passed over, saying why. The
-hf toolchain's published ``llm/`` is the language model alone (trtllm-serve would serve it text-only) and its
-vision part is an ONNX file, and ``vlmforge checkpoint --kind unified`` exports the language model alone: neither is
-such a folder. ``--checkpoint-dir`` deploys a folder on this machine instead (``vlmforge selftest --backend
-trtllm-serve`` does).
+The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. An hf build of this
+version holds one as ``hf/`` (:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`: the convert stage's cast checkpoint,
+hard-linked into the engine directory) and its manifest repeats engine.json's record of it (the architecture, checked
+against the support matrix before anything is pulled), or of why there is none (a quantized spec: the hf toolchain
+quantizes the language model alone). Builds without one are passed over, saying why: the refusal names the fix
+(rebuild with this version, ``--checkpoint-dir``, or ``--backend vlmforge``). ``--checkpoint-dir`` deploys a folder
+on this machine instead (``vlmforge selftest --backend trtllm-serve`` does).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from vlmforge.deploy.trtllm_serve import (
     HF_DIR,
     RELEASE,
     ServeLimits,
+    check_architecture,
     check_checkpoint,
     default_image,
     llm_api_options,
@@ -86,19 +88,36 @@ class TrtllmPlan(BaseModel):
     replaces: Deployment | None = None
 
 
+def _no_folder(ref: str, ordered: list[BuildInfo]) -> DeployError:
+    """Why no build of ``ordered`` (newest first) can be served, from what the newest recorded, and what to do."""
+    newest = ordered[0]
+    which = newest.ref if is_exact(ref) else f"{len(ordered)} build(s) of {newest.model}"
+    head = (f"{which} hold(s) no Hugging Face model folder of the whole model ({HF_DIR}/config.json), which "
+            "trtllm-serve loads")
+    recorded = newest.hf_checkpoint
+    if recorded is not None and recorded.missing:
+        return DeployError(f"{head}: {newest.ref} records why: {recorded.missing}")
+    if newest.toolchain == "trtllm":
+        why = (f"{newest.ref} is a TensorRT engine build (--toolchain trtllm), which publishes no {HF_DIR}/: build the "
+               f"spec with --toolchain hf (`vlmforge build {newest.model} --toolchain hf`)")
+    else:
+        why = (f"{newest.ref} was built by an earlier vlmforge, whose engines hold vision/, llm/ (the language model "
+               f"alone) and processor/ only: rebuild it with this version (`vlmforge build {newest.model}`), which "
+               f"publishes {HF_DIR}/")
+    return DeployError(f"{head}: {why}; or deploy a folder of this machine with --checkpoint-dir, or deploy the build "
+                       "with the vlmforge runner (--backend vlmforge)")
+
+
 def _choose(ref: str, builds: list[BuildInfo], source: BuildSource) -> tuple[BuildInfo, str]:
     if not builds:
         raise DeployError(f"no builds of {ref!r} in {source.describe()}")
     ordered = sorted(builds, key=lambda b: (b.created_at, b.build_id), reverse=True)
     usable = [b for b in ordered if b.has_hf_checkpoint]
     if not usable:
-        which = ordered[0].ref if is_exact(ref) else f"{len(ordered)} build(s) of {ordered[0].model}"
-        raise DeployError(
-            f"{which} hold(s) no Hugging Face model folder of the whole model ({HF_DIR}/config.json), which trtllm-serve "
-            "loads: a vlmforge build publishes llm/ (the language model alone) and an ONNX vision engine. Deploy a "
-            "folder of this machine with --checkpoint-dir, or deploy the build with the vlmforge runner "
-            "(--backend vlmforge)")
+        raise _no_folder(ref, ordered)
     build = usable[0]
+    if build.hf_checkpoint is not None and build.hf_checkpoint.path is not None:  # refused before anything is pulled
+        check_architecture(build.hf_checkpoint.architecture, f"{build.ref}'s {HF_DIR}/config.json")
     passed = [b.ref for b in ordered if b.created_at > build.created_at and not b.has_hf_checkpoint]
     reason = (f"selected {build.ref} from {source.describe()}" + (f" (newer builds without {HF_DIR}/: "
               f"{', '.join(passed)})" if passed else "") + f"; TensorRT-LLM {RELEASE}'s trtllm-serve")
@@ -178,6 +197,10 @@ def dry_run(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = N
         checked = f"model folder checked: {check_checkpoint(folder, plan.limits).architecture}"
     else:
         folder = (cache_dir or default_cache_dir()) / plan.build.model / plan.build.build_id / HF_DIR
+        recorded = plan.build.hf_checkpoint
+        if recorded is not None and recorded.architecture:
+            checked = (f"the build records {HF_DIR}/ as {recorded.architecture} ({recorded.dtype}), in the support "
+                       "matrix; the model folder is checked once pulled")
     runner = _runner(plan)
     request = _request(plan, folder, state_dir, source.describe(), 1.0)
     spec = container_spec(request, runner)

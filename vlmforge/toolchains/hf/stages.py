@@ -22,7 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.artifacts.engine_config import (
+    HF_CHECKPOINT_DIR,
+    EngineConfig,
+    HfCheckpointInfo,
+    LlmEngineInfo,
+    VisualEngineInfo,
+)
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
 from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
@@ -216,9 +222,32 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
 
 
+def whole_model_folder(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) -> HfCheckpointInfo:
+    """The whole model as a Hugging Face folder in ``out/hf``, hard-linked from the convert stage's ``checkpoint/``
+    (no bytes copied where links work), or, for a quantized spec, the record that there is none and why: the
+    float folder is not the model this build validated, and no whole-model quantized folder is written."""
+    spec = resolved.spec
+    quant = spec.quantization
+    if quant.active:
+        what = ", ".join([f"method {quant.method.value}"] * (quant.method.value != "none")
+                         + [f"kv_cache_dtype {quant.kv_cache_dtype.value}"] * (quant.kv_cache_dtype.value != "auto"))
+        return HfCheckpointInfo(
+            path=None, dtype=spec.dtype.value, quantization=quant.method.value,
+            missing=f"no trtllm-serve checkpoint exists for quantization {what}: the hf toolchain quantizes the "
+                    "language model alone, in the hf runner's form, and ModelOpt's unified export (`vlmforge "
+                    "checkpoint --kind unified`) is of the language model alone too, while trtllm-serve loads the whole "
+                    "multimodal model. Deploy this build with --backend vlmforge, build the spec with quantization."
+                    "method none (and kv_cache_dtype auto) for trtllm-serve, or deploy a whole-model ModelOpt export "
+                    "with --checkpoint-dir")
+    shutil.copytree(checkpoint_dir, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
+    architectures = read_config(out / HF_CHECKPOINT_DIR).get("architectures") or [None]
+    return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=spec.dtype.value)
+
+
 def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm_dir: Path, llm: LlmResult,
-             out: Path) -> EngineConfig:
-    """Lay out the engine directory (vision/, llm/, processor/, engine.json), hard-linking stage outputs."""
+             checkpoint_dir: Path, out: Path) -> EngineConfig:
+    """Lay out the engine directory (vision/, llm/, processor/, hf/, engine.json), hard-linking stage outputs.
+    ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model (:func:`whole_model_folder`)."""
     spec, derived = resolved.spec, resolved.derived
     for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
         for name in names:
@@ -233,6 +262,7 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
                           quantization=spec.quantization.method.value,
                           kv_cache_dtype=spec.quantization.kv_cache_dtype.value, architecture=llm.architecture),
+        hf_checkpoint=whole_model_folder(resolved, checkpoint_dir, out),
     )
     config.write(out)
     return config
