@@ -99,8 +99,8 @@ class HfFingerprints:
 
     def engine(self, visual: str, llm: str, converted: str) -> str:
         """``converted``: the convert stage, whose whole-model checkpoint the engine directory holds as ``hf/``."""
-        return self._fp("engine", visual, llm, ("whole-model-folder", converted), spec_for_fingerprint(self.resolved.spec),
-                        self.resolved.derived.model_dump(mode="json"))
+        return self._fp("engine", visual, llm, ("whole-model-folder", converted),
+                        spec_for_fingerprint(self.resolved.spec), self.resolved.derived.model_dump(mode="json"))
 
     def validate(self, engine: str, fetched: str) -> str:
         return self._fp("validate", engine, fetched, self.resolved.spec.validation.model_dump(mode="json"))

@@ -235,10 +235,10 @@ def whole_model_folder(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) 
             path=None, dtype=spec.dtype.value, quantization=quant.method.value,
             missing=f"no trtllm-serve checkpoint exists for quantization {what}: the hf toolchain quantizes the "
                     "language model alone, in the hf runner's form, and ModelOpt's unified export (`vlmforge "
-                    "checkpoint --kind unified`) is of the language model alone too, while trtllm-serve loads the whole "
-                    "multimodal model. Deploy this build with --backend vlmforge, build the spec with quantization."
-                    "method none (and kv_cache_dtype auto) for trtllm-serve, or deploy a whole-model ModelOpt export "
-                    "with --checkpoint-dir")
+                    "checkpoint --kind unified`) is of the language model alone too, while trtllm-serve loads the "
+                    "whole multimodal model. Deploy this build with --backend vlmforge, build the spec with "
+                    "quantization.method none (and kv_cache_dtype auto) for trtllm-serve, or deploy a whole-model "
+                    "ModelOpt export with --checkpoint-dir")
     shutil.copytree(checkpoint_dir, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
     architectures = read_config(out / HF_CHECKPOINT_DIR).get("architectures") or [None]
     return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=spec.dtype.value)
