@@ -32,6 +32,7 @@ from vlmforge.artifacts.engine_config import (
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
 from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
+from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 from vlmforge.sources.base import link_or_copy
 from vlmforge.toolchains.hf.export_gate import EXPORT_GATE, beside_exports
 from vlmforge.toolchains.quantize.hf import QuantizeResult
@@ -229,8 +230,10 @@ def whole_model_folder(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) 
     spec = resolved.spec
     quant = spec.quantization
     if quant.active:
-        what = ", ".join([f"method {quant.method.value}"] * (quant.method.value != "none")
-                         + [f"kv_cache_dtype {quant.kv_cache_dtype.value}"] * (quant.kv_cache_dtype.value != "auto"))
+        parts = [f"method {quant.method.value}"] if quant.method is not QuantMethod.NONE else []
+        if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
+            parts.append(f"kv_cache_dtype {quant.kv_cache_dtype.value}")
+        what = ", ".join(parts)
         return HfCheckpointInfo(
             path=None, dtype=spec.dtype.value, quantization=quant.method.value,
             missing=f"no trtllm-serve checkpoint exists for quantization {what}: the hf toolchain quantizes the "
