@@ -62,7 +62,7 @@ class PullResult(BaseModel):
     check: PullCheck = Field(description="the weakest check any file got (sha256: every byte was hashed)")
     downloaded_files: int = 0
     downloaded_bytes: int = 0
-    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build")
+    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build, or from the part of it dest held")
     repaired: list[str] = Field(default_factory=list, description="damage found in dest, which was pulled again")
     excluded: list[str] = Field(default_factory=list, description="top-level folders dest holds none of (left out)")
 
@@ -79,7 +79,7 @@ class PullResult(BaseModel):
         text = f"{self.downloaded_files} files downloaded into {self.dest}{without}, sha256 checked"
         if self.resumed_files:
             how = "re-hashed" if self.check is PullCheck.SHA256 else "sizes checked, not re-hashed"
-            text += f"; {self.resumed_files} kept from an interrupted pull ({how})"
+            text += f"; {self.resumed_files} kept from an interrupted or partial pull ({how})"
         if self.repaired:
             more = f" and {len(self.repaired) - 1} more" if len(self.repaired) > 1 else ""
             text += f"; replaced a damaged copy ({self.repaired[0]}{more})"
