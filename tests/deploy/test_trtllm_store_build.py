@@ -1,10 +1,11 @@
-"""``deploy --backend trtllm-serve`` from the store, on real tiny builds: the hf build's engine directory carries the
-whole model as a Hugging Face folder (``hf/``, hard links to the convert stage's checkpoint), the build is published
-to a local store and to S3 (moto), the dry run points at where the pull puts ``hf/``, a real deploy pulls it and
-checks it before any container starts (no GPU, no TensorRT-LLM image here), and the pulled folder loads with
-transformers (or VILA's own loader) holding the built model's weights. Builds without the folder (earlier versions,
-quantized specs) or of an architecture trtllm-serve does not serve multimodal are refused before anything is
-pulled, naming the fix.
+"""``deploy --backend trtllm-serve`` from the store, on real tiny builds: with ``artifacts.hf_checkpoint`` the hf
+build's engine directory carries the whole model as a Hugging Face folder (``hf/``, hard links to the convert stage's
+checkpoint), the build is published to a local store and to S3 (moto), the dry run points at where the pull puts
+``hf/``, a real deploy pulls it (and not the runner's llm/ and vision/) and checks it before any container starts (no
+GPU, no TensorRT-LLM image here), and the pulled folder loads with transformers (or VILA's own loader) holding the
+built model's weights. A vlmforge-runner deploy of the same build leaves ``hf/`` out of its pull. Builds without the
+folder (the default, earlier versions) or of an architecture trtllm-serve does not serve multimodal are refused
+before anything is pulled, naming the fix.
 """
 
 from __future__ import annotations
@@ -17,20 +18,30 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.deploy import RecordingSource, cli
-from tests.helpers.runners import publish_tiny
+from tests.helpers.deploy import cli
+from tests.helpers.net import free_port
+from tests.helpers.runners import build_tiny, publish_tiny
 from tests.helpers.store import new_manifest
 from vlmforge.artifacts.engine_config import HF_CHECKPOINT_DIR, HF_CHECKPOINT_EXTRA, EngineConfig
-from vlmforge.deploy.machine import BuildInfo
-from vlmforge.deploy.trtllm_deploy import plan_trtllm_serve
+from vlmforge.deploy.service import RUNNER_LEAVES_OUT, fetch_engine, plan_deploy
+from vlmforge.deploy.sources import StoreSource
+from vlmforge.deploy.trtllm_deploy import SERVE_LEAVES_OUT
 from vlmforge.deploy.trtllm_serve import ServeLimits, check_checkpoint
 from vlmforge.errors import DeployError
-from vlmforge.families import get_family, resolve
+from vlmforge.families import get_family
 from vlmforge.sources.base import DigestCache, hash_tree
-from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.store import open_store
+from vlmforge.store.keys import SUBSET
 
 pytestmark = pytest.mark.slow
+ON = {"artifacts": {"hf_checkpoint": True}}
+"""The spec option that asks for hf/ (off by default)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_vila_hf(build_workdir: Path, tiny_vila_engine: Path) -> Path:
+    """tiny-vila with artifacts.hf_checkpoint (every stage but the engine's and validation reused)."""
+    return build_tiny("tiny-vila", build_workdir, **ON)
 
 
 def stage_dir(workdir: Path, model: str, stage: str) -> Path:
@@ -50,26 +61,28 @@ def assert_holds_the_built_weights(model: Any, source_dir: Path, family: Any, dt
         assert torch.equal(loaded[key].float() if loaded[key].is_floating_point() else loaded[key], expected), key
 
 
-def test_the_engine_directory_holds_the_whole_model_as_hard_links_hashed_once(tiny_vila_engine: Path,
+def test_the_engine_directory_holds_the_whole_model_as_hard_links_hashed_once(tiny_vila_hf: Path,
+                                                                            tiny_vila_engine: Path,
                                                                             build_workdir: Path) -> None:
-    config = EngineConfig.read(tiny_vila_engine)
+    assert EngineConfig.read(tiny_vila_engine).hf_checkpoint is None and not (tiny_vila_engine / "hf").exists()
+    config = EngineConfig.read(tiny_vila_hf)
     assert config.hf_checkpoint is not None and config.hf_checkpoint.path == HF_CHECKPOINT_DIR
-    assert (config.hf_checkpoint.architecture, config.hf_checkpoint.quantization) == ("LlavaLlamaModel", "none")
+    assert (config.hf_checkpoint.architecture, config.hf_checkpoint.dtype) == ("LlavaLlamaModel", "float16")
     checkpoint = stage_dir(build_workdir, "tiny-vila", "convert") / "checkpoint"
-    folder = tiny_vila_engine / HF_CHECKPOINT_DIR
+    folder = tiny_vila_hf / HF_CHECKPOINT_DIR
     files = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     assert all((folder / f).stat().st_ino == (checkpoint / f).stat().st_ino for f in files)  # links: no extra bytes
     digests = DigestCache()
     hash_tree(checkpoint, digests=digests)
     read = digests.hashed_bytes
-    hash_tree(tiny_vila_engine, digests=digests)  # what the engine stage's record hashes after convert's
+    hash_tree(tiny_vila_hf, digests=digests)  # what the engine stage's record hashes after convert's
     assert digests.reused_bytes == sum((checkpoint / f).stat().st_size for f in files) and read > 0
 
 
 def test_a_store_build_is_dry_run_then_pulled_checked_and_loaded_from_its_hf_folder(
-        store_url: str, build_workdir: Path, tiny_vila_engine: Path, tmp_path: Path) -> None:
-    engine, published = publish_tiny("tiny-vila", build_workdir, store_url)
+        store_url: str, build_workdir: Path, tiny_vila_hf: Path, tmp_path: Path) -> None:
+    engine, published = publish_tiny("tiny-vila", build_workdir, store_url, **ON)
     manifest = published.manifest
     paths = {f.path: f for f in manifest.files}
     assert f"{HF_CHECKPOINT_DIR}/config.json" in paths and manifest.extra[HF_CHECKPOINT_EXTRA]["path"] == "hf"
@@ -96,6 +109,12 @@ def test_a_store_build_is_dry_run_then_pulled_checked_and_loaded_from_its_hf_fol
     assert refused.returncode == 2 and "has no chat template" in refused.stderr and "Traceback" not in refused.stderr
     assert {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} == \
         {p.removeprefix("hf/") for p in paths if p.startswith("hf/")}
+    root = folder.parent  # trtllm-serve's pull took hf/ and left the runner's llm/ and vision/ out
+    assert not (root / "llm").exists() and not (root / "vision").exists() and SERVE_LEAVES_OUT == {"llm", "vision"}
+    assert json.loads((root / SUBSET).read_text()) == ["llm", "vision"]
+    with open_store(store_url) as store:  # the marker is respected: the next trtllm-serve pull reuses it
+        again = store.pull_engine(manifest.ref, root, exclude=SERVE_LEAVES_OUT)
+    assert again.reused and again.downloaded_files == 0
     with pytest.raises(DeployError, match="has no chat template"):
         check_checkpoint(folder, ServeLimits(max_batch_size=1, max_seq_len=512))
     family = get_family("vila")
@@ -116,7 +135,7 @@ def test_a_transformers_family_folder_loads_with_auto_config_but_is_refused_befo
     import torch
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    engine, published = publish_tiny("tiny-llava", build_workdir, store_url)
+    engine, published = publish_tiny("tiny-llava", build_workdir, store_url, **ON)
     manifest = published.manifest
     folder = engine / HF_CHECKPOINT_DIR
     assert AutoConfig.from_pretrained(folder).architectures == ["LlavaForConditionalGeneration"]
@@ -129,38 +148,45 @@ def test_a_transformers_family_folder_loads_with_auto_config_but_is_refused_befo
     assert not (tmp_path / "cache").exists()
 
 
-def test_an_engine_of_an_earlier_version_is_read_and_refused_naming_the_fix(
+def test_a_build_without_the_folder_is_refused_naming_the_option(
         store_url: str, tiny_engine: Path, tmp_path: Path) -> None:
-    old = tmp_path / "old-engine"
-    shutil.copytree(tiny_engine, old, ignore=shutil.ignore_patterns(HF_CHECKPOINT_DIR, "_stage.json"))
-    written = json.loads((old / "engine.json").read_text())
-    written.pop("hf_checkpoint")
-    (old / "engine.json").write_text(json.dumps(written, indent=2))  # as versions before hf/ wrote it
-    assert EngineConfig.read(old).hf_checkpoint is None
+    """The default (artifacts.hf_checkpoint off) engine directory, as every earlier version wrote it."""
+    assert EngineConfig.read(tiny_engine).hf_checkpoint is None and not (tiny_engine / HF_CHECKPOINT_DIR).exists()
+    assert "hf_checkpoint" not in json.loads((tiny_engine / "engine.json").read_text())
     manifest = new_manifest("tiny-llava").model_copy(update={
         "toolchain": "hf", "spec": {"limits": {"max_batch_size": 2}, "parallel": {"tp": 1, "pp": 1}},
         "derived": {"max_seq_len": 512, "world_size": 1}})
     with open_store(store_url) as store:
-        build_id = store.publish(old, manifest).manifest.build_id
+        build_id = store.publish(tiny_engine, manifest).manifest.build_id
     done = cli("deploy", "tiny-llava", "--backend", "trtllm-serve", "--store", store_url, "--dry-run",
                state=tmp_path / "state", cache=tmp_path / "cache")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     said = " ".join(done.stderr.split())
-    assert f"tiny-llava#{build_id} was built by an earlier vlmforge" in said
-    assert "rebuild it with this version (`vlmforge build tiny-llava`)" in said and "--checkpoint-dir" in said
-    assert not (tmp_path / "cache").exists()
+    assert f"tiny-llava#{build_id} was built without it" in said
+    assert "set artifacts.hf_checkpoint: true in the spec" in said and "and rebuild it" in said
+    assert "--checkpoint-dir" in said and not (tmp_path / "cache").exists()
 
 
-def test_a_quantized_spec_records_that_it_has_no_folder_and_deploy_says_why() -> None:
-    from vlmforge.toolchains.hf.stages import whole_model_folder
-
-    resolved = resolve(load_model_or_spec("tiny-llava", {"quantization.method": "int4_awq",
-                                                         "quantization.kv_cache_dtype": "fp8"}))
-    recorded = whole_model_folder(resolved, Path("/nonexistent"), Path("/nonexistent"))  # nothing is linked
-    assert recorded.path is None and recorded.quantization == "int4_awq"
-    assert "quantization method int4_awq, kv_cache_dtype fp8" in (recorded.missing or "")
-    build = BuildInfo(model="tiny-llava", build_id="q", created_at="2026-12-01T00:00:00Z", toolchain="hf",
-                      hf_checkpoint=recorded)
-    with pytest.raises(DeployError, match=r"tiny-llava#q records why: no trtllm-serve checkpoint exists") as refused:
-        plan_trtllm_serve("tiny-llava#q", RecordingSource([build]))
-    assert "--backend vlmforge" in str(refused.value) and "quantization.method none" in str(refused.value)
+def test_a_vlmforge_runner_deploy_leaves_hf_out_of_its_pull(store_url: str, build_workdir: Path,
+                                                          tiny_engine: Path, tmp_path: Path) -> None:
+    _, published = publish_tiny("tiny-llava", build_workdir, store_url, **ON)
+    manifest = published.manifest
+    hf_files = [f for f in manifest.files if f.path.startswith("hf/")]
+    assert hf_files and RUNNER_LEAVES_OUT == {HF_CHECKPOINT_DIR}
+    source, cache = StoreSource(store_url), tmp_path / "cache"
+    plan = plan_deploy(manifest.ref, source, port=free_port(), state_dir=tmp_path / "state")
+    engine_dir = fetch_engine(plan, source, cache)  # what `deploy` (process or container launcher) pulls
+    assert engine_dir == cache / "tiny-llava" / manifest.build_id and not (engine_dir / HF_CHECKPOINT_DIR).exists()
+    assert (engine_dir / "llm").is_dir() and (engine_dir / "vision").is_dir()
+    assert json.loads((engine_dir / SUBSET).read_text()) == [HF_CHECKPOINT_DIR]
+    assert fetch_engine(plan, source, cache) == engine_dir  # the marker is respected: reused, not pulled again
+    with open_store(store_url) as store:
+        assert store.pull_engine(manifest.ref, engine_dir, exclude=RUNNER_LEAVES_OUT).reused
+        (engine_dir / "llm" / "config.json").unlink()  # a missing needed file is repaired; hf/ still left out
+        repaired = store.pull_engine(manifest.ref, engine_dir, exclude=RUNNER_LEAVES_OUT)
+        assert repaired.repaired == ["llm/config.json is missing"] and repaired.excluded == [HF_CHECKPOINT_DIR]
+        whole = store.pull_engine(manifest.ref, engine_dir)  # then trtllm-serve's needs: only hf/ is fetched
+    fetched = {f.sha256: f.size for f in hf_files}
+    assert whole.downloaded_bytes == sum(fetched.values())
+    assert whole.downloaded_files == sum(1 for f in manifest.files if f.sha256 in fetched)  # shared blobs: all paths
+    assert whole.resumed_files == len(manifest.files) - whole.downloaded_files

@@ -50,16 +50,12 @@ class HfCheckpointInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None
-    """The folder, relative to the engine directory (``hf``); None where this build has none (``missing``)."""
+    path: str
+    """The folder, relative to the engine directory (``hf``)."""
     architecture: str | None = None
     """config.json's ``architectures[0]`` (a transformers class, or VILA1.5's ``LlavaLlamaModel``)."""
     dtype: str
-    """The dtype its float tensors are stored in (the spec's)."""
-    quantization: str = "none"
-    """The spec's quantization method (``none``: a float folder)."""
-    missing: str | None = None
-    """Why there is no folder (``path`` None), and what to do instead: deploy says it."""
+    """The dtype its float tensors are stored in (the spec's; always a float folder: quantized specs have none)."""
 
 
 class EngineConfig(BaseModel):
@@ -86,8 +82,8 @@ class EngineConfig(BaseModel):
     visual: VisualEngineInfo
     llm: LlmEngineInfo
     hf_checkpoint: HfCheckpointInfo | None = Field(default=None, exclude_if=lambda value: value is None)
-    """The whole model as a Hugging Face folder, or why there is none (hf engines of this version); None (left out):
-    an engine of the trtllm toolchain or of an earlier vlmforge, which records nothing about it."""
+    """The whole model as a Hugging Face folder (hf engines whose spec sets ``artifacts.hf_checkpoint``); None (left
+    out of engine.json): no such folder."""
     tensorrt_version: str | None = None
     tensorrt_llm_version: str | None = None
     compute_capability: str | None = None

@@ -98,9 +98,11 @@ class HfFingerprints:
                                                           family.visual_config_files))
 
     def engine(self, visual: str, llm: str, converted: str) -> str:
-        """``converted``: the convert stage, whose whole-model checkpoint the engine directory holds as ``hf/``."""
-        return self._fp("engine", visual, llm, ("whole-model-folder", converted),
-                        spec_for_fingerprint(self.resolved.spec), self.resolved.derived.model_dump(mode="json"))
+        """``converted``: the convert stage, whose whole-model checkpoint the engine directory holds as ``hf/`` with
+        ``artifacts.hf_checkpoint`` (only then part of the fingerprint: off, it is the one of builds before it)."""
+        folder = (("whole-model-folder", converted),) if self.resolved.spec.artifacts.hf_checkpoint else ()
+        return self._fp("engine", visual, llm, *folder, spec_for_fingerprint(self.resolved.spec),
+                        self.resolved.derived.model_dump(mode="json"))
 
     def validate(self, engine: str, fetched: str) -> str:
         return self._fp("validate", engine, fetched, self.resolved.spec.validation.model_dump(mode="json"))

@@ -41,8 +41,8 @@ class BuildInfo(BaseModel):
     has_hf_checkpoint: bool = False
     """It holds a Hugging Face model folder of the whole model (``hf/config.json``): what trtllm-serve loads."""
     hf_checkpoint: HfCheckpointInfo | None = None
-    """What its build recorded of that folder (its architecture) or of its absence (why, and what to do instead);
-    None: a build of an earlier vlmforge (or of the trtllm toolchain), which recorded nothing."""
+    """What its build recorded of that folder (its architecture, checked before anything is pulled); None: a build
+    without one (``artifacts.hf_checkpoint`` off, an earlier vlmforge, the trtllm toolchain)."""
 
     @property
     def ref(self) -> str:

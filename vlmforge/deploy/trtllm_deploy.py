@@ -2,13 +2,14 @@
 that holds a Hugging Face model folder (or take a local folder), make every refusal before anything is pulled or
 started, check the folder, write the options file, start the container, wait for health, record it.
 
-The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. An hf build of this
-version holds one as ``hf/`` (:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`: the convert stage's cast checkpoint,
-hard-linked into the engine directory) and its manifest repeats engine.json's record of it (the architecture, checked
-against the support matrix before anything is pulled), or of why there is none (a quantized spec: the hf toolchain
-quantizes the language model alone). Builds without one are passed over, saying why: the refusal names the fix
-(rebuild with this version, ``--checkpoint-dir``, or ``--backend vlmforge``). ``--checkpoint-dir`` deploys a folder
-on this machine instead (``vlmforge selftest --backend trtllm-serve`` does).
+The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. An hf build whose spec
+sets ``artifacts.hf_checkpoint`` (off by default: it doubles what a build publishes) holds one as ``hf/``
+(:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`: the convert stage's cast checkpoint, hard-linked into the engine
+directory) and its manifest repeats engine.json's record of it (the architecture, checked against the support matrix
+before anything is pulled). The pull takes ``hf/`` and leaves the runner's llm/ and vision/ out
+(:data:`SERVE_LEAVES_OUT`). Builds without one are passed over, saying why: the refusal names the fix (set
+``artifacts.hf_checkpoint: true`` and rebuild, ``--checkpoint-dir``, or ``--backend vlmforge``).
+``--checkpoint-dir`` deploys a folder on this machine instead (``vlmforge selftest --backend trtllm-serve`` does).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from vlmforge.errors import DeployError
 from vlmforge.specs.derived import DEFAULT_MAX_OUTPUT_LEN
 from vlmforge.specs.schema import Limits
 
+SERVE_LEAVES_OUT = frozenset({"llm", "vision"})
+"""What a pull for trtllm-serve leaves out: the vlmforge runner's language model and ONNX vision engine (it loads
+``hf/`` alone)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +69,7 @@ class LocalCheckpointSource:
                           spec={"limits": {"max_batch_size": defaults.max_batch_size}}, derived={"max_seq_len": seq},
                           has_hf_checkpoint=True)]
 
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
+    def pull(self, build: BuildInfo, cache_dir: Path, *, exclude: frozenset[str] = frozenset()) -> Path:
         return self.model_dir
 
 
@@ -89,21 +94,18 @@ class TrtllmPlan(BaseModel):
 
 
 def _no_folder(ref: str, ordered: list[BuildInfo]) -> DeployError:
-    """Why no build of ``ordered`` (newest first) can be served, from what the newest recorded, and what to do."""
+    """Why no build of ``ordered`` (newest first) can be served, and what to do."""
     newest = ordered[0]
     which = newest.ref if is_exact(ref) else f"{len(ordered)} build(s) of {newest.model}"
     head = (f"{which} hold(s) no Hugging Face model folder of the whole model ({HF_DIR}/config.json), which "
             "trtllm-serve loads")
-    recorded = newest.hf_checkpoint
-    if recorded is not None and recorded.missing:
-        return DeployError(f"{head}: {newest.ref} records why: {recorded.missing}")
     if newest.toolchain == "trtllm":
         why = (f"{newest.ref} is a TensorRT engine build (--toolchain trtllm), which publishes no {HF_DIR}/: build the "
-               f"spec with --toolchain hf (`vlmforge build {newest.model} --toolchain hf`)")
+               f"spec with --toolchain hf and artifacts.hf_checkpoint: true")
     else:
-        why = (f"{newest.ref} was built by an earlier vlmforge, whose engines hold vision/, llm/ (the language model "
-               f"alone) and processor/ only: rebuild it with this version (`vlmforge build {newest.model}`), which "
-               f"publishes {HF_DIR}/")
+        why = (f"{newest.ref} was built without it (it holds vision/, llm/: the language model alone, and processor/): "
+               f"set artifacts.hf_checkpoint: true in the spec (an unquantized one) and rebuild it (`vlmforge build "
+               f"SPEC.yaml`), which publishes {HF_DIR}/")
     return DeployError(f"{head}: {why}; or deploy a folder of this machine with --checkpoint-dir, or deploy the build "
                        "with the vlmforge runner (--backend vlmforge)")
 
@@ -116,7 +118,7 @@ def _choose(ref: str, builds: list[BuildInfo], source: BuildSource) -> tuple[Bui
     if not usable:
         raise _no_folder(ref, ordered)
     build = usable[0]
-    if build.hf_checkpoint is not None and build.hf_checkpoint.path is not None:  # refused before anything is pulled
+    if build.hf_checkpoint is not None:  # refused before anything is pulled
         check_architecture(build.hf_checkpoint.architecture, f"{build.ref}'s {HF_DIR}/config.json")
     passed = [b.ref for b in ordered if b.created_at > build.created_at and not b.has_hf_checkpoint]
     reason = (f"selected {build.ref} from {source.describe()}" + (f" (newer builds without {HF_DIR}/: "
@@ -213,7 +215,7 @@ def deploy_trtllm_serve(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Pat
     """Pull (a store build: verified), check the model folder, stop what this replaces, start trtllm-serve's
     container, wait until healthy, record it."""
     state_dir = state_dir or default_state_dir()
-    root = source.pull(plan.build, cache_dir or default_cache_dir())
+    root = source.pull(plan.build, cache_dir or default_cache_dir(), exclude=SERVE_LEAVES_OUT)
     folder = model_folder(source, root)
     facts = check_checkpoint(folder, plan.limits)
     log.info("%s: %s%s", folder, facts.architecture, f" ({facts.quantization})" if facts.quantization else "")

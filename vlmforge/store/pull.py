@@ -139,8 +139,8 @@ class PullOps(StoreReader, StoreIdentity):
         _swap_into_place(staging, dest)
         downloaded = sum(len(entries) for entries in todo)
         resumed = len(files) - downloaded
-        logger.info("pulled %s into %s: %d files downloaded (sha256 checked), %d kept from an interrupted or partial pull (%s)",
-                    manifest.ref, dest, downloaded, resumed, "re-hashed" if verify else "sizes checked")
+        logger.info("pulled %s into %s: %d files downloaded (sha256 checked), %d kept from an interrupted or partial "
+                    "pull (%s)", manifest.ref, dest, downloaded, resumed, "re-hashed" if verify else "sizes checked")
         return PullResult(
             manifest=manifest, dest=str(dest), reused=False,
             check=PullCheck.SHA256 if verify or resumed == 0 else PullCheck.SIZES,

@@ -62,7 +62,8 @@ class PullResult(BaseModel):
     check: PullCheck = Field(description="the weakest check any file got (sha256: every byte was hashed)")
     downloaded_files: int = 0
     downloaded_bytes: int = 0
-    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build, or from the part of it dest held")
+    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build, or from "
+                                                      "the part of it dest held")
     repaired: list[str] = Field(default_factory=list, description="damage found in dest, which was pulled again")
     excluded: list[str] = Field(default_factory=list, description="top-level folders dest holds none of (left out)")
 

@@ -32,7 +32,6 @@ from vlmforge.artifacts.engine_config import (
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
 from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
-from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 from vlmforge.sources.base import link_or_copy
 from vlmforge.toolchains.hf.export_gate import EXPORT_GATE, beside_exports
 from vlmforge.toolchains.quantize.hf import QuantizeResult
@@ -223,34 +222,19 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
 
 
-def whole_model_folder(resolved: ResolvedSpec, checkpoint_dir: Path, out: Path) -> HfCheckpointInfo:
-    """The whole model as a Hugging Face folder in ``out/hf``, hard-linked from the convert stage's ``checkpoint/``
-    (no bytes copied where links work), or, for a quantized spec, the record that there is none and why: the
-    float folder is not the model this build validated, and no whole-model quantized folder is written."""
-    spec = resolved.spec
-    quant = spec.quantization
-    if quant.active:
-        parts = [f"method {quant.method.value}"] if quant.method is not QuantMethod.NONE else []
-        if quant.kv_cache_dtype is not KvCacheDtype.AUTO:
-            parts.append(f"kv_cache_dtype {quant.kv_cache_dtype.value}")
-        what = ", ".join(parts)
-        return HfCheckpointInfo(
-            path=None, dtype=spec.dtype.value, quantization=quant.method.value,
-            missing=f"no trtllm-serve checkpoint exists for quantization {what}: the hf toolchain quantizes the "
-                    "language model alone, in the hf runner's form, and ModelOpt's unified export (`vlmforge "
-                    "checkpoint --kind unified`) is of the language model alone too, while trtllm-serve loads the "
-                    "whole multimodal model. Deploy this build with --backend vlmforge, build the spec with "
-                    "quantization.method none (and kv_cache_dtype auto) for trtllm-serve, or deploy a whole-model "
-                    "ModelOpt export with --checkpoint-dir")
+def whole_model_folder(checkpoint_dir: Path, out: Path, dtype: str) -> HfCheckpointInfo:
+    """The whole model as a Hugging Face folder in ``out/hf`` (``artifacts.hf_checkpoint``), hard-linked from the
+    convert stage's ``checkpoint/`` (no bytes copied where links work). Specs with it are unquantized (a spec rule):
+    the float folder is the model this build validates."""
     shutil.copytree(checkpoint_dir, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
     architectures = read_config(out / HF_CHECKPOINT_DIR).get("architectures") or [None]
-    return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=spec.dtype.value)
+    return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=dtype)
 
 
 def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm_dir: Path, llm: LlmResult,
              checkpoint_dir: Path, out: Path) -> EngineConfig:
-    """Lay out the engine directory (vision/, llm/, processor/, hf/, engine.json), hard-linking stage outputs.
-    ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model (:func:`whole_model_folder`)."""
+    """Lay out the engine directory (vision/, llm/, processor/, engine.json; hf/ with ``artifacts.hf_checkpoint``),
+    hard-linking stage outputs. ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model."""
     spec, derived = resolved.spec, resolved.derived
     for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
         for name in names:
@@ -265,7 +249,8 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
                           quantization=spec.quantization.method.value,
                           kv_cache_dtype=spec.quantization.kv_cache_dtype.value, architecture=llm.architecture),
-        hf_checkpoint=whole_model_folder(resolved, checkpoint_dir, out),
+        hf_checkpoint=(whole_model_folder(checkpoint_dir, out, spec.dtype.value) if spec.artifacts.hf_checkpoint
+                       else None),
     )
     config.write(out)
     return config
