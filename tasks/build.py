@@ -51,8 +51,8 @@ def build_visual(pipeline: HfPipeline, fetched: StageOutcome) -> StageOutcome:
 
 
 @task(name="assemble-engine", **STAGE)
-def assemble(pipeline: HfPipeline, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:
-    return _log(pipeline.assemble(visual, llm))
+def assemble(pipeline: HfPipeline, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome) -> StageOutcome:
+    return _log(pipeline.assemble(visual, llm, converted))
 
 
 @task(name="validate", **STAGE)

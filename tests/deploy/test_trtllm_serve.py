@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 from pydantic import SecretStr
@@ -176,17 +173,6 @@ def test_no_gpu_is_refused_before_the_docker_daemon_is_asked() -> None:
 
 
 # --- a real pull from the store, up to the GPU refusal ----------------------------------------------------------
-
-
-@pytest.fixture(params=["local", "s3"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "local":
-        yield str(tmp_path / "store")
-        return
-    request.getfixturevalue("aws_env")
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}/engines"
 
 
 def publish(store_url: str, root: Path, folder: Path | None, minutes: int) -> str:

@@ -451,7 +451,7 @@ def test_the_vila10_layout_converts_quantizes_builds_and_validates(tmp_path: Pat
     assert converted.result["num_visual_features"] == 36
     quantized = pipeline.quantize(converted)
     assert quantized is not None and quantized.result["bytes_after"] < quantized.result["bytes_before"]
-    engine = pipeline.assemble(pipeline.build_visual(fetched), pipeline.build_llm(converted, quantized))
+    engine = pipeline.assemble(pipeline.build_visual(fetched), pipeline.build_llm(converted, quantized), converted)
     config = EngineConfig.read(engine.path)
     assert (config.llm.format, config.llm.architecture, config.num_visual_features) == ("lowbit", "LlamaForCausalLM", 36)
     report = pipeline.validate(engine, fetched).result

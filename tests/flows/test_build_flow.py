@@ -46,7 +46,35 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
     assert manifest.source.revision.startswith("tiny-sha256:")
     assert manifest.validation["passed"] is True and manifest.toolchain == "hf"
     assert {"engine.json", "vision/model.onnx"} <= {f.path for f in manifest.files}
-    assert json.loads((pulled / "engine.json").read_text())["family"] == get_family(manifest.spec["family"]).name
+    written = json.loads((pulled / "engine.json").read_text())
+    assert written["family"] == get_family(manifest.spec["family"]).name
+    # artifacts.hf_checkpoint is off by default: the engine directory, its record and the spec are as before it
+    assert not any(f.path.startswith("hf/") for f in manifest.files) and not (pulled / "hf").exists()
+    assert "hf_checkpoint" not in written and "hf_checkpoint" not in manifest.extra
+    assert "artifacts" not in manifest.spec
+
+
+def test_hf_checkpoint_publishes_the_whole_model_folder_reusing_every_stage_up_to_the_engine(
+        build, tmp_path: Path) -> None:
+    off = build("tiny-llava")
+    on = build("tiny-llava", **{"artifacts.hf_checkpoint": True})
+    assert on["created"] and on["build_id"] != off["build_id"]
+    work = tmp_path / "work" / "tiny-llava"
+    count = {stage: len(list(work.glob(f"{stage}-*"))) for stage in ("convert", "llm", "visual", "engine")}
+    assert count == {"convert": 1, "llm": 1, "visual": 1, "engine": 2}  # only the engine stage is redone
+    with open_store(str(tmp_path / "store")) as store:
+        manifest = store.resolve(f"tiny-llava#{on['build_id']}")
+        pulled = tmp_path / "pulled"
+        store.pull(manifest.ref, pulled)
+        plain = store.resolve(f"tiny-llava#{off['build_id']}")
+    assert manifest.spec["artifacts"] == {"hf_checkpoint": True} and manifest.fingerprint != plain.fingerprint
+    assert "hf/config.json" in {f.path for f in manifest.files}
+    written = json.loads((pulled / "engine.json").read_text())
+    architecture = json.loads((pulled / "hf" / "config.json").read_text())["architectures"][0]  # the whole model
+    assert written["hf_checkpoint"] == manifest.extra["hf_checkpoint"] == {
+        "path": "hf", "architecture": architecture, "dtype": manifest.spec["dtype"]}
+    rest = {f.path: f.sha256 for f in manifest.files if not f.path.startswith("hf/") and f.path != "engine.json"}
+    assert rest == {f.path: f.sha256 for f in plain.files if f.path != "engine.json"}  # hf/ added, nothing else
 
 
 def test_a_rerun_is_a_no_op_and_leaves_ui_artifacts(prefect_server: str, hf_offline: None, tmp_path: Path) -> None:
@@ -123,6 +151,7 @@ def test_int8_is_smaller_and_still_passes(build, tmp_path: Path) -> None:
     with open_store(str(tmp_path / "store")) as store:  # the quantize stage's figures travel with the build
         manifest = store.resolve(f"tiny-llava#{summary['build_id']}")
     assert manifest.extra["quantization"]["quantized_vs_reference"] == result["quantized_vs_reference"]
+    assert "hf_checkpoint" not in manifest.extra and not any(f.path.startswith("hf/") for f in manifest.files)
 
 
 def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Path) -> None:

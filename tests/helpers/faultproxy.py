@@ -134,14 +134,16 @@ class FaultProxy:
                     client.close()
                     upstream.close()
                     return
+                if rule is not None and rule.action == "reset_response":
+                    # Armed before the request goes upstream: armed after it, a fast answer could be relayed whole
+                    # while this thread waited for the CPU (a loaded machine), and the fault never happened.
+                    cut["after"] = rule.after
                 upstream.sendall(head_bytes + b"\r\n\r\n")
                 if rule is not None and rule.action == "reset_request":
                     self._forward(client, upstream, buffer, min(rule.after, length))
                     _rst(client)
                     _rst(upstream)
                     return
-                if rule is not None and rule.action == "reset_response":
-                    cut["after"] = rule.after
                 self._forward(client, upstream, buffer, length)
                 buffer = buffer[length:] if len(buffer) > length else b""
         except OSError:

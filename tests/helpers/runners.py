@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,20 @@ def build_tiny(model: str, workdir: Path, **overrides: object) -> Path:
 
     _, engine, _ = HfPipeline(load_model_or_spec(model, dict(overrides)), Workdir(workdir)).run()
     return Path(engine.path)
+
+
+def publish_tiny(model: str, workdir: Path, store_url: str, **overrides: object) -> tuple[Path, Any]:
+    """A tiny catalog model built by the real hf pipeline (stages already in ``workdir`` are reused) and published
+    to ``store_url`` under the pipeline's own manifest: (its engine directory, the PublishOutcome)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.publish import publish_engine
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    pipeline = HfPipeline(load_model_or_spec(model, dict(overrides)), Workdir(workdir))
+    fetched, engine, validation = pipeline.run()
+    return Path(engine.path), publish_engine(store_url, engine.path, pipeline.manifest(fetched, engine, validation))
 
 
 def build_tiny_llava(workdir: Path, **overrides: object) -> Path:

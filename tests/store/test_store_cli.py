@@ -220,3 +220,19 @@ def test_listings_keep_names_ids_and_aliases_whole_on_80_columns(store_url: str,
     assert all(build_id in builds.stdout for build_id in ids) and "production-candidate" in builds.stdout
     wide = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["ls", model, "--store", store_url])
     assert "CREATED (UTC)" in wide.stdout and "CREATED (UTC)" not in builds.stdout  # the id carries the time
+
+
+def test_pull_exclude_leaves_folders_out_and_says_so(published: tuple[str, list[str], Path], tmp_path: Path) -> None:
+    url, _, engine = published
+    dest = tmp_path / "engine"
+    first = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--exclude", "visual", "--exclude", "tokenizer",
+                "--json")
+    report = json.loads(first.stdout)
+    assert first.exit_code == 0 and report["excluded"] == ["tokenizer", "visual"] and report["downloaded_files"] == 3
+    assert not (dest / "visual").exists() and not (dest / "tokenizer").exists()
+    again = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--exclude", "visual", "--exclude", "tokenizer")
+    assert "already holds it (without tokenizer/, visual/): 3 files present" in again.stdout
+    whole = run("pull", "qwen2-vl-2b", str(dest), "--store", url, "--no-progress")
+    assert whole.exit_code == 0 and "2 files downloaded into" in whole.stdout and read_tree(dest) == read_tree(engine)
+    bad = run("pull", "qwen2-vl-2b", str(tmp_path / "other"), "--store", url, "--exclude", "visual/x")
+    assert bad.exit_code == 2 and "exclude takes top-level folder names" in bad.stderr

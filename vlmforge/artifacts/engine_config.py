@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlmforge.errors import DeployError
 
 ENGINE_CONFIG = "engine.json"
+HF_CHECKPOINT_DIR = "hf"
+"""Where an hf engine directory holds the whole model as a Hugging Face model folder (:class:`HfCheckpointInfo`)."""
+HF_CHECKPOINT_EXTRA = "hf_checkpoint"
+"""The manifest's ``extra`` entry repeating engine.json's ``hf_checkpoint``: what deploy --backend trtllm-serve reads
+before it pulls anything."""
 
 
 class VisualEngineInfo(BaseModel):
@@ -38,6 +43,21 @@ class LlmEngineInfo(BaseModel):
     """The transformers class of the standalone LLM (hf), or TensorRT-LLM's architecture (trtllm)."""
 
 
+class HfCheckpointInfo(BaseModel):
+    """The whole multimodal model as one Hugging Face model folder (config.json, the safetensors of the vision tower,
+    projector and language model, the tokenizer and processor files): what trtllm-serve's PyTorch backend loads. The
+    hf toolchain's convert stage writes it (cast to the spec's dtype); the engine directory hard-links it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    """The folder, relative to the engine directory (``hf``)."""
+    architecture: str | None = None
+    """config.json's ``architectures[0]`` (a transformers class, or VILA1.5's ``LlavaLlamaModel``)."""
+    dtype: str
+    """The dtype its float tensors are stored in (the spec's; always a float folder: quantized specs have none)."""
+
+
 class EngineConfig(BaseModel):
     """Everything a runner needs to know before loading an engine."""
 
@@ -61,6 +81,9 @@ class EngineConfig(BaseModel):
     """Directory (relative) with the tokenizer and image processor."""
     visual: VisualEngineInfo
     llm: LlmEngineInfo
+    hf_checkpoint: HfCheckpointInfo | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The whole model as a Hugging Face folder (hf engines whose spec sets ``artifacts.hf_checkpoint``); None (left
+    out of engine.json): no such folder."""
     tensorrt_version: str | None = None
     tensorrt_llm_version: str | None = None
     compute_capability: str | None = None

@@ -97,8 +97,11 @@ class HfFingerprints:
         return ("visual-inputs-of", fetched, fingerprint(family.visual_weight_prefixes, family.llm_config_keys,
                                                           family.visual_config_files))
 
-    def engine(self, visual: str, llm: str) -> str:
-        return self._fp("engine", visual, llm, spec_for_fingerprint(self.resolved.spec),
+    def engine(self, visual: str, llm: str, converted: str) -> str:
+        """``converted``: the convert stage, whose whole-model checkpoint the engine directory holds as ``hf/`` with
+        ``artifacts.hf_checkpoint`` (only then part of the fingerprint: off, it is the one of builds before it)."""
+        folder = (("whole-model-folder", converted),) if self.resolved.spec.artifacts.hf_checkpoint else ()
+        return self._fp("engine", visual, llm, *folder, spec_for_fingerprint(self.resolved.spec),
                         self.resolved.derived.model_dump(mode="json"))
 
     def validate(self, engine: str, fetched: str) -> str:
@@ -111,7 +114,7 @@ class HfFingerprints:
         fetched = self.fetch(revision)
         converted = self.convert(fetched)
         upstream = self.quantize(converted, calibration) if self.resolved.spec.quantization.active else converted
-        engine = self.engine(self.visual(self.visual_basis_of(fetched)), self.llm(upstream))
+        engine = self.engine(self.visual(self.visual_basis_of(fetched)), self.llm(upstream), converted)
         return fingerprint("hf-build", self.validate(engine, fetched))
 
 
@@ -227,13 +230,14 @@ class HfPipeline:
         fp = self.fingerprints.visual(basis)
         return self._run("visual", fp, lambda out: stages.build_visual(self.resolved, fetched.path / "model", out))
 
-    def assemble(self, visual: StageOutcome, llm: StageOutcome) -> StageOutcome:
+    def assemble(self, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome) -> StageOutcome:
+        """The engine directory; ``converted``'s checkpoint becomes its ``hf/`` (hard links: hashed once per build)."""
         from vlmforge.toolchains.hf import stages
 
-        fp = self.fingerprints.engine(visual.record.fingerprint, llm.record.fingerprint)
+        fp = self.fingerprints.engine(visual.record.fingerprint, llm.record.fingerprint, converted.record.fingerprint)
         return self._run("engine", fp, lambda out: stages.assemble(
             self.resolved, visual.path, stages.VisualResult.model_validate(visual.result), llm.path,
-            stages.LlmResult.model_validate(llm.result), out))
+            stages.LlmResult.model_validate(llm.result), converted.path / "checkpoint", out))
 
     def validate(self, engine: StageOutcome, fetched: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
@@ -247,11 +251,15 @@ class HfPipeline:
     def manifest(self, fetched: StageOutcome, engine: StageOutcome, validation: StageOutcome,
                  extra: dict[str, Any] | None = None) -> Any:
         """The manifest of this build (published by the store)."""
+        from vlmforge.artifacts.engine_config import HF_CHECKPOINT_EXTRA, EngineConfig
+
         revision = FetchedSource.model_validate(fetched.result).revision
         key = self.fingerprints.build_key(revision, calibration_of(self.resolved))
+        folder = EngineConfig.model_validate(engine.result).hf_checkpoint
+        recorded = {HF_CHECKPOINT_EXTRA: folder.model_dump(mode="json")} if folder is not None else {}
         return engine_manifest(self.spec, self.resolved.derived, toolchain="hf", source_revision=revision,
                                fingerprint=engine.record.fingerprint, files=engine.record.files,
-                               validation=validation.result, extra={**(extra or {}), BUILD_KEY: key})
+                               validation=validation.result, extra={**(extra or {}), **recorded, BUILD_KEY: key})
 
     def run(self, *, overlap: bool = False) -> tuple[StageOutcome, StageOutcome, StageOutcome]:
         """All stages: (fetched, engine, validation). In order, or with ``overlap`` the visual stage (ONNX export on
@@ -263,7 +271,7 @@ class HfPipeline:
             quantized = self.quantize(converted)
             llm = self.build_llm(converted, quantized)
             visual = visual_later.result() if visual_later is not None else self.build_visual(fetched)
-        engine = self.assemble(visual, llm)
+        engine = self.assemble(visual, llm, converted)
         validation = self.validate(engine, fetched)
         return fetched, engine, validation
 

@@ -22,7 +22,7 @@ from typing import Any
 from vlmforge.build.fingerprint import fingerprint, spec_for_fingerprint
 from vlmforge.build.pipeline import BUILD_KEY, STAGE_CODE_VERSION, engine_manifest
 from vlmforge.build.workdir import StageOutcome, Workdir
-from vlmforge.errors import ToolchainUnavailable
+from vlmforge.errors import SpecError, ToolchainUnavailable
 from vlmforge.families import ResolvedSpec, resolve
 from vlmforge.sources import open_source
 from vlmforge.sources.base import link_or_copy
@@ -44,6 +44,10 @@ def check_trtllm_buildable(resolved: ResolvedSpec) -> None:
     """Refuse, before any work, what a trtllm build cannot finish: a family without a transformers reference to
     validate against, a plan in another dialect than the container's."""
     check_buildable(resolved.family)
+    if resolved.spec.artifacts.hf_checkpoint:
+        raise SpecError("artifacts.hf_checkpoint (a Hugging Face folder of the whole model, for trtllm-serve) is "
+                        "written by the hf toolchain only: build this spec with --toolchain hf, or set "
+                        "artifacts.hf_checkpoint: false", path="artifacts.hf_checkpoint")
     if resolved.spec.dialect is not Dialect.V1_2:
         raise ToolchainUnavailable("the trtllm toolchain executes dialect 1.2 plans; render 0.9 plans with "
                                    "`vlmforge plan --dialect 0.9` for older containers")

@@ -162,18 +162,24 @@ def pull(
     verify: Annotated[
         bool, typer.Option("--verify", help="Re-hash files DEST already holds (default: check presence and sizes).")
     ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", metavar="FOLDER",
+                     help="Leave this top-level folder of the build out (repeatable), e.g. hf (trtllm-serve's).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Download a build into DEST, checking every downloaded file's sha256 (resumes an interrupted pull).
 
     If DEST already holds the build, its files are checked for presence and size (with --verify: re-hashed)
-    and a damaged copy is pulled again; the output says which check was made.
+    and a damaged copy is pulled again; the output says which check was made. DEST records the folders
+    --exclude left out; a later pull that needs them fetches only those.
     """
     from vlmforge.store import PullResult
 
     with _opened(store_url) as store:
         result = store.pull_engine(ref, dest, overwrite=force, progress=not no_progress and not as_json,
-                                   verify=verify)
+                                   verify=verify, exclude=frozenset(exclude or ()))
     if as_json:
         _emit_json(result, PullResult)
     else:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from vlmforge.artifacts.engine_config import EngineConfig
+from vlmforge.artifacts.engine_config import HF_CHECKPOINT_EXTRA, EngineConfig, HfCheckpointInfo
 from vlmforge.deploy.trtllm_serve import HF_DIR
 from vlmforge.errors import DeployError
 
@@ -40,6 +40,9 @@ class BuildInfo(BaseModel):
     derived: dict[str, Any] = Field(default_factory=dict)
     has_hf_checkpoint: bool = False
     """It holds a Hugging Face model folder of the whole model (``hf/config.json``): what trtllm-serve loads."""
+    hf_checkpoint: HfCheckpointInfo | None = None
+    """What its build recorded of that folder (its architecture, checked before anything is pulled); None: a build
+    without one (``artifacts.hf_checkpoint`` off, an earlier vlmforge, the trtllm toolchain)."""
 
     @property
     def ref(self) -> str:
@@ -49,11 +52,17 @@ class BuildInfo(BaseModel):
     def from_manifest(cls, manifest: Any) -> BuildInfo:
         """From a store manifest (``vlmforge.artifacts.manifest.EngineManifest``)."""
         hw = manifest.hardware
+        recorded = manifest.extra.get(HF_CHECKPOINT_EXTRA)
+        try:
+            folder = HfCheckpointInfo.model_validate(recorded) if recorded is not None else None
+        except ValueError:  # written by a newer vlmforge: the file list still says whether the folder is there
+            folder = None
         return cls(model=manifest.model, build_id=manifest.build_id, created_at=manifest.created_at,
                    toolchain=manifest.toolchain, world_size=manifest.world_size, gpu_name=hw.gpu_name,
                    compute_capability=hw.compute_capability, gpu_count=hw.gpu_count, versions=dict(manifest.versions),
                    spec=dict(manifest.spec), derived=dict(manifest.derived),
-                   has_hf_checkpoint=any(entry.path == f"{HF_DIR}/config.json" for entry in manifest.files))
+                   has_hf_checkpoint=any(entry.path == f"{HF_DIR}/config.json" for entry in manifest.files),
+                   hf_checkpoint=folder)
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> BuildInfo:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 
-from vlmforge.artifacts.engine_config import EngineConfig
+from vlmforge.artifacts.engine_config import HF_CHECKPOINT_DIR, EngineConfig
 from vlmforge.deploy.auth import AuthMode, fingerprint, require_key
 from vlmforge.deploy.launchers import DockerRunner, Launcher, LaunchRequest, all_launchers, launcher_for, launcher_of
 from vlmforge.deploy.launchers.base import port_in_use
@@ -44,6 +44,10 @@ from vlmforge.deploy.records import (
 from vlmforge.deploy.sources import BuildSource, LocalEngineSource, default_cache_dir, is_exact
 from vlmforge.errors import DeployError
 from vlmforge.system.processes import pid_alive
+
+RUNNER_LEAVES_OUT = frozenset({HF_CHECKPOINT_DIR})
+"""What a pull for the vlmforge runner leaves out: the whole-model folder of ``artifacts.hf_checkpoint`` (trtllm-serve's
+artifact, as large as the model again); the runner reads engine.json, vision/, llm/ and processor/."""
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def plan_deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: s
 def fetch_engine(plan: DeployPlan, source: BuildSource, cache_dir: Path | None = None) -> Path:
     """Pull (and verify) the chosen build into the cache; check that its engine.json is what was published."""
     build = plan.build
-    engine_dir = source.pull(build, cache_dir or default_cache_dir())
+    engine_dir = source.pull(build, cache_dir or default_cache_dir(), exclude=RUNNER_LEAVES_OUT)
     config = EngineConfig.read(engine_dir)
     if (config.toolchain, config.world_size) != (build.toolchain, build.world_size):
         raise DeployError(f"{engine_dir}/engine.json says a {config.toolchain} engine for world size "

@@ -16,7 +16,10 @@ class BuildSource(Protocol):
 
     def candidates(self, ref: str) -> list[BuildInfo]: ...
 
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path: ...
+    def pull(self, build: BuildInfo, cache_dir: Path, *, exclude: frozenset[str] = frozenset()) -> Path:
+        """The build's directory; ``exclude``: top-level folders of it the backend never reads (a store pull leaves
+        them out; a local directory is taken as it is)."""
+        ...
 
     def describe(self) -> str: ...
 
@@ -49,10 +52,10 @@ class StoreSource:
                 raise DeployError(f"no builds of {ref!r} in {store.url}: `vlmforge store ls` lists what is there")
             return [BuildInfo.from_manifest(manifest) for manifest in manifests]
 
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
+    def pull(self, build: BuildInfo, cache_dir: Path, *, exclude: frozenset[str] = frozenset()) -> Path:
         dest = cache_dir / build.model / build.build_id
-        with self._open() as store:
-            store.pull(build.ref, dest)  # verified and atomic; a no-op when dest holds this build already
+        with self._open() as store:  # verified and atomic; a no-op when dest holds what is needed of this build
+            store.pull(build.ref, dest, exclude=exclude)
         return dest
 
 
@@ -72,7 +75,7 @@ class LocalEngineSource:
             raise DeployError(f"{self.engine_dir} holds an engine of {build.model}, not {model}")
         return [build]
 
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
+    def pull(self, build: BuildInfo, cache_dir: Path, *, exclude: frozenset[str] = frozenset()) -> Path:
         return self.engine_dir
 
 

@@ -2,12 +2,14 @@
 that holds a Hugging Face model folder (or take a local folder), make every refusal before anything is pulled or
 started, check the folder, write the options file, start the container, wait for health, record it.
 
-The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. A store build holds
-one as ``hf/`` (:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`); builds without one are passed over, saying why. The
-hf toolchain's published ``llm/`` is the language model alone (trtllm-serve would serve it text-only) and its
-vision part is an ONNX file, and ``vlmforge checkpoint --kind unified`` exports the language model alone: neither is
-such a folder. ``--checkpoint-dir`` deploys a folder on this machine instead (``vlmforge selftest --backend
-trtllm-serve`` does).
+The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. An hf build whose spec
+sets ``artifacts.hf_checkpoint`` (off by default: it doubles what a build publishes) holds one as ``hf/``
+(:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`: the convert stage's cast checkpoint, hard-linked into the engine
+directory) and its manifest repeats engine.json's record of it (the architecture, checked against the support matrix
+before anything is pulled). The pull takes ``hf/`` and leaves the runner's llm/ and vision/ out
+(:data:`SERVE_LEAVES_OUT`). Builds without one are passed over, saying why: the refusal names the fix (set
+``artifacts.hf_checkpoint: true`` and rebuild, ``--checkpoint-dir``, or ``--backend vlmforge``).
+``--checkpoint-dir`` deploys a folder on this machine instead (``vlmforge selftest --backend trtllm-serve`` does).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vlmforge.deploy.trtllm_serve import (
     HF_DIR,
     RELEASE,
     ServeLimits,
+    check_architecture,
     check_checkpoint,
     default_image,
     llm_api_options,
@@ -37,6 +40,10 @@ from vlmforge.deploy.trtllm_serve import (
 from vlmforge.errors import DeployError
 from vlmforge.specs.derived import DEFAULT_MAX_OUTPUT_LEN
 from vlmforge.specs.schema import Limits
+
+SERVE_LEAVES_OUT = frozenset({"llm", "vision"})
+"""What a pull for trtllm-serve leaves out: the vlmforge runner's language model and ONNX vision engine (it loads
+``hf/`` alone)."""
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,7 @@ class LocalCheckpointSource:
                           spec={"limits": {"max_batch_size": defaults.max_batch_size}}, derived={"max_seq_len": seq},
                           has_hf_checkpoint=True)]
 
-    def pull(self, build: BuildInfo, cache_dir: Path) -> Path:
+    def pull(self, build: BuildInfo, cache_dir: Path, *, exclude: frozenset[str] = frozenset()) -> Path:
         return self.model_dir
 
 
@@ -86,19 +93,33 @@ class TrtllmPlan(BaseModel):
     replaces: Deployment | None = None
 
 
+def _no_folder(ref: str, ordered: list[BuildInfo]) -> DeployError:
+    """Why no build of ``ordered`` (newest first) can be served, and what to do."""
+    newest = ordered[0]
+    which = newest.ref if is_exact(ref) else f"{len(ordered)} build(s) of {newest.model}"
+    head = (f"{which} hold(s) no Hugging Face model folder of the whole model ({HF_DIR}/config.json), which "
+            "trtllm-serve loads")
+    if newest.toolchain == "trtllm":
+        why = (f"{newest.ref} is a TensorRT engine build (--toolchain trtllm), which publishes no {HF_DIR}/: build the "
+               f"spec with --toolchain hf and artifacts.hf_checkpoint: true")
+    else:
+        why = (f"{newest.ref} was built without it (it holds vision/, llm/: the language model alone, and processor/): "
+               f"set artifacts.hf_checkpoint: true in the spec (an unquantized one) and rebuild it (`vlmforge build "
+               f"SPEC.yaml`), which publishes {HF_DIR}/")
+    return DeployError(f"{head}: {why}; or deploy a folder of this machine with --checkpoint-dir, or deploy the build "
+                       "with the vlmforge runner (--backend vlmforge)")
+
+
 def _choose(ref: str, builds: list[BuildInfo], source: BuildSource) -> tuple[BuildInfo, str]:
     if not builds:
         raise DeployError(f"no builds of {ref!r} in {source.describe()}")
     ordered = sorted(builds, key=lambda b: (b.created_at, b.build_id), reverse=True)
     usable = [b for b in ordered if b.has_hf_checkpoint]
     if not usable:
-        which = ordered[0].ref if is_exact(ref) else f"{len(ordered)} build(s) of {ordered[0].model}"
-        raise DeployError(
-            f"{which} hold(s) no Hugging Face model folder of the whole model ({HF_DIR}/config.json), which trtllm-serve "
-            "loads: a vlmforge build publishes llm/ (the language model alone) and an ONNX vision engine. Deploy a "
-            "folder of this machine with --checkpoint-dir, or deploy the build with the vlmforge runner "
-            "(--backend vlmforge)")
+        raise _no_folder(ref, ordered)
     build = usable[0]
+    if build.hf_checkpoint is not None:  # refused before anything is pulled
+        check_architecture(build.hf_checkpoint.architecture, f"{build.ref}'s {HF_DIR}/config.json")
     passed = [b.ref for b in ordered if b.created_at > build.created_at and not b.has_hf_checkpoint]
     reason = (f"selected {build.ref} from {source.describe()}" + (f" (newer builds without {HF_DIR}/: "
               f"{', '.join(passed)})" if passed else "") + f"; TensorRT-LLM {RELEASE}'s trtllm-serve")
@@ -178,6 +199,10 @@ def dry_run(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = N
         checked = f"model folder checked: {check_checkpoint(folder, plan.limits).architecture}"
     else:
         folder = (cache_dir or default_cache_dir()) / plan.build.model / plan.build.build_id / HF_DIR
+        recorded = plan.build.hf_checkpoint
+        if recorded is not None and recorded.architecture:
+            checked = (f"the build records {HF_DIR}/ as {recorded.architecture} ({recorded.dtype}), in the support "
+                       "matrix; the model folder is checked once pulled")
     runner = _runner(plan)
     request = _request(plan, folder, state_dir, source.describe(), 1.0)
     spec = container_spec(request, runner)
@@ -190,7 +215,7 @@ def deploy_trtllm_serve(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Pat
     """Pull (a store build: verified), check the model folder, stop what this replaces, start trtllm-serve's
     container, wait until healthy, record it."""
     state_dir = state_dir or default_state_dir()
-    root = source.pull(plan.build, cache_dir or default_cache_dir())
+    root = source.pull(plan.build, cache_dir or default_cache_dir(), exclude=SERVE_LEAVES_OUT)
     folder = model_folder(source, root)
     facts = check_checkpoint(folder, plan.limits)
     log.info("%s: %s%s", folder, facts.architecture, f" ({facts.quantization})" if facts.quantization else "")

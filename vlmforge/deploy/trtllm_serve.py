@@ -11,7 +11,8 @@ where it was read in ``tests/contract/trtllm_serve.json``, and the contract test
   ``architectures[0]`` is a class of the release's multimodal support matrix, the weights of the vision tower,
   projector and language model, the tokenizer and processor files with a chat template: the server answers the
   chat API only). A ModelOpt unified export of the whole model (the same folder plus ``hf_quant_config.json``) is
-  the quantized form. In a store build it is the ``hf/`` folder (:data:`HF_DIR`).
+  the quantized form (no vlmforge build writes one). In a store build (the hf toolchain's, unquantized) it is the
+  ``hf/`` folder (:data:`HF_DIR`).
 - **Each value is set in one place**: every engine setting goes in the options file (``--config``), the command
   line carries only server settings (host, port, served name, log level, telemetry). trtllm-serve lets typed
   flags override the file and rebuilds a whole ``kv_cache_config`` from a KV flag, so mixing the two loses values.
@@ -32,6 +33,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vlmforge.artifacts.engine_config import HF_CHECKPOINT_DIR
 from vlmforge.errors import DeployError
 
 RELEASE = "1.4.0rc1"
@@ -40,8 +42,9 @@ Its container tag is the version without a ``v`` (NVIDIA's containers page: ``re
 IMAGE_REPOSITORY = "nvcr.io/nvidia/tensorrt-llm/release"
 IMAGE_ENV = "VLMFORGE_TRTLLM_SERVE_IMAGE"
 """Overrides the image (a newer release, a site mirror); ``--image`` overrides both."""
-HF_DIR = "hf"
-"""Where a store build holds the Hugging Face model folder trtllm-serve loads."""
+HF_DIR = HF_CHECKPOINT_DIR
+"""Where a store build holds the Hugging Face model folder trtllm-serve loads (the hf toolchain's engine directory,
+engine.json's ``hf_checkpoint``)."""
 MODELS_DIR = PurePosixPath("/models")
 """Where the model folder is mounted in the container (read-only)."""
 OPTIONS_PATH = PurePosixPath("/etc/vlmforge/llm_api_options.yaml")
@@ -229,6 +232,17 @@ def has_chat_template(model_dir: Path) -> bool:
                for place in _places(model_dir) for path in (place / "tokenizer_config.json", place / "processor_config.json"))
 
 
+def check_architecture(architecture: str | None, where: str) -> str:
+    """``architecture`` if the release's multimodal support matrix lists it, else a DeployError naming ``where``."""
+    if architecture not in MULTIMODAL_ARCHITECTURES:
+        raise DeployError(
+            f"{where} names architecture {architecture!r}, which TensorRT-LLM {RELEASE}'s multimodal support matrix "
+            f"does not list (it serves {', '.join(sorted(MULTIMODAL_ARCHITECTURES))}); a language model alone (a "
+            "vlmforge build's llm/) would be served as text-only: deploy it with the vlmforge runner (--backend "
+            "vlmforge)")
+    return architecture
+
+
 def check_checkpoint(model_dir: Path, limits: ServeLimits) -> CheckpointFacts:
     """The facts of ``model_dir``; a DeployError naming what trtllm-serve would refuse or serve wrongly: a folder that
     is no whole multimodal model of the support matrix, no weights, no tokenizer, processor or chat template, or a
@@ -238,12 +252,7 @@ def check_checkpoint(model_dir: Path, limits: ServeLimits) -> CheckpointFacts:
     if config is None:
         raise DeployError(f"{model_dir} holds no config.json: trtllm-serve loads a Hugging Face model folder")
     architectures = config.get("architectures") or []
-    architecture = architectures[0] if architectures else None
-    if architecture not in MULTIMODAL_ARCHITECTURES:
-        raise DeployError(
-            f"{model_dir}/config.json names architecture {architecture!r}, which TensorRT-LLM {RELEASE}'s multimodal "
-            f"support matrix does not list (it serves {', '.join(sorted(MULTIMODAL_ARCHITECTURES))}); a language "
-            "model alone (a vlmforge build's llm/) would be served as text-only: deploy it with the vlmforge runner")
+    architecture = check_architecture(architectures[0] if architectures else None, f"{model_dir}/config.json")
     if not any(any(place.glob("*.safetensors")) for place in _places(model_dir)):
         raise DeployError(f"{model_dir} holds no *.safetensors weights")
     if _find(model_dir, ("tokenizer.json", "tokenizer_config.json")) is None:

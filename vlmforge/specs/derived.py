@@ -245,6 +245,14 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
         )
     if spec.code_source and not family.needs_code_source:
         raise SpecError(f"{family.name} needs no code_source: remove it", path="code_source")
+    if spec.artifacts.hf_checkpoint and quant.active:
+        raise SpecError(
+            "artifacts.hf_checkpoint publishes the whole model as a float Hugging Face folder, but this spec is "
+            f"quantized (method {quant.method.value}, kv_cache_dtype {quant.kv_cache_dtype.value}) and the hf "
+            "toolchain quantizes the language model alone: set quantization.method: none (and kv_cache_dtype: auto) "
+            "for a trtllm-serve build, or set artifacts.hf_checkpoint: false",
+            path="artifacts.hf_checkpoint",
+        )
 
     # parallelism
     heads = spec.architecture.num_attention_heads

@@ -254,6 +254,22 @@ class ValidationSettings(StrictModel):
     """Prompt for the validation run; default: the family's golden prompt."""
 
 
+class Artifacts(StrictModel):
+    """Extra artifacts a build publishes beside the engine (each costs bytes in every publish and in the store)."""
+
+    hf_checkpoint: bool = False
+    """Publish the whole model as a Hugging Face model folder (``hf/`` in the engine directory: the hf toolchain's
+    cast checkpoint of vision tower, projector and language model, with tokenizer and processor files), which
+    ``vlmforge deploy --backend trtllm-serve`` serves. Off by default: it adds the whole model's bytes again to every
+    publish and to the store (about +14 GB for a 7B float16 build); the vlmforge runner never reads it, and its
+    deploys leave it out of their pulls. The hf toolchain only, unquantized specs only (it quantizes the language
+    model alone)."""
+
+
+def _default_artifacts(value: Artifacts) -> bool:
+    return value == Artifacts()
+
+
 class BuildSpec(StrictModel):
     """Everything needed to build, validate and publish one multimodal engine."""
 
@@ -283,6 +299,8 @@ class BuildSpec(StrictModel):
     """Thresholds the built engine must meet against the reference."""
     dialect: Dialect = Dialect.V1_2
     """TensorRT-LLM command-line dialect for the trtllm toolchain."""
+    artifacts: Artifacts = Field(default_factory=Artifacts, exclude_if=_default_artifacts)
+    """Extra artifacts to publish (left out of the spec's dump while all off, so earlier builds read as before)."""
 
     @field_validator("name")
     @classmethod

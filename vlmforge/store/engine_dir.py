@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from vlmforge.artifacts.manifest import EngineManifest, FileEntry
 from vlmforge.errors import IntegrityError, StoreError
-from vlmforge.store.keys import MARKER
+from vlmforge.store.keys import MARKER, SUBSET
 from vlmforge.store.transfer import hash_file
 
 
@@ -21,6 +22,33 @@ def read_marker(directory: Path) -> EngineManifest | None:
         return EngineManifest.from_json((directory / MARKER).read_bytes(), where=str(directory / MARKER))
     except (OSError, IntegrityError):
         return None
+
+
+def read_subset(directory: Path) -> frozenset[str]:
+    """The top-level folders a pulled directory was pulled without (empty: it holds the whole build). An unreadable
+    record is taken as everything left out, so nothing is reused on its word and the files are checked again."""
+    try:
+        names = json.loads((directory / SUBSET).read_text())
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError):
+        return frozenset({"*"})
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return frozenset({"*"})
+    return frozenset(names)
+
+
+def write_subset(directory: Path, exclude: frozenset[str]) -> None:
+    """Record which top-level folders ``directory`` is pulled without (none: no record)."""
+    if exclude:
+        (directory / SUBSET).write_text(json.dumps(sorted(exclude)) + "\n")
+    else:
+        (directory / SUBSET).unlink(missing_ok=True)
+
+
+def selected(files: Sequence[FileEntry], exclude: frozenset[str]) -> list[FileEntry]:
+    """The entries of ``files`` outside the top-level folders ``exclude`` names."""
+    return [entry for entry in files if "/" not in entry.path or entry.path.split("/", 1)[0] not in exclude]
 
 
 def is_empty_dir(path: Path) -> bool:
@@ -108,7 +136,7 @@ def remove_strays(staging: Path, wanted: set[str]) -> None:
         for name in filenames:
             path = here / name
             rel = path.relative_to(staging).as_posix()
-            if rel != MARKER and rel not in wanted:
+            if rel not in (MARKER, SUBSET) and rel not in wanted:
                 path.unlink()
         for name in dirnames:
             sub = here / name

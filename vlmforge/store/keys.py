@@ -14,6 +14,9 @@ from vlmforge.errors import StoreError
 DEFAULT_ALIAS: Final = "latest"
 MARKER: Final = ".vlmforge-manifest.json"
 """File written into a pulled engine directory: the manifest it was pulled from."""
+SUBSET: Final = ".vlmforge-excluded.json"
+"""File written beside the marker when a pull left top-level folders out: their names (a JSON list). Absent: the
+directory holds every file of the manifest."""
 STORE_MARKER: Final = "vlmforge-store.json"
 """Object at the store root that makes a location a store (written when the store is created)."""
 SCRATCH: Final = ".vlmforge-scratch"

@@ -62,22 +62,25 @@ class PullResult(BaseModel):
     check: PullCheck = Field(description="the weakest check any file got (sha256: every byte was hashed)")
     downloaded_files: int = 0
     downloaded_bytes: int = 0
-    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build")
+    resumed_files: int = Field(default=0, description="files kept from an interrupted pull of the same build, or from "
+                                                      "the part of it dest held")
     repaired: list[str] = Field(default_factory=list, description="damage found in dest, which was pulled again")
+    excluded: list[str] = Field(default_factory=list, description="top-level folders dest holds none of (left out)")
 
     @property
     def summary(self) -> str:
         """One line for people: what is in ``dest`` and how it was checked."""
-        n = len(self.manifest.files)
+        n = len([e for e in self.manifest.files if "/" not in e.path or e.path.split("/", 1)[0] not in self.excluded])
+        without = f" (without {', '.join(f'{name}/' for name in self.excluded)})" if self.excluded else ""
         if self.reused:
             if self.check is PullCheck.SHA256:
-                return f"{self.dest} already holds it: {n} files re-hashed, every sha256 matches"
-            return (f"{self.dest} already holds it: {n} files present with the expected sizes"
+                return f"{self.dest} already holds it{without}: {n} files re-hashed, every sha256 matches"
+            return (f"{self.dest} already holds it{without}: {n} files present with the expected sizes"
                     " (not re-hashed; --verify re-hashes them)")
-        text = f"{self.downloaded_files} files downloaded into {self.dest}, sha256 checked"
+        text = f"{self.downloaded_files} files downloaded into {self.dest}{without}, sha256 checked"
         if self.resumed_files:
             how = "re-hashed" if self.check is PullCheck.SHA256 else "sizes checked, not re-hashed"
-            text += f"; {self.resumed_files} kept from an interrupted pull ({how})"
+            text += f"; {self.resumed_files} kept from an interrupted or partial pull ({how})"
         if self.repaired:
             more = f" and {len(self.repaired) - 1} more" if len(self.repaired) > 1 else ""
             text += f"; replaced a damaged copy ({self.repaired[0]}{more})"

@@ -46,7 +46,7 @@ def build(workdir: Workdir, model: str, **overrides: Any) -> tuple[HfPipeline, A
     converted = pipeline.convert(fetched)
     quantized = pipeline.quantize(converted)
     llm = pipeline.build_llm(converted, quantized)
-    engine = pipeline.assemble(pipeline.build_visual(fetched), llm)
+    engine = pipeline.assemble(pipeline.build_visual(fetched), llm, converted)
     return pipeline, quantized, engine, pipeline.validate(engine, fetched)
 
 

@@ -22,7 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
+from vlmforge.artifacts.engine_config import (
+    HF_CHECKPOINT_DIR,
+    EngineConfig,
+    HfCheckpointInfo,
+    LlmEngineInfo,
+    VisualEngineInfo,
+)
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
 from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
@@ -216,9 +222,19 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
 
 
+def whole_model_folder(checkpoint_dir: Path, out: Path, dtype: str) -> HfCheckpointInfo:
+    """The whole model as a Hugging Face folder in ``out/hf`` (``artifacts.hf_checkpoint``), hard-linked from the
+    convert stage's ``checkpoint/`` (no bytes copied where links work). Specs with it are unquantized (a spec rule):
+    the float folder is the model this build validates."""
+    shutil.copytree(checkpoint_dir, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
+    architectures = read_config(out / HF_CHECKPOINT_DIR).get("architectures") or [None]
+    return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=dtype)
+
+
 def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm_dir: Path, llm: LlmResult,
-             out: Path) -> EngineConfig:
-    """Lay out the engine directory (vision/, llm/, processor/, engine.json), hard-linking stage outputs."""
+             checkpoint_dir: Path, out: Path) -> EngineConfig:
+    """Lay out the engine directory (vision/, llm/, processor/, engine.json; hf/ with ``artifacts.hf_checkpoint``),
+    hard-linking stage outputs. ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model."""
     spec, derived = resolved.spec, resolved.derived
     for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
         for name in names:
@@ -233,6 +249,8 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
                           quantization=spec.quantization.method.value,
                           kv_cache_dtype=spec.quantization.kv_cache_dtype.value, architecture=llm.architecture),
+        hf_checkpoint=(whole_model_folder(checkpoint_dir, out, spec.dtype.value) if spec.artifacts.hf_checkpoint
+                       else None),
     )
     config.write(out)
     return config
