@@ -99,6 +99,7 @@ def test_running_rows_and_kv_usage_follow_the_batch_step_by_step(tiny_engine: Pa
     metrics = Metrics("tiny", "dir", 1, kv_capacity=capacity)
     scheduler = Scheduler(engine, max_batch_size=4, metrics=metrics, batch_wait_s=0.2)
     seen: dict[int, list[tuple[float, float, float]]] = {0: [], 1: []}
+    health: dict[int, list[int]] = {0: [], 1: []}
     done = threading.Event()
     ended: list[str] = []
 
@@ -108,6 +109,7 @@ def test_running_rows_and_kv_usage_follow_the_batch_step_by_step(tiny_engine: Pa
                 value = metrics.registry.get_sample_value
                 seen[index].append((value("vlmforge_requests_running"), value("vlmforge_kv_cache_positions"),
                                     value("vlmforge_kv_cache_usage_ratio")))
+                health[index].append(scheduler.running)  # what /health reports as running
             elif isinstance(event, Finished):
                 ended.append(event.reason)
                 if len(ended) == 2:
@@ -136,6 +138,9 @@ def test_running_rows_and_kv_usage_follow_the_batch_step_by_step(tiny_engine: Pa
             assert ratio == pytest.approx(positions / capacity)
     rows_after_first_ended = [running for step, (running, _, _) in enumerate(seen[1]) if step > len(seen[0])]
     assert rows_after_first_ended and set(rows_after_first_ended) == {1.0}
+    # /health's running count follows the rows still generating too (it reported the batch size until it ended)
+    assert [h for step, h in enumerate(health[1]) if step > len(seen[0])] == [1] * len(rows_after_first_ended)
+    assert scheduler.running == 0
     if len(seen[0]) == 2:  # both rows generating at the second step
         assert seen[1][1][0] == 2.0
     for name in ("vlmforge_requests_running", "vlmforge_kv_cache_positions", "vlmforge_kv_cache_usage_ratio"):

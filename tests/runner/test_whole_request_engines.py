@@ -76,3 +76,27 @@ def test_a_scheduler_that_failed_refuses_new_requests_instead_of_queueing_them()
     assert isinstance(scheduler.error, RuntimeError) and not scheduler.alive
     with pytest.raises(Draining, match="failed"):
         scheduler.submit(GenRequest("decoder", "a", 1, 1, lambda event: None))
+
+
+def test_a_failed_scheduler_fails_its_queue_and_the_queue_gauge_reads_zero() -> None:
+    """The queued requests get 503 when the scheduler fails; vlmforge_queue_depth read 2 ever after until the fix."""
+    from vlmforge.runner.metrics import Metrics
+
+    release = threading.Event()
+
+    def warmup() -> None:
+        release.wait(10)
+        raise RuntimeError("the decode step did not compile")
+
+    metrics = Metrics("m", "e", 1)
+    scheduler = Scheduler(WholeEngine({}), max_batch_size=1, warmup=warmup, metrics=metrics)
+    scheduler.start()
+    failed: list[Any] = []
+    for prompt in ("a", "b"):
+        scheduler.submit(GenRequest("decoder", prompt, 1, 1, failed.append))
+    assert metrics.registry.get_sample_value("vlmforge_queue_depth") == 2
+    release.set()
+    scheduler.stop(timeout=10)  # joins the thread: its failure handling is over
+    assert isinstance(scheduler.error, RuntimeError)
+    assert [event.status for event in failed] == [503, 503]
+    assert metrics.registry.get_sample_value("vlmforge_queue_depth") == 0

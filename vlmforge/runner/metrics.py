@@ -45,8 +45,8 @@ class _ImageCacheCollector:
     def collect(self) -> Iterator[Any]:
         s = self.stats()
         for name, doc, value in (
-            ("vlmforge_image_cache_hits", "Images whose visual features came from the image cache (the visual "
-                                          "engine skipped).", s.hits),
+            ("vlmforge_image_cache_hits", ("Images whose visual features came from the image cache (the visual "
+                                           "engine skipped)."), s.hits),
             ("vlmforge_image_cache_misses", "Images not in the image cache (run through the visual engine).", s.misses),
             ("vlmforge_image_cache_evictions", "Image cache entries dropped to stay within its size.", s.evictions),
         ):

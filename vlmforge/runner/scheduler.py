@@ -232,6 +232,8 @@ class Scheduler:
             log.exception("the scheduler stopped")
             for request in self._drain_queue():
                 request._emit(Failed(503, "the runner failed and is not serving"))
+            if self.metrics:
+                self.metrics.queue_depth.set(0)
             if self.channel is not None:
                 # the other ranks may be anywhere in a batch: no clean way on; end the whole job
                 log.critical("rank 0 cannot keep the other ranks in step: exiting")
@@ -311,6 +313,7 @@ class Scheduler:
                     request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))
+                self.running = sum(finish is None for finish in batch.finish)  # rows still generating
                 if self.metrics:
                     self.metrics.observe_step(batch)
         except Exception as exc:
