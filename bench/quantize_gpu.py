@@ -36,7 +36,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from runner_gpu import PROMPTS, agreement, build, host_cpu, llava_config  # noqa: E402 - bench/, beside this script
+from runner_gpu import agreement, build, host_cpu, llava_config  # noqa: E402 - bench/, beside this script
 
 from vlmforge.modeling.generation import teacher_forced_logits  # noqa: E402
 from vlmforge.modeling.quantized import load_quantized, lowbit_kernels, quantize_and_save  # noqa: E402

@@ -11,7 +11,6 @@ before anything is pulled, naming the fix.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 

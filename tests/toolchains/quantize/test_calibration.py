@@ -14,7 +14,7 @@ from vlmforge.families import resolve
 from vlmforge.families.tinykit import IMAGE_ID
 from vlmforge.specs.catalog import load_model_or_spec
 from vlmforge.specs.schema import Calibration
-from vlmforge.toolchains.quantize.calibration import calibration_set, folder_set, llm_batches, synthetic_set
+from vlmforge.toolchains.quantize.calibration import folder_set, llm_batches, synthetic_set
 from vlmforge.toolchains.quantize.hf import calibration_digest
 
 pytestmark = pytest.mark.container  # runs inside NVIDIA's TensorRT-LLM 1.2 image: CI runs it again there

@@ -16,7 +16,7 @@ import pytest
 from vlmforge.errors import PlanError, VlmforgeError
 from vlmforge.plans.model import Plan, Step
 from vlmforge.specs.catalog import catalog_entry, catalog_names, load_model_or_spec
-from vlmforge.specs.schema import Dialect, merge_overrides, spec_from_dict
+from vlmforge.specs.schema import Dialect, spec_from_dict
 from vlmforge.toolchains.trtllm import execute
 from vlmforge.toolchains.trtllm.execute import _marker
 from vlmforge.toolchains.trtllm.plan import build_plan
