@@ -4,9 +4,10 @@ Per rate (requests/s, Poisson arrivals) it sends ``--requests`` streamed chat re
 for a number of tokens drawn uniformly from ``--tokens LO HI`` (with ``min_tokens`` and ``ignore_eos`` so answers
 really have that length), and reports the achieved throughput (requests/s and output tokens/s), TTFT p50/p99 (the
 first content token, measured at the client), end-to-end p50/p99, time per output token p50, the mean number of
-streams in flight (Little's law: the sum of latencies over the wall time) and errors by status. First a lone-request
-baseline: ``--baseline`` requests one after another at the top length (TTFT, decode tokens/s and output tokens/s of
-one stream alone), so issue 16's targets read off: TTFT p99 over the lone TTFT p50 (target <= 3 at 16 streams) and
+streams in flight (Little's law: the sum of latencies over the wall time) and errors by status. A lone-request
+baseline: ``--baseline`` requests one after another at the top length before the rates and again after them (TTFT,
+decode tokens/s and output tokens/s of one stream alone; both halves reported, since a shared machine drifts), so
+issue 16's targets read off: TTFT p99 over the lone TTFT p50 (target <= 3 at 16 streams) and
 output tokens/s over the lone stream's (target >= 8).
 
     python bench/serve_load.py --rates 0.5 1 2 4            # builds tiny-llava, starts a runner on loopback
@@ -119,39 +120,59 @@ async def measure(url: str, api_key: str | None, model: str | None, args: argpar
     http = httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=1000,
                                                                              max_keepalive_connections=100))
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key or "none", http_client=http, max_retries=0)
-    model = model or (await client.models.list()).data[0].id
+    cards = (await client.models.list()).data
+    card = next((c for c in cards if c.id == model), None) if model else cards[0]
+    if card is None:
+        raise SystemExit(f"--model {model}: the runner serves {[c.id for c in cards]}")
+    model, longest = card.id, (card.model_extra or {}).get("max_output_len")
+    if longest is not None and args.tokens[1] > longest:
+        raise SystemExit(f"--tokens {args.tokens[0]} {args.tokens[1]}: {model}'s max_output_len is {longest}; "
+                         f"pass --tokens with HI at most {longest}")
     rng = random.Random(args.seed)
     top = args.tokens[1]
-    lone = [Planned(0.0, top, PROMPTS[i % 3], i % 6) for i in range(args.baseline + 1)]
-    await one(client, model, images, lone[0], time.perf_counter())  # warm-up, not counted
-    alone = []
-    for plan in lone[1:]:
-        alone.append(await one(client, model, images, plan, time.perf_counter()))
-    good = [r for r in alone if r.status == "200" and r.ttft is not None and r.e2e is not None]
-    if not good:
-        raise SystemExit(f"no lone request succeeded: {[asdict(r) for r in alone]}")
-    baseline = {
-        "requests": len(alone), "max_tokens": top,
-        "ttft_s_p50": _quantile(sorted(r.ttft for r in good), 0.5),
-        "decode_tokens_per_s": round(statistics.median([(r.tokens - 1) / (r.e2e - r.ttft) for r in good]), 1),
-        "output_tokens_per_s": round(statistics.median([r.tokens / r.e2e for r in good]), 1),
-        "errors": dict(Counter(r.status for r in alone if r.status != "200")),
-    }
-    print(f"lone stream: TTFT {baseline['ttft_s_p50']} s, {baseline['output_tokens_per_s']} tok/s", file=sys.stderr)
+    await one(client, model, images, Planned(0.0, top, PROMPTS[0], 0), time.perf_counter())  # warm-up, not counted
+    before = await lone_streams(client, model, images, top, args.baseline)
+    print(f"lone stream: {lone_figures(before)}", file=sys.stderr)
     rates = []
     for rate in args.rates:
         plan = schedule(rate, args.requests, tuple(args.tokens), rng)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(client, model, images, p, t0) for p in plan))
         row = {"rate": rate, **summarize(results, time.perf_counter() - t0)}
-        row["ttft_p99_over_lone"] = (round(row["ttft_s"]["p99"] / baseline["ttft_s_p50"], 2)
-                                     if row["ttft_s"]["p99"] else None)
-        row["tokens_per_s_over_lone"] = round(row["output_tokens_per_s"] / baseline["output_tokens_per_s"], 2)
         rates.append(row)
         print(f"rate {rate}/s: {row['ok']} of {row['requests']} ok in {row['wall_s']} s", file=sys.stderr)
+    after = await lone_streams(client, model, images, top, args.baseline)
     await http.aclose()
+    lone = {"before": lone_figures(before), "after": lone_figures(after), **lone_figures(before + after)}
+    for row in rates:
+        row["ttft_p99_over_lone"] = (round(row["ttft_s"]["p99"] / lone["ttft_s_p50"], 2)
+                                     if row["ttft_s"]["p99"] else None)
+        row["tokens_per_s_over_lone"] = round(row["output_tokens_per_s"] / lone["output_tokens_per_s"], 2)
     return {"url": url, "model": model, "seed": args.seed, "tokens": args.tokens, "requests_per_rate": args.requests,
-            "baseline": baseline, "rates": rates}
+            "baseline": lone, "rates": rates}
+
+
+async def lone_streams(client: openai.AsyncOpenAI, model: str, images: list[str], tokens: int,
+                       count: int) -> list[Result]:
+    """``count`` requests of ``tokens`` tokens one after another, nothing else in flight."""
+    out = []
+    for i in range(count):
+        out.append(await one(client, model, images, Planned(0.0, tokens, PROMPTS[i % 3], i % 6), time.perf_counter()))
+    if not any(r.status == "200" for r in out):
+        raise SystemExit(f"no lone request succeeded: {[asdict(r) for r in out]}")
+    return out
+
+
+def lone_figures(results: list[Result]) -> dict[str, Any]:
+    """A lone stream's TTFT p50, decode tokens/s (after the first token) and output tokens/s (over its whole time)."""
+    good = [r for r in results if r.status == "200" and r.ttft is not None and r.e2e is not None]
+    return {
+        "requests": len(results), "max_tokens": results[0].asked,
+        "ttft_s_p50": _quantile(sorted(r.ttft for r in good), 0.5),
+        "decode_tokens_per_s": round(statistics.median([(r.tokens - 1) / (r.e2e - r.ttft) for r in good]), 1),
+        "output_tokens_per_s": round(statistics.median([r.tokens / r.e2e for r in good]), 1),
+        "errors": dict(Counter(r.status for r in results if r.status != "200")),
+    }
 
 
 def table(result: dict[str, Any]) -> str:
@@ -166,8 +187,11 @@ def table(result: dict[str, Any]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     lines = [f"{result['model']} at {result['url']}, {result['requests_per_rate']} requests per rate, answers of "
              f"{result['tokens'][0]}..{result['tokens'][1]} tokens, seed {result['seed']}; {result['machine']}",
-             f"lone stream ({b['max_tokens']} tokens, {b['requests']} requests): TTFT {b['ttft_s_p50']} s, decode "
-             f"{b['decode_tokens_per_s']} tok/s, {b['output_tokens_per_s']} output tok/s",
+             f"lone stream ({b['max_tokens']} tokens, {b['before']['requests']} requests before the rates and "
+             f"{b['after']['requests']} after): TTFT p50 {b['ttft_s_p50']} s (before {b['before']['ttft_s_p50']}, "
+             f"after {b['after']['ttft_s_p50']}), decode {b['decode_tokens_per_s']} tok/s, "
+             f"{b['output_tokens_per_s']} output tok/s (before {b['before']['output_tokens_per_s']}, after "
+             f"{b['after']['output_tokens_per_s']}); the ratios below are against the pooled figures",
              "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
              "| " + " | ".join("-" * w for w in widths) + " |"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=40, help="requests per rate")
     parser.add_argument("--tokens", type=int, nargs=2, default=[8, 32], metavar=("LO", "HI"),
                         help="answer lengths, uniform in LO..HI")
-    parser.add_argument("--baseline", type=int, default=5, help="lone requests for the baseline")
+    parser.add_argument("--baseline", type=int, default=5,
+                        help="lone requests before the rates and again after them (the baseline)")
     parser.add_argument("--max-batch-size", type=int, help="the started runner's --max-batch-size (default: engine's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the result here")

@@ -38,3 +38,9 @@ def test_the_schedule_depends_on_the_seed_alone() -> None:
     assert first == schedule(4.0, 20, (8, 32), random.Random(5)) != schedule(4.0, 20, (8, 32), random.Random(6))
     assert first[0].at == 0.0 and all(b.at > a.at for a, b in zip(first, first[1:]))
     assert all(8 <= p.max_tokens <= 32 for p in first)
+
+
+def test_answers_longer_than_the_engine_allows_are_refused_before_the_load(runner: Runner) -> None:
+    argv = [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", runner.url, "--tokens", "2", "100000"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert done.returncode != 0 and "max_output_len" in done.stderr and "--tokens" in done.stderr, done.stderr[-2000:]
