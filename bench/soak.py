@@ -306,9 +306,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_runner(workdir: Path, api_key: str) -> Iterator[tuple[str, int]]:
+def local_runner(workdir: Path, api_key: str, serve_args: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
     """tiny-llava built by the real hf pipeline and served by `vlmforge serve` on loopback (the key from the
-    environment, as deployments pass it). Yields its URL and pid; drains it with SIGTERM after."""
+    environment, as deployments pass it; ``serve_args`` appended to its command line). Yields its URL and pid; drains
+    it with SIGTERM after."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vlmforge.build.pipeline import HfPipeline
     from vlmforge.build.workdir import Workdir
@@ -320,7 +321,8 @@ def local_runner(workdir: Path, api_key: str) -> Iterator[tuple[str, int]]:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "VLMFORGE_API_KEY": api_key}
     log = (workdir / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "vlmforge", "serve", str(engine.path), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "vlmforge", "serve", str(engine.path), "--port", str(port),
+                             *serve_args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
