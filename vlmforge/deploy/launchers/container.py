@@ -30,7 +30,7 @@ import logging
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -40,6 +40,8 @@ from vlmforge.deploy.launchers.process import launch_argv
 from vlmforge.deploy.machine import Machine
 from vlmforge.deploy.records import Deployment, LauncherKind, write_record
 from vlmforge.errors import DeployError
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,23 @@ def docker_client() -> Any:
     except docker.errors.DockerException as exc:
         raise DeployError(f"no Docker daemon answers ({exc}); start dockerd or set DOCKER_HOST") from None
     return client
+
+
+
+class DockerLauncher(Generic[R]):
+    """A launcher over the Docker daemon: ``runner`` says what to start (None to find, check and stop only);
+    the client is made on first use (``client``: one given, for tests)."""
+
+    kind = LauncherKind.DOCKER
+
+    def __init__(self, runner: R | None = None, client: Any = None) -> None:
+        self.runner = runner
+        self._client = client
+
+    def _docker(self) -> Any:
+        if self._client is None:
+            self._client = docker_client()
+        return self._client
 
 
 def _require_image(client: Any, image: str) -> None:
@@ -171,19 +190,8 @@ def _container(container_id: str, client: Any = None) -> Any:
         return None
 
 
-class ContainerLauncher:
+class ContainerLauncher(DockerLauncher["DockerRunner"]):
     """Runners as containers of ``runner.image`` (``runner`` may be None to find, check and stop them)."""
-
-    kind = LauncherKind.DOCKER
-
-    def __init__(self, runner: DockerRunner | None = None, client: Any = None) -> None:
-        self.runner = runner
-        self._client = client
-
-    def _docker(self) -> Any:
-        if self._client is None:
-            self._client = docker_client()
-        return self._client
 
     def _image(self) -> DockerRunner:
         if self.runner is None:

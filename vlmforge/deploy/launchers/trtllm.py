@@ -35,9 +35,16 @@ from pydantic import BaseModel, Field
 from vlmforge.deploy.auth import AuthMode
 from vlmforge.deploy.environment import container_environment
 from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, wait_healthy
-from vlmforge.deploy.launchers.container import LABEL, RECORD_LABEL, _logs, container_name, docker_client
+from vlmforge.deploy.launchers.container import (
+    LABEL,
+    RECORD_LABEL,
+    DockerLauncher,
+    _logs,
+    container_name,
+    docker_client,
+)
 from vlmforge.deploy.machine import Machine
-from vlmforge.deploy.records import Deployment, LauncherKind, ServeBackend, write_record
+from vlmforge.deploy.records import Deployment, ServeBackend, write_record
 from vlmforge.deploy.trtllm_serve import (
     MODELS_DIR,
     OPTIONS_PATH,
@@ -163,19 +170,8 @@ def preflight(image: str, ranks: int, *, client: Any = None, gpus: int | None = 
     return client
 
 
-class TrtllmServeLauncher:
+class TrtllmServeLauncher(DockerLauncher["TrtllmServeRunner"]):
     """trtllm-serve containers (``runner`` may be None to check and stop them)."""
-
-    kind = LauncherKind.DOCKER
-
-    def __init__(self, runner: TrtllmServeRunner | None = None, client: Any = None) -> None:
-        self.runner = runner
-        self._client = client
-
-    def _docker(self) -> Any:
-        if self._client is None:
-            self._client = docker_client()
-        return self._client
 
     def _runner(self) -> TrtllmServeRunner:
         if self.runner is None:
