@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from vlmforge.artifacts.manifest import FileEntry
 from vlmforge.errors import SourceError, SourceMoved
 from vlmforge.specs.schema import SourceURI
+from vlmforge.system.hashing import sha256_and_size
 
 CHUNK = 8 * 1024 * 1024
 CHECKSUM_FILE = "SHA256SUMS"
@@ -38,19 +39,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _sha256_and_size(path: Path, also: Any = None) -> tuple[str, int]:
-    """sha256 hex of a file and the bytes read (one pass; hashlib releases the GIL, so threads hash in parallel).
+    """sha256 hex of a file and the bytes read (one pass; :func:`vlmforge.system.hashing.sha256_and_size`).
     ``also``: another hashlib object fed the same bytes (an S3 download's MD5 check shares the read)."""
-    digest = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as handle:
-        while n := handle.readinto(buf):
-            digest.update(view[:n])
-            if also is not None:
-                also.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
+    return sha256_and_size(path, CHUNK, also=also)
 
 
 class DigestCache:

@@ -27,6 +27,7 @@ from rich.progress import (
 
 from vlmforge.artifacts.manifest import RESERVED_PREFIX, FileEntry
 from vlmforge.errors import IntegrityError
+from vlmforge.system.hashing import sha256_and_size
 
 logger = logging.getLogger(__name__)
 
@@ -182,17 +183,7 @@ def read_range(fd: int, offset: int, length: int, chunk: int) -> Iterator[bytes]
 
 def hash_file(path: Path, chunk: int = 4 * MiB, sink: ProgressSink | None = None) -> tuple[str, int]:
     """The sha256 hex digest and size of a file, read once in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as handle:
-        while n := handle.readinto(buf):
-            digest.update(view[:n])
-            size += n
-            if sink is not None:
-                sink.advance(n)
-    return digest.hexdigest(), size
+    return sha256_and_size(path, chunk, on_read=sink.advance if sink is not None else None)
 
 
 def engine_files(root: Path) -> list[Path]:
