@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,27 @@ def fake_checkpoint(root: Path, payload: bytes = b"\x00" * 64) -> Path:
     header = json.dumps({"w": {"dtype": "F32", "shape": [len(payload) // 4], "data_offsets": [0, len(payload)]}}).encode()
     (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + payload)
     return root
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real Hugging Face cache layout (org/tiny, main -> one commit) with the hub offline; the commit."""
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    fake_checkpoint(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    importlib.reload(constants)
+    try:
+        yield commit
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)
 
 
 def test_local_source_is_content_addressed(tmp_path: Path) -> None:
@@ -62,30 +84,15 @@ def test_missing_directory_and_config(tmp_path: Path) -> None:
         open_source(str(tmp_path / "empty")).fetch(tmp_path / "dest")
 
 
-def test_hf_source_offline_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_source_offline_from_the_cache(offline_hub: str, tmp_path: Path) -> None:
     """A real Hugging Face cache layout, read with the hub offline: the revision is the snapshot's commit."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--org--tiny"
-    fake_checkpoint(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import importlib
-
-    import huggingface_hub.constants as constants
-
-    importlib.reload(constants)
-    try:
-        source = open_source("hf://org/tiny@main")
-        assert source.resolve_revision() == commit
-        fetched = source.fetch(tmp_path / "dest")
-        assert fetched.revision == commit and (tmp_path / "dest" / "model.safetensors").is_file()
-        with pytest.raises(SourceError, match="not in the Hugging Face cache"):
-            open_source("hf://org/other").resolve_revision()
-    finally:
-        monkeypatch.undo()
-        importlib.reload(constants)
+    commit = offline_hub
+    source = open_source("hf://org/tiny@main")
+    assert source.resolve_revision() == commit
+    fetched = source.fetch(tmp_path / "dest")
+    assert fetched.revision == commit and (tmp_path / "dest" / "model.safetensors").is_file()
+    with pytest.raises(SourceError, match="not in the Hugging Face cache"):
+        open_source("hf://org/other").resolve_revision()
 
 
 def test_an_unreachable_hub_is_a_source_error_of_that_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,26 +199,11 @@ def test_a_local_fetch_of_a_revision_the_directory_no_longer_holds_is_refused(tm
     assert open_source(f"file://{src}").fetch(tmp_path / "dest2", revision=current).revision == current
 
 
-def test_an_offline_hf_fetch_of_another_commit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--org--tiny"
-    fake_checkpoint(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import importlib
-
-    import huggingface_hub.constants as constants
-
-    importlib.reload(constants)
-    try:
-        with pytest.raises(SourceMoved):
-            open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision="f" * 40)
-        assert open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision=commit).revision == commit
-    finally:
-        monkeypatch.undo()
-        importlib.reload(constants)
+def test_an_offline_hf_fetch_of_another_commit_is_refused(offline_hub: str, tmp_path: Path) -> None:
+    commit = offline_hub
+    with pytest.raises(SourceMoved):
+        open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision="f" * 40)
+    assert open_source("hf://org/tiny@main").fetch(tmp_path / "dest", revision=commit).revision == commit
 
 
 @pytest.fixture
