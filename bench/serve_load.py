@@ -39,7 +39,15 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import PROMPTS, _quantile, data_url, local_runner, machine, png  # noqa: E402 - bench/ on the path
+from soak import (  # noqa: E402 - bench/ on the path
+    PROMPTS,
+    _quantile,
+    data_url,
+    local_runner,
+    machine,
+    png,
+    runner_arguments,
+)
 
 
 @dataclass(frozen=True)
@@ -200,9 +208,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running runner (default: build tiny-llava and start one on loopback)")
-    parser.add_argument("--api-key", default=os.environ.get("VLMFORGE_API_KEY"),
-                        help="the runner's key (default: $VLMFORGE_API_KEY; a started runner gets a random one)")
+    runner_arguments(parser)
     parser.add_argument("--model", help="the model id (default: the runner's first model)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="requests per second")
     parser.add_argument("--requests", type=int, default=40, help="requests per rate")

@@ -382,11 +382,16 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--api-key``: a running runner, or one this script starts (the load scripts share them)."""
     parser.add_argument("--url", help="a running runner (default: build tiny-llava and start one on loopback)")
     parser.add_argument("--api-key", default=os.environ.get("VLMFORGE_API_KEY"),
                         help="the runner's key (default: $VLMFORGE_API_KEY; a started runner gets a random one)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner_arguments(parser)
     parser.add_argument("--pid", type=int, help="the runner's process id, for its memory (with --url)")
     parser.add_argument("--model", help="the model id (default: the runner's only model)")
     parser.add_argument("--requests", type=int, default=2000)
