@@ -117,9 +117,38 @@ def test_an_alias_on_a_newer_build_stays_where_publishing_keeps_it(built: Built,
 
 def test_a_changed_spec_or_validation_is_not_published(built: Built, store_url: str) -> None:
     built.publish(store_url)
+    recorded = built.validation.result
     assert check(built, store_url, local_spec(built.source, **{"limits.max_output_len": 16})) is None
-    assert check(built, store_url, local_spec(built.source, **{"validation.min_token_agreement": 0.9})) is None
     assert check(built, store_url, local_spec(built.source, **{"validation.max_new_tokens": 4})) is None
+    assert check(built, store_url, local_spec(built.source, **{"validation.input_text": "Which city?"})) is None
+    # Thresholds only gate publishing: the stored build answers for those its recorded figures meet, not the others.
+    met = {"validation.min_token_agreement": recorded["token_agreement"],
+           "validation.max_logit_error": recorded["max_logit_error"]}
+    assert check(built, store_url, local_spec(built.source, **met)) is not None
+    if recorded["max_logit_error"] > 0:
+        missed = local_spec(built.source, **{"validation.max_logit_error": recorded["max_logit_error"] / 2})
+        assert check(built, store_url, missed) is None
+    if recorded["token_agreement"] < 1:
+        missed = local_spec(built.source, **{"validation.min_token_agreement": 1.0})
+        assert check(built, store_url, missed) is None
+
+
+def test_a_threshold_only_change_is_validated_once_then_published(built: Built, store_url: str) -> None:
+    """The defect: after a threshold-only change, every build reran the flow. The flow reused the engine and
+    validated again, but publishing kept the stored build of the same engine fingerprint, whose recorded key holds
+    the old thresholds, while the check looked for the key of the new ones: it never matched again."""
+    first = built.publish(store_url).manifest
+    stricter = local_spec(built.source, **{"validation.min_token_agreement": built.validation.result["token_agreement"]})
+    assert stricter.validation != built.pipeline.spec.validation
+    pipeline = HfPipeline(stricter, Workdir(built.workdir), on_event=lambda line: None)
+    fetched, engine, validation = pipeline.run()  # what the flow runs: every stage reused but validate (once)
+    assert engine.skipped and validation.result["passed"] is True
+    outcome = publish_engine(store_url, engine.path, pipeline.manifest(fetched, engine, validation))
+    assert outcome.created is False and outcome.manifest.build_id == first.build_id
+    found = check(built, store_url, stricter)  # the next build of the stricter spec is a no-op
+    assert found is not None and found.manifest.build_id == first.build_id
+    assert found.key == build_keys(stricter, Toolchain.HF, built.workdir)(first.source.revision)
+    assert check(built, store_url) is not None  # and the original spec's still is
     # The dialect only changes how TensorRT-LLM commands are written: the hf build is the same.
     assert check(built, store_url, local_spec(built.source, dialect="0.9")) is not None
 

@@ -161,6 +161,34 @@ def test_an_impossible_threshold_fails_and_publishes_nothing(build, tmp_path: Pa
         assert store.list_builds() == []
 
 
+def test_a_validation_threshold_change_reruns_the_flow_at_most_once(build, tmp_path: Path) -> None:
+    """A spec change touching only validation thresholds reran the whole flow on every later build: the published
+    check looked for the build key of the new thresholds, while publishing kept the stored build of the same engine
+    fingerprint (thresholds only gate publishing), whose key holds the old ones. Now the stored build answers for the
+    new thresholds when its recorded figures meet them; a threshold it does not meet is the flow's to refuse."""
+    from vlmforge.build.published import find_published
+    from vlmforge.specs.catalog import load_model_or_spec
+    from vlmforge.specs.schema import Toolchain
+
+    def published(**overrides: object):  # type: ignore[no-untyped-def]
+        spec = load_model_or_spec("tiny-llava", overrides)
+        return find_published(spec, Toolchain.HF, store_url=str(tmp_path / "store"), workdir=tmp_path / "work")
+
+    first = build("tiny-llava")
+    stricter = {"validation.min_token_agreement": 0.95}
+    assert first["validation"]["token_agreement"] >= 0.95  # the published engine meets the stricter threshold
+    again = build("tiny-llava", **stricter)  # e.g. a run started before this fix, or --force: the engine is reused
+    assert again["build_id"] == first["build_id"] and again["created"] is False
+    assert again["stages"]["engine"] == "skipped" and again["stages"]["validate"] != "skipped"
+    found = published(**stricter)  # the next identical build is a no-op again (it never was before the fix)
+    assert found is not None and found.manifest.build_id == first["build_id"]
+    assert published(**{"validation.max_logit_error": 0.5}) is not None  # a looser one too, without any flow run
+    error = first["validation"]["max_logit_error"]
+    if error > 0:  # a threshold the recorded figures miss: not published, the flow must validate (and refuse)
+        assert published(**{"validation.max_logit_error": error / 2}) is None
+    assert published(**{"validation.max_new_tokens": 4}) is None  # changes what validation measures: a new build
+
+
 def test_a_corrupted_source_file_is_detected(build, tmp_path: Path) -> None:
     source = tmp_path / "checkpoint"
     get_family("llava").make_tiny(source)
