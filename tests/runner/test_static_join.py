@@ -151,6 +151,6 @@ def test_sliding_window_layers_refuse_joins() -> None:
     batch = StaticBatch(decoder, decoder._slot(4, 32), [prefix(llm, 10, 0)])
     batch.prefill()
     assert batch.room(4, 4) is None
-    assert "not in-place static layers" in (batch.joinable() or "")
+    assert "not in-place static layers" in (batch.join_refusal() or "")
     with pytest.raises(RuntimeError, match="StaticSlidingWindowLayer"):
         batch.join(1, prefix(llm, 4, 2))

@@ -263,7 +263,7 @@ class StaticBatch(PrefixBatch):
         self.written += 1
         return logits
 
-    def joinable(self) -> str | None:
+    def join_refusal(self) -> str | None:
         """Why no request can join this bucket's batch (None: joins are possible): every cache layer must be the
         in-place static layer, whose column ``j`` is mask column ``j`` for every row. A sliding-window layer keeps a
         rolling window that all rows share (a joiner's keys have no fixed column in it), and other layer kinds are
@@ -280,7 +280,7 @@ class StaticBatch(PrefixBatch):
         the lowest retired row, else ``size`` while the bucket has dummy rows; None when its prefix does not fit
         left of column ``written``, its answer does not fit right of it (``written + max_new_tokens`` past the
         bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`joinable`)."""
-        if self.joinable() is not None or not 1 <= length <= self.written:
+        if self.join_refusal() is not None or not 1 <= length <= self.written:
             return None
         if self.written + max_new_tokens > self.slot.length:
             return None
@@ -294,7 +294,7 @@ class StaticBatch(PrefixBatch):
         of its first new token. Its prefill runs alone (batch 1, a dynamic cache, positions from 0); its keys and
         values are copied into columns ``[written - Lp, written)`` of the row, in place. Other rows are untouched."""
         slot = self.slot
-        reason = self.joinable()
+        reason = self.join_refusal()
         if reason is not None:
             raise RuntimeError(f"cannot join this static batch: {reason}")
         if prefix.kind != "decoder":
