@@ -279,7 +279,7 @@ class StaticBatch(PrefixBatch):
         """The row a prefix of ``length`` positions generating up to ``max_new_tokens`` tokens can join at now:
         the lowest retired row, else ``size`` while the bucket has dummy rows; None when its prefix does not fit
         left of column ``written``, its answer does not fit right of it (``written + max_new_tokens`` past the
-        bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`joinable`)."""
+        bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`join_refusal`)."""
         if self.join_refusal() is not None or not 1 <= length <= self.written:
             return None
         if self.written + max_new_tokens > self.slot.length:
