@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=16, help="concurrent clients (and the batch bucket)")
     parser.add_argument("--per-stream", type=int, help="requests each client sends, one after another (6; tiny 2)")
     parser.add_argument("--answers", help="answer lengths, drawn per request (16,32,64,128,192; tiny 4,8,16)")
-    parser.add_argument("--think-s", type=float, default=0.05, help="mean exponential pause between a client's requests")
+    parser.add_argument("--think-s", type=float, default=0.05,
+                        help="mean exponential pause between a client's requests")
     parser.add_argument("--stagger-s", type=float, default=0.02, help="between the clients' first requests")
     parser.add_argument("--batch-wait-s", type=float, default=0.005, help="a new batch waits this long for more "
                         "requests (the scheduler's default)")
