@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     result["roofline"] = {"spec_bandwidth": bandwidth, "bytes_per_token": bytes_per_token,
                           "tok_s": round(roof, 1) if roof else None,
                           "lone_fraction": round(result["lone"]["decode_tok_s"] / roof, 3) if roof else None}
+    log.info("so far: %s", json.dumps({k: result[k] for k in ("teacher_forced", "lone", "roofline")}))
+    if args.out:  # kept now: a later failure or timeout keeps them
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=1))
     plan = schedule(args.streams, args.per_stream, lengths, args.think_s, args.stagger_s, args.seed)
     result["load"] = {"streams": args.streams, "per_stream": args.per_stream, "answers": lengths,
                       "think_s": args.think_s, "stagger_s": args.stagger_s, "batch_wait_s": args.batch_wait_s}
@@ -357,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    return 0
+    # a correctness check, not a speed target: the joiner must decode as the prefix does alone
+    return 0 if result["targets"]["joiner argmax agreement >= 0.95"] else 1
 
 
 if __name__ == "__main__":
