@@ -14,6 +14,8 @@ One run on one GPU, two static buckets (compiled with Inductor and captured in a
   (today's scheduler), ``inflight`` also joins arrivals into the running batch at every step. Both use the same
   bucket (rows past the live ones are dummies), so only admission differs. TTFT p50/p99 (arrival to first token;
   the vision encoder is excluded, prefixes are made before the clock starts) and output tokens/s.
+  Said plainly: a batch started with fewer requests than the bucket's rows prefills its dummy rows too (copies of
+  the first request), so a new batch's prefill costs a full bucket's in both modes; joins prefill one request.
 
 Needs torch (CUDA), transformers, tokenizers, numpy and vlmforge's core (pydantic: bench/README.md's wheels). Each
 compiled bucket takes about 1.5 min on an H200; the whole run about 5 minutes.
