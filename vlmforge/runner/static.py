@@ -19,6 +19,11 @@ the prefixes (padding masked out), slot ``L + t`` the t-th generated token of ev
 attention mask spans the whole cache and gains one column per step. Rows added to fill a bucket are
 dummies whose outputs are dropped.
 
+In-flight joins (:meth:`StaticBatch.join`): every row writes column ``written`` each step, so a new request of
+``Lp`` prompt positions takes a free row (retired, or a dummy) at columns ``[written - Lp, written)``: its prefix is
+prefilled alone and eagerly, its keys and values are copied into the bucket's cache buffers in place (the captured
+graph keeps reading the same addresses), and its mask row is opened only over those columns.
+
 The cache's layers write a step's keys and values with an indexed store (``keys[:, :, pos] = k``)
 instead of transformers' ``index_copy_``, which Inductor lowers to a rewrite of the whole layer buffer.
 """
@@ -35,7 +40,7 @@ from typing import Any
 import torch
 
 from vlmforge.modeling.devices import model_device
-from vlmforge.modeling.generation import LlmPrefix, cache_kwarg
+from vlmforge.modeling.generation import LlmPrefix, cache_kwarg, cache_of
 from vlmforge.runner.batching import PrefixBatch, _last_logits_only, _stack
 
 log = logging.getLogger(__name__)
@@ -225,6 +230,8 @@ class StaticBatch(PrefixBatch):
         self.prefix_mask = mask
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.written = mask.shape[1]
+        self.retired: set[int] = set()
+        self.prefilled = False
 
     @torch.no_grad()  # with autograd on, the cache's in-place writes would keep the prefill's activations alive
     def prefill(self) -> torch.Tensor:
@@ -236,6 +243,7 @@ class StaticBatch(PrefixBatch):
                   **{self.decoder.cache_kwarg: slot.cache}, **_last_logits_only(llm))
         slot.positions.copy_(self.positions[:, -1:] + 1)
         self.embeds = None  # type: ignore[assignment]
+        self.prefilled = True
         return out.logits[:self.size, -1]
 
     @torch.no_grad()
@@ -254,3 +262,69 @@ class StaticBatch(PrefixBatch):
         slot.positions.add_(1)
         self.written += 1
         return logits
+
+    def join_refusal(self) -> str | None:
+        """Why no request can join this bucket's batch (None: joins are possible): every cache layer must be the
+        in-place static layer, whose column ``j`` is mask column ``j`` for every row. A sliding-window layer keeps a
+        rolling window that all rows share (a joiner's keys have no fixed column in it), and other layer kinds are
+        not written by this path."""
+        kinds = {type(layer).__name__ for layer in self.slot.cache.layers if type(layer) is not _in_place_layer()}
+        if kinds:
+            return f"cache layers {sorted(kinds)} are not in-place static layers"
+        if not self.prefilled:
+            return "the batch has not been prefilled yet"
+        return None
+
+    def room(self, length: int, max_new_tokens: int) -> int | None:
+        """The row a prefix of ``length`` positions generating up to ``max_new_tokens`` tokens can join at now:
+        the lowest retired row, else ``size`` while the bucket has dummy rows; None when its prefix does not fit
+        left of column ``written``, its answer does not fit right of it (``written + max_new_tokens`` past the
+        bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`join_refusal`)."""
+        if self.join_refusal() is not None or not 1 <= length <= self.written:
+            return None
+        if self.written + max_new_tokens > self.slot.length:
+            return None
+        if self.retired:
+            return min(self.retired)
+        return self.size if self.size < self.slot.batch else None
+
+    @torch.no_grad()
+    def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
+        """Place ``prefix`` at ``row`` (from :meth:`room`; ``size`` grows on an append) and return the logits [vocab]
+        of its first new token. Its prefill runs alone (batch 1, a dynamic cache, positions from 0); its keys and
+        values are copied into columns ``[written - Lp, written)`` of the row, in place. Other rows are untouched."""
+        slot = self.slot
+        reason = self.join_refusal()
+        if reason is not None:
+            raise RuntimeError(f"cannot join this static batch: {reason}")
+        if prefix.kind != "decoder":
+            raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
+        if row not in self.retired and not (row == self.size < slot.batch):
+            raise ValueError(f"row {row} is not free: join a row that room() returned (retired rows "
+                             f"{sorted(self.retired)}, next new row {self.size} of {slot.batch})")
+        length, end = prefix.length, self.written
+        if not 1 <= length <= end:
+            raise ValueError(f"a prefix of {length} positions does not fit left of column {end}: ask room() first")
+        llm = self.decoder.llm
+        mask = prefix.mask.to(slot.mask.device, slot.mask.dtype)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = llm(inputs_embeds=prefix.embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **_last_logits_only(llm))
+        alone = cache_of(out)
+        for mine, theirs in zip(slot.cache.layers, alone.layers, strict=True):
+            mine.keys[row, :, end - length:end] = theirs.keys[0]
+            mine.values[row, :, end - length:end] = theirs.values[0]
+        slot.mask[row].zero_()
+        slot.mask[row, end - length:end] = mask[0]
+        slot.positions[row] = positions[0, -1] + 1
+        self.retired.discard(row)
+        if row == self.size:
+            self.size += 1
+        return out.logits[0, -1]
+
+    def retire(self, row: int) -> None:
+        """``row`` finished: a later :meth:`join` may reuse it (until then it is fed a token and its outputs are
+        ignored; its cache columns stay as they are, masked or not, since no other row attends to them)."""
+        if not 0 <= row < self.size:
+            raise ValueError(f"row {row} is not in this batch of {self.size} rows")
+        self.retired.add(row)

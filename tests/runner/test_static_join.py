@@ -1,0 +1,171 @@
+"""In-flight joins on the static decode path (StaticBatch.room/join/retire), on a tiny float32 LLaMA.
+
+The batch is driven directly with teacher forcing (every row fed tokens fixed in advance, not its own picks), so the
+logits of every step can be compared: a joiner's against the same prefix decoded alone through the eager
+DecoderOnlyBatch, the running rows' against the same batch run without the join.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+import torch
+
+from vlmforge.modeling.generation import LlmPrefix
+from vlmforge.runner.batching import DecoderOnlyBatch
+from vlmforge.runner.static import StaticBatch, StaticDecoder
+
+VOCAB = 96
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def prefix(llm: Any, length: int, seed: int) -> LlmPrefix:
+    ids = torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+    device = llm.get_input_embeddings().weight.device
+    with torch.no_grad():
+        embeds = llm.get_input_embeddings()(ids.to(device))
+    return LlmPrefix("decoder", embeds, torch.ones((1, length), dtype=torch.long, device=device), frozenset())
+
+
+def forced(seed: int, steps: int) -> list[int]:
+    """The tokens a row is fed, fixed in advance (teacher forcing)."""
+    return torch.randint(3, VOCAB, (steps,), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+
+
+def alone(llm: Any, p: LlmPrefix, tokens: list[int]) -> list[torch.Tensor]:
+    """The eager reference: the prefix alone in a DecoderOnlyBatch, fed ``tokens``; the logits before each."""
+    with torch.no_grad():
+        state = DecoderOnlyBatch(llm, [p])
+        out = [state.prefill()[0]]
+        out += [state.step(torch.tensor([t], device=p.embeds.device))[0] for t in tokens]
+    return out
+
+
+def run(decoder: StaticDecoder, llm: Any, *, join: bool, steps: int = 10, join_at: int = 4) -> dict[str, Any]:
+    """A batch of A (row 0) and B (row 1) in a bucket of 4 rows x 64 positions. With ``join``: after ``join_at``
+    steps A retires and C joins its row, and D is appended into dummy row 2; every row then steps on."""
+    a, b, c, d = prefix(llm, 12, 0), prefix(llm, 9, 1), prefix(llm, 7, 2), prefix(llm, 12, 3)
+    feeds = {name: forced(i, steps) for i, name in enumerate("ABCD")}
+    batch = StaticBatch(decoder, decoder._slot(4, 64), [a, b])
+    first = batch.prefill()
+    logits: dict[str, list[torch.Tensor]] = {"A": [first[0]], "B": [first[1]], "C": [], "D": []}
+    rows = {0: "A", 1: "B"}
+    for t in range(steps):
+        if join and t == join_at:
+            assert batch.room(c.length, steps) == batch.size == 2  # no retired row yet: the first dummy row
+            batch.retire(0)
+            assert batch.room(c.length, steps) == 0
+            logits["C"].append(batch.join(0, c))
+            assert batch.room(d.length, steps) == 2
+            logits["D"].append(batch.join(2, d))
+            assert batch.size == 3
+            rows = {0: "C", 1: "B", 2: "D"}
+        fed = {name: feeds[name][len(logits[name]) - 1] for name in rows.values()}
+        out = batch.step(torch.tensor([fed[rows[r]] for r in range(batch.size)], device=first.device))
+        assert out.shape == (batch.size, VOCAB)
+        for r, name in rows.items():
+            logits[name].append(out[r])
+    return {"logits": logits, "feeds": feeds, "prefixes": dict(zip("ABCD", (a, b, c, d))), "batch": batch}
+
+
+def check_joins(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL) -> None:
+    plain = run(decoder, llm, join=False)
+    joined = run(decoder, llm, join=True)
+    # the running row is untouched by the join
+    assert len(joined["logits"]["B"]) == len(plain["logits"]["B"]) == 11
+    for t, (x, y) in enumerate(zip(plain["logits"]["B"], joined["logits"]["B"], strict=True)):
+        assert torch.allclose(x, y, **tol), f"row B, step {t}"
+    # A, until it retired, too
+    for t, x in enumerate(joined["logits"]["A"]):
+        assert torch.allclose(x, plain["logits"]["A"][t], **tol), f"row A, step {t}"
+    # each joiner decodes exactly as it does alone
+    for name in "CD":
+        got = joined["logits"][name]
+        assert len(got) == 7  # join's logits, then six steps
+        ref = alone(llm, joined["prefixes"][name], joined["feeds"][name][:len(got) - 1])
+        for t, (x, y) in enumerate(zip(ref, got, strict=True)):
+            assert torch.allclose(x, y, **tol), f"joiner {name}, step {t}: {(x - y).abs().max().item()}"
+
+
+def test_joiners_decode_as_alone_and_running_rows_are_untouched(llm: Any) -> None:
+    decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False)
+    check_joins(decoder, llm)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="Inductor compiles for the CPU with a C++ compiler (apt-get install g++; .ci/run does)")
+def test_joins_into_the_compiled_step(llm: Any) -> None:
+    """The compiled step reads the cache buffers the join wrote in place (on a GPU also from a CUDA graph)."""
+    decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=True, mode="default", graphs=False)
+    check_joins(decoder, llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_joins_into_the_graph_captured_step_on_a_gpu(llm: Any) -> None:
+    """The captured CUDA graph replays over the buffers the join wrote in place (float32; kernels of other shapes
+    than the lone eager run's: a slightly looser tolerance)."""
+    gpu = llm.to("cuda")
+    try:
+        decoder = StaticDecoder(gpu, max_batch_size=4, length_multiple=32, compile=True, mode="default")
+        assert decoder.graphs
+        check_joins(decoder, gpu, dict(rtol=1e-4, atol=1e-4))
+        assert all(slot.graph is not None for slot in decoder._slots.values())
+    finally:
+        llm.to("cpu")
+
+
+def test_room_refuses_what_does_not_fit(llm: Any) -> None:
+    decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False)
+    batch = StaticBatch(decoder, decoder._slot(2, 32), [prefix(llm, 10, 0), prefix(llm, 6, 1)])
+    assert batch.room(4, 4) is None  # before the prefill
+    with pytest.raises(RuntimeError, match="not been prefilled"):
+        batch.join(0, prefix(llm, 4, 2))
+    batch.prefill()
+    assert batch.room(4, 4) is None  # both rows live, no dummy row
+    batch.retire(1)
+    batch.retire(0)
+    assert batch.room(4, 4) == 0  # the lowest retired row first
+    assert batch.room(10, 22) == 0  # written 10 + 22 = the bucket's 32 columns
+    assert batch.room(10, 23) is None  # the answer would run past the bucket
+    assert batch.room(11, 4) is None  # longer than the columns left of `written`
+    with pytest.raises(ValueError, match="does not fit left of column 10"):
+        batch.join(0, prefix(llm, 11, 2))
+    with pytest.raises(ValueError, match="row 2 is not free"):
+        batch.join(2, prefix(llm, 4, 2))
+    with pytest.raises(ValueError, match="not in this batch"):
+        batch.retire(2)
+    batch.step(torch.tensor([5, 6]))
+    assert batch.room(11, 4) == 0  # one step later it fits
+    batch.join(0, prefix(llm, 11, 2))
+    assert batch.room(11, 4) == 1
+    with pytest.raises(ValueError, match="row 0 is not free"):
+        batch.join(0, prefix(llm, 4, 2))
+
+
+def test_sliding_window_layers_refuse_joins() -> None:
+    """A sliding-window layer's rolling buffer is shared by all rows' columns: room() says no."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    llm = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=256, sliding_window=16)).eval()
+    decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False)
+    batch = StaticBatch(decoder, decoder._slot(4, 32), [prefix(llm, 10, 0)])
+    batch.prefill()
+    assert batch.room(4, 4) is None
+    assert "not in-place static layers" in (batch.join_refusal() or "")
+    with pytest.raises(RuntimeError, match="StaticSlidingWindowLayer"):
+        batch.join(1, prefix(llm, 4, 2))
