@@ -125,7 +125,7 @@ def _tune_store(store: str | None) -> str:
     from vlmforge.store import default_store_url
 
     url = store or default_store_url()
-    return url if "://" in url else str(Path(url.removeprefix("file://")).resolve())
+    return url if "://" in url else str(Path(url).resolve())
 
 
 def _trtllm_serve(ref: str | None, *, store: str | None, checkpoint_dir: Path | None, state_dir: Path | None,
