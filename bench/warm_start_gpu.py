@@ -16,7 +16,8 @@ cache hits and misses of each, the artifact's MiB and the logits check.
     python bench/warm_start_gpu.py [--batches 1,16] [--mode max-autotune-no-cudagraphs] [--out FILE]
     python bench/warm_start_gpu.py --tiny        # a small model on the CPU (Inductor's C++ backend): a smoke test
 
-Needs torch and transformers only (no pydantic: it drives ``vlmforge.runner.static`` directly, as the runner does).
+It drives ``vlmforge.runner.static`` directly, as the runner does; on the GPU machine install pydantic from the
+wheelhouse first (bench/README.md: ``pip install --no-index --find-links bench/wheelhouse -r bench/wheels.txt``).
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--check-tokens", type=int, default=16, help="teacher-forced steps of the logits check")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--work", type=Path, help="keep each start's results, logits and the artifact here "
+                        "(default: a temporary directory)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--phase", "--artifacts", "--result", "--logits"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="warm-start-") as scratch:
-        work = Path(scratch)
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
         cold = run_start("cold", args, work)
         warm = run_start("warm", args, work)
         a, b = torch.load(work / "cold.pt"), torch.load(work / "warm.pt")

@@ -125,7 +125,7 @@ def tune_engine(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneResult:
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         raise DeployError("torch saved no compile caches after the warm-up (torch.compiler.save_cache_artifacts() "
-                          "returned None): check that Inductor's caches are not disabled (TORCHINDUCTOR_FX_GRAPH_CACHE)")
+                          "returned None): check that Inductor's caches are on (TORCHINDUCTOR_FX_GRAPH_CACHE)")
     data, info = saved
     artifacts = {kind: len(entries) for kind, entries in info.artifacts.items() if entries}
     return TuneResult(key, data, artifacts, seconds, compile_counters())

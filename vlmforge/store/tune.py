@@ -14,7 +14,7 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -206,9 +206,3 @@ def newest_matching(records: list[TuneRecord], key: TuneKey) -> tuple[TuneRecord
             best = (len(differences), differences)
     return None, best[1] if best else []
 
-
-def describe(record: TuneRecord) -> dict[str, Any]:
-    """A record as the CLI shows it."""
-    data = record.model_dump(mode="json")
-    data["ref"] = record.ref
-    return data
