@@ -131,30 +131,30 @@ def test_a_fresh_runner_loads_the_tune_artifact_and_hits_the_compile_cache(
         assert "vlmforge_warm_start 1.0" in log
 
 
-def _edit_record(store_url: str, ref: str, edit: Any) -> None:
+def _edit_record(store_url: str, ref: str, edit: Any) -> tuple[str, bytes]:
+    """Edit the build's tune record in place; (its key, its original bytes) to put back."""
     with make_store(store_url) as store:
-        record = store.tune_records(ref)[0]
-        key = store._tune_key(record)
-        data = json.loads(store._get(key)[0])
-        edit(store, record, data)
+        key = store._tune_key(store.tune_records(ref)[0])
+        original = store._get(key)[0]
+        data = json.loads(original)
+        edit(data)
         store._put(key, json.dumps(data).encode())
+    return key, original
 
 
 def test_a_key_mismatch_is_a_warning_and_a_cold_compile(tuned: Tuned, tmp_path: Path) -> None:
     engine = _pulled(tuned.store_url, tuned.ref, tmp_path / "engine")
-
-    def older_torch(store: Any, record: Any, data: dict[str, Any]) -> None:
-        data["key"]["torch"] = "2.11.0+cu130"
-
-    _edit_record(tuned.store_url, tuned.ref, older_torch)
+    key, original = _edit_record(tuned.store_url, tuned.ref, lambda data: data["key"].update(torch="2.11.0+cu130"))
     try:
         with _serve(engine, tuned.store_url, tmp_path) as (health, log):
             assert health["warm_start"] is False
             assert health["start"]["compile_cache"]["fxgraph_cache_miss"] > 0
             assert health["start"]["compile_cache"]["fxgraph_cache_hit"] == 0
             assert "WARNING" in log and "torch: " in log and "2.11.0+cu130 in the artifact" in log
+            assert "vlmforge_warm_start 0.0" in log
     finally:
-        _edit_record(tuned.store_url, tuned.ref, lambda s, r, d: d["key"].update(torch=tuned.record["key"]["torch"]))
+        with make_store(tuned.store_url) as store:
+            store._put(key, original)
 
 
 def test_a_damaged_tune_blob_is_a_warning_and_a_cold_compile(tuned: Tuned, tmp_path: Path) -> None:

@@ -148,6 +148,7 @@ class TuneOps(StoreReader, StoreLocks, StoreIdentity):
 
     def tune_records(self, ref: str | Ref | EngineManifest) -> list[TuneRecord]:
         """The readable tune records of a build, newest first (unreadable ones are skipped with a warning)."""
+        self._require_store(f"read the tune artifacts of {ref if not isinstance(ref, EngineManifest) else ref.ref}")
         manifest = ref if isinstance(ref, EngineManifest) else self.resolve(ref)
         records, refused = self._tune_records(manifest.model, manifest.build_id)
         for key, reason in refused:
