@@ -2,7 +2,8 @@
 
 Parts, each in its own module: ``keys`` (layout), ``refs``, ``records`` (marker, aliases, locks), ``results``,
 ``backend`` (the primitives a backend supplies), ``reading``, ``identity`` (the store marker), ``locks`` (leases),
-``aliases``, ``publish``, ``pull`` (with ``engine_dir``), ``tune`` (compile caches beside a build) and ``gc``. The names below stay importable from here.
+``aliases``, ``publish``, ``pull`` (with ``engine_dir``), ``tune`` (compile caches beside a build) and ``gc``. The
+names below stay importable from here.
 """
 
 from __future__ import annotations
