@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +31,8 @@ def tune_cmd(
     matching machine load them and start warm. The build's manifest and fingerprint are not changed."""
     from vlmforge.deploy.tune import TuneOptions, tune
 
-    logging.getLogger("vlmforge").setLevel(logging.INFO)
+    if "VLMFORGE_LOG_LEVEL" not in os.environ:  # the warm-up takes minutes on a GPU: say what it is doing
+        logging.getLogger("vlmforge").setLevel(logging.INFO)
     outcome = tune(target, store_url=store, cache_dir=cache_dir, options=TuneOptions(
         device=device, decode=decode, compile_mode=compile_mode, compile=compile, max_batch_size=max_batch_size,
         max_tokens=max_tokens))
