@@ -18,7 +18,7 @@ def _register() -> None:
     # Sub-command modules register themselves on `app` (or add a sub-app) when imported.
     import importlib
 
-    for name in ("specs", "build", "checkpoint", "store", "serve", "deploy", "watch"):
+    for name in ("specs", "build", "checkpoint", "store", "serve", "deploy", "tune", "watch"):
         try:
             module = importlib.import_module(f"vlmforge.cli.{name}")
         except ModuleNotFoundError as exc:

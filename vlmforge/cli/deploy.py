@@ -102,7 +102,8 @@ def deploy_cmd(
         raise DeployError(f"--image-root {image_root} is a path here; with --launcher docker give a --volume that mounts "
                           "it in the runner container too")
     args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size,
-                      image_root=image_root)
+                      image_root=image_root, tune_store=_tune_store(store) if docker is None and engine_dir is None
+                      else None)
     deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
                         state_dir=state_dir, serve_args=args, wait_s=wait, replace=replace, docker=docker,
                         api_key=SecretStr(api_key) if api_key else None)
@@ -116,6 +117,15 @@ def deploy_cmd(
                          else f"log {deployment.log})"), highlight=False)
     if foreground:
         raise typer.Exit(_attach(deployment, state_dir))
+
+
+def _tune_store(store: str | None) -> str:
+    """The store a process runner looks for tune artifacts in: the one deploy pulls from (a local path absolute, as
+    the runner may start elsewhere). A container runner gets none: the store is not mounted in it."""
+    from vlmforge.store import default_store_url
+
+    url = store or default_store_url()
+    return url if "://" in url else str(Path(url).resolve())
 
 
 def _trtllm_serve(ref: str | None, *, store: str | None, checkpoint_dir: Path | None, state_dir: Path | None,

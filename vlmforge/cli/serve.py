@@ -54,6 +54,9 @@ def serve_cmd(
     warmup: Annotated[bool, typer.Option("--warmup", help="Compile the static decode path's batch sizes before reporting healthy.")] = False,
     image_cache_mib: Annotated[int, typer.Option(min=0, help="MiB of host memory (rank 0) for the visual features of images seen before: a repeated image skips the visual engine. 0: no cache. hf engines only.")] = DEFAULT_IMAGE_CACHE_MIB,
     compile_mode: Annotated[CompileMode, typer.Option(help="torch.compile mode of the static decode step: max-autotune-no-cudagraphs or default (quicker to compile, slower).")] = CompileMode.MAX_AUTOTUNE,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", show_default=False, help="Compile the static decode step (default: on a GPU; on the CPU Inductor needs a C++ compiler).")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Before compiling, load the build's tune artifact that matches this machine (`vlmforge tune`); any mismatch: a warning and a cold compile.")] = True,
+    tune_store: Annotated[str | None, typer.Option("--tune-store", help="Store holding the build's tune artifacts (default: $VLMFORGE_STORE, else the default store). The engine directory must have been pulled from a store.")] = None,
 ) -> None:
     """Serve an engine with an OpenAI-compatible API (rank 0); under `mpirun -n TP`, the other ranks hold their
     share of the LLM and follow rank 0. SIGTERM to rank 0 drains and stops every rank."""
@@ -67,7 +70,7 @@ def serve_cmd(
         body_timeout_s=body_timeout, model_name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
         drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup, compile_mode=compile_mode,
-        image_cache_mib=image_cache_mib,
+        image_cache_mib=image_cache_mib, compile=compile, tune=tune, tune_store=tune_store,
         limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                       max_request_bytes=max_request_bytes),
     )

@@ -168,9 +168,13 @@ def deploy(ref: str, source: BuildSource, *, tp: int | None = None, host: str = 
 
 
 def serve_args(*, decode: str = "auto", compile_mode: str = "max-autotune-no-cudagraphs", warmup: bool = True,
-               max_batch_size: int | None = None, image_root: Path | None = None) -> list[str]:
-    """``vlmforge serve`` options of a deployment (the CLI's and the deploy-runner flow's)."""
+               max_batch_size: int | None = None, image_root: Path | None = None,
+               tune_store: str | None = None) -> list[str]:
+    """``vlmforge serve`` options of a deployment (the CLI's and the deploy-runner flow's). ``tune_store``: the store
+    the build was pulled from, where the runner looks for its tune artifacts (vlmforge.runner.tune)."""
     args = ["--decode", decode, "--compile-mode", compile_mode] + (["--warmup"] if warmup else [])
+    if tune_store is not None:
+        args += ["--tune-store", tune_store]
     if max_batch_size is not None:
         args += ["--max-batch-size", str(max_batch_size)]
     if image_root is not None:

@@ -4,7 +4,7 @@ protocol (what an engine gives the runner), loader (the engine of a directory, b
 trtllm (TensorRT-LLM), jobs (encode -> prefix -> batch), batching and static (the decode loops), scheduler,
 distributed (TP followers), sampling (per-request parameters, the batch's sampler), access, openai_api, answers
 (a completion's choices, plain or streamed) and server (HTTP), metrics, image_cache (visual features of images seen
-before).
+before), tune (warm starts from stored compile caches).
 """
 
 from enum import Enum

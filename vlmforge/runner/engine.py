@@ -41,7 +41,8 @@ class HfEngine:
 
     def __init__(self, engine_dir: Path, *, device: str | None = None, tp_plan: bool = False,
                  load_vision: bool = True, decode: str = "auto", max_batch_size: int | None = None,
-                 compile_mode: str = "max-autotune-no-cudagraphs", image_cache_bytes: int = 0) -> None:
+                 compile_mode: str = "max-autotune-no-cudagraphs", image_cache_bytes: int = 0,
+                 compile: bool | None = None) -> None:
         import torch
 
         self.dir = Path(engine_dir)
@@ -83,13 +84,15 @@ class HfEngine:
                 self.llm = self.llm.to(self.device)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.static = self._static_decoder(decode, self.max_batch_size, compile_mode)
+        self.static = self._static_decoder(decode, self.max_batch_size, compile_mode,
+                                           self.device.startswith("cuda") if compile is None else compile)
         log.info("loaded %s engine %s on %s (tp %d, %s decoding)", self.config.family, self.dir, self.device, self.tp,
                  "static-cache compiled" if self.static is not None else "dynamic-cache eager")
 
-    def _static_decoder(self, decode: str, max_batch_size: int, compile_mode: str) -> Any:
+    def _static_decoder(self, decode: str, max_batch_size: int, compile_mode: str, compile: bool) -> Any:
         """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
-        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never."""
+        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never.
+        ``compile``: compile its step (default: on a GPU; Inductor also compiles for the CPU, with a C++ compiler)."""
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
         fits = not self.family.encoder_decoder and self.config.llm.format in ("safetensors", "lowbit") and self.tp == 1
@@ -103,7 +106,7 @@ class HfEngine:
         limit = self.config.max_input_len + self.config.max_output_len
         return StaticDecoder(self.llm, max_batch_size=max_batch_size,
                              max_length=min(limit, int(getattr(self.llm.config, "max_position_embeddings", limit))),
-                             compile=self.device.startswith("cuda"), mode=compile_mode)
+                             compile=compile, mode=compile_mode)
 
     @property
     def limits(self) -> EngineLimits:

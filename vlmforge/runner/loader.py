@@ -21,6 +21,8 @@ class LoadOptions:
     decode: DecodeMode = DecodeMode.AUTO
     """hf engines: the static decode path (a GPU), or the dynamic one (vlmforge.runner.static)."""
     compile_mode: CompileMode = CompileMode.MAX_AUTOTUNE
+    compile: bool | None = None
+    """hf engines, static decode path: compile its step (default: on a GPU)."""
     max_batch_size: int | None = None
     """Requests decoded together (default: the engine's max_batch_size; a TensorRT engine's is a ceiling)."""
     world_size: int = 1
@@ -38,7 +40,8 @@ def _load_hf(engine_dir: Path, config: EngineConfig, options: LoadOptions) -> Se
 
     return HfEngine(engine_dir, device=options.device, tp_plan=options.world_size > 1, load_vision=options.leader,
                     decode=options.decode.value, max_batch_size=options.max_batch_size,
-                    compile_mode=options.compile_mode.value, image_cache_bytes=options.image_cache_bytes)
+                    compile_mode=options.compile_mode.value, image_cache_bytes=options.image_cache_bytes,
+                    compile=options.compile)
 
 
 def _load_trtllm(engine_dir: Path, config: EngineConfig, options: LoadOptions) -> ServingEngine:

@@ -74,6 +74,10 @@ class Metrics:
         info = Gauge("vlmforge_runner_info", "The engine this runner serves (value 1).", ["model", "engine", "tp"],
                      registry=r)
         info.labels(model=model, engine=engine, tp=str(tp)).set(1)
+        self.warm_start = Gauge("vlmforge_warm_start", "1 if this runner loaded a matching tune artifact (vlmforge "
+                                "tune) before compiling, else 0.", registry=r)
+        self.warmup_seconds = Gauge("vlmforge_warmup_seconds", "Seconds the start's warm-up (compiling the static "
+                                    "decode buckets) took; 0 without --warmup.", registry=r)
         self.requests = Counter("vlmforge_requests", "Chat completion requests, by HTTP status.", ["status"],
                                 registry=r)
         self.latency = Histogram("vlmforge_request_duration_seconds", "Request time, arrival to last token.",

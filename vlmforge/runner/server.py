@@ -60,6 +60,7 @@ from vlmforge.runner.openai_api import (
 )
 from vlmforge.runner.protocol import EngineKind, ServingEngine
 from vlmforge.runner.sampling import UnsupportedSampling
+from vlmforge.runner.tune import WarmStart, WarmupPlan, compile_counters, compiled_decoder, load_tune
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ class ServeSettings(BaseModel):
     """torch.compile mode of the static decode step: max-autotune-no-cudagraphs tunes the matrix-vector products
     (fastest decode; about a minute per batch bucket of a 7B model, cached by Inductor for later starts);
     default compiles in about half the time, decodes about 15% slower."""
+    compile: bool | None = None
+    """Compile the static decode step (default: on a GPU; on the CPU Inductor needs a C++ compiler)."""
+    tune: bool = True
+    """Before compiling, load the build's tune artifact that matches this machine (vlmforge tune), if any."""
+    tune_store: str | None = None
+    """The store to look for tune artifacts in (default: $VLMFORGE_STORE, else the default store); the engine directory
+    names its build (it was pulled from a store)."""
     image_cache_mib: int = Field(default=DEFAULT_IMAGE_CACHE_MIB, ge=0)
     """Visual features of images seen before, kept on rank 0's host (vlmforge.runner.image_cache); 0: no cache."""
     limits: Limits = Field(default_factory=Limits)
@@ -130,18 +138,29 @@ class Runtime:
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
                                       self.limits.max_output_len)
         self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
-        warmup = None
-        if settings.warmup:
-            prompt = self.config.num_visual_features + 32
-            sizes = sorted({min(2 ** i, batch) for i in range(batch.bit_length() + 1)})
-
-            def warmup() -> None:
-                engine.warmup(sizes, prompt, self.default_max_tokens)
+        self.start = WarmStart()
+        plan = WarmupPlan.of(self.config.num_visual_features, batch=batch, max_new_tokens=self.default_max_tokens)
+        compiled = compiled_decoder(engine) is not None
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
-                                   warmup=warmup)
+                                   warmup=(lambda: self._prepare(plan)) if settings.warmup or compiled else None)
         self.draining = False
         self.decode = engine.decode_path
+
+    def _prepare(self, plan: WarmupPlan) -> None:
+        """Before the first request: load a matching tune artifact (a compiled decode step only), then warm up."""
+        settings, engine = self.settings, self.engine
+        compiled = compiled_decoder(engine) is not None
+        if compiled and settings.tune:
+            self.start = load_tune(engine, settings.engine_dir, plan, settings.tune_store)
+        if settings.warmup:
+            started = time.perf_counter()
+            engine.warmup(plan.sizes, plan.prompt_length, plan.max_new_tokens)
+            self.start.warmup_seconds = round(time.perf_counter() - started, 3)
+            self.metrics.warmup_seconds.set(self.start.warmup_seconds)
+        if compiled:
+            self.start.compile_cache = compile_counters()
+        self.metrics.warm_start.set(int(self.start.warm))
 
     @property
     def takes_prompt(self) -> bool:
@@ -186,7 +205,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "decode": runtime.decode,
-                "running": scheduler.running,
+                "warm_start": runtime.start.warm, "warmup_seconds": runtime.start.warmup_seconds,
+                "start": runtime.start.model_dump(exclude={"warm", "warmup_seconds"}), "running": scheduler.running,
                 "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}
         if runtime.draining:
             return JSONResponse({**body, "status": "draining"}, status_code=503)
@@ -382,7 +402,7 @@ def serve(settings: ServeSettings) -> int:
         engine = load_engine(settings.engine_dir, LoadOptions(
             device=settings.device, decode=settings.decode, compile_mode=settings.compile_mode,
             max_batch_size=settings.max_batch_size, world_size=info.world_size, leader=info.leader,
-            image_cache_bytes=settings.image_cache_mib * MIB))
+            image_cache_bytes=settings.image_cache_mib * MIB, compile=settings.compile))
         if not info.leader:
             run_follower(engine, channel)
             return 0

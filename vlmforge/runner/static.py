@@ -188,6 +188,11 @@ class StaticDecoder:
         slot.cache.reset()
         mask.zero_()
 
+    def buckets(self, batch_sizes: Sequence[int], prompt_length: int, max_new_tokens: int) -> set[tuple[int, int]]:
+        """The (batch, cache length) buckets :meth:`warmup` compiles for these shapes."""
+        length = bucket_length(prompt_length + max_new_tokens, self.length_multiple, self.max_length)
+        return {(bucket_batch(size, self.max_batch_size), length) for size in batch_sizes}
+
     def batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> StaticBatch:
         if any(p.kind != "decoder" for p in prefixes):
             raise ValueError("the static decode path serves decoder-only LLMs")

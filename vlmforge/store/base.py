@@ -2,7 +2,8 @@
 
 Parts, each in its own module: ``keys`` (layout), ``refs``, ``records`` (marker, aliases, locks), ``results``,
 ``backend`` (the primitives a backend supplies), ``reading``, ``identity`` (the store marker), ``locks`` (leases),
-``aliases``, ``publish``, ``pull`` (with ``engine_dir``) and ``gc``. The names below stay importable from here.
+``aliases``, ``publish``, ``pull`` (with ``engine_dir``), ``tune`` (compile caches beside a build) and ``gc``. The
+names below stay importable from here.
 """
 
 from __future__ import annotations
@@ -79,5 +80,6 @@ class ArtifactStore(PublishOps, PullOps, GcOps):
     Layout (relative to the store root): ``vlmforge-store.json`` (the store marker),
     ``blobs/sha256/<aa>/<hex>`` (file contents), ``models/<model>/builds/<build_id>.json``
     (immutable manifests, written last), ``models/<model>/aliases/<alias>.json`` (moved by
-    compare-and-swap), ``locks/`` (writers and gc, with leases).
+    compare-and-swap), ``models/<model>/tune/<build_id>/<key>.json`` (tune artifacts' records), ``locks/``
+    (writers and gc, with leases).
     """

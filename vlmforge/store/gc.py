@@ -14,12 +14,12 @@ from datetime import timedelta
 
 from vlmforge.artifacts.manifest import EngineManifest, check_name
 from vlmforge.errors import NotFound, StoreError
-from vlmforge.store.identity import StoreIdentity
 from vlmforge.store.keys import build_key, utcnow
-from vlmforge.store.locks import Lease, StoreLocks
-from vlmforge.store.reading import Refused, StoreReader
+from vlmforge.store.locks import Lease
+from vlmforge.store.reading import Refused
 from vlmforge.store.records import ObjectInfo
 from vlmforge.store.results import GcBlob, GcBuild, GcReport
+from vlmforge.store.tune import TuneOps
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _SHA256 = re.compile(rb"[0-9a-f]{64}")
 _BLOB_KEY = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})$")
 
 
-class GcOps(StoreReader, StoreLocks, StoreIdentity):
+class GcOps(TuneOps):
     """``gc``: the retention policy, its dry run and its locked application."""
 
     def gc(
@@ -71,6 +71,7 @@ class GcOps(StoreReader, StoreLocks, StoreIdentity):
         refused_aliases: list[Refused] = []
         referenced: set[str] = set()  # sha256 of kept readable builds
         salvaged: set[str] = set()  # sha256 named anywhere in unreadable records
+        stale_tune: list[str] = []  # tune records of builds that are deleted or gone
         for model in sorted(self._children("models/")):
             try:
                 check_name(model, "model name")
@@ -89,6 +90,7 @@ class GcOps(StoreReader, StoreLocks, StoreIdentity):
             targets = {alias: record.build_id for alias, record in records.items()}
             known = {m.build_id for m in manifests} | {key.rsplit("/", 1)[1][: -len(".json")] for key, _ in bad}
             dangling.extend(f"{model}@{a} -> {b}" for a, b in sorted(targets.items()) if b not in known)
+            tuned = self._tune_builds(model)
             for rank, m in enumerate(sorted(manifests, key=EngineManifest.sort_key, reverse=True)):
                 reasons = [f"alias {a}" for a, b in sorted(targets.items()) if b == m.build_id]
                 if m.build_id in pinned:
@@ -99,9 +101,15 @@ class GcOps(StoreReader, StoreLocks, StoreIdentity):
                 if reasons:
                     kept.append(item)
                     referenced.update(entry.sha256 for entry in m.files)
+                    records, bad_tune = self._tune_records(model, m.build_id)
+                    referenced.update(record.sha256 for record in records)
+                    for key, _ in bad_tune:  # an unreadable tune record may name any blob: keep what it names
+                        salvaged |= self._named_blobs(key)
                 else:
                     item.reasons = [f"older than the newest {keep}, no alias"]
                     deleted.append(item)
+                    stale_tune.extend(tuned.get(m.build_id, []))
+            stale_tune.extend(key for build_id, keys in sorted(tuned.items()) if build_id not in known for key in keys)
 
         cutoff = utcnow() - grace
         stored = self._stored_blobs()
@@ -120,6 +128,7 @@ class GcOps(StoreReader, StoreLocks, StoreIdentity):
                 raise StoreError(refusal)
             lease.check()
             self._delete_many([build_key(b.model, b.build_id) for b in deleted])
+            self._delete_many(stale_tune)
             lease.check()
             self._delete_many([info.key for info in doomed])
             cleaned = self._remove_incomplete(incomplete)
@@ -147,6 +156,7 @@ class GcOps(StoreReader, StoreLocks, StoreIdentity):
             ignored_unreadable=ignore_unreadable and bool(refused_manifests or refused_aliases),
             incomplete=incomplete,
             incomplete_cleaned=cleaned,
+            tune_records=sorted(stale_tune),
         )
 
     def _stored_blobs(self) -> dict[str, ObjectInfo]:

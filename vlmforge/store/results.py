@@ -152,3 +152,5 @@ class GcReport(BaseModel):
     incomplete: list[IncompleteUpload] = Field(description="upload leftovers removed (or that --apply would remove)")
     incomplete_cleaned: int
     broken_locks: list[str] = Field(default_factory=list, description="locks of dead holders that gc removed")
+    tune_records: list[str] = Field(default_factory=list,
+                                    description="tune records of deleted or missing builds, removed (or to remove)")
