@@ -80,8 +80,13 @@ def checks(bench: Any, static: Any, prefixes: list[Any], n: int) -> dict[str, An
     first = decode(bench, static, prefixes, params, n)[1]
     second = decode(bench, static, prefixes, params, n)[1]
     greedy = decode(bench, static, prefixes, [None] * k, n)[1]
+    greedy_again = decode(bench, static, prefixes, [None] * k, n)[1]
     forced = torch.tensor([row + row[-1:] * (n - len(row)) for row in greedy], dtype=torch.long)  # ended early: pad
     batched = forced_logits(static, prefixes, forced)
+    batched_again = forced_logits(static, prefixes, forced)
+    on_device = batched[:, :8].to(static.device)  # the sampler on the GPU, twice on the same logits
+    draws = [torch.stack([BatchSampler(params, [p.eos for p in prefixes], static.device).step(on_device[:, t])[0]
+                          for t in range(on_device.shape[1])]).cpu() for _ in range(2)]
     lp = BatchSampler([SamplingParams(logprobs=3)] * k, [p.eos for p in prefixes], torch.device("cpu"))
     lp_picks = torch.stack([lp.step(batched[:, t])[0] for t in range(n)], dim=1)
     alone = forced_logits(static, prefixes[3:4], forced[3:4])[0]
@@ -94,6 +99,10 @@ def checks(bench: Any, static: Any, prefixes: list[Any], n: int) -> dict[str, An
     return {
         "same seeded batch twice: same tokens": first == second,
         "seeded rows differ from greedy": sum(f != g for f, g in zip(first, greedy)),
+        "greedy batch twice: same tokens": greedy == greedy_again,
+        "teacher-forced logits twice: bitwise equal": bool(torch.equal(batched, batched_again)),
+        "teacher-forced logits twice: max difference": (batched - batched_again).abs().max().item(),
+        "sampler twice on the same GPU logits: same draws": bool(torch.equal(draws[0], draws[1])),
         "greedy with logprobs picks == argmax (teacher-forced)": bool((lp_picks == batched.argmax(-1)).all()),
         "row alone vs in batch, teacher-forced: argmax agreement": round(
             (alone.argmax(-1) == in_batch.argmax(-1)).float().mean().item(), 4),
