@@ -162,7 +162,9 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized: tuple[Pat
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
     _load_processor(resolved, checkpoint_dir).save_pretrained(out / "processor")
-    return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=safetensors_size(target))
+    # the saved LLM's own class (a family whose llm_class is transformers' Auto class serves several)
+    architecture = (read_config(target).get("architectures") or [family.llm_class().__name__])[0]
+    return LlmResult(format=fmt, architecture=architecture, bytes=safetensors_size(target))
 
 
 class VisualResult(BaseModel):
