@@ -12,7 +12,7 @@ import pytest
 from vlmforge.modeling.images import synthetic_images
 
 MAX_TOKENS = 12
-# (width, height) of each image of a request, and its prompt: 5, 4 and 4 tiles; 24, 16 and 14 tokens
+# (width, height) of each image of a request, and its prompt: 64x64, 90x40, 40x90: 5, 4, 4 tiles; 24, 14, 16 tokens
 REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
     ([(64, 64)], "Question: which city is this? Answer:"),
     ([(90, 40)], "What is this?"),
@@ -49,7 +49,7 @@ def test_the_engine_holds_the_newline_embedding_and_a_tile_engine(engine_dir: Pa
     assert engine.config.visual.output_shape == ["batch", 4, 64]  # per tile: (28/14)^2 patches
     counts = [int(f.shape[1]) for f in engine.encode_images([image(0, (64, 64)), image(1, (90, 40)),
                                                              image(2, (40, 90))])]
-    assert counts == [24, 16, 14]
+    assert counts == [24, 14, 16]
 
 
 def test_batched_equals_alone_with_images_of_different_sizes(engine: Any) -> None:
