@@ -83,3 +83,43 @@ def test_the_image_cache_gives_the_same_features_per_size(engine_dir: Path, engi
     assert all(torch.allclose(g, w) for g, w in zip(got, want, strict=True))
     assert want[1].shape[1] != want[2].shape[1]
     assert cached.image_cache is not None and cached.image_cache.stats().hits == 1  # the repeated image only
+
+
+def data_url(picture: Any) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_server_batches_images_of_different_sizes_as_alone(engine_dir: Path, engine: Any,
+                                                                tmp_path: Path) -> None:
+    """Through `vlmforge serve` and the openai client: concurrent requests (one or two images of different sizes)
+    answer what each gives alone."""
+    import concurrent.futures
+
+    import openai
+
+    from tests.helpers.runners import start_runner, stop_runner
+
+    runner = start_runner(engine_dir, tmp_path / "serve.log", args=("--max-batch-size", "4", "--batch-wait-ms", "300"))
+    try:
+        client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
+            sizes, text = request
+            content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
+                                             for i, size in enumerate(sizes)]
+            if text is not None:
+                content.insert(0, {"type": "text", "text": text})
+            return client.chat.completions.create(model="tiny-llava-next", max_tokens=MAX_TOKENS,
+                                                  messages=[{"role": "user", "content": content}])
+
+        with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+            answers = list(pool.map(ask, REQUESTS))
+    finally:
+        stop_runner(runner)
+    for (sizes, text), answer in zip(REQUESTS, answers, strict=True):
+        assert answer.choices[0].message.content == engine.generate(request_images(sizes), text, MAX_TOKENS).text
