@@ -45,9 +45,9 @@ class VisualInputs:
 
     def select(self, indices: Sequence[int]) -> VisualInputs:
         """The inputs of the images at ``indices`` (in that order)."""
-        parts = self.split(self.pixels)
         import torch
 
+        parts = self.split(self.pixels)
         return VisualInputs(torch.cat([parts[i] for i in indices]), [self.inputs_per_image[i] for i in indices],
                             [self.image_sizes[i] for i in indices])
 
