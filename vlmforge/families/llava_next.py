@@ -328,7 +328,7 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
         image_processor = processor.image_processor
         tile = int(image_processor.crop_size["height"])
         side = tile // int(processor.patch_size)
-        newline = extras[NEWLINE_KEY].to(outputs.dtype)
+        newline = extras[NEWLINE_KEY].to(outputs.device, outputs.dtype)
         base, tiles = outputs[0], outputs[1:]
         if tiles.shape[0] == 0:
             return torch.cat([base, newline[None]])[None]
