@@ -50,7 +50,10 @@ def test_models_and_families_json() -> None:
     by_name = {row["name"]: row for row in families}
     assert by_name["llava"]["toolchains"]["hf"] == "build, validate, serve"
     assert by_name["llava"]["toolchains"]["trtllm"].startswith("plan (0.9, 1.2), build")
-    for name, cls in (("llava_next", "LlavaNextForConditionalGeneration"), ("qwen2_vl", "Qwen2VLForConditionalGeneration")):
+    assert by_name["llava_next"]["toolchains"] == {"hf": "build, validate, serve",
+                                                   "trtllm": "plan (1.2), build (validated against hf)"}
+    assert by_name["llava_next"]["tiny_source"] == "tiny://llava-next"
+    for name, cls in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),):
         assert by_name[name]["toolchains"] == {"hf": f"not yet (plan-only; {cls})",
                                                "trtllm": "plan (1.2) only; run it in NVIDIA's container"}
         assert by_name[name]["size_dependent_tokens"]

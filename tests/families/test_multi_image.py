@@ -88,7 +88,7 @@ def test_llava_placeholders_in_the_users_text(tiny: TinyCache) -> None:
 def test_one_image_families_refuse_two(name: str, tiny: TinyCache) -> None:
     t = tiny(name)
     family = t.family
-    features = [t.features[0:1], t.features[1:2]]
+    features = [t.features[0], t.features[1]]
     with pytest.raises(ValueError, match=rf"{family.name} takes one image per prompt, at least one; got 2"):
         family.llm_prefix(family.extract_llm(t.model), t.processor, features, t.prompt)
     with pytest.raises(ValueError, match="takes one image per prompt"):
@@ -97,4 +97,4 @@ def test_one_image_families_refuse_two(name: str, tiny: TinyCache) -> None:
         family.reference_generate(t.model, t.processor, t.images[:2], t.prompt, 2)
     # one image as a one-element list is the same request as the tensor
     llm = family.extract_llm(t.model)
-    assert family.generate(llm, t.processor, [t.features[0:1]], t.prompt, 4).tokens == t.refs[0].tokens[:4]
+    assert family.generate(llm, t.processor, [t.features[0]], t.prompt, 4).tokens == t.refs[0].tokens[:4]

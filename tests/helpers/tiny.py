@@ -60,9 +60,17 @@ class Tiny:
     prompt: str | None
     images: list[Any]
     pixel_values: torch.Tensor
-    features: torch.Tensor
+    """The visual engine's inputs for every golden image (anyres families: each image's tiles)."""
+    features: list[torch.Tensor]
+    """Each golden image's visual features [1, N_i, hidden], as the runner makes them."""
     refs: list[GenResult]
     _onnx: OnnxExportInfo | None = field(default=None, repr=False)
+
+    def pack(self, outputs: torch.Tensor, model: Any = None) -> list[torch.Tensor]:
+        """Each golden image's features from the visual engine's ``outputs`` for :attr:`pixel_values` (or rows in
+        their place), packed by the family with the extras ``model`` (default: the float32 one) saves."""
+        return pack_features(self.family, self.processor, self.images, outputs, model or self.model,
+                             self.work / f"extras-{id(model)}")
 
     def onnx(self) -> OnnxExportInfo:
         """The visual module exported once (batch-2 example, dynamic batch)."""
@@ -72,6 +80,18 @@ class Tiny:
             self._onnx = export_onnx(self.family.visual_module(self.model), self.work / "visual.onnx",
                                      self.pixel_values[:2])
         return self._onnx
+
+
+def pack_features(family: ModelFamily, processor: Any, images: list[Any], outputs: torch.Tensor, model: Any,
+                  extras_dir: Path) -> list[torch.Tensor]:
+    """Each image's features [1, N, hidden] from visual-engine ``outputs`` (the runner's path: split by the images'
+    engine inputs, packed with the extras the visual stage saves beside the engine)."""
+    inputs = family.visual_inputs(processor, images)
+    extras_dir.mkdir(parents=True, exist_ok=True)
+    family.save_visual_extras(model, extras_dir)
+    extras = family.load_visual_extras(extras_dir)
+    return [family.pack_visual_features(processor, part, size, extras)
+            for part, size in zip(inputs.split(outputs), inputs.image_sizes, strict=True)]
 
 
 class TinyCache:
@@ -88,8 +108,6 @@ class TinyCache:
     def _make(self, name: str) -> Tiny:
         import torch
 
-        from vlmforge.modeling.images import synthetic_images
-
         family = family_of_tiny(name)
         work = self.root / name
         model_dir = work / "model"
@@ -97,9 +115,10 @@ class TinyCache:
         model = family.load_model(model_dir, torch.float32)
         processor = family.load_processor(model_dir)
         prompt = family.format_prompt(family.golden_prompt)
-        images = synthetic_images()
-        pixel_values = family.pixel_values(processor, images)
+        images = family.golden_images()
+        pixel_values = family.visual_inputs(processor, images).pixels
         with torch.no_grad():
-            features = family.visual_module(model)(pixel_values)
+            features = pack_features(family, processor, images, family.visual_module(model)(pixel_values), model,
+                                     work / "extras")
         refs = [family.reference_generate(model, processor, image, prompt, MAX_NEW_TOKENS) for image in images]
         return Tiny(family, model_dir, work, model, processor, prompt, images, pixel_values, features, refs)

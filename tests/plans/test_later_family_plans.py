@@ -200,7 +200,7 @@ def test_vicuna_is_refused_for_the_runner_it_cannot_use() -> None:
         plan_for("llava-v1.6-vicuna-7b-hf")
 
 
-@pytest.mark.parametrize("model", [LLAVA_NEXT, QWEN])
+@pytest.mark.parametrize("model", [QWEN])
 def test_both_toolchains_refuse_to_build_them_naming_the_transformers_class(model: str) -> None:
     from vlmforge.toolchains.hf.stages import check_supported
     from vlmforge.toolchains.trtllm.execute import check_buildable
@@ -211,3 +211,13 @@ def test_both_toolchains_refuse_to_build_them_naming_the_transformers_class(mode
         check_supported(resolved)
     with pytest.raises(ToolchainUnavailable, match="vlmforge plan"):
         check_buildable(family)
+
+
+def test_llava_next_passes_both_toolchains_checks() -> None:
+    """The hf toolchain builds llava_next now (tests/families/test_llava_next_hf.py): neither check refuses it."""
+    from vlmforge.toolchains.hf.stages import check_supported
+    from vlmforge.toolchains.trtllm.execute import check_buildable
+
+    resolved = resolve(spec_from_dict(catalog_entry(LLAVA_NEXT)))
+    check_supported(resolved)
+    check_buildable(resolved.family)

@@ -7,19 +7,49 @@ tokens an image gives, how many images a prompt carries, where the visual rows g
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, TypeAlias
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from vlmforge.specs.schema import BuildSpec, ImageSize
 from vlmforge.specs.visual import FamilyNumber, VisualContract, VisualPlacement
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from pathlib import Path
 
     import torch
     from PIL import Image
 
 ImageFeatures: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"
 """A request's visual features: one image's [1, N, hidden], or one such tensor per image of the prompt, in order."""
+
+
+@dataclass
+class VisualInputs:
+    """Images as the visual engine takes them: ``pixels`` [T, 3, H, W], where image i takes ``inputs_per_image[i]``
+    consecutive entries (1 for resize-to-one-size families, 1 + tiles for anyres ones), and each image's
+    ``image_sizes[i]`` = (height, width) before preprocessing (what anyres unpadding needs)."""
+
+    pixels: torch.Tensor
+    inputs_per_image: list[int]
+    image_sizes: list[tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        if sum(self.inputs_per_image) != self.pixels.shape[0] or len(self.inputs_per_image) != len(self.image_sizes):
+            raise ValueError(f"{len(self.image_sizes)} images taking {self.inputs_per_image} visual-engine inputs do "
+                             f"not add up to the {self.pixels.shape[0]} rows of pixels")
+
+    def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` (one per engine input, e.g. the engine's output) cut into each image's part, in order."""
+        return list(rows.split(self.inputs_per_image))
+
+    def select(self, indices: Sequence[int]) -> VisualInputs:
+        """The inputs of the images at ``indices`` (in that order)."""
+        import torch
+
+        parts = self.split(self.pixels)
+        return VisualInputs(torch.cat([parts[i] for i in indices]), [self.inputs_per_image[i] for i in indices],
+                            [self.image_sizes[i] for i in indices])
 
 
 class VisualContractHooks:
@@ -46,6 +76,39 @@ class VisualContractHooks:
     spatial_check_size: ClassVar[ImageSize | None] = None
     """Families with dynamic_spatial_axes: a second, non-square image size the ONNX export is traced at and checked
     against torch at (besides the golden images' own size)."""
+
+    # --- the visual path around the visual engine (the runner and the hf stages call these) ------------------
+
+    def golden_images(self) -> list[Image.Image]:
+        """The images validation and the visual engine's check run on (the three golden images; a size-dependent
+        family gives them several sizes)."""
+        from vlmforge.modeling.images import synthetic_images
+
+        return synthetic_images()
+
+    def visual_inputs(self, processor: Any, images: Sequence[Image.Image]) -> VisualInputs:
+        """The visual engine's inputs for ``images``: :meth:`pixel_values`, one entry per image."""
+        pixels = self.pixel_values(processor, list(images))  # type: ignore[attr-defined]  # ModelFamily's
+        return VisualInputs(pixels, [1] * len(images), [(image.height, image.width) for image in images])
+
+    def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
+        """Refuse (SpecError) a checkpoint whose config.json disagrees with what the spec's budgets were counted
+        from (size-dependent families; fixed-count ones are checked through architecture facts)."""
+
+    def load_visual_extras(self, vision_dir: Path) -> dict[str, torch.Tensor]:
+        """Tensors the visual path needs beside the visual engine, read from its directory (none by default)."""
+        return {}
+
+    def save_visual_extras(self, model: Any, vision_dir: Path) -> None:
+        """Write what :meth:`load_visual_extras` reads, from the reference model (nothing by default)."""
+
+    def pack_visual_features(self, processor: Any, outputs: torch.Tensor, image_size: tuple[int, int],
+                             extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One image's visual features [1, N, hidden] from its visual-engine outputs [inputs, P, hidden] (one entry
+        per engine input; by default one, already the features)."""
+        if outputs.shape[0] != 1:
+            raise ValueError(f"{self.name} expects one visual-engine output per image, got {outputs.shape[0]}")
+        return outputs
 
     def num_visual_features(self, spec: BuildSpec) -> int:
         """The fixed count: architecture.num_visual_features, or the family's default."""

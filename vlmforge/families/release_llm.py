@@ -3,8 +3,8 @@
 Their plans are the 1.2 README's: the LLM converted by the release's own ``convert_checkpoint.py`` (or quantize.py),
 ``trtllm-build`` with the attention plugin and ``--max_num_tokens``, ``build_multimodal_engine.py --model_type``.
 v0.10 (dialect 0.9) has none of them: its builder's ``--model_type`` lacks them, so such a plan is refused naming the
-release that has it. The hf toolchain does not build them yet (plan-only): each family says which transformers
-class would serve it.
+release that has it. On the hf toolchain they are plan-only until a family writes its hf path (each says which
+transformers class would serve it); LLaVA-NeXT has (it sets ``hf_supported``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from vlmforge.families.contract import VisualInputs
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.batching import GreedyBatch, StepSource, StepSync
     from vlmforge.runner.image_cache import ImageCache
@@ -57,6 +58,7 @@ class HfEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = self.family.load_processor(self.dir / self.config.processor)
         self.vision = None
+        self.visual_extras: dict[str, torch.Tensor] = {}
         self.image_cache: ImageCache | None = None
         if load_vision:
             self._load_vision()
@@ -129,50 +131,60 @@ class HfEngine:
         providers = ["CPUExecutionProvider"]
         if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.vision = ort.InferenceSession(str(self.dir / self.config.visual.path), providers=providers)
+        path = self.dir / self.config.visual.path
+        self.vision = ort.InferenceSession(str(path), providers=providers)
         self.vision_input = self.vision.get_inputs()[0].name
+        self.visual_extras = self.family.load_visual_extras(path.parent)
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The visual engine's input [B, 3, H, W] (float32, CPU): the family's preprocessing, in chunks of the visual
-        engine's batch."""
-        import torch
-
+    def _inputs(self, images: Sequence[Image.Image]) -> VisualInputs:
+        """The visual engine's inputs for the images (float32, CPU): the family's preprocessing, each image taking one
+        entry or (anyres families) one per tile."""
         if self.vision is None:
             raise DeployError("this engine was loaded without its visual engine (a follower rank)")
-        chunk = self.config.visual.max_batch_size
-        return torch.cat([self.family.pixel_values(self.processor, list(images[start:start + chunk])).float().cpu()
-                          for start in range(0, len(images), chunk)])
+        inputs = self.family.visual_inputs(self.processor, list(images))
+        inputs.pixels = inputs.pixels.float().cpu()
+        return inputs
 
     def _run_vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Visual features [B, N, hidden] on the CPU, from pixels in chunks of the visual engine's batch."""
+        """Visual-engine outputs [T, N, hidden] on the CPU, from pixels in chunks of the visual engine's batch."""
         import torch
 
-        assert self.vision is not None, "_pixels refuses an engine without its visual engine first"
+        assert self.vision is not None, "_inputs refuses an engine without its visual engine first"
         chunk = self.config.visual.max_batch_size
         return torch.cat([torch.from_numpy(self.vision.run(None, {self.vision_input: part.numpy()})[0])
                           for part in pixels.split(chunk)])
 
-    def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Visual features [B, N, hidden] (float32, on the LLM's device), in chunks of the visual engine's batch."""
-        return self._run_vision(self._pixels(images)).to(self.device)
+    def _encode(self, inputs: VisualInputs) -> list[torch.Tensor]:
+        """Each image's visual features [1, N, hidden] (CPU): the visual engine on every input, then the family's
+        packing of each image's outputs (anyres: unpadding and newline embeddings)."""
+        outputs = inputs.split(self._run_vision(inputs.pixels))
+        return [self.family.pack_visual_features(self.processor, part, size, self.visual_extras)
+                for part, size in zip(outputs, inputs.image_sizes, strict=True)]
+
+    def _features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
+        return [features.to(self.device) for features in self._encode(self._inputs(images))]
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device); with an image cache, images
         seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`)."""
+        import torch
+
         if self.image_cache is None:
-            features = self._features(images)
-            return [features[i:i + 1] for i in range(features.shape[0])]
-        pixels = self._pixels(images)
+            return self._features(images)
+        inputs = self._inputs(images)
+        # the key holds the image's size beside its pixels: anyres unpadding depends on it
+        keys = [torch.cat([pixels.flatten(), torch.tensor(size, dtype=pixels.dtype)])
+                for pixels, size in zip(inputs.split(inputs.pixels), inputs.image_sizes, strict=True)]
 
         def encode(indices: list[int]) -> list[torch.Tensor]:
-            fresh = self._run_vision(pixels[indices])
-            return [fresh[i:i + 1] for i in range(fresh.shape[0])]
+            return self._encode(inputs.select(indices))
 
-        host = self.image_cache.encode([pixels[i] for i in range(pixels.shape[0])], encode)
+        host = self.image_cache.encode(keys, encode)
         return [features.to(self.device, copy=True) for features in host]  # the cache keeps its own entries intact
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
@@ -215,7 +227,7 @@ class HfEngine:
         images = list(image) if several else [image]
         start = time.perf_counter()
         encoded = self._features(images)
-        features = [encoded[i:i + 1] for i in range(len(images))] if several else encoded
+        features = encoded if several else encoded[0]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         vision_ms = (time.perf_counter() - start) * 1000

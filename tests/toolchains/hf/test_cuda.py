@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.tiny import HF_FAMILIES
+from tests.helpers.tiny import HF_FAMILIES, pack_features
 from vlmforge.families import get_family
 from vlmforge.modeling.generation import compare_generations
-from vlmforge.modeling.images import synthetic_images
 from vlmforge.modeling.quantized import load_quantized, lowbit_kernels, quantize_and_save
 from vlmforge.specs.catalog import catalog_specs
 from vlmforge.toolchains.hf.onnx import compare_onnx, export_onnx
@@ -31,19 +30,20 @@ def test_split_pipeline_on_cuda(name: str, tmp_path: Path) -> None:
     model = family.load_model(tmp_path / "model", torch.float32, device="cuda")
     processor = family.load_processor(tmp_path / "model")
     prompt = family.format_prompt(family.golden_prompt)
-    images = synthetic_images()
-    pixel_values = family.pixel_values(processor, images)
+    images = family.golden_images()
+    pixel_values = family.visual_inputs(processor, images).pixels  # anyres: every image's tiles
     assert pixel_values.device.type == "cpu" and pixel_values.dtype == torch.float32
     visual = family.visual_module(model)
     with torch.no_grad():
-        features = visual(pixel_values.to("cuda"))
-    assert features.device.type == "cuda"
+        outputs = visual(pixel_values.to("cuda"))
+    assert outputs.device.type == "cuda"
+    features = pack_features(family, processor, images, outputs, model, tmp_path / "extras")  # one per image
 
     llm_dir = save_pretrained_as(family.extract_llm(model), tmp_path / "llm", torch.float32)
     llm = family.llm_class().from_pretrained(llm_dir, dtype=torch.float32).to("cuda").eval()
     for i, image in enumerate(images):
         ref = family.reference_generate(model, processor, image, prompt, MAX_NEW_TOKENS)
-        got = family.generate(llm, processor, features[i : i + 1], prompt, MAX_NEW_TOKENS)
+        got = family.generate(llm, processor, features[i], prompt, MAX_NEW_TOKENS)
         assert got.logits.device.type == "cpu" and got.logits.dtype == torch.float32
         comparison = compare_generations(ref, got)
         assert comparison.exact and comparison.prefix_logit_error < 1e-3
@@ -59,8 +59,8 @@ def test_split_pipeline_on_cuda(name: str, tmp_path: Path) -> None:
             on_gpu = load_quantized(family.llm_class(), tmp_path / weights, torch.float32, "cuda")
             on_cpu = load_quantized(family.llm_class(), tmp_path / weights, torch.float32, "cpu")
             assert lowbit_kernels(on_gpu).get("_weight_int4pack_mm" if weights == "int4" else "int8_cast_in_linear")
-            cpu = family.generate(on_cpu, processor, features[:1].cpu(), prompt, MAX_NEW_TOKENS)
-            gpu = family.generate(on_gpu, processor, features[:1], prompt, MAX_NEW_TOKENS)
+            cpu = family.generate(on_cpu, processor, features[0].cpu(), prompt, MAX_NEW_TOKENS)
+            gpu = family.generate(on_gpu, processor, features[0], prompt, MAX_NEW_TOKENS)
             assert (gpu.logits[0] - cpu.logits[0]).abs().max().item() < tolerance
 
 
@@ -75,19 +75,20 @@ def test_catalog_thresholds_hold_on_cuda(name: str, tmp_path: Path) -> None:
     model = family.load_model(tmp_path / "model", dtype, device="cuda")
     processor = family.load_processor(tmp_path / "model")
     prompt = family.format_prompt(family.golden_prompt)
-    images = synthetic_images()
+    images = family.golden_images()
     with torch.no_grad():
-        features = family.visual_module(model)(family.pixel_values(processor, images).to("cuda"))
+        outputs = family.visual_module(model)(family.visual_inputs(processor, images).pixels.to("cuda"))
+    features = pack_features(family, processor, images, outputs, model, tmp_path / "extras")
     llm = family.extract_llm(model)
     refs = [family.reference_generate(reference, processor, image, prompt, steps) for image in images]
 
-    def score(feats: torch.Tensor) -> tuple[float, float]:
-        comparisons = [compare_generations(ref, family.generate(llm, processor, feats[i : i + 1], prompt, steps))
+    def score(feats: list[torch.Tensor]) -> tuple[float, float]:
+        comparisons = [compare_generations(ref, family.generate(llm, processor, feats[i], prompt, steps))
                        for i, ref in enumerate(refs)]
         return (sum(c.token_agreement for c in comparisons) / len(comparisons),
                 max(c.first_step_logit_error for c in comparisons))
 
     agreement, error = score(features)
     assert agreement >= spec.validation.min_token_agreement and error <= spec.validation.max_logit_error
-    agreement, error = score(torch.cat([features[1:], features[:1]]))
+    agreement, error = score(features[1:] + features[:1])
     assert agreement < spec.validation.min_token_agreement or error > spec.validation.max_logit_error

@@ -31,7 +31,6 @@ from vlmforge.artifacts.engine_config import (
 )
 from vlmforge.errors import BuildError, SourceError, SpecError, ToolchainUnavailable, ValidationFailed
 from vlmforge.families import ResolvedSpec
-from vlmforge.modeling.images import GOLDEN_IMAGE_SIZE
 from vlmforge.sources.base import link_or_copy
 from vlmforge.toolchains.hf.export_gate import EXPORT_GATE, beside_exports
 from vlmforge.toolchains.quantize.hf import QuantizeResult
@@ -113,7 +112,8 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
         if declared is not None and declared != actual:
             raise SpecError(f"the spec says {declared} but the checkpoint's config.json gives {actual}: fix the spec",
                             path=f"architecture.{field}")
-    if resolved.derived.num_visual_features != facts.num_visual_features:
+    family.check_checkpoint_config(spec, read_config(source_dir))
+    if not family.size_dependent_tokens and resolved.derived.num_visual_features != facts.num_visual_features:
         raise SpecError(
             f"num_visual_features is {resolved.derived.num_visual_features} (family default) but the checkpoint has "
             f"{facts.num_visual_features}: set architecture.num_visual_features: {facts.num_visual_features}",
@@ -162,7 +162,9 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized: tuple[Pat
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
     _load_processor(resolved, checkpoint_dir).save_pretrained(out / "processor")
-    return LlmResult(format=fmt, architecture=family.llm_class().__name__, bytes=safetensors_size(target))
+    # the saved LLM's own class (a family whose llm_class is transformers' Auto class serves several)
+    architecture = (read_config(target).get("architectures") or [family.llm_class().__name__])[0]
+    return LlmResult(format=fmt, architecture=architecture, bytes=safetensors_size(target))
 
 
 class VisualResult(BaseModel):
@@ -181,15 +183,14 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     """Export the vision encoder + projector to ONNX and check ONNX Runtime against torch on the golden images."""
     import torch
 
-    from vlmforge.modeling.images import synthetic_images
     from vlmforge.toolchains.hf.onnx import OnnxRunError, compare_onnx, export_onnx
 
     family = resolved.family
     model = _load_model(resolved, source_dir, torch.float32)
     processor = _load_processor(resolved, source_dir)
     module = family.visual_module(model).eval()
-    images = synthetic_images(GOLDEN_IMAGE_SIZE)
-    pixels = family.pixel_values(processor, images)
+    images = family.golden_images()
+    pixels = family.visual_inputs(processor, images).pixels  # anyres families: every image's tiles
     checks, example = [pixels[:1], pixels], pixels[:2]
     dynamic = family.dynamic_spatial_axes
     if dynamic:  # traced and checked at a second size too: ONNX Runtime must take both
@@ -213,6 +214,7 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
             f"visual engine check failed: ONNX Runtime differs from torch by {worst['max_rel_to_scale']:.2e} of the "
             f"output scale (tolerance {family.logit_scale_tolerance:.0e})"
         )
+    family.save_visual_extras(model, target.parent)
     with torch.no_grad():
         shape: list[int | str] = list(module(pixels[:1]).shape)
     if dynamic:
@@ -288,7 +290,6 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     import torch
 
     from vlmforge.modeling.generation import compare_generations
-    from vlmforge.modeling.images import synthetic_images
     from vlmforge.runner.engine import HfEngine
 
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
@@ -297,7 +298,7 @@ def validate(resolved: ResolvedSpec, engine_dir: Path, source_dir: Path, *, devi
     processor = _load_processor(resolved, source_dir)
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
-    golden = synthetic_images(GOLDEN_IMAGE_SIZE)
+    golden = family.golden_images()
     engine.generate(golden[0], text, 1)  # warm-up, not profiled
     inputs: list[Any] = list(golden)
     several = min(derived.max_images_per_prompt, len(golden))

@@ -20,7 +20,6 @@ from pydantic import BaseModel
 from vlmforge.artifacts.engine_config import EngineConfig, LlmEngineInfo, VisualEngineInfo
 from vlmforge.errors import ValidationFailed
 from vlmforge.families import ResolvedSpec
-from vlmforge.toolchains.hf.stages import GOLDEN_IMAGE_SIZE
 from vlmforge.toolchains.trtllm.runtime import GeneratingEngine
 
 NO_LOGITS = ("not measured: TensorRT-LLM's multimodal runner returns text, not logits; token agreement is "
@@ -84,7 +83,6 @@ def validate(resolved: ResolvedSpec, engine: GeneratingEngine, hf_dir: Path, *, 
     import torch
 
     from vlmforge.modeling.generation import compare_generations, compare_tokens
-    from vlmforge.modeling.images import synthetic_images
 
     spec, family, derived = resolved.spec, resolved.family, resolved.derived
     reference = family.load_model(hf_dir, torch.float32, device=device)
@@ -92,10 +90,11 @@ def validate(resolved: ResolvedSpec, engine: GeneratingEngine, hf_dir: Path, *, 
     tokenizer = processor.tokenizer
     text = spec.validation.input_text if spec.validation.input_text is not None else family.golden_prompt
     steps = derived.max_new_tokens
-    engine.generate(synthetic_images(GOLDEN_IMAGE_SIZE)[0], text, 1)  # warm-up, not timed
+    golden = family.golden_images()  # the hf toolchain's too
+    engine.generate(golden[0], text, 1)  # warm-up, not timed
     results: list[GoldenComparison] = []
     timings: list[float] = []
-    for image in synthetic_images(GOLDEN_IMAGE_SIZE):
+    for image in golden:
         ref = family.reference_generate(reference, processor, image, family.format_prompt(text), steps)
         got = engine.generate(image, text, steps)
         timings.append(got.e2e_ms)
