@@ -168,6 +168,15 @@ class GreedyBatch:
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
+    @torch.no_grad()
+    def has_room(self, length: int, max_new_tokens: int) -> bool:
+        """Whether a request of ``length`` prompt positions could join at this boundary (checked before its images
+        are encoded: a batch that cannot take it leaves it waiting, unencoded)."""
+        if self._state is None or self.capacity is not None and self.seqs.live >= self.capacity:
+            return False
+        return self._state.room(length, max_new_tokens) is not None
+
+    @torch.no_grad()  # called between iterations: outside the iteration's own no_grad
     def admit(self, prefix: LlmPrefix, max_new_tokens: int, sampling: SamplingParams | None = None, *,
               payload: Any = None) -> int | None:
         """At a step boundary (while the iteration is suspended at its yield): let ``prefix`` join; its request

@@ -130,6 +130,7 @@ class DecoderOnlyBatch(PrefixBatch):
         for layer in self._layers() or []:
             layer.keys, layer.values = edit(layer.keys), edit(layer.values)
 
+    @torch.no_grad()
     def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
         if prefix.kind != "decoder":
             raise ValueError(f"a {prefix.kind} prefix cannot join a decoder batch")
@@ -165,6 +166,7 @@ class DecoderOnlyBatch(PrefixBatch):
             self.retired.discard(row)
         return out.logits[0, -1]
 
+    @torch.no_grad()
     def retire(self, row: int) -> None:
         """Marks ``row`` free and drops the left columns no live row needs (a joiner's left padding outlives the
         rows that needed it otherwise, and every step would attend over it)."""
