@@ -168,3 +168,31 @@ def test_capacity_and_kinds_without_joins_refuse_with_none(tiny_family: Tiny) ->
     assert_lone(t, batch, [0, 2])
     with pytest.raises(RuntimeError, match="step boundary"):
         batch.admit(t.prefixes()[3], 4)
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_in_lockstep_a_joiners_prefix_is_made_after_the_followers_are_told(tiny_family: Tiny) -> None:
+    """Making a prefix runs the LLM's embedding, a collective under tensor parallelism (sharded): rank 0 must make it
+    after the step message, where the followers make theirs, or the ranks wait on each other for good (the TP 2
+    runner hung so before this order)."""
+    t = tiny_family
+    prefixes = t.prefixes()
+    order: list[str] = []
+
+    class Told(Lockstep):
+        def step(self, tokens: torch.Tensor, go_on: bool, changes: Changes | None = None) -> None:
+            order.append("message" if changes is None or not changes.joined else "message with the joiner")
+            super().step(tokens, go_on, changes)
+
+    def make() -> Any:
+        order.append("prefix made")
+        return prefixes[3]
+
+    batch = GreedyBatch(t.llm, [prefixes[0]], [6], sync=Told(), keep_logits=True)
+    for boundary, _ in enumerate(batch):
+        if boundary == 1:
+            assert batch.admit(make, 5, length=prefixes[3].length, payload="job") == 1
+            order.append("admitted")
+    at = order.index("prefix made")
+    assert order[at - 2:at] == ["admitted", "message with the joiner"] and order.count("prefix made") == 1
+    assert_lone(t, batch, [0, 3])

@@ -23,7 +23,7 @@ run :func:`follow_batch`, which applies the same step, retires and joins in the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ import torch
 from vlmforge.modeling.devices import model_device
 from vlmforge.modeling.generation import GenResult, LlmPrefix
 from vlmforge.runner.sampling import BatchSampler, SamplingParams, TokenLogprob, needs_sampler
-from vlmforge.runner.sequences import RowEvent, Sequences
+from vlmforge.runner.sequences import PendingPrefix, RowEvent, Sequences
 from vlmforge.runner.states import (  # noqa: F401 - re-exported: the batch states lived here before
     BATCH_KINDS,
     CrossAttnBatch,
@@ -136,12 +136,14 @@ class GreedyBatch:
         self._sampler: BatchSampler | None = None
         self._boundary = False
         self._joined: list[tuple[int, torch.Tensor]] = []  # (row, first-token logits) joined at this boundary
-        self._queued: list[tuple[int, Any]] = []  # lockstep mode: (request, payload) joining after the step
+        self._queued: list[tuple[int, Any, Any]] = []  # lockstep mode: (request, payload, prefix maker) joining later
+        self.rejected: dict[int, str] = {}
+        """Requests whose prefix could not be made (lockstep mode), and why."""
         self.steps = 0
 
     # per request, in admission order (what the metrics hook and the scheduler read)
     @property
-    def prefixes(self) -> list[LlmPrefix]:
+    def prefixes(self) -> list[LlmPrefix | PendingPrefix]:
         return self.seqs.prefixes
 
     @property
@@ -177,27 +179,35 @@ class GreedyBatch:
         return self._state.room(length, max_new_tokens) is not None
 
     @torch.no_grad()  # called between iterations: outside the iteration's own no_grad
-    def admit(self, prefix: LlmPrefix, max_new_tokens: int, sampling: SamplingParams | None = None, *,
-              payload: Any = None) -> int | None:
+    def admit(self, prefix: LlmPrefix | Callable[[], LlmPrefix], max_new_tokens: int,
+              sampling: SamplingParams | None = None, *, payload: Any = None, length: int | None = None) -> int | None:
         """At a step boundary (while the iteration is suspended at its yield): let ``prefix`` join; its request
         number, or None when it cannot join now (the batch is at ``capacity``, or the state has no room: keep it
-        for a later boundary or the next batch). ``payload``: what the followers are sent for it (tensor
-        parallelism). Without a StepSync the join runs now (the next step is already launched: its logits for the
-        row are replaced); with one it runs after the boundary's step, on every rank alike."""
+        for a later boundary or the next batch). Without a StepSync the join runs now (the next step is already
+        launched: its logits for the row are replaced). With one (tensor parallelism) it runs after the boundary's
+        step, on every rank alike: ``payload`` is what the followers are sent for it, and ``prefix`` may be a
+        callable (with ``length``, its prompt positions) called only after the followers have been told, since
+        building a prefix runs the LLM's (sharded) embedding, a collective every rank must enter in the same order.
+        A callable that raises ValueError ends the request with finish "rejected" (:attr:`rejected` says why)."""
         if not self._boundary or self._state is None:
             raise RuntimeError("admit is only possible at a step boundary (while the batch's iteration is suspended)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if callable(prefix) and (self.sync is None or length is None):
+            raise ValueError("a prefix to be made later needs a StepSync and its length")
         if self.capacity is not None and self.seqs.live >= self.capacity:
             return None
-        row = self._state.room(prefix.length, max_new_tokens)
+        row = self._state.room(length if callable(prefix) else prefix.length, max_new_tokens)
         if row is None:
             return None
-        seq = self.seqs.add(prefix, max_new_tokens, sampling)
+        if callable(prefix):
+            seq = self.seqs.add(PendingPrefix(length or 0), max_new_tokens, sampling)  # made after the message
+        else:
+            seq = self.seqs.add(prefix, max_new_tokens, sampling)
         if self.sync is None:
             self._join(seq, row)
         else:
-            self._queued.append((seq, payload))
+            self._queued.append((seq, payload, prefix if callable(prefix) else None))
         return seq
 
     def _join(self, seq: int, row: int) -> None:
@@ -293,15 +303,24 @@ class GreedyBatch:
             go_on = not self.done
             feed = torch.tensor(self.seqs.feed(host, self.pad), dtype=torch.long)
             retired = self.seqs.to_retire()
-            changes = Changes(tuple(retired), tuple(payload for _, payload in queued)) if retired or queued else None
+            changes = Changes(tuple(retired), tuple(payload for _, payload, _ in queued)) if retired or queued else None
             if self.sync is not None:
                 self.sync.step(feed, go_on, changes)
             if not go_on:
                 return
+            for seq, _, make in queued:  # the followers make theirs now too, in this order
+                if make is not None:
+                    try:
+                        self.seqs.prefixes[seq] = make()
+                    except ValueError as exc:
+                        self.rejected[seq] = str(exc)
+                        self.finish[seq] = "rejected"
             stepped = state.step(feed.to(picked.device))
             for row in retired:
                 state.retire(row)
-            for seq, _ in queued:
+            for seq, _, _ in queued:
+                if seq in self.rejected:
+                    continue
                 row = state.room(self.seqs.prefixes[seq].length, self.seqs.limits[seq])
                 if row is None:
                     raise RuntimeError(f"the batch state refused request {seq} after admitting it")
@@ -348,7 +367,10 @@ def follow_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], source: St
         if changes is not None:
             for row in changes.retired:
                 state.retire(row)
-            for prefix, limit in changes.joined:
+            for joiner in changes.joined:
+                if joiner is None:  # its prefix was refused (on rank 0 too)
+                    continue
+                prefix, limit = joiner
                 row = state.room(prefix.length, limit)
                 if row is None:
                     raise RuntimeError("rank 0 sent a joiner this rank's batch state has no room for")

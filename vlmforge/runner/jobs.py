@@ -121,10 +121,15 @@ class _Joiners:
 
     def step(self, size: int) -> Any:
         tokens, go_on, changes = self.source.step(size)
-        if changes is not None and changes.joined:
-            joined = tuple((job_prefixes(self.engine, job)[0], job.max_new_tokens[0]) for job in changes.joined)
-            changes = replace(changes, joined=joined)
+        if changes is not None and changes.joined and go_on:  # made here, as rank 0 makes them: right after this
+            changes = replace(changes, joined=tuple(self._prefix(job) for job in changes.joined))
         return tokens, go_on, changes
+
+    def _prefix(self, job: BatchJob) -> tuple[LlmPrefix, int] | None:
+        try:
+            return job_prefixes(self.engine, job)[0], job.max_new_tokens[0]
+        except JobRejected:  # rank 0 fails the same way and drops the joiner too
+            return None
 
 
 def follow_job(engine: IncrementalEngine, job: BatchJob, source: StepSource) -> int:

@@ -24,6 +24,7 @@ it finishes what is queued, then tells the other ranks to exit.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -333,6 +334,8 @@ class Scheduler:
                     request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))
+                for seq, why in batch.rejected.items():  # a joiner's prompt refused (tensor parallelism)
+                    members[seq]._emit(Failed(400, why))
                 if self.inflight:
                     self._admit(engine, batch, members)
                 self.running = sum(finish is None for finish in batch.finish)  # rows still generating
@@ -381,14 +384,18 @@ class Scheduler:
             return
         started = time.perf_counter()
         for index, (request, one) in enumerate(zip(candidates, split_job(job), strict=True)):
-            try:
-                prefix = job_prefixes(engine, one)[0]
-            except JobRejected as exc:
-                request._emit(Failed(400, str(exc)))
-                continue
+            if self.channel is not None:  # made after the step message, as the followers make it (a collective)
+                prefix: Any = functools.partial(lambda one: job_prefixes(engine, one)[0], one)
+            else:
+                try:
+                    prefix = job_prefixes(engine, one)[0]
+                except JobRejected as exc:
+                    request._emit(Failed(400, str(exc)))
+                    continue
             payload = one.to_host() if self.channel is not None else None
             try:
-                seq = batch.admit(prefix, request.max_new_tokens, request.sampling, payload=payload)
+                seq = batch.admit(prefix, request.max_new_tokens, request.sampling, payload=payload,
+                                  length=request.prompt_tokens)
             except Exception as exc:  # the batch's state may be broken: these fail here, the batch's rows by the caller
                 self._fail(candidates[index:], 500, f"decoding failed: {type(exc).__name__}: {exc}")
                 raise

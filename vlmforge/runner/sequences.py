@@ -30,12 +30,21 @@ class RowEvent:
     logprob: TokenLogprob | None = None
 
 
+@dataclass(frozen=True)
+class PendingPrefix:
+    """Stands for a joiner's prefix until it is made (tensor parallelism: after the step message); what the metrics
+    hook reads of a prefix."""
+
+    length: int
+    eos: frozenset[int] = frozenset()
+
+
 class Sequences:
     """Per request: prefix, token limit, sampling, tokens (and logits), finish reason, state row."""
 
     def __init__(self, prefixes: Sequence[LlmPrefix], limits: Sequence[int],
                  sampling: Sequence[SamplingParams | None] | None) -> None:
-        self.prefixes: list[LlmPrefix] = []
+        self.prefixes: list[LlmPrefix | PendingPrefix] = []
         self.limits: list[int] = []
         self.sampling: list[SamplingParams | None] = []
         self.tokens: list[list[int]] = []
@@ -48,7 +57,7 @@ class Sequences:
         for index, prefix in enumerate(prefixes):
             self.place(self.add(prefix, limits[index], sampling[index] if sampling else None), index)
 
-    def add(self, prefix: LlmPrefix, limit: int, sampling: SamplingParams | None) -> int:
+    def add(self, prefix: LlmPrefix | PendingPrefix, limit: int, sampling: SamplingParams | None) -> int:
         """A new request (not placed yet); its number."""
         if limit < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {limit}")
