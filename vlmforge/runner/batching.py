@@ -162,6 +162,15 @@ class GreedyBatch:
     def finish(self) -> list[str | None]:
         return self.seqs.finish
 
+    @property
+    def kv_positions(self) -> int:
+        """KV cache positions the batch holds: the state's count (rows x columns of the eager cache, after joins and
+        trims), else rows x (longest prompt + steps)."""
+        held = self._state.kv_positions() if self._state is not None else None
+        if held is not None:
+            return held
+        return len(self.prefixes) * (max(p.length for p in self.prefixes) + self.steps)
+
     def cancel(self, row: int, reason: str) -> None:
         """End request ``row`` before its next token (safe to call from another thread)."""
         self._cancelled.setdefault(row, reason)

@@ -66,6 +66,10 @@ class PrefixBatch:
     def retire(self, row: int) -> None:
         """``row`` finished: a later ``join`` may reuse it; its outputs are ignored until then."""
 
+    def kv_positions(self) -> int | None:
+        """KV cache positions the state holds now (rows x columns), where it knows; None: the caller estimates."""
+        return None
+
 
 def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Pad [1, L_i, H] prefixes to [B, L, H] (zeros) with a [B, L] mask; also whether any row was padded."""
@@ -107,6 +111,9 @@ class DecoderOnlyBatch(PrefixBatch):
         self.cache = cache_of(out)
         self.next_position = self.next_position + 1
         return out.logits[:, -1]
+
+    def kv_positions(self) -> int | None:
+        return self.size * int(self.mask.shape[1]) if self.cache is not None else None
 
     # In-flight batching: the cache is [rows, heads, T, dim] per layer, every row left-padded to T columns.
 
