@@ -407,7 +407,6 @@ class Scheduler:
             request.started_at = started
             request._attach(batch, seq)
         if self.metrics:
-            self.metrics.batch_size.observe(sum(f is None for f in batch.finish))
             self.metrics.queue_depth.set(self.waiting)
 
     def _run_whole(self, live: list[GenRequest]) -> None:
