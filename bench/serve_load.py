@@ -13,6 +13,11 @@ output tokens/s over the lone stream's (target >= 8).
     python bench/serve_load.py --rates 0.5 1 2 4            # builds tiny-llava, starts a runner on loopback
     python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY --rates 1 4 16 --tokens 64 256
 
+Before/after in one run: a started runner is started twice by default, first with ``--no-inflight`` (requests
+arriving during a batch wait for its end: the batching before in-flight batching), then with in-flight batching
+(``--inflight``), the same schedule sent to both; the tables of both and a comparison are printed (``--inflight on``
+or ``off``: one of them only). With ``--url`` the runner is measured as it serves.
+
 Deterministic in what it sends with ``--seed`` (arrival times, lengths, prompts and images). Needs openai and httpx
 (the test extra) and, to start a runner, the hf and serve extras.
 """
@@ -206,6 +211,19 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Per rate, before (in-flight batching off) -> after (on): throughput, TTFT p50/p99, end-to-end p99."""
+    lines = ["| offered req/s | output tok/s before -> after | TTFT p50 before -> after | TTFT p99 before -> after "
+             "| end-to-end p99 before -> after | errors before / after |",
+             "| ---: | --- | --- | --- | --- | --- |"]
+    for b, a in zip(before["rates"], after["rates"], strict=True):
+        errors = f"{sum(b['errors'].values())} / {sum(a['errors'].values())}"
+        lines.append(f"| {b['rate']} | {b['output_tokens_per_s']} -> {a['output_tokens_per_s']} | "
+                     f"{b['ttft_s']['p50']} -> {a['ttft_s']['p50']} s | {b['ttft_s']['p99']} -> {a['ttft_s']['p99']} s | "
+                     f"{b['e2e_s']['p99']} -> {a['e2e_s']['p99']} s | {errors} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner_arguments(parser)
@@ -217,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=int, default=5,
                         help="lone requests before the rates and again after them (the baseline)")
     parser.add_argument("--max-batch-size", type=int, help="the started runner's --max-batch-size (default: engine's)")
+    parser.add_argument("--inflight", choices=["both", "on", "off"], default="both",
+                        help="a started runner: in-flight batching off (before), then on (after), in one run; or one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
@@ -227,17 +247,27 @@ def main(argv: list[str] | None = None) -> int:
     started_on = machine()
     if args.url:
         result = asyncio.run(measure(args.url.rstrip("/"), args.api_key, args.model, args))
+        results = {"as served": result}
     else:
         serve = ("--max-batch-size", str(args.max_batch_size)) if args.max_batch_size else ()
+        modes = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.inflight]
+        results = {}
         with tempfile.TemporaryDirectory(prefix="vlmforge-serve-load-") as tmp:
             key = args.api_key or secrets.token_urlsafe(24)
-            with local_runner(Path(tmp), key, serve) as (url, _):
-                result = asyncio.run(measure(url, key, args.model, args))
-    result["machine"] = started_on
-    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(table(result))
+            for mode in modes:  # the same seed: the same schedule for both
+                flag = "--inflight" if mode == "on" else "--no-inflight"
+                with local_runner(Path(tmp), key, (*serve, flag)) as (url, _):
+                    results[f"inflight {mode}"] = asyncio.run(measure(url, key, args.model, args))
+                print(f"inflight {mode} done", file=sys.stderr)
+    for label, result in results.items():
+        result["machine"] = started_on
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"## {label}\n{table(result)}\n")
+    if len(results) == 2:
+        print(f"## before (inflight off) -> after (inflight on)\n{comparison(*results.values())}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        out = next(iter(results.values())) if len(results) == 1 else results
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

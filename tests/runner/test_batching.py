@@ -13,7 +13,7 @@ import torch
 from tests.helpers.tiny import TINY_MODELS, family_of_tiny, pack_features
 from vlmforge.families import get_family
 from vlmforge.modeling.images import synthetic_images
-from vlmforge.runner import batching
+from vlmforge.runner import batching, states
 from vlmforge.runner.batching import GreedyBatch, greedy_batch
 
 FAMILIES = TINY_MODELS
@@ -81,13 +81,13 @@ def test_the_padding_mask_matters(tiny_family: Tiny, monkeypatch: pytest.MonkeyP
     """Control: letting the left-padded rows attend to their padding changes their tokens (so the test above
     would catch a wrong mask or wrong positions)."""
     t = tiny_family
-    stack = batching._stack
+    stack = states._stack
 
     def unmasked(prefixes: Any, *, left: bool) -> Any:
         embeds, mask, padded = stack(prefixes, left=left)
         return embeds, torch.ones_like(mask), padded
 
-    monkeypatch.setattr(batching, "_stack", unmasked)
+    monkeypatch.setattr(states, "_stack", unmasked)
     batched = greedy_batch(t.llm, t.prefixes(), LIMITS)
     alone = t.alone(LIMITS)
     assert any(a.tokens != b.tokens for a, b in zip(alone, batched))
@@ -126,7 +126,8 @@ def test_step_sync_sees_every_fed_token_and_the_end(tiny_family: Tiny) -> None:
         def __init__(self) -> None:
             self.steps: list[tuple[list[int], bool]] = []
 
-        def step(self, tokens: torch.Tensor, go_on: bool) -> None:
+        def step(self, tokens: torch.Tensor, go_on: bool, changes: Any = None) -> None:
+            assert changes is None or not changes.joined, "nothing joins this batch"
             self.steps.append((tokens.tolist(), go_on))
 
     recorder = Recorder()
@@ -142,10 +143,10 @@ def test_step_sync_sees_every_fed_token_and_the_end(tiny_family: Tiny) -> None:
         def __init__(self, steps: list[tuple[list[int], bool]]) -> None:
             self.steps = iter(steps)
 
-        def step(self, size: int) -> tuple[torch.Tensor, bool]:
+        def step(self, size: int) -> tuple[torch.Tensor, bool, None]:
             tokens, go_on = next(self.steps)
             assert len(tokens) == size
-            return torch.tensor(tokens), go_on
+            return torch.tensor(tokens), go_on, None
 
     assert batching.follow_batch(t.llm, t.prefixes(), Replay(recorder.steps)) == batch.steps
 
@@ -243,7 +244,7 @@ class _Lockstep:
     def __init__(self) -> None:
         self.sent: list[tuple[list[int], bool]] = []
 
-    def step(self, tokens: torch.Tensor, go_on: bool) -> None:
+    def step(self, tokens: torch.Tensor, go_on: bool, changes: Any = None) -> None:
         self.sent.append((tokens.tolist(), go_on))
 
 

@@ -44,3 +44,15 @@ def test_answers_longer_than_the_engine_allows_are_refused_before_the_load(runne
     argv = [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", runner.url, "--tokens", "2", "100000"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert done.returncode != 0 and "max_output_len" in done.stderr and "--tokens" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_before_after_comparison_pairs_the_rates() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve_load import comparison
+
+    def run(tps: float, p99: float, errors: dict) -> dict:
+        return {"rates": [{"rate": 2.0, "output_tokens_per_s": tps, "ttft_s": {"p50": 0.1, "p99": p99},
+                           "e2e_s": {"p99": 1.0}, "errors": errors}]}
+
+    text = comparison(run(30.0, 2.5, {"503": 1}), run(41.0, 0.4, {}))
+    assert "| 2.0 | 30.0 -> 41.0 | 0.1 -> 0.1 s | 2.5 -> 0.4 s | 1.0 -> 1.0 s | 1 / 0 |" in text

@@ -41,7 +41,7 @@ class Recorder:
     def __init__(self) -> None:
         self.steps: list[tuple[list[int], bool]] = []
 
-    def step(self, tokens: Any, go_on: bool) -> None:
+    def step(self, tokens: Any, go_on: bool, changes: Any = None) -> None:
         self.steps.append((tokens.tolist(), go_on))
 
 
@@ -51,12 +51,12 @@ class Replay:
     def __init__(self, steps: list[tuple[list[int], bool]]) -> None:
         self.steps = iter(steps)
 
-    def step(self, size: int) -> tuple[Any, bool]:
+    def step(self, size: int) -> tuple[Any, bool, None]:
         import torch
 
         tokens, go_on = next(self.steps)
         assert len(tokens) == size
-        return torch.tensor(tokens), go_on
+        return torch.tensor(tokens), go_on, None
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -158,9 +158,25 @@ def test_the_openai_client_raises_on_a_bad_request(runner: Runner) -> None:
                                                max_tokens=999)
 
 
+def near_tie(engine: Any, index: int, prompt: str | None, max_tokens: int, margin: float = 0.01) -> bool:
+    """Whether the lone decode of this request meets a near-tie (its two likeliest tokens within ``margin``) within
+    its tokens: float16 rounding of another batch shape may flip it (in-flight batching gives a request other
+    shapes and padding than alone; float32 batches are checked exact in tests/runner/test_inflight.py)."""
+    from PIL import Image
+
+    raw = base64.b64decode(image_url(index).split(",", 1)[1])
+    logits = engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, max_tokens).logits.float()
+    top = logits.topk(2, dim=-1).values
+    return bool(((top[:, 0] - top[:, 1]) < margin).any())
+
+
 def test_fifty_concurrent_requests_all_succeed_in_batches(runner: Runner, engine: Any) -> None:
+    """Every answer is the lone one, but for requests whose lone decode has a float16 near-tie (4 of the 12 here,
+    one with a margin of 0.0005: in-flight batching flipped it): those must only succeed."""
     cases = [(i % 4, PROMPTS[i % 3], 4 + 4 * (i % 2)) for i in range(50)]  # 12 distinct requests
     want = {case: expected(engine, *case) for case in set(cases)}
+    tied = {case for case in set(cases) if near_tie(engine, *case)}
+    assert len(tied) < len(want) // 2, "most requests are compared exactly"
     batches_before = metric(runner, "vlmforge_batch_size_count")
 
     def ask(case: tuple[int, str, int]) -> str:
@@ -171,7 +187,8 @@ def test_fifty_concurrent_requests_all_succeed_in_batches(runner: Runner, engine
 
     with concurrent.futures.ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(ask, cases))
-    assert answers == [want[case] for case in cases]
+    assert [a for a, case in zip(answers, cases) if case not in tied] == [want[c] for c in cases if c not in tied]
+    assert all(answers)
     batches = metric(runner, "vlmforge_batch_size_count") - batches_before
     print(f"50 requests in {batches:.0f} batches")
     assert batches < 50, "concurrent requests are decoded together"

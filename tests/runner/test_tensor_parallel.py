@@ -83,6 +83,34 @@ def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2:
     assert [answer(o) for o in others] == [want[1]] * 2
 
 
+def test_tp2_requests_joining_a_running_batch_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
+    """In-flight batching at TP 2: requests sent once a long streamed answer has begun join its batch at a step
+    boundary (rank 0 sends the followers the joiners' features with that step; every rank joins them in the same
+    order and retires the same rows); every answer is TP 1's, the long one's too."""
+    import json
+
+    long_fields = {"min_tokens": 32, "ignore_eos": True}
+    want_long = answer(ask(runner, *CASES[3][:2], 32, **long_fields))[0]
+    want = [answer(ask(runner, *case)) for case in CASES[:3]]
+    batches = httpx.get(f"{runner_tp2.url}/health").json()["batches"]
+    text, got = "", []
+    body = chat_body(CASES[3][1], image_url(3), max_tokens=32, stream=True, **long_fields)
+    with httpx.stream("POST", f"{runner_tp2.url}/v1/chat/completions", timeout=120, json=body) as response, \
+            concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures: list[concurrent.futures.Future] = []
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[len("data: "):])["choices"]
+            text += (choices[0]["delta"].get("content") or "") if choices else ""
+            if text and not futures:  # the long answer is decoding: the others arrive now
+                futures = [pool.submit(lambda case: answer(ask(runner_tp2, *case)), case) for case in CASES[:3]]
+        got = [f.result() for f in futures]
+    assert text == want_long
+    assert got == want
+    assert httpx.get(f"{runner_tp2.url}/health").json()["batches"] - batches < 4, "some joined the long one's batch"
+
+
 def test_tp2_image_cache_hits_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
     """Only rank 0 encodes (and caches); the followers get the features it used, hit or miss, so a hit at TP 2 still
     answers what TP 1 answers."""

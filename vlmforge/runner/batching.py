@@ -1,163 +1,51 @@
-"""Batched decoding: many requests through one LLM forward per step, greedy or sampled per row.
+"""Batched decoding: many requests through one LLM forward per step, greedy or sampled per row, requests joining
+at step boundaries (in-flight batching).
 
-Every request arrives as a :class:`~vlmforge.modeling.LlmPrefix` (what its family feeds
-the LLM); a batch pads them to one shape and decodes them together:
+Every request arrives as a :class:`~vlmforge.modeling.LlmPrefix` (what its family feeds the LLM); a batch state
+(:mod:`vlmforge.runner.states`, or the static GPU path of :mod:`vlmforge.runner.static`) pads them to one shape and
+decodes them together. Greedy tokens of each request equal those of the unbatched loops (``family.generate``),
+whether it started the batch or joined it mid-way; the tests check it.
 
-- ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
-  padding and position ids that start at 0 on each row's first real position, so each row sees
-  exactly what it would see alone; every step appends one token per row.
-- ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
-  decoders start from the same token, so the decoder side needs no padding.
-- ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
-
-Greedy tokens of each row equal those of the unbatched loops (``family.generate``); the tests check it.
 Rows with sampling parameters (:mod:`vlmforge.runner.sampling`) are picked by a :class:`BatchSampler`, each
 with its own generator; a batch of plain greedy rows never builds one and takes the argmax as it always did.
-A finished row (end token, its own token limit, or cancelled by the server) is fed a pad token
-until the whole batch is done; its outputs are ignored.
+A finished request's row (end token, its own token limit, or cancelled by the server) is retired: fed a pad token,
+its outputs ignored, until a joining request reuses it.
 
-Under tensor parallelism every rank runs the same forwards: rank 0 picks the tokens and sends them
-with a :class:`StepSync` after every step, the other ranks run :func:`follow_batch`.
+In-flight batching: between two steps the consumer may :meth:`GreedyBatch.admit` new requests (up to ``capacity``
+live ones): each is prefilled alone and placed in a retired row or a new one; its first token comes with the next
+step's events. Decoder-only LLMs take joins; encoder-decoder and cross-attention batches do not (``room`` is None:
+their requests wait for the next batch).
+
+Under tensor parallelism every rank runs the same forwards: rank 0 picks the tokens and sends them, with the rows
+retired and the requests joined at that boundary (:class:`Changes`), through a :class:`StepSync`; the other ranks
+run :func:`follow_batch`, which applies the same step, retires and joins in the same order.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from vlmforge.modeling.devices import model_device
-from vlmforge.modeling.generation import GenResult, LlmPrefix, cache_kwarg, cache_of
+from vlmforge.modeling.generation import GenResult, LlmPrefix
 from vlmforge.runner.sampling import BatchSampler, SamplingParams, TokenLogprob, needs_sampler
+from vlmforge.runner.sequences import PendingPrefix, RowEvent, Sequences
+from vlmforge.runner.states import (  # noqa: F401 - re-exported: the batch states lived here before
+    BATCH_KINDS,
+    CrossAttnBatch,
+    DecoderOnlyBatch,
+    PrefixBatch,
+    Seq2SeqBatch,
+    _last_logits_only,
+    _stack,
+    make_batch,
+)
 
-
-def _last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
-    """``logits_to_keep=1`` where the forward takes it: a prefill needs the last position's logits alone
-    (a batch of 16 LLaVA prompts would otherwise make 16 x 600 x 32k logits)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-class PrefixBatch:
-    """One batch's LLM state: the prefill, then one step per generated token."""
-
-    size: int
-
-    def prefill(self) -> torch.Tensor:
-        """Logits [B, vocab] of every row's first new token."""
-        raise NotImplementedError
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ([B] int64); logits [B, vocab] of the next."""
-        raise NotImplementedError
-
-
-def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Pad [1, L_i, H] prefixes to [B, L, H] (zeros) with a [B, L] mask; also whether any row was padded."""
-    first = prefixes[0].embeds
-    longest = max(p.length for p in prefixes)
-    embeds = first.new_zeros((len(prefixes), longest, first.shape[-1]))
-    mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=first.device)
-    for row, prefix in enumerate(prefixes):
-        span = slice(longest - prefix.length, longest) if left else slice(0, prefix.length)
-        embeds[row, span] = prefix.embeds[0].to(embeds.dtype)
-        mask[row, span] = prefix.mask[0].to(mask.dtype)
-    return embeds, mask, any(p.length != longest for p in prefixes)
-
-
-class DecoderOnlyBatch(PrefixBatch):
-    """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
-
-    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
-        self.llm = llm
-        self.size = len(prefixes)
-        self.embeds, self.mask, _ = _stack(prefixes, left=True)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache_kwarg = cache_kwarg(llm)
-        self.cache: Any = None
-
-    def prefill(self) -> torch.Tensor:
-        out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                       **_last_logits_only(self.llm))
-        self.cache = cache_of(out)
-        self.next_position = self.positions[:, -1:] + 1
-        self.embeds = None  # type: ignore[assignment]  # not needed any more
-        return out.logits[:, -1]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
-        out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
-                       use_cache=True, **{self.cache_kwarg: self.cache})
-        self.cache = cache_of(out)
-        self.next_position = self.next_position + 1
-        return out.logits[:, -1]
-
-
-class Seq2SeqBatch(PrefixBatch):
-    """An encoder-decoder LLM (T5): right-padded encoder inputs, the encoder run once."""
-
-    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
-        self.llm = llm
-        self.size = len(prefixes)
-        self.embeds, self.mask, _ = _stack(prefixes, left=False)
-        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.embeds.device)
-        self.cache_kwarg = cache_kwarg(llm)
-        self.cache: Any = None
-
-    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.llm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=ids, use_cache=True,
-                       **{self.cache_kwarg: self.cache})
-        self.cache = cache_of(out)
-        return out.logits[:, -1]
-
-    def prefill(self) -> torch.Tensor:
-        self.encoded = self.llm.get_encoder()(inputs_embeds=self.embeds, attention_mask=self.mask, return_dict=True)
-        return self._decode(self.start)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._decode(tokens[:, None])
-
-
-class CrossAttnBatch(PrefixBatch):
-    """A decoder cross-attending to encoder states (Nougat's mBART)."""
-
-    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
-        self.llm = llm
-        self.size = len(prefixes)
-        self.states, mask, padded = _stack(prefixes, left=False)
-        self.mask = mask if padded else None  # equal lengths: no mask, exactly like one request alone
-        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.states.device)
-        self.cache_kwarg = cache_kwarg(llm)
-        self.cache: Any = None
-
-    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.llm(input_ids=ids, encoder_hidden_states=self.states, encoder_attention_mask=self.mask,
-                       use_cache=True, **{self.cache_kwarg: self.cache})
-        self.cache = cache_of(out)
-        return out.logits[:, -1]
-
-    def prefill(self) -> torch.Tensor:
-        return self._decode(self.start)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._decode(tokens[:, None])
-
-
-BATCH_KINDS: dict[str, type[PrefixBatch]] = {
-    "decoder": DecoderOnlyBatch, "seq2seq": Seq2SeqBatch, "cross": CrossAttnBatch,
-}
-
-
-def make_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> PrefixBatch:
-    """The batch state for ``prefixes`` (all of one kind: one engine serves one family)."""
-    if not prefixes:
-        raise ValueError("a batch needs at least one request")
-    kinds = {p.kind for p in prefixes}
-    if len(kinds) != 1:
-        raise ValueError(f"one batch mixes prefix kinds {sorted(kinds)}")
-    return BATCH_KINDS[prefixes[0].kind](llm, prefixes)
+__all__ = ["BatchFactory", "Changes", "GreedyBatch", "PrefixBatch", "RowEvent", "StepSource", "StepSync",
+           "follow_batch", "greedy_batch", "make_batch"]
 
 
 class BatchFactory(Protocol):
@@ -167,27 +55,30 @@ class BatchFactory(Protocol):
     def __call__(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> PrefixBatch: ...
 
 
-class StepSync(Protocol):
-    """Rank 0's side of the lockstep: after every step, the tokens fed next and whether to go on."""
+@dataclass(frozen=True)
+class Changes:
+    """What changed at a step boundary besides the tokens (tensor parallelism: rank 0 tells the followers, who apply
+    the same changes in the same order: the step, then ``retired``, then each joiner at ``room``'s row)."""
 
-    def step(self, tokens: torch.Tensor, go_on: bool) -> None: ...
+    retired: tuple[int, ...] = ()
+    """Rows whose requests ended, in the order they were retired."""
+    joined: tuple[Any, ...] = ()
+    """The joiners in admission order: rank 0 sends what ``admit`` got as ``payload`` (the scheduler: each joiner's
+    host :class:`~vlmforge.runner.jobs.BatchJob`); a follower's :class:`StepSource` hands them back as
+    ``(LlmPrefix, max_new_tokens)`` pairs."""
+
+
+class StepSync(Protocol):
+    """Rank 0's side of the lockstep: at every step boundary, the tokens fed next, whether to go on, and what else
+    changed (rows retired and joined; None: nothing)."""
+
+    def step(self, tokens: torch.Tensor, go_on: bool, changes: Changes | None = None) -> None: ...
 
 
 class StepSource(Protocol):
-    """A follower's side: rank 0's tokens and decision, for a batch of ``size`` rows."""
+    """A follower's side: rank 0's tokens, decision and changes, for a batch of ``size`` rows."""
 
-    def step(self, size: int) -> tuple[torch.Tensor, bool]: ...
-
-
-@dataclass(frozen=True)
-class RowEvent:
-    """A row's new token; ``finish`` says why the row ended with it ("stop": end token, "length": its limit);
-    ``logprob`` where the row asked for logprobs."""
-
-    row: int
-    token: int
-    finish: str | None = None
-    logprob: TokenLogprob | None = None
+    def step(self, size: int) -> tuple[torch.Tensor, bool, Changes | None]: ...
 
 
 class _HostCopy:
@@ -213,59 +104,175 @@ class GreedyBatch:
     """A batch's decode, one step per iteration: ``for events in batch: ...``; greedy unless ``sampling`` gives a
     row other parameters (one :class:`SamplingParams` or None per row).
 
-    ``cancel(row, reason)`` ends a row at the next step (the server's stop strings and lost clients);
-    the batch ends when every row has. With ``keep_logits`` each row's raw float32 logits are kept
-    (validation and tests; a server does not need them).
+    ``cancel(row, reason)`` ends a request at the next step (the server's stop strings and lost clients). With
+    ``keep_logits`` each request's raw float32 logits are kept (validation and tests; a server does not need them).
+
+    In-flight batching: while the iteration is suspended at its yield (a step boundary), :meth:`admit` lets a new
+    request join, up to ``capacity`` live requests; its first token comes with the next events. Requests are numbered
+    in admission order (:mod:`vlmforge.runner.sequences`); the batch ends when every request has and none joined.
     """
 
     def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
                  keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0,
                  factory: BatchFactory | None = None,
-                 sampling: Sequence[SamplingParams | None] | None = None) -> None:
+                 sampling: Sequence[SamplingParams | None] | None = None, capacity: int | None = None) -> None:
         if len(max_new_tokens) != len(prefixes):
             raise ValueError(f"{len(prefixes)} prefixes but {len(max_new_tokens)} token limits")
         if any(n < 1 for n in max_new_tokens):
             raise ValueError(f"every max_new_tokens must be at least 1, got {list(max_new_tokens)}")
+        if sampling is not None and len(sampling) != len(prefixes):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(sampling)} sampling parameter sets")
         self.llm = llm
-        self.prefixes = list(prefixes)
-        self.limits = list(max_new_tokens)
         self.keep_logits = keep_logits
         self.sync = sync
         self.pad = pad_token_id
         self.factory = factory
-        if sampling is not None and len(sampling) != len(prefixes):
-            raise ValueError(f"{len(prefixes)} prefixes but {len(sampling)} sampling parameter sets")
-        self.sampling = list(sampling) if needs_sampler(sampling) else None  # type: ignore[arg-type]
-        self.ignore_eos = [bool(p and p.ignore_eos) for p in sampling or [None] * len(prefixes)]
-        self.tokens: list[list[int]] = [[] for _ in prefixes]
-        self.logits: list[list[torch.Tensor]] = [[] for _ in prefixes]
-        self.finish: list[str | None] = [None] * len(prefixes)
+        self.capacity = capacity
+        """Most live requests at once (the scheduler's max_batch_size); None: no bound beyond the state's."""
+        self.seqs = Sequences(prefixes, max_new_tokens, sampling)
+        self._sampled = needs_sampler(sampling)
         self._cancelled: dict[int, str] = {}
+        self._state: PrefixBatch | None = None
+        self._sampler: BatchSampler | None = None
+        self._boundary = False
+        self._joined: list[tuple[int, torch.Tensor]] = []  # (row, first-token logits) joined at this boundary
+        self._queued: list[tuple[int, Any, Any]] = []  # lockstep mode: (request, payload, prefix maker) joining later
+        self.rejected: dict[int, str] = {}
+        """Requests whose prefix could not be made (lockstep mode), and why."""
         self.steps = 0
 
+    # per request, in admission order (what the metrics hook and the scheduler read)
+    @property
+    def prefixes(self) -> list[LlmPrefix | PendingPrefix]:
+        return self.seqs.prefixes
+
+    @property
+    def limits(self) -> list[int]:
+        return self.seqs.limits
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self.seqs.tokens
+
+    @property
+    def logits(self) -> list[list[torch.Tensor]]:
+        return self.seqs.logits
+
+    @property
+    def finish(self) -> list[str | None]:
+        return self.seqs.finish
+
+    @property
+    def kv_positions(self) -> int:
+        """KV cache positions the batch holds: the state's count (rows x columns of the eager cache, after joins and
+        trims), else rows x (longest prompt + steps)."""
+        held = self._state.kv_positions() if self._state is not None else None
+        if held is not None:
+            return held
+        return len(self.prefixes) * (max(p.length for p in self.prefixes) + self.steps)
+
     def cancel(self, row: int, reason: str) -> None:
-        """End ``row`` before its next token (safe to call from another thread)."""
+        """End request ``row`` before its next token (safe to call from another thread)."""
         self._cancelled.setdefault(row, reason)
 
     @property
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
-    def _room_after_this_step(self) -> bool:
-        """Whether a row could still want a token after the one being read (its limit allows one more)."""
-        return any(f is None and row not in self._cancelled and len(self.tokens[row]) + 1 < self.limits[row]
-                   for row, f in enumerate(self.finish))
+    @torch.no_grad()
+    def has_room(self, length: int, max_new_tokens: int) -> bool:
+        """Whether a request of ``length`` prompt positions could join at this boundary (checked before its images
+        are encoded: a batch that cannot take it leaves it waiting, unencoded)."""
+        if self._state is None or self.capacity is not None and self.seqs.live >= self.capacity:
+            return False
+        return self._state.room(length, max_new_tokens) is not None
+
+    @torch.no_grad()  # called between iterations: outside the iteration's own no_grad
+    def admit(self, prefix: LlmPrefix | Callable[[], LlmPrefix], max_new_tokens: int,
+              sampling: SamplingParams | None = None, *, payload: Any = None, length: int | None = None) -> int | None:
+        """At a step boundary (while the iteration is suspended at its yield): let ``prefix`` join; its request
+        number, or None when it cannot join now (the batch is at ``capacity``, or the state has no room: keep it
+        for a later boundary or the next batch). Without a StepSync the join runs now (the next step is already
+        launched: its logits for the row are replaced). With one (tensor parallelism) it runs after the boundary's
+        step, on every rank alike: ``payload`` is what the followers are sent for it, and ``prefix`` may be a
+        callable (with ``length``, its prompt positions) called only after the followers have been told, since
+        building a prefix runs the LLM's (sharded) embedding, a collective every rank must enter in the same order.
+        A callable that raises ValueError ends the request with finish "rejected" (:attr:`rejected` says why)."""
+        if not self._boundary or self._state is None:
+            raise RuntimeError("admit is only possible at a step boundary (while the batch's iteration is suspended)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if callable(prefix) and (self.sync is None or length is None):
+            raise ValueError("a prefix to be made later needs a StepSync and its length")
+        if self.capacity is not None and self.seqs.live >= self.capacity:
+            return None
+        row = self._state.room(length if callable(prefix) else prefix.length, max_new_tokens)
+        if row is None:
+            return None
+        if callable(prefix):
+            seq = self.seqs.add(PendingPrefix(length or 0), max_new_tokens, sampling)  # made after the message
+        else:
+            seq = self.seqs.add(prefix, max_new_tokens, sampling)
+        if self.sync is None:
+            self._join(seq, row)
+        else:
+            self._queued.append((seq, payload, prefix if callable(prefix) else None))
+        return seq
+
+    def _join(self, seq: int, row: int) -> None:
+        assert self._state is not None
+        logits = self._state.join(row, self.seqs.prefixes[seq])
+        self.seqs.place(seq, row)
+        params = self.seqs.sampling[seq]
+        if self._sampler is None and params is not None and not params.plain_greedy:  # the first sampled row
+            rows = len(self.seqs.at_row)
+            self._sampler = BatchSampler([None] * rows, [frozenset()] * rows, logits.device)
+        if self._sampler is not None:
+            self._sampler.place(row, params, self.seqs.prefixes[seq].eos)
+        self._joined.append((row, logits))
+
+    def _pending(self, upcoming: torch.Tensor | None) -> torch.Tensor:
+        """The logits of the next pick: ``upcoming`` (the step's), the joiners' rows replaced (or added)."""
+        assert self._state is not None
+        joined, self._joined = self._joined, []
+        if not joined:
+            assert upcoming is not None, "a request went on past its token limit"
+            return upcoming
+        first = joined[0][1]
+        size = self._state.size
+        if upcoming is None:
+            merged = first.new_zeros((size, first.shape[-1]))
+        else:
+            dtype = torch.promote_types(upcoming.dtype, first.dtype)
+            extra = upcoming.new_zeros((size - upcoming.shape[0], upcoming.shape[1]), dtype=dtype)
+            merged = torch.cat([upcoming.to(dtype), extra])
+        for row, logits in joined:
+            merged[row] = logits.to(merged.dtype)
+        return merged
+
+    def _retire(self) -> list[int]:
+        assert self._state is not None
+        rows = self.seqs.to_retire()
+        for row in rows:
+            self._state.retire(row)
+        return rows
+
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenLogprob | None] | None]:
+        if self._sampler is None:
+            return logits.argmax(-1), None
+        return self._sampler.step(logits)
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[list[RowEvent]]:
+        prefixes = list(self.seqs.prefixes)
         if self.factory is not None:
-            state = self.factory(self.prefixes, max(self.limits))
+            state = self.factory(prefixes, max(self.seqs.limits))
         else:
-            state = make_batch(self.llm, self.prefixes)
+            state = make_batch(self.llm, prefixes)
+        self._state = state
         logits = state.prefill()
-        sampler = None
-        if self.sampling is not None:
-            sampler = BatchSampler(self.sampling, [p.eos for p in self.prefixes], logits.device)
+        if self._sampled:
+            self._sampler = BatchSampler(self.seqs.sampling, [p.eos for p in prefixes], logits.device)
         # Without followers to tell (no tensor parallelism), the next step is fed this step's tokens straight
         # from the device and launched before they are read back: the GPU runs step t+1 while the host turns
         # step t into events. Finished rows are then fed their own pick instead of a pad token (their outputs
@@ -273,52 +280,64 @@ class GreedyBatch:
         # has run one step too many.
         ahead = self.sync is None
         while True:
-            logprobs: list[TokenLogprob | None] | None = None
-            if sampler is None:
-                picked = logits.argmax(-1)
-            else:
-                picked, logprobs = sampler.step(logits)
+            picked, logprobs = self._pick(logits)
             host_tokens = _HostCopy(picked)
-            if self.keep_logits:
-                host_logits = logits.float().cpu()
-            upcoming = state.step(picked) if ahead and self._room_after_this_step() else None
+            host_logits = logits.float().cpu() if self.keep_logits else None
+            upcoming = state.step(picked) if ahead and self.seqs.wants_more(self._cancelled) else None
             host = host_tokens.tolist()
-            events: list[RowEvent] = []
+            events = []
             for row, token in enumerate(host):
-                if self.finish[row] is not None:
-                    continue
-                if row in self._cancelled:
-                    self.finish[row] = self._cancelled[row]
-                    continue
-                self.tokens[row].append(token)
-                if self.keep_logits:
-                    self.logits[row].append(host_logits[row])
-                if token in self.prefixes[row].eos and not self.ignore_eos[row]:
-                    self.finish[row] = "stop"
-                elif len(self.tokens[row]) >= self.limits[row]:
-                    self.finish[row] = "length"
-                events.append(RowEvent(row, token, self.finish[row], logprobs[row] if logprobs else None))
+                event = self.seqs.record(row, token, self._cancelled, None if host_logits is None else host_logits[row],
+                                         logprobs[row] if logprobs else None)
+                if event is not None:
+                    events.append(event)
             self.steps += 1
-            yield events
-            for row, reason in list(self._cancelled.items()):  # cancelled while the events were handled
-                if self.finish[row] is None:
-                    self.finish[row] = reason
-            go_on = not self.done
             if ahead:
-                if not go_on:
+                self._retire()  # before the boundary: a joiner may take a row that just finished
+            self._boundary = True
+            try:
+                yield events
+            finally:
+                self._boundary = False
+            for seq, reason in list(self._cancelled.items()):  # cancelled while the events were handled
+                if self.finish[seq] is None and self.seqs.row_of[seq] is not None:
+                    self.finish[seq] = reason
+            if ahead:
+                self._retire()
+                if self.done:
                     return
-                assert upcoming is not None, "a row went on past its token limit"
-                logits = upcoming
+                logits = self._pending(upcoming)
                 continue
-            feed = torch.tensor([t if f is None else self.pad for t, f in zip(host, self.finish)], dtype=torch.long)
+            queued, self._queued = self._queued, []
+            go_on = not self.done
+            feed = torch.tensor(self.seqs.feed(host, self.pad), dtype=torch.long)
+            retired = self.seqs.to_retire()
+            changes = Changes(tuple(retired), tuple(payload for _, payload, _ in queued)) if retired or queued else None
             if self.sync is not None:
-                self.sync.step(feed, go_on)
+                self.sync.step(feed, go_on, changes)
             if not go_on:
                 return
-            logits = state.step(feed.to(picked.device))
+            for seq, _, make in queued:  # the followers make theirs now too, in this order
+                if make is not None:
+                    try:
+                        self.seqs.prefixes[seq] = make()
+                    except ValueError as exc:
+                        self.rejected[seq] = str(exc)
+                        self.finish[seq] = "rejected"
+            stepped = state.step(feed.to(picked.device))
+            for row in retired:
+                state.retire(row)
+            for seq, _, _ in queued:
+                if seq in self.rejected:
+                    continue
+                row = state.room(self.seqs.prefixes[seq].length, self.seqs.limits[seq])
+                if row is None:
+                    raise RuntimeError(f"the batch state refused request {seq} after admitting it")
+                self._join(seq, row)
+            logits = self._pending(stepped)
 
     def results(self) -> list[GenResult]:
-        """Each row's tokens (and logits, if kept) once the batch is done."""
+        """Each request's tokens (and logits, if kept) once the batch is done, in admission order."""
         vocab = 0
         out = []
         for tokens, logits in zip(self.tokens, self.logits):
@@ -342,14 +361,26 @@ def greedy_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_to
 
 @torch.no_grad()
 def follow_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], source: StepSource) -> int:
-    """A follower rank's side of a batch: the same forwards as rank 0, fed rank 0's tokens. Returns the steps run."""
+    """A follower rank's side of a batch: the same forwards as rank 0, fed rank 0's tokens, and the same retires
+    and joins in the same order (each joiner at the row ``room`` gives, as on rank 0). Returns the steps run."""
     state = make_batch(llm, prefixes)
     state.prefill()
     device = model_device(llm)
     steps = 1
     while True:
-        tokens, go_on = source.step(state.size)
+        tokens, go_on, changes = source.step(state.size)
         if not go_on:
             return steps
         state.step(tokens.to(device))
         steps += 1
+        if changes is not None:
+            for row in changes.retired:
+                state.retire(row)
+            for joiner in changes.joined:
+                if joiner is None:  # its prefix was refused (on rank 0 too)
+                    continue
+                prefix, limit = joiner
+                row = state.room(prefix.length, limit)
+                if row is None:
+                    raise RuntimeError("rank 0 sent a joiner this rank's batch state has no room for")
+                state.join(row, prefix)

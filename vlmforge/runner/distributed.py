@@ -3,8 +3,9 @@
 Rank 0 serves HTTP, batches requests and runs the visual engine; for every batch it sends the
 followers a :class:`~vlmforge.runner.jobs.BatchJob` (the visual features, prompts and token limits), then every rank runs
 the same LLM forwards (transformers' tensor-parallel plan splits the weights and all-reduces), and
-after every step rank 0 sends the tokens to feed next and whether to go on. So the ranks stay in
-lockstep even when rank 0 ends a row early (a stop string, a lost client).
+after every step rank 0 sends the tokens to feed next and whether to go on, and the rows retired and requests
+joined at that step boundary (in-flight batching: each joiner's host BatchJob). So the ranks stay in
+lockstep even when rank 0 ends a row early (a stop string, a lost client) or lets a request join mid-batch.
 
 Control messages go through a gloo process group of their own (the LLM's collectives use NCCL on
 GPUs, gloo on the CPU). Rank 0 sends a :class:`Heartbeat` when idle, so an idle follower's wait
@@ -91,20 +92,26 @@ class ControlChannel:
         assert not self.info.leader, "rank 0 does not receive"
         return self._broadcast(None)
 
-    # StepSync (rank 0) and StepSource (followers) of vlmforge.runner.batching
+    # StepSync (rank 0) and StepSource (followers) of vlmforge.runner.batching: per step boundary one tensor (the
+    # tokens, go on, changes follow), then, where rows were retired or requests joined, the Changes object (the
+    # joiners' host BatchJobs: the followers build the same prefixes and join them in the same order)
     def step(self, *args: Any) -> Any:
         import torch
         import torch.distributed as dist
 
         if self.info.leader:
-            tokens, go_on = args
-            message = torch.cat([tokens.to("cpu", torch.long), torch.tensor([int(go_on)])])
+            tokens, go_on, *rest = args
+            changes = rest[0] if rest else None
+            message = torch.cat([tokens.to("cpu", torch.long), torch.tensor([int(go_on), int(changes is not None)])])
             dist.broadcast(message, src=0, group=self.group)
+            if changes is not None:
+                self._broadcast(changes)
             return None
         (size,) = args
-        message = torch.empty(size + 1, dtype=torch.long)
+        message = torch.empty(size + 2, dtype=torch.long)
         dist.broadcast(message, src=0, group=self.group)
-        return message[:size], bool(message[size])
+        changes = self._broadcast(None) if message[size + 1] else None
+        return message[:size], bool(message[size]), changes
 
 
 def init_distributed(info: RankInfo, device: str) -> ControlChannel:

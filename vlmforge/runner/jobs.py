@@ -96,13 +96,43 @@ def job_prefixes(engine: IncrementalEngine, job: BatchJob) -> list[LlmPrefix]:
 
 
 def lead_batch(engine: IncrementalEngine, job: BatchJob, *, sync: StepSync | None = None,
-               keep_logits: bool = False, sampling: Sequence[SamplingParams | None] | None = None) -> GreedyBatch:
+               keep_logits: bool = False, sampling: Sequence[SamplingParams | None] | None = None,
+               capacity: int | None = None) -> GreedyBatch:
     """Stage 3 on rank 0 (or alone): the batch that decodes the job; iterate it for its tokens. ``sampling``: each
-    request's parameters (rank 0 alone samples: the followers are fed its tokens, so the job does not carry them)."""
-    return engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits,
-                            sampling=sampling)
+    request's parameters (rank 0 alone samples: the followers are fed its tokens, so the job does not carry them);
+    ``capacity``: the most live requests once others join it (in-flight batching)."""
+    batch = engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits,
+                             sampling=sampling)
+    batch.capacity = capacity
+    return batch
+
+
+def split_job(job: BatchJob) -> list[BatchJob]:
+    """One job per request (requests joining a running batch are admitted, and sent to the followers, one by
+    one)."""
+    return [BatchJob([f], [p], [n], job.vision_ms) for f, p, n in zip(job.features, job.prompts, job.max_new_tokens)]
+
+
+class _Joiners:
+    """A follower's StepSource whose joiners (rank 0's one-request host BatchJobs) come out as (prefix, limit)."""
+
+    def __init__(self, engine: IncrementalEngine, source: StepSource) -> None:
+        self.engine, self.source = engine, source
+
+    def step(self, size: int) -> Any:
+        tokens, go_on, changes = self.source.step(size)
+        if changes is not None and changes.joined and go_on:  # made here, as rank 0 makes them: right after this
+            changes = replace(changes, joined=tuple(self._prefix(job) for job in changes.joined))
+        return tokens, go_on, changes
+
+    def _prefix(self, job: BatchJob) -> tuple[LlmPrefix, int] | None:
+        try:
+            return job_prefixes(self.engine, job)[0], job.max_new_tokens[0]
+        except JobRejected:  # rank 0 fails the same way and drops the joiner too
+            return None
 
 
 def follow_job(engine: IncrementalEngine, job: BatchJob, source: StepSource) -> int:
-    """Stage 3 on a following rank: the same forwards as rank 0, fed its tokens. Returns the steps run."""
-    return engine.follow_batch(job_prefixes(engine, job), source)
+    """Stage 3 on a following rank: the same forwards as rank 0, fed its tokens, with the same requests joining at
+    the same step boundaries. Returns the steps run."""
+    return engine.follow_batch(job_prefixes(engine, job), _Joiners(engine, source))

@@ -31,6 +31,11 @@ class RunningBatch(Protocol):
     finish: Sequence[str | None]
     steps: int
 
+    @property
+    def kv_positions(self) -> int:
+        """KV cache positions it holds (rows x columns; with in-flight batching, after joins and trims)."""
+        ...
+
 
 class _ImageCacheCollector:
     """The image cache's counters and size, read from the cache at every scrape (the cache counts; nothing is
@@ -102,8 +107,9 @@ class Metrics:
         self.kv_capacity = kv_capacity
         self.kv_positions = Gauge(
             "vlmforge_kv_cache_positions",
-            "KV cache positions the running batch holds: rows x (its longest prompt, padding included, + tokens "
-            "generated so far); finished rows keep theirs until the batch ends (hf engines; 0 for TensorRT-LLM).",
+            "KV cache positions the running batch holds: rows x columns of its cache (the longest prompt, padding "
+            "included, + tokens generated so far; with in-flight batching after joins and trims); a finished row keeps "
+            "its positions until a joiner reuses the row or the batch ends (hf engines; 0 for TensorRT-LLM).",
             registry=r)
         self.kv_usage = Gauge(
             "vlmforge_kv_cache_usage_ratio",
@@ -118,7 +124,7 @@ class Metrics:
     def observe_step(self, batch: RunningBatch) -> None:
         """After each decode step: the rows still generating and the batch's KV cache positions."""
         self.running.set(sum(f is None for f in batch.finish))
-        positions = len(batch.prefixes) * (max(p.length for p in batch.prefixes) + batch.steps)
+        positions = batch.kv_positions
         self.kv_positions.set(positions)
         if self.kv_capacity:
             self.kv_usage.set(positions / self.kv_capacity)

@@ -154,6 +154,13 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (probs / q).argmax(-1)
 
 
+def _append_zero_row(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` [B, V] with a row of zeros appended."""
+    import torch
+
+    return torch.cat([counts, counts.new_zeros((1, counts.shape[1]))])
+
+
 # --- a batch's sampler --------------------------------------------------------------------------------------
 
 
@@ -166,29 +173,38 @@ class BatchSampler:
     """Picks every row's token from a batch's logits, each row with its own :class:`SamplingParams` and generator.
 
     ``step(logits)`` -> (tokens [B] on the logits' device, each row's :class:`TokenLogprob` or None on the host).
-    Rows advance together (one token each per step); ``eos``: each row's end tokens (for ``min_tokens``).
+    Rows advance together (one token each per step); ``eos``: each row's end tokens (for ``min_tokens``). In-flight
+    batching places a joining request at a row with :meth:`place` (a finished row's, or a new one): the row starts
+    over, so a seeded request draws the same tokens joining a running batch as alone.
     """
 
     def __init__(self, params: Sequence[SamplingParams | None], eos: Sequence[frozenset[int]], device: torch.device,
                  vocab: int | None = None) -> None:
-        import torch
-
         self.params = [p or SamplingParams() for p in params]
         self.eos = list(eos)
         self.device = device
         self.steps = 0
+        self.row_steps = [0] * len(self.params)
+        """Tokens each row has picked since it was placed (``min_tokens`` counts a joined row's own tokens)."""
         self.counts: torch.Tensor | None = None
-        self.generators: list[torch.Generator | None] = []
-        for p in self.params:
-            if p.greedy:
-                self.generators.append(None)
-                continue
-            generator = torch.Generator(device=device)
-            generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            self.generators.append(generator)
+        self.generators: list[torch.Generator | None] = [self._generator(p) for p in self.params]
+        self._columns()
+
+    def _generator(self, p: SamplingParams) -> torch.Generator | None:
+        import torch
+
+        if p.greedy:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        return generator
+
+    def _columns(self) -> None:
+        """The per-row parameter tensors and flags, from ``params`` (again after a row is placed)."""
+        import torch
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return torch.tensor(values, dtype=dtype, device=self.device)
 
         self.penalized = any(p.penalized for p in self.params)
         self.presence = column([p.presence_penalty for p in self.params])
@@ -200,6 +216,26 @@ class BatchSampler:
         self.truncates = any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in self.params)
         self.top_logprobs = max((p.logprobs for p in self.params if p.logprobs is not None), default=None)
 
+    def place(self, row: int, params: SamplingParams | None, eos: frozenset[int]) -> None:
+        """A request joined the batch at ``row`` (a reused row, or ``len(params)`` to append one): its parameters, a
+        freshly seeded generator, no penalty counts and no tokens yet, exactly as if it had started the batch."""
+        p = params or SamplingParams()
+        if row == len(self.params):
+            self.params.append(p)
+            self.eos.append(eos)
+            self.generators.append(self._generator(p))
+            self.row_steps.append(0)
+            if self.counts is not None:
+                self.counts = _append_zero_row(self.counts)
+        elif 0 <= row < len(self.params):
+            self.params[row], self.eos[row], self.row_steps[row] = p, eos, 0
+            self.generators[row] = self._generator(p)
+            if self.counts is not None:
+                self.counts[row].zero_()
+        else:
+            raise ValueError(f"row {row} is neither a row of the sampler's {len(self.params)} nor the next one")
+        self._columns()
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Steps 1-3 of the module's order on float32 logits [B, V]: what each row draws from (or takes the argmax
         of, at temperature 0)."""
@@ -209,7 +245,7 @@ class BatchSampler:
         if self.penalized and self.counts is not None:
             logits = apply_penalties(logits, self.counts, self.presence, self.frequency, self.repetition)
         banned = [(row, sorted(self.eos[row])) for row, p in enumerate(self.params)
-                  if self.steps < p.min_tokens and self.eos[row]]
+                  if self.row_steps[row] < p.min_tokens and self.eos[row]]
         if banned:
             logits = logits.clone()
             for row, ids in banned:
@@ -233,6 +269,7 @@ class BatchSampler:
                 self.counts = torch.zeros(processed.shape, dtype=torch.float32, device=processed.device)
             self.counts.scatter_add_(1, picked[:, None], torch.ones_like(picked[:, None], dtype=torch.float32))
         self.steps += 1
+        self.row_steps = [n + 1 for n in self.row_steps]
         return picked, self._logprobs(logits, picked)
 
     def _logprobs(self, logits: torch.Tensor, picked: torch.Tensor) -> list[TokenLogprob | None] | None:

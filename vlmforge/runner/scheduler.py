@@ -5,15 +5,26 @@ thread-safe sink its handler reads tokens from. The scheduler thread takes the f
 waits up to ``batch_wait_s`` for more (never beyond ``max_batch_size``), and runs them as one batch:
 an incremental engine's batch goes through :mod:`vlmforge.runner.jobs` (images encoded in one
 visual-engine batch, prefixes, one decode step per token for all), a whole-request engine gets the
-requests themselves (:mod:`vlmforge.runner.protocol`). Requests that arrive meanwhile wait for the next batch.
+requests themselves (:mod:`vlmforge.runner.protocol`).
+
+In-flight batching (``inflight``, on by default): at every step boundary of an incremental engine's batch the
+scheduler takes the requests waiting (without blocking, up to ``max_batch_size`` live requests), encodes their images
+in one visual-engine batch, and admits each into the running batch, where it takes a finished request's row or a new
+one and gets its first token with the next step. One that cannot join now (the batch's state has no room: encoder-
+decoder and cross-attention LLMs take no joins) waits, in order, ahead of the queue, for the next boundary or batch.
+With ``inflight`` off, requests that arrive while a batch decodes wait for the next batch (the behaviour before).
+Whole-request engines (TensorRT-LLM) always batch at batch boundaries here: TensorRT-LLM's own executor does its
+in-flight batching inside ``generate_many``.
 
 With tensor parallelism the scheduler is rank 0's: it sends each batch to the other ranks before
-the first forward, and the batch's steps keep them in lockstep. Idle, it sends heartbeats; stopped,
+the first forward, and the batch's steps keep them in lockstep (joiners included: they travel with the step). Idle, it sends heartbeats; stopped,
 it finishes what is queued, then tells the other ranks to exit.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import logging
 import os
@@ -25,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmforge.runner.distributed import HEARTBEAT_SECONDS, ControlChannel, Heartbeat, Shutdown
-from vlmforge.runner.jobs import JobRejected, WholeJob, encode_job, lead_batch
+from vlmforge.runner.jobs import JobRejected, WholeJob, encode_job, job_prefixes, lead_batch, split_job
 from vlmforge.runner.protocol import EngineKind, IncrementalEngine, ServingEngine, WholeRequestEngine
 from vlmforge.runner.sampling import SamplingParams, TokenLogprob
 
@@ -118,7 +129,7 @@ class Scheduler:
 
     def __init__(self, engine: ServingEngine, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
                  channel: ControlChannel | None = None, metrics: Any = None,
-                 warmup: Callable[[], None] | None = None) -> None:
+                 warmup: Callable[[], None] | None = None, inflight: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.engine = engine
@@ -127,7 +138,11 @@ class Scheduler:
         self.batch_wait_s = batch_wait_s
         self.channel = channel
         self.metrics = metrics
+        self.inflight = inflight
+        """Requests join a running batch at its step boundaries (incremental engines); off: at batch boundaries."""
         self._queue: queue.Queue[GenRequest] = queue.Queue()
+        self._held: collections.deque[GenRequest] = collections.deque()
+        """Taken from the queue but not admitted (no room in the running batch): first in line, in order."""
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlmforge-scheduler", daemon=True)
         self._warmup = warmup
@@ -161,11 +176,11 @@ class Scheduler:
             for stranded in self._drain_queue():
                 stranded._emit(Failed(503, "the runner failed and is not serving"))
         if self.metrics:
-            self.metrics.queue_depth.set(self._queue.qsize())
+            self.metrics.queue_depth.set(self.waiting)
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     @property
     def in_flight(self) -> int:
@@ -192,11 +207,14 @@ class Scheduler:
     # --- the scheduler thread -----------------------------------------------------------------
 
     def _next_batch(self) -> list[GenRequest]:
-        try:
-            first = self._queue.get(timeout=0.1 if self._stopping.is_set() else 0.5)
-        except queue.Empty:
-            return []
-        batch = [first]
+        batch = []
+        while self._held and len(batch) < self.max_batch_size:  # those a running batch had no room for come first
+            batch.append(self._held.popleft())
+        if not batch:
+            try:
+                batch.append(self._queue.get(timeout=0.1 if self._stopping.is_set() else 0.5))
+            except queue.Empty:
+                return []
         deadline = time.perf_counter() + self.batch_wait_s
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.perf_counter()
@@ -217,7 +235,7 @@ class Scheduler:
             while True:
                 batch = self._next_batch()
                 if self.metrics:
-                    self.metrics.queue_depth.set(self._queue.qsize())
+                    self.metrics.queue_depth.set(self.waiting)
                 if not batch:
                     if self._stopping.is_set():
                         break
@@ -244,7 +262,8 @@ class Scheduler:
         log.info("scheduler stopped after %d batches", self.batches)
 
     def _drain_queue(self) -> list[GenRequest]:
-        out = []
+        out = list(self._held)
+        self._held.clear()
         while True:
             try:
                 out.append(self._queue.get_nowait())
@@ -294,7 +313,8 @@ class Scheduler:
         if self.channel is not None:
             self.channel.send(job.to_host())
         try:
-            batch = lead_batch(engine, job, sync=self.channel, sampling=[r.sampling for r in live])
+            batch = lead_batch(engine, job, sync=self.channel, sampling=[r.sampling for r in live],
+                               capacity=self.max_batch_size)
         except JobRejected as exc:  # the followers fail the same way and skip this batch too
             self._fail(live, 400, str(exc))
             return
@@ -304,29 +324,90 @@ class Scheduler:
             if self.channel is not None:
                 raise  # the followers wait for steps that will not come: _run ends the job
             return
-        for row, request in enumerate(live):
+        members = list(live)  # by request number in the batch (admission order): joiners are appended
+        for row, request in enumerate(members):
             request._attach(batch, row)
         try:
             for events in batch:
                 for event in events:
-                    request = live[event.row]
+                    request = members[event.row]
                     request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))
+                for seq, why in batch.rejected.items():  # a joiner's prompt refused (tensor parallelism)
+                    members[seq]._emit(Failed(400, why))
+                if self.inflight:
+                    self._admit(engine, batch, members)
                 self.running = sum(finish is None for finish in batch.finish)  # rows still generating
                 if self.metrics:
                     self.metrics.observe_step(batch)
         except Exception as exc:
-            log.exception("decoding failed in a batch of %d", len(live))
-            self._fail(live, 500, f"decoding failed: {type(exc).__name__}: {exc}")
+            log.exception("decoding failed in a batch of %d", len(members))
+            self._fail([r for r in members if not r.finished], 500, f"decoding failed: {type(exc).__name__}: {exc}")
             if self.channel is not None:
                 raise  # the ranks are out of step: _run ends the job
             return
-        for row, request in enumerate(live):
+        for row, request in enumerate(members):
             if not request.finished:
                 request._emit(Finished(batch.finish[row] or "cancelled"))
         if self.metrics:
             self.metrics.decode_steps.inc(batch.steps)
+
+    def _admit(self, engine: IncrementalEngine, batch: Any, members: list[GenRequest]) -> None:
+        """At a step boundary: the waiting requests the running batch has room for, encoded together and admitted in
+        order; the first that cannot join waits, with those after it, ahead of the queue."""
+        candidates: list[GenRequest] = []
+        room = self.max_batch_size - sum(f is None for f in batch.finish)
+        while len(candidates) < room:
+            if self._held:
+                request = self._held.popleft()
+            else:
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if request.cancelled:
+                request._emit(Finished("cancelled"))
+                continue
+            if not batch.has_room(request.prompt_tokens, request.max_new_tokens):
+                self._held.appendleft(request)
+                break
+            candidates.append(request)
+        if not candidates:
+            return
+        try:
+            job = encode_job(engine, [r.image for r in candidates], [r.prompt for r in candidates],
+                             [r.max_new_tokens for r in candidates])
+        except Exception as exc:
+            log.exception("visual engine failed on %d joining requests", len(candidates))
+            self._fail(candidates, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
+            return
+        started = time.perf_counter()
+        for index, (request, one) in enumerate(zip(candidates, split_job(job), strict=True)):
+            if self.channel is not None:  # made after the step message, as the followers make it (a collective)
+                prefix: Any = functools.partial(lambda one: job_prefixes(engine, one)[0], one)
+            else:
+                try:
+                    prefix = job_prefixes(engine, one)[0]
+                except JobRejected as exc:
+                    request._emit(Failed(400, str(exc)))
+                    continue
+            payload = one.to_host() if self.channel is not None else None
+            try:
+                seq = batch.admit(prefix, request.max_new_tokens, request.sampling, payload=payload,
+                                  length=request.prompt_tokens)
+            except Exception as exc:  # the batch's state may be broken: these fail here, the batch's rows by the caller
+                self._fail(candidates[index:], 500, f"decoding failed: {type(exc).__name__}: {exc}")
+                raise
+            if seq is None:  # the state had room for its announced length but not for this prefix: wait, in order
+                self._held.extendleft(reversed(candidates[index:]))
+                break
+            assert seq == len(members), "requests are numbered in admission order"
+            members.append(request)
+            request.started_at = started
+            request._attach(batch, seq)
+        if self.metrics:
+            self.metrics.queue_depth.set(self.waiting)
 
     def _run_whole(self, live: list[GenRequest]) -> None:
         """A whole-request engine (TensorRT-LLM's multimodal runner): every rank runs the same calls; rank 0's

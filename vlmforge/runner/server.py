@@ -85,6 +85,9 @@ class ServeSettings(BaseModel):
     """Requests decoded together (default: the engine's max_batch_size)."""
     batch_wait_ms: float = Field(default=5.0, ge=0)
     """How long a batch waits for more requests after its first one."""
+    inflight: bool = True
+    """In-flight batching: requests join a running batch at its step boundaries (hf engines with a decoder-only LLM;
+    TensorRT-LLM batches in its own executor). False: they wait for the running batch to end."""
     max_queue: int = Field(default=256, ge=1)
     """Requests waiting beyond this are refused with 429."""
     default_max_tokens: int | None = Field(default=None, ge=1)
@@ -143,7 +146,8 @@ class Runtime:
         compiled = compiled_decoder(engine) is not None
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
-                                   warmup=(lambda: self._prepare(plan)) if settings.warmup or compiled else None)
+                                   warmup=(lambda: self._prepare(plan)) if settings.warmup or compiled else None,
+                                   inflight=settings.inflight)
         self.draining = False
         self.decode = engine.decode_path
 

@@ -1,0 +1,198 @@
+"""In-flight batching in the batch itself: requests joining a running batch at step boundaries get the tokens they
+get alone (greedy, and sampled with a seed), and the running rows keep theirs; with a StepSync (the TP leader's
+lockstep mode) as without one (the next step launched ahead)."""
+# ruff: noqa: F811 - the tiny_family fixture is imported from test_batching and named by the tests' parameters
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.runner.test_batching import Tiny, tiny_family  # noqa: F401 - the fixture
+from vlmforge.runner import batching
+from vlmforge.runner.batching import Changes, GreedyBatch, greedy_batch
+from vlmforge.runner.sampling import SamplingParams
+
+SAMPLED = SamplingParams(temperature=1.0, seed=1234)
+
+
+class Lockstep:
+    """A StepSync recording what rank 0 sends; joiners' payloads are (prefix, limit), what a follower is handed."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[int], bool, Changes | None]] = []
+
+    def step(self, tokens: torch.Tensor, go_on: bool, changes: Changes | None = None) -> None:
+        self.sent.append((tokens.tolist(), go_on, changes))
+
+
+class Replay:
+    def __init__(self, sent: list[tuple[list[int], bool, Changes | None]]) -> None:
+        self.sent = iter(sent)
+
+    def step(self, size: int) -> tuple[torch.Tensor, bool, Changes | None]:
+        tokens, go_on, changes = next(self.sent)
+        assert len(tokens) == size, "the follower's batch has as many rows as rank 0's"
+        return torch.tensor(tokens), go_on, changes
+
+
+Join = tuple[int, int, SamplingParams | None]
+"""(prefix index, token limit, sampling) of a request joining at a boundary."""
+
+
+def drive(t: Tiny, rows: list[int], limits: list[int], joins: dict[int, list[Join]], *, sync: Any = None,
+          sampling: list[SamplingParams | None] | None = None, capacity: int | None = None,
+          ) -> tuple[GreedyBatch, list[list[tuple[int, int]]], list[int | None]]:
+    """Run a batch of ``rows``' prefixes; at boundary k (after the k-th events) admit ``joins[k]``. Returns the
+    batch, each boundary's (request, token) events and what each admit returned."""
+    prefixes = t.prefixes()
+    batch = GreedyBatch(t.llm, [prefixes[i] for i in rows], limits, keep_logits=True, sync=sync,
+                        sampling=sampling, capacity=capacity)
+    seen, admitted = [], []
+    for boundary, events in enumerate(batch):
+        seen.append([(e.row, e.token) for e in events])
+        for index, limit, params in joins.get(boundary, []):
+            admitted.append(batch.admit(prefixes[index], limit, params, payload=(prefixes[index], limit)))
+    return batch, seen, admitted
+
+
+def assert_lone(t: Tiny, batch: GreedyBatch, order: list[int]) -> None:
+    """Request i of the batch (admission order) decoded prefix ``order[i]`` exactly as it decodes alone."""
+    results = batch.results()
+    alone = t.alone([16] * len(t.prompts))
+    for seq, index in enumerate(order):
+        want = alone[index].tokens[:batch.limits[seq]]
+        assert results[seq].tokens == want, f"request {seq} (prefix {index})"
+        assert (results[seq].logits - alone[index].logits[:len(want)]).abs().max().item() < 1e-4, seq
+
+
+@pytest.mark.parametrize("mode", ["ahead", "lockstep"])
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_joiners_get_their_lone_tokens_and_the_running_rows_keep_theirs(tiny_family: Tiny, mode: str) -> None:
+    """Rows 0 and 1 start; prefix 3 joins at the first boundary (a new row); row 1 ends after 4 tokens and prefix 2,
+    longer than every running row (everyone is re-padded), joins into its row; prefix 4 joins later, appended."""
+    t = tiny_family
+    lengths = [p.length for p in t.prefixes()]
+    if t.family.takes_prompt:
+        assert lengths[2] > max(lengths[0], lengths[1], lengths[3]), "the second joiner must be the longest"
+    sync = Lockstep() if mode == "lockstep" else None
+    batch, seen, admitted = drive(t, [0, 1], [16, 4], {0: [(3, 12, None)], 4: [(2, 16, None)], 6: [(4, 9, None)]},
+                                  sync=sync)
+    assert admitted == [2, 3, 4]
+    assert_lone(t, batch, [0, 1, 3, 2, 4])
+    assert batch.finish == ["length"] * 5
+    state = batch._state
+    assert state is not None and state.size == 4, "the second joiner reused the finished row"
+    # a joiner's first token comes with the events right after its boundary
+    assert 2 in [r for r, _ in seen[1]] and 3 in [r for r, _ in seen[5]] and 4 in [r for r, _ in seen[7]]
+    assert all(r != 3 for step in seen[:5] for r, _ in step)
+    if sync is not None:  # what a follower is sent makes it run the same rows (and the same trims)
+        assert any(c is not None and c.joined for _, _, c in sync.sent)
+        made: list[Any] = []
+        make = batching.make_batch
+
+        def recording(llm: Any, prefixes: Any) -> Any:
+            made.append(make(llm, prefixes))
+            return made[-1]
+
+        try:
+            batching.make_batch = recording  # type: ignore[assignment]
+            steps = batching.follow_batch(t.llm, [t.prefixes()[0], t.prefixes()[1]], Replay(sync.sent))
+        finally:
+            batching.make_batch = make  # type: ignore[assignment]
+        assert steps == batch.steps
+        assert made[0].size == state.size and torch.equal(made[0].mask, state.mask)
+
+
+@pytest.mark.parametrize("mode", ["ahead", "lockstep"])
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_a_batch_whose_rows_all_ended_goes_on_with_a_joiner(tiny_family: Tiny, mode: str) -> None:
+    t = tiny_family
+    batch, seen, admitted = drive(t, [4], [2], {1: [(0, 10, None)]}, sync=Lockstep() if mode == "lockstep" else None)
+    assert admitted == [1] and len(seen) == 12  # 2 boundaries for the first request, 10 for the joiner
+    assert_lone(t, batch, [4, 0])
+    assert batch._state is not None and batch._state.size == 1, "the joiner reused the only row"
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_left_columns_no_live_row_needs_are_trimmed(tiny_family: Tiny) -> None:
+    """The long joiner pads everyone to its length; once it and the rows it padded are gone, the short rows'
+    cache shrinks back (attention over columns nobody needs would cost every later step)."""
+    t = tiny_family
+    short, long = t.prefixes()[1].length, t.prefixes()[2].length
+    assert long > short + 12
+    batch, _, _ = drive(t, [1, 1], [12, 12], {0: [(2, 3, None)]})
+    state = batch._state
+    assert state is not None
+    # the prompt, then 11 steps (the 12th token is the last: no step after it); not the long joiner's length
+    assert state.mask.shape[1] == short + 11 and state.cache.layers[0].keys.shape[2] == short + 11
+    assert_lone(t, batch, [1, 1, 2])
+
+
+@pytest.mark.parametrize("mode", ["ahead", "lockstep"])
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_a_seeded_joiner_samples_what_it_samples_alone(tiny_family: Tiny, mode: str) -> None:
+    """Into a greedy batch (the sampler is made when the first sampled request joins; the greedy rows keep their
+    tokens) and into a sampled batch's finished row (its generator and counts start over)."""
+    t = tiny_family
+    prefixes = t.prefixes()
+    alone = greedy_batch(t.llm, [prefixes[2]], [10], sampling=[SAMPLED])[0].tokens
+    penalized = SamplingParams(temperature=0.8, seed=7, frequency_penalty=1.5, min_tokens=6)
+    alone_penalized = greedy_batch(t.llm, [prefixes[3]], [10], sampling=[penalized])[0].tokens
+    greedy = [r.tokens for r in t.alone([16] * 5)]
+
+    def sync() -> Any:
+        return Lockstep() if mode == "lockstep" else None
+
+    batch, _, admitted = drive(t, [0, 1], [16, 3], {2: [(2, 10, SAMPLED)]}, sync=sync())
+    assert admitted == [2]
+    assert batch.tokens[2] == alone and batch.tokens[0] == greedy[0] and batch.tokens[1] == greedy[1][:3]
+    batch, _, admitted = drive(t, [0, 1], [16, 3], {3: [(3, 10, penalized)]}, sync=sync(),
+                               sampling=[SamplingParams(temperature=0.9, seed=5), SAMPLED])
+    assert admitted == [2] and batch._state is not None and batch._state.size == 2, "row 1 was reused"
+    assert batch.tokens[2] == alone_penalized
+    assert batch.tokens[1] == greedy_batch(t.llm, [prefixes[1]], [3], sampling=[SAMPLED])[0].tokens
+
+
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-t5"], indirect=True)
+def test_capacity_and_kinds_without_joins_refuse_with_none(tiny_family: Tiny) -> None:
+    t = tiny_family
+    joins = {0: [(2, 4, None), (3, 4, None)], 1: [(4, 4, None)]}
+    batch, _, admitted = drive(t, [0], [6], joins, capacity=2)
+    if t.family.encoder_decoder:  # T5: the encoder side is the batch's; requests wait for the next batch
+        assert admitted == [None, None, None] and len(batch.finish) == 1
+        return
+    assert admitted == [1, None, None], "two live requests at most"
+    assert_lone(t, batch, [0, 2])
+    with pytest.raises(RuntimeError, match="step boundary"):
+        batch.admit(t.prefixes()[3], 4)
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_in_lockstep_a_joiners_prefix_is_made_after_the_followers_are_told(tiny_family: Tiny) -> None:
+    """Making a prefix runs the LLM's embedding, a collective under tensor parallelism (sharded): rank 0 must make it
+    after the step message, where the followers make theirs, or the ranks wait on each other for good (the TP 2
+    runner hung so before this order)."""
+    t = tiny_family
+    prefixes = t.prefixes()
+    order: list[str] = []
+
+    class Told(Lockstep):
+        def step(self, tokens: torch.Tensor, go_on: bool, changes: Changes | None = None) -> None:
+            order.append("message" if changes is None or not changes.joined else "message with the joiner")
+            super().step(tokens, go_on, changes)
+
+    def make() -> Any:
+        order.append("prefix made")
+        return prefixes[3]
+
+    batch = GreedyBatch(t.llm, [prefixes[0]], [6], sync=Told(), keep_logits=True)
+    for boundary, _ in enumerate(batch):
+        if boundary == 1:
+            assert batch.admit(make, 5, length=prefixes[3].length, payload="job") == 1
+            order.append("admitted")
+    at = order.index("prefix made")
+    assert order[at - 2:at] == ["admitted", "message with the joiner"] and order.count("prefix made") == 1
+    assert_lone(t, batch, [0, 3])

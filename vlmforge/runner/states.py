@@ -1,0 +1,252 @@
+"""A batch's LLM state, one class per kind of prefix: the prefill, one step per token, and in-flight joins.
+
+- ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
+  padding and position ids that start at 0 on each row's first real position, so each row sees
+  exactly what it would see alone; every step appends one token per row.
+- ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
+  decoders start from the same token, so the decoder side needs no padding.
+- ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
+
+In-flight batching (``room``/``join``/``retire``): rows are slots; ``size`` counts every row ever placed, retired
+ones included (fed a pad token, outputs ignored). A request joins the eager decoder state by a lone prefill (batch 1,
+its own cache) whose keys and values are left-padded to the batch's T columns and written into a retired row or
+appended as a new one; a prefix longer than T first gives every row (length - T) masked columns on the left. Its
+position ids start at 0 on its first real position, as alone. Retiring a row drops the left columns no live row needs,
+so a long joiner's padding does not cost every later step attention over it. Encoder-decoder (``seq2seq``) and
+cross-attention (``cross``) states take no joins: their encoder side is shared by the whole batch, so a running batch
+of them only takes requests at its end. The static GPU path (:mod:`vlmforge.runner.static`) has its own layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vlmforge.modeling.generation import LlmPrefix, cache_kwarg, cache_of
+
+
+def _last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the forward takes it: a prefill needs the last position's logits alone
+    (a batch of 16 LLaVA prompts would otherwise make 16 x 600 x 32k logits)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+class PrefixBatch:
+    """One batch's LLM state: the prefill, then one step per generated token."""
+
+    size: int
+
+    def prefill(self) -> torch.Tensor:
+        """Logits [B, vocab] of every row's first new token."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] int64); logits [B, vocab] of the next."""
+        raise NotImplementedError
+
+    # In-flight batching (the module docstring has the rules). Rows are slots: ``size`` counts
+    # every row ever placed, retired ones included (they are fed a pad token, their outputs ignored).
+
+    def room(self, length: int, max_new_tokens: int) -> int | None:
+        """The row a prefix of ``length`` positions, generating up to ``max_new_tokens`` tokens, can join at now: a
+        retired row (lowest first) or ``size`` to append one; None when it cannot join this batch now (the caller
+        keeps it for later). The caller bounds the live rows; the state only says what its layout allows.
+        Default: None (encoder-decoder and cross-attention batches take no joins)."""
+        return None
+
+    def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
+        """Place ``prefix`` at ``row`` (what ``room`` just returned; ``size`` grows by one on an append), run its
+        prefill, and return the logits [vocab] of its first new token; the other rows' state is untouched. The next
+        ``step`` takes a token for the new row too."""
+        raise NotImplementedError(f"{type(self).__name__} takes no joins")
+
+    def retire(self, row: int) -> None:
+        """``row`` finished: a later ``join`` may reuse it; its outputs are ignored until then."""
+
+    def kv_positions(self) -> int | None:
+        """KV cache positions the state holds now (rows x columns), where it knows; None: the caller estimates."""
+        return None
+
+
+def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pad [1, L_i, H] prefixes to [B, L, H] (zeros) with a [B, L] mask; also whether any row was padded."""
+    first = prefixes[0].embeds
+    longest = max(p.length for p in prefixes)
+    embeds = first.new_zeros((len(prefixes), longest, first.shape[-1]))
+    mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=first.device)
+    for row, prefix in enumerate(prefixes):
+        span = slice(longest - prefix.length, longest) if left else slice(0, prefix.length)
+        embeds[row, span] = prefix.embeds[0].to(embeds.dtype)
+        mask[row, span] = prefix.mask[0].to(mask.dtype)
+    return embeds, mask, any(p.length != longest for p in prefixes)
+
+
+class DecoderOnlyBatch(PrefixBatch):
+    """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.embeds, self.mask, _ = _stack(prefixes, left=True)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache_kwarg = cache_kwarg(llm)
+        self.cache: Any = None
+        self.retired = set()
+
+    def prefill(self) -> torch.Tensor:
+        out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                       **_last_logits_only(self.llm))
+        self.cache = cache_of(out)
+        self.next_position = self.positions[:, -1:] + 1
+        self.embeds = None  # type: ignore[assignment]  # not needed any more
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                       use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = cache_of(out)
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1]
+
+    def kv_positions(self) -> int | None:
+        return self.size * int(self.mask.shape[1]) if self.cache is not None else None
+
+    # In-flight batching: the cache is [rows, heads, T, dim] per layer, every row left-padded to T columns.
+
+    retired: set[int]
+
+    def _layers(self) -> list[Any] | None:
+        """The cache's layers if each is a plain growing one (keys/values [B, heads, T, dim]); None otherwise
+        (sliding windows keep their own offsets: such a batch takes no joins)."""
+        layers = getattr(self.cache, "layers", None)
+        if not layers or any(getattr(layer, "is_sliding", True) or getattr(layer, "keys", None) is None
+                             for layer in layers):
+            return None
+        return list(layers)
+
+    def room(self, length: int, max_new_tokens: int) -> int | None:
+        if self.cache is None or self._layers() is None:
+            return None
+        return min(self.retired) if self.retired else self.size
+
+    def _edit(self, edit: Any) -> None:
+        for layer in self._layers() or []:
+            layer.keys, layer.values = edit(layer.keys), edit(layer.values)
+
+    @torch.no_grad()
+    def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
+        if prefix.kind != "decoder":
+            raise ValueError(f"a {prefix.kind} prefix cannot join a decoder batch")
+        if not (row == self.size or row in self.retired):
+            raise ValueError(f"row {row} is neither retired nor the next row ({self.size})")
+        positions = (prefix.mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=positions,
+                       use_cache=True, **_last_logits_only(self.llm))
+        own = cache_of(out).layers
+        columns, length = self.mask.shape[1], prefix.length
+        if length > columns:  # everyone gains masked columns on the left
+            grow = length - columns
+            self.mask = torch.cat([self.mask.new_zeros((self.size, grow)), self.mask], dim=1)
+            self._edit(lambda t: torch.nn.functional.pad(t, (0, 0, grow, 0)))
+            columns = length
+        pad = columns - length
+        mask = torch.cat([self.mask.new_zeros((1, pad)), prefix.mask.to(self.mask.dtype)], dim=1)
+        position = positions[:, -1:] + 1
+        for layer, mine in zip(self._layers() or [], own, strict=True):
+            keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)).to(layer.keys.dtype)
+                            for t in (mine.keys, mine.values))
+            if row == self.size:
+                layer.keys, layer.values = torch.cat([layer.keys, keys]), torch.cat([layer.values, values])
+            else:
+                layer.keys[row], layer.values[row] = keys[0], values[0]
+        if row == self.size:
+            self.mask = torch.cat([self.mask, mask])
+            self.next_position = torch.cat([self.next_position, position.to(self.next_position.dtype)])
+            self.size += 1
+        else:
+            self.mask[row] = mask[0]
+            self.next_position[row] = position[0]
+            self.retired.discard(row)
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def retire(self, row: int) -> None:
+        """Marks ``row`` free and drops the left columns no live row needs (a joiner's left padding outlives the
+        rows that needed it otherwise, and every step would attend over it)."""
+        self.retired.add(row)
+        live = [r for r in range(self.size) if r not in self.retired]
+        if not live or self._layers() is None:
+            return
+        first = int((self.mask[live] != 0).int().argmax(dim=1).min())
+        if first > 0:  # every row has its last column (a step or a prefix's end): none is left with nothing
+            self.mask = self.mask[:, first:]
+            self._edit(lambda t: t[:, :, first:])
+
+
+class Seq2SeqBatch(PrefixBatch):
+    """An encoder-decoder LLM (T5): right-padded encoder inputs, the encoder run once."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.embeds, self.mask, _ = _stack(prefixes, left=False)
+        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.embeds.device)
+        self.cache_kwarg = cache_kwarg(llm)
+        self.cache: Any = None
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.llm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=ids, use_cache=True,
+                       **{self.cache_kwarg: self.cache})
+        self.cache = cache_of(out)
+        return out.logits[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        self.encoded = self.llm.get_encoder()(inputs_embeds=self.embeds, attention_mask=self.mask, return_dict=True)
+        return self._decode(self.start)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._decode(tokens[:, None])
+
+
+class CrossAttnBatch(PrefixBatch):
+    """A decoder cross-attending to encoder states (Nougat's mBART)."""
+
+    def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
+        self.llm = llm
+        self.size = len(prefixes)
+        self.states, mask, padded = _stack(prefixes, left=False)
+        self.mask = mask if padded else None  # equal lengths: no mask, exactly like one request alone
+        self.start = torch.tensor([[p.start] for p in prefixes], dtype=torch.long, device=self.states.device)
+        self.cache_kwarg = cache_kwarg(llm)
+        self.cache: Any = None
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.llm(input_ids=ids, encoder_hidden_states=self.states, encoder_attention_mask=self.mask,
+                       use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = cache_of(out)
+        return out.logits[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        return self._decode(self.start)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._decode(tokens[:, None])
+
+
+BATCH_KINDS: dict[str, type[PrefixBatch]] = {
+    "decoder": DecoderOnlyBatch, "seq2seq": Seq2SeqBatch, "cross": CrossAttnBatch,
+}
+
+
+def make_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> PrefixBatch:
+    """The batch state for ``prefixes`` (all of one kind: one engine serves one family)."""
+    if not prefixes:
+        raise ValueError("a batch needs at least one request")
+    kinds = {p.kind for p in prefixes}
+    if len(kinds) != 1:
+        raise ValueError(f"one batch mixes prefix kinds {sorted(kinds)}")
+    return BATCH_KINDS[prefixes[0].kind](llm, prefixes)
