@@ -196,3 +196,33 @@ def test_in_lockstep_a_joiners_prefix_is_made_after_the_followers_are_told(tiny_
     at = order.index("prefix made")
     assert order[at - 2:at] == ["admitted", "message with the joiner"] and order.count("prefix made") == 1
     assert_lone(t, batch, [0, 3])
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_joiners_on_the_static_path_get_their_lone_tokens(tiny_family: Tiny) -> None:
+    """The GreedyBatch admission on the static decode path (StaticBatch.room/join/retire; eager steps here, no
+    compile): three requests start in a bucket of 4 rows; a fourth joins the free dummy row at the first boundary, a
+    fifth takes the row of the first to finish. Every request decodes what it decodes alone."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    prefixes = t.prefixes()
+    shortest = min(range(3), key=lambda i: prefixes[i].length)
+    static = StaticDecoder(t.llm, max_batch_size=4, length_multiple=64, compile=False, graphs=False)
+    limits = [16, 3, 16]
+    batch = GreedyBatch(t.llm, prefixes[:3], limits, keep_logits=True, factory=static.batch, capacity=4)
+    admitted: list[int | None] = []
+    order = [0, 1, 2]
+    for boundary, _ in enumerate(batch):
+        if boundary == 0:
+            admitted.append(batch.admit(prefixes[shortest], 8))
+            order.append(shortest)
+        if boundary == 3:  # request 1 (3 tokens) has just finished: its row is free again
+            admitted.append(batch.admit(prefixes[shortest], 4))
+            order.append(shortest)
+    assert admitted == [3, 4], "both joined (a dummy row, then a retired one)"
+    results = batch.results()
+    alone = t.alone([16] * len(t.prompts))
+    for seq, index in enumerate(order):
+        want = alone[index].tokens[:batch.limits[seq]]
+        assert results[seq].tokens == want, f"request {seq} (prefix {index})"
