@@ -197,9 +197,9 @@ class LlavaFamily(DecoderOnlyFamily):
 
         from vlmforge.modeling.devices import model_dtype
 
-        llm_cls = self.llm_class()
         config = copy.deepcopy(model.config.text_config)
         config.dtype = model_dtype(model.model.language_model)
+        llm_cls = self.causal_lm_class(config)
         with torch.device("meta"):  # both submodules are replaced below: allocate nothing
             llm = llm_cls(config)
         llm.model = model.model.language_model
@@ -213,6 +213,11 @@ class LlavaFamily(DecoderOnlyFamily):
         from transformers import LlamaForCausalLM
 
         return LlamaForCausalLM
+
+    def causal_lm_class(self, text_config: Any) -> type:
+        """The ``*ForCausalLM`` class :meth:`extract_llm` wraps the language model in, for the checkpoint's text
+        config."""
+        return self.llm_class()
 
     def _prompt_ids(self, processor: Any, prompt: str | None, counts: list[int]) -> Any:
         """The prompt's ids, its k-th ``<image>`` expanded to the k-th image's ``counts[k]`` placeholder tokens (what
@@ -247,5 +252,6 @@ class LlavaFamily(DecoderOnlyFamily):
         rows = torch.cat([part.to(device, embeds.dtype) for part in parts], dim=1)
         embeds = embeds.masked_scatter(mask, rows)
         eos = llm.generation_config.eos_token_id
-        return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos if eos is not None else llm.config.eos_token_id))
+        eos = eos if eos is not None else llm.config.eos_token_id
+        return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos))
 

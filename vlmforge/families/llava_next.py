@@ -340,26 +340,12 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
         grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
         return torch.cat([base, grid.flatten(1, 2).transpose(0, 1)])[None]
 
-    def extract_llm(self, model: Any) -> Any:
-        """The LLM of the checkpoint's text config (LLaMA for Vicuna and the tiny model, Mistral for v1.6-mistral)
-        around the full model's own language model and head (shared, not copied)."""
-        import copy
-
-        import torch
+    def causal_lm_class(self, text_config: Any) -> type:
+        """The LLM class of the checkpoint's text config: LLaMA for Vicuna and the tiny model, Mistral for
+        v1.6-mistral."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        from vlmforge.modeling.devices import model_dtype
-
-        config = copy.deepcopy(model.config.text_config)
-        config.dtype = model_dtype(model.model.language_model)
-        with torch.device("meta"):
-            llm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
-        llm.model = model.model.language_model
-        llm.lm_head = model.lm_head
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(model.generation_config, key, None)
-            setattr(llm.generation_config, key, value if value is not None else getattr(config, key, None))
-        return llm.eval()
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
 
     def llm_class(self) -> type:
         """Auto: the saved LLM's config.json names its class (LlamaForCausalLM or MistralForCausalLM)."""

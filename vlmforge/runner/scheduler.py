@@ -16,9 +16,9 @@ With ``inflight`` off, requests that arrive while a batch decodes wait for the n
 Whole-request engines (TensorRT-LLM) always batch at batch boundaries here: TensorRT-LLM's own executor does its
 in-flight batching inside ``generate_many``.
 
-With tensor parallelism the scheduler is rank 0's: it sends each batch to the other ranks before
-the first forward, and the batch's steps keep them in lockstep (joiners included: they travel with the step). Idle, it sends heartbeats; stopped,
-it finishes what is queued, then tells the other ranks to exit.
+With tensor parallelism the scheduler is rank 0's: it sends each batch to the other ranks before the first forward,
+and the batch's steps keep them in lockstep (joiners included: they travel with the step). Idle, it sends heartbeats;
+stopped, it finishes what is queued, then tells the other ranks to exit.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmforge.runner.distributed import HEARTBEAT_SECONDS, ControlChannel, Heartbeat, Shutdown
-from vlmforge.runner.jobs import JobRejected, WholeJob, encode_job, job_prefixes, lead_batch, split_job
+from vlmforge.runner.jobs import BatchJob, JobRejected, WholeJob, encode_job, job_prefixes, lead_batch, split_job
 from vlmforge.runner.protocol import EngineKind, IncrementalEngine, ServingEngine, WholeRequestEngine
 from vlmforge.runner.sampling import SamplingParams, TokenLogprob
 
@@ -300,15 +300,21 @@ class Scheduler:
         for request in live:
             request._emit(Failed(status, message))
 
+    def _encode(self, engine: IncrementalEngine, requests: list[GenRequest], what: str) -> BatchJob | None:
+        """The requests' images through the visual engine in one batch; on failure they fail with 500 (None)."""
+        try:
+            return encode_job(engine, [r.image for r in requests], [r.prompt for r in requests],
+                              [r.max_new_tokens for r in requests])
+        except Exception as exc:
+            log.exception("visual engine failed on %s", what)
+            self._fail(requests, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
+            return None
+
     def _run_incremental(self, live: list[GenRequest]) -> None:
         """An incremental engine's batch: encoded, sent to the other ranks, decoded one step per token for all."""
         engine: IncrementalEngine = self.engine  # type: ignore[assignment]  # chosen by kind in __init__
-        try:
-            job = encode_job(engine, [r.image for r in live], [r.prompt for r in live],
-                             [r.max_new_tokens for r in live])
-        except Exception as exc:
-            log.exception("visual engine failed on a batch of %d", len(live))
-            self._fail(live, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
+        job = self._encode(engine, live, f"a batch of {len(live)}")
+        if job is None:
             return
         if self.channel is not None:
             self.channel.send(job.to_host())
@@ -375,12 +381,8 @@ class Scheduler:
             candidates.append(request)
         if not candidates:
             return
-        try:
-            job = encode_job(engine, [r.image for r in candidates], [r.prompt for r in candidates],
-                             [r.max_new_tokens for r in candidates])
-        except Exception as exc:
-            log.exception("visual engine failed on %d joining requests", len(candidates))
-            self._fail(candidates, 500, f"the visual engine failed: {type(exc).__name__}: {exc}")
+        job = self._encode(engine, candidates, f"{len(candidates)} joining requests")
+        if job is None:
             return
         started = time.perf_counter()
         for index, (request, one) in enumerate(zip(candidates, split_job(job), strict=True)):
