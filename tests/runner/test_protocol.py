@@ -152,3 +152,23 @@ def test_followers_refuse_a_job_for_the_other_kind_of_engine() -> None:
 
     with pytest.raises(DeployError, match="whole-request job to a incremental engine"):
         run_follower(_fake(EngineKind.INCREMENTAL), Inbox([WholeJob([], [], []), Shutdown()]))
+
+
+def test_a_shared_image_is_encoded_once_per_batch() -> None:
+    """A request's ``n`` choices are n scheduler requests holding the same image object: the batch's visual-engine
+    call gets it once, and every request sharing it gets its features (with several images per prompt too)."""
+    from vlmforge.runner.jobs import encode_job
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls: list[list[Any]] = []
+
+        def encode_images(self, images: list[Any]) -> list[Any]:
+            self.calls.append(list(images))
+            return [f"features of {image}" for image in images]
+
+    engine = Counting()
+    cat, dog = "cat", "dog"  # any objects: identity is what counts
+    job = encode_job(engine, [cat, cat, cat, [dog, cat], "cat"], ["a"] * 5, [4] * 5)  # type: ignore[arg-type]
+    assert engine.calls == [[cat, dog]]
+    assert job.features == ["features of cat"] * 3 + [["features of dog", "features of cat"], "features of cat"]

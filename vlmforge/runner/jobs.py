@@ -69,17 +69,25 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
                max_new_tokens: Sequence[int]) -> BatchJob:
     """Stage 1 (rank 0): every request's image through the visual engine, timed. A request's entry in ``images`` is
     its image, or a list of its images (several per prompt): all of the batch's images are encoded together and
-    handed back to their requests in order."""
+    handed back to their requests in order. The same image object (a request's ``n`` choices share theirs) is
+    encoded once; requests that share it share its features (read-only)."""
     import time
 
     if not len(images) == len(prompts) == len(max_new_tokens):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
     started = time.perf_counter()
     groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
-    encoded = iter(engine.encode_images([image for group in groups for image in group]))
+    distinct: dict[int, int] = {}  # id(image) -> its index among the images encoded (the n choices of a request
+    unique: list[Any] = []         # share their image objects: encoded once)
+    for group in groups:
+        for image in group:
+            if id(image) not in distinct:
+                distinct[id(image)] = len(unique)
+                unique.append(image)
+    encoded = engine.encode_images(unique)
     features: list[Any] = []
     for entry, group in zip(images, groups, strict=True):
-        own = [next(encoded) for _ in group]
+        own = [encoded[distinct[id(image)]] for image in group]
         features.append(own if isinstance(entry, (list, tuple)) else own[0])
     return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
 
