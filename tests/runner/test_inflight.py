@@ -226,3 +226,37 @@ def test_joiners_on_the_static_path_get_their_lone_tokens(tiny_family: Tiny) -> 
     for seq, index in enumerate(order):
         want = alone[index].tokens[:batch.limits[seq]]
         assert results[seq].tokens == want, f"request {seq} (prefix {index})"
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_a_full_static_bucket_grows_into_a_warmed_larger_one(tiny_family: Tiny) -> None:
+    """A static batch started by one request sits in a bucket of one row: a joiner moves it into the (already made)
+    bucket of two rows at the same length, the next into four. Everyone decodes what it decodes alone; without a
+    larger bucket made beforehand, nobody joins (making one mid-batch would stall the running rows to compile)."""
+    from vlmforge.runner.static import StaticDecoder, bucket_length
+
+    t = tiny_family
+    prefixes = t.prefixes()
+    longest = max(range(len(prefixes)), key=lambda i: prefixes[i].length)
+    others = [i for i in range(len(prefixes)) if i != longest][:2]
+
+    def run(made: bool) -> tuple[GreedyBatch, list[int | None]]:
+        static = StaticDecoder(t.llm, max_batch_size=4, length_multiple=64, compile=False, graphs=False)
+        length = bucket_length(prefixes[longest].length + 16, 64, static.max_length)
+        if made:
+            for rows in (2, 4):
+                static._slot(rows, length)
+        batch = GreedyBatch(t.llm, [prefixes[longest]], [16], keep_logits=True, factory=static.batch, capacity=4)
+        admitted = []
+        for boundary, _ in enumerate(batch):
+            if boundary < 2:
+                admitted.append(batch.admit(prefixes[others[boundary]], 8))
+        return batch, admitted
+
+    batch, admitted = run(made=True)
+    assert admitted == [1, 2]
+    assert batch._state.slot.batch == 4  # type: ignore[union-attr]
+    alone = t.alone([16] * len(t.prompts))
+    for seq, index in enumerate([longest, *others]):
+        assert batch.results()[seq].tokens == alone[index].tokens[:batch.limits[seq]], f"request {seq}"
+    assert run(made=False)[1] == [None, None]

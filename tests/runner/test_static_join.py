@@ -169,3 +169,48 @@ def test_sliding_window_layers_refuse_joins() -> None:
     assert "not in-place static layers" in (batch.join_refusal() or "")
     with pytest.raises(RuntimeError, match="StaticSlidingWindowLayer"):
         batch.join(1, prefix(llm, 4, 2))
+
+
+def check_growth(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL, steps: int = 8) -> None:
+    """A alone in a bucket of one row; after 3 steps C joins: the batch moves into the (already made) bucket of two
+    rows. A's logits equal those of A alone in the first bucket; C's those of C alone through the eager path."""
+    a, c = prefix(llm, 12, 0), prefix(llm, 7, 2)
+    feeds = {"A": forced(0, steps), "C": forced(2, steps)}
+    decoder._slot(2, 64)
+
+    def drive(join: bool) -> dict[str, list[torch.Tensor]]:
+        batch = StaticBatch(decoder, decoder._slot(1, 64), [a])
+        logits: dict[str, list[torch.Tensor]] = {"A": [batch.prefill()[0]], "C": []}
+        names = ["A"]
+        for t in range(steps):
+            if join and t == 3:
+                assert batch.room(c.length, steps) == 1  # a new row: the larger bucket exists
+                logits["C"].append(batch.join(1, c))
+                assert batch.slot.batch == 2 and batch.size == 2
+                names = ["A", "C"]
+            out = batch.step(torch.tensor([feeds[n][len(logits[n]) - 1] for n in names], device=a.embeds.device))
+            for row, name in enumerate(names):
+                logits[name].append(out[row])
+        return logits
+
+    plain, joined = drive(False), drive(True)
+    for t, (x, y) in enumerate(zip(plain["A"], joined["A"], strict=True)):
+        assert torch.allclose(x, y, **tol), f"row A, step {t}: {(x - y).abs().max().item()}"
+    ref = alone(llm, c, feeds["C"][:len(joined["C"]) - 1])
+    for t, (x, y) in enumerate(zip(ref, joined["C"], strict=True)):
+        assert torch.allclose(x, y, **tol), f"joiner C, step {t}: {(x - y).abs().max().item()}"
+
+
+def test_a_full_bucket_grows_into_a_larger_one(llm: Any) -> None:
+    check_growth(StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False), llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_a_full_bucket_grows_into_a_larger_one_on_a_gpu(llm: Any) -> None:
+    """The larger bucket's captured graph replays over the buffers the move wrote in place."""
+    gpu = llm.to("cuda")
+    try:
+        decoder = StaticDecoder(gpu, max_batch_size=4, length_multiple=32, compile=True, mode="default")
+        check_growth(decoder, gpu, dict(rtol=1e-4, atol=1e-4))
+    finally:
+        llm.to("cpu")

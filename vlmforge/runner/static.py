@@ -282,7 +282,8 @@ class StaticBatch(PrefixBatch):
 
     def room(self, length: int, max_new_tokens: int) -> int | None:
         """The row a prefix of ``length`` positions generating up to ``max_new_tokens`` tokens can join at now:
-        the lowest retired row, else ``size`` while the bucket has dummy rows; None when its prefix does not fit
+        the lowest retired row, else ``size`` while the bucket has dummy rows or a larger bucket of the same length
+        exists (the join moves the batch there); None when its prefix does not fit
         left of column ``written``, its answer does not fit right of it (``written + max_new_tokens`` past the
         bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`join_refusal`)."""
         if self.join_refusal() is not None or not 1 <= length <= self.written:
@@ -291,7 +292,38 @@ class StaticBatch(PrefixBatch):
             return None
         if self.retired:
             return min(self.retired)
-        return self.size if self.size < self.slot.batch else None
+        if self.size < self.slot.batch or self._larger_bucket() is not None:
+            return self.size
+        return None
+
+    def _larger_bucket(self) -> _Slot | None:
+        """The bucket of the next batch size up at this bucket's length, if it exists already (warmed up, or used
+        before): a join into a full bucket moves the batch there (:meth:`_grow`). A bucket that does not exist yet
+        is not made mid-batch: compiling and capturing it would stall every running row for a minute on a 7B model."""
+        rows = bucket_batch(self.slot.batch + 1, self.decoder.max_batch_size)
+        if rows <= self.slot.batch:
+            return None
+        return self.decoder._slots.get((rows, self.slot.length))
+
+    def _grow(self, slot: _Slot) -> None:
+        """Move the batch into the larger bucket ``slot`` (same length): every row's keys and values, mask and next
+        position are copied into its buffers in place (a few milliseconds on a GPU: a copy of the cache); its extra
+        rows are dummies, copies of row 0. The step after reads the new bucket; the old one is free again."""
+        old, n = self.slot, self.slot.batch
+        for theirs, mine in zip(old.cache.layers, slot.cache.layers, strict=True):
+            if not mine.is_initialized:
+                mine.lazy_initialization(theirs.keys[:1].expand(slot.batch, -1, -1, -1),
+                                         theirs.values[:1].expand(slot.batch, -1, -1, -1))
+            mine.keys[:n] = theirs.keys
+            mine.values[:n] = theirs.values
+            mine.keys[n:] = theirs.keys[:1]
+            mine.values[n:] = theirs.values[:1]
+            mine.cumulative_length.copy_(theirs.cumulative_length)
+        slot.mask[:n] = old.mask
+        slot.mask[n:] = old.mask[:1]
+        slot.positions[:n] = old.positions
+        slot.positions[n:] = old.positions[:1]
+        self.slot = slot
 
     @torch.no_grad()
     def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
@@ -304,6 +336,13 @@ class StaticBatch(PrefixBatch):
             raise RuntimeError(f"cannot join this static batch: {reason}")
         if prefix.kind != "decoder":
             raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
+        if row == self.size == slot.batch and row not in self.retired:
+            larger = self._larger_bucket()
+            if larger is None:
+                raise ValueError(f"row {row} is not free: the bucket of {slot.batch} rows is full and no larger "
+                                 f"bucket exists at length {slot.length}; join a row that room() returned")
+            self._grow(larger)
+            slot = self.slot
         if row not in self.retired and not (row == self.size < slot.batch):
             raise ValueError(f"row {row} is not free: join a row that room() returned (retired rows "
                              f"{sorted(self.retired)}, next new row {self.size} of {slot.batch})")
