@@ -123,3 +123,32 @@ def test_the_server_batches_images_of_different_sizes_as_alone(engine_dir: Path,
         stop_runner(runner)
     for (sizes, text), answer in zip(REQUESTS, answers, strict=True):
         assert answer.choices[0].message.content == engine.generate(request_images(sizes), text, MAX_TOKENS).text
+
+
+def test_usage_counts_each_request_s_real_prompt_positions(engine_dir: Path, engine: Any, tmp_path: Path) -> None:
+    """An anyres image's token count depends on its size: the server checks the prompt against the largest count
+    before encoding (a safe bound), but usage reports the positions the LLM was really fed."""
+    import openai
+
+    from tests.helpers.runners import start_runner, stop_runner
+
+    runner = start_runner(engine_dir, tmp_path / "serve.log", args=("--max-batch-size", "2"))
+    try:
+        client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        used = {}
+        for size in [(64, 64), (90, 40)]:
+            content = [{"type": "text", "text": "What is this?"},
+                       {"type": "image_url", "image_url": {"url": data_url(image(1, size))}}]
+            for stream in (False, True):
+                kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+                answer = client.chat.completions.create(model="tiny-llava-next", max_tokens=3, stream=stream,
+                                                        messages=[{"role": "user", "content": content}], **kwargs)
+                usage = [chunk.usage for chunk in answer if chunk.usage][-1] if stream else answer.usage
+                used[size, stream] = usage.prompt_tokens
+    finally:
+        stop_runner(runner)
+    for size in [(64, 64), (90, 40)]:
+        features = engine.encode_images([image(1, size)])[0]
+        real = engine.llm_prefix(features, "What is this?").length
+        assert used[size, False] == used[size, True] == real, size
+    assert used[(90, 40), False] < used[(64, 64), False] == engine.prompt_length("What is this?", 1)

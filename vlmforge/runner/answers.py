@@ -27,6 +27,8 @@ LOGPROB_FLOOR = -9999.0
 """What a logprob of -inf is sent as (JSON has no infinity; OpenAI sends -9999.0 likewise)."""
 
 Observe = Callable[[int, float | None, int], None]
+PromptTokens = Callable[[], int]
+"""The request's prompt positions, read when usage is written (after the scheduler has made its prefix)."""
 """``observe(status, first_token_at, tokens)``: the server's metrics for the whole request, called once."""
 
 
@@ -131,7 +133,7 @@ def _logprobs_field(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
 
 
 async def complete(choices: list[Choice], events: asyncio.Queue, tokenizer: Any, observe: Observe, cid: str,
-                   model: str, prompt_tokens: int) -> tuple[int, dict[str, Any]]:
+                   model: str, prompt_tokens: PromptTokens) -> tuple[int, dict[str, Any]]:
     """The whole response (HTTP status, body) once every choice is done."""
     async with contextlib.aclosing(answer_pieces(choices, events, tokenizer, observe)) as pieces:
         async for piece in pieces:
@@ -143,7 +145,7 @@ async def complete(choices: list[Choice], events: asyncio.Queue, tokenizer: Any,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
                                  "logprobs": _logprobs_field(c.logprobs), "finish_reason": c.finish}
                                 for c in choices],
-                    "usage": usage(prompt_tokens, piece.tokens),
+                    "usage": usage(prompt_tokens(), piece.tokens),
                 }
     raise AssertionError("the request ended without an outcome")
 
@@ -153,7 +155,7 @@ def _sse(data: Any) -> bytes:
 
 
 async def stream(choices: list[Choice], events: asyncio.Queue, tokenizer: Any, observe: Observe, cid: str,
-                 model: str, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                 model: str, prompt_tokens: PromptTokens, include_usage: bool) -> AsyncIterator[bytes]:
     """The response as server-sent events: each choice's role chunk, its text chunks, its finish; usage; [DONE]."""
     created = int(time.time())
 
@@ -183,6 +185,6 @@ async def stream(choices: list[Choice], events: asyncio.Queue, tokenizer: Any, o
                 yield _sse(ApiError(piece.failed.status, piece.failed.message).body())
             else:
                 if include_usage:
-                    yield _sse(chunk(cid, model, created, {}, usage_=usage(prompt_tokens, piece.tokens),
+                    yield _sse(chunk(cid, model, created, {}, usage_=usage(prompt_tokens(), piece.tokens),
                                      choices=False))
                 yield b"data: [DONE]\n\n"

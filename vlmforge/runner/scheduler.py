@@ -88,6 +88,10 @@ class GenRequest:
         self.sampling = sampling
         """How its tokens are picked (None: greedy)."""
         self.prompt_tokens = prompt_tokens
+        """The server's count of its prompt positions (text and image features) before its images are encoded: exact
+        where every image gives the same number of features, an upper bound otherwise (LLaVA-NeXT's anyres)."""
+        self.prompt_positions: int | None = None
+        """The positions its LLM prefix really has, once made (set before its first token): what usage reports."""
         self.sink = sink
         self.enqueued_at = time.perf_counter()
         self.started_at: float | None = None
@@ -337,6 +341,8 @@ class Scheduler:
             for events in batch:
                 for event in events:
                     request = members[event.row]
+                    if request.prompt_positions is None:  # its first token: its prefix is made
+                        request.prompt_positions = batch.prefixes[event.row].length
                     request._emit(Token(event.token, event.logprob))
                     if event.finish is not None:
                         request._emit(Finished(event.finish))

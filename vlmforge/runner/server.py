@@ -294,13 +294,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         def observe(status: int, first: float | None, tokens: int) -> None:
             _observe(runtime, gens[0], status, arrived, first, tokens)
 
+        def prompt_used() -> int:  # the real count once a choice's prefix is made (the estimate may be an upper bound)
+            return next((gen.prompt_positions for gen in gens if gen.prompt_positions is not None), prompt_tokens)
+
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(answers.stream(rows, events, tokenizer, observe, completion_id(), runtime.model,
-                                                    prompt_tokens, include_usage),
+                                                    prompt_used, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         status, body = await answers.complete(rows, events, tokenizer, observe, completion_id(), runtime.model,
-                                              prompt_tokens)
+                                              prompt_used)
         return JSONResponse(body, status_code=status)
 
     return app
@@ -324,9 +327,9 @@ async def _read_body(request: Any, limit: int, timeout_s: float) -> bytearray:
 
 
 def _observe(runtime: Runtime, gen: Any, status: int, arrived: float, first: float | None, tokens: int) -> None:
+    queued = None if gen.started_at is None else gen.started_at - gen.enqueued_at
     runtime.metrics.observe_request(status, arrived=arrived, first=first, done=time.perf_counter(), tokens=tokens,
-                                    prompt_tokens=gen.prompt_tokens, queued_s=None if gen.started_at is None
-                                    else gen.started_at - gen.enqueued_at)
+                                    prompt_tokens=gen.prompt_positions or gen.prompt_tokens, queued_s=queued)
 
 
 # --- the process -----------------------------------------------------------------------------------
