@@ -117,6 +117,10 @@ class HfEngine:
                             max_images_per_prompt=self.config.max_images_per_prompt)
 
     @property
+    def compiled_decoder(self) -> Any:
+        return self.static if self.static is not None and self.static.compile else None
+
+    @property
     def decode_path(self) -> str:
         return "static" if self.static is not None else "dynamic"
 

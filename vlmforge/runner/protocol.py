@@ -120,6 +120,12 @@ class Engine(Protocol):
         """How it decodes, as /health reports it: ``static``, ``dynamic`` or ``tensorrt-llm``."""
         ...
 
+    @property
+    def compiled_decoder(self) -> Any:
+        """The compiled static decoder (:class:`~vlmforge.runner.static.StaticDecoder`) whose compile caches a tune
+        artifact holds (:mod:`vlmforge.runner.tune`); None where nothing is compiled."""
+        ...
+
     def prompt_length(self, prompt: str | None, num_images: int = 1) -> int:
         """Prompt positions (text tokens and image features) a request with ``num_images`` images takes, from the
         tokenizer alone (no forward); ValueError for a prompt the family cannot take."""

@@ -180,6 +180,10 @@ class TrtllmEngine:
                             max_output_len=self.config.max_output_len, max_images_per_prompt=1)
 
     @property
+    def compiled_decoder(self) -> Any:
+        return None  # a TensorRT engine was built for its shapes: nothing to compile or tune
+
+    @property
     def decode_path(self) -> str:
         return "tensorrt-llm"
 

@@ -61,8 +61,7 @@ class WarmStart(BaseModel):
 
 def compiled_decoder(engine: Any) -> Any:
     """The engine's static decoder if its decode step is compiled (the only thing a tune artifact speeds up)."""
-    static = getattr(engine, "static", None)
-    return static if static is not None and static.compile else None
+    return engine.compiled_decoder
 
 
 def engine_key(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneKey | None:
