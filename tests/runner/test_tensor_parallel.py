@@ -135,7 +135,7 @@ def test_tp2_image_cache_hits_answer_what_tp1_answers(runner: Runner, runner_tp2
 def test_vila_served_at_tp2_answers_what_tp1_answers(tiny_vila_engine: Path, tiny_vila_engine_tp2: Path,
                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
     """tiny-vila (VILA1.5 layout, vlmforge's own projector) served at TP 1 and at TP 2 under mpirun: the same greedy
-    answers, one at a time and as concurrent requests batched in lockstep."""
+    answers, one at a time and as concurrent requests batched in lockstep (exactly, but for float16 near-ties)."""
     from tests.helpers.runners import start_runner
 
     tp1 = start_runner(tiny_vila_engine, tmp_path_factory.mktemp("vila-tp1") / "serve.log",
@@ -150,7 +150,16 @@ def test_vila_served_at_tp2_answers_what_tp1_answers(tiny_vila_engine: Path, tin
         assert len({text for text, _, _ in want}) > 1, "different images and prompts give different answers"
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda case: answer(ask(tp2, *case, model="tiny-vila")), CASES * 2))
-        assert got == want * 2
+        # concurrent requests join each other's batches (in-flight): other shapes and padding than alone, so a
+        # float16 near-tie in a lone decode may flip (float32 joins are exact: tests/runner/test_inflight.py)
+        from tests.runner.test_server import near_tie
+        from vlmforge.runner.engine import HfEngine
+
+        engine = HfEngine(tiny_vila_engine)
+        tied = {case for case in CASES if near_tie(engine, *case)}
+        assert len(tied) < len(CASES) // 2 + 1, "most requests are compared exactly"
+        assert [g for g, case in zip(got, CASES * 2) if case not in tied] == \
+            [w for w, case in zip(want * 2, CASES * 2) if case not in tied]
     finally:
         stop_runner(tp1)
         if tp2 is not None:
