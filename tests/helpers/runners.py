@@ -139,3 +139,12 @@ def stop_runner(runner: Runner, timeout: float = 30) -> int:
 
 GUARD_KEY = "vlmforge-test-key-5d1c9e"
 """The API key of the tests' guarded runner (tests/runner/conftest.py)."""
+
+
+def near_tie(generation: Any, margin: float = 0.01) -> bool:
+    """Whether a lone decode (``engine.generate``'s result, with logits) met a near-tie: its two likeliest tokens
+    within ``margin`` at some step. Served concurrently, a request joins other requests' batches (in-flight
+    batching: other shapes and padding than alone), and float16 rounding may flip such a tie; float32 joins are
+    checked exact in tests/runner/test_inflight.py."""
+    top = generation.logits.float().topk(2, dim=-1).values
+    return bool(((top[:, 0] - top[:, 1]) < margin).any())

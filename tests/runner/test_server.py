@@ -159,15 +159,13 @@ def test_the_openai_client_raises_on_a_bad_request(runner: Runner) -> None:
 
 
 def near_tie(engine: Any, index: int, prompt: str | None, max_tokens: int, margin: float = 0.01) -> bool:
-    """Whether the lone decode of this request meets a near-tie (its two likeliest tokens within ``margin``) within
-    its tokens: float16 rounding of another batch shape may flip it (in-flight batching gives a request other
-    shapes and padding than alone; float32 batches are checked exact in tests/runner/test_inflight.py)."""
+    """Whether the lone decode of this request (image ``index``) meets a float16 near-tie (tests.helpers.runners)."""
     from PIL import Image
 
+    from tests.helpers.runners import near_tie as lone_near_tie
+
     raw = base64.b64decode(image_url(index).split(",", 1)[1])
-    logits = engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, max_tokens).logits.float()
-    top = logits.topk(2, dim=-1).values
-    return bool(((top[:, 0] - top[:, 1]) < margin).any())
+    return lone_near_tie(engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, max_tokens), margin)
 
 
 def test_fifty_concurrent_requests_all_succeed_in_batches(runner: Runner, engine: Any) -> None:
