@@ -148,3 +148,15 @@ def near_tie(generation: Any, margin: float = 0.01) -> bool:
     checked exact in tests/runner/test_inflight.py."""
     top = generation.logits.float().topk(2, dim=-1).values
     return bool(((top[:, 0] - top[:, 1]) < margin).any())
+
+
+def assert_batched_equals_alone(engine: Any, images: list[Any], prompts: list[str | None], max_tokens: int) -> list[Any]:
+    """``engine.generate_batch`` of these requests gives each request's lone tokens, and logits within 1% of its
+    lone logits' scale (float16 engines: other batch shapes round otherwise). Returns the batched results."""
+    batched = engine.generate_batch(images, prompts, max_tokens, keep_logits=True)
+    for index, (got, request, prompt) in enumerate(zip(batched, images, prompts, strict=True)):
+        alone = engine.generate(request, prompt, max_tokens)
+        assert got.tokens == alone.tokens, (index, prompt)
+        scale = alone.logits.abs().max().item()
+        assert (got.logits - alone.logits).abs().max().item() < 1e-2 * max(scale, 0.5), (index, prompt)
+    return batched

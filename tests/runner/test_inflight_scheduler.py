@@ -77,14 +77,19 @@ def alone(engine: Any, index: int, limit: int) -> list[int]:
 
 
 def run(engine: Any, *, inflight: bool, capacity: int, joiners: list[tuple[str, int, int]], at: int = 2,
-        metrics: Any = None) -> tuple[Log, Scheduler]:
+        metrics: Any = None, cancelled: tuple[str, int, int] | None = None) -> tuple[Log, Scheduler]:
     """A long request (24 tokens); at its ``at``-th token the ``joiners`` (name, image/prompt index, limit) are
-    submitted, from the scheduler thread itself (so they arrive mid-batch, deterministically)."""
+    submitted, from the scheduler thread itself (so they arrive mid-batch, deterministically); ``cancelled`` is
+    submitted first and cancelled at once (it waits in the queue when it is cancelled)."""
     scheduler = Scheduler(engine, max_batch_size=capacity, inflight=inflight, metrics=metrics)
-    log = Log(1 + len(joiners))
+    log = Log(1 + len(joiners) + (cancelled is not None))
     made = [request(engine, log, name, index, limit) for name, index, limit in joiners]
+    gone = request(engine, log, *cancelled) if cancelled is not None else None
 
     def arrive() -> None:
+        if gone is not None:
+            scheduler.submit(gone)
+            gone.cancel()
         for r in made:
             scheduler.submit(r)
 
@@ -122,24 +127,7 @@ def test_waiting_requests_beyond_capacity_join_in_order_as_rows_free_up(engine: 
     """Capacity 2: one joiner at a time beside the long request, each into the row the one before left; order kept,
     nothing lost, each with its lone tokens; a request cancelled while it waits ends without a row."""
     joiners = [("a", 1, 3), ("b", 2, 4), ("c", 3, 2), ("d", 4, 3)]
-    scheduler = Scheduler(engine, max_batch_size=2)
-    log = Log(2 + len(joiners))
-    made = [request(engine, log, name, index, limit) for name, index, limit in joiners]
-    gone = request(engine, log, "gone", 2, 4)
-
-    def arrive() -> None:
-        scheduler.submit(gone)
-        gone.cancel()
-        for r in made:
-            scheduler.submit(r)
-
-    log.hooks[("long", 2)] = arrive
-    scheduler.submit(request(engine, log, "long", 0, 24, LONG))
-    scheduler.start()
-    try:
-        log.wait()
-    finally:
-        scheduler.stop(30)
+    log, scheduler = run(engine, inflight=True, capacity=2, joiners=joiners, cancelled=("gone", 2, 4))
     firsts = [log.first_token(name) for name, _, _ in joiners]
     assert firsts == sorted(firsts)
     for (name, index, limit), before in zip(joiners[1:], joiners):

@@ -53,14 +53,10 @@ def test_the_engine_holds_the_newline_embedding_and_a_tile_engine(engine_dir: Pa
 
 
 def test_batched_equals_alone_with_images_of_different_sizes(engine: Any) -> None:
-    images = [request_images(sizes) for sizes, _ in REQUESTS]
-    prompts = [prompt for _, prompt in REQUESTS]
-    batched = engine.generate_batch(images, prompts, MAX_TOKENS, keep_logits=True)
-    for (sizes, prompt), got, request in zip(REQUESTS, batched, images, strict=True):
-        alone = engine.generate(request, prompt, MAX_TOKENS)
-        assert got.tokens == alone.tokens, (sizes, prompt)
-        scale = alone.logits.abs().max().item()
-        assert (got.logits - alone.logits).abs().max().item() < 1e-2 * max(scale, 0.5)
+    from tests.helpers.runners import assert_batched_equals_alone
+
+    batched = assert_batched_equals_alone(engine, [request_images(sizes) for sizes, _ in REQUESTS],
+                                          [prompt for _, prompt in REQUESTS], MAX_TOKENS)
     assert len({tuple(g.tokens) for g in batched}) > 1
 
 

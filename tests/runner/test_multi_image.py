@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.runners import Runner, chat_body, image_url, near_tie
+from tests.helpers.runners import Runner, assert_batched_equals_alone, chat_body, image_url, near_tie
 
 TWO_IMAGES = {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 8}
 """tiny-llava (batch 4) for two images per prompt: its visual engine takes 4 x 2 images per call."""
@@ -84,14 +84,8 @@ def test_the_build_validates_a_two_image_request(built: tuple[Path, dict[str, An
 
 
 def test_batched_equals_unbatched_with_two_image_requests(engine: Any) -> None:
-    images = [request_images(indexes) for indexes, _ in REQUESTS]
-    prompts = [prompt for _, prompt in REQUESTS]
-    batched = engine.generate_batch(images, prompts, MAX_TOKENS, keep_logits=True)
-    for (indexes, prompt), got, image in zip(REQUESTS, batched, images, strict=True):
-        alone = engine.generate(image, prompt, MAX_TOKENS)
-        assert got.tokens == alone.tokens, (indexes, prompt)
-        scale = alone.logits.abs().max().item()
-        assert (got.logits - alone.logits).abs().max().item() < 1e-2 * max(scale, 0.5)
+    batched = assert_batched_equals_alone(engine, [request_images(indexes) for indexes, _ in REQUESTS],
+                                          [prompt for _, prompt in REQUESTS], MAX_TOKENS)
     # the second image counts: the same prompt with the images swapped answers otherwise
     swapped = engine.generate([pil(1), pil(0)], REQUESTS[0][1], MAX_TOKENS)
     assert (swapped.logits[0] - batched[0].logits[0]).abs().max().item() > 0.05

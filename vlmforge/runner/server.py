@@ -60,7 +60,7 @@ from vlmforge.runner.openai_api import (
 )
 from vlmforge.runner.protocol import EngineKind, ServingEngine
 from vlmforge.runner.sampling import UnsupportedSampling
-from vlmforge.runner.tune import WarmStart, WarmupPlan, compile_counters, compiled_decoder, load_tune
+from vlmforge.runner.tune import WarmStart, WarmupPlan, compile_counters, load_tune
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,11 @@ class Runtime:
         self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
         self.start = WarmStart()
         plan = WarmupPlan.of(self.config.num_visual_features, batch=batch, max_new_tokens=self.default_max_tokens)
-        compiled = compiled_decoder(engine) is not None
+        self.compiled = engine.compiled_decoder is not None
+        """Whether the decode step is compiled (a tune artifact can warm it; /health reports the start)."""
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
-                                   warmup=(lambda: self._prepare(plan)) if settings.warmup or compiled else None,
+                                   warmup=(lambda: self._prepare(plan)) if settings.warmup or self.compiled else None,
                                    inflight=settings.inflight)
         self.draining = False
         self.decode = engine.decode_path
@@ -154,15 +155,14 @@ class Runtime:
     def _prepare(self, plan: WarmupPlan) -> None:
         """Before the first request: load a matching tune artifact (a compiled decode step only), then warm up."""
         settings, engine = self.settings, self.engine
-        compiled = compiled_decoder(engine) is not None
-        if compiled and settings.tune:
+        if self.compiled and settings.tune:
             self.start = load_tune(engine, settings.engine_dir, plan, settings.tune_store)
         if settings.warmup:
             started = time.perf_counter()
             engine.warmup(plan.sizes, plan.prompt_length, plan.max_new_tokens)
             self.start.warmup_seconds = round(time.perf_counter() - started, 3)
             self.metrics.warmup_seconds.set(self.start.warmup_seconds)
-        if compiled:
+        if self.compiled:
             self.start.compile_cache = compile_counters()
         self.metrics.warm_start.set(int(self.start.warm))
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from vlmforge.errors import DeployError
 from vlmforge.store.tune import TuneKey, TuneRecord, newest_matching
+from vlmforge.system.env import versions
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,11 @@ class WarmStart(BaseModel):
     """Inductor's FX graph cache hits and misses of the warm-up (a warm start hits, a cold one misses)."""
 
 
-def compiled_decoder(engine: Any) -> Any:
-    """The engine's static decoder if its decode step is compiled (the only thing a tune artifact speeds up)."""
-    return engine.compiled_decoder
-
-
 def engine_key(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneKey | None:
     """The key a tune artifact must have to warm this engine's start, or None if its decode step is not compiled."""
     import torch
 
-    decoder = compiled_decoder(engine)
+    decoder = engine.compiled_decoder
     if decoder is None:
         return None
     if decoder.device.type == "cuda":
@@ -78,16 +74,8 @@ def engine_key(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneKey | Non
     else:
         device, capability = "cpu", platform.machine()
     return TuneKey(fingerprint=fingerprint, device=device, capability=capability, torch=torch.__version__,
-                   triton=triton_version(), compile_mode=decoder.mode,
+                   triton=versions(("triton",)).get("triton"), compile_mode=decoder.mode,
                    buckets=tuple(sorted(decoder.buckets(plan.sizes, plan.prompt_length, plan.max_new_tokens))))
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return str(triton.__version__)
 
 
 def compile_counters() -> dict[str, int]:
@@ -135,7 +123,7 @@ def load_tune(engine: Any, engine_dir: Path, plan: WarmupPlan, store_url: str | 
 
     Never raises for a tune artifact's sake: no store, no pulled build, no match or a damaged blob are warnings (or
     a note, where there is nothing to look up) and the warm-up compiles as without one."""
-    if compiled_decoder(engine) is None:
+    if engine.compiled_decoder is None:
         return WarmStart(reason="the decode step is not compiled: nothing to warm")
     from vlmforge.store.engine_dir import read_marker
 
