@@ -25,7 +25,7 @@ from vlmforge_tasks import deploy as t
 from vlmforge.deploy.auth import API_KEY_ENV
 from vlmforge.deploy.launchers import DockerRunner
 from vlmforge.deploy.records import Deployment
-from vlmforge.deploy.service import DeployPlan, serve_args
+from vlmforge.deploy.service import DeployPlan, runner_tune_store, serve_args
 from vlmforge.deploy.sources import LocalEngineSource, StoreSource
 from vlmforge.errors import DeployError
 from vlmforge.runner import CompileMode, DecodeMode
@@ -108,7 +108,8 @@ def deploy_runner(model: str = "", store: str | None = None, engine_dir: str | N
     plan = t.choose(model, source, tp=tp, host=host, port=port, hostfile=Path(hostfile) if hostfile else None,
                     state_dir=state, replace=replace, docker=docker, api_key=secret)
     engine = t.pull(plan, source, Path(cache_dir) if cache_dir else None)
-    args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size)
+    args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size,
+                      tune_store=runner_tune_store(store, from_store=engine_dir is None, container=docker is not None))
     deployment = t.start(plan, engine, source, state_dir=state, serve_args=args, wait_s=wait_s, api_key=secret)
     key = _key(deployment.name)
     create_link_artifact(key=key, link=f"{deployment.endpoint}/v1/models", link_text=f"{deployment.ref} (TP {deployment.tp})",

@@ -45,14 +45,16 @@ def test_tune_refuses_an_unknown_build_naming_what_exists(store_with_build: tupl
 
 def test_deploy_tells_a_process_runner_the_store_it_pulled_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner looks for the build's tune artifacts where deploy found the build (a local path made absolute)."""
-    from vlmforge.cli.deploy import _tune_store
-    from vlmforge.deploy.service import serve_args
+    from vlmforge.deploy.service import runner_tune_store, serve_args
 
     monkeypatch.chdir(tmp_path)
-    assert _tune_store("s3://bucket/engines") == "s3://bucket/engines"
-    assert _tune_store("store") == str(tmp_path / "store")
+    assert runner_tune_store("s3://bucket/engines", from_store=True, container=False) == "s3://bucket/engines"
+    assert runner_tune_store("store", from_store=True, container=False) == str(tmp_path / "store")
     monkeypatch.setenv("VLMFORGE_STORE", "s3://other/x")
-    assert _tune_store(None) == "s3://other/x"
+    assert runner_tune_store(None, from_store=True, container=False) == "s3://other/x"
+    # a local engine directory has no store; a container runner has no mount of it
+    assert runner_tune_store("store", from_store=False, container=False) is None
+    assert runner_tune_store("s3://bucket/engines", from_store=True, container=True) is None
     args = serve_args(tune_store="s3://bucket/engines")
     assert args[args.index("--tune-store") + 1] == "s3://bucket/engines"
     assert "--tune-store" not in serve_args()

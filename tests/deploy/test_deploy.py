@@ -12,7 +12,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from tests.helpers.deploy import BUILDS, CPU, H100x2, RecordingSource, build, cli
+from tests.helpers.deploy import BUILDS, CPU, H100x2, RecordingSource, build, cli, publish_tiny_engine
 from tests.helpers.net import ROOT, free_port
 from tests.helpers.runners import chat_body, image_url, runner_env
 from vlmforge.deploy.auth import fingerprint
@@ -203,32 +203,20 @@ def test_deploy_list_request_undeploy_through_the_cli(tiny_engine: Path, tmp_pat
 
 def test_deploy_by_model_name_pulls_the_newest_fitting_build_from_the_store(tiny_engine: Path, tmp_path: Path) -> None:
     """The whole path: publish the tiny engine, deploy `tiny-llava` by name from the store, ask, undeploy."""
-    from vlmforge.artifacts.manifest import EngineManifest, SourceInfo
-    from vlmforge.sources import hash_tree
-    from vlmforge.store import open_store
-
     store_dir = tmp_path / "store"
-    config = json.loads((tiny_engine / "engine.json").read_text())
-    files = [f for f in hash_tree(tiny_engine) if f.path != "_stage.json"]
-    from datetime import UTC, datetime
-
-    manifest = EngineManifest(model="tiny-llava", build_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-abcdef01",
-                              fingerprint="ab" * 32, created_at=datetime.now(UTC), toolchain="hf",
-                              source=SourceInfo(uri="tiny://llava", revision="test"), world_size=config["world_size"],
-                              files=tuple(files))
-    with open_store(str(store_dir)) as store:
-        store.publish(tiny_engine, manifest)
+    ref = publish_tiny_engine(tiny_engine, str(store_dir))
+    build_id = ref.split("#")[1]
     port = free_port()
     env_state = tmp_path / "state"
     done = cli("deploy", "tiny-llava", "--store", str(store_dir), "--port", str(port), "--json", state=env_state,
                cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     started = json.loads(done.stdout)
-    assert started["ref"] == f"tiny-llava#{manifest.build_id}"
+    assert started["ref"] == ref
     try:
         answer = httpx.post(f"{started['endpoint']}/v1/chat/completions",
                             json=chat_body("hi", image_url(0), max_tokens=4), timeout=60)
         assert answer.status_code == 200
     finally:
         cli("undeploy", f"tiny-llava-{port}", state=env_state)
-    assert (tmp_path / "cache" / "engines" / "tiny-llava" / manifest.build_id / "engine.json").is_file()
+    assert (tmp_path / "cache" / "engines" / "tiny-llava" / build_id / "engine.json").is_file()

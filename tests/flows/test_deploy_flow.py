@@ -113,3 +113,31 @@ def test_prefect_yaml_runners_take_their_key_from_a_secret_block() -> None:
         settings = {**deployment.get("parameters", {}), **deployment["work_pool"]["job_variables"].get("env", {})}
         assert not [k for k in settings if "KEY" in k.upper() and k != "api_key_secret"], deployment["name"]
     assert [p for p in inspect.signature(deploy_runner.fn).parameters if "key" in p] == ["api_key_secret"]
+
+
+def test_deploy_runner_flow_tells_a_process_runner_the_store_it_pulled_from(prefect_server: str, tiny_engine: Path,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployed from a store by the flow (not only by the CLI), a process runner gets ``--tune-store`` with that store
+    (made absolute), so it loads the build's tune artifact instead of compiling every start."""
+    from vlmforge_flows.deploy import deploy_runner
+
+    from tests.helpers.deploy import publish_tiny_engine
+    from vlmforge.deploy.service import read_deployment, stop_deployment
+
+    for key, value in runner_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("VLMFORGE_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ref = publish_tiny_engine(tiny_engine, "store")
+    state = tmp_path / "state"
+    summary = deploy_runner(model="tiny-llava", store="store", port=free_port(), state_dir=str(state),
+                            cache_dir=str(tmp_path / "cache"), warmup=False)
+    deployment = read_deployment(state, summary["name"])
+    assert deployment is not None
+    try:
+        assert summary["engine"] == ref
+        argv = deployment.argv
+        assert argv[argv.index("--tune-store") + 1] == str(tmp_path / "store")
+    finally:
+        assert stop_deployment(deployment, state_dir=state) == "drained and stopped"

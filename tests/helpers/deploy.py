@@ -86,3 +86,22 @@ def record(state: Path, pid: int, **fields: object) -> Deployment:
     deployment = Deployment.model_validate({**values, **fields})
     write_record(deployment, state)
     return deployment
+
+
+def publish_tiny_engine(tiny_engine: Path, store_url: str, model: str = "tiny-llava") -> str:
+    """Publish the tiny engine directory as a build of ``model`` (a fresh build id); its ref ``model#id``."""
+    import json
+
+    from vlmforge.artifacts.manifest import EngineManifest, SourceInfo
+    from vlmforge.sources import hash_tree
+    from vlmforge.store import open_store
+
+    config = json.loads((tiny_engine / "engine.json").read_text())
+    files = [f for f in hash_tree(tiny_engine) if f.path != "_stage.json"]
+    manifest = EngineManifest(model=model, build_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-abcdef01",
+                              fingerprint="ab" * 32, created_at=datetime.now(UTC), toolchain="hf",
+                              source=SourceInfo(uri="tiny://llava", revision="test"), world_size=config["world_size"],
+                              files=tuple(files))
+    with open_store(store_url) as store:
+        store.publish(tiny_engine, manifest)
+    return f"{model}#{manifest.build_id}"

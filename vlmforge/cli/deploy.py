@@ -63,7 +63,7 @@ def deploy_cmd(
     """Start a runner: pick or check the build (toolchain, TensorRT versions, GPU architecture and count, TP), pull
     and verify it into the local cache, start `mpirun -n TP ... vlmforge serve`, wait until healthy, record it.
     With --backend trtllm-serve: TensorRT-LLM's server on the build's Hugging Face model folder instead."""
-    from vlmforge.deploy.service import deploy, serve_args
+    from vlmforge.deploy.service import deploy, runner_tune_store, serve_args
     from vlmforge.deploy.sources import LocalEngineSource, StoreSource
 
     if backend is ServeBackend.TRTLLM_SERVE:
@@ -102,8 +102,8 @@ def deploy_cmd(
         raise DeployError(f"--image-root {image_root} is a path here; with --launcher docker give a --volume that mounts "
                           "it in the runner container too")
     args = serve_args(decode=decode.value, compile_mode=compile_mode.value, warmup=warmup, max_batch_size=max_batch_size,
-                      image_root=image_root, tune_store=_tune_store(store) if docker is None and engine_dir is None
-                      else None)
+                      image_root=image_root,
+                      tune_store=runner_tune_store(store, from_store=engine_dir is None, container=docker is not None))
     deployment = deploy(ref or "", source, tp=tp, host=host, port=port, hostfile=hostfile, name=name,
                         state_dir=state_dir, serve_args=args, wait_s=wait, replace=replace, docker=docker,
                         api_key=SecretStr(api_key) if api_key else None)
@@ -117,15 +117,6 @@ def deploy_cmd(
                          else f"log {deployment.log})"), highlight=False)
     if foreground:
         raise typer.Exit(_attach(deployment, state_dir))
-
-
-def _tune_store(store: str | None) -> str:
-    """The store a process runner looks for tune artifacts in: the one deploy pulls from (a local path absolute, as
-    the runner may start elsewhere). A container runner gets none: the store is not mounted in it."""
-    from vlmforge.store import default_store_url
-
-    url = store or default_store_url()
-    return url if "://" in url else str(Path(url).resolve())
 
 
 def _trtllm_serve(ref: str | None, *, store: str | None, checkpoint_dir: Path | None, state_dir: Path | None,

@@ -182,6 +182,18 @@ def serve_args(*, decode: str = "auto", compile_mode: str = "max-autotune-no-cud
     return args
 
 
+def runner_tune_store(store: str | None, *, from_store: bool, container: bool) -> str | None:
+    """The store a runner looks in for its tune artifacts (``serve --tune-store``): the one a deployment pulls from,
+    a local path made absolute (the runner may start in another directory). None for a local engine directory (no
+    store) and for a container runner (the store is not mounted in it: it compiles, as without a tune artifact)."""
+    if not from_store or container:
+        return None
+    from vlmforge.store import default_store_url
+
+    url = store or default_store_url()
+    return url if "://" in url else str(Path(url).resolve())
+
+
 # --- deployments on this machine ---------------------------------------------------------------------
 
 
