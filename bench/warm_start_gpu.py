@@ -1,20 +1,24 @@
-"""Cold vs warm start of the runner's static decode path (LLaVA-1.5-7B's LLM shapes, random fp16 weights), in one run.
+"""Cold vs warm starts of the runner's static decode path (LLaVA-1.5-7B's LLM shapes, random fp16 weights), in one run.
 
 Each start is a fresh process with its own empty Inductor and Triton cache directories (nothing compiled earlier
 can leak into it), timed from the process's start to the end of the warm-up of the batch buckets (``--batches``,
 default 1 and 16, as ``serve --warmup`` warms them: a prompt of one image's features and some text):
 
-1. **cold**: the warm-up compiles and autotunes (what every start does today); then
-   ``torch.compiler.save_cache_artifacts()`` - what ``vlmforge tune`` stores - is written to a file;
-2. **warm**: ``torch.compiler.load_cache_artifacts()`` of that file (what ``serve`` does with a matching tune
-   artifact), then the same warm-up.
+1. **cold**: the warm-up compiles just in time and autotunes (what a start without a tune artifact does); then
+   ``torch.compiler.save_cache_artifacts()`` is written to a file;
+2. **tune**: what ``vlmforge tune --precompile`` adds: after the same just-in-time warm-up, each bucket's step
+   compiled ahead of time (``vlmforge.runner.precompile``) and saved as a package;
+3. **warm**: ``torch.compiler.load_cache_artifacts()`` of the cold start's caches (a tune artifact of compile caches
+   alone, as vlmforge stored them before step packages), then the same warm-up: Dynamo still traces the model;
+4. **precompiled**: the tune start's packages loaded (what ``serve`` does with a tune artifact now), then the warm-up:
+   nothing is traced or compiled.
 
-Both then compute teacher-forced logits of the same fixed prompt and tokens through the batch-1 bucket; warm must
-equal cold. Printed: one JSON with cold and warm seconds (start-to-warmed and the warm-up alone), Inductor's FX graph
-cache hits and misses of each, the artifact's MiB and the logits check.
+Every start then computes teacher-forced logits of the same fixed prompt and tokens through the batch-1 bucket; each
+must give the cold start's argmax. Printed: one JSON with each start's seconds (start-to-warmed and the warm-up
+alone), the graphs Dynamo traced, Inductor's FX graph cache hits and misses, the artifacts' MiB and the logits check.
 
     python bench/warm_start_gpu.py [--batches 1,16] [--mode max-autotune-no-cudagraphs] [--out FILE]
-    python bench/warm_start_gpu.py --tiny        # a small model on the CPU (Inductor's C++ backend): a smoke test
+    python bench/warm_start_gpu.py --tiny        # a small model on the CPU (Inductor's C++ backend)
 
 It drives ``vlmforge.runner.static`` directly, as the runner does; on the GPU machine install pydantic from the
 wheelhouse first (bench/README.md: ``pip install --no-index --find-links bench/wheelhouse -r bench/wheels.txt``).
@@ -34,6 +38,7 @@ from typing import Any
 
 STARTED = time.perf_counter()  # a start is timed from here: imports, model, warm-up
 ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("cold", "tune", "warm", "precompiled")
 
 
 def make_llm(tiny: bool, device: str) -> Any:
@@ -66,18 +71,26 @@ def child(args: argparse.Namespace) -> int:
     from vlmforge.modeling.generation import LlmPrefix
     from vlmforge.runner.static import StaticDecoder
 
+    from vlmforge.runner.tune import unbundle
+
     device = "cpu" if args.tiny else "cuda"
-    loaded = None
-    if args.phase == "warm":
+    loaded, packages = None, {}
+    caches_file, packages_file = Path(args.artifacts + ".caches"), Path(args.artifacts + ".steps")
+    if args.phase in ("warm", "precompiled"):
         started = time.perf_counter()
-        info = torch.compiler.load_cache_artifacts(Path(args.artifacts).read_bytes())
-        loaded = {"seconds": time.perf_counter() - started,
-                  "artifacts": {k: len(v) for k, v in (info.artifacts.items() if info else []) if v}}
+        if args.phase == "warm":
+            info = torch.compiler.load_cache_artifacts(caches_file.read_bytes())
+            loaded = {"artifacts": {k: len(v) for k, v in (info.artifacts.items() if info else []) if v}}
+        else:
+            _, packages = unbundle(packages_file.read_bytes())
+            loaded = {"packages": len(packages)}
+        loaded["seconds"] = time.perf_counter() - started
     llm = make_llm(args.tiny, device)
     made = time.perf_counter() - STARTED
     batches = [int(b) for b in args.batches.split(",")]
     decoder = StaticDecoder(llm, max_batch_size=max(batches), max_length=args.prompt + args.new_tokens + 256,
                             compile=True, mode=args.mode, graphs=None if not args.tiny else False)
+    decoder.preload(packages)
     warm_started = time.perf_counter()
     decoder.warmup(batches, args.prompt, args.new_tokens)
     if device == "cuda":
@@ -89,16 +102,27 @@ def child(args: argparse.Namespace) -> int:
         "model_made_s": round(made, 2), "loaded": loaded,
         "fxgraph_cache_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
         "fxgraph_cache_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
-        "aot_autograd": {k: int(v) for k, v in counters["aot_autograd"].items()},
+        "graphs_traced": int(counters["stats"]["unique_graphs"]),
+        "precompiled": [list(b) for b in decoder.precompiled],
     }
     if args.phase == "cold":
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             raise SystemExit("torch.compiler.save_cache_artifacts() returned None: nothing to store")
         data, info = saved
-        Path(args.artifacts).write_bytes(data)
+        caches_file.write_bytes(data)
         result["artifact_bytes"] = len(data)
         result["artifacts"] = {k: len(v) for k, v in info.artifacts.items() if v}
+    if args.phase == "tune":
+        from vlmforge.runner.tune import bundle
+
+        started = time.perf_counter()
+        made = decoder.compile_packages()
+        result["precompile_s"] = round(time.perf_counter() - started, 2)
+        data = bundle(b"", made)
+        packages_file.write_bytes(data)
+        result["artifact_bytes"] = len(data)
+        result["packages"] = len(made)
     # teacher-forced logits through the batch-1 bucket: a fixed prompt and fixed tokens, on the compiled step
     hidden = llm.config.hidden_size
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -158,28 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="warm-start-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        cold = run_start("cold", args, work)
-        warm = run_start("warm", args, work)
-        a, b = torch.load(work / "cold.pt"), torch.load(work / "warm.pt")
-    diff = (a - b).abs().max().item()
+        starts = {phase: run_start(phase, args, work) for phase in PHASES}
+        logits = {phase: torch.load(work / f"{phase}.pt") for phase in PHASES}
+    cold = logits["cold"]
     report = {
-        "device": "cpu (tiny smoke test)" if args.tiny else torch.cuda.get_device_name(0),
+        "device": "cpu (tiny model)" if args.tiny else torch.cuda.get_device_name(0),
         "torch": torch.__version__, "mode": args.mode, "batches": args.batches, "prompt": args.prompt,
         "new_tokens": args.new_tokens,
-        "cold_s": cold["start_to_warm_s"], "warm_s": warm["start_to_warm_s"],
-        "cold_warmup_s": cold["warmup_s"], "warm_warmup_s": warm["warmup_s"],
-        "artifact_mib": round(cold["artifact_bytes"] / 2**20, 2), "artifacts": cold["artifacts"],
-        "load_s": round(warm["loaded"]["seconds"], 3),
-        "fxgraph": {"cold": [cold["fxgraph_cache_hit"], cold["fxgraph_cache_miss"]],
-                    "warm": [warm["fxgraph_cache_hit"], warm["fxgraph_cache_miss"]], "as": "[hits, misses]"},
-        "logits_max_abs_diff": diff, "same_argmax": bool((a.argmax(-1) == b.argmax(-1)).all()),
-        "logits_equal": diff == 0.0, "cold": cold, "warm": warm,
+        "start_to_warm_s": {phase: start["start_to_warm_s"] for phase, start in starts.items()},
+        "warmup_s": {phase: start["warmup_s"] for phase, start in starts.items()},
+        "graphs_traced": {phase: start["graphs_traced"] for phase, start in starts.items()},
+        "fxgraph": {phase: [start["fxgraph_cache_hit"], start["fxgraph_cache_miss"]] for phase, start in starts.items()}
+        | {"as": "[hits, misses]"},
+        "tune_precompile_s": starts["tune"]["precompile_s"],
+        "artifact_mib": {"caches": round(starts["cold"]["artifact_bytes"] / 2**20, 2),
+                         "step_packages": round(starts["tune"]["artifact_bytes"] / 2**20, 2)},
+        "load_s": {phase: round(starts[phase]["loaded"]["seconds"], 3) for phase in ("warm", "precompiled")},
+        "logits_max_abs_diff_vs_cold": {phase: (logits[phase] - cold).abs().max().item() for phase in PHASES[1:]},
+        "same_argmax_as_cold": {phase: bool((logits[phase].argmax(-1) == cold.argmax(-1)).all())
+                                for phase in PHASES[1:]},
+        "starts": starts,
     }
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
-    ok = report["same_argmax"] and warm["fxgraph_cache_miss"] == 0 and warm["fxgraph_cache_hit"] > 0
+    ok = (all(report["same_argmax_as_cold"].values()) and starts["precompiled"]["graphs_traced"] == 0
+          and starts["warm"]["fxgraph_cache_miss"] == 0
+          and len(starts["precompiled"]["precompiled"]) == starts["tune"]["packages"] > 0)
     return 0 if ok else 1
 
 

@@ -50,7 +50,7 @@ def _fresh_cache(tmp: Path) -> dict[str, str]:
 
 
 def _tune(target: str, store_url: str, tmp: Path) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "vlmforge", "tune", target, "--store", store_url, *RUNNER, "--json",
+    argv = [sys.executable, "-m", "vlmforge", "tune", target, "--store", store_url, *RUNNER, "--precompile", "--json",
             "--cache-dir", str(tmp / "engines")]
     done = subprocess.run(argv, env=runner_env(**_fresh_cache(tmp / "cache")), capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
@@ -101,6 +101,7 @@ def test_tune_compiles_cold_and_leaves_the_build_as_it_was(tuned: Tuned) -> None
     assert key["fingerprint"] == manifest.fingerprint and key["device"] == "cpu" and key["compile_mode"] == "default"
     assert key["buckets"] == [[1, 512]] or len(key["buckets"]) == 1
     assert tuned.compile_cache["fxgraph_cache_miss"] > 0 and tuned.compile_cache["fxgraph_cache_hit"] == 0
+    assert tuned.record["artifacts"]["precompiled_step"] == 1, tuned  # --precompile: the bucket's step package
     assert all(entry.path != "tune-artifacts.bin" for entry in manifest.files)
 
 
@@ -125,7 +126,9 @@ def test_a_fresh_runner_loads_the_tune_artifact_and_hits_the_compile_cache(
     engine = _pulled(url, ref, tmp_path / "engine")
     with _serve(engine, url, tmp_path) as (health, log):
         assert health["warm_start"] is True, log[-3000:]
-        assert health["start"]["compile_cache"]["fxgraph_cache_hit"] > 0
+        # the bucket's step was loaded compiled ahead of time: nothing traced, nothing compiled
+        assert health["start"]["precompiled"] == [f"{b}x{n}" for b, n in tuned.record["key"]["buckets"]], log[-3000:]
+        assert health["start"]["compile_cache"]["graphs_traced"] == 0, log[-3000:]
         assert health["start"]["compile_cache"]["fxgraph_cache_miss"] == 0
         assert health["warmup_seconds"] > 0
         assert "vlmforge_warm_start 1.0" in log
@@ -171,3 +174,28 @@ def test_a_damaged_tune_blob_is_a_warning_and_a_cold_compile(tuned: Tuned, tmp_p
     finally:
         with make_store(tuned.store_url) as store:
             store._put(blob_key(record.sha256), good)
+
+
+def test_an_earlier_artifact_of_compile_caches_alone_still_warms_the_start(tuned: Tuned, tmp_path: Path) -> None:
+    """A tune artifact stored before step packages existed (the bare compile caches) still loads: Inductor's cache
+    hits, and the step is traced again (nothing precompiled)."""
+    from vlmforge.runner.tune import unbundle
+
+    engine = _pulled(tuned.store_url, tuned.ref, tmp_path / "engine")
+    with make_store(tuned.store_url) as store:
+        manifest = store.resolve(tuned.ref)
+        record = store.tune_records(manifest)[0]
+        caches, steps = unbundle(store.read_tune(record))
+        assert list(steps) == [tuple(b) for b in record.key.buckets]
+    url = str(tmp_path / "store")
+    with make_store(url) as old:
+        pulled = _pulled(tuned.store_url, tuned.ref, tmp_path / "source")
+        (pulled / ".vlmforge-manifest.json").unlink()
+        old.publish(pulled, manifest.with_files([]))
+        old.publish_tune(manifest, record.key, caches, warmup_seconds=record.warmup_seconds)
+    engine = _pulled(url, tuned.ref, tmp_path / "engine-old")
+    with _serve(engine, url, tmp_path) as (health, log):
+        assert health["warm_start"] is True and health["start"]["precompiled"] == [], log[-3000:]
+        assert health["start"]["compile_cache"]["graphs_traced"] == 1
+        assert health["start"]["compile_cache"]["fxgraph_cache_hit"] > 0
+        assert health["start"]["compile_cache"]["fxgraph_cache_miss"] == 0

@@ -32,6 +32,8 @@ class TuneOptions(BaseModel):
     compile: bool | None = None
     max_batch_size: int | None = None
     max_tokens: int | None = None
+    precompile: bool = False
+    """Also store each bucket's step compiled ahead of time (vlmforge.runner.precompile)."""
 
 
 class TuneOutcome(BaseModel):
@@ -101,7 +103,7 @@ def tune(target: str, *, store_url: str | None = None, options: TuneOptions | No
                          max_new_tokens=min(options.max_tokens or limits.max_output_len, limits.max_output_len))
     log.info("tuning %s on %s: batch sizes %s, prompt %d, %d new tokens", manifest.ref, device, list(plan.sizes),
              plan.prompt_length, plan.max_new_tokens)
-    result = tune_engine(engine, plan, manifest.fingerprint)
+    result = tune_engine(engine, plan, manifest.fingerprint, precompile=options.precompile)
     with open_store(store_url) as store:
         record = store.publish_tune(manifest, result.key, result.data, warmup_seconds=round(result.warmup_seconds, 3),
                                     artifacts=result.artifacts)

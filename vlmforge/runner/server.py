@@ -164,6 +164,9 @@ class Runtime:
             self.metrics.warmup_seconds.set(self.start.warmup_seconds)
         if self.compiled:
             self.start.compile_cache = compile_counters()
+            decoder = engine.compiled_decoder
+            if decoder is not None:
+                self.start.precompiled = [f"{batch}x{length}" for batch, length in decoder.precompiled]
         self.metrics.warm_start.set(int(self.start.warm))
 
     @property

@@ -30,10 +30,9 @@ instead of transformers' ``index_copy_``, which Inductor lowers to a rewrite of 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,36 +45,12 @@ from vlmforge.runner.batching import PrefixBatch, _last_logits_only, _stack
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def _in_place_layer() -> type:
-    from transformers.cache_utils import StaticLayer
-
-    class InPlaceStaticLayer(StaticLayer):
-        """transformers' static layer, its update an indexed store (Inductor keeps it in place)."""
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
-            self.cumulative_length.add_(key_states.shape[-2])
-            self.keys[:, :, positions] = key_states
-            self.values[:, :, positions] = value_states
-            return self.keys, self.values
-
-    return InPlaceStaticLayer
-
-
 def in_place_static_cache(config: Any, max_cache_len: int) -> Any:
     """A :class:`transformers.StaticCache` whose full-attention layers update in place under Inductor
-    (sliding-window and other layer kinds are kept as transformers makes them)."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
+    (:class:`vlmforge.runner.precompile.InPlaceStaticLayer`)."""
+    from vlmforge.runner.precompile import in_place_static_cache as make
 
-    cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    layer = _in_place_layer()
-    cache.layers = [layer(max_cache_len=old.max_cache_len) if type(old) is StaticLayer else old for old in cache.layers]
-    return cache
+    return make(config, max_cache_len)
 
 
 def bucket_batch(size: int, limit: int) -> int:
@@ -114,12 +89,21 @@ class StaticDecoder:
     ``compile`` compiles each bucket's step with ``torch.compile(mode=mode)``; ``graphs`` (default: on a
     GPU) captures it into a CUDA graph. A bucket is made, compiled and captured the first time a batch
     needs it (seconds to a minute for a 7B model): :meth:`warmup` does it before serving.
+
+    Warm starts (:mod:`vlmforge.runner.precompile`): :meth:`compile_packages` compiles every bucket made so far ahead of
+    time and returns the packages (``vlmforge tune --precompile``); :meth:`preload` hands over saved packages, and a
+    bucket that has one loads it instead of tracing and compiling. Where loading fails, the step is compiled just in
+    time as without them.
     """
 
     def __init__(self, llm: torch.nn.Module, *, max_batch_size: int, max_length: int | None = None,
                  length_multiple: int = 256, compile: bool = True, mode: str = "max-autotune-no-cudagraphs",
                  graphs: bool | None = None) -> None:
         self.llm = llm
+        self._packages: dict[tuple[int, int], bytes] = {}
+        """Saved step packages to load, by bucket (:meth:`preload`)."""
+        self.precompiled: list[tuple[int, int]] = []
+        """The buckets whose step was loaded from a package: not traced, not compiled."""
         self.max_batch_size = max_batch_size
         config = llm.config
         self.max_length = max_length or int(getattr(config, "max_position_embeddings", 4096))
@@ -149,15 +133,8 @@ class StaticDecoder:
             mask = torch.zeros((batch, length), dtype=torch.long, device=self.device)
             ids = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
             positions = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-            llm, kwarg = self.llm, self.cache_kwarg
-
-            def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                out = llm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{kwarg: cache})
-                return out.logits[:, -1, :]
-
-            compiled = torch.compile(step, mode=self.mode, dynamic=False) if self.compile else step
-            slot = _Slot(batch, length, cache, mask, ids, positions, compiled)
+            slot = _Slot(batch, length, cache, mask, ids, positions, None)
+            slot.step = self._step(slot)
             if self.graphs:
                 self._capture(slot)
             self._slots[key] = slot
@@ -166,15 +143,68 @@ class StaticDecoder:
                      time.perf_counter() - started)
         return self._slots[key]
 
+    def _step(self, slot: _Slot) -> Any:
+        """The slot's decode step, ``step(ids, positions, mask) -> logits``: loaded from a package, compiled just in
+        time, or eager."""
+        llm, kwarg, cache, key = self.llm, self.cache_kwarg, slot.cache, (slot.batch, slot.length)
+        if self.compile and key in self._packages:
+            from vlmforge.runner import precompile
+
+            self._initialize(slot)  # the package runs without guards: the cache must exist before it runs
+            try:
+                compiled = precompile.load(self._packages.pop(key))
+            except Exception as exc:  # noqa: BLE001 - torch's own errors; the step still compiles just in time
+                log.warning("bucket %d x %d: the precompiled step did not load (%s: %s); compiling just in time",
+                            slot.batch, slot.length, type(exc).__name__, exc)
+            else:
+                self.precompiled.append(key)
+                return lambda ids, positions, mask: compiled(llm, cache, ids, positions, mask)
+
+        def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            out = llm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kwarg: cache})
+            return out.logits[:, -1, :]
+
+        return torch.compile(step, mode=self.mode, dynamic=False) if self.compile else step
+
+    def preload(self, packages: Mapping[tuple[int, int], bytes]) -> None:
+        """Saved step packages (:meth:`compile_packages` of an earlier process on a machine of the same kind) for the
+        buckets made from now on."""
+        self._packages.update(packages)
+
+    @torch.no_grad()
+    def compile_packages(self) -> dict[tuple[int, int], bytes]:
+        """Compile the step of every bucket made so far ahead of time (a second compile, beside the one the bucket
+        runs); their packages, by bucket. Raises what torch raises where it cannot (no precompile API in this
+        torch, a step that does not trace as one graph)."""
+        from vlmforge.runner import precompile
+
+        if not precompile.supported():
+            raise RuntimeError(f"torch {torch.__version__} has no ahead-of-time compile to save (torch.compile(...)"
+                               ".aot_compile, torch.compiler.load_compiled_function)")
+        packages = {}
+        for key, slot in sorted(self._slots.items()):
+            compiled = precompile.compile_step(self.cache_kwarg, self.mode, (self.llm, slot.cache, slot.ids,
+                                                                             slot.positions, slot.mask))
+            packages[key] = precompile.save(compiled)
+        return packages
+
+    @torch.no_grad()
+    def _initialize(self, slot: _Slot) -> None:
+        """One eager token through the slot's cache: it makes the cache's lazily made buffers (their addresses are
+        what a CUDA graph records, and what a step compiled ahead of time takes as given); reset after use."""
+        slot.mask[:, 0] = 1
+        hidden = self.llm.get_input_embeddings().weight
+        self.llm(inputs_embeds=hidden.new_zeros((slot.batch, 1, hidden.shape[1])), attention_mask=slot.mask,
+                 position_ids=slot.positions, use_cache=True, **{self.cache_kwarg: slot.cache})
+        slot.cache.reset()
+        slot.mask.zero_()
+
     @torch.no_grad()
     def _capture(self, slot: _Slot) -> None:
         """Compile (first call) and capture the slot's step; the dummy steps' cache writes are reset after."""
         mask = slot.mask
+        self._initialize(slot)
         mask[:, 0] = 1
-        hidden = self.llm.get_input_embeddings().weight
-        # one eager token fills the cache's lazily made buffers (their addresses are what the graph records)
-        self.llm(inputs_embeds=hidden.new_zeros((slot.batch, 1, hidden.shape[1])), attention_mask=mask,
-                 position_ids=slot.positions, use_cache=True, **{self.cache_kwarg: slot.cache})
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -273,7 +303,9 @@ class StaticBatch(PrefixBatch):
         in-place static layer, whose column ``j`` is mask column ``j`` for every row. A sliding-window layer keeps a
         rolling window that all rows share (a joiner's keys have no fixed column in it), and other layer kinds are
         not written by this path."""
-        kinds = {type(layer).__name__ for layer in self.slot.cache.layers if type(layer) is not _in_place_layer()}
+        from vlmforge.runner.precompile import InPlaceStaticLayer
+
+        kinds = {type(layer).__name__ for layer in self.slot.cache.layers if type(layer) is not InPlaceStaticLayer}
         if kinds:
             return f"cache layers {sorted(kinds)} are not in-place static layers"
         if not self.prefilled:

@@ -4,16 +4,24 @@ loaded before the warm-up of the next runner on a machine of the same kind.
 ``torch.compiler.save_cache_artifacts()`` returns torch's portable caches (Inductor's FX graph cache with its
 bundled Triton kernels, autotuning results, AOTAutograd entries) of what this process compiled;
 ``load_cache_artifacts`` puts them into this process's cache directories, so the compiles that follow hit them
-instead of tracing, autotuning and compiling kernels again. They are valid only for the same engine, GPU (or CPU
-architecture), torch and Triton versions, compile mode and buckets: :class:`~vlmforge.store.tune.TuneKey`. A start
-never fails because of a tune artifact: any mismatch, absence or damage is a warning and an ordinary cold compile.
+instead of tracing, autotuning and compiling kernels again. Where torch can (:mod:`vlmforge.runner.precompile`),
+the artifact also holds each bucket's decode step compiled ahead of time, which a runner loads without tracing the
+model at all (``vlmforge tune --precompile``). They are valid only for the same engine, GPU (or CPU architecture), torch and Triton versions, compile
+mode and buckets: :class:`~vlmforge.store.tune.TuneKey`. A start never fails because of a tune artifact: any mismatch,
+absence or damage is a warning and an ordinary cold compile.
+
+The artifact is a zip archive (stored, not compressed: the caches are compressed kernels and code already):
+``compile-caches.bin`` (what ``save_cache_artifacts`` returned) and ``steps/<batch>x<length>.bin`` (one package per
+bucket). An artifact of an earlier vlmforge is the bare compile caches, and still loads.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +66,8 @@ class WarmStart(BaseModel):
     warmup_seconds: float | None = None
     compile_cache: dict[str, int] = {}
     """Inductor's FX graph cache hits and misses of the warm-up (a warm start hits, a cold one misses)."""
+    precompiled: list[str] = []
+    """The buckets (``BATCHxLENGTH``) whose decode step was loaded compiled ahead of time: not traced at all."""
 
 
 def engine_key(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneKey | None:
@@ -79,12 +89,40 @@ def engine_key(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneKey | Non
 
 
 def compile_counters() -> dict[str, int]:
-    """Inductor's FX graph cache hits and misses so far in this process."""
+    """Inductor's FX graph cache hits and misses so far in this process, and the graphs Dynamo traced."""
     from torch._dynamo.utils import counters
 
     inductor = counters["inductor"]
     return {"fxgraph_cache_hit": int(inductor["fxgraph_cache_hit"]),
-            "fxgraph_cache_miss": int(inductor["fxgraph_cache_miss"])}
+            "fxgraph_cache_miss": int(inductor["fxgraph_cache_miss"]),
+            "graphs_traced": int(counters["stats"]["unique_graphs"])}
+
+
+CACHES_NAME = "compile-caches.bin"
+
+
+def bundle(caches: bytes, steps: dict[tuple[int, int], bytes]) -> bytes:
+    """The tune artifact's bytes: the compile caches and each bucket's step package, in a zip archive."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(CACHES_NAME, caches)
+        for (batch, length), data in sorted(steps.items()):
+            archive.writestr(f"steps/{batch}x{length}.bin", data)
+    return buffer.getvalue()
+
+
+def unbundle(data: bytes) -> tuple[bytes, dict[tuple[int, int], bytes]]:
+    """The compile caches and step packages of a tune artifact (an earlier vlmforge's: the caches alone)."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return data, {}
+    steps: dict[tuple[int, int], bytes] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        caches = archive.read(CACHES_NAME)
+        for name in archive.namelist():
+            if name.startswith("steps/") and name.endswith(".bin"):
+                batch, length = name.removeprefix("steps/").removesuffix(".bin").split("x")
+                steps[(int(batch), int(length))] = archive.read(name)
+    return caches, steps
 
 
 @dataclass
@@ -98,8 +136,9 @@ class TuneResult:
     compile_cache: dict[str, int]
 
 
-def tune_engine(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneResult:
-    """Warm up ``engine`` as a runner would (``plan``) and collect torch's compile caches of it."""
+def tune_engine(engine: Any, plan: WarmupPlan, fingerprint: str, *, precompile: bool = False) -> TuneResult:
+    """Warm up ``engine`` as a runner would (``plan``) and collect torch's compile caches of it; with ``precompile``,
+    also each bucket's step compiled ahead of time (:mod:`vlmforge.runner.precompile`)."""
     import torch
 
     key = engine_key(engine, plan, fingerprint)
@@ -109,13 +148,22 @@ def tune_engine(engine: Any, plan: WarmupPlan, fingerprint: str) -> TuneResult:
     started = time.perf_counter()
     engine.warmup(plan.sizes, plan.prompt_length, plan.max_new_tokens)
     seconds = time.perf_counter() - started
+    counters = compile_counters()
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         raise DeployError("torch saved no compile caches after the warm-up (torch.compiler.save_cache_artifacts() "
                           "returned None): check that Inductor's caches are on (TORCHINDUCTOR_FX_GRAPH_CACHE)")
-    data, info = saved
+    caches, info = saved
     artifacts = {kind: len(entries) for kind, entries in info.artifacts.items() if entries}
-    return TuneResult(key, data, artifacts, seconds, compile_counters())
+    steps: dict[tuple[int, int], bytes] = {}
+    if precompile:
+        try:
+            steps = engine.compiled_decoder.compile_packages()
+        except Exception as exc:
+            raise DeployError(f"--precompile: the decode steps could not be compiled ahead of time ({type(exc).__name__}"
+                              f": {exc}); tune without --precompile to store the compile caches alone") from exc
+        artifacts["precompiled_step"] = len(steps)
+    return TuneResult(key, bundle(caches, steps), artifacts, seconds, counters)
 
 
 def load_tune(engine: Any, engine_dir: Path, plan: WarmupPlan, store_url: str | None) -> WarmStart:
@@ -134,13 +182,13 @@ def load_tune(engine: Any, engine_dir: Path, plan: WarmupPlan, store_url: str | 
     key = engine_key(engine, plan, manifest.fingerprint)
     assert key is not None
     try:
-        return _load(manifest, key, store_url)
+        return _load(engine, manifest, key, store_url)
     except Exception as exc:  # noqa: BLE001 - a tune artifact never fails a start
         log.warning("tune artifact of %s not used (%s); compiling as on a cold start", manifest.ref, exc)
         return WarmStart(reason=f"not used: {exc}")
 
 
-def _load(manifest: Any, key: TuneKey, store_url: str | None) -> WarmStart:
+def _load(engine: Any, manifest: Any, key: TuneKey, store_url: str | None) -> WarmStart:
     import torch
 
     from vlmforge.store import open_store
@@ -155,8 +203,11 @@ def _load(manifest: Any, key: TuneKey, store_url: str | None) -> WarmStart:
                         manifest.ref, why, manifest.ref)
             return WarmStart(reason=why)
         data = store.read_tune(record)  # IntegrityError for a damaged blob
-    torch.compiler.load_cache_artifacts(data)
-    log.info("loaded the tune artifact of %s for %s (%d bytes, tuned %s)", manifest.ref, key.device, len(data),
-             f"{record.created_at:%Y-%m-%d %H:%M}")
+    caches, steps = unbundle(data)
+    torch.compiler.load_cache_artifacts(caches)
+    if steps:
+        engine.compiled_decoder.preload(steps)
+    log.info("loaded the tune artifact of %s for %s (%d bytes, %d precompiled steps, tuned %s)", manifest.ref,
+             key.device, len(data), len(steps), f"{record.created_at:%Y-%m-%d %H:%M}")
     return WarmStart(warm=True, reason="a matching tune artifact was loaded",
                      artifact=f"{record.ref} {record.sha256[:12]}")

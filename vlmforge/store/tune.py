@@ -115,7 +115,7 @@ class TuneOps(StoreReader, StoreLocks, StoreIdentity):
 
     def publish_tune(self, ref: str | Ref | EngineManifest, key: TuneKey, data: bytes, *, warmup_seconds: float,
                      artifacts: dict[str, int] | None = None) -> TuneRecord:
-        """Store ``data`` (``save_cache_artifacts()``'s bytes) for the build ``ref`` under ``key``; a second tune of
+        """Store ``data`` (the tune artifact: vlmforge.runner.tune.bundle) for the build ``ref`` under ``key``; a second tune of
         the same key replaces the record. The build's manifest is not touched."""
         manifest = ref if isinstance(ref, EngineManifest) else self.resolve(ref)
         if key.fingerprint != manifest.fingerprint:
