@@ -362,3 +362,26 @@ def test_has_room_counts_the_requests_ahead_of_it(tiny_family: Tiny) -> None:
             assert batch.has_room(length, 3) and batch.has_room(length, 3, [length])
             assert not batch.has_room(length, 3, [length, length]), "capacity 3: the running request and two"
             assert not batch.has_room(length + 1, 3, [length]), "2 x (length + 1) positions exceed the cap"
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_joiners_of_one_boundary_share_one_prefill_on_the_static_path(tiny_family: Tiny) -> None:
+    """Through GreedyBatch on the static decode path (eager steps here): three requests start in a bucket of 4 rows;
+    when request 1 has finished, the two shortest prefixes join at one boundary (its retired row and the dummy row),
+    in one eager prefill copied into the bucket. Every request decodes what it decodes alone."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    prefixes = t.prefixes()
+    short = sorted(range(len(prefixes)), key=lambda i: prefixes[i].length)[:2]
+    assert prefixes[short[0]].length != prefixes[short[1]].length
+    static = StaticDecoder(t.llm, max_batch_size=4, length_multiple=64, compile=False, graphs=False)
+    batch = GreedyBatch(t.llm, prefixes[:3], [16, 3, 16], keep_logits=True, factory=static.batch, capacity=4)
+    admitted: list[int | None] = []
+    with Prefills(t.llm) as prefills:
+        for boundary, _ in enumerate(batch):
+            if boundary == 3:
+                admitted += [batch.admit(prefixes[short[0]], 8), batch.admit(prefixes[short[1]], 6)]
+    assert admitted == [3, 4] and prefills.sizes[1:] == [2]
+    assert batch._state is not None and batch._state.size == 4 and batch._state.slot.batch == 4  # type: ignore[attr-defined]
+    assert_lone(t, batch, [0, 1, 2, *short])
