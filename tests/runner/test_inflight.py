@@ -313,9 +313,8 @@ def test_joiners_of_one_boundary_are_prefilled_together_and_get_their_lone_resul
     lengths = [p.length for p in t.prefixes()]
     sync = Lockstep() if mode == "lockstep" else None
     with Prefills(t.llm) as prefills:
-        batch, seen, admitted = drive(t, [0, 1, 3], [16, 3, 16],
-                                      {0: [(4, 9, None), (1, 12, None)], 3: [(2, 10, None), (0, 5, None), (4, 6, None)]},
-                                      sync=sync, batched_joins=joins == "batched")
+        joiners = {0: [(4, 9, None), (1, 12, None)], 3: [(2, 10, None), (0, 5, None), (4, 6, None)]}
+        batch, seen, admitted = drive(t, [0, 1, 3], [16, 3, 16], joiners, sync=sync, batched_joins=joins == "batched")
     assert admitted == [3, 4, 5, 6, 7]
     assert_lone(t, batch, [0, 1, 3, 4, 1, 2, 0, 4])
     assert prefills.sizes == ([3, 2, 3] if joins == "batched" else [3, 1, 1, 1, 1, 1])
@@ -383,5 +382,6 @@ def test_joiners_of_one_boundary_share_one_prefill_on_the_static_path(tiny_famil
             if boundary == 3:
                 admitted += [batch.admit(prefixes[short[0]], 8), batch.admit(prefixes[short[1]], 6)]
     assert admitted == [3, 4] and prefills.sizes[1:] == [2]
-    assert batch._state is not None and batch._state.size == 4 and batch._state.slot.batch == 4  # type: ignore[attr-defined]
+    state: Any = batch._state
+    assert state.size == 4 and state.slot.batch == 4
     assert_lone(t, batch, [0, 1, 2, *short])

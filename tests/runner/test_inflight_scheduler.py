@@ -147,7 +147,8 @@ def test_a_request_the_batch_has_no_room_for_waits_with_those_behind_it(engine: 
     limit = engine.prompt_length(PROMPTS[1])
     room = DecoderOnlyBatch.room
     monkeypatch.setattr(DecoderOnlyBatch, "room",
-                        lambda self, length, new, claimed=0: None if length >= limit else room(self, length, new, claimed))
+                        lambda self, length, new, claimed=0: None if length >= limit
+                        else room(self, length, new, claimed))
     log, scheduler = run(engine, inflight=True, capacity=4, joiners=[("wide", 1, 4), ("next", 2, 3)])
     assert log.first_token("wide") > log.end("long") and log.first_token("next") > log.first_token("wide") - 2
     assert log.first_token("next") > log.end("long"), "no overtaking the request that waits"

@@ -15,8 +15,8 @@ In-flight batching: between two steps the consumer may :meth:`GreedyBatch.admit`
 live ones, and up to ``max_prefill_tokens`` padded prompt positions per boundary): the requests admitted at one
 boundary are prefilled together in one left-padded forward (``batched_joins``; off: one forward each, the behaviour
 before) once the consumer resumes the iteration, and placed in retired rows or new ones; their first tokens come with
-the next step's events. Decoder-only LLMs take joins; encoder-decoder and cross-attention batches do not (``room`` is None:
-their requests wait for the next batch).
+the next step's events. Decoder-only LLMs take joins; encoder-decoder and cross-attention batches do not (``room`` is
+None: their requests wait for the next batch).
 
 Under tensor parallelism every rank runs the same forwards: rank 0 picks the tokens and sends them, with the rows
 retired and the requests joined at that boundary (:class:`Changes`), through a :class:`StepSync`; the other ranks

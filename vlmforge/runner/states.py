@@ -185,9 +185,10 @@ class DecoderOnlyBatch(PrefixBatch):
         _check_rows([row for row, _ in joins], self.retired, self.size, None)
         logits, positions, own = _prefill_joiners(self.llm, [prefix for _, prefix in joins])
         for index, (row, prefix) in enumerate(joins):
-            self._place(row, prefix, positions[index:index + 1, -1:] + 1,
-                        [(layer.keys[index:index + 1, :, -prefix.length:], layer.values[index:index + 1, :, -prefix.length:])
-                         for layer in own])
+            mine = slice(index, index + 1)  # its own row, its own (last) columns
+            columns = slice(-prefix.length, None)
+            self._place(row, prefix, positions[mine, -1:] + 1,
+                        [(layer.keys[mine, :, columns], layer.values[mine, :, columns]) for layer in own])
         return list(logits)
 
     def _place(self, row: int, prefix: LlmPrefix, position: torch.Tensor,
