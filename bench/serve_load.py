@@ -16,7 +16,9 @@ output tokens/s over the lone stream's (target >= 8).
 Before/after in one run: a started runner is started twice by default, first with ``--no-inflight`` (requests
 arriving during a batch wait for its end: the batching before in-flight batching), then with in-flight batching
 (``--inflight``), the same schedule sent to both; the tables of both and a comparison are printed (``--inflight on``
-or ``off``: one of them only). With ``--url`` the runner is measured as it serves.
+or ``off``: one of them only). ``--inflight joins`` compares the joiners' prefill instead: in-flight batching with
+each joiner prefilled alone (``--single-joins``, the admission before) then with a step boundary's joiners prefilled
+together (the default). With ``--url`` the runner is measured as it serves.
 
 Deterministic in what it sends with ``--seed`` (arrival times, lengths, prompts and images). Needs openai and httpx
 (the test extra) and, to start a runner, the hf and serve extras.
@@ -211,8 +213,12 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LABELS = {"off": "inflight off", "on": "inflight on", "single": "inflight on, single joins"}
+"""What each mode's results are called (the JSON's keys, the tables' titles)."""
+
+
 def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Per rate, before (in-flight batching off) -> after (on): throughput, TTFT p50/p99, end-to-end p99."""
+    """Per rate, before -> after: throughput, TTFT p50/p99, end-to-end p99."""
     lines = ["| offered req/s | output tok/s before -> after | TTFT p50 before -> after | TTFT p99 before -> after "
              "| end-to-end p99 before -> after | errors before / after |",
              "| ---: | --- | --- | --- | --- | --- |"]
@@ -235,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=int, default=5,
                         help="lone requests before the rates and again after them (the baseline)")
     parser.add_argument("--max-batch-size", type=int, help="the started runner's --max-batch-size (default: engine's)")
-    parser.add_argument("--inflight", choices=["both", "on", "off"], default="both",
-                        help="a started runner: in-flight batching off (before), then on (after), in one run; or one")
+    parser.add_argument("--inflight", choices=["both", "on", "off", "single", "joins"], default="both",
+                        help="a started runner: in-flight batching off (before), then on (after), in one run; or one; "
+                             "joins: in-flight with single-request joins (before), then batched joins (after)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
@@ -250,21 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         results = {"as served": result}
     else:
         serve = ("--max-batch-size", str(args.max_batch_size)) if args.max_batch_size else ()
-        modes = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.inflight]
+        modes = {"both": ["off", "on"], "joins": ["single", "on"]}.get(args.inflight, [args.inflight])
+        flags = {"on": ("--inflight",), "off": ("--no-inflight",), "single": ("--inflight", "--single-joins")}
         results = {}
         with tempfile.TemporaryDirectory(prefix="vlmforge-serve-load-") as tmp:
             key = args.api_key or secrets.token_urlsafe(24)
             for mode in modes:  # the same seed: the same schedule for both
-                flag = "--inflight" if mode == "on" else "--no-inflight"
-                with local_runner(Path(tmp), key, (*serve, flag)) as (url, _):
-                    results[f"inflight {mode}"] = asyncio.run(measure(url, key, args.model, args))
-                print(f"inflight {mode} done", file=sys.stderr)
+                with local_runner(Path(tmp), key, (*serve, *flags[mode])) as (url, _):
+                    results[LABELS[mode]] = asyncio.run(measure(url, key, args.model, args))
+                print(f"{LABELS[mode]} done", file=sys.stderr)
     for label, result in results.items():
         result["machine"] = started_on
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         print(f"## {label}\n{table(result)}\n")
     if len(results) == 2:
-        print(f"## before (inflight off) -> after (inflight on)\n{comparison(*results.values())}")
+        first, second = results
+        print(f"## before ({first}) -> after ({second})\n{comparison(*results.values())}")
     if args.json:
         out = next(iter(results.values())) if len(results) == 1 else results
         args.json.write_text(json.dumps(out, indent=1))

@@ -43,13 +43,13 @@ Join = tuple[int, int, SamplingParams | None]
 
 
 def drive(t: Tiny, rows: list[int], limits: list[int], joins: dict[int, list[Join]], *, sync: Any = None,
-          sampling: list[SamplingParams | None] | None = None, capacity: int | None = None,
+          sampling: list[SamplingParams | None] | None = None, capacity: int | None = None, **options: Any,
           ) -> tuple[GreedyBatch, list[list[tuple[int, int]]], list[int | None]]:
     """Run a batch of ``rows``' prefixes; at boundary k (after the k-th events) admit ``joins[k]``. Returns the
-    batch, each boundary's (request, token) events and what each admit returned."""
+    batch, each boundary's (request, token) events and what each admit returned. ``options``: GreedyBatch's."""
     prefixes = t.prefixes()
     batch = GreedyBatch(t.llm, [prefixes[i] for i in rows], limits, keep_logits=True, sync=sync,
-                        sampling=sampling, capacity=capacity)
+                        sampling=sampling, capacity=capacity, **options)
     seen, admitted = [], []
     for boundary, events in enumerate(batch):
         seen.append([(e.row, e.token) for e in events])
@@ -260,3 +260,128 @@ def test_a_full_static_bucket_grows_into_a_warmed_larger_one(tiny_family: Tiny) 
     for seq, index in enumerate([longest, *others]):
         assert batch.results()[seq].tokens == alone[index].tokens[:batch.limits[seq]], f"request {seq}"
     assert run(made=False)[1] == [None, None]
+
+
+class Prefills:
+    """The batch sizes of the LLM's prefill forwards (those fed ``inputs_embeds``; a step is fed token ids)."""
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.sizes: list[int] = []
+        self.llm = llm
+
+    def __enter__(self) -> Prefills:
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            if kwargs.get("inputs_embeds") is not None:
+                self.sizes.append(int(kwargs["inputs_embeds"].shape[0]))
+
+        self.handle = self.llm.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def replay_follower(t: Tiny, rows: list[int], sync: Lockstep) -> tuple[Any, list[int], int]:
+    """A follower fed what rank 0 sent: its batch state, its prefill sizes and steps."""
+    made: list[Any] = []
+    make = batching.make_batch
+
+    def recording(llm: Any, prefixes: Any) -> Any:
+        made.append(make(llm, prefixes))
+        return made[-1]
+
+    try:
+        batching.make_batch = recording  # type: ignore[assignment]
+        with Prefills(t.llm) as prefills:
+            steps = batching.follow_batch(t.llm, [t.prefixes()[i] for i in rows], Replay(sync.sent))
+    finally:
+        batching.make_batch = make  # type: ignore[assignment]
+    return made[0], prefills.sizes, steps
+
+
+@pytest.mark.parametrize("joins", ["batched", "single"])
+@pytest.mark.parametrize("mode", ["ahead", "lockstep"])
+@pytest.mark.parametrize("tiny_family", ["llava", "blip2-opt"], indirect=True)
+def test_joiners_of_one_boundary_are_prefilled_together_and_get_their_lone_results(tiny_family: Tiny, mode: str,
+                                                                                    joins: str) -> None:
+    """Rows 0, 1, 3 start (request 1 ends after 3 tokens); at boundary 0 prefixes 4 and 1 join (two new rows); at
+    boundary 3 prefixes 2 (the longest: every row is re-padded to its length), 0 and 4 join at once (row 1, retired,
+    then two new rows). Every request's tokens and logits are its lone ones (1e-4) and each boundary's joiners went
+    through ONE left-padded prefill forward (``batched_joins=False``: one each, the behaviour before); a follower
+    replaying rank 0's messages runs the same prefills and ends with the same rows."""
+    t = tiny_family
+    lengths = [p.length for p in t.prefixes()]
+    sync = Lockstep() if mode == "lockstep" else None
+    with Prefills(t.llm) as prefills:
+        joiners = {0: [(4, 9, None), (1, 12, None)], 3: [(2, 10, None), (0, 5, None), (4, 6, None)]}
+        batch, seen, admitted = drive(t, [0, 1, 3], [16, 3, 16], joiners, sync=sync, batched_joins=joins == "batched")
+    assert admitted == [3, 4, 5, 6, 7]
+    assert_lone(t, batch, [0, 1, 3, 4, 1, 2, 0, 4])
+    assert prefills.sizes == ([3, 2, 3] if joins == "batched" else [3, 1, 1, 1, 1, 1])
+    state = batch._state
+    assert state is not None and state.size == 7, "request 5 took the retired row 1"
+    assert {3, 4} <= {r for r, _ in seen[1]} and {5, 6, 7} <= {r for r, _ in seen[4]}, "first tokens next step"
+    if t.family.takes_prompt:
+        assert lengths[2] > max(lengths[i] for i in (0, 1, 3)) + 3, "the second boundary's first joiner re-pads all"
+    if sync is not None:
+        assert [c.batched for _, _, c in sync.sent if c is not None and c.joined] == [joins == "batched"] * 2
+        follower, sizes, steps = replay_follower(t, [0, 1, 3], sync)
+        assert steps == batch.steps and sizes == prefills.sizes
+        assert follower.size == state.size and torch.equal(follower.mask, state.mask)
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_max_prefill_tokens_leaves_joiners_beyond_it_for_the_next_boundary(tiny_family: Tiny) -> None:
+    """The cap counts padded positions (joiners x the longest): at boundary 0 prefixes 2 and 0 fit, 4 does not and
+    joins at the next boundary; a lone joiner longer than the cap still joins (the first of its boundary)."""
+    t = tiny_family
+    lengths = [p.length for p in t.prefixes()]
+    cap = 2 * max(lengths[2], lengths[0])
+    assert 3 * lengths[2] > cap and lengths[2] > 1
+    with Prefills(t.llm) as prefills:
+        batch, _, admitted = drive(t, [3], [16], {0: [(2, 6, None), (0, 6, None), (4, 6, None)], 1: [(4, 6, None)]},
+                                   max_prefill_tokens=cap)
+    assert admitted == [1, 2, None, 3]
+    assert prefills.sizes == [1, 2, 1]
+    assert_lone(t, batch, [3, 2, 0, 4])
+    batch, _, admitted = drive(t, [3], [4], {0: [(2, 3, None), (0, 3, None)]}, max_prefill_tokens=lengths[2] - 1)
+    assert admitted == [1, None]
+    assert_lone(t, batch, [3, 2])
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_has_room_counts_the_requests_ahead_of_it(tiny_family: Tiny) -> None:
+    """The scheduler asks before encoding, for each waiting request after those it will admit first: capacity and the
+    prefill cap count them."""
+    t = tiny_family
+    length = t.prefixes()[0].length
+    batch = GreedyBatch(t.llm, [t.prefixes()[3]], [4], capacity=3, max_prefill_tokens=2 * length)
+    for boundary, _ in enumerate(batch):
+        if boundary == 0:
+            assert batch.has_room(length, 3) and batch.has_room(length, 3, [length])
+            assert not batch.has_room(length, 3, [length, length]), "capacity 3: the running request and two"
+            assert not batch.has_room(length + 1, 3, [length]), "2 x (length + 1) positions exceed the cap"
+
+
+@pytest.mark.parametrize("tiny_family", ["llava"], indirect=True)
+def test_joiners_of_one_boundary_share_one_prefill_on_the_static_path(tiny_family: Tiny) -> None:
+    """Through GreedyBatch on the static decode path (eager steps here): three requests start in a bucket of 4 rows;
+    when request 1 has finished, the two shortest prefixes join at one boundary (its retired row and the dummy row),
+    in one eager prefill copied into the bucket. Every request decodes what it decodes alone."""
+    from vlmforge.runner.static import StaticDecoder
+
+    t = tiny_family
+    prefixes = t.prefixes()
+    short = sorted(range(len(prefixes)), key=lambda i: prefixes[i].length)[:2]
+    assert prefixes[short[0]].length != prefixes[short[1]].length
+    static = StaticDecoder(t.llm, max_batch_size=4, length_multiple=64, compile=False, graphs=False)
+    batch = GreedyBatch(t.llm, prefixes[:3], [16, 3, 16], keep_logits=True, factory=static.batch, capacity=4)
+    admitted: list[int | None] = []
+    with Prefills(t.llm) as prefills:
+        for boundary, _ in enumerate(batch):
+            if boundary == 3:
+                admitted += [batch.admit(prefixes[short[0]], 8), batch.admit(prefixes[short[1]], 6)]
+    assert admitted == [3, 4] and prefills.sizes[1:] == [2]
+    state: Any = batch._state
+    assert state.size == 4 and state.slot.batch == 4
+    assert_lone(t, batch, [0, 1, 2, *short])

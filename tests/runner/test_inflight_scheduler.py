@@ -77,11 +77,11 @@ def alone(engine: Any, index: int, limit: int) -> list[int]:
 
 
 def run(engine: Any, *, inflight: bool, capacity: int, joiners: list[tuple[str, int, int]], at: int = 2,
-        metrics: Any = None, cancelled: tuple[str, int, int] | None = None) -> tuple[Log, Scheduler]:
+        metrics: Any = None, cancelled: tuple[str, int, int] | None = None, **options: Any) -> tuple[Log, Scheduler]:
     """A long request (24 tokens); at its ``at``-th token the ``joiners`` (name, image/prompt index, limit) are
     submitted, from the scheduler thread itself (so they arrive mid-batch, deterministically); ``cancelled`` is
     submitted first and cancelled at once (it waits in the queue when it is cancelled)."""
-    scheduler = Scheduler(engine, max_batch_size=capacity, inflight=inflight, metrics=metrics)
+    scheduler = Scheduler(engine, max_batch_size=capacity, inflight=inflight, metrics=metrics, **options)
     log = Log(1 + len(joiners) + (cancelled is not None))
     made = [request(engine, log, name, index, limit) for name, index, limit in joiners]
     gone = request(engine, log, *cancelled) if cancelled is not None else None
@@ -147,9 +147,28 @@ def test_a_request_the_batch_has_no_room_for_waits_with_those_behind_it(engine: 
     limit = engine.prompt_length(PROMPTS[1])
     room = DecoderOnlyBatch.room
     monkeypatch.setattr(DecoderOnlyBatch, "room",
-                        lambda self, length, new: None if length >= limit else room(self, length, new))
+                        lambda self, length, new, claimed=0: None if length >= limit
+                        else room(self, length, new, claimed))
     log, scheduler = run(engine, inflight=True, capacity=4, joiners=[("wide", 1, 4), ("next", 2, 3)])
     assert log.first_token("wide") > log.end("long") and log.first_token("next") > log.first_token("wide") - 2
     assert log.first_token("next") > log.end("long"), "no overtaking the request that waits"
     assert log.tokens["wide"] == alone(engine, 1, 4) and log.tokens["next"] == alone(engine, 2, 3)
     assert scheduler.batches == 2 and scheduler.waiting == 0
+
+
+@pytest.mark.parametrize("cap", [None, "two"])
+def test_requests_arriving_together_are_prefilled_in_one_forward(engine: Any, cap: str | None) -> None:
+    """Three requests of three prompt lengths arrive at one boundary: one prefill forward of three rows (with
+    max_prefill_tokens fitting two of them: two, then the third at the next boundary), each with its lone tokens."""
+    from tests.runner.test_inflight import Prefills
+
+    joiners = [("a", 1, 5), ("b", 2, 4), ("c", 3, 6)]
+    lengths = [engine.prompt_length(PROMPTS[i]) for _, i, _ in joiners]
+    assert len(set(lengths)) == 3
+    options = {"max_prefill_tokens": 2 * max(lengths[:2])} if cap else {}
+    with Prefills(engine.llm) as prefills:
+        log, scheduler = run(engine, inflight=True, capacity=4, joiners=joiners, **options)
+    assert prefills.sizes == ([1, 2, 1] if cap else [1, 3])
+    for name, index, limit in joiners:
+        assert log.tokens[name] == alone(engine, index, limit), name
+    assert log.tokens["long"][:len(want := alone(engine, 0, 24))] == want and scheduler.batches == 1

@@ -1,4 +1,4 @@
-"""In-flight joins on the static decode path (StaticBatch.room/join/retire), on a tiny float32 LLaMA.
+"""In-flight joins on the static decode path (StaticBatch.room/join/join_many/retire), on a tiny float32 LLaMA.
 
 The batch is driven directly with teacher forcing (every row fed tokens fixed in advance, not its own picks), so the
 logits of every step can be compared: a joiner's against the same prefix decoded alone through the eager
@@ -53,9 +53,11 @@ def alone(llm: Any, p: LlmPrefix, tokens: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def run(decoder: StaticDecoder, llm: Any, *, join: bool, steps: int = 10, join_at: int = 4) -> dict[str, Any]:
+def run(decoder: StaticDecoder, llm: Any, *, join: bool, steps: int = 10, join_at: int = 4,
+        together: bool = False) -> dict[str, Any]:
     """A batch of A (row 0) and B (row 1) in a bucket of 4 rows x 64 positions. With ``join``: after ``join_at``
-    steps A retires and C joins its row, and D is appended into dummy row 2; every row then steps on."""
+    steps A retires and C joins its row, and D is appended into dummy row 2 (``together``: both in one join_many, one
+    batched prefill of their two lengths); every row then steps on."""
     a, b, c, d = prefix(llm, 12, 0), prefix(llm, 9, 1), prefix(llm, 7, 2), prefix(llm, 12, 3)
     feeds = {name: forced(i, steps) for i, name in enumerate("ABCD")}
     batch = StaticBatch(decoder, decoder._slot(4, 64), [a, b])
@@ -67,9 +69,15 @@ def run(decoder: StaticDecoder, llm: Any, *, join: bool, steps: int = 10, join_a
             assert batch.room(c.length, steps) == batch.size == 2  # no retired row yet: the first dummy row
             batch.retire(0)
             assert batch.room(c.length, steps) == 0
-            logits["C"].append(batch.join(0, c))
-            assert batch.room(d.length, steps) == 2
-            logits["D"].append(batch.join(2, d))
+            if together:
+                assert batch.room(d.length, steps, claimed=1) == 2
+                first_c, first_d = batch.join_many([(0, c), (2, d)])
+                logits["C"].append(first_c)
+                logits["D"].append(first_d)
+            else:
+                logits["C"].append(batch.join(0, c))
+                assert batch.room(d.length, steps) == 2
+                logits["D"].append(batch.join(2, d))
             assert batch.size == 3
             rows = {0: "C", 1: "B", 2: "D"}
         fed = {name: feeds[name][len(logits[name]) - 1] for name in rows.values()}
@@ -80,9 +88,9 @@ def run(decoder: StaticDecoder, llm: Any, *, join: bool, steps: int = 10, join_a
     return {"logits": logits, "feeds": feeds, "prefixes": dict(zip("ABCD", (a, b, c, d))), "batch": batch}
 
 
-def check_joins(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL) -> None:
+def check_joins(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL, together: bool = False) -> None:
     plain = run(decoder, llm, join=False)
-    joined = run(decoder, llm, join=True)
+    joined = run(decoder, llm, join=True, together=together)
     # the running row is untouched by the join
     assert len(joined["logits"]["B"]) == len(plain["logits"]["B"]) == 11
     for t, (x, y) in enumerate(zip(plain["logits"]["B"], joined["logits"]["B"], strict=True)):
@@ -99,28 +107,31 @@ def check_joins(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL) -
             assert torch.allclose(x, y, **tol), f"joiner {name}, step {t}: {(x - y).abs().max().item()}"
 
 
-def test_joiners_decode_as_alone_and_running_rows_are_untouched(llm: Any) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
+def test_joiners_decode_as_alone_and_running_rows_are_untouched(llm: Any, together: bool) -> None:
     decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False)
-    check_joins(decoder, llm)
+    check_joins(decoder, llm, together=together)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="Inductor compiles for the CPU with a C++ compiler (apt-get install g++; .ci/run does)")
-def test_joins_into_the_compiled_step(llm: Any) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
+def test_joins_into_the_compiled_step(llm: Any, together: bool) -> None:
     """The compiled step reads the cache buffers the join wrote in place (on a GPU also from a CUDA graph)."""
     decoder = StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=True, mode="default", graphs=False)
-    check_joins(decoder, llm)
+    check_joins(decoder, llm, together=together)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
-def test_joins_into_the_graph_captured_step_on_a_gpu(llm: Any) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
+def test_joins_into_the_graph_captured_step_on_a_gpu(llm: Any, together: bool) -> None:
     """The captured CUDA graph replays over the buffers the join wrote in place (float32; kernels of other shapes
     than the lone eager run's: a slightly looser tolerance)."""
     gpu = llm.to("cuda")
     try:
         decoder = StaticDecoder(gpu, max_batch_size=4, length_multiple=32, compile=True, mode="default")
         assert decoder.graphs
-        check_joins(decoder, gpu, dict(rtol=1e-4, atol=1e-4))
+        check_joins(decoder, gpu, dict(rtol=1e-4, atol=1e-4), together=together)
         assert all(slot.graph is not None for slot in decoder._slots.values())
     finally:
         llm.to("cpu")
@@ -152,6 +163,10 @@ def test_room_refuses_what_does_not_fit(llm: Any) -> None:
     assert batch.room(11, 4) == 1
     with pytest.raises(ValueError, match="row 0 is not free"):
         batch.join(0, prefix(llm, 4, 2))
+    assert batch.room(4, 4, claimed=1) is None, "one free row (1), no dummy row, no larger bucket: no second joiner"
+    with pytest.raises(ValueError, match="row 1 is not free"):  # checked before any forward
+        batch.join_many([(1, prefix(llm, 4, 2)), (1, prefix(llm, 5, 3))])
+    assert batch.retired == {1} and batch.size == 2
 
 
 def test_sliding_window_layers_refuse_joins() -> None:
@@ -171,23 +186,32 @@ def test_sliding_window_layers_refuse_joins() -> None:
         batch.join(1, prefix(llm, 4, 2))
 
 
-def check_growth(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL, steps: int = 8) -> None:
+def check_growth(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL, steps: int = 8,
+                 together: bool = False) -> None:
     """A alone in a bucket of one row; after 3 steps C joins: the batch moves into the (already made) bucket of two
-    rows. A's logits equal those of A alone in the first bucket; C's those of C alone through the eager path."""
-    a, c = prefix(llm, 12, 0), prefix(llm, 7, 2)
-    feeds = {"A": forced(0, steps), "C": forced(2, steps)}
+    rows (``together``: C and D join at once, 2 + 1 rows: into the bucket of four). A's logits equal those of A alone
+    in the first bucket; the joiners' those of each alone through the eager path."""
+    a, c, d = prefix(llm, 12, 0), prefix(llm, 7, 2), prefix(llm, 10, 3)
+    feeds = {"A": forced(0, steps), "C": forced(2, steps), "D": forced(3, steps)}
     decoder._slot(2, 64)
+    decoder._slot(4, 64)
 
     def drive(join: bool) -> dict[str, list[torch.Tensor]]:
         batch = StaticBatch(decoder, decoder._slot(1, 64), [a])
-        logits: dict[str, list[torch.Tensor]] = {"A": [batch.prefill()[0]], "C": []}
+        logits: dict[str, list[torch.Tensor]] = {"A": [batch.prefill()[0]], "C": [], "D": []}
         names = ["A"]
         for t in range(steps):
-            if join and t == 3:
+            if join and t == 3 and not together:
                 assert batch.room(c.length, steps) == 1  # a new row: the larger bucket exists
                 logits["C"].append(batch.join(1, c))
                 assert batch.slot.batch == 2 and batch.size == 2
                 names = ["A", "C"]
+            if join and t == 3 and together:
+                assert [batch.room(c.length, steps), batch.room(d.length, steps, claimed=1)] == [1, 2]
+                for name, first in zip("CD", batch.join_many([(1, c), (2, d)]), strict=True):
+                    logits[name].append(first)
+                assert batch.slot.batch == 4 and batch.size == 3
+                names = ["A", "C", "D"]
             out = batch.step(torch.tensor([feeds[n][len(logits[n]) - 1] for n in names], device=a.embeds.device))
             for row, name in enumerate(names):
                 logits[name].append(out[row])
@@ -196,21 +220,26 @@ def check_growth(decoder: StaticDecoder, llm: Any, tol: dict[str, float] = TOL, 
     plain, joined = drive(False), drive(True)
     for t, (x, y) in enumerate(zip(plain["A"], joined["A"], strict=True)):
         assert torch.allclose(x, y, **tol), f"row A, step {t}: {(x - y).abs().max().item()}"
-    ref = alone(llm, c, feeds["C"][:len(joined["C"]) - 1])
-    for t, (x, y) in enumerate(zip(ref, joined["C"], strict=True)):
-        assert torch.allclose(x, y, **tol), f"joiner C, step {t}: {(x - y).abs().max().item()}"
+    for name in "CD" if together else "C":
+        ref = alone(llm, {"C": c, "D": d}[name], feeds[name][:len(joined[name]) - 1])
+        assert len(ref) == len(joined[name]) == steps - 2
+        for t, (x, y) in enumerate(zip(ref, joined[name], strict=True)):
+            assert torch.allclose(x, y, **tol), f"joiner {name}, step {t}: {(x - y).abs().max().item()}"
 
 
-def test_a_full_bucket_grows_into_a_larger_one(llm: Any) -> None:
-    check_growth(StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False), llm)
+@pytest.mark.parametrize("together", [False, True], ids=["one", "two-at-once"])
+def test_a_full_bucket_grows_into_a_larger_one(llm: Any, together: bool) -> None:
+    check_growth(StaticDecoder(llm, max_batch_size=4, length_multiple=32, compile=False, graphs=False), llm,
+                 together=together)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
-def test_a_full_bucket_grows_into_a_larger_one_on_a_gpu(llm: Any) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one", "two-at-once"])
+def test_a_full_bucket_grows_into_a_larger_one_on_a_gpu(llm: Any, together: bool) -> None:
     """The larger bucket's captured graph replays over the buffers the move wrote in place."""
     gpu = llm.to("cuda")
     try:
         decoder = StaticDecoder(gpu, max_batch_size=4, length_multiple=32, compile=True, mode="default")
-        check_growth(decoder, gpu, dict(rtol=1e-4, atol=1e-4))
+        check_growth(decoder, gpu, dict(rtol=1e-4, atol=1e-4), together=together)
     finally:
         llm.to("cpu")

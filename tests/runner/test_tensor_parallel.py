@@ -83,20 +83,18 @@ def test_tp2_batches_concurrent_requests_in_lockstep(runner: Runner, runner_tp2:
     assert [answer(o) for o in others] == [want[1]] * 2
 
 
-def test_tp2_requests_joining_a_running_batch_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
-    """In-flight batching at TP 2: requests sent once a long streamed answer has begun join its batch at a step
-    boundary (rank 0 sends the followers the joiners' features with that step; every rank joins them in the same
-    order and retires the same rows); every answer is TP 1's, the long one's too."""
+LONG = {"min_tokens": 32, "ignore_eos": True}
+
+
+def joining_a_long_answer(runner_tp2: Runner, sends: list[tuple[tuple, dict]]) -> tuple[str, list[dict]]:
+    """A long streamed answer (CASES[3], 32 tokens); once it has begun, ``sends`` ((case, fields) each) are posted at
+    once: they join its batch at a step boundary. Its text and their bodies."""
     import json
 
-    long_fields = {"min_tokens": 32, "ignore_eos": True}
-    want_long = answer(ask(runner, *CASES[3][:2], 32, **long_fields))[0]
-    want = [answer(ask(runner, *case)) for case in CASES[:3]]
-    batches = httpx.get(f"{runner_tp2.url}/health").json()["batches"]
-    text, got = "", []
-    body = chat_body(CASES[3][1], image_url(3), max_tokens=32, stream=True, **long_fields)
+    text = ""
+    body = chat_body(CASES[3][1], image_url(3), max_tokens=32, stream=True, **LONG)
     with httpx.stream("POST", f"{runner_tp2.url}/v1/chat/completions", timeout=120, json=body) as response, \
-            concurrent.futures.ThreadPoolExecutor(3) as pool:
+            concurrent.futures.ThreadPoolExecutor(len(sends)) as pool:
         futures: list[concurrent.futures.Future] = []
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -104,11 +102,33 @@ def test_tp2_requests_joining_a_running_batch_answer_what_tp1_answers(runner: Ru
             choices = json.loads(line[len("data: "):])["choices"]
             text += (choices[0]["delta"].get("content") or "") if choices else ""
             if text and not futures:  # the long answer is decoding: the others arrive now
-                futures = [pool.submit(lambda case: answer(ask(runner_tp2, *case)), case) for case in CASES[:3]]
-        got = [f.result() for f in futures]
+                futures = [pool.submit(lambda send: ask(runner_tp2, *send[0], **send[1]), send) for send in sends]
+        return text, [f.result() for f in futures]
+
+
+def test_tp2_requests_joining_a_running_batch_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
+    """In-flight batching at TP 2: requests sent once a long streamed answer has begun join its batch at a step
+    boundary (rank 0 sends the followers the joiners' features with that step; every rank joins them in the same
+    order and retires the same rows); every answer is TP 1's, the long one's too."""
+    want_long = answer(ask(runner, *CASES[3][:2], 32, **LONG))[0]
+    want = [answer(ask(runner, *case)) for case in CASES[:3]]
+    batches = httpx.get(f"{runner_tp2.url}/health").json()["batches"]
+    text, got = joining_a_long_answer(runner_tp2, [(case, {}) for case in CASES[:3]])
     assert text == want_long
-    assert got == want
+    assert [answer(body) for body in got] == want
     assert httpx.get(f"{runner_tp2.url}/health").json()["batches"] - batches < 4, "some joined the long one's batch"
+
+
+def test_tp2_joiners_prefilled_together_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:
+    """Several joiners of different prompt lengths at one boundary: a request's n = 2 choices (submitted together,
+    so they join together) and another request's prompt; every rank prefills a boundary's joiners in one forward, the
+    same forward (a collective). Every answer is TP 1's."""
+    want_long = answer(ask(runner, *CASES[3][:2], 32, **LONG))[0]
+    want_two, want_other = answer(ask(runner, *CASES[1])), answer(ask(runner, *CASES[0]))
+    text, (two, other) = joining_a_long_answer(runner_tp2, [(CASES[1], {"n": 2}), (CASES[0], {})])
+    assert text == want_long
+    assert [(c["message"]["content"], c["finish_reason"]) for c in two["choices"]] == [want_two[:2]] * 2
+    assert answer(other) == want_other
 
 
 def test_tp2_image_cache_hits_answer_what_tp1_answers(runner: Runner, runner_tp2: Runner) -> None:

@@ -42,6 +42,8 @@ def serve_cmd(
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests decoded together (default: the engine's).")] = None,
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for more requests.")] = 5.0,
     inflight: Annotated[bool, typer.Option("--inflight/--no-inflight", help="In-flight batching: requests join a running batch at its step boundaries (hf engines, decoder-only LLMs); --no-inflight: they wait for the running batch to end.")] = True,
+    max_prefill_tokens: Annotated[int | None, typer.Option(min=1, help="In-flight batching: the most padded prompt positions (joiners x the longest) prefilled together at one step boundary; more join at the next one (default: no bound but --max-batch-size).")] = None,
+    batched_joins: Annotated[bool, typer.Option("--batched-joins/--single-joins", help="In-flight batching: a step boundary's joiners are prefilled in one forward; --single-joins: one forward each (the behaviour before, for comparison).")] = True,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests beyond this get 429.")] = 256,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens of requests that send none (default: the engine's max_output_len).")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Serve file:// image URLs from under this directory (off by default).")] = None,
@@ -69,7 +71,8 @@ def serve_cmd(
     settings = ServeSettings(
         engine_dir=engine_dir, host=host, port=port, api_key=api_key or None, header_timeout_s=header_timeout,
         body_timeout_s=body_timeout, model_name=model_name, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, inflight=inflight, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
+        batch_wait_ms=batch_wait_ms, inflight=inflight, max_prefill_tokens=max_prefill_tokens,
+        batched_joins=batched_joins, max_queue=max_queue, default_max_tokens=max_tokens, image_root=image_root,
         drain_timeout_s=drain_timeout, pid_file=pid_file, device=device, decode=decode, warmup=warmup, compile_mode=compile_mode,
         image_cache_mib=image_cache_mib, compile=compile, tune=tune, tune_store=tune_store,
         limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,

@@ -12,13 +12,16 @@ A finished request's row (end token, its own token limit, or cancelled by the se
 its outputs ignored, until a joining request reuses it.
 
 In-flight batching: between two steps the consumer may :meth:`GreedyBatch.admit` new requests (up to ``capacity``
-live ones): each is prefilled alone and placed in a retired row or a new one; its first token comes with the next
-step's events. Decoder-only LLMs take joins; encoder-decoder and cross-attention batches do not (``room`` is None:
-their requests wait for the next batch).
+live ones, and up to ``max_prefill_tokens`` padded prompt positions per boundary): the requests admitted at one
+boundary are prefilled together in one left-padded forward (``batched_joins``; off: one forward each, the behaviour
+before) once the consumer resumes the iteration, and placed in retired rows or new ones; their first tokens come with
+the next step's events. Decoder-only LLMs take joins; encoder-decoder and cross-attention batches do not (``room`` is
+None: their requests wait for the next batch).
 
 Under tensor parallelism every rank runs the same forwards: rank 0 picks the tokens and sends them, with the rows
 retired and the requests joined at that boundary (:class:`Changes`), through a :class:`StepSync`; the other ranks
-run :func:`follow_batch`, which applies the same step, retires and joins in the same order.
+run :func:`follow_batch`, which applies the same step, retires and joins in the same order (batched as rank 0
+batched them: a prefill is a collective under tensor parallelism).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class Changes:
     """The joiners in admission order: rank 0 sends what ``admit`` got as ``payload`` (the scheduler: each joiner's
     host :class:`~vlmforge.runner.jobs.BatchJob`); a follower's :class:`StepSource` hands them back as
     ``(LlmPrefix, max_new_tokens)`` pairs."""
+    batched: bool = True
+    """The joiners were prefilled in one forward (False: one forward each, in order); followers do the same."""
 
 
 class StepSync(Protocol):
@@ -115,7 +120,8 @@ class GreedyBatch:
     def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], max_new_tokens: Sequence[int], *,
                  keep_logits: bool = False, sync: StepSync | None = None, pad_token_id: int = 0,
                  factory: BatchFactory | None = None,
-                 sampling: Sequence[SamplingParams | None] | None = None, capacity: int | None = None) -> None:
+                 sampling: Sequence[SamplingParams | None] | None = None, capacity: int | None = None,
+                 max_prefill_tokens: int | None = None, batched_joins: bool = True) -> None:
         if len(max_new_tokens) != len(prefixes):
             raise ValueError(f"{len(prefixes)} prefixes but {len(max_new_tokens)} token limits")
         if any(n < 1 for n in max_new_tokens):
@@ -129,6 +135,11 @@ class GreedyBatch:
         self.factory = factory
         self.capacity = capacity
         """Most live requests at once (the scheduler's max_batch_size); None: no bound beyond the state's."""
+        self.max_prefill_tokens = max_prefill_tokens
+        """Most padded prompt positions (joiners x the longest joiner's length) prefilled together at one boundary; the
+        first joiner of a boundary is taken whatever its length. None: no bound beyond ``capacity``."""
+        self.batched_joins = batched_joins
+        """A boundary's joiners are prefilled in one forward; False: one forward each (the behaviour before)."""
         self.seqs = Sequences(prefixes, max_new_tokens, sampling)
         self._sampled = needs_sampler(sampling)
         self._cancelled: dict[int, str] = {}
@@ -136,7 +147,7 @@ class GreedyBatch:
         self._sampler: BatchSampler | None = None
         self._boundary = False
         self._joined: list[tuple[int, torch.Tensor]] = []  # (row, first-token logits) joined at this boundary
-        self._queued: list[tuple[int, Any, Any]] = []  # lockstep mode: (request, payload, prefix maker) joining later
+        self._queued: list[tuple[int, Any, Any]] = []  # (request, payload, prefix maker) joining after this boundary
         self.rejected: dict[int, str] = {}
         """Requests whose prefix could not be made (lockstep mode), and why."""
         self.steps = 0
@@ -179,22 +190,35 @@ class GreedyBatch:
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
-    @torch.no_grad()
-    def has_room(self, length: int, max_new_tokens: int) -> bool:
-        """Whether a request of ``length`` prompt positions could join at this boundary (checked before its images
-        are encoded: a batch that cannot take it leaves it waiting, unencoded)."""
-        if self._state is None or self.capacity is not None and self.seqs.live >= self.capacity:
+    def _fits(self, length: int, max_new_tokens: int, ahead: Sequence[int]) -> bool:
+        """Whether a joiner of ``length`` positions fits after this boundary's queued joiners and ``ahead`` (lengths
+        of others the caller will admit first): a live request under ``capacity``, a row of the state, and the padded
+        prompt positions of the boundary's prefill under ``max_prefill_tokens``."""
+        assert self._state is not None
+        before = [self.seqs.prefixes[seq].length for seq, _, _ in self._queued] + list(ahead)
+        if self.capacity is not None and self.seqs.live + len(ahead) >= self.capacity:
             return False
-        return self._state.room(length, max_new_tokens) is not None
+        if self.max_prefill_tokens is not None and before and self.batched_joins:
+            if (len(before) + 1) * max(length, *before) > self.max_prefill_tokens:
+                return False
+        return self._state.room(length, max_new_tokens, len(before)) is not None
+
+    @torch.no_grad()
+    def has_room(self, length: int, max_new_tokens: int, ahead: Sequence[int] = ()) -> bool:
+        """Whether a request of ``length`` prompt positions could join at this boundary after the requests of
+        lengths ``ahead`` (checked before its images are encoded: a batch that cannot take it leaves it waiting,
+        unencoded)."""
+        return self._state is not None and self._fits(length, max_new_tokens, ahead)
 
     @torch.no_grad()  # called between iterations: outside the iteration's own no_grad
     def admit(self, prefix: LlmPrefix | Callable[[], LlmPrefix], max_new_tokens: int,
               sampling: SamplingParams | None = None, *, payload: Any = None, length: int | None = None) -> int | None:
         """At a step boundary (while the iteration is suspended at its yield): let ``prefix`` join; its request
-        number, or None when it cannot join now (the batch is at ``capacity``, or the state has no room: keep it
-        for a later boundary or the next batch). Without a StepSync the join runs now (the next step is already
-        launched: its logits for the row are replaced). With one (tensor parallelism) it runs after the boundary's
-        step, on every rank alike: ``payload`` is what the followers are sent for it, and ``prefix`` may be a
+        number, or None when it cannot join now (the batch is at ``capacity``, the boundary's prefill at
+        ``max_prefill_tokens``, or the state has no room: keep it for a later boundary or the next batch). The
+        boundary's joiners are prefilled when the iteration resumes (after the boundary's step where there is a
+        StepSync; without one the next step is already launched: its logits for their rows are replaced). With a
+        StepSync (tensor parallelism) ``payload`` is what the followers are sent for it, and ``prefix`` may be a
         callable (with ``length``, its prompt positions) called only after the followers have been told, since
         building a prefix runs the LLM's (sharded) embedding, a collective every rank must enter in the same order.
         A callable that raises ValueError ends the request with finish "rejected" (:attr:`rejected` says why)."""
@@ -204,32 +228,40 @@ class GreedyBatch:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if callable(prefix) and (self.sync is None or length is None):
             raise ValueError("a prefix to be made later needs a StepSync and its length")
-        if self.capacity is not None and self.seqs.live >= self.capacity:
-            return None
-        row = self._state.room(length if callable(prefix) else prefix.length, max_new_tokens)
-        if row is None:
+        if not self._fits((length or 0) if callable(prefix) else prefix.length, max_new_tokens, ()):
             return None
         if callable(prefix):
             seq = self.seqs.add(PendingPrefix(length or 0), max_new_tokens, sampling)  # made after the message
         else:
             seq = self.seqs.add(prefix, max_new_tokens, sampling)
-        if self.sync is None:
-            self._join(seq, row)
-        else:
-            self._queued.append((seq, payload, prefix if callable(prefix) else None))
+        self._queued.append((seq, payload, prefix if callable(prefix) else None))
+        if self.sync is None and not self.batched_joins:  # one forward each, at once (the behaviour before)
+            self._join_queued()
         return seq
 
-    def _join(self, seq: int, row: int) -> None:
+    def _join_queued(self) -> None:
+        """Prefill the queued joiners (those not rejected) and place them: in one forward, or one each."""
         assert self._state is not None
-        logits = self._state.join(row, self.seqs.prefixes[seq])
-        self.seqs.place(seq, row)
-        params = self.seqs.sampling[seq]
-        if self._sampler is None and params is not None and not params.plain_greedy:  # the first sampled row
-            rows = len(self.seqs.at_row)
-            self._sampler = BatchSampler([None] * rows, [frozenset()] * rows, logits.device)
-        if self._sampler is not None:
-            self._sampler.place(row, params, self.seqs.prefixes[seq].eos)
-        self._joined.append((row, logits))
+        state, queued, self._queued = self._state, self._queued, []
+        seqs = [seq for seq, _, _ in queued if seq not in self.rejected]
+        if not seqs:
+            return
+        for group in [seqs] if self.batched_joins else [[seq] for seq in seqs]:
+            joins = []
+            for claimed, seq in enumerate(group):
+                row = state.room(self.seqs.prefixes[seq].length, self.seqs.limits[seq], claimed)
+                if row is None:
+                    raise RuntimeError(f"the batch state refused request {seq} after admitting it")
+                joins.append((row, self.seqs.prefixes[seq]))
+            for seq, (row, _), logits in zip(group, joins, state.join_many(joins), strict=True):
+                self.seqs.place(seq, row)
+                params = self.seqs.sampling[seq]
+                if self._sampler is None and params is not None and not params.plain_greedy:  # the first sampled row
+                    rows = len(self.seqs.at_row)
+                    self._sampler = BatchSampler([None] * rows, [frozenset()] * rows, logits.device)
+                if self._sampler is not None:
+                    self._sampler.place(row, params, self.seqs.prefixes[seq].eos)
+                self._joined.append((row, logits))
 
     def _pending(self, upcoming: torch.Tensor | None) -> torch.Tensor:
         """The logits of the next pick: ``upcoming`` (the step's), the joiners' rows replaced (or added)."""
@@ -304,15 +336,17 @@ class GreedyBatch:
                     self.finish[seq] = reason
             if ahead:
                 self._retire()
+                self._join_queued()
                 if self.done:
                     return
                 logits = self._pending(upcoming)
                 continue
-            queued, self._queued = self._queued, []
+            queued = self._queued
             go_on = not self.done
             feed = torch.tensor(self.seqs.feed(host, self.pad), dtype=torch.long)
             retired = self.seqs.to_retire()
-            changes = Changes(tuple(retired), tuple(payload for _, payload, _ in queued)) if retired or queued else None
+            changes = (Changes(tuple(retired), tuple(payload for _, payload, _ in queued), self.batched_joins)
+                       if retired or queued else None)
             if self.sync is not None:
                 self.sync.step(feed, go_on, changes)
             if not go_on:
@@ -327,13 +361,7 @@ class GreedyBatch:
             stepped = state.step(feed.to(picked.device))
             for row in retired:
                 state.retire(row)
-            for seq, _, _ in queued:
-                if seq in self.rejected:
-                    continue
-                row = state.room(self.seqs.prefixes[seq].length, self.seqs.limits[seq])
-                if row is None:
-                    raise RuntimeError(f"the batch state refused request {seq} after admitting it")
-                self._join(seq, row)
+            self._join_queued()
             logits = self._pending(stepped)
 
     def results(self) -> list[GenResult]:
@@ -376,11 +404,10 @@ def follow_batch(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix], source: St
         if changes is not None:
             for row in changes.retired:
                 state.retire(row)
-            for joiner in changes.joined:
-                if joiner is None:  # its prefix was refused (on rank 0 too)
-                    continue
-                prefix, limit = joiner
-                row = state.room(prefix.length, limit)
-                if row is None:
+            joiners = [joiner for joiner in changes.joined if joiner is not None]  # None: refused (on rank 0 too)
+            for group in [joiners] if changes.batched else [[joiner] for joiner in joiners]:
+                rows = [state.room(prefix.length, limit, claimed) for claimed, (prefix, limit) in enumerate(group)]
+                if None in rows:
                     raise RuntimeError("rank 0 sent a joiner this rank's batch state has no room for")
-                state.join(row, prefix)
+                if group:
+                    state.join_many([(row, prefix) for row, (prefix, _) in zip(rows, group)])

@@ -105,13 +105,17 @@ def job_prefixes(engine: IncrementalEngine, job: BatchJob) -> list[LlmPrefix]:
 
 def lead_batch(engine: IncrementalEngine, job: BatchJob, *, sync: StepSync | None = None,
                keep_logits: bool = False, sampling: Sequence[SamplingParams | None] | None = None,
-               capacity: int | None = None) -> GreedyBatch:
+               capacity: int | None = None, max_prefill_tokens: int | None = None,
+               batched_joins: bool = True) -> GreedyBatch:
     """Stage 3 on rank 0 (or alone): the batch that decodes the job; iterate it for its tokens. ``sampling``: each
     request's parameters (rank 0 alone samples: the followers are fed its tokens, so the job does not carry them);
-    ``capacity``: the most live requests once others join it (in-flight batching)."""
+    ``capacity``: the most live requests once others join it (in-flight batching); ``max_prefill_tokens`` and
+    ``batched_joins``: how the requests joining at one step boundary are prefilled (:class:`GreedyBatch`)."""
     batch = engine.new_batch(job_prefixes(engine, job), job.max_new_tokens, sync=sync, keep_logits=keep_logits,
                              sampling=sampling)
     batch.capacity = capacity
+    batch.max_prefill_tokens = max_prefill_tokens
+    batch.batched_joins = batched_joins
     return batch
 
 

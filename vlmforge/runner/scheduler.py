@@ -10,7 +10,8 @@ requests themselves (:mod:`vlmforge.runner.protocol`).
 In-flight batching (``inflight``, on by default): at every step boundary of an incremental engine's batch the
 scheduler takes the requests waiting (without blocking, up to ``max_batch_size`` live requests), encodes their images
 in one visual-engine batch, and admits each into the running batch, where it takes a finished request's row or a new
-one and gets its first token with the next step. One that cannot join now (the batch's state has no room: encoder-
+one; they are prefilled together in one forward (up to ``max_prefill_tokens`` padded positions per boundary) and get
+their first tokens with the next step. One that cannot join now (the batch's state has no room: encoder-
 decoder and cross-attention LLMs take no joins) waits, in order, ahead of the queue, for the next boundary or batch.
 With ``inflight`` off, requests that arrive while a batch decodes wait for the next batch (the behaviour before).
 Whole-request engines (TensorRT-LLM) always batch at batch boundaries here: TensorRT-LLM's own executor does its
@@ -133,7 +134,8 @@ class Scheduler:
 
     def __init__(self, engine: ServingEngine, *, max_batch_size: int, max_queue: int = 256, batch_wait_s: float = 0.005,
                  channel: ControlChannel | None = None, metrics: Any = None,
-                 warmup: Callable[[], None] | None = None, inflight: bool = True) -> None:
+                 warmup: Callable[[], None] | None = None, inflight: bool = True,
+                 max_prefill_tokens: int | None = None, batched_joins: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.engine = engine
@@ -144,6 +146,10 @@ class Scheduler:
         self.metrics = metrics
         self.inflight = inflight
         """Requests join a running batch at its step boundaries (incremental engines); off: at batch boundaries."""
+        self.max_prefill_tokens = max_prefill_tokens
+        """Most padded prompt positions prefilled together at one step boundary (None: no bound but the batch size)."""
+        self.batched_joins = batched_joins
+        """A boundary's joiners are prefilled in one forward; False: one forward each (the behaviour before)."""
         self._queue: queue.Queue[GenRequest] = queue.Queue()
         self._held: collections.deque[GenRequest] = collections.deque()
         """Taken from the queue but not admitted (no room in the running batch): first in line, in order."""
@@ -324,7 +330,8 @@ class Scheduler:
             self.channel.send(job.to_host())
         try:
             batch = lead_batch(engine, job, sync=self.channel, sampling=[r.sampling for r in live],
-                               capacity=self.max_batch_size)
+                               capacity=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+                               batched_joins=self.batched_joins)
         except JobRejected as exc:  # the followers fail the same way and skip this batch too
             self._fail(live, 400, str(exc))
             return
@@ -381,7 +388,7 @@ class Scheduler:
             if request.cancelled:
                 request._emit(Finished("cancelled"))
                 continue
-            if not batch.has_room(request.prompt_tokens, request.max_new_tokens):
+            if not batch.has_room(request.prompt_tokens, request.max_new_tokens, [c.prompt_tokens for c in candidates]):
                 self._held.appendleft(request)
                 break
             candidates.append(request)

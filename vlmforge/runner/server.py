@@ -88,6 +88,15 @@ class ServeSettings(BaseModel):
     inflight: bool = True
     """In-flight batching: requests join a running batch at its step boundaries (hf engines with a decoder-only LLM;
     TensorRT-LLM batches in its own executor). False: they wait for the running batch to end."""
+    max_prefill_tokens: int | None = Field(default=None, ge=1)
+    """In-flight batching: the most padded prompt positions (joiners x the longest one's length) prefilled together at
+    one step boundary, while the running rows wait; requests beyond it join at the next boundary (a boundary's first
+    joiner is taken whatever its length). None: no bound but max_batch_size (every joiner of a boundary in one
+    forward: the least prefill time in total and the lowest time to first token; bound it to cap the stall a burst
+    of long prompts puts between two tokens of the running requests)."""
+    batched_joins: bool = True
+    """In-flight batching: the requests joining at one step boundary are prefilled in one forward; False: one forward
+    each, one after another (the behaviour before; for comparison)."""
     max_queue: int = Field(default=256, ge=1)
     """Requests waiting beyond this are refused with 429."""
     default_max_tokens: int | None = Field(default=None, ge=1)
@@ -148,7 +157,8 @@ class Runtime:
         self.scheduler = Scheduler(engine, max_batch_size=batch, max_queue=settings.max_queue,
                                    batch_wait_s=settings.batch_wait_ms / 1000, channel=channel, metrics=self.metrics,
                                    warmup=(lambda: self._prepare(plan)) if settings.warmup or self.compiled else None,
-                                   inflight=settings.inflight)
+                                   inflight=settings.inflight, max_prefill_tokens=settings.max_prefill_tokens,
+                                   batched_joins=settings.batched_joins)
         self.draining = False
         self.decode = engine.decode_path
 

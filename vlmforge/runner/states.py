@@ -7,11 +7,12 @@
   decoders start from the same token, so the decoder side needs no padding.
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
 
-In-flight batching (``room``/``join``/``retire``): rows are slots; ``size`` counts every row ever placed, retired
-ones included (fed a pad token, outputs ignored). A request joins the eager decoder state by a lone prefill (batch 1,
-its own cache) whose keys and values are left-padded to the batch's T columns and written into a retired row or
-appended as a new one; a prefix longer than T first gives every row (length - T) masked columns on the left. Its
-position ids start at 0 on its first real position, as alone. Retiring a row drops the left columns no live row needs,
+In-flight batching (``room``/``join_many``/``retire``): rows are slots; ``size`` counts every row ever placed, retired
+ones included (fed a pad token, outputs ignored). The requests joining at one step boundary are prefilled together:
+one left-padded forward (batch n, its own cache, position ids from 0 on each row's first real position, as alone);
+each one's keys and values (its own columns of that forward) are left-padded to the batch's T columns and written
+into a retired row or appended as a new one; a prefix longer than T first gives every row (length - T) masked columns
+on the left. Retiring a row drops the left columns no live row needs,
 so a long joiner's padding does not cost every later step attention over it. Encoder-decoder (``seq2seq``) and
 cross-attention (``cross``) states take no joins: their encoder side is shared by the whole batch, so a running batch
 of them only takes requests at its end. The static GPU path (:mod:`vlmforge.runner.static`) has its own layout.
@@ -50,17 +51,22 @@ class PrefixBatch:
     # In-flight batching (the module docstring has the rules). Rows are slots: ``size`` counts
     # every row ever placed, retired ones included (they are fed a pad token, their outputs ignored).
 
-    def room(self, length: int, max_new_tokens: int) -> int | None:
-        """The row a prefix of ``length`` positions, generating up to ``max_new_tokens`` tokens, can join at now: a
-        retired row (lowest first) or ``size`` to append one; None when it cannot join this batch now (the caller
-        keeps it for later). The caller bounds the live rows; the state only says what its layout allows.
+    def room(self, length: int, max_new_tokens: int, claimed: int = 0) -> int | None:
+        """The row a prefix of ``length`` positions, generating up to ``max_new_tokens`` tokens, can join at now, after
+        ``claimed`` joiners of this boundary took theirs (rows are handed out in order: the retired ones lowest first,
+        then ``size``, ``size + 1``...); None when it cannot join this batch now (the caller keeps it for later). The
+        caller bounds the live rows; the state only says what its layout allows.
         Default: None (encoder-decoder and cross-attention batches take no joins)."""
         return None
 
     def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
-        """Place ``prefix`` at ``row`` (what ``room`` just returned; ``size`` grows by one on an append), run its
-        prefill, and return the logits [vocab] of its first new token; the other rows' state is untouched. The next
-        ``step`` takes a token for the new row too."""
+        """One joiner: :meth:`join_many` of ``[(row, prefix)]``."""
+        return self.join_many([(row, prefix)])[0]
+
+    def join_many(self, joins: Sequence[tuple[int, LlmPrefix]]) -> list[torch.Tensor]:
+        """Place each ``prefix`` at its ``row`` (what ``room`` returned with ``claimed`` = its index; ``size`` grows on
+        an append), prefill them together, and return each one's logits [vocab] of its first new token; the other
+        rows' state is untouched. The next ``step`` takes a token for the new rows too."""
         raise NotImplementedError(f"{type(self).__name__} takes no joins")
 
     def retire(self, row: int) -> None:
@@ -82,6 +88,38 @@ def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, 
         embeds[row, span] = prefix.embeds[0].to(embeds.dtype)
         mask[row, span] = prefix.mask[0].to(mask.dtype)
     return embeds, mask, any(p.length != longest for p in prefixes)
+
+
+def _next_row(free: list[int], size: int, claimed: int) -> int:
+    """The row of the joiner after ``claimed`` others of one boundary: the free (retired) rows in order, then
+    appended ones."""
+    return free[claimed] if claimed < len(free) else size + claimed - len(free)
+
+
+def _check_rows(rows: Sequence[int], retired: set[int], size: int, capacity: int | None) -> None:
+    """ValueError unless ``rows`` are distinct free rows handed out as :meth:`PrefixBatch.room` hands them: each a
+    retired row or the next appended one (below ``capacity`` where the layout has one)."""
+    free = set(retired)
+    for row in rows:
+        if row in free:
+            free.discard(row)
+        elif row == size and (capacity is None or row < capacity):
+            size += 1
+        else:
+            raise ValueError(f"row {row} is not free: join the rows room() returned (retired rows "
+                             f"{sorted(retired)}, next new row {size})")
+
+
+def _prefill_joiners(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """One left-padded forward of a boundary's joiners (a dynamic cache of its own): each one's first-token logits
+    [n, vocab], position ids [n, L] and the cache's layers (row i's own keys and values are its last ``length``
+    columns), what each sees alone but for float rounding."""
+    embeds, mask, _ = _stack(prefixes, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+              **_last_logits_only(llm))
+    return out.logits[:, -1], positions, list(cache_of(out).layers)
 
 
 class DecoderOnlyBatch(PrefixBatch):
@@ -128,25 +166,34 @@ class DecoderOnlyBatch(PrefixBatch):
             return None
         return list(layers)
 
-    def room(self, length: int, max_new_tokens: int) -> int | None:
+    def room(self, length: int, max_new_tokens: int, claimed: int = 0) -> int | None:
         if self.cache is None or self._layers() is None:
             return None
-        return min(self.retired) if self.retired else self.size
+        return _next_row(sorted(self.retired), self.size, claimed)
 
     def _edit(self, edit: Any) -> None:
         for layer in self._layers() or []:
             layer.keys, layer.values = edit(layer.keys), edit(layer.values)
 
     @torch.no_grad()
-    def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
-        if prefix.kind != "decoder":
-            raise ValueError(f"a {prefix.kind} prefix cannot join a decoder batch")
-        if not (row == self.size or row in self.retired):
-            raise ValueError(f"row {row} is neither retired nor the next row ({self.size})")
-        positions = (prefix.mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=positions,
-                       use_cache=True, **_last_logits_only(self.llm))
-        own = cache_of(out).layers
+    def join_many(self, joins: Sequence[tuple[int, LlmPrefix]]) -> list[torch.Tensor]:
+        if not joins:
+            return []
+        for _, prefix in joins:
+            if prefix.kind != "decoder":
+                raise ValueError(f"a {prefix.kind} prefix cannot join a decoder batch")
+        _check_rows([row for row, _ in joins], self.retired, self.size, None)
+        logits, positions, own = _prefill_joiners(self.llm, [prefix for _, prefix in joins])
+        for index, (row, prefix) in enumerate(joins):
+            mine = slice(index, index + 1)  # its own row, its own (last) columns
+            columns = slice(-prefix.length, None)
+            self._place(row, prefix, positions[mine, -1:] + 1,
+                        [(layer.keys[mine, :, columns], layer.values[mine, :, columns]) for layer in own])
+        return list(logits)
+
+    def _place(self, row: int, prefix: LlmPrefix, position: torch.Tensor,
+               own: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write one joiner's keys and values ([1, heads, length, dim] per layer), mask and next position at ``row``."""
         columns, length = self.mask.shape[1], prefix.length
         if length > columns:  # everyone gains masked columns on the left
             grow = length - columns
@@ -154,11 +201,9 @@ class DecoderOnlyBatch(PrefixBatch):
             self._edit(lambda t: torch.nn.functional.pad(t, (0, 0, grow, 0)))
             columns = length
         pad = columns - length
-        mask = torch.cat([self.mask.new_zeros((1, pad)), prefix.mask.to(self.mask.dtype)], dim=1)
-        position = positions[:, -1:] + 1
+        mask = torch.cat([self.mask.new_zeros((1, pad)), prefix.mask.to(self.mask.device, self.mask.dtype)], dim=1)
         for layer, mine in zip(self._layers() or [], own, strict=True):
-            keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)).to(layer.keys.dtype)
-                            for t in (mine.keys, mine.values))
+            keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)).to(layer.keys.dtype) for t in mine)
             if row == self.size:
                 layer.keys, layer.values = torch.cat([layer.keys, keys]), torch.cat([layer.values, values])
             else:
@@ -171,7 +216,6 @@ class DecoderOnlyBatch(PrefixBatch):
             self.mask[row] = mask[0]
             self.next_position[row] = position[0]
             self.retired.discard(row)
-        return out.logits[0, -1]
 
     @torch.no_grad()
     def retire(self, row: int) -> None:

@@ -19,10 +19,11 @@ the prefixes (padding masked out), slot ``L + t`` the t-th generated token of ev
 attention mask spans the whole cache and gains one column per step. Rows added to fill a bucket are
 dummies whose outputs are dropped.
 
-In-flight joins (:meth:`StaticBatch.join`): every row writes column ``written`` each step, so a new request of
-``Lp`` prompt positions takes a free row (retired, or a dummy) at columns ``[written - Lp, written)``: its prefix is
-prefilled alone and eagerly, its keys and values are copied into the bucket's cache buffers in place (the captured
-graph keeps reading the same addresses), and its mask row is opened only over those columns.
+In-flight joins (:meth:`StaticBatch.join_many`): every row writes column ``written`` each step, so a new request of
+``Lp`` prompt positions takes a free row (retired, or a dummy) at columns ``[written - Lp, written)``: the requests
+joining at one boundary are prefilled together, eagerly (one left-padded forward with a dynamic cache of its own),
+each one's keys and values are copied into the bucket's cache buffers in place (the captured graph keeps reading the
+same addresses), and its mask row is opened only over those columns.
 
 The cache's layers write a step's keys and values with an indexed store (``keys[:, :, pos] = k``)
 instead of transformers' ``index_copy_``, which Inductor lowers to a rewrite of the whole layer buffer.
@@ -39,8 +40,9 @@ from typing import Any
 import torch
 
 from vlmforge.modeling.devices import model_device
-from vlmforge.modeling.generation import LlmPrefix, cache_kwarg, cache_of
+from vlmforge.modeling.generation import LlmPrefix, cache_kwarg
 from vlmforge.runner.batching import PrefixBatch, _last_logits_only, _stack
+from vlmforge.runner.states import _check_rows, _next_row, _prefill_joiners
 
 log = logging.getLogger(__name__)
 
@@ -312,30 +314,32 @@ class StaticBatch(PrefixBatch):
             return "the batch has not been prefilled yet"
         return None
 
-    def room(self, length: int, max_new_tokens: int) -> int | None:
-        """The row a prefix of ``length`` positions generating up to ``max_new_tokens`` tokens can join at now:
-        the lowest retired row, else ``size`` while the bucket has dummy rows or a larger bucket of the same length
-        exists (the join moves the batch there); None when its prefix does not fit
-        left of column ``written``, its answer does not fit right of it (``written + max_new_tokens`` past the
-        bucket's length), no row is free, or the bucket's layers refuse joins (:meth:`join_refusal`)."""
+    def room(self, length: int, max_new_tokens: int, claimed: int = 0) -> int | None:
+        """The row a prefix of ``length`` positions generating up to ``max_new_tokens`` tokens can join at now, after
+        ``claimed`` joiners of this boundary took theirs: the retired rows lowest first, then ``size``, ``size + 1``...
+        while the bucket has dummy rows or a larger bucket of the same length holds them (the join moves the batch
+        there); None when its prefix does not fit left of column ``written``, its answer does not fit right of it
+        (``written + max_new_tokens`` past the bucket's length), no row is free, or the bucket's layers refuse joins
+        (:meth:`join_refusal`)."""
         if self.join_refusal() is not None or not 1 <= length <= self.written:
             return None
         if self.written + max_new_tokens > self.slot.length:
             return None
-        if self.retired:
-            return min(self.retired)
-        if self.size < self.slot.batch or self._larger_bucket() is not None:
-            return self.size
+        row = _next_row(sorted(self.retired), self.size, claimed)
+        if row < self.slot.batch or self._bucket_for(row + 1) is not None:
+            return row
         return None
 
-    def _larger_bucket(self) -> _Slot | None:
-        """The bucket of the next batch size up at this bucket's length, if it exists already (warmed up, or used
-        before): a join into a full bucket moves the batch there (:meth:`_grow`). A bucket that does not exist yet
-        is not made mid-batch: compiling and capturing it would stall every running row for a minute on a 7B model."""
-        rows = bucket_batch(self.slot.batch + 1, self.decoder.max_batch_size)
+    def _bucket_for(self, rows: int) -> _Slot | None:
+        """This bucket if it has ``rows`` rows, else the smallest larger bucket of this length that does, if it exists
+        already (warmed up, or used before): a join into a full bucket moves the batch there (:meth:`_grow`). A bucket
+        that does not exist yet is not made mid-batch: compiling and capturing it would stall every running row for a
+        minute on a 7B model."""
         if rows <= self.slot.batch:
-            return None
-        return self.decoder._slots.get((rows, self.slot.length))
+            return self.slot
+        sizes = sorted(batch for batch, length in self.decoder._slots
+                       if length == self.slot.length and rows <= batch <= self.decoder.max_batch_size)
+        return self.decoder._slots[(sizes[0], self.slot.length)] if sizes else None
 
     def _grow(self, slot: _Slot) -> None:
         """Move the batch into the larger bucket ``slot`` (same length): every row's keys and values, mask and next
@@ -358,45 +362,43 @@ class StaticBatch(PrefixBatch):
         self.slot = slot
 
     @torch.no_grad()
-    def join(self, row: int, prefix: LlmPrefix) -> torch.Tensor:
-        """Place ``prefix`` at ``row`` (from :meth:`room`; ``size`` grows on an append) and return the logits [vocab]
-        of its first new token. Its prefill runs alone (batch 1, a dynamic cache, positions from 0); its keys and
-        values are copied into columns ``[written - Lp, written)`` of the row, in place. Other rows are untouched."""
-        slot = self.slot
+    def join_many(self, joins: Sequence[tuple[int, LlmPrefix]]) -> list[torch.Tensor]:
+        """Place each ``prefix`` at its ``row`` (from :meth:`room`; ``size`` grows on an append, the batch moves into a
+        larger bucket where the rows need one) and return each one's logits [vocab] of its first new token. They are
+        prefilled together (one eager left-padded forward, a dynamic cache, positions from 0); each one's keys and
+        values are copied into columns ``[written - Lp, written)`` of its row, in place. Other rows are untouched."""
+        if not joins:
+            return []
         reason = self.join_refusal()
         if reason is not None:
             raise RuntimeError(f"cannot join this static batch: {reason}")
-        if prefix.kind != "decoder":
-            raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
-        if row == self.size == slot.batch and row not in self.retired:
-            larger = self._larger_bucket()
-            if larger is None:
-                raise ValueError(f"row {row} is not free: the bucket of {slot.batch} rows is full and no larger "
-                                 f"bucket exists at length {slot.length}; join a row that room() returned")
-            self._grow(larger)
-            slot = self.slot
-        if row not in self.retired and not (row == self.size < slot.batch):
-            raise ValueError(f"row {row} is not free: join a row that room() returned (retired rows "
-                             f"{sorted(self.retired)}, next new row {self.size} of {slot.batch})")
-        length, end = prefix.length, self.written
-        if not 1 <= length <= end:
-            raise ValueError(f"a prefix of {length} positions does not fit left of column {end}: ask room() first")
-        llm = self.decoder.llm
-        mask = prefix.mask.to(slot.mask.device, slot.mask.dtype)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = llm(inputs_embeds=prefix.embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **_last_logits_only(llm))
-        alone = cache_of(out)
-        for mine, theirs in zip(slot.cache.layers, alone.layers, strict=True):
-            mine.keys[row, :, end - length:end] = theirs.keys[0]
-            mine.values[row, :, end - length:end] = theirs.values[0]
-        slot.mask[row].zero_()
-        slot.mask[row, end - length:end] = mask[0]
-        slot.positions[row] = positions[0, -1] + 1
-        self.retired.discard(row)
-        if row == self.size:
-            self.size += 1
-        return out.logits[0, -1]
+        for _, prefix in joins:
+            if prefix.kind != "decoder":
+                raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
+            if not 1 <= prefix.length <= self.written:
+                raise ValueError(f"a prefix of {prefix.length} positions does not fit left of column {self.written}: "
+                                 "ask room() first")
+        rows = [row for row, _ in joins]
+        bucket = self._bucket_for(max(rows) + 1)
+        if bucket is None:
+            raise ValueError(f"row {max(rows)} is not free: the bucket of {self.slot.batch} rows is full and no "
+                             f"larger bucket exists at length {self.slot.length}; join the rows room() returned")
+        _check_rows(rows, self.retired, self.size, bucket.batch)
+        if bucket is not self.slot:
+            self._grow(bucket)
+        slot, end = self.slot, self.written
+        logits, positions, own = _prefill_joiners(self.decoder.llm, [prefix for _, prefix in joins])
+        for index, (row, prefix) in enumerate(joins):
+            length = prefix.length
+            for mine, theirs in zip(slot.cache.layers, own, strict=True):
+                mine.keys[row, :, end - length:end] = theirs.keys[index, :, -length:]
+                mine.values[row, :, end - length:end] = theirs.values[index, :, -length:]
+            slot.mask[row].zero_()
+            slot.mask[row, end - length:end] = prefix.mask[0].to(slot.mask.device, slot.mask.dtype)
+            slot.positions[row] = positions[index, -1] + 1
+            self.retired.discard(row)
+            self.size = max(self.size, row + 1)
+        return list(logits)
 
     def retire(self, row: int) -> None:
         """``row`` finished: a later :meth:`join` may reuse it (until then it is fed a token and its outputs are
