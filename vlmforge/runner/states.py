@@ -2,7 +2,8 @@
 
 - ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
   padding and position ids that start at 0 on each row's first real position, so each row sees
-  exactly what it would see alone; every step appends one token per row.
+  exactly what it would see alone; every step appends one token per row. M-RoPE prefixes (Qwen2-VL) bring their
+  own [3, 1, L] positions, left-padded alike; each row's steps go on from its own largest position + 1.
 - ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
   decoders start from the same token, so the decoder side needs no padding.
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
@@ -84,6 +85,19 @@ def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, 
     return embeds, mask, any(p.length != longest for p in prefixes)
 
 
+def _mrope_positions(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> torch.Tensor | None:
+    """M-RoPE prefixes' position ids left-padded to [3, B, L] like ``mask`` (0 under the padding); None when the
+    prefixes carry none (positions then count from each row's first real column)."""
+    if all(p.positions is None for p in prefixes):
+        return None
+    if any(p.positions is None for p in prefixes):
+        raise ValueError("one batch mixes prefixes with and without M-RoPE positions")
+    positions = torch.zeros((3, *mask.shape), dtype=torch.long, device=mask.device)
+    for row, prefix in enumerate(prefixes):
+        positions[:, row, mask.shape[1] - prefix.length:] = prefix.positions[:, 0].to(mask.device)  # type: ignore[index]
+    return positions
+
+
 class DecoderOnlyBatch(PrefixBatch):
     """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
 
@@ -91,7 +105,10 @@ class DecoderOnlyBatch(PrefixBatch):
         self.llm = llm
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = _mrope_positions(prefixes, self.mask)
+        if self.positions is None:
+            self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.mrope = [p.next_position() for p in prefixes] if self.positions.dim() == 3 else None
         self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
         self.retired = set()
@@ -100,7 +117,10 @@ class DecoderOnlyBatch(PrefixBatch):
         out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                        **_last_logits_only(self.llm))
         self.cache = cache_of(out)
-        self.next_position = self.positions[:, -1:] + 1
+        if self.mrope is None:
+            self.next_position = self.positions[:, -1:] + 1
+        else:  # M-RoPE: each row goes on from its own largest position, the same on all three axes
+            self.next_position = torch.tensor(self.mrope, device=self.mask.device)[:, None]
         self.embeds = None  # type: ignore[assignment]  # not needed any more
         return out.logits[:, -1]
 
@@ -143,7 +163,7 @@ class DecoderOnlyBatch(PrefixBatch):
             raise ValueError(f"a {prefix.kind} prefix cannot join a decoder batch")
         if not (row == self.size or row in self.retired):
             raise ValueError(f"row {row} is neither retired nor the next row ({self.size})")
-        positions = (prefix.mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (prefix.mask.cumsum(-1) - 1).clamp(min=0) if prefix.positions is None else prefix.positions
         out = self.llm(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=positions,
                        use_cache=True, **_last_logits_only(self.llm))
         own = cache_of(out).layers
@@ -155,7 +175,8 @@ class DecoderOnlyBatch(PrefixBatch):
             columns = length
         pad = columns - length
         mask = torch.cat([self.mask.new_zeros((1, pad)), prefix.mask.to(self.mask.dtype)], dim=1)
-        position = positions[:, -1:] + 1
+        position = positions[:, -1:] + 1 if prefix.positions is None else positions.new_full((1, 1),
+                                                                                              prefix.next_position())
         for layer, mine in zip(self._layers() or [], own, strict=True):
             keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)).to(layer.keys.dtype)
                             for t in (mine.keys, mine.values))
