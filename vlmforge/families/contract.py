@@ -121,6 +121,11 @@ class VisualContractHooks:
         engine input): ``pixels`` in chunks of ``max_batch_size`` entries. Qwen2-VL feeds rows, rope and mask."""
         return None
 
+    def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
+        """The torch visual module (:meth:`visual_module`) run on ``inputs`` as the visual engine is: ``module(pixels)``
+        (several-input families: on their feeds, outputs concatenated)."""
+        return module(inputs.pixels)
+
     def pack_visual_features(self, processor: Any, outputs: torch.Tensor, image_size: tuple[int, int],
                              extras: dict[str, torch.Tensor]) -> torch.Tensor:
         """One image's visual features [1, N, hidden] from its visual-engine outputs [inputs, P, hidden] (one entry

@@ -222,11 +222,11 @@ class Qwen2VlFamily(ReleaseConverterFamily):
         return PROMPT_TEMPLATE.format(images=images, text=text)
 
     def golden_images(self) -> list[Image.Image]:
-        """The golden images at three sizes and shapes (tiny model: 2x2, 2x4 and 4x2 merged grids)."""
+        """The golden images at three sizes and shapes (tiny model: 4x4 merged grid, its most, then 2x4 and 4x2)."""
         from vlmforge.modeling.images import synthetic_images
 
         square, wide, tall = synthetic_images()
-        return [square, wide.resize((120, 60)), tall.resize((50, 100))]
+        return [square.resize((112, 112)), wide.resize((120, 60)), tall.resize((50, 100))]
 
     def visual_inputs(self, processor: Any, images: Sequence[Image.Image]) -> VisualInputs:
         """Each image's patch rows [t*h*w, 1176] at its own smart_resize size, concatenated, with its grid."""
@@ -281,6 +281,14 @@ class Qwen2VlFamily(ReleaseConverterFamily):
             feeds.append({"rows": part.pixels, "rotary_pos_emb": rotary_table(part.grids, extras[ROPE_KEY], MERGE),
                           "attention_mask": block_mask(part.grids)})
         return feeds
+
+    def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
+        """The module on the feeds the engine gets (every image in one call), its own rope frequencies."""
+        import torch
+
+        extras = {ROPE_KEY: module.visual.rotary_pos_emb.inv_freq}  # type: ignore[union-attr]
+        return torch.cat([module(*feed.values())
+                          for feed in self.visual_engine_feeds(inputs, len(inputs.inputs_per_image), extras)])
 
     def pack_visual_features(self, processor: Any, outputs: torch.Tensor, image_size: tuple[int, int],
                              extras: dict[str, torch.Tensor]) -> torch.Tensor:
