@@ -163,7 +163,7 @@ def causal_lm_class() -> type:
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=out.cache)
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), cache=out.cache)
 
     Qwen2VLForCausalLM.__module__ = __name__
     return Qwen2VLForCausalLM
