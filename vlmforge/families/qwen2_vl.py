@@ -6,6 +6,12 @@ merged 2x2) within [min_pixels, max_pixels]; the vision tower reads (h/14)(w/14)
 profile holds min_hw_dims to max_hw_dims x max_batch_size rows, so the plan sizes --max_hw_dims to the rows of the
 spec's largest image and --min_hw_dims to the smallest image the processor makes. Positions are M-RoPE (time, height,
 width); the release's qwen converter reads that from the checkpoint's config (no flag). Plans are the 1.2 README's.
+
+hf toolchain (torch pieces in :mod:`vlmforge.families.qwen2_vl_hf`): the visual engine takes each call's patch rows,
+rope table and block-diagonal mask (1.2's export; the host computes the last two from the images' grids, with the
+tower's frequencies saved beside the engine), each image's features are its merged grid [1, h/2, w/2, hidden], and
+the LLM prefix carries M-RoPE position ids. The tiny model (``tiny://qwen2-vl``) counts its budgets with its own
+processor's pixel limits (:func:`pixel_limits`).
 """
 
 from __future__ import annotations
