@@ -53,8 +53,8 @@ def test_the_engine_holds_the_rope_frequencies_and_a_rows_engine(engine_dir: Pat
     session = ort.InferenceSession(str(engine_dir / "vision" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [(i.name, len(i.shape)) for i in session.get_inputs()] == [
         ("rows", 2), ("rotary_pos_emb", 2), ("attention_mask", 3)]
-    grids = [tuple(f.shape[1:3]) for f in engine.encode_images([image(i, size) for i, size in
-                                                                enumerate([(112, 112), (120, 60), (50, 100), (200, 60)])])]
+    sizes = [(112, 112), (120, 60), (50, 100), (200, 60)]
+    grids = [tuple(f.shape[1:3]) for f in engine.encode_images([image(i, size) for i, size in enumerate(sizes)])]
     assert grids == [(4, 4), (2, 4), (4, 2), (2, 7)]
     assert engine.decode_path == "dynamic"
 
@@ -78,3 +78,54 @@ def test_the_image_cache_gives_the_same_features(engine_dir: Path, engine: Any) 
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(torch.allclose(g, w) for g, w in zip(got, want, strict=True))
     assert cached.image_cache.stats().hits >= 1
+
+
+def data_url(picture: Any) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def runner(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.helpers.runners import start_runner, stop_runner
+
+    log = tmp_path_factory.mktemp("qwen2-vl") / "serve.log"
+    started = start_runner(engine_dir, log, args=("--max-batch-size", "4", "--batch-wait-ms", "300"))
+    yield started
+    stop_runner(started)
+
+
+def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(runner: Any, engine: Any) -> None:
+    """Concurrent chat requests, one or two image_url parts of different sizes each, served by `vlmforge serve`:
+    each answer is the request's lone answer (but for float16 near-ties, which another batch shape may flip)."""
+    import concurrent.futures
+
+    import openai
+
+    from tests.helpers.runners import near_tie
+
+    client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
+        sizes, text = request
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
+                                         for i, size in enumerate(sizes)]
+        if text is not None:
+            content.insert(0, {"type": "text", "text": text})
+        return client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=MAX_TOKENS,
+                                              messages=[{"role": "user", "content": content}])
+
+    with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+        answers = list(pool.map(ask, REQUESTS))
+    exact = 0
+    for (sizes, text), answer in zip(REQUESTS, answers, strict=True):
+        alone = engine.generate(request_images(sizes), text, MAX_TOKENS)
+        if not near_tie(alone):
+            assert answer.choices[0].message.content == alone.text, (sizes, text)
+            exact += 1
+        assert answer.usage.prompt_tokens == engine.prompt_length(text, len(sizes))
+    assert exact > len(REQUESTS) // 2, "most requests are compared exactly"

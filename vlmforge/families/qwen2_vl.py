@@ -309,7 +309,8 @@ class Qwen2VlFamily(ReleaseConverterFamily):
         parts = [features] if not isinstance(features, (list, tuple)) else list(features)
         for part in parts:
             if part.dim() != 4 or part.shape[0] != 1:
-                raise ValueError(f"expected one qwen2_vl image's merged grid [1, h, w, hidden], got {tuple(part.shape)}")
+                raise ValueError("expected one qwen2_vl image's merged grid [1, h, w, hidden], got "
+                                 f"{tuple(part.shape)}")
         self.check_image_count(len(parts))
         return parts
 

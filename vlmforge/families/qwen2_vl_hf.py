@@ -120,7 +120,8 @@ def visual_module_class() -> type:
             n = x.shape[0]
             for block in visual.blocks:
                 attn = block.attn
-                q, k, v = attn.qkv(block.norm1(x)).reshape(n, 3, self.heads, self.head_dim).permute(1, 0, 2, 3).unbind(0)
+                qkv = attn.qkv(block.norm1(x)).reshape(n, 3, self.heads, self.head_dim)
+                q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
                 q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
                 q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, rows, head_dim]
                 out = torch.nn.functional.scaled_dot_product_attention(

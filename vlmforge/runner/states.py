@@ -94,7 +94,8 @@ def _mrope_positions(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> torch
         raise ValueError("one batch mixes prefixes with and without M-RoPE positions")
     positions = torch.zeros((3, *mask.shape), dtype=torch.long, device=mask.device)
     for row, prefix in enumerate(prefixes):
-        positions[:, row, mask.shape[1] - prefix.length:] = prefix.positions[:, 0].to(mask.device)  # type: ignore[index]
+        assert prefix.positions is not None
+        positions[:, row, mask.shape[1] - prefix.length:] = prefix.positions[:, 0].to(mask.device)
     return positions
 
 
