@@ -80,6 +80,18 @@ def test_the_image_cache_gives_the_same_features(engine_dir: Path, engine: Any) 
     assert cached.image_cache.stats().hits >= 1
 
 
+SERVED: list[tuple[list[tuple[int, int]], str | None]] = [
+    ([(112, 112)], "Question: which city is this? Answer:"),
+    ([(200, 60)], None),
+    ([(64, 64)], "What is this?"),
+    ([(64, 64), (120, 60)], "Which of the two is brighter?"),
+    ([(50, 100)], "Question: which city is this? Answer:"),
+]
+SERVED_TOKENS = 6
+"""Requests whose lone float16 decodes have no near-tie in their first 6 steps (top-2 margins of 0.02 or more; the
+batch above has some under 0.01, which another batch shape may flip): all are compared exactly."""
+
+
 def data_url(picture: Any) -> str:
     import base64
     import io
@@ -116,16 +128,18 @@ def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(run
                                          for i, size in enumerate(sizes)]
         if text is not None:
             content.insert(0, {"type": "text", "text": text})
-        return client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=MAX_TOKENS,
+        return client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=SERVED_TOKENS,
                                               messages=[{"role": "user", "content": content}])
 
-    with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
-        answers = list(pool.map(ask, REQUESTS))
+    with concurrent.futures.ThreadPoolExecutor(len(SERVED)) as pool:
+        answers = list(pool.map(ask, SERVED))
     exact = 0
-    for (sizes, text), answer in zip(REQUESTS, answers, strict=True):
-        alone = engine.generate(request_images(sizes), text, MAX_TOKENS)
+    for (sizes, text), answer in zip(SERVED, answers, strict=True):
+        alone = engine.generate(request_images(sizes), text, SERVED_TOKENS)
         if not near_tie(alone):
             assert answer.choices[0].message.content == alone.text, (sizes, text)
             exact += 1
-        assert answer.usage.prompt_tokens == engine.prompt_length(text, len(sizes))
-    assert exact > len(REQUESTS) // 2, "most requests are compared exactly"
+        # the request's own prompt positions (each image's own token count), within the bound the server checks
+        length = engine.llm_prefix(engine.encode_images([image(i, size) for i, size in enumerate(sizes)]), text).length
+        assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
+    assert exact == len(SERVED), "every request is compared exactly"
