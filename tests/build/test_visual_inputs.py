@@ -46,7 +46,7 @@ def _visual_features(family_name: str, model_dir: Path) -> torch.Tensor:
     model = family.load_model(model_dir, torch.float32)
     module = family.visual_module(model).eval()
     with torch.no_grad():
-        return module(family.pixel_values(family.load_processor(model_dir), synthetic_images(64)))
+        return family.visual_outputs(module, family.visual_inputs(family.load_processor(model_dir), synthetic_images(64)))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -53,10 +53,10 @@ def test_models_and_families_json() -> None:
     assert by_name["llava_next"]["toolchains"] == {"hf": "build, validate, serve",
                                                    "trtllm": "plan (1.2), build (validated against hf)"}
     assert by_name["llava_next"]["tiny_source"] == "tiny://llava-next"
-    for name, cls in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),):
-        assert by_name[name]["toolchains"] == {"hf": f"not yet (plan-only; {cls})",
-                                               "trtllm": "plan (1.2) only; run it in NVIDIA's container"}
-        assert by_name[name]["size_dependent_tokens"]
+    assert by_name["qwen2_vl"]["toolchains"] == {
+        "hf": "build, validate, serve (M-RoPE: eager decode, no static GPU path)",
+        "trtllm": "plan (1.2), build (validated against hf)"}
+    assert by_name["qwen2_vl"]["tiny_source"] == "tiny://qwen2-vl" and by_name["qwen2_vl"]["size_dependent_tokens"]
     assert (by_name["qwen2_vl"]["num_visual_features"], by_name["qwen2_vl"]["default_max_image_size"]) == (324, "504x504")
 
 

@@ -49,6 +49,8 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
     if manifest.spec["family"] == "llava_next":  # its newline embedding travels with the visual engine (1.2's name)
         assert "vision/image_newlines.safetensors" in {f.path for f in manifest.files}
         assert (pulled / "vision" / "image_newlines.safetensors").is_file()
+    if manifest.spec["family"] == "qwen2_vl":  # the host's rope table reads the tower's frequencies beside the engine
+        assert (pulled / "vision" / "vision_rope.safetensors").is_file()
     written = json.loads((pulled / "engine.json").read_text())
     assert written["family"] == get_family(manifest.spec["family"]).name
     # artifacts.hf_checkpoint is off by default: the engine directory, its record and the spec are as before it

@@ -76,10 +76,25 @@ class Tiny:
         """The visual module exported once (batch-2 example, dynamic batch)."""
         from vlmforge.toolchains.hf.onnx import export_onnx
 
+        if self._onnx is None and self.family.visual_engine_axes:  # several inputs (qwen2_vl): all images at once
+            from vlmforge.toolchains.hf.onnx import export_onnx_feeds
+
+            extras = self.extras()
+            feed = self.family.visual_engine_feeds(self.family.visual_inputs(self.processor, self.images), 8, extras)
+            assert feed
+            self._onnx = export_onnx_feeds(self.family.visual_module(self.model), self.work / "visual.onnx", feed[0],
+                                           self.family.visual_engine_axes)
         if self._onnx is None:
             self._onnx = export_onnx(self.family.visual_module(self.model), self.work / "visual.onnx",
                                      self.pixel_values[:2])
         return self._onnx
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The visual extras the visual stage saves beside the engine (from the float32 model)."""
+        folder = self.work / "extras"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.family.save_visual_extras(self.model, folder)
+        return self.family.load_visual_extras(folder)
 
 
 def pack_features(family: ModelFamily, processor: Any, images: list[Any], outputs: torch.Tensor, model: Any,
@@ -91,7 +106,7 @@ def pack_features(family: ModelFamily, processor: Any, images: list[Any], output
     family.save_visual_extras(model, extras_dir)
     extras = family.load_visual_extras(extras_dir)
     return [family.pack_visual_features(processor, part, size, extras)
-            for part, size in zip(inputs.split(outputs), inputs.image_sizes, strict=True)]
+            for part, size in zip(inputs.split_outputs(outputs), inputs.image_sizes, strict=True)]
 
 
 class TinyCache:
@@ -118,7 +133,7 @@ class TinyCache:
         images = family.golden_images()
         pixel_values = family.visual_inputs(processor, images).pixels
         with torch.no_grad():
-            features = pack_features(family, processor, images, family.visual_module(model)(pixel_values), model,
-                                     work / "extras")
+            outputs = family.visual_outputs(family.visual_module(model), family.visual_inputs(processor, images))
+            features = pack_features(family, processor, images, outputs, model, work / "extras")
         refs = [family.reference_generate(model, processor, image, prompt, MAX_NEW_TOKENS) for image in images]
         return Tiny(family, model_dir, work, model, processor, prompt, images, pixel_values, features, refs)

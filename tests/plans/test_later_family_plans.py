@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.seed import normalize
-from vlmforge.errors import PlanError, ToolchainUnavailable
+from vlmforge.errors import PlanError
 from vlmforge.families import get_family, resolve
 from vlmforge.plans.model import Plan
 from vlmforge.specs.catalog import catalog_entry
@@ -200,24 +200,13 @@ def test_vicuna_is_refused_for_the_runner_it_cannot_use() -> None:
         plan_for("llava-v1.6-vicuna-7b-hf")
 
 
-@pytest.mark.parametrize("model", [QWEN])
-def test_both_toolchains_refuse_to_build_them_naming_the_transformers_class(model: str) -> None:
+@pytest.mark.parametrize("model", [LLAVA_NEXT, QWEN])
+def test_later_families_pass_both_toolchains_checks(model: str) -> None:
+    """The hf toolchain builds llava_next and qwen2_vl now (tests/families/test_llava_next_hf.py,
+    test_qwen2_vl_hf.py): neither check refuses them."""
     from vlmforge.toolchains.hf.stages import check_supported
     from vlmforge.toolchains.trtllm.execute import check_buildable
 
     resolved = resolve(spec_from_dict(catalog_entry(model)))
-    family = resolved.family
-    with pytest.raises(ToolchainUnavailable, match=f"plan-only on the hf toolchain.*{family.hf_class}.*next step"):
-        check_supported(resolved)
-    with pytest.raises(ToolchainUnavailable, match="vlmforge plan"):
-        check_buildable(family)
-
-
-def test_llava_next_passes_both_toolchains_checks() -> None:
-    """The hf toolchain builds llava_next now (tests/families/test_llava_next_hf.py): neither check refuses it."""
-    from vlmforge.toolchains.hf.stages import check_supported
-    from vlmforge.toolchains.trtllm.execute import check_buildable
-
-    resolved = resolve(spec_from_dict(catalog_entry(LLAVA_NEXT)))
     check_supported(resolved)
     check_buildable(resolved.family)

@@ -55,7 +55,7 @@ def tiny_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         processor = family.load_processor(model_dir)
         images = synthetic_images() + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
         with torch.no_grad():
-            outputs = family.visual_module(model)(family.visual_inputs(processor, images).pixels)
+            outputs = family.visual_outputs(family.visual_module(model), family.visual_inputs(processor, images))
             features = pack_features(family, processor, images, outputs, model, model_dir.parent / "extras")
         prompts = PROMPTS if family.takes_prompt else [None] * len(PROMPTS)
         _made[name] = Tiny(family, family.extract_llm(model), processor, features, prompts)
@@ -172,14 +172,17 @@ def test_the_engine_batches_what_it_generates_alone(name: str, tiny_engine_of: A
         # place: 0.001 of 1.5 for LLaVA, 0.19 of 45 for BLIP-2 T5); in float32 they agree to 1e-4 (test above)
         scale = a.logits.abs().max().item()
         assert (a.logits - b.logits).abs().max().item() < 1e-2 * max(scale, 0.5)
-    assert [engine.prompt_length(p) for p in prompts] == [
-        engine.llm_prefix(engine.encode_images([images[0]])[0], p).length for p in prompts]
+    features = engine.encode_images([images[0]])[0]
+    fewer = engine.config.num_visual_features - features[0, ..., 0].numel()  # qwen2_vl: a 64x64 image gives 4 of 16
+    assert [engine.prompt_length(p) for p in prompts] == [engine.llm_prefix(features, p).length + fewer
+                                                          for p in prompts]
 
 
 @pytest.mark.parametrize("tiny_family", FAMILIES, indirect=True)
 def test_prompt_length_is_the_prefix_length(tiny_family: Tiny) -> None:
     t = tiny_family
-    assert [t.family.prompt_length(t.processor, p, int(t.features[i].shape[1])) for i, p in enumerate(t.prompts)] == [
+    counts = [f[0, ..., 0].numel() for f in t.features]  # [1, N, hidden]; qwen2_vl's grids [1, h, w, hidden]
+    assert [t.family.prompt_length(t.processor, p, counts[i]) for i, p in enumerate(t.prompts)] == [
         p.length for p in t.prefixes()]
 
 

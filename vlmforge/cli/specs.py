@@ -113,7 +113,8 @@ def family_toolchains(family: ModelFamily) -> dict[str, str]:
     """What works for a family on each toolchain, in words (``vlmforge families``)."""
     dialects = ", ".join(dialect.value for dialect in family.plan_dialects)
     if family.hf_supported:
-        return {"hf": "build, validate, serve", "trtllm": f"plan ({dialects}), build (validated against hf)"}
+        serve = "serve" if family.position_id_dims == 1 else "serve (M-RoPE: eager decode, no static GPU path)"
+        return {"hf": f"build, validate, {serve}", "trtllm": f"plan ({dialects}), build (validated against hf)"}
     return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
             "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}
 

@@ -33,6 +33,10 @@ class VisualInputs:
     pixels: torch.Tensor
     inputs_per_image: list[int]
     image_sizes: list[tuple[int, int]]
+    grids: list[tuple[int, int, int]] | None = None
+    """Dynamic-resolution families (Qwen2-VL): each image's (t, h, w) patch grid, ``pixels`` holding t*h*w rows."""
+    output_rows: list[int] | None = None
+    """Visual-engine output rows of each image where they differ from ``inputs_per_image`` (Qwen2-VL's 2x2 merge)."""
 
     def __post_init__(self) -> None:
         if sum(self.inputs_per_image) != self.pixels.shape[0] or len(self.inputs_per_image) != len(self.image_sizes):
@@ -43,13 +47,18 @@ class VisualInputs:
         """``rows`` (one per engine input, e.g. the engine's output) cut into each image's part, in order."""
         return list(rows.split(self.inputs_per_image))
 
+    def split_outputs(self, outputs: torch.Tensor) -> list[torch.Tensor]:
+        """The visual engine's ``outputs`` cut into each image's part, in order."""
+        return list(outputs.split(self.output_rows if self.output_rows is not None else self.inputs_per_image))
+
     def select(self, indices: Sequence[int]) -> VisualInputs:
         """The inputs of the images at ``indices`` (in that order)."""
         import torch
 
         parts = self.split(self.pixels)
+        pick = (lambda values: None if values is None else [values[i] for i in indices])  # noqa: E731
         return VisualInputs(torch.cat([parts[i] for i in indices]), [self.inputs_per_image[i] for i in indices],
-                            [self.image_sizes[i] for i in indices])
+                            [self.image_sizes[i] for i in indices], pick(self.grids), pick(self.output_rows))
 
 
 class VisualContractHooks:
@@ -73,6 +82,9 @@ class VisualContractHooks:
     """Size-dependent families: the largest image a spec is sized for unless visual.max_image_size says."""
     dynamic_spatial_axes: ClassVar[bool] = False
     """The visual module takes images of their own height and width: its ONNX export keeps both axes dynamic."""
+    visual_engine_axes: ClassVar[dict[str, dict[int, str]]] = {}
+    """A visual engine of several inputs (fed by :meth:`visual_engine_feeds`): the dynamic axes of each input and of
+    the output ``features`` by name ({} for the one-input engines: dynamic batch, and the spatial axes above)."""
     spatial_check_size: ClassVar[ImageSize | None] = None
     """Families with dynamic_spatial_axes: a second, non-square image size the ONNX export is traced at and checked
     against torch at (besides the golden images' own size)."""
@@ -101,6 +113,18 @@ class VisualContractHooks:
 
     def save_visual_extras(self, model: Any, vision_dir: Path) -> None:
         """Write what :meth:`load_visual_extras` reads, from the reference model (nothing by default)."""
+
+    def visual_engine_feeds(self, inputs: VisualInputs, max_batch_size: int,
+                            extras: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
+        """The visual engine's calls for ``inputs``, each a feed by ONNX input name, whose outputs concatenated are
+        every image's outputs in order (cut by :meth:`VisualInputs.split_outputs`). None (every family with one
+        engine input): ``pixels`` in chunks of ``max_batch_size`` entries. Qwen2-VL feeds rows, rope and mask."""
+        return None
+
+    def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
+        """The torch visual module (:meth:`visual_module`) run on ``inputs`` as the visual engine is: ``module(pixels)``
+        (several-input families: on their feeds, outputs concatenated)."""
+        return module(inputs.pixels)
 
     def pack_visual_features(self, processor: Any, outputs: torch.Tensor, image_size: tuple[int, int],
                              extras: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Their plans are the 1.2 README's: the LLM converted by the release's own ``conve
 ``trtllm-build`` with the attention plugin and ``--max_num_tokens``, ``build_multimodal_engine.py --model_type``.
 v0.10 (dialect 0.9) has none of them: its builder's ``--model_type`` lacks them, so such a plan is refused naming the
 release that has it. On the hf toolchain they are plan-only until a family writes its hf path (each says which
-transformers class would serve it); LLaVA-NeXT has (it sets ``hf_supported``).
+transformers class would serve it); LLaVA-NeXT and Qwen2-VL have (they set ``hf_supported``).
 """
 
 from __future__ import annotations

@@ -34,6 +34,14 @@ class LlmPrefix:
     eos: frozenset[int]
     start: int | None = None
     """Decoder start token (seq2seq and cross)."""
+    positions: torch.Tensor | None = None
+    """decoder only, M-RoPE LLMs (Qwen2-VL): the prompt's position ids [3, 1, L] (time, height, width; image rows
+    take their grid's); each generated token then takes :meth:`next_position` + its step on all three axes. None:
+    positions 0..L-1 (every other family)."""
+
+    def next_position(self) -> int:
+        """The first generated token's position (M-RoPE: the prompt's largest + 1 on every axis; else L)."""
+        return self.length if self.positions is None else int(self.positions.max()) + 1
 
     @property
     def length(self) -> int:
@@ -154,10 +162,15 @@ def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) 
         """Logits for the next position: the whole prefix first (token None), then one token."""
         nonlocal mask
         if prefix.kind == "decoder":
+            # M-RoPE prefixes say their positions; every other one leaves them to the LLM (0..L-1, then counting on)
+            mrope = prefix.positions is not None
             if token is None:
-                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True)
+                where = {"position_ids": prefix.positions.to(device)} if mrope else {}  # type: ignore[union-attr]
+                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True, **where)
+            where = {"position_ids": torch.tensor([[prefix.next_position() + mask.shape[1] - prefix.length]],
+                                                  device=device)} if mrope else {}
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache})
+            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache}, **where)
         ids = token if token is not None else torch.tensor([[prefix.start]], dtype=torch.long, device=device)
         if prefix.kind == "seq2seq":
             return llm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,

@@ -98,11 +98,13 @@ class HfEngine:
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
         fits = not self.family.encoder_decoder and self.config.llm.format in ("safetensors", "lowbit") and self.tp == 1
+        fits = fits and self.family.position_id_dims == 1  # its buckets keep one position per row and column
         if decode == "dynamic" or decode == "auto" and not (fits and self.device.startswith("cuda")):
             return None
         if not fits:
             raise DeployError(f"{self.config.name}: the static decode path needs a float or low-bit decoder-only LLM "
-                              "without tensor parallelism; use --decode dynamic")
+                              "with one-axis positions (not M-RoPE) and without tensor parallelism; use --decode "
+                              "dynamic")
         from vlmforge.runner.static import StaticDecoder
 
         limit = self.config.max_input_len + self.config.max_output_len
@@ -153,19 +155,25 @@ class HfEngine:
         inputs.pixels = inputs.pixels.float().cpu()
         return inputs
 
-    def _run_vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Visual-engine outputs [T, N, hidden] on the CPU, from pixels in chunks of the visual engine's batch."""
+    def _run_vision(self, inputs: VisualInputs) -> torch.Tensor:
+        """Visual-engine outputs [T, N, hidden] on the CPU, from pixels in chunks of the visual engine's batch (or the
+        family's own feeds, for an engine of several inputs)."""
         import torch
 
         assert self.vision is not None, "_inputs refuses an engine without its visual engine first"
         chunk = self.config.visual.max_batch_size
+        feeds = self.family.visual_engine_feeds(inputs, chunk, self.visual_extras)
+        if feeds is not None:
+            return torch.cat([torch.from_numpy(self.vision.run(None, {name: value.numpy()
+                                                                      for name, value in feed.items()})[0])
+                              for feed in feeds])
         return torch.cat([torch.from_numpy(self.vision.run(None, {self.vision_input: part.numpy()})[0])
-                          for part in pixels.split(chunk)])
+                          for part in inputs.pixels.split(chunk)])
 
     def _encode(self, inputs: VisualInputs) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (CPU): the visual engine on every input, then the family's
         packing of each image's outputs (anyres: unpadding and newline embeddings)."""
-        outputs = inputs.split(self._run_vision(inputs.pixels))
+        outputs = inputs.split_outputs(self._run_vision(inputs))
         return [self.family.pack_visual_features(self.processor, part, size, self.visual_extras)
                 for part, size in zip(outputs, inputs.image_sizes, strict=True)]
 

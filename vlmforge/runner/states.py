@@ -2,7 +2,8 @@
 
 - ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
   padding and position ids that start at 0 on each row's first real position, so each row sees
-  exactly what it would see alone; every step appends one token per row.
+  exactly what it would see alone; every step appends one token per row. M-RoPE prefixes (Qwen2-VL) bring their
+  own [3, 1, L] positions, left-padded alike; each row's steps go on from its own largest position + 1.
 - ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
   decoders start from the same token, so the decoder side needs no padding.
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
@@ -113,13 +114,29 @@ def _check_rows(rows: Sequence[int], retired: set[int], size: int, capacity: int
 def _prefill_joiners(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]
                      ) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
     """One left-padded forward of a boundary's joiners (a dynamic cache of its own): each one's first-token logits
-    [n, vocab], position ids [n, L] and the cache's layers (row i's own keys and values are its last ``length``
-    columns), what each sees alone but for float rounding."""
+    [n, vocab], position ids [n, L] (counted from each row's first real column; M-RoPE prefixes are run with their own
+    3D positions) and the cache's layers (row i's own keys and values are its last ``length`` columns), what each sees
+    alone but for float rounding."""
     embeds, mask, _ = _stack(prefixes, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-              **_last_logits_only(llm))
+    mrope = _mrope_positions(prefixes, mask)
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions if mrope is None else mrope,
+              use_cache=True, **_last_logits_only(llm))
     return out.logits[:, -1], positions, list(cache_of(out).layers)
+
+
+def _mrope_positions(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> torch.Tensor | None:
+    """M-RoPE prefixes' position ids left-padded to [3, B, L] like ``mask`` (0 under the padding); None when the
+    prefixes carry none (positions then count from each row's first real column)."""
+    if all(p.positions is None for p in prefixes):
+        return None
+    if any(p.positions is None for p in prefixes):
+        raise ValueError("one batch mixes prefixes with and without M-RoPE positions")
+    positions = torch.zeros((3, *mask.shape), dtype=torch.long, device=mask.device)
+    for row, prefix in enumerate(prefixes):
+        assert prefix.positions is not None
+        positions[:, row, mask.shape[1] - prefix.length:] = prefix.positions[:, 0].to(mask.device)
+    return positions
 
 
 class DecoderOnlyBatch(PrefixBatch):
@@ -129,7 +146,10 @@ class DecoderOnlyBatch(PrefixBatch):
         self.llm = llm
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = _mrope_positions(prefixes, self.mask)
+        if self.positions is None:
+            self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.mrope = [p.next_position() for p in prefixes] if self.positions.dim() == 3 else None
         self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
         self.retired = set()
@@ -138,7 +158,10 @@ class DecoderOnlyBatch(PrefixBatch):
         out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                        **_last_logits_only(self.llm))
         self.cache = cache_of(out)
-        self.next_position = self.positions[:, -1:] + 1
+        if self.mrope is None:
+            self.next_position = self.positions[:, -1:] + 1
+        else:  # M-RoPE: each row goes on from its own largest position, the same on all three axes
+            self.next_position = torch.tensor(self.mrope, device=self.mask.device)[:, None]
         self.embeds = None  # type: ignore[assignment]  # not needed any more
         return out.logits[:, -1]
 
@@ -187,7 +210,9 @@ class DecoderOnlyBatch(PrefixBatch):
         for index, (row, prefix) in enumerate(joins):
             mine = slice(index, index + 1)  # its own row, its own (last) columns
             columns = slice(-prefix.length, None)
-            self._place(row, prefix, positions[mine, -1:] + 1,
+            position = (positions[mine, -1:] + 1 if prefix.positions is None  # M-RoPE: the prefix's own next one
+                        else positions.new_full((1, 1), prefix.next_position()))
+            self._place(row, prefix, position,
                         [(layer.keys[mine, :, columns], layer.values[mine, :, columns]) for layer in own])
         return list(logits)
 

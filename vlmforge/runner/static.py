@@ -228,6 +228,9 @@ class StaticDecoder:
     def batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> StaticBatch:
         if any(p.kind != "decoder" for p in prefixes):
             raise ValueError("the static decode path serves decoder-only LLMs")
+        if any(p.positions is not None for p in prefixes):
+            raise ValueError("the static decode path keeps one position per column: M-RoPE prefixes (Qwen2-VL) take "
+                             "the eager path (--decode dynamic)")
         if len(prefixes) > self.max_batch_size:
             raise ValueError(f"{len(prefixes)} requests exceed the static batch limit {self.max_batch_size}")
         longest = max(p.length for p in prefixes)
@@ -375,6 +378,8 @@ class StaticBatch(PrefixBatch):
         for _, prefix in joins:
             if prefix.kind != "decoder":
                 raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
+            if prefix.positions is not None:
+                raise ValueError("the static decode path keeps one position per column, not M-RoPE positions")
             if not 1 <= prefix.length <= self.written:
                 raise ValueError(f"a prefix of {prefix.length} positions does not fit left of column {self.written}: "
                                  "ask room() first")

@@ -130,3 +130,58 @@ def compare_onnx(path: Path, module: torch.nn.Module, pixel_values: torch.Tensor
         "max_rel_to_scale": float(diff.max() / (np.abs(ref).max() + 1e-12)),
         "batch": int(pixel_values.shape[0]),
     }
+
+
+def export_onnx_feeds(
+    module: torch.nn.Module,
+    path: Path,
+    feed: dict[str, torch.Tensor],
+    axes: dict[str, dict[int, str]],
+    output_name: str = "features",
+    opset: int = 18,
+) -> OnnxExportInfo:
+    """Export a visual module of several inputs (``module(*feed.values())``), its ``axes`` (input or output name ->
+    {axis: dim name}; one name = one size) dynamic, with the TorchScript exporter: Qwen2-VL's rows axis appears
+    as rows, the mask's two axes and rows/4 in the output, which torch.export's symbolic shapes refuse to relate."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    try:
+        with EXPORT_GATE.exclusive(), torch.no_grad():
+            torch.onnx.export(module, tuple(feed.values()), str(path), input_names=list(feed),
+                              output_names=[output_name], dynamic_axes=axes, opset_version=min(opset, 17),
+                              dynamo=False)
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - one exporter: say why it failed
+        raise RuntimeError(f"the ONNX export failed: torchscript: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    return OnnxExportInfo(path, "torchscript")
+
+
+def run_onnx_feed(path: Path, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run an export of several inputs in onnxruntime (CPU) on one feed; float32 CPU output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        out = session.run(None, {name: value.detach().to("cpu", torch.float32).numpy() for name, value in feed.items()})
+    except Exception as exc:  # onnxruntime's own error classes derive from Exception alone
+        shapes = {name: tuple(value.shape) for name, value in feed.items()}
+        raise OnnxRunError(f"ONNX Runtime cannot run {Path(path).name} on inputs of shapes {shapes}: "
+                           f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    return torch.from_numpy(np.asarray(out[0], dtype=np.float32))
+
+
+def compare_onnx_feed(path: Path, module: torch.nn.Module, feed: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`compare_onnx` for a module of several inputs, on one feed (``batch``: the output's rows)."""
+    got = run_onnx_feed(path, feed).double().numpy()
+    with torch.no_grad():
+        ref = module.eval()(*feed.values()).double().cpu().numpy()
+    diff = np.abs(got - ref)
+    return {
+        "max_abs": float(diff.max()),
+        "max_rel": float((diff / (np.abs(ref) + 1e-6)).max()),
+        "max_rel_to_scale": float(diff.max() / (np.abs(ref).max() + 1e-12)),
+        "batch": int(ref.shape[0]),
+    }

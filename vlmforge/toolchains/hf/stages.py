@@ -190,6 +190,8 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     processor = _load_processor(resolved, source_dir)
     module = family.visual_module(model).eval()
     images = family.golden_images()
+    if family.visual_engine_axes:
+        return _build_visual_feeds(resolved, model, processor, module, images, out)
     pixels = family.visual_inputs(processor, images).pixels  # anyres families: every image's tiles
     checks, example = [pixels[:1], pixels], pixels[:2]
     dynamic = family.dynamic_spatial_axes
@@ -220,6 +222,45 @@ def build_visual(resolved: ResolvedSpec, source_dir: Path, out: Path) -> VisualR
     if dynamic:
         shape[1] = "tokens"  # as many as the image's size gives
     return VisualResult(exporter=info.exporter, precision="float32", output_shape=["batch", *shape[1:]],
+                        max_abs_error=worst["max_abs"], max_rel_error=worst["max_rel"],
+                        max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
+
+
+def _build_visual_feeds(resolved: ResolvedSpec, model: Any, processor: Any, module: Any, images: list[Any],
+                        out: Path) -> VisualResult:
+    """:func:`build_visual` for a visual engine of several inputs (Qwen2-VL: rows, rope, mask): exported on every
+    golden image at once and checked in ONNX Runtime against torch on each image alone and on all together (other
+    row counts than the export's: the dynamic axes are proven)."""
+    from vlmforge.toolchains.hf.onnx import OnnxRunError, compare_onnx_feed, export_onnx_feeds
+
+    family = resolved.family
+    target = out / "vision" / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    family.save_visual_extras(model, target.parent)
+    extras = family.load_visual_extras(target.parent)
+    inputs = family.visual_inputs(processor, images)
+    together = family.visual_engine_feeds(inputs, len(images), extras)
+    alone = [feed for i in range(len(images))
+             for feed in family.visual_engine_feeds(inputs.select([i]), 1, extras) or []]
+    if not together or not alone:
+        raise BuildError(f"{family.name} declares visual_engine_axes but feeds its visual engine nothing")
+    with EXPORT_GATE.exclusive(), _LOADING:
+        info = export_onnx_feeds(module, target, together[0], family.visual_engine_axes)
+    try:
+        errors = [compare_onnx_feed(target, module, feed) for feed in alone + together]
+    except OnnxRunError as exc:
+        raise BuildError(f"visual engine check failed ({info.exporter} export): {exc}") from None
+    worst = {key: max(err[key] for err in errors) for key in ("max_abs", "max_rel", "max_rel_to_scale")}
+    if worst["max_rel_to_scale"] > family.logit_scale_tolerance:
+        raise BuildError(
+            f"visual engine check failed: ONNX Runtime differs from torch by {worst['max_rel_to_scale']:.2e} of the "
+            f"output scale (tolerance {family.logit_scale_tolerance:.0e})"
+        )
+    import torch
+
+    with torch.no_grad():
+        hidden = int(module(*alone[0].values()).shape[-1])
+    return VisualResult(exporter=info.exporter, precision="float32", output_shape=["tokens", hidden],
                         max_abs_error=worst["max_abs"], max_rel_error=worst["max_rel"],
                         max_rel_to_scale=worst["max_rel_to_scale"], bytes=target.stat().st_size)
 
