@@ -298,12 +298,13 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return PROMPT_TEMPLATE.format(images=IMAGE_TOKEN * num_images, text=text)
 
     def golden_images(self) -> list[Image.Image]:
-        """Three sizes (tiny model): square 64x64 (3x3 pinpoint), wide 100x80 (4x3, its 6x8 grid downsampled to
-        5x6), tall 40x90 (4x2: an 8x4 grid)."""
+        """Three sizes (width x height; tiny model's counts): square 64x64 (3x3 tiles, 46 tokens), wide 100x80 (3x4
+        tiles, its 6x8 grid downsampled to 5x6: 39) and tall 45x130 (5x2 tiles, a 10x4 grid: 54, the most any image
+        gives)."""
         from vlmforge.modeling.images import synthetic_images
 
         square, wide, tall = synthetic_images()
-        return [square.resize((64, 64)), wide.resize((100, 80)), tall.resize((40, 90))]
+        return [square.resize((64, 64)), wide.resize((100, 80)), tall.resize((45, 130))]
 
     def tile_geometry(self, processor: Any) -> tuple[int, int]:
         """SigLIP tiles of size["height"], num_image_tokens = side^2 patches each (no CLS)."""
