@@ -53,6 +53,10 @@ def test_models_and_families_json() -> None:
     assert by_name["llava_next"]["toolchains"] == {"hf": "build, validate, serve",
                                                    "trtllm": "plan (1.2), build (validated against hf)"}
     assert by_name["llava_next"]["tiny_source"] == "tiny://llava-next"
+    onevision = by_name["llava_onevision"]
+    assert onevision["toolchains"] == by_name["llava_next"]["toolchains"]
+    assert (onevision["tiny_source"], onevision["num_visual_features"], onevision["default_max_image_size"],
+            onevision["max_images_per_prompt"]) == ("tiny://llava-onevision", 8765, "2304x2304", 1)
     for name, cls in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),):
         assert by_name[name]["toolchains"] == {"hf": f"not yet (plan-only; {cls})",
                                                "trtllm": "plan (1.2) only; run it in NVIDIA's container"}
