@@ -359,9 +359,11 @@ def _tiny_config() -> Any:
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                 image_size=TINY.tile, patch_size=TINY.patch)
+    # initializer_range 0.1: at tiny-llava's 0.05 this Qwen2's float16 top-2 logits tied (margin 0.0) and a batch
+    # flipped them; at 0.1 every golden and test request's smallest margin is over 0.005
     text = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.05)
+                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=0.1)
     return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
                                 video_token_index=UNK_ID,  # never in a prompt: video is a later step
                                 image_grid_pinpoints=[list(pin) for pin in TINY.pinpoints], vision_feature_layer=-1,
