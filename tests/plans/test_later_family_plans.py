@@ -1,5 +1,5 @@
-"""Golden 1.2 plans of the families TensorRT-LLM 1.2 added (llava_next, llava_onevision, qwen2_vl): every argv exactly, and the 1.2
-multimodal README's commands reproduced, paths aside, with each deliberate deviation named
+"""Golden 1.2 plans of the families TensorRT-LLM 1.2 added (llava_next, llava_onevision, qwen2_vl): every argv exactly,
+and the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named
 (/work/notes/families15.md has the README text and where it was read)."""
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def test_the_engine_batches_what_it_generates_alone(name: str, tiny_engine_of: A
     features = engine.encode_images([images[0]])[0]
     spare = engine.config.num_visual_features - int(features.shape[1])
     assert spare >= 0 and (spare == 0 or engine.family.size_dependent_tokens)
-    assert [engine.prompt_length(p) for p in prompts] == [engine.llm_prefix(features, p).length + spare for p in prompts]
+    lengths = [engine.llm_prefix(features, p).length + spare for p in prompts]
+    assert [engine.prompt_length(p) for p in prompts] == lengths
 
 
 @pytest.mark.parametrize("tiny_family", FAMILIES, indirect=True)

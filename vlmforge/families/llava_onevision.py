@@ -7,7 +7,8 @@ per tile). The tile grid's features are unpadded to the image's aspect ratio and
 9 tiles' worth of patches (ratio > 1.1), bilinearly downsampled to about 9 tiles (transformers'
 ``LlavaOnevisionModel.pack_image_features``); one newline embedding follows each grid row. So the count is
 729 + rows x cols + rows, at most 8765 (an image of about 1156x946, height x width: its 108x81 grid on the 1536x1152
-pinpoint unpads to 98x81, just under the downsampling threshold), measured against transformers' processor in tests/families.
+pinpoint unpads to 98x81, just under the downsampling threshold), measured against transformers' processor in
+tests/families.
 
 Budgets are counted exactly per image (:func:`onevision_count`, transformers' arithmetic); the most any image within
 visual.max_image_size gives is :func:`largest_counts`, which walks each pinpoint an image of the box can land on and
@@ -93,7 +94,7 @@ def _downsample(rows: int, cols: int, side: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _count(pinpoint: tuple[int, int], unpadded: tuple[int, int], side: int, tile: int) -> OnevisionCount:
+def _count(pinpoint: tuple[int, int], unpadded: tuple[int, int], side: int) -> OnevisionCount:
     rows, cols = _downsample(*unpadded, side)
     return OnevisionCount(pinpoint, unpadded, rows, cols, side * side + rows * cols + rows)
 
@@ -103,7 +104,7 @@ def onevision_count(height: int, width: int, geometry: AnyresGeometry = ONEVISIO
     side = geometry.tile // geometry.patch
     pin_h, pin_w = select_best_resolution(height, width, geometry.pinpoints)
     unpadded = _unpad(height, width, side * (pin_h // geometry.tile), side * (pin_w // geometry.tile))
-    return _count((pin_h, pin_w), unpadded, side, geometry.tile)
+    return _count((pin_h, pin_w), unpadded, side)
 
 
 def tiles_of(pinpoint: tuple[int, int], tile: int) -> int:
@@ -157,7 +158,7 @@ def _largest(height: int, width: int, geometry: AnyresGeometry) -> tuple[Onevisi
         most_tiles = max(most_tiles, tiles_of(pin, tile))
         rows, cols = side * (pin[0] // tile), side * (pin[1] // tile)
         for grid in _grids(rows, cols, lo, hi):
-            count = _count(pin, grid, side, tile)
+            count = _count(pin, grid, side)
             if best is None or count.tokens > best.tokens:
                 best = count
     assert best is not None, f"{size}: no pinpoint reachable"
