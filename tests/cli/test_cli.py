@@ -57,6 +57,10 @@ def test_models_and_families_json() -> None:
         "hf": "build, validate, serve (M-RoPE: eager decode, no static GPU path)",
         "trtllm": "plan (1.2), build (validated against hf)"}
     assert by_name["qwen2_vl"]["tiny_source"] == "tiny://qwen2-vl" and by_name["qwen2_vl"]["size_dependent_tokens"]
+    onevision = by_name["llava_onevision"]
+    assert onevision["toolchains"] == by_name["llava_next"]["toolchains"]
+    assert (onevision["tiny_source"], onevision["num_visual_features"], onevision["default_max_image_size"],
+            onevision["max_images_per_prompt"]) == ("tiny://llava-onevision", 8765, "2304x2304", 1)
     assert (by_name["qwen2_vl"]["num_visual_features"], by_name["qwen2_vl"]["default_max_image_size"]) == (324, "504x504")
 
 

@@ -175,6 +175,6 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
         assert options["tensor_parallel_size"] == spec.parallel.tp
         assert argv[argv.index("-n") + 1] == str(derived.world_size)
     # VILA1.5's layout (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration) and Qwen2-VL
-    # (Qwen2VLForConditionalGeneration, its tiny model built here) are in the matrix; VILA 1.0, LLaVA-1.5, BLIP-2 and
-    # Nougat are not
+    # (Qwen2VLForConditionalGeneration, its tiny model built here) are in the matrix; VILA 1.0, LLaVA-1.5,
+    # LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and Nougat are not
     assert served == ["tiny-llava-next", "tiny-qwen2-vl", "tiny-vila"]

@@ -46,7 +46,8 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
     assert manifest.source.revision.startswith("tiny-sha256:")
     assert manifest.validation["passed"] is True and manifest.toolchain == "hf"
     assert {"engine.json", "vision/model.onnx"} <= {f.path for f in manifest.files}
-    if manifest.spec["family"] == "llava_next":  # its newline embedding travels with the visual engine (1.2's name)
+    if manifest.spec["family"] in {"llava_next", "llava_onevision"}:  # the newline embedding travels with the visual
+        # engine (1.2's name)
         assert "vision/image_newlines.safetensors" in {f.path for f in manifest.files}
         assert (pulled / "vision" / "image_newlines.safetensors").is_file()
     if manifest.spec["family"] == "qwen2_vl":  # the host's rope table reads the tower's frequencies beside the engine

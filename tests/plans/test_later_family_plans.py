@@ -1,5 +1,5 @@
-"""Golden 1.2 plans of the families TensorRT-LLM 1.2 added (llava_next, qwen2_vl): every argv exactly, and the 1.2
-multimodal README's commands reproduced, paths aside, with each deliberate deviation named
+"""Golden 1.2 plans of the families TensorRT-LLM 1.2 added (llava_next, llava_onevision, qwen2_vl): every argv exactly,
+and the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named
 (/work/notes/families15.md has the README text and where it was read)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.seed import normalize
-from vlmforge.errors import PlanError
+from vlmforge.errors import PlanError, SpecError
 from vlmforge.families import get_family, resolve
 from vlmforge.plans.model import Plan
 from vlmforge.specs.catalog import catalog_entry
@@ -86,6 +86,95 @@ def test_llava_next_plan_is_the_readme_but_for_the_derived_multimodal_len() -> N
         if name == "build-llm":
             expected[expected.index("--max_multimodal_len") + 1] = "2928"
         assert normalize(ours[name]) == normalize(expected), name
+
+
+# --- llava_onevision (llava-hf/llava-onevision-qwen2-7b-ov-hf) -------------------------------------------------------
+
+ONEVISION = "llava-onevision-qwen2-7b-ov-hf"
+OV_HF, OV_CKPT = f"{W}/hf_models/{ONEVISION}", f"{W}/trt_models/{ONEVISION}/fp16/1-gpu"
+OV_ENGINE = f"{W}/trt_engines/{ONEVISION}/fp16/1-gpu"
+
+ONEVISION_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", f"hf://llava-hf/{ONEVISION}", OV_HF],
+    "convert": ["python", "../qwen/convert_checkpoint.py", "--model_dir", OV_HF, "--output_dir", OV_CKPT,
+                "--dtype", "float16"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", OV_CKPT, "--output_dir", f"{OV_ENGINE}/llm",
+                  "--gemm_plugin", "float16", "--use_fused_mlp", "enable", "--max_batch_size", "1",
+                  "--max_input_len", "8865", "--max_seq_len", "8965", "--max_num_tokens", "8865",
+                  "--max_multimodal_len", "8765"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "llava_onevision", "--model_path", OV_HF,
+                     "--output_dir", f"{OV_ENGINE}/vision", "--max_batch_size", "37"],
+    "validate": ["python", "run.py", "--max_new_tokens", "30", "--input_text", "What is shown in this image?",
+                 "--hf_model_dir", OV_HF, "--engine_dir", OV_ENGINE],
+}
+
+ONEVISION_README = {
+    "convert": "python ../qwen/convert_checkpoint.py --model_dir tmp/hf_models/M --output_dir tmp/trt_models/M/fp16/1-gpu "
+               "--dtype float16",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M/fp16/1-gpu --output_dir tmp/trt_engines/M/fp16/1-gpu/llm "
+                 "--gemm_plugin float16 --use_fused_mlp=enable --max_batch_size 1 --max_input_len 7228 "
+                 "--max_seq_len 7328 --max_multimodal_len 7128",
+    "build-visual": "python build_multimodal_engine.py --model_path tmp/hf_models/M --output_dir "
+                    "tmp/trt_engines/M/fp16/1-gpu/vision --model_type llava_onevision --max_batch_size 32",
+    "validate": "python run.py --max_new_tokens 30 --hf_model_dir tmp/hf_models/M --engine_dir tmp/trt_engines/M/fp16/1-gpu "
+                "--input_text What_is_shown_in_this_image?",
+}
+
+
+def test_llava_onevision_plan_is_exact() -> None:
+    for model in (ONEVISION, "llava-onevision-qwen2-0.5b-ov-hf"):
+        plan = plan_for(model)
+        assert {step.cwd for step in plan.steps} == {MM}
+        assert plan.requirements.tensorrt_llm == "v1.2.1"
+    plan = plan_for(ONEVISION)
+    assert [step.name for step in plan.steps] == list(ONEVISION_GOLDEN)
+    assert argvs(plan) == ONEVISION_GOLDEN
+
+
+def test_llava_onevision_plan_is_the_readme_sized_for_its_largest_image() -> None:
+    """Deviations, each deliberate: the README's --max_input_len 7228 / --max_multimodal_len 7128 / vision batch 32
+    cannot hold one 2048x2048 image (7371 tokens, 37 tiles; the largest image within 2304x2304 gives 8765), so the
+    catalog sizes for the largest image with the README's 100 text and 100 output tokens on top; --max_num_tokens =
+    max_input_len (the default 8192 is under it). Left out: --image_path image.png (run.py's own image, as every
+    plan) and `pip install -r requirements-llava_onevision.txt` (LLaVA-NeXT's repository and av serve the lmms
+    checkpoint and video; the container's transformers 4.57.1 meets its >=4.44.2)."""
+    ours = argvs(plan_for(ONEVISION))
+    sized = {"--max_input_len": "8865", "--max_seq_len": "8965", "--max_multimodal_len": "8765"}
+    for name, command in ONEVISION_README.items():
+        expected = [t.replace("_", " ") if t.startswith("What_") else t for t in readme(command)]
+        for flag, value in sized.items() if name == "build-llm" else ():
+            expected[expected.index(flag) + 1] = value
+        if name == "build-llm":
+            expected += ["--max_num_tokens", "8865"]
+        if name == "build-visual":
+            expected[expected.index("--max_batch_size") + 1] = "37"
+        assert normalize(ours[name]) == normalize(expected), name
+
+
+def test_llava_onevision_with_the_readmes_limits_is_refused_naming_size_tokens_and_fix() -> None:
+    """The README's own limits at its measured 2048x2048 image: refused before any work, saying why and what to do;
+    an image box that they hold (768x768: 3699 tokens, 5 tiles) plans."""
+    readme_limits = {"limits.max_input_len": 7228, "limits.max_seq_len": 7328, "visual.max_batch_size": 32}
+    with pytest.raises(SpecError) as info:
+        plan_for(ONEVISION, {**readme_limits, "visual.max_image_size": {"height": 2048, "width": 2048}})
+    assert info.value.path == "limits.max_input_len"
+    for part in ("2048x2048", "8765 tokens", "98x81 unpadded grid", "raise limits.max_input_len to at least 8765",
+                 "lower visual.max_image_size"):
+        assert part in str(info.value), part
+    with pytest.raises(SpecError, match=r"1 x 1 x 37 = 37.*set visual.max_batch_size: 37") as batch:
+        plan_for(ONEVISION, {"visual.max_batch_size": 32})
+    assert batch.value.path == "visual.max_batch_size"
+    build = argvs(plan_for(ONEVISION, {**readme_limits, "visual.max_image_size": {"height": 768, "width": 768}}))
+    assert build["build-llm"][build["build-llm"].index("--max_multimodal_len") + 1] == "3699"
+    assert build["build-visual"][-2:] == ["--max_batch_size", "32"]
+
+
+def test_llava_onevision_refuses_video_and_several_images() -> None:
+    with pytest.raises(SpecError, match="video input to llava_onevision .* is a later step") as info:
+        plan_for(ONEVISION, {"validation.input_text": "<video>\nWhat happens?"})
+    assert info.value.path == "validation.input_text"
+    with pytest.raises(SpecError, match="max_images_per_prompt"):
+        plan_for(ONEVISION, {"limits.max_images_per_prompt": 2})
 
 
 # --- qwen2_vl (Qwen/Qwen2-VL-7B-Instruct) ---------------------------------------------------------------------------
@@ -177,7 +266,7 @@ def test_larger_images_and_batches_resize_every_budget() -> None:
 
 # --- refusals ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", [LLAVA_NEXT, QWEN])
+@pytest.mark.parametrize("model", [LLAVA_NEXT, ONEVISION, QWEN])
 def test_dialect_09_is_refused_naming_the_family_and_the_release(model: str) -> None:
     family = get_family(catalog_entry(model)["family"]).name
     with pytest.raises(PlanError, match=(f"{family} cannot be planned in dialect 0.9: TensorRT-LLM v0.10.0's "
@@ -200,10 +289,10 @@ def test_vicuna_is_refused_for_the_runner_it_cannot_use() -> None:
         plan_for("llava-v1.6-vicuna-7b-hf")
 
 
-@pytest.mark.parametrize("model", [LLAVA_NEXT, QWEN])
+@pytest.mark.parametrize("model", [LLAVA_NEXT, QWEN, ONEVISION])
 def test_later_families_pass_both_toolchains_checks(model: str) -> None:
-    """The hf toolchain builds llava_next and qwen2_vl now (tests/families/test_llava_next_hf.py,
-    test_qwen2_vl_hf.py): neither check refuses them."""
+    """The hf toolchain builds llava_next, qwen2_vl and llava_onevision now (tests/families/test_llava_next_hf.py,
+    test_qwen2_vl_hf.py, test_llava_onevision_hf.py): neither check refuses them."""
     from vlmforge.toolchains.hf.stages import check_supported
     from vlmforge.toolchains.trtllm.execute import check_buildable
 

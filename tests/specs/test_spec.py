@@ -39,7 +39,7 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
             assert build_plan(spec, dialect=dialect).steps
 
 
-LATER_FAMILIES = {"llava_next", "qwen2_vl"}
+LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl"}
 """Families TensorRT-LLM 1.2 added: dialect 0.9 (v0.10.0) refuses them, naming the release that has them."""
 RUNNER_REFUSES = {"llava-v1.6-vicuna-7b-hf": "Prompt template for lmsys/vicuna-7b-v1.5",
                   "tiny-qwen2-vl": "resizes every image to 504x504"}

@@ -314,7 +314,7 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
 
         path = Path(vision_dir) / NEWLINES_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: a llava_next visual engine needs its newline embedding beside it "
+            raise FileNotFoundError(f"{path}: a {self.name} visual engine needs its newline embedding beside it "
                                     "(the hf toolchain's visual stage writes it): rebuild the engine")
         return {NEWLINE_KEY: load_file(str(path))[NEWLINE_KEY]}
 
@@ -326,8 +326,7 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         image_processor = processor.image_processor
-        tile = int(image_processor.crop_size["height"])
-        side = tile // int(processor.patch_size)
+        tile, side = self.tile_geometry(processor)
         newline = extras[NEWLINE_KEY].to(outputs.device, outputs.dtype)
         base, tiles = outputs[0], outputs[1:]
         if tiles.shape[0] == 0:
@@ -336,9 +335,19 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
         pinpoints = [list(pin) for pin in image_processor.image_grid_pinpoints]
         grid_h, grid_w = get_anyres_image_grid_shape(size, pinpoints, tile)
         grid = tiles.view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).contiguous()
-        grid = unpad_image(grid.flatten(1, 2).flatten(2, 3), size)
+        grid = self.resize_grid(unpad_image(grid.flatten(1, 2).flatten(2, 3), size), side)
         grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
         return torch.cat([base, grid.flatten(1, 2).transpose(0, 1)])[None]
+
+    def tile_geometry(self, processor: Any) -> tuple[int, int]:
+        """(tile side in pixels, patches per tile side) of the processor's anyres tiles."""
+        tile = int(processor.image_processor.crop_size["height"])
+        return tile, tile // int(processor.patch_size)
+
+    def resize_grid(self, grid: torch.Tensor, side: int) -> torch.Tensor:
+        """The unpadded feature grid [hidden, rows, cols] as the LLM reads it: as it is here (LLaVA-OneVision
+        downsamples a large one)."""
+        return grid
 
     def causal_lm_class(self, text_config: Any) -> type:
         """The LLM class of the checkpoint's text config: LLaMA for Vicuna and the tiny model, Mistral for
