@@ -174,6 +174,7 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
         assert options["max_seq_len"] == derived.max_seq_len
         assert options["tensor_parallel_size"] == spec.parallel.tp
         assert argv[argv.index("-n") + 1] == str(derived.world_size)
-    # VILA1.5's layout (LlavaLlamaModel) and LLaVA-NeXT (LlavaNextForConditionalGeneration) are in the matrix;
-    # VILA 1.0, LLaVA-1.5, BLIP-2 and Nougat are not
-    assert served == ["tiny-llava-next", "tiny-vila"]
+    # VILA1.5's layout (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration) and Gemma 3
+    # (Gemma3ForConditionalGeneration) are in the matrix; VILA 1.0, LLaVA-1.5, BLIP-2 and Nougat are not
+    assert served == ["gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "tiny-llava-next", "tiny-vila",
+                      "tiny-gemma3"]

@@ -34,6 +34,13 @@ class LlmPrefix:
     eos: frozenset[int]
     start: int | None = None
     """Decoder start token (seq2seq and cross)."""
+    token_type_ids: torch.Tensor | None = None
+    """[1, L], 1 on the rows the LLM attends to bidirectionally within their run during the prefill (Gemma3's image
+    tokens; transformers' name): the prefill passes them to the LLM, which builds its mask from them. None: causal."""
+
+    def prefill_kwargs(self) -> dict[str, torch.Tensor]:
+        """Extra keyword arguments of the LLM's prefill forward for this prefix alone."""
+        return {} if self.token_type_ids is None else {"token_type_ids": self.token_type_ids}
 
     @property
     def length(self) -> int:
@@ -155,7 +162,8 @@ def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) 
         nonlocal mask
         if prefix.kind == "decoder":
             if token is None:
-                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True)
+                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True,
+                           **prefix.prefill_kwargs())
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache})
         ids = token if token is not None else torch.tensor([[prefix.start]], dtype=torch.long, device=device)

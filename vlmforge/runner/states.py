@@ -2,7 +2,8 @@
 
 - ``decoder`` (LLaVA, BLIP-2 OPT): prefixes are LEFT-padded, with an attention mask that hides the
   padding and position ids that start at 0 on each row's first real position, so each row sees
-  exactly what it would see alone; every step appends one token per row.
+  exactly what it would see alone; every step appends one token per row. Prefixes with ``token_type_ids``
+  (Gemma3's image blocks, attended bidirectionally) pass them to the prefill, left-padded the same way.
 - ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
   decoders start from the same token, so the decoder side needs no padding.
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
@@ -84,6 +85,18 @@ def _stack(prefixes: Sequence[LlmPrefix], *, left: bool) -> tuple[torch.Tensor, 
     return embeds, mask, any(p.length != longest for p in prefixes)
 
 
+def _prefill_kwargs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's extra prefill inputs: every row's ``token_type_ids`` left-padded like its embeddings (0 on the
+    padding), where any prefix has them (Gemma3's bidirectional image blocks); none otherwise."""
+    if all(p.token_type_ids is None for p in prefixes):
+        return {}
+    types = torch.zeros_like(mask)
+    for row, prefix in enumerate(prefixes):
+        if prefix.token_type_ids is not None:
+            types[row, types.shape[1] - prefix.length:] = prefix.token_type_ids[0].to(types.dtype)
+    return {"token_type_ids": types}
+
+
 class DecoderOnlyBatch(PrefixBatch):
     """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
 
@@ -91,6 +104,7 @@ class DecoderOnlyBatch(PrefixBatch):
         self.llm = llm
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
+        self.extra = _prefill_kwargs(prefixes, self.mask)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
@@ -98,7 +112,7 @@ class DecoderOnlyBatch(PrefixBatch):
 
     def prefill(self) -> torch.Tensor:
         out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                       **_last_logits_only(self.llm))
+                       **self.extra, **_last_logits_only(self.llm))
         self.cache = cache_of(out)
         self.next_position = self.positions[:, -1:] + 1
         self.embeds = None  # type: ignore[assignment]  # not needed any more
@@ -145,7 +159,7 @@ class DecoderOnlyBatch(PrefixBatch):
             raise ValueError(f"row {row} is neither retired nor the next row ({self.size})")
         positions = (prefix.mask.cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=positions,
-                       use_cache=True, **_last_logits_only(self.llm))
+                       use_cache=True, **prefix.prefill_kwargs(), **_last_logits_only(self.llm))
         own = cache_of(out).layers
         columns, length = self.mask.shape[1], prefix.length
         if length > columns:  # everyone gains masked columns on the left

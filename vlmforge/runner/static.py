@@ -45,6 +45,9 @@ from vlmforge.runner.batching import PrefixBatch, _last_logits_only, _stack
 
 log = logging.getLogger(__name__)
 
+STATIC_REFUSAL = ("the static decode path builds no bidirectional prefill mask (a prefix's token_type_ids: Gemma3's "
+                  "image blocks) and keeps no sliding-window layers: serve such an LLM with --decode dynamic")
+
 
 @functools.cache
 def _in_place_layer() -> type:
@@ -196,6 +199,8 @@ class StaticDecoder:
     def batch(self, prefixes: Sequence[LlmPrefix], max_new_tokens: int) -> StaticBatch:
         if any(p.kind != "decoder" for p in prefixes):
             raise ValueError("the static decode path serves decoder-only LLMs")
+        if any(p.token_type_ids is not None for p in prefixes):
+            raise ValueError(STATIC_REFUSAL)
         if len(prefixes) > self.max_batch_size:
             raise ValueError(f"{len(prefixes)} requests exceed the static batch limit {self.max_batch_size}")
         longest = max(p.length for p in prefixes)
@@ -336,6 +341,8 @@ class StaticBatch(PrefixBatch):
             raise RuntimeError(f"cannot join this static batch: {reason}")
         if prefix.kind != "decoder":
             raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
+        if prefix.token_type_ids is not None:
+            raise ValueError(STATIC_REFUSAL)
         if row == self.size == slot.batch and row not in self.retired:
             larger = self._larger_bucket()
             if larger is None:
