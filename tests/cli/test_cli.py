@@ -53,6 +53,9 @@ def test_models_and_families_json() -> None:
     assert by_name["llava_next"]["toolchains"] == {"hf": "build, validate, serve",
                                                    "trtllm": "plan (1.2), build (validated against hf)"}
     assert by_name["llava_next"]["tiny_source"] == "tiny://llava-next"
+    assert by_name["gemma3"]["toolchains"] == {
+        "hf": "build, validate, serve",
+        "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
     for name, cls in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),):
         assert by_name[name]["toolchains"] == {"hf": f"not yet (plan-only; {cls})",
                                                "trtllm": "plan (1.2) only; run it in NVIDIA's container"}

@@ -133,3 +133,17 @@ def test_the_catalog_models_are_gemma3s_real_settings() -> None:
     facts = resolved.family.architecture_facts({"mm_tokens_per_image": 256, "text_config": {"num_attention_heads": 32},
                                                 "vision_config": {"image_size": 896, "patch_size": 14}})
     assert (facts.num_visual_features, facts.num_attention_heads) == (256, 32)
+
+
+def test_the_tiny_model_is_a_folder_trtllm_serve_takes(tiny: TinyCache) -> None:
+    """trtllm-serve takes images through the chat API only: the tiny model's chat template writes format_prompt's
+    turn (after the tokenizer's bos), and the folder passes the trtllm-serve backend's checkpoint check."""
+    from vlmforge.deploy import trtllm_serve as ts
+
+    t = tiny(NAME)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare them."}, {"type": "image"},
+                                             {"type": "image"}]}]
+    chat = t.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat == t.processor.tokenizer.bos_token + t.family.format_prompt("Compare them.", 2)
+    facts = ts.check_checkpoint(t.model_dir, ts.ServeLimits(max_batch_size=1, max_seq_len=128))
+    assert facts.architecture == "Gemma3ForConditionalGeneration"

@@ -3,7 +3,7 @@
 transformers-5 layout of ``Gemma3ForConditionalGeneration`` (what the hf toolchain takes apart)::
 
     model.model.vision_tower          SiglipVisionModel (896/14 = 64x64 patches)
-    model.model.multi_modal_projector Gemma3MultiModalProjector (4x4 average pool -> 16x16 = 256 tokens, RMSNorm, matmul)
+    model.model.multi_modal_projector Gemma3MultiModalProjector (4x4 average pool: 16x16 = 256 tokens, RMSNorm, matmul)
     model.model.language_model        Gemma3TextModel (no head; sliding-window and global layers)
     model.lm_head                     Linear (tied to the token embedding)
 
@@ -56,6 +56,17 @@ START_TURN, END_TURN = "<start_of_turn>", "<end_of_turn>"
 PROMPT_TEMPLATE = START_TURN + "user\n{images}{text}" + END_TURN + "\n" + START_TURN + "model\n"
 """gemma-3-*-it's chat template for one user turn (its ``<bos>`` is the tokenizer's): the images, then the text."""
 DEFAULT_USER_TEXT = "Describe the image."
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}{% endif %}"
+    "{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+"""The tiny model's chat template: gemma-3-it's turns, a user turn's images before its text (:data:`PROMPT_TEMPLATE`);
+trtllm-serve takes images through the chat API only, so a model folder it serves needs one."""
 NO_ENGINE_REASON = (
     "TensorRT-LLM 1.2's engine builder has no Gemma3 multimodal support (build_multimodal_engine.py has no gemma3 "
     "--model_type and the 1.2 multimodal runner no Gemma3 path; its bidirectional image-token mask is not in the "
@@ -69,10 +80,14 @@ TINY_PATCH_SIZE = 4
 TINY_TOKENS = 16
 TINY_VOCAB_SIZE = 336
 TINY_SLIDING_WINDOW = 12
-"""Smaller than the 16-token image block and the prompt: the sliding layers' window cuts through both (Gemma 3: 1024)."""
+"""Smaller than the 16-token image block and the prompt: the sliding layers' window cuts through both (Gemma 3:
+1024)."""
 TINY_NUM_ATTENTION_HEADS = 4
-TINY_PROJECTION_INIT = 0.15
-"""Std of the tiny projector's matrix: image rows of rms about 0.85 beside text embeddings of about 0.4 (0.05 x 8)."""
+TINY_INIT = 0.08
+"""initializer_range of the tiny model (as tiny-vila's 0.08: the image, and its attention pattern, still move it)."""
+TINY_PROJECTION_INIT = 0.3
+"""Std of the tiny projector's matrix (transformers starts it at zero): image rows of rms about 1.7 (0.3 x sqrt(32))
+beside text embeddings of about 0.64 (0.08 x sqrt(64)), so a wrong image moves the first logits by 0.5 or more."""
 TINY_SPECIALS = (START_TURN, END_TURN, BOI_TOKEN, EOI_TOKEN, IMAGE_SOFT_TOKEN)
 
 
@@ -97,7 +112,8 @@ def _tiny_processor() -> Any:
     image_processor = pil_image_processor(
         "Gemma3ImageProcessor", size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return Gemma3Processor(image_processor=image_processor, tokenizer=_tiny_tokenizer(), image_seq_length=TINY_TOKENS)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=_tiny_tokenizer(), image_seq_length=TINY_TOKENS,
+                           chat_template=TINY_CHAT_TEMPLATE)
 
 
 def _tiny_config(tokenizer: Any) -> Any:
@@ -113,10 +129,10 @@ def _tiny_config(tokenizer: Any) -> Any:
         num_attention_heads=TINY_NUM_ATTENTION_HEADS, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
         sliding_window=TINY_SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=[EOS_ID, ids[END_TURN]], pad_token_id=PAD_ID,
-        initializer_range=0.05)
+        initializer_range=TINY_INIT)
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TINY_TOKENS,
                         boi_token_index=ids[BOI_TOKEN], eoi_token_index=ids[EOI_TOKEN],
-                        image_token_index=ids[IMAGE_SOFT_TOKEN], initializer_range=0.05)
+                        image_token_index=ids[IMAGE_SOFT_TOKEN], initializer_range=TINY_INIT)
 
 
 @cache
@@ -179,7 +195,7 @@ class Gemma3Family(DecoderOnlyFamily):
     """Gemma 3: 256 pooled SigLIP tokens per 896x896 image, bidirectional within each image during the prefill."""
 
     name: ClassVar[str] = "gemma3"
-    description: ClassVar[str] = "Gemma 3 (google/gemma-3-*-it), SigLIP 896 + pooled projector + Gemma3 (hf + trtllm-serve)"
+    description: ClassVar[str] = "Gemma 3 (google/gemma-3-*-it), SigLIP 896 + pooled projector + Gemma3 LLM"
     default_num_visual_features: ClassVar[int] = 256
     llm_kind: ClassVar[str] = "gemma3"
     tiny_source: ClassVar[str | None] = "tiny://gemma3"
@@ -207,7 +223,7 @@ class Gemma3Family(DecoderOnlyFamily):
         processor = _tiny_processor()
         seed_all(seed)
         model = Gemma3ForConditionalGeneration(_tiny_config(processor.tokenizer)).eval()
-        with torch.no_grad():  # transformers starts the projection at zero (every image would give zero rows)
+        with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, TINY_PROJECTION_INIT)
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
