@@ -15,12 +15,13 @@ from vlmforge.modeling.images import synthetic_images
 MAX_TOKENS = 12
 REQUESTS: list[tuple[list[int], str | None]] = [
     ([0], "Question: which city is this? Answer:"),
-    ([1], "What is this?"),
+    ([1], "What is this picture?"),  # "What is this?" meets an exact float16 tie alone (a flip batched)
     ([2, 0], "Compare them."),
     ([1], None),
     ([0, 2], "Which of the two is brighter?"),
 ]
-"""Each request's golden images (by index) and its prompt."""
+"""Each request's golden images (by index) and its prompt: none meets a float16 near-tie alone (smallest top-2 gap
+0.017; a batch's other shapes move tiny-gemma3's float16 logits by about 0.002)."""
 
 
 def request_images(indices: list[int]) -> Any:

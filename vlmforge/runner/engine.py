@@ -93,7 +93,9 @@ class HfEngine:
 
     def _static_decoder(self, decode: str, max_batch_size: int, compile_mode: str, compile: bool) -> Any:
         """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
-        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never.
+        for a float decoder-only LLM on a GPU without tensor parallelism or sliding-window layers (Gemma3's: the static
+        cache and its joins keep no window offsets, nor a bidirectional prefill mask); ``static`` insists; ``dynamic``
+        never.
         ``compile``: compile its step (default: on a GPU; Inductor also compiles for the CPU, with a C++ compiler)."""
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
