@@ -61,6 +61,9 @@ def test_models_and_families_json() -> None:
     assert onevision["toolchains"] == by_name["llava_next"]["toolchains"]
     assert (onevision["tiny_source"], onevision["num_visual_features"], onevision["default_max_image_size"],
             onevision["max_images_per_prompt"]) == ("tiny://llava-onevision", 8765, "2304x2304", 1)
+    assert by_name["gemma3"]["toolchains"] == {
+        "hf": "build, validate, serve",
+        "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
     assert (by_name["qwen2_vl"]["num_visual_features"], by_name["qwen2_vl"]["default_max_image_size"]) == (324, "504x504")
 
 

@@ -174,7 +174,9 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
         assert options["max_seq_len"] == derived.max_seq_len
         assert options["tensor_parallel_size"] == spec.parallel.tp
         assert argv[argv.index("-n") + 1] == str(derived.world_size)
-    # VILA1.5's layout (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration) and Qwen2-VL
-    # (Qwen2VLForConditionalGeneration, its tiny model built here) are in the matrix; VILA 1.0, LLaVA-1.5,
-    # LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and Nougat are not
-    assert served == ["tiny-llava-next", "tiny-qwen2-vl", "tiny-vila"]
+    # VILA1.5's layout (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
+    # (Qwen2VLForConditionalGeneration, its tiny model built here) and Gemma 3 (Gemma3ForConditionalGeneration) are
+    # in the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and
+    # Nougat are not
+    assert served == ["gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "tiny-llava-next", "tiny-qwen2-vl",
+                      "tiny-vila", "tiny-gemma3"]

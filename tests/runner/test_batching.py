@@ -161,17 +161,27 @@ def test_the_engine_batches_what_it_generates_alone(name: str, tiny_engine_of: A
     prompts = PROMPTS if engine.family.takes_prompt else [None] * len(PROMPTS)
     images = synthetic_images(64) + [synthetic_images(80)[2].rotate(90), synthetic_images(50)[1]]
     inputs = sum(engine.family.visual_inputs(engine.processor, images).inputs_per_image)  # anyres: 5 images' tiles
-    if engine.config.visual.max_batch_size >= inputs:  # tiny-llava-next's visual batch holds 2 x 4 images' tiles
-        engine.config.visual.max_batch_size = 8  # the ONNX tile axis is dynamic: several visual calls here too
+    if engine.config.visual.max_batch_size >= inputs:  # tiny-llava-next's visual batch holds 2 x 4 images' tiles,
+        # tiny-gemma3's 4 x 2 images: the ONNX batch (tile) axis is dynamic: several visual calls here too
+        engine.config.visual.max_batch_size = min(8, inputs - 1)
     assert engine.config.visual.max_batch_size < inputs
     alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, prompts, LIMITS)]
     batched = engine.generate_batch(images, prompts, LIMITS, keep_logits=True)
     for a, b in zip(alone, batched, strict=True):
-        assert a.tokens == b.tokens and a.text == b.text
+        steps = len(a.tokens)
+        if a.tokens != b.tokens:
+            # only where the lone decode meets a float16 near-tie (its two likeliest tokens within 0.01: tiny-gemma3's
+            # random LLM has several on these inputs); up to and at that step the logits agree as below
+            steps = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y) + 1
+            top = a.logits[steps - 1].float().topk(2).values
+            assert float(top[0] - top[1]) < 0.01, (a.tokens, b.tokens)
+        else:
+            assert a.text == b.text
         # float16 rounding of a differently shaped batch, relative to the logits' size (a few units in the last
         # place: 0.001 of 1.5 for LLaVA, 0.19 of 45 for BLIP-2 T5); in float32 they agree to 1e-4 (test above)
         scale = a.logits.abs().max().item()
-        assert (a.logits - b.logits).abs().max().item() < 1e-2 * max(scale, 0.5)
+        assert (a.logits[:steps] - b.logits[:steps]).abs().max().item() < 1e-2 * max(scale, 0.5)
+    assert sum(a.tokens == b.tokens for a, b in zip(alone, batched, strict=True)) >= len(alone) - 1
     # the prompt-length check counts an image at the engine's largest count (size-dependent families: the largest
     # image's; a 64x64 image gives tiny-qwen2-vl 4 of 16 tokens, tiny-llava-onevision 46 of 54)
     features = engine.encode_images([images[0]])[0]

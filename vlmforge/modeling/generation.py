@@ -43,6 +43,14 @@ class LlmPrefix:
         """The first generated token's position (M-RoPE: the prompt's largest + 1 on every axis; else L)."""
         return self.length if self.positions is None else int(self.positions.max()) + 1
 
+    token_type_ids: torch.Tensor | None = None
+    """[1, L], 1 on the rows the LLM attends to bidirectionally within their run during the prefill (Gemma3's image
+    tokens; transformers' name): the prefill passes them to the LLM, which builds its mask from them. None: causal."""
+
+    def prefill_kwargs(self) -> dict[str, torch.Tensor]:
+        """Extra keyword arguments of the LLM's prefill forward for this prefix alone."""
+        return {} if self.token_type_ids is None else {"token_type_ids": self.token_type_ids}
+
     @property
     def length(self) -> int:
         """Prompt positions (text tokens and image features): the request's prompt tokens."""
@@ -166,7 +174,8 @@ def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) 
             mrope = prefix.positions is not None
             if token is None:
                 where = {"position_ids": prefix.positions.to(device)} if mrope else {}  # type: ignore[union-attr]
-                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True, **where)
+                return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True, **where,
+                           **prefix.prefill_kwargs())
             where = {"position_ids": torch.tensor([[prefix.next_position() + mask.shape[1] - prefix.length]],
                                                   device=device)} if mrope else {}
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)

@@ -93,19 +93,25 @@ class HfEngine:
 
     def _static_decoder(self, decode: str, max_batch_size: int, compile_mode: str, compile: bool) -> Any:
         """The static-cache, compiled decode path (:mod:`vlmforge.runner.static`) where it applies: ``auto`` takes it
-        for a float decoder-only LLM on a GPU without tensor parallelism; ``static`` insists; ``dynamic`` never.
+        for a float decoder-only LLM on a GPU without tensor parallelism or sliding-window layers (Gemma3's: the static
+        cache and its joins keep no window offsets, nor a bidirectional prefill mask); ``static`` insists; ``dynamic``
+        never.
         ``compile``: compile its step (default: on a GPU; Inductor also compiles for the CPU, with a C++ compiler)."""
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
+        from vlmforge.runner.static import STATIC_REFUSAL, StaticDecoder
+
+        sliding = "sliding_attention" in (getattr(self.llm.config, "layer_types", None) or ())
         fits = not self.family.encoder_decoder and self.config.llm.format in ("safetensors", "lowbit") and self.tp == 1
         fits = fits and self.family.position_id_dims == 1  # its buckets keep one position per row and column
-        if decode == "dynamic" or decode == "auto" and not (fits and self.device.startswith("cuda")):
+        if decode == "dynamic" or decode == "auto" and not (fits and not sliding and self.device.startswith("cuda")):
             return None
         if not fits:
             raise DeployError(f"{self.config.name}: the static decode path needs a float or low-bit decoder-only LLM "
                               "with one-axis positions (not M-RoPE) and without tensor parallelism; use --decode "
                               "dynamic")
-        from vlmforge.runner.static import StaticDecoder
+        if sliding:
+            raise DeployError(f"{self.config.name}: {STATIC_REFUSAL}")
 
         limit = self.config.max_input_len + self.config.max_output_len
         return StaticDecoder(self.llm, max_batch_size=max_batch_size,

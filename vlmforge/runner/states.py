@@ -4,6 +4,8 @@
   padding and position ids that start at 0 on each row's first real position, so each row sees
   exactly what it would see alone; every step appends one token per row. M-RoPE prefixes (Qwen2-VL) bring their
   own [3, 1, L] positions, left-padded alike; each row's steps go on from its own largest position + 1.
+  Prefixes with ``token_type_ids`` (Gemma3's image blocks, attended bidirectionally) pass them to the prefill,
+  left-padded the same way.
 - ``seq2seq`` (BLIP-2 T5): the encoder inputs are right-padded under their attention mask; all
   decoders start from the same token, so the decoder side needs no padding.
 - ``cross`` (Nougat): encoder states of equal length are stacked (padded, with a mask, otherwise).
@@ -121,7 +123,7 @@ def _prefill_joiners(llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     mrope = _mrope_positions(prefixes, mask)
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions if mrope is None else mrope,
-              use_cache=True, **_last_logits_only(llm))
+              use_cache=True, **_prefill_kwargs(prefixes, mask), **_last_logits_only(llm))
     return out.logits[:, -1], positions, list(cache_of(out).layers)
 
 
@@ -139,6 +141,18 @@ def _mrope_positions(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> torch
     return positions
 
 
+def _prefill_kwargs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's extra prefill inputs: every row's ``token_type_ids`` left-padded like its embeddings (0 on the
+    padding), where any prefix has them (Gemma3's bidirectional image blocks); none otherwise."""
+    if all(p.token_type_ids is None for p in prefixes):
+        return {}
+    types = torch.zeros_like(mask)
+    for row, prefix in enumerate(prefixes):
+        if prefix.token_type_ids is not None:
+            types[row, types.shape[1] - prefix.length:] = prefix.token_type_ids[0].to(types.dtype)
+    return {"token_type_ids": types}
+
+
 class DecoderOnlyBatch(PrefixBatch):
     """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
 
@@ -146,6 +160,7 @@ class DecoderOnlyBatch(PrefixBatch):
         self.llm = llm
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
+        self.extra = _prefill_kwargs(prefixes, self.mask)
         self.positions = _mrope_positions(prefixes, self.mask)
         if self.positions is None:
             self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -156,7 +171,7 @@ class DecoderOnlyBatch(PrefixBatch):
 
     def prefill(self) -> torch.Tensor:
         out = self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                       **_last_logits_only(self.llm))
+                       **self.extra, **_last_logits_only(self.llm))
         self.cache = cache_of(out)
         if self.mrope is None:
             self.next_position = self.positions[:, -1:] + 1

@@ -46,6 +46,9 @@ from vlmforge.runner.states import _check_rows, _next_row, _prefill_joiners
 
 log = logging.getLogger(__name__)
 
+STATIC_REFUSAL = ("the static decode path builds no bidirectional prefill mask (a prefix's token_type_ids: Gemma3's "
+                  "image blocks) and keeps no sliding-window layers: serve such an LLM with --decode dynamic")
+
 
 def in_place_static_cache(config: Any, max_cache_len: int) -> Any:
     """A :class:`transformers.StaticCache` whose full-attention layers update in place under Inductor
@@ -231,6 +234,8 @@ class StaticDecoder:
         if any(p.positions is not None for p in prefixes):
             raise ValueError("the static decode path keeps one position per column: M-RoPE prefixes (Qwen2-VL) take "
                              "the eager path (--decode dynamic)")
+        if any(p.token_type_ids is not None for p in prefixes):
+            raise ValueError(STATIC_REFUSAL)
         if len(prefixes) > self.max_batch_size:
             raise ValueError(f"{len(prefixes)} requests exceed the static batch limit {self.max_batch_size}")
         longest = max(p.length for p in prefixes)
@@ -380,6 +385,8 @@ class StaticBatch(PrefixBatch):
                 raise ValueError(f"the static decode path serves decoder-only LLMs, not a {prefix.kind!r} prefix")
             if prefix.positions is not None:
                 raise ValueError("the static decode path keeps one position per column, not M-RoPE positions")
+            if prefix.token_type_ids is not None:
+                raise ValueError(STATIC_REFUSAL)
             if not 1 <= prefix.length <= self.written:
                 raise ValueError(f"a prefix of {prefix.length} positions does not fit left of column {self.written}: "
                                  "ask room() first")
