@@ -331,6 +331,8 @@ def _image_processor_class() -> type:
     from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlyProcessor(LlavaOnevisionProcessor):
+        attributes = ["image_processor", "tokenizer"]  # transformers 4.57 checks these, not __init__'s signature
+
         def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int | None = None,
                      vision_feature_select_strategy: str | None = None, chat_template: str | None = None,
                      image_token: str = IMAGE_TOKEN, vision_aspect_ratio: str = ASPECT, **kwargs: Any) -> None:

@@ -142,6 +142,8 @@ def causal_lm_class() -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel, Qwen2VLTextModel
 
+    from vlmforge.modeling.generation import cache_kwarg, cache_of
+
     class Qwen2VLForCausalLM(Qwen2VLPreTrainedModel, GenerationMixin):
         config_class = Qwen2VLTextConfig
         base_model_prefix = "model"
@@ -160,11 +162,14 @@ def causal_lm_class() -> type:
                     cache: Any = None, inputs_embeds: Any = None, use_cache: bool | None = None,
                     logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
             """position_ids: [3, B, L] M-RoPE ids, or [B, L] (the same on all three axes, e.g. decode steps)."""
+            # the text model's cache keyword and output field: ``cache`` in transformers 5, ``past_key_values`` in
+            # 4.57 (NVIDIA's 1.2 container)
+            name = cache_kwarg(self.model)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, **{name: cache}, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), cache=out.cache)
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), **{name: cache_of(out)})
 
     Qwen2VLForCausalLM.__module__ = __name__
     return Qwen2VLForCausalLM
@@ -179,6 +184,11 @@ def processor_class() -> type:
     class Qwen2VLImageProcessor(Qwen2VLProcessor):  # type: ignore[misc]
         """Qwen2VLProcessor for images only (its video processor needs torchvision)."""
 
+        # transformers 4.57 checks these class attributes, not __init__'s signature: no video processor, and any
+        # fast tokenizer (the tiny model's is a plain PreTrainedTokenizerFast; a real checkpoint's a Qwen2 one)
+        attributes = ["image_processor", "tokenizer"]
+        tokenizer_class = "AutoTokenizer"
+
         def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
                      **kwargs: Any) -> None:
             self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
@@ -192,6 +202,7 @@ def processor_class() -> type:
 
 
 def tiny_config() -> Any:
+    import transformers
     from transformers import Qwen2VLConfig
 
     from vlmforge.families.tinykit import BOS_ID, EOS_ID, PAD_ID
@@ -201,6 +212,9 @@ def tiny_config() -> Any:
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=BOS_ID,
                 eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=TINY_INIT,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.57 (NVIDIA's 1.2 container) reads the legacy key
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        text["rope_theta"] = 10000.0
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.05)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
