@@ -443,3 +443,40 @@ class EncoderDecoderFamily(ModelFamily):
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
         if spec.parallel.pp > 1 and info.dialect is Dialect.V0_9:
             raise PlanError("parallel.pp: the 0.9 multimodal runner has no pipeline parallelism for encoder-decoder models")
+
+
+def wrap_language_model(model: Any, llm_class: Any, **config: Any) -> Any:
+    """``llm_class(text_config)`` around ``model``'s own language model and head (shared, not copied; nothing is
+    allocated for the two submodules it replaces), with ``config``'s attributes set on the text config and the
+    generation ids taken from the full model. What every decoder-only family's ``extract_llm`` does."""
+    import copy
+
+    import torch
+
+    from vlmforge.modeling.devices import model_dtype
+
+    text_config = copy.deepcopy(model.config.text_config)
+    text_config.dtype = model_dtype(model.model.language_model)
+    for key, value in config.items():
+        setattr(text_config, key, value)
+    cls = llm_class(text_config) if not isinstance(llm_class, type) else llm_class
+    with torch.device("meta"):
+        llm = cls(text_config)
+    llm.model = model.model.language_model
+    llm.lm_head = model.lm_head
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(model.generation_config, key, None)
+        setattr(llm.generation_config, key, value if value is not None else getattr(text_config, key, None))
+    return llm.eval()
+
+
+def expand_image_tokens(tokenizer: Any, prompt: str, token: str, counts: list[int], what: str) -> Any:
+    """The prompt's ids with its k-th ``token`` repeated ``counts[k]`` times (one placeholder per image, in order, as
+    the families' processors expand them); ValueError naming ``what`` (the family's prompt) otherwise."""
+    if prompt.count(token) != len(counts):
+        exactly = "exactly one" if len(counts) == 1 else f"exactly {len(counts)}"
+        raise ValueError(f"a {what} prompt for {len(counts)} image{'s' if len(counts) > 1 else ''} holds {exactly} "
+                         f"{token}, one per image in order: {prompt!r}")
+    head, *tails = prompt.split(token)
+    expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
+    return tokenizer(expanded, return_tensors="pt").input_ids

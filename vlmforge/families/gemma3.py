@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily
+from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily, wrap_language_model
 from vlmforge.plans.model import DialectInfo, PlanContext
 from vlmforge.specs.schema import BuildSpec, Dialect
 
@@ -230,11 +230,10 @@ class Gemma3Family(DecoderOnlyFamily):
     # --- hf toolchain -----------------------------------------------------------------------
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
+        import torch
         from transformers import Gemma3ForConditionalGeneration
 
         from vlmforge.modeling.devices import seed_all
-
-        import torch
 
         processor = _tiny_processor()
         seed_all(seed)
@@ -267,24 +266,9 @@ class Gemma3Family(DecoderOnlyFamily):
         return _visual_module_class()(model).eval()
 
     def extract_llm(self, model: Any) -> Any:
-        """A :func:`image_text_lm_class` around the full model's own language model and head (shared, not copied)."""
-        import copy
-
-        import torch
-
-        from vlmforge.modeling.devices import model_dtype
-
-        config = copy.deepcopy(model.config.text_config)
-        config.dtype = model_dtype(model.model.language_model)
-        config.mm_tokens_per_image = model.config.mm_tokens_per_image  # transformers 4.57's mask reads it there
-        with torch.device("meta"):  # both submodules are replaced below: allocate nothing
-            llm = image_text_lm_class()(config)
-        llm.model = model.model.language_model
-        llm.lm_head = model.lm_head
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(model.generation_config, key, None)
-            setattr(llm.generation_config, key, value if value is not None else getattr(config, key, None))
-        return llm.eval()
+        """A :func:`image_text_lm_class` around the full model's own language model and head (shared, not copied);
+        transformers 4.57's mask reads ``mm_tokens_per_image`` from the text config."""
+        return wrap_language_model(model, image_text_lm_class(), mm_tokens_per_image=model.config.mm_tokens_per_image)
 
     def llm_class(self) -> type:
         return image_text_lm_class()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily
+from vlmforge.families.base import ArchitectureFacts, DecoderOnlyFamily, expand_image_tokens, wrap_language_model
 from vlmforge.plans.model import PlanContext
 
 if TYPE_CHECKING:
@@ -191,23 +191,7 @@ class LlavaFamily(DecoderOnlyFamily):
 
     def extract_llm(self, model: Any) -> Any:
         """A ``LlamaForCausalLM`` around the full model's own language model and head (shared, not copied)."""
-        import copy
-
-        import torch
-
-        from vlmforge.modeling.devices import model_dtype
-
-        config = copy.deepcopy(model.config.text_config)
-        config.dtype = model_dtype(model.model.language_model)
-        llm_cls = self.causal_lm_class(config)
-        with torch.device("meta"):  # both submodules are replaced below: allocate nothing
-            llm = llm_cls(config)
-        llm.model = model.model.language_model
-        llm.lm_head = model.lm_head
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(model.generation_config, key, None)
-            setattr(llm.generation_config, key, value if value is not None else getattr(config, key, None))
-        return llm.eval()
+        return wrap_language_model(model, self.causal_lm_class)
 
     def llm_class(self) -> type:
         from transformers import LlamaForCausalLM
@@ -224,14 +208,7 @@ class LlavaFamily(DecoderOnlyFamily):
         LlavaProcessor does)."""
         prompt = self.format_prompt(prompt, len(counts))
         assert prompt is not None
-        token = processor.image_token
-        if prompt.count(token) != len(counts):
-            exactly = "exactly one" if len(counts) == 1 else f"exactly {len(counts)}"
-            raise ValueError(f"a LLaVA prompt for {len(counts)} image{'s' if len(counts) > 1 else ''} holds {exactly} "
-                             f"{token}, one per image in order: {prompt!r}")
-        head, *tails = prompt.split(token)
-        expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
-        return processor.tokenizer(expanded, return_tensors="pt").input_ids
+        return expand_image_tokens(processor.tokenizer, prompt, processor.image_token, counts, "LLaVA")
 
     def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
         return int(self._prompt_ids(processor, prompt, self.visual_counts(num_visual_features)).shape[1])

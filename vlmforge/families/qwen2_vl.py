@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError, SpecError
 from vlmforge.families import register_family
+from vlmforge.families.base import expand_image_tokens, wrap_language_model
 from vlmforge.families.release_llm import ReleaseConverterFamily
 from vlmforge.plans.model import DialectInfo, PlanContext, Step
 from vlmforge.specs.schema import BuildSpec, ImageSize
@@ -316,24 +317,9 @@ class Qwen2VlFamily(ReleaseConverterFamily):
 
     def extract_llm(self, model: Any) -> Any:
         """``Qwen2VLForCausalLM`` around the full model's own M-RoPE language model and head (shared, not copied)."""
-        import copy
-
-        import torch
-
         from vlmforge.families.qwen2_vl_hf import causal_lm_class
-        from vlmforge.modeling.devices import model_dtype
 
-        config = copy.deepcopy(model.config.text_config)
-        config.dtype = model_dtype(model.model.language_model)
-        config.architectures = ["Qwen2VLForCausalLM"]
-        with torch.device("meta"):
-            llm = causal_lm_class()(config)
-        llm.model = model.model.language_model
-        llm.lm_head = model.lm_head
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(model.generation_config, key, None)
-            setattr(llm.generation_config, key, value if value is not None else getattr(config, key, None))
-        return llm.eval()
+        return wrap_language_model(model, causal_lm_class(), architectures=["Qwen2VLForCausalLM"])
 
     def llm_class(self) -> type:
         from vlmforge.families.qwen2_vl_hf import causal_lm_class
@@ -345,13 +331,7 @@ class Qwen2VlFamily(ReleaseConverterFamily):
         Qwen2VLProcessor does)."""
         prompt = self.format_prompt(prompt, len(counts))
         assert prompt is not None
-        token = processor.image_token
-        if prompt.count(token) != len(counts):
-            raise ValueError(f"a qwen2_vl prompt for {len(counts)} image(s) holds exactly {len(counts)} {token}, one "
-                             f"per image in order: {prompt!r}")
-        head, *tails = prompt.split(token)
-        expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
-        return processor.tokenizer(expanded, return_tensors="pt").input_ids
+        return expand_image_tokens(processor.tokenizer, prompt, processor.image_token, counts, "qwen2_vl")
 
     def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
         return int(self._prompt_ids(processor, prompt, self.visual_counts(num_visual_features)).shape[1])
