@@ -150,7 +150,8 @@ def catalog_architecture(spec: Any, tmp: Path) -> str:
         resolve(spec).family.make_tiny_source(spec.source, folder)
         return json.loads((folder / "config.json").read_text())["architectures"][0]
     table = CONTRACT["catalog_architectures"]
-    return table.get(spec.family) or table["vila (VILA 1.0: vila-2.7B, vila-7B, vila-13B)"]
+    assert spec.family in table, f"record the architecture of {spec.name}'s real checkpoint under {spec.family!r}"
+    return table[spec.family]
 
 
 def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> None:
@@ -174,9 +175,11 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
         assert options["max_seq_len"] == derived.max_seq_len
         assert options["tensor_parallel_size"] == spec.parallel.tp
         assert argv[argv.index("-n") + 1] == str(derived.world_size)
-    # VILA1.5's layout (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
+    # Every family's real architecture is recorded (a new family without its row fails above). VILA1.5's layout
+    # (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
     # (Qwen2VLForConditionalGeneration, its tiny model built here) and Gemma 3 (Gemma3ForConditionalGeneration) are
     # in the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and
     # Nougat are not
-    assert served == ["gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "tiny-llava-next", "tiny-qwen2-vl",
-                      "tiny-vila", "tiny-gemma3"]
+    assert served == ["llava-v1.6-mistral-7b-hf", "llava-v1.6-vicuna-7b-hf", "Qwen2-VL-2B-Instruct",
+                      "Qwen2-VL-7B-Instruct", "gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "tiny-llava-next",
+                      "tiny-qwen2-vl", "tiny-vila", "tiny-gemma3"]
