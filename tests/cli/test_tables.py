@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tests.helpers.deploy import record
 from vlmforge.cli.tables import Col, fit_table
+from vlmforge.families import family_names, get_family
 from vlmforge.specs.catalog import catalog_specs
 
 
@@ -27,6 +28,13 @@ def test_models_keeps_every_name_and_source_whole() -> None:
     assert "…" not in output
     for spec in catalog_specs():
         assert spec.name in output and spec.source in output
+
+
+def test_families_keeps_every_family_and_tiny_model_whole() -> None:
+    output = narrow("families")
+    assert "…" not in output
+    for name in family_names():
+        assert name in output and (get_family(name).tiny_source or "-") in output
 
 
 def test_deployments_keeps_name_build_and_endpoint_whole(tmp_path: Path) -> None:

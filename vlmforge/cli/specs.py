@@ -98,15 +98,15 @@ def families_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("family", "description", "enc-dec", "visual feats", "visual rows go to", "images", "tiny model",
-                  "hf toolchain", "trtllm toolchain")
-    for row in rows:
-        table.add_row(row["name"], row["description"], "yes" if row["encoder_decoder"] else "no",
-                      str(row["num_visual_features"])
-                      + (f" at {row['default_max_image_size']}" if row["size_dependent_tokens"] else ""),
-                      row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-",
-                      row["toolchains"]["hf"], row["toolchains"]["trtllm"])
-    console.print(table)
+    columns = (Col("family", keep=True), Col("description", drop=4), Col("enc-dec", drop=0),
+               Col("visual feats", drop=3), Col("visual rows go to", drop=1), Col("images", drop=2),
+               Col("tiny model", keep=True), Col("hf toolchain"), Col("trtllm toolchain"))
+    cells = [(row["name"], row["description"], "yes" if row["encoder_decoder"] else "no",
+              str(row["num_visual_features"]) + (f" at {row['default_max_image_size']}"
+                                                if row["size_dependent_tokens"] else ""),
+              row["visual_placement"], str(row["max_images_per_prompt"] or "any"), row["tiny_source"] or "-",
+              row["toolchains"]["hf"], row["toolchains"]["trtllm"]) for row in rows]
+    console.print(fit_table(console, columns, cells, title="vlmforge families"))
 
 
 def family_toolchains(family: ModelFamily) -> dict[str, str]:
