@@ -59,3 +59,15 @@ def test_rows_become_blocks_when_the_keep_columns_do_not_fit_side_by_side() -> N
     console = Console(width=120, record=True)  # side by side where they fit
     console.print(fit_table(console, columns, [row]))
     assert any(row[0] in line and row[1] in line for line in console.export_text().splitlines())
+
+
+def test_watch_keeps_model_names_whole() -> None:
+    from vlmforge.cli import watch
+
+    rows = [{"model": "llava-onevision-qwen2-7b-ov-hf-production", "status": "updated",
+             "old_revision": "0123456789abcdef0123456789abcdef01234567", "new_revision": "fedcba9876543210" * 2,
+             "reason": "the source has a new revision; a rebuild was announced as vlmforge.model.updated"}]
+    console = Console(width=80, record=True)
+    console.print(watch._table(rows))
+    text = console.export_text()
+    assert "…" not in text and rows[0]["model"] in text and max(len(line) for line in text.splitlines()) <= 80

@@ -14,6 +14,7 @@ from rich.table import Table
 from vlmforge.build.watch import WATCH_ENV, WatchFailed
 from vlmforge.cli.app import app, console, err_console, print_json
 from vlmforge.cli.specs import JsonOpt
+from vlmforge.cli.tables import Col, fit_table
 from vlmforge.store import STORE_ENV
 
 
@@ -25,11 +26,12 @@ def _models(values: list[str] | None) -> list[str] | None:
 
 
 def _table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("model", "status", "old revision", "new revision", "reason")
-    for row in rows:
-        table.add_row(row["model"], row["status"], (row.get("old_revision") or "-")[:24],
-                      (row.get("new_revision") or "-")[:24], row.get("error") or row["reason"])
-    return table
+    """Model names and statuses whole on a narrow terminal; the old revision goes first, the reason wraps."""
+    columns = (Col("model", keep=True), Col("status", keep=True), Col("old revision", drop=0),
+               Col("new revision", drop=1), Col("reason"))
+    cells = [(row["model"], row["status"], (row.get("old_revision") or "-")[:24],
+              (row.get("new_revision") or "-")[:24], row.get("error") or row["reason"]) for row in rows]
+    return fit_table(console, columns, cells)
 
 
 def _run_once(models: list[str] | None, store: str | None, reannounce_after: float) -> tuple[list[dict[str, Any]], str | None]:
