@@ -219,3 +219,15 @@ def test_sigterm_to_rank_0_drains_then_every_rank_exits(runner_tp2: Runner) -> N
     assert "rank 1: shutdown (rank 0 drained its requests)" in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{runner.url}/health")
+
+
+def test_an_llm_the_plan_left_whole_is_refused() -> None:
+    """transformers applies a tensor-parallel plan by module name; a plan that matches nothing leaves every weight
+    whole on every rank: the runner refuses that rather than serve TP 2 that is not split."""
+    import torch
+
+    from vlmforge.errors import DeployError
+    from vlmforge.runner.engine import check_sharded
+
+    with pytest.raises(DeployError, match="split none of Sequential's weights over 2 ranks.*--tp 1"):
+        check_sharded(torch.nn.Sequential(torch.nn.Linear(4, 4)), "tiny-x", 2)

@@ -82,7 +82,9 @@ class HfEngine:
             if tp_plan:
                 kwargs.update(tensor_parallel_kwargs(self.tp))
             self.llm = self.family.llm_class().from_pretrained(llm_dir, **kwargs).eval()
-            if not tp_plan:
+            if tp_plan:
+                check_sharded(self.llm, self.config.name, self.tp)
+            else:
                 self.llm = self.llm.to(self.device)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -301,6 +303,14 @@ def tensor_parallel_kwargs(world: int) -> dict[str, Any]:
         return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=world)}
     except (ImportError, TypeError):
         return {"tp_plan": "auto"}
+
+
+def check_sharded(llm: Any, name: str, world: int) -> None:
+    """Refuses an LLM that transformers' plan left whole on every rank: each rank would hold (and compute) all of it
+    while the deployment claims TP ``world``."""
+    if not any(hasattr(parameter, "to_local") for parameter in llm.parameters()):
+        raise DeployError(f"{name}: transformers' tensor-parallel plan split none of {type(llm).__name__}'s weights "
+                          f"over {world} ranks (its layers' module names do not match the plan): serve it with --tp 1")
 
 
 def check_tensor_parallel(engine_dir: Path, config: EngineConfig) -> int:
