@@ -215,6 +215,7 @@ class Gemma3Family(DecoderOnlyFamily):
     default_num_visual_features: ClassVar[int] = 256
     llm_kind: ClassVar[str] = "gemma3"
     tiny_source: ClassVar[str | None] = "tiny://gemma3"
+    quantizable: ClassVar[bool] = True
     plan_dialects: ClassVar[tuple[Dialect, ...]] = ()
     images_per_prompt_limit: ClassVar[int | None] = None  # one <start_of_image> per image, each its own block
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = (

@@ -185,8 +185,7 @@ class LlavaNextFamily(ReleaseConverterFamily, LlavaFamily):
     hf_supported: ClassVar[bool] = True
     hf_unsupported_reason: ClassVar[str] = ""
     tiny_source: ClassVar[str | None] = TINY_SOURCE
-    quantizable: ClassVar[bool] = False
-    """Not tried on the hf toolchain yet (its quantize stage loads LlamaForCausalLM-shaped LLMs; Mistral untested)."""
+    quantizable: ClassVar[bool] = True
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = LlavaFamily.visual_weight_prefixes + (
         "image_newline", "model.image_newline")
 

@@ -124,6 +124,7 @@ class Qwen2VlFamily(ReleaseConverterFamily):
     images_per_prompt_limit: ClassVar[int | None] = None
     position_id_dims: ClassVar[int] = 3
     dynamic_spatial_axes: ClassVar[bool] = True
+    quantizable: ClassVar[bool] = True
     hf_supported: ClassVar[bool] = True
     tiny_source: ClassVar[str | None] = "tiny://qwen2-vl"
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = ("model.visual.", "visual.")

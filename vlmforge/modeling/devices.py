@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,3 +49,10 @@ def weight_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a spec/engine dtype name (float16, bfloat16, float32)."""
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def model_from_config(model_cls: Any, config: Any, dtype: Any) -> Any:
+    """An untrained ``model_cls`` of ``config`` in ``dtype`` (weights loaded next): a concrete transformers class, or
+    an Auto class whose config names the architecture (LLaVA-NeXT's LLM is Llama or Mistral)."""
+    make = model_cls._from_config if hasattr(model_cls, "_from_config") else model_cls.from_config
+    return make(config, dtype=dtype)

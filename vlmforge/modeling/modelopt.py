@@ -178,6 +178,8 @@ def load_fake_quant(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.f
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from vlmforge.modeling.devices import model_from_config
+
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / META_FILE).read_text())
     installed = require_modelopt()
@@ -187,7 +189,7 @@ def load_fake_quant(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.f
                                    f"install nvidia-modelopt=={meta['modelopt']} or rebuild the engine")
     config = AutoConfig.from_pretrained(out_dir)
     with torch.device(device):
-        model = model_cls._from_config(config, dtype=dtype)
+        model = model_from_config(model_cls, config, dtype)
     # ModelOpt's state holds no tensors of ours: a plain pickle of its own records (trusted: our own artifact)
     with redirect_stdout(sys.stderr):
         model = mto.restore_from_modelopt_state(model, torch.load(out_dir / STATE_FILE, weights_only=False))

@@ -250,12 +250,14 @@ def load_quantized(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.fl
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from vlmforge.modeling.devices import model_from_config
+
     out_dir = Path(out_dir)
     meta = read_meta(out_dir)
     device = torch.device(device)
     config = AutoConfig.from_pretrained(out_dir)
     with torch.device(device):
-        model = model_cls._from_config(config, dtype=dtype)
+        model = model_from_config(model_cls, config, dtype)
     state = load_file(str(out_dir / WEIGHTS_FILE), device=str(device))
     for name in meta["quantized"]:  # type: ignore[union-attr]
         bias = state.pop(f"{name}.bias", None)

@@ -153,6 +153,17 @@ def _prefill_kwargs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[s
     return {"token_type_ids": types}
 
 
+def prefill_inputs(prefixes: Sequence[LlmPrefix]) -> dict[str, torch.Tensor]:
+    """The forward arguments of a decoder-only LLM's prefill of ``prefixes``, left-padded as the runner batches them:
+    ``inputs_embeds``, ``attention_mask``, ``position_ids`` (M-RoPE prefixes' own 3D positions) and the family's extra
+    inputs (Gemma3's ``token_type_ids``). Calibration feeds the LLM exactly what serving feeds it."""
+    embeds, mask, _ = _stack(prefixes, left=True)
+    mrope = _mrope_positions(prefixes, mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) if mrope is None else mrope
+    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+            **_prefill_kwargs(prefixes, mask)}
+
+
 class DecoderOnlyBatch(PrefixBatch):
     """Left-padded prefixes of a ``*ForCausalLM``, a dynamic KV cache."""
 

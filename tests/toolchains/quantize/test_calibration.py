@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.tiny import QUANTIZABLE, TinyCache
+from tests.helpers.tiny import QUANTIZABLE, TinyCache, pack_features
 from vlmforge.errors import SpecError
 from vlmforge.families import resolve
 from vlmforge.families.tinykit import IMAGE_ID
@@ -92,22 +92,36 @@ def test_the_digest_is_in_the_quantize_fingerprint_only_where_something_is_calib
 
 
 @pytest.mark.parametrize("name", QUANTIZABLE)
-def test_prefixes_carry_the_visual_features_left_padded(name: str, tiny: TinyCache) -> None:
+def test_prefixes_carry_the_visual_features_left_padded(name: str, tiny: TinyCache, tmp_path: Path) -> None:
+    """The LLM is calibrated on what it is fed when it serves: each sample's prefix (the family's visual path, its
+    prompt template with the image rows spliced in) left-padded, with its own position ids (Qwen2-VL's M-RoPE:
+    [3, B, L]) and extra inputs (Gemma3's token_type_ids)."""
     t = tiny(name)
     llm = t.family.extract_llm(t.model)
     samples = synthetic_set(3).samples
     (batch,) = llm_batches(t.family, t.model, t.processor, llm, samples, batch_size=3)
     embeds, mask, positions = batch["inputs_embeds"], batch["attention_mask"], batch["position_ids"]
-    assert embeds.shape[:2] == mask.shape == positions.shape and embeds.shape[0] == 3
+    assert embeds.shape[:2] == mask.shape == positions.shape[-2:] and embeds.shape[0] == 3
     lengths = mask.sum(-1)
     assert lengths.min() < lengths.max()  # prompts of different lengths, padded on the left
-    for row in range(3):
+    visual = t.family.visual_module(t.model)
+    image_id = getattr(t.model.config, "image_token_id", None) or getattr(t.model.config, "image_token_index", IMAGE_ID)
+    for row, sample in enumerate(samples):
         pad = int(embeds.shape[1] - lengths[row])
-        assert mask[row, :pad].sum() == 0 and torch.equal(positions[row, pad:], torch.arange(int(lengths[row])))
-    with torch.no_grad():
-        features = t.family.visual_module(t.model)(t.family.pixel_values(t.processor, [s.image for s in samples]))
-    image_rows = embeds[0, -int(lengths[0]):]
-    matches = [(image_rows - f).abs().max(-1).values.lt(1e-5).sum().item() for f in features[0]]
-    assert sum(matches) == features.shape[1]  # every visual feature row is in the prefix, once
-    token_embeds = llm.get_input_embeddings().weight[IMAGE_ID]
-    assert not (image_rows - token_embeds).abs().max(-1).values.lt(1e-6).any()  # no <image> placeholder left
+        with torch.no_grad():
+            inputs = t.family.visual_inputs(t.processor, [sample.image])
+            (features,) = pack_features(t.family, t.processor, [sample.image], t.family.visual_outputs(visual, inputs),
+                                        t.model, tmp_path / "extras")
+            prefix = t.family.llm_prefix(llm, t.processor, features, sample.prompt)
+        assert mask[row, :pad].sum() == 0 and torch.allclose(embeds[row, pad:], prefix.embeds[0], atol=1e-6)
+        want = torch.arange(int(lengths[row])) if prefix.positions is None else prefix.positions[:, 0]
+        assert torch.equal(positions[..., row, pad:], want)
+        if prefix.token_type_ids is not None:
+            assert batch["token_type_ids"][row, :pad].sum() == 0
+            assert torch.equal(batch["token_type_ids"][row, pad:], prefix.token_type_ids[0])
+        image_rows = embeds[row, pad:]
+        rows = features.reshape(-1, features.shape[-1])  # Qwen2-VL's keep their grid: [1, h, w, hidden]
+        matches = [(image_rows - f).abs().max(-1).values.lt(1e-5).sum().item() for f in rows]
+        assert sum(matches) >= rows.shape[0]  # every visual feature row is in the prefix
+        token_embeds = llm.get_input_embeddings().weight[image_id]
+        assert not (image_rows - token_embeds).abs().max(-1).values.lt(1e-6).any()  # no image placeholder left

@@ -31,6 +31,13 @@ CASES = [
     # VILA's tiny LLaMA (init 0.08, larger logits, more near-ties): both on-disk layouts
     ("tiny-vila", "int4_awq", "auto", 0.1, 1.2),
     ("tiny-vila1.0", "int8_sq", "auto", 0.1, 1.0),  # 0.19 / 0.68
+    # the later families, calibrated on their own prefixes (anyres tiles and newlines, M-RoPE positions, Gemma3's
+    # bidirectional image blocks); measured 2026-12-05
+    ("tiny-llava-next", "int4_awq", "auto", 0.3, 0.6),        # 0.47 / 0.32
+    ("tiny-llava-onevision", "int8_wo", "auto", 0.8, 0.12),   # 1.0 / 0.070
+    ("tiny-qwen2-vl", "int4_awq", "auto", 0.3, 0.9),          # 0.53 / 0.58
+    ("tiny-gemma3", "int8_wo", "auto", 0.8, 0.1),             # 1.0 / 0.049
+    ("tiny-gemma3", "int4_awq", "auto", 0.05, 1.0),           # 0.14 / 0.64
 ]
 
 

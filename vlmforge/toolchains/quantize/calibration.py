@@ -155,27 +155,34 @@ def golden_set(family: ModelFamily, prompt: str | None = None) -> list[Sample]:
 
 def llm_batches(family: ModelFamily, model: Any, processor: Any, llm: Any, samples: Sequence[Sample],
                 batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Forward arguments of ``llm`` for the samples, ``batch_size`` at a time: the family's prefix (prompt template
-    with the visual features spliced in) left-padded, with its attention mask and position ids."""
+    """Forward arguments of ``llm`` for the samples, ``batch_size`` at a time, as the runner feeds it: each image
+    through the family's visual path (``visual_inputs`` -> ``visual_outputs`` on the torch ``visual_module`` ->
+    ``pack_visual_features``: anyres tiles and newlines, Qwen2-VL's rows), its prompt through ``llm_prefix``, and the
+    prefixes left-padded by the runner's own :func:`vlmforge.runner.states.prefill_inputs` (M-RoPE positions,
+    token_type_ids)."""
+    import tempfile
+    from pathlib import Path
+
     import torch
 
     from vlmforge.modeling.devices import model_device, model_dtype
+    from vlmforge.runner.states import prefill_inputs
 
     visual = family.visual_module(model).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        family.save_visual_extras(model, Path(folder))
+        extras = family.load_visual_extras(Path(folder))
     device = model_device(llm)
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        pixels = family.pixel_values(processor, [s.image for s in chunk]).to(model_device(visual))
+        prefixes = []
         with torch.no_grad():
-            features = visual(pixels.to(model_dtype(visual)))
-            prefixes = [family.llm_prefix(llm, processor, features[i:i + 1], s.prompt) for i, s in enumerate(chunk)]
-        longest = max(p.length for p in prefixes)
-        embeds = prefixes[0].embeds.new_zeros((len(prefixes), longest, prefixes[0].embeds.shape[-1]))
-        mask = torch.zeros((len(prefixes), longest), dtype=torch.long, device=device)
-        for row, prefix in enumerate(prefixes):
-            embeds[row, longest - prefix.length:] = prefix.embeds[0]
-            mask[row, longest - prefix.length:] = 1
-        batches.append({"inputs_embeds": embeds.detach(), "attention_mask": mask,
-                        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+            for sample in chunk:
+                inputs = family.visual_inputs(processor, [sample.image])
+                inputs.pixels = inputs.pixels.to(model_device(visual), model_dtype(visual))
+                (outputs,) = inputs.split_outputs(family.visual_outputs(visual, inputs))
+                features = family.pack_visual_features(processor, outputs, inputs.image_sizes[0], extras)
+                prefixes.append(family.llm_prefix(llm, processor, features.to(device), sample.prompt))
+        batches.append({name: value.detach().to(device) for name, value in prefill_inputs(prefixes).items()})
     return batches
