@@ -28,8 +28,24 @@ def images(sizes: list[tuple[int, int]]) -> list:
 def transformers_features(t, pictures: list) -> torch.Tensor:
     processed = t.processor.image_processor(images=pictures, return_tensors="pt")
     with torch.no_grad():
-        return torch.cat(list(t.model.model.get_image_features(processed["pixel_values"],
-                                                               processed["image_grid_thw"]).pooler_output))
+        out = t.model.model.get_image_features(processed["pixel_values"], processed["image_grid_thw"])
+    return torch.cat(list(getattr(out, "pooler_output", out)))  # transformers 4.57: the split features themselves
+
+
+def transformers_window_index(grids: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' window order: ``vision_utils.get_vision_window_index`` in 5, the tower's ``get_window_index``
+    in 4.57 (NVIDIA's 1.2 container), on a stand-in holding the sizes it reads."""
+    from types import SimpleNamespace
+
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        tower = SimpleNamespace(window_size=window, spatial_merge_size=2, patch_size=14, spatial_merge_unit=4)
+        order, cu = Qwen2_5_VisionTransformerPretrainedModel.get_window_index(tower, grids)
+        return order, torch.unique_consecutive(torch.tensor(cu))
+    return get_vision_window_index(grids, 2, window, 14)
 
 
 @pytest.mark.parametrize("grids", [[(1, 8, 8)], [(1, 6, 10), (1, 4, 14)], [(1, 16, 12), (2, 4, 6), (1, 2, 2)]])
@@ -37,11 +53,9 @@ def transformers_features(t, pictures: list) -> torch.Tensor:
 def test_window_order_equals_transformers(grids: list[tuple[int, int, int]], window: int) -> None:
     """The order and the windows (as transformers' cu_window_seqlens: rows at each window's end) for partial windows,
     several images and a two-frame grid."""
-    from transformers.vision_utils import get_vision_window_index
-
     from vlmforge.families.qwen2_5_vl_hf import window_mask, window_order
 
-    want, cu_want = get_vision_window_index(torch.tensor(grids), 2, window, 14)
+    want, cu_want = transformers_window_index(torch.tensor(grids), window)
     order, windows = window_order(grids, window, 14, 2)
     ends = (torch.nonzero(windows[1:] != windows[:-1]).flatten() + 1).tolist() + [windows.numel()]
     assert torch.equal(order, want) and [0, *(4 * end for end in ends)] == cu_want.tolist()
@@ -121,8 +135,9 @@ def test_mrope_positions_equal_get_rope_index(tiny: TinyCache) -> None:
     family, llm = t.family, t.family.extract_llm(t.model)
     pictures = [t.images[2], t.images[0]]
     processed = t.processor(images=pictures, text=family.format_prompt(PROMPT, 2), return_tensors="pt")
-    want, delta = t.model.model.get_rope_index(processed["input_ids"], processed["mm_token_type_ids"],
-                                                processed["image_grid_thw"], attention_mask=processed["attention_mask"])
+    kinds = {"mm_token_type_ids": processed["mm_token_type_ids"]} if "mm_token_type_ids" in processed else {}  # 5
+    want, delta = t.model.model.get_rope_index(processed["input_ids"], image_grid_thw=processed["image_grid_thw"],
+                                                attention_mask=processed["attention_mask"], **kinds)
     prefix = family.llm_prefix(llm, t.processor, [t.features[2], t.features[0]], PROMPT)
     assert prefix.positions is not None and torch.equal(prefix.positions, want)
     assert prefix.next_position() == prefix.length + int(delta) < prefix.length
