@@ -13,13 +13,14 @@ import pytest
 from vlmforge.modeling.images import synthetic_images
 
 MAX_TOKENS = 12
-# (width, height) of each image: merged grids 4x4, 2x4, 4x2 + 2x2, 3x5 (partial windows), 2x2 + 2x4
+# (width, height) of each image: merged grids 4x4, 2x4, 4x2 + 2x2, 3x5 (partial windows), 2x2 + 2x4, 2x7
 REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
-    ([(112, 112)], "Question: which city is this? Answer:"),
-    ([(120, 60)], "What is this?"),
-    ([(50, 100), (64, 64)], "Compare them."),
-    ([(140, 84)], None),
-    ([(64, 64), (120, 60)], "Which of the two is brighter?"),
+    ([(112, 112)], "What is this?"),
+    ([(120, 60)], "Question: which city is this? Answer:"),
+    ([(50, 100), (64, 64)], "Question: which city is this? Answer:"),
+    ([(140, 84)], "Which of the two is brighter?"),
+    ([(64, 64), (120, 60)], "Compare them."),
+    ([(200, 60)], None),
 ]
 
 
@@ -89,16 +90,17 @@ def test_batched_equals_alone_with_images_of_different_sizes(engine: Any) -> Non
 
 
 SERVED: list[tuple[list[tuple[int, int]], str | None]] = [
-    ([(112, 112)], "Question: which city is this? Answer:"),
+    ([(112, 112)], "Which of the two is brighter?"),
     ([(120, 60)], "Compare them."),
-    ([(50, 100), (64, 64)], "What is this?"),
-    ([(140, 84)], "Question: which city is this? Answer:"),
-    ([(64, 64), (120, 60)], "Which of the two is brighter?"),
-    ([(200, 60)], None),
+    ([(50, 100), (64, 64)], "Which of the two is brighter?"),
+    ([(140, 84), (112, 112)], "Which of the two is brighter?"),
+    ([(64, 64), (120, 60)], "Compare them."),
+    ([(200, 60)], "Question: which city is this? Answer:"),
 ]
 SERVED_TOKENS = 6
-"""Requests whose lone float16 decodes have no near-tie in their first 6 steps (top-2 margins of 0.02 or more; the
-batch above has some under 0.01, which another batch shape may flip): all are compared exactly."""
+"""Requests whose lone float16 decodes have no near-tie in their first 6 steps under transformers 5 and 4.57.1 (top-2
+margins of 0.019 or more; other requests have some under 0.01, which another batch shape may flip): all are compared
+exactly."""
 
 
 def data_url(picture: Any) -> str:
