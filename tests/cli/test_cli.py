@@ -65,6 +65,10 @@ def test_models_and_families_json() -> None:
         "hf": "build, validate, serve",
         "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
     assert (by_name["qwen2_vl"]["num_visual_features"], by_name["qwen2_vl"]["default_max_image_size"]) == (324, "504x504")
+    assert by_name["qwen2_5_vl"]["toolchains"] == {
+        "hf": "build, validate, serve (M-RoPE: eager decode, no static GPU path)",
+        "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
+    assert by_name["qwen2_5_vl"]["tiny_source"] == "tiny://qwen2.5-vl"
 
 
 def test_plan_explain_json_names_the_family_numbers() -> None:

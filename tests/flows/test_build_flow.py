@@ -50,7 +50,7 @@ def test_each_tiny_family_builds_validates_and_publishes(build, tmp_path: Path, 
         # engine (1.2's name)
         assert "vision/image_newlines.safetensors" in {f.path for f in manifest.files}
         assert (pulled / "vision" / "image_newlines.safetensors").is_file()
-    if manifest.spec["family"] == "qwen2_vl":  # the host's rope table reads the tower's frequencies beside the engine
+    if manifest.spec["family"] in {"qwen2_vl", "qwen2_5_vl"}:  # the host's rope table: the tower's frequencies
         assert (pulled / "vision" / "vision_rope.safetensors").is_file()
     written = json.loads((pulled / "engine.json").read_text())
     assert written["family"] == get_family(manifest.spec["family"]).name

@@ -29,7 +29,8 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
             if spec.is_tiny and dialect is Dialect.V0_9 and spec.family.startswith("blip2"):
                 continue
             if spec.family in NO_ENGINE_PATH:
-                with pytest.raises(PlanError, match="engine builder has no Gemma3 multimodal support.*trtllm-serve"):
+                reason = "engine builder has no (Gemma3 multimodal|Qwen2.5-VL) support.*trtllm-serve"
+                with pytest.raises(PlanError, match=reason):
                     build_plan(spec, dialect=dialect)
                 continue
             if spec.family in LATER_FAMILIES and dialect is Dialect.V0_9:
@@ -45,7 +46,7 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
 
 LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl"}
 """Families TensorRT-LLM 1.2 added: dialect 0.9 (v0.10.0) refuses them, naming the release that has them."""
-NO_ENGINE_PATH = {"gemma3"}
+NO_ENGINE_PATH = {"gemma3", "qwen2_5_vl"}
 """Families no TensorRT-LLM engine release builds (only its PyTorch backend serves them): every plan is refused."""
 RUNNER_REFUSES = {"llava-v1.6-vicuna-7b-hf": "Prompt template for lmsys/vicuna-7b-v1.5",
                   "tiny-qwen2-vl": "resizes every image to 504x504"}

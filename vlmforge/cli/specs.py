@@ -112,11 +112,11 @@ def families_cmd(as_json: JsonOpt = False) -> None:
 def family_toolchains(family: ModelFamily) -> dict[str, str]:
     """What works for a family on each toolchain, in words (``vlmforge families``)."""
     dialects = ", ".join(dialect.value for dialect in family.plan_dialects)
+    serve = "serve" if family.position_id_dims == 1 else "serve (M-RoPE: eager decode, no static GPU path)"
     if family.hf_supported and not dialects:
-        return {"hf": "build, validate, serve",
+        return {"hf": f"build, validate, {serve}",
                 "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
     if family.hf_supported:
-        serve = "serve" if family.position_id_dims == 1 else "serve (M-RoPE: eager decode, no static GPU path)"
         return {"hf": f"build, validate, {serve}", "trtllm": f"plan ({dialects}), build (validated against hf)"}
     return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
             "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}

@@ -82,11 +82,12 @@ def image_tokens(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixe
 
 
 def pixel_limits(spec: BuildSpec) -> tuple[int, int]:
-    """(min_pixels, max_pixels) a spec's budgets are counted with: tiny://qwen2-vl's processor's, or the real
+    """(min_pixels, max_pixels) a spec's budgets are counted with: the tiny models' processor's, or the real
     checkpoints' (convert checks the checkpoint's patch and merge sizes)."""
-    from vlmforge.families.qwen2_vl_hf import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_SOURCE
+    from vlmforge.families.qwen2_vl_hf import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
-    return (TINY_MIN_PIXELS, TINY_MAX_PIXELS) if spec.source == TINY_SOURCE else (MIN_PIXELS, MAX_PIXELS)
+    tiny = spec.source.startswith("tiny://")  # tiny://qwen2-vl and tiny://qwen2.5-vl share the tiny processor
+    return (TINY_MIN_PIXELS, TINY_MAX_PIXELS) if tiny else (MIN_PIXELS, MAX_PIXELS)
 
 
 def largest_tokens(size: ImageSize, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, str]:
@@ -179,25 +180,28 @@ class Qwen2VlFamily(ReleaseConverterFamily):
     # --- hf toolchain (torch pieces: vlmforge.families.qwen2_vl_hf) -------------------------------------------
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
-        from transformers import Qwen2VLForConditionalGeneration
-
-        from vlmforge.families.qwen2_vl_hf import tiny_config, tiny_processor
+        from vlmforge.families.qwen2_vl_hf import tiny_processor
         from vlmforge.modeling.devices import seed_all
 
         seed_all(seed)
-        Qwen2VLForConditionalGeneration(tiny_config()).eval().save_pretrained(out_dir)
-        tiny_processor().save_pretrained(out_dir)
+        self.hf_model_class()(self.tiny_config()).eval().save_pretrained(out_dir)
+        tiny_processor(self.name).save_pretrained(out_dir)
+
+    def tiny_config(self) -> Any:
+        from vlmforge.families.qwen2_vl_hf import tiny_config
+
+        return tiny_config()
 
     def hf_model_class(self) -> type:
-        from transformers import Qwen2VLForConditionalGeneration
+        import transformers
 
-        return Qwen2VLForConditionalGeneration
+        return getattr(transformers, self.hf_class)
 
     def load_processor(self, model_dir: Path) -> Any:
         """Qwen2VLProcessor for images only (transformers' video processor needs torchvision)."""
         from vlmforge.families.qwen2_vl_hf import processor_class
 
-        return processor_class().from_pretrained(model_dir)
+        return processor_class(self.name).from_pretrained(model_dir)
 
     def architecture_facts(self, config: dict[str, Any]) -> Any:
         """The most tokens of the real processors (max_pixels / 28^2) and the LLM's attention heads."""
@@ -279,22 +283,31 @@ class Qwen2VlFamily(ReleaseConverterFamily):
     def visual_engine_feeds(self, inputs: VisualInputs, max_batch_size: int,
                             extras: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Up to ``max_batch_size`` images per call: their rows, their rope table and the block-diagonal mask."""
-        from vlmforge.families.qwen2_vl_hf import block_mask, rotary_table
-
         assert inputs.grids is not None, "qwen2_vl's visual_inputs give every image's grid"
         feeds = []
         for first in range(0, len(inputs.grids), max_batch_size):
             part = inputs.select(range(first, min(first + max_batch_size, len(inputs.grids))))
             assert part.grids is not None
-            feeds.append({"rows": part.pixels, "rotary_pos_emb": rotary_table(part.grids, extras[ROPE_KEY], MERGE),
-                          "attention_mask": block_mask(part.grids)})
+            feeds.append(self.engine_feed(part.pixels, part.grids, extras))
         return feeds
+
+    def engine_feed(self, rows: torch.Tensor, grids: list[tuple[int, int, int]],
+                    extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One visual-engine call's inputs, in the module's argument order: the images' rows, rope table and mask."""
+        from vlmforge.families.qwen2_vl_hf import block_mask, rotary_table
+
+        return {"rows": rows, "rotary_pos_emb": rotary_table(grids, extras[ROPE_KEY], MERGE),
+                "attention_mask": block_mask(grids)}
+
+    def module_extras(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The extras the visual stage would save, read from the torch module itself (:meth:`visual_outputs`)."""
+        return {ROPE_KEY: module.visual.rotary_pos_emb.inv_freq}  # type: ignore[union-attr]
 
     def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
         """The module on the feeds the engine gets (every image in one call), its own rope frequencies."""
         import torch
 
-        extras = {ROPE_KEY: module.visual.rotary_pos_emb.inv_freq}  # type: ignore[union-attr]
+        extras = self.module_extras(module)
         return torch.cat([module(*feed.values())
                           for feed in self.visual_engine_feeds(inputs, len(inputs.inputs_per_image), extras)])
 
@@ -320,12 +333,13 @@ class Qwen2VlFamily(ReleaseConverterFamily):
         """``Qwen2VLForCausalLM`` around the full model's own M-RoPE language model and head (shared, not copied)."""
         from vlmforge.families.qwen2_vl_hf import causal_lm_class
 
-        return wrap_language_model(model, causal_lm_class(), architectures=["Qwen2VLForCausalLM"])
+        llm_class = causal_lm_class(self.name)
+        return wrap_language_model(model, llm_class, architectures=[llm_class.__name__])
 
     def llm_class(self) -> type:
         from vlmforge.families.qwen2_vl_hf import causal_lm_class
 
-        return causal_lm_class()
+        return causal_lm_class(self.name)
 
     def _prompt_ids(self, processor: Any, prompt: str | None, counts: list[int]) -> Any:
         """The prompt's ids, its k-th ``<|image_pad|>`` expanded to the k-th image's ``counts[k]`` tokens (what

@@ -107,51 +107,78 @@ def visual_module_class() -> type:
             self.visual = model.model.visual
             config = self.visual.config
             self.heads = config.num_heads
-            self.head_dim = config.embed_dim // config.num_heads
+            self.head_dim = (getattr(config, "embed_dim", None) or config.hidden_size) // config.num_heads
+            """Qwen2-VL's tower width is ``embed_dim`` (its ``hidden_size`` is the LLM's); Qwen2.5-VL's is
+            ``hidden_size``."""
 
         def forward(self, rows: torch.Tensor, rotary_pos_emb: torch.Tensor, attention_mask: torch.Tensor
                     ) -> torch.Tensor:
+            x = self.visual.patch_embed(rows)
+            cos, sin = self.rope(rotary_pos_emb)
+            for block in self.visual.blocks:
+                x = self.block(block, x, cos, sin, attention_mask)
+            return self.visual.merger(x)
+
+        @staticmethod
+        def rope(rotary_pos_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(cos, sin) [rows, head_dim] of the rope table (its h and w halves twice, as transformers does)."""
+            emb = torch.cat([rotary_pos_emb, rotary_pos_emb], dim=-1)
+            return emb.cos(), emb.sin()
+
+        def block(self, block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+            """One vision block (its own norms and MLP: LayerNorm and QuickGELU in Qwen2-VL, RMSNorm and a gated
+            SiLU MLP in Qwen2.5-VL), its attention under the additive ``attention_mask`` [1, rows, rows]."""
             from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-            visual = self.visual
-            x = visual.patch_embed(rows)
-            emb = torch.cat([rotary_pos_emb, rotary_pos_emb], dim=-1)
-            cos, sin = emb.cos(), emb.sin()
-            n = x.shape[0]
-            for block in visual.blocks:
-                attn = block.attn
-                qkv = attn.qkv(block.norm1(x)).reshape(n, 3, self.heads, self.head_dim)
-                q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
-                q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-                q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, rows, head_dim]
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attention_mask[:, None].to(q.dtype), scale=attn.scaling)
-                x = x + attn.proj(out[0].transpose(0, 1).reshape(n, -1))
-                x = x + block.mlp(block.norm2(x))
-            return visual.merger(x)
+            attn, n = block.attn, x.shape[0]
+            qkv = attn.qkv(block.norm1(x)).reshape(n, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, rows, head_dim]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask[:, None].to(q.dtype), scale=attn.scaling)
+            x = x + attn.proj(out[0].transpose(0, 1).reshape(n, -1))
+            return x + block.mlp(block.norm2(x))
 
     return Qwen2VisualModule
 
 
+VARIANTS = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VL", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VL", "Qwen2_5_VLProcessor"),
+}
+"""Family name -> (transformers module, class prefix, processor class): Qwen2.5-VL's text model, processor and
+M-RoPE are Qwen2-VL's under other names."""
+
+
 @cache
-def causal_lm_class() -> type:
-    """``Qwen2VLForCausalLM``: Qwen2-VL's M-RoPE text model and its head, saved and loaded on their own (transformers
-    has no causal-LM class for it: a Qwen2ForCausalLM with the same weights would rotate image rows wrongly)."""
+def causal_lm_class(variant: str = "qwen2_vl") -> type:
+    """``Qwen2VLForCausalLM`` (``Qwen2_5_VLForCausalLM``): the M-RoPE text model and its head, saved and loaded on
+    their own (transformers has no causal-LM class for them: a Qwen2ForCausalLM with the same weights would rotate
+    image rows wrongly)."""
+    import importlib
+
     import torch
-    from transformers import GenerationMixin, Qwen2VLTextConfig
+    from transformers import GenerationMixin
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel, Qwen2VLTextModel
 
     from vlmforge.modeling.generation import cache_kwarg, cache_of
 
-    class Qwen2VLForCausalLM(Qwen2VLPreTrainedModel, GenerationMixin):
-        config_class = Qwen2VLTextConfig
+    module, prefix, _ = VARIANTS[variant]
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    configuration = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+    text_config_class = getattr(configuration, f"{prefix}TextConfig")
+    text_model_class = getattr(modeling, f"{prefix}TextModel")
+
+    class Qwen2VLForCausalLM(getattr(modeling, f"{prefix}PreTrainedModel"), GenerationMixin):  # type: ignore[misc]
+        config_class = text_config_class
         base_model_prefix = "model"
         _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
         def __init__(self, config: Any) -> None:
             super().__init__(config)
-            self.model = Qwen2VLTextModel(config)
+            self.model = text_model_class(config)
             self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.post_init()
 
@@ -171,18 +198,22 @@ def causal_lm_class() -> type:
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), **{name: cache_of(out)})
 
+    Qwen2VLForCausalLM.__name__ = Qwen2VLForCausalLM.__qualname__ = f"{prefix}ForCausalLM"
     Qwen2VLForCausalLM.__module__ = __name__
     return Qwen2VLForCausalLM
 
 
 @cache
-def processor_class() -> type:
-    """Qwen2VLProcessor without its video processor (transformers' video processors need torchvision)."""
-    from transformers import Qwen2VLProcessor
+def processor_class(variant: str = "qwen2_vl") -> type:
+    """Qwen2VLProcessor (Qwen2_5_VLProcessor) without its video processor (transformers' video processors need
+    torchvision)."""
+    import transformers
     from transformers.processing_utils import ProcessorMixin
 
-    class Qwen2VLImageProcessor(Qwen2VLProcessor):  # type: ignore[misc]
-        """Qwen2VLProcessor for images only (its video processor needs torchvision)."""
+    name = VARIANTS[variant][2]
+
+    class Qwen2VLImageProcessor(getattr(transformers, name)):  # type: ignore[misc]
+        """The Qwen2-VL / Qwen2.5-VL processor for images only (its video processor needs torchvision)."""
 
         # transformers 4.57 checks these class attributes, not __init__'s signature: no video processor, and any
         # fast tokenizer (the tiny model's is a plain PreTrainedTokenizerFast; a real checkpoint's a Qwen2 one)
@@ -197,13 +228,13 @@ def processor_class() -> type:
             self.video_token_id = None
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    Qwen2VLImageProcessor.__name__ = "Qwen2VLProcessor"
+    Qwen2VLImageProcessor.__name__ = name
     return Qwen2VLImageProcessor
 
 
-def tiny_config() -> Any:
+def tiny_text_config() -> tuple[dict[str, Any], dict[str, int]]:
+    """The tiny M-RoPE LLM's text config and the special token ids (tiny://qwen2-vl's and tiny://qwen2.5-vl's)."""
     import transformers
-    from transformers import Qwen2VLConfig
 
     from vlmforge.families.tinykit import BOS_ID, EOS_ID, PAD_ID
 
@@ -215,11 +246,18 @@ def tiny_config() -> Any:
     if int(transformers.__version__.split(".")[0]) < 5:  # 4.57 (NVIDIA's 1.2 container) reads the legacy key
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         text["rope_theta"] = 10000.0
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.05)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            (("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
             ("vision_end_token_id", VISION_END))}
+    return text, ids
+
+
+def tiny_config() -> Any:
+    from transformers import Qwen2VLConfig
+
+    text, ids = tiny_text_config()
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.05)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                          initializer_range=TINY_INIT, **ids)
 
@@ -234,10 +272,10 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_processor() -> Any:
+def tiny_processor(variant: str = "qwen2_vl") -> Any:
     from vlmforge.families.tinykit import pil_image_processor
 
     image_processor = pil_image_processor(
         "Qwen2VLImageProcessor", size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
         patch_size=14, merge_size=2, temporal_patch_size=2)
-    return processor_class()(image_processor=image_processor, tokenizer=tiny_tokenizer())
+    return processor_class(variant)(image_processor=image_processor, tokenizer=tiny_tokenizer())
