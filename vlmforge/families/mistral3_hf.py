@@ -7,9 +7,9 @@ unfolds each image's grid, all with Python loops over ``image_sizes``. Here the 
 
 - ``rows`` [R, 3*p*p]: every image's patches, flattened as the patch convolution reads them (a Linear), ordered so
   each ``spatial_merge_size``\\ :sup:`2` merge window is contiguous (the merger becomes a reshape);
-- ``positions`` [R, 2]: each row's (row, column) in its image's patch grid (the axial rope's angles come from them
+- ``positions`` [R, 2] (float32, whole numbers): each row's (row, column) in its image's patch grid (the axial rope's angles come from them
   inside the graph, with the tower's own frequencies);
-- ``image_ids`` [R]: which image of the call each row belongs to (the block mask is built inside the graph from
+- ``image_ids`` [R] (float32, whole numbers): which image of the call each row belongs to (the block mask is built inside the graph from
   them: O(R) input bytes instead of an R x R mask).
 
 The output is [R / merge^2, llm_hidden], each image's merged rows in raster order: what the LLM's ``[IMG]`` tokens
@@ -57,22 +57,22 @@ def patch_rows(pixels: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
 
 
 def grid_positions(grids: Sequence[tuple[int, int, int]], merge: int) -> torch.Tensor:
-    """``positions`` [R, 2]: each row's (row, column) in its image's patch grid, rows in :func:`window_order`."""
+    """``positions`` [R, 2] (float32: every engine input is, for the runners' feeds): each row's (row, column) in its image's patch grid, rows in :func:`window_order`."""
     import torch
 
     parts = []
     for _, h, w in grids:
         hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         parts.append(torch.stack([hh.flatten(), ww.flatten()], dim=-1)[window_order(h, w, merge)])
-    return torch.cat(parts)
+    return torch.cat(parts).float()
 
 
 def image_index(grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
-    """``image_ids`` [R]: the image (0, 1, ... within the call) each row belongs to."""
+    """``image_ids`` [R] (float32): the image (0, 1, ... within the call) each row belongs to."""
     import torch
 
     sizes = torch.tensor([h * w for _, h, w in grids])
-    return torch.repeat_interleave(torch.arange(len(grids)), sizes)
+    return torch.repeat_interleave(torch.arange(len(grids)), sizes).float()
 
 
 def rope_theta(config: Any) -> float:
