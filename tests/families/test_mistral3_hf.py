@@ -179,3 +179,47 @@ def test_features_of_the_wrong_shape_are_refused(tiny: TinyCache) -> None:
     llm = t.family.extract_llm(t.model)
     with pytest.raises(ValueError, match=r"merged grid \[1, rows, columns, hidden\]"):
         t.family.llm_prefix(llm, t.processor, t.features[0].flatten(1, 2), t.prompt)
+
+
+def test_the_tiny_folder_is_what_trtllm_serve_takes(tiny: TinyCache) -> None:
+    """Its chat template writes the family's prompt (images before the text) after ``<s>``, and the folder passes
+    trtllm-serve's checks (the release's matrix lists Mistral3ForConditionalGeneration)."""
+    from vlmforge.deploy import trtllm_serve as ts
+
+    t = tiny(NAME)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare them."}, {"type": "image"},
+                                             {"type": "image"}]}]
+    chat = t.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat == t.processor.tokenizer.bos_token + t.family.format_prompt("Compare them.", 2)
+    facts = ts.check_checkpoint(t.model_dir, ts.ServeLimits(max_batch_size=1, max_seq_len=128))
+    assert facts.architecture == "Mistral3ForConditionalGeneration"
+
+
+
+MISTRAL_SMALL_CONFIG = {  # Mistral-Small-3.1-24B-Instruct-2503's config.json, trimmed (read from a verbatim copy)
+    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+    "spatial_merge_size": 2, "vision_feature_layer": -1, "multimodal_projector_bias": False,
+    "text_config": {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32, "head_dim": 128},
+    "vision_config": {"model_type": "pixtral", "image_size": 1540, "patch_size": 14, "head_dim": 64},
+}
+
+
+def test_architecture_facts_and_checkpoint_check_of_the_real_config() -> None:
+    """3025 = (1540 / 28)^2 [IMG] tokens and 32 heads, as the catalog derives; a Pixtral-12B-like config (16-pixel
+    patches, no merge) is refused before any work: the budgets were counted for 14 and 2."""
+    from vlmforge.errors import SpecError
+    from vlmforge.families import get_family, resolve
+    from vlmforge.families.base import ArchitectureFacts
+    from vlmforge.specs.catalog import catalog_specs
+
+    family = get_family("mistral3")
+    spec = next(s for s in catalog_specs() if s.name == "Mistral-Small-3.1-24B-Instruct-2503")
+    derived = resolve(spec).derived
+    assert family.architecture_facts(MISTRAL_SMALL_CONFIG) == ArchitectureFacts(derived.num_visual_features, 32) \
+        == ArchitectureFacts(3025, spec.architecture.num_attention_heads)
+    family.check_checkpoint_config(spec, MISTRAL_SMALL_CONFIG)
+    with pytest.raises(SpecError, match="patch_size 16 and spatial_merge_size 1; vlmforge counts mistral3 tokens for "
+                                        "14 and 2") as info:
+        family.check_checkpoint_config(spec, {**MISTRAL_SMALL_CONFIG, "spatial_merge_size": 1,
+                                              "vision_config": {"patch_size": 16, "image_size": 1024}})
+    assert info.value.path == "source"

@@ -35,6 +35,17 @@ TINY_LONGEST_EDGE = 32
 """tiny://mistral3: 4-pixel patches merged 2x2, images resized to a longest edge of 32: at most 4 x 4 = 16 [IMG]
 tokens per image (Mistral-Small-3.1: 14-pixel patches, 1540 pixels, 55 x 55 = 3025)."""
 TINY_VOCAB = 336
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST]' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '[IMG]' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+"""The tiny model's chat template: a user turn's images, then its text, in ``[INST]...[/INST]`` (the family's
+:data:`~vlmforge.families.mistral3.PROMPT_TEMPLATE`); trtllm-serve takes images through the chat API only, so a model
+folder it serves needs one."""
 TINY_INIT = 0.06
 
 
@@ -219,7 +230,7 @@ def tiny_processor() -> Any:
                                           patch_size={"height": TINY_PATCH, "width": TINY_PATCH},
                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     return processor_class()(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=TINY_PATCH,
-                             spatial_merge_size=TINY_MERGE)
+                             spatial_merge_size=TINY_MERGE, chat_template=TINY_CHAT_TEMPLATE)
 
 
 def tiny_config(tokenizer: Any) -> Any:
