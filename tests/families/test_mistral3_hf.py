@@ -19,11 +19,12 @@ PROMPT = "Which of the two is brighter?"
 
 
 def reference_features(t, images) -> torch.Tensor:
-    """transformers' own features for ``images`` in one batch (padded to the largest, cropped by image_sizes)."""
+    """transformers' own features for ``images`` in one batch (padded to the largest, cropped by image_sizes): each
+    image's part of ``pooler_output`` (transformers 5) or of the returned tuple (4.57, NVIDIA's 1.2 image)."""
     processed = t.processor.preprocess(images)
     with torch.no_grad():
-        return torch.cat(list(t.model.model.get_image_features(processed["pixel_values"],
-                                                               processed["image_sizes"]).pooler_output))
+        out = t.model.model.get_image_features(processed["pixel_values"], processed["image_sizes"])
+    return torch.cat(list(getattr(out, "pooler_output", out)))
 
 
 def test_golden_images_give_three_grids() -> None:
@@ -223,3 +224,23 @@ def test_architecture_facts_and_checkpoint_check_of_the_real_config() -> None:
         family.check_checkpoint_config(spec, {**MISTRAL_SMALL_CONFIG, "spatial_merge_size": 1,
                                               "vision_config": {"patch_size": 16, "image_size": 1024}})
     assert info.value.path == "source"
+
+
+def test_transformers_own_processor_loads_the_folder_and_agrees(tiny: TinyCache) -> None:
+    """Where transformers' PixtralProcessor imports (4.57, NVIDIA's 1.2 image; 5 needs torchvision), AutoProcessor
+    loads the tiny folder as PixtralProcessor and gives the family processor's ids and pixels."""
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    except ImportError as exc:
+        pytest.skip(f"transformers' PixtralProcessor does not import here: {exc}")
+    from transformers import AutoProcessor
+
+    t = tiny(NAME)
+    theirs = AutoProcessor.from_pretrained(t.model_dir)
+    assert isinstance(theirs, PixtralProcessor) and (theirs.patch_size, theirs.spatial_merge_size) == (4, 2)
+    text = t.family.format_prompt(PROMPT, 2)
+    want = theirs(images=t.images[1:], text=text, return_tensors="pt")
+    got = t.processor(images=t.images[1:], text=text)
+    assert want["input_ids"].tolist() == got["input_ids"].tolist()
+    assert want["image_sizes"].tolist() == got["image_sizes"].tolist()
+    assert (want["pixel_values"] - got["pixel_values"]).abs().max().item() < 1e-6

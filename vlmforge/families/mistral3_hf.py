@@ -169,6 +169,7 @@ def expand_images(prompt: str, grids: Sequence[tuple[int, int]]) -> str:
 def processor_class() -> type:
     """PixtralProcessor's image and text work without its module (transformers 5's imports torchvision), saved under
     PixtralProcessor's name and settings, so transformers' own class loads the folder where torchvision is."""
+    import transformers
     from transformers import BatchFeature
     from transformers.processing_utils import ProcessorMixin
 
@@ -177,6 +178,8 @@ def processor_class() -> type:
 
         attributes = ["image_processor", "tokenizer"]
         tokenizer_class = "AutoTokenizer"
+        if int(transformers.__version__.split(".")[0]) < 5:  # 4.57 (NVIDIA's 1.2 image) checks it; 5 deprecates it
+            image_processor_class = "AutoImageProcessor"
 
         def __init__(self, image_processor: Any = None, tokenizer: Any = None, patch_size: int = 16,
                      spatial_merge_size: int = 1, chat_template: Any = None, image_token: str = IMG,
