@@ -88,7 +88,8 @@ def largest_grid(size: ImageSize, longest_edge: int, patch: int, merge: int) -> 
 
 @register_family
 class Mistral3Family(ReleaseConverterFamily):
-    """Mistral3: Pixtral tower with 2x2 merge + Mistral LLM (TensorRT-LLM 1.2: --model_type pixtral, llama converter)."""
+    """Mistral3: Pixtral tower with 2x2 merge + Mistral LLM (TensorRT-LLM 1.2: --model_type pixtral, llama
+    converter)."""
 
     name: ClassVar[str] = "mistral3"
     description: ClassVar[str] = "Mistral3 (Mistral-Small-3.1), Pixtral tower, [IMG] tokens by image size"

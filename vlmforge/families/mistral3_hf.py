@@ -6,11 +6,11 @@ each image's patch grid, builds its 2D rotary positions and its per-image attent
 unfolds each image's grid, all with Python loops over ``image_sizes``. Here the host does that bookkeeping instead:
 
 - ``rows`` [R, 3*p*p]: every image's patches, flattened as the patch convolution reads them (a Linear), ordered so
-  each ``spatial_merge_size``\\ :sup:`2` merge window is contiguous (the merger becomes a reshape);
-- ``positions`` [R, 2] (float32, whole numbers): each row's (row, column) in its image's patch grid (the axial rope's angles come from them
-  inside the graph, with the tower's own frequencies);
-- ``image_ids`` [R] (float32, whole numbers): which image of the call each row belongs to (the block mask is built inside the graph from
-  them: O(R) input bytes instead of an R x R mask).
+  each ``spatial_merge_size``\ :sup:`2` merge window is contiguous (the merger becomes a reshape);
+- ``positions`` [R, 2] (float32, whole numbers): each row's (row, column) in its image's patch grid (the axial
+  rope's angles come from them inside the graph, with the tower's own frequencies);
+- ``image_ids`` [R] (float32, whole numbers): which image of the call each row belongs to (the block mask is built
+  inside the graph from them: O(R) input bytes instead of an R x R mask).
 
 The output is [R / merge^2, llm_hidden], each image's merged rows in raster order: what the LLM's ``[IMG]`` tokens
 take. ``R`` is dynamic, so one engine takes any image size and any number of images per call.
@@ -68,7 +68,8 @@ def patch_rows(pixels: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
 
 
 def grid_positions(grids: Sequence[tuple[int, int, int]], merge: int) -> torch.Tensor:
-    """``positions`` [R, 2] (float32: every engine input is, for the runners' feeds): each row's (row, column) in its image's patch grid, rows in :func:`window_order`."""
+    """``positions`` [R, 2] (float32: the runners feed every engine input as float32): each row's (row, column) in
+    its image's patch grid, rows in :func:`window_order`."""
     import torch
 
     parts = []
@@ -248,6 +249,7 @@ def tiny_config(tokenizer: Any) -> Any:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                          sliding_window=None, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                          initializer_range=TINY_INIT)
-    return Mistral3Config(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMG),
-                          spatial_merge_size=TINY_MERGE, vision_feature_layer=-1, multimodal_projector_bias=False,
-                          projector_hidden_act="gelu", initializer_range=TINY_INIT, tie_word_embeddings=False)
+    return Mistral3Config(vision_config=vision, text_config=text,
+                          image_token_index=tokenizer.convert_tokens_to_ids(IMG), spatial_merge_size=TINY_MERGE,
+                          vision_feature_layer=-1, multimodal_projector_bias=False, projector_hidden_act="gelu",
+                          initializer_range=TINY_INIT, tie_word_embeddings=False)
