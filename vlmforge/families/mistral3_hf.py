@@ -126,6 +126,7 @@ def visual_module_class() -> type:
             tower, projector = self.tower, self.projector
             weight = tower.patch_conv.weight
             x = tower.ln_pre(torch.nn.functional.linear(rows.to(weight.dtype), weight.flatten(1)))  # [R, hidden]
+            positions, image_ids = positions.to(x.device), image_ids.to(x.device)  # host-made: CPU tensors
             quarter = self.inv_freq.shape[0] // 2
             angles = torch.cat([positions[:, :1].float() * self.inv_freq[:quarter],
                                 positions[:, 1:].float() * self.inv_freq[quarter:]], dim=-1)
