@@ -178,9 +178,10 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
     # Every family's real architecture is recorded (a new family without its row fails above). VILA1.5's layout
     # (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
     # (Qwen2VLForConditionalGeneration, its tiny model built here), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration,
-    # idem) and Gemma 3 (Gemma3ForConditionalGeneration) are in the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision
-    # (LlavaOnevisionForConditionalGeneration), BLIP-2 and Nougat are not
+    # idem), Gemma 3 (Gemma3ForConditionalGeneration) and Mistral-Small-3.1 (Mistral3ForConditionalGeneration) are in
+    # the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and Nougat are not
     assert served == ["llava-v1.6-mistral-7b-hf", "llava-v1.6-vicuna-7b-hf", "Qwen2-VL-2B-Instruct",
                       "Qwen2-VL-7B-Instruct", "Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct",
                       "Qwen2.5-VL-72B-Instruct", "gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it",
-                      "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-vila", "tiny-gemma3"]
+                      "Mistral-Small-3.1-24B-Instruct-2503", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
+                      "tiny-vila", "tiny-gemma3", "tiny-mistral3"]

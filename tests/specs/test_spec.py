@@ -44,14 +44,16 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
             assert build_plan(spec, dialect=dialect).steps
 
 
-LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl"}
+LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl", "mistral3"}
 """Families TensorRT-LLM 1.2 added: dialect 0.9 (v0.10.0) refuses them, naming the release that has them."""
 NO_ENGINE_PATH = {"gemma3", "qwen2_5_vl"}
 """Families no TensorRT-LLM engine release builds (only its PyTorch backend serves them): every plan is refused."""
 RUNNER_REFUSES = {"llava-v1.6-vicuna-7b-hf": "Prompt template for lmsys/vicuna-7b-v1.5",
-                  "tiny-qwen2-vl": "resizes every image to 504x504"}
+                  "tiny-qwen2-vl": "resizes every image to 504x504",
+                  "tiny-mistral3": "takes one image per prompt for --model_type pixtral"}
 """Catalog models 1.2's run.py cannot validate (no prompt template; tiny-qwen2-vl's engines are sized for 112x112
-images, run.py feeds 504x504): the plan says so instead of writing a failing step."""
+images, run.py feeds 504x504; tiny-mistral3 takes two images per prompt, 1.2's pixtral runner one): the plan says so
+instead of writing a failing step."""
 
 
 @pytest.mark.parametrize(("model", "nvf", "mm"), [
