@@ -32,7 +32,7 @@ def ask(url: str, model: str, index: int, size: int, prompt: str | None) -> tupl
     return choice["message"]["content"], choice["finish_reason"]
 
 
-@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2-vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "gemma3", "mistral3"])
 def test_tp2_answers_what_tp1_answers(family: str, tiny_engine_of: Callable[[str], Path], build_workdir: Path,
                                       tmp_path: Path) -> None:
     model = tiny_spec(family).name

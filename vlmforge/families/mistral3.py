@@ -103,6 +103,7 @@ class Mistral3Family(ReleaseConverterFamily):
     """The largest image the processor keeps (longest edge 1540): 55 x 55 = 3025 tokens."""
     images_per_prompt_limit: ClassVar[int | None] = None  # one [IMG] per image; 1.2's plan: one (check_dialect)
     hf_supported: ClassVar[bool] = True
+    quantizable: ClassVar[bool] = True
     tiny_source: ClassVar[str | None] = TINY_SOURCE
     golden_prompt: ClassVar[str | None] = "Which city is this?"
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = (

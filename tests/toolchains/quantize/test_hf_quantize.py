@@ -38,6 +38,8 @@ CASES = [
     ("tiny-qwen2-vl", "int4_awq", "auto", 0.3, 0.9),          # 0.53 / 0.58
     ("tiny-gemma3", "int8_wo", "auto", 0.8, 0.1),             # 1.0 / 0.049
     ("tiny-gemma3", "int4_awq", "auto", 0.05, 1.0),           # 0.14 / 0.64
+    ("tiny-qwen2.5-vl", "int8_wo", "auto", 0.8, 0.07),        # 0.98 / 0.035
+    ("tiny-mistral3", "int4_awq", "auto", 0.2, 0.7),          # 0.41 / 0.41
 ]
 
 
