@@ -496,12 +496,15 @@ def cross_attention_prefix(llm: Any, features: Any, what: str) -> LlmPrefix:
     from vlmforge.modeling.devices import model_device, model_dtype
     from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
-    gen, cfg = llm.generation_config, llm.config
-    start = next((v for v in (gen.decoder_start_token_id, getattr(cfg, "decoder_start_token_id", None),
-                              cfg.bos_token_id) if v is not None), None)
+    gen, cfg = getattr(llm, "generation_config", None), llm.config  # Pix2StructTextModel has no generation config
+
+    def first(key: str) -> Any:
+        return next((v for v in (getattr(gen, key, None), getattr(cfg, key, None)) if v is not None), None)
+
+    start = next((v for v in (first("decoder_start_token_id"), first("bos_token_id")) if v is not None), None)
     if start is None:
         raise ValueError(f"the {what} decoder has no decoder_start_token_id (nor bos_token_id) to start from")
-    eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
+    eos = first("eos_token_id")
     states = features.to(model_device(llm), model_dtype(llm))
     mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
     return LlmPrefix("cross", states, mask, eos_ids(eos), start=start)

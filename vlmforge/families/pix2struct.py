@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 DEPLOT_MAX_PATCHES = 2048
 """google/deplot's preprocessor max_patches (also Pix2StructProcessor's call default)."""
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
 
 # The tiny test model (tiny://pix2struct): 4x4 patches, at most 64 per image (a 64x64 image: 8x8 = 64, none padded;
 # 120x60: 11x5 = 55; 50x100: 5x11 = 55), a 2-layer encoder and decoder of width 32. Captioning-style (is_vqa false):
@@ -61,6 +62,23 @@ def patch_grid(height: int, width: int, patch_h: int, patch_w: int, max_patches:
     rows = max(min(math.floor(scale * height / patch_h), max_patches), 1)
     cols = max(min(math.floor(scale * width / patch_w), max_patches), 1)
     return rows, cols
+
+
+def read_max_patches(model_dir: Path) -> int:
+    """The image processor's max_patches from a checkpoint folder; SourceError naming the files when none says."""
+    for name, key in ((PREPROCESSOR_FILE, None), (PROCESSOR_FILE, "image_processor")):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            settings = data.get(key) or {} if key else data
+            if settings.get("max_patches") is not None:
+                return int(settings["max_patches"])
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise SourceError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    raise SourceError(f"{model_dir}: no max_patches in {PREPROCESSOR_FILE} or {PROCESSOR_FILE} (a Pix2Struct "
+                      "checkpoint's image processor settings)")
 
 
 def _processor_settings(processor: Any) -> tuple[int, int, int]:
@@ -190,14 +208,9 @@ class Pix2StructFamily(EncoderDecoderFamily):
         return ArchitectureFacts(self.default_num_visual_features, int(text.get("num_heads", 12)))
 
     def checkpoint_facts(self, model_dir: Path, config: dict[str, Any]) -> ArchitectureFacts:
-        """max_patches from the checkpoint's preprocessor_config.json, the decoder's heads from config.json."""
-        path = Path(model_dir) / PREPROCESSOR_FILE
-        try:
-            max_patches = int(json.loads(path.read_text())["max_patches"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SourceError(f"{path}: a pix2struct checkpoint's preprocessor config must give max_patches "
-                              f"({type(exc).__name__}: {exc})") from None
-        return ArchitectureFacts(max_patches, self.architecture_facts(config).num_attention_heads)
+        """max_patches from the checkpoint's processor files (preprocessor_config.json, as google/deplot has, or
+        transformers 5's processor_config.json), the decoder's heads from config.json."""
+        return ArchitectureFacts(read_max_patches(Path(model_dir)), self.architecture_facts(config).num_attention_heads)
 
     def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
         """VQA checkpoints (DePlot) render the prompt onto the image: the hf runner encodes images apart from their
@@ -246,8 +259,8 @@ class Pix2StructFamily(EncoderDecoderFamily):
     def visual_engine_feeds(self, inputs: VisualInputs, max_batch_size: int,
                             extras: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Up to ``max_batch_size`` images per call: their padded patches and the mask of the real ones (padding is
-        zero rows: row and column ids start at 1; TensorRT-LLM 1.2's wrapper derives its mask the same way)."""
-        return [{"flattened_patches": part, "attention_mask": (part.abs().sum(dim=-1) != 0).long()}
+        zero rows: row and column ids start at 1; float, as every engine input; TensorRT-LLM 1.2's wrapper derives its mask the same way)."""
+        return [{"flattened_patches": part, "attention_mask": (part.abs().sum(dim=-1) != 0).to(part.dtype)}
                 for part in inputs.pixels.split(max_batch_size)]
 
     def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
@@ -272,15 +285,13 @@ class Pix2StructFamily(EncoderDecoderFamily):
         return _visual_module_class()(model).eval()
 
     def extract_llm(self, model: Any) -> Any:
-        """``model.decoder`` (a ``Pix2StructTextModel``, its head included, shared with the full model), given the
-        full model's start and end tokens."""
+        """``model.decoder`` (a ``Pix2StructTextModel``, its head included, shared with the full model), its config
+        given the full model's start and end tokens (the class has no generation config of its own)."""
         llm = model.decoder
         for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(model.generation_config, key, None)
-            if value is None:
-                value = getattr(model.config.text_config, key, None)
-            setattr(llm.generation_config, key, value)
-        llm.config.decoder_start_token_id = llm.generation_config.decoder_start_token_id
+            if value is not None:
+                setattr(llm.config, key, value)
         return llm.eval()
 
     def llm_class(self) -> type:
