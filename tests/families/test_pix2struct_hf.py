@@ -111,9 +111,12 @@ def test_max_patches_is_read_beside_config_json(tmp_path: Path) -> None:
     family = get_family(NAME)
     with pytest.raises(SourceError, match="no max_patches in preprocessor_config.json or processor_config.json"):
         read_max_patches(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 2048, "is_vqa": True}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 2048, "is_vqa": False}))
     facts = family.checkpoint_facts(tmp_path, {"text_config": {"num_heads": 12}})
     assert (facts.num_visual_features, facts.num_attention_heads) == (2048, 12)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 2048, "is_vqa": True}))
+    with pytest.raises(SpecError, match="VQA checkpoint \\(its image processor's is_vqa: true\\)"):
+        family.checkpoint_facts(tmp_path, {"text_config": {"num_heads": 12}})
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(SourceError, match="preprocessor_config.json: unreadable"):
         read_max_patches(tmp_path)

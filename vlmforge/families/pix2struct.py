@@ -64,21 +64,33 @@ def patch_grid(height: int, width: int, patch_h: int, patch_w: int, max_patches:
     return rows, cols
 
 
-def read_max_patches(model_dir: Path) -> int:
-    """The image processor's max_patches from a checkpoint folder; SourceError naming the files when none says."""
+def image_processor_settings(model_dir: Path) -> dict[str, Any]:
+    """The image processor's saved settings in a checkpoint folder: preprocessor_config.json (google/deplot's) or
+    transformers 5's processor_config.json ("image_processor"); {} when neither exists. SourceError when unreadable."""
     for name, key in ((PREPROCESSOR_FILE, None), (PROCESSOR_FILE, "image_processor")):
         path = model_dir / name
         if not path.is_file():
             continue
         try:
             data = json.loads(path.read_text())
-            settings = data.get(key) or {} if key else data
-            if settings.get("max_patches") is not None:
-                return int(settings["max_patches"])
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            settings = (data.get(key) or {}) if key else data
+        except (OSError, ValueError, AttributeError) as exc:
             raise SourceError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    raise SourceError(f"{model_dir}: no max_patches in {PREPROCESSOR_FILE} or {PROCESSOR_FILE} (a Pix2Struct "
-                      "checkpoint's image processor settings)")
+        if isinstance(settings, dict) and settings.get("max_patches") is not None:
+            return settings
+    return {}
+
+
+def read_max_patches(model_dir: Path) -> int:
+    """The image processor's max_patches from a checkpoint folder; SourceError naming the files when none says."""
+    value = image_processor_settings(model_dir).get("max_patches")
+    if value is None:
+        raise SourceError(f"{model_dir}: no max_patches in {PREPROCESSOR_FILE} or {PROCESSOR_FILE} (a Pix2Struct "
+                          "checkpoint's image processor settings)")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SourceError(f"{model_dir}: max_patches {value!r} is not a whole number") from None
 
 
 def _processor_settings(processor: Any) -> tuple[int, int, int]:
@@ -209,20 +221,28 @@ class Pix2StructFamily(EncoderDecoderFamily):
 
     def checkpoint_facts(self, model_dir: Path, config: dict[str, Any]) -> ArchitectureFacts:
         """max_patches from the checkpoint's processor files (preprocessor_config.json, as google/deplot has, or
-        transformers 5's processor_config.json), the decoder's heads from config.json."""
-        return ArchitectureFacts(read_max_patches(Path(model_dir)), self.architecture_facts(config).num_attention_heads)
+        transformers 5's processor_config.json), the decoder's heads from config.json; a VQA checkpoint is refused
+        (:meth:`check_checkpoint_config`) whichever file says so."""
+        max_patches = read_max_patches(Path(model_dir))
+        if image_processor_settings(Path(model_dir)).get("is_vqa"):
+            self._refuse_vqa(str(model_dir), "its image processor's is_vqa: true")
+        return ArchitectureFacts(max_patches, self.architecture_facts(config).num_attention_heads)
 
     def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
         """VQA checkpoints (DePlot) render the prompt onto the image: the hf runner encodes images apart from their
         prompts, so it cannot serve them yet."""
+        if config.get("is_vqa"):
+            self._refuse_vqa(spec.source, "config.json is_vqa: true")
+
+    @staticmethod
+    def _refuse_vqa(what: str, where: str) -> None:
         from vlmforge.errors import SpecError
 
-        if config.get("is_vqa"):
-            raise SpecError(
-                f"{spec.source} is a Pix2Struct VQA checkpoint (config.json is_vqa: true): its processor renders the "
-                "prompt as a header onto the image, so the visual features depend on the prompt, and the hf "
-                "toolchain's runner encodes images apart from prompts; build it with the trtllm toolchain "
-                "(`vlmforge plan`, dialect 1.2) or use a captioning checkpoint (is_vqa: false)", path="source")
+        raise SpecError(
+            f"{what} is a Pix2Struct VQA checkpoint ({where}): its processor renders the prompt as a header onto the "
+            "image, so the visual features depend on the prompt, and the hf toolchain's runner encodes images apart "
+            "from prompts; build it with the trtllm toolchain (`vlmforge plan`, dialect 1.2) or use a captioning "
+            "checkpoint (is_vqa: false)", path="source")
 
     def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
         """Always None: the decoder starts from its start token alone (given text is ignored, as for Nougat)."""
