@@ -140,8 +140,7 @@ class ModelFamily(VisualContractHooks):
         raise NotImplementedError
 
     def checkpoint_facts(self, model_dir: Path, config: dict[str, Any]) -> ArchitectureFacts:
-        """:meth:`architecture_facts` of a checkpoint folder (``config`` is its config.json); a family whose count
-        lives in another file (Pix2Struct: preprocessor_config.json's max_patches) reads it here."""
+        """:meth:`architecture_facts` of a checkpoint folder (Pix2Struct reads max_patches beside config.json)."""
         return self.architecture_facts(config)
 
     def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
@@ -486,25 +485,3 @@ def expand_image_tokens(tokenizer: Any, prompt: str, token: str, counts: list[in
     expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
     return tokenizer(expanded, return_tensors="pt").input_ids
 
-
-def cross_attention_prefix(llm: Any, features: Any, what: str) -> LlmPrefix:
-    """A decoder's prefix from its start token, cross-attending to one image's encoder states ``features``
-    [1, N, hidden] (all attended): what the cross-attention families (Nougat, Pix2Struct) feed their decoder.
-    ValueError naming ``what`` when the decoder has no start token."""
-    import torch
-
-    from vlmforge.modeling.devices import model_device, model_dtype
-    from vlmforge.modeling.generation import LlmPrefix, eos_ids
-
-    gen, cfg = getattr(llm, "generation_config", None), llm.config  # Pix2StructTextModel has no generation config
-
-    def first(key: str) -> Any:
-        return next((v for v in (getattr(gen, key, None), getattr(cfg, key, None)) if v is not None), None)
-
-    start = next((v for v in (first("decoder_start_token_id"), first("bos_token_id")) if v is not None), None)
-    if start is None:
-        raise ValueError(f"the {what} decoder has no decoder_start_token_id (nor bos_token_id) to start from")
-    eos = first("eos_token_id")
-    states = features.to(model_device(llm), model_dtype(llm))
-    mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
-    return LlmPrefix("cross", states, mask, eos_ids(eos), start=start)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily, cross_attention_prefix
+from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec
 from vlmforge.specs.visual import VisualPlacement
@@ -224,6 +224,8 @@ class NougatFamily(EncoderDecoderFamily):
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
         (features,) = self.image_features(features)
         self.format_prompt(prompt)
+        from vlmforge.modeling.generation import cross_attention_prefix
+
         return cross_attention_prefix(llm, features, "Nougat")
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],

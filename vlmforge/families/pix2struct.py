@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError, SourceError
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily, cross_attention_prefix
+from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
 from vlmforge.plans.model import DialectInfo, PlanContext
 from vlmforge.specs.schema import BuildSpec, Dialect
 from vlmforge.specs.visual import FamilyNumber, VisualPlacement
@@ -328,6 +328,8 @@ class Pix2StructFamily(EncoderDecoderFamily):
         """The decoder from its start token, cross-attending to the image's real patches' states."""
         (features,) = self.image_features(features)
         self.format_prompt(prompt)
+        from vlmforge.modeling.generation import cross_attention_prefix
+
         return cross_attention_prefix(llm, features, "Pix2Struct")
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
