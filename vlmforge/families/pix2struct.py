@@ -118,13 +118,22 @@ def _tiny_config() -> Any:
 
 
 def _tiny_processor() -> Any:
+    """Pix2Struct's own processor over the locally trained BPE: as a plain fast tokenizer in transformers 5, as the
+    T5TokenizerFast that transformers 4.57's Pix2StructProcessor insists on (NVIDIA's TensorRT-LLM 1.2 image)."""
+    import transformers
     from transformers import Pix2StructProcessor
 
-    from vlmforge.families.tinykit import make_fast_tokenizer, pil_image_processor
+    from vlmforge.families.tinykit import make_fast_tokenizer, pil_image_processor, train_bpe_tokenizer
 
     image_processor = pil_image_processor("Pix2StructImageProcessor", patch_size={"height": TINY_PATCH, "width": TINY_PATCH},
                                           max_patches=TINY_MAX_PATCHES, is_vqa=False)
-    return Pix2StructProcessor(image_processor=image_processor, tokenizer=make_fast_tokenizer("eos", image_token=False))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = make_fast_tokenizer("eos", TINY_VOCAB_SIZE, image_token=False)
+    else:
+        tokenizer = transformers.T5TokenizerFast(
+            tokenizer_object=train_bpe_tokenizer(TINY_VOCAB_SIZE, "eos"), extra_ids=0, eos_token="</s>",
+            pad_token="<pad>", unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
+    return Pix2StructProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @cache
