@@ -130,3 +130,34 @@ def test_vqa_checkpoints_are_refused_on_hf_with_the_reason() -> None:
     with pytest.raises(SpecError, match="is_vqa: true.*renders the prompt as a header onto the image.*trtllm"):
         get_family(NAME).check_checkpoint_config(spec, {"is_vqa": True})
     get_family(NAME).check_checkpoint_config(spec, {"is_vqa": False})
+
+
+DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+
+
+@pytest.mark.skipif(not DEJAVU.is_file(), reason="no local TrueType font to stand in for the hub's Arial.TTF")
+def test_a_vqa_reference_renders_the_header_onto_the_image(tiny: TinyCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the trtllm toolchain validates DePlot against: the processor renders the header ("" for run.py's empty
+    --input_text) above the image, so the patches change; the font the processor would fetch from the hub is a local
+    one here."""
+    import importlib
+
+    class LocalFont:
+        def hf_hub_download(self, *args: object) -> str:
+            return str(DEJAVU)
+
+    t = tiny(NAME)
+    module = importlib.import_module(type(t.processor.image_processor).__module__)
+    if hasattr(module, "hf_api"):  # transformers 5
+        monkeypatch.setattr(module, "hf_api", lambda: LocalFont())
+    else:  # transformers 4.57
+        monkeypatch.setattr(module, "hf_hub_download", LocalFont().hf_hub_download)
+    image_processor = t.processor.image_processor
+    plain = t.family._patches(t.processor, t.images[:1])[0]
+    monkeypatch.setattr(image_processor, "is_vqa", True)
+    rendered = t.family._patches(t.processor, t.images[:1], "Generate underlying data table of the figure below:")[0]
+    empty = t.family._patches(t.processor, t.images[:1])[0]
+    assert plain.shape == rendered.shape == empty.shape
+    assert not torch.equal(plain, rendered) and not torch.equal(rendered, empty)
+    result = t.family.reference_generate(t.model, t.processor, t.images[0], "Generate", MAX_NEW_TOKENS)
+    assert len(result.tokens) >= 1

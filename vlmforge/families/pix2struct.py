@@ -266,13 +266,17 @@ class Pix2StructFamily(EncoderDecoderFamily):
         square, wide, tall = synthetic_images()
         return [square.resize((64, 64)), wide.resize((120, 60)), tall.resize((50, 100))]
 
-    def _patches(self, processor: Any, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _patches(self, processor: Any, images: Sequence[Image.Image],
+                 header: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """flattened_patches [n, max_patches, 2+p*p*3] (float32) and attention_mask [n, max_patches] at the image
-        processor's own max_patches (Pix2StructProcessor's call would impose 2048)."""
+        processor's own max_patches (Pix2StructProcessor's call would impose 2048). A VQA processor renders ``header``
+        ("" when None, as TensorRT-LLM 1.2's README runs DePlot) above each image first, with the font it fetches."""
         import torch
 
         image_processor = getattr(processor, "image_processor", processor)
-        out = image_processor(images=list(images), max_patches=int(image_processor.max_patches), return_tensors="pt")
+        extra = {"header_text": header or ""} if getattr(image_processor, "is_vqa", False) else {}
+        out = image_processor(images=list(images), max_patches=int(image_processor.max_patches), return_tensors="pt",
+                              **extra)
         return out["flattened_patches"].to(torch.float32), out["attention_mask"].to(torch.long)
 
     def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
@@ -347,5 +351,5 @@ class Pix2StructFamily(EncoderDecoderFamily):
 
         images = self.image_list(image)
         self.format_prompt(prompt)
-        patches, mask = self._patches(processor, images)
+        patches, mask = self._patches(processor, images, prompt)  # the header of a VQA checkpoint (trtllm validation)
         return ref_generate(model, {"flattened_patches": patches, "attention_mask": mask}, max_new_tokens)
