@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from vlmforge.specs.schema import ImageSize
 
 DEPLOT_MAX_PATCHES = 2048
-"""google/deplot's preprocessor max_patches (also Pix2StructProcessor's call default)."""
+"""DePlot's max_patches: TensorRT-LLM 1.2's README builds its decoder for 2048 encoder states and Pix2StructProcessor
+calls its image processor with 2048 by default (google/deplot's preprocessor_config.json itself was not read here)."""
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
 
@@ -183,14 +184,11 @@ class Pix2StructFamily(EncoderDecoderFamily):
     def encoder_input_len(self, spec: BuildSpec, num_visual_features: int) -> int:
         return num_visual_features
 
-    def visual_token_formula(self, spec: BuildSpec, size: ImageSize | None) -> str:
-        return "max_patches"
-
     def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
         patches = self.num_visual_features(spec)
         return (FamilyNumber("max_patches", patches, "architecture.num_visual_features" if
-                             spec.architecture.num_visual_features else f"{self.name}'s default (google/deplot's "
-                             "preprocessor)", "the image processor's max_patches: every image becomes at most this "
+                             spec.architecture.num_visual_features else f"{self.name}'s default (DePlot's, TensorRT-LLM "
+                             "1.2's README)", "the image processor's max_patches: every image becomes at most this "
                              "many patches (padded to it); the decoder's --max_encoder_input_len"),)
 
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
