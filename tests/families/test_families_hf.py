@@ -134,13 +134,15 @@ def test_architecture_facts_match_the_catalog(name: str, tiny: TinyCache) -> Non
     config = json.loads((tiny(name).model_dir / "config.json").read_text())
     arch = tiny_spec(name).architecture
     derived = resolve(tiny_spec(name)).derived.num_visual_features  # size-dependent: at visual.max_image_size
-    facts = family.architecture_facts(config)
+    facts = family.checkpoint_facts(tiny(name).model_dir, config)  # pix2struct: max_patches beside config.json
     if family.name in {"qwen2_vl", "qwen2_5_vl"}:  # no pixel limits in config.json: the real processors' cap
         assert facts.num_attention_heads == arch.num_attention_heads and facts.num_visual_features >= derived
     else:
         assert facts == ArchitectureFacts(derived, arch.num_attention_heads)
     counts = [part[0, ..., 0].numel() for part in tiny(name).features]  # qwen2_vl's are grids [1, h, w, hidden]
-    assert max(counts) == derived if family.size_dependent_tokens else set(counts) == {derived}
+    # pix2struct: each image's real patches, at most max_patches (its golden 64x64 image fills them all)
+    varying = family.size_dependent_tokens or family.name == "pix2struct"
+    assert max(counts) == derived if varying else set(counts) == {derived}
 
 
 # Trimmed config.json of the real checkpoints (defaults left out, as the hub files do).

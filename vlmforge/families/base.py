@@ -139,6 +139,10 @@ class ModelFamily(VisualContractHooks):
         """num_visual_features and LLM attention heads read from the checkpoint's config.json."""
         raise NotImplementedError
 
+    def checkpoint_facts(self, model_dir: Path, config: dict[str, Any]) -> ArchitectureFacts:
+        """:meth:`architecture_facts` of a checkpoint folder (Pix2Struct reads max_patches beside config.json)."""
+        return self.architecture_facts(config)
+
     def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
         """Wrap user text the way the model expects for ``num_images`` images (their placeholders, chat template);
         None stays None. ValueError for more images than the family takes."""
@@ -480,3 +484,4 @@ def expand_image_tokens(tokenizer: Any, prompt: str, token: str, counts: list[in
     head, *tails = prompt.split(token)
     expanded = head + "".join(token * count + tail for count, tail in zip(counts, tails, strict=True))
     return tokenizer(expanded, return_tensors="pt").input_ids
+

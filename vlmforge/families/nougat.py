@@ -222,22 +222,11 @@ class NougatFamily(EncoderDecoderFamily):
 
     def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
         """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
-        import torch
-
-        from vlmforge.modeling.devices import model_device, model_dtype
-        from vlmforge.modeling.generation import LlmPrefix, eos_ids
-
         (features,) = self.image_features(features)
         self.format_prompt(prompt)
-        gen, cfg = llm.generation_config, llm.config
-        start = next((v for v in (gen.decoder_start_token_id, cfg.decoder_start_token_id, cfg.bos_token_id)
-                      if v is not None), None)
-        if start is None:
-            raise ValueError("the Nougat decoder has no decoder_start_token_id (nor bos_token_id) to start from")
-        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
-        states = features.to(model_device(llm), model_dtype(llm))
-        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
-        return LlmPrefix("cross", states, mask, eos_ids(eos), start=start)
+        from vlmforge.modeling.generation import cross_attention_prefix
+
+        return cross_attention_prefix(llm, features, "Nougat")
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
                            prompt: str | None, max_new_tokens: int) -> GenResult:

@@ -136,6 +136,21 @@ def _result(tokens: list[int], logits: list[torch.Tensor]) -> GenResult:
     return GenResult(tokens, torch.stack(logits).to("cpu", torch.float32))
 
 
+def cross_attention_prefix(llm: Any, features: torch.Tensor, what: str) -> LlmPrefix:
+    """A decoder from its start token cross-attending to one image's states ``features`` [1, N, hidden], all attended:
+    what the cross-attention families (Nougat, Pix2Struct) feed their decoder. The ids come from the generation
+    config, else the config (Pix2StructTextModel has no generation config). ValueError naming ``what`` without a
+    start token."""
+    sources = (getattr(llm, "generation_config", None), llm.config)
+    ids = {key: next((v for v in (getattr(s, key, None) for s in sources) if v is not None), None)
+           for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id")}
+    start = ids["decoder_start_token_id"] if ids["decoder_start_token_id"] is not None else ids["bos_token_id"]
+    if start is None:
+        raise ValueError(f"the {what} decoder has no decoder_start_token_id (nor bos_token_id) to start from")
+    states = features.to(model_device(llm), model_dtype(llm))
+    mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+    return LlmPrefix("cross", states, mask, eos_ids(ids["eos_token_id"]), start=start)
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

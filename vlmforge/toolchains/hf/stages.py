@@ -105,7 +105,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
     from vlmforge.toolchains.hf.saving import safetensors_size, save_pretrained_as
 
     spec, family = resolved.spec, resolved.family
-    facts = family.architecture_facts(read_config(source_dir))
+    facts = family.checkpoint_facts(source_dir, read_config(source_dir))
     checks = (("num_visual_features", facts.num_visual_features), ("num_attention_heads", facts.num_attention_heads))
     for field, actual in checks:
         declared = getattr(spec.architecture, field)
