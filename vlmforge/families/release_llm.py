@@ -66,8 +66,9 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
             return []
         return ["--gpt_attention_plugin", ctx.spec.dtype.value]
 
-    def max_num_tokens(self, ctx: PlanContext) -> int:
-        """--max_num_tokens: max_input_len, the README's and NVIDIA CI's value for these families."""
+    def max_num_tokens(self, ctx: PlanContext) -> int | None:
+        """--max_num_tokens: max_input_len, the README's and NVIDIA CI's value for these families (None: not passed,
+        where a family's README section leaves it at trtllm-build's default)."""
         return ctx.derived.max_input_len
 
     def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
@@ -89,7 +90,8 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
             "--max_batch_size", str(ctx.spec.limits.max_batch_size),
             "--max_input_len", str(derived.max_input_len),
             *self.sizing_flag_for_output(ctx),
-            "--max_num_tokens", str(self.max_num_tokens(ctx)),
-            "--max_multimodal_len", str(derived.max_multimodal_len),
         ]
+        num_tokens = self.max_num_tokens(ctx)
+        argv += ["--max_num_tokens", str(num_tokens)] if num_tokens is not None else []
+        argv += ["--max_multimodal_len", str(derived.max_multimodal_len)]
         return ctx.step("build-llm", argv, tool="trtllm-build", gpus=1, inputs=[ckpt], outputs=[out]), out
