@@ -25,12 +25,14 @@ def test_golden_images_give_three_grids(tiny: TinyCache) -> None:
 
 @pytest.mark.parametrize("size", [(200, 150), (100, 45), (50, 80), (31, 29), (120, 90)])
 def test_patch_features_equal_transformers_at_every_size(tiny: TinyCache, size: tuple[int, int]) -> None:
-    """The engine's features are FuyuModel's own image features of the processor's patches (to 1e-5)."""
+    """The engine's features are FuyuModel's own patch projection of the processor's patches (to 1e-5)."""
     t = tiny(NAME)
     image = t.images[0].resize(size)
-    processed = t.processor(images=[image], text="", return_tensors="pt")
+    processed = t.processor(images=[image], text="Describe it.", return_tensors="pt")
+    patches = processed["image_patches"]
+    patches = patches[0] if isinstance(patches, list) else patches  # transformers 4.57: one tensor per sample
     with torch.no_grad():
-        ref = t.model.model.get_image_features(processed["image_patches"].float()).last_hidden_state.reshape(-1, 64)
+        ref = t.model.model.vision_embed_tokens(patches.float()).reshape(-1, 64)
         inputs = t.family.visual_inputs(t.processor, [image])
         got = t.family.visual_outputs(t.family.visual_module(t.model), inputs)
     assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-5

@@ -50,6 +50,8 @@ ENGINE_MAX_PATCHES = 4096
 """1.2's build_fuyu_engine profile: [1, 1, 2700] / [1, 500, 2700] / [1, 4096, 2700] patches per image."""
 IMAGE_TOKEN, NEWLINE_TOKEN, ANSWER_START = "|SPEAKER|", "|NEWLINE|", "<0x04>"
 """FuyuProcessor's image, newline and beginning-of-answer strings (the last a token of fuyu-8b's vocabulary)."""
+END_OF_TEXT = "|ENDOFTEXT|"
+"""A token transformers 4.57's FuyuProcessor looks up (its padding)."""
 DEFAULT_USER_TEXT = "Generate a coco-style caption.\n"
 """fuyu-8b's model-card prompt."""
 SEED_REASON = ("the seed README (/work/shared/seed) has no Fuyu section and vlmforge's 0.9 contract holds no table of "
@@ -216,9 +218,6 @@ class FuyuFamily(ReleaseConverterFamily):
 
         processor = AutoProcessor.from_pretrained(model_dir)
         processor.image_processor.__class__ = _patchify_fix(type(processor.image_processor))
-        tokenizer = processor.tokenizer
-        if tokenizer(IMAGE_TOKEN, add_special_tokens=False).input_ids == [processor.image_token_id]:
-            tokenizer.__class__ = _leading_piece(type(tokenizer))
         return processor
 
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
@@ -250,8 +249,10 @@ class FuyuFamily(ReleaseConverterFamily):
 
         parts = []
         for image in images:
-            out = processor(images=[image], text="", return_tensors="pt")
-            parts.append(out["image_patches"].reshape(-1, out["image_patches"].shape[-1]).to(torch.float32))
+            out = processor(images=[image], text=DEFAULT_USER_TEXT, return_tensors="pt")
+            patches = out["image_patches"]
+            patches = patches[0] if isinstance(patches, list) else patches  # transformers 4.57: one per sample
+            parts.append(patches.reshape(-1, patches.shape[-1]).to(torch.float32))
         counts = [int(part.shape[0]) for part in parts]
         return VisualInputs(torch.cat(parts), counts, [(image.height, image.width) for image in images])
 
@@ -363,29 +364,6 @@ def _patchify_fix(cls: type) -> type:
 
 
 @cache
-def _leading_piece(cls: type) -> type:
-    """``cls`` that puts ``<unk>`` before the ids of a text starting with ``|SPEAKER|``: FuyuProcessor drops the first
-    id of its image placeholders, the piece fuyu-8b's SentencePiece tokenizer puts there; a tokenizer without it (the
-    tiny BPE) would lose a real ``|SPEAKER|``."""
-    import torch
-
-    class LeadingPiece(cls):  # type: ignore[misc, valid-type]
-        def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
-            out = super().__call__(text, *args, **kwargs)
-            if isinstance(text, str) and text.startswith(IMAGE_TOKEN) and not kwargs.get("add_special_tokens", True):
-                for key, fill in (("input_ids", self.unk_token_id), ("attention_mask", 1)):
-                    value = out[key]
-                    if isinstance(value, torch.Tensor):
-                        out[key] = torch.cat([torch.full_like(value[..., :1], fill), value], dim=-1)
-                    else:
-                        out[key] = [fill, *value]
-            return out
-
-    LeadingPiece.__name__ = cls.__name__
-    return LeadingPiece
-
-
-@cache
 def _visual_module_class() -> type:
     import torch
 
@@ -403,16 +381,37 @@ def _visual_module_class() -> type:
 
 
 def _tiny_tokenizer() -> Any:
-    """The tiny BPE with Fuyu's image tokens (no SentencePiece piece before them: :func:`_leading_piece`)."""
-    from tokenizers import AddedToken
+    """A SentencePiece-like BPE (Metaspace, ``▁`` before the first piece) whose vocabulary holds ``|SPEAKER|`` and
+    ``|NEWLINE|`` as pieces built by merges that go first, as fuyu-8b's does: a text starting with ``|SPEAKER|`` gives
+    ``▁`` then ``|SPEAKER|``, the piece both transformers 5's and 4.57's FuyuProcessor drop (4.57 reads the image
+    token's id as the second id of ``encode("|SPEAKER|")``)."""
+    import json
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vlmforge.families.tinykit import train_bpe_tokenizer
+    from vlmforge.families.tinykit import CORPUS, SPECIAL_TOKENS
 
-    tok = train_bpe_tokenizer(vocab_size=320, template="bos")
-    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False),
-                            AddedToken(NEWLINE_TOKEN, special=True, normalized=False),
-                            AddedToken(ANSWER_START, special=True, normalized=False)])
+    metaspace = {"replacement": "\u2581", "prepend_scheme": "first"}
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(**metaspace)
+    alphabet = sorted(set("\u2581" + string.ascii_letters + string.digits + string.punctuation))
+    trained.train_from_iterator(list(CORPUS) * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    image_merges = []
+    for word in (IMAGE_TOKEN, NEWLINE_TOKEN):
+        for cut in range(1, len(word)):
+            left, right = word[:cut], word[cut]
+            vocab.setdefault(left + right, len(vocab))
+            image_merges.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=image_merges + merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(**metaspace)
+    tok.decoder = decoders.Metaspace(**metaspace)
+    tok.add_special_tokens([AddedToken(token, special=True) for token in (*SPECIAL_TOKENS, ANSWER_START, END_OF_TEXT)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
 
