@@ -25,12 +25,12 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vlmforge.errors import PlanError, SpecError
+from vlmforge.errors import SpecError
 from vlmforge.families import register_family
 from vlmforge.families.base import ArchitectureFacts, wrap_language_model
-from vlmforge.families.release_llm import ReleaseConverterFamily
-from vlmforge.plans.model import DialectInfo, PlanContext
-from vlmforge.specs.schema import BuildSpec, Dialect, ImageSize
+from vlmforge.families.release_llm import GptVariantFamily
+from vlmforge.plans.model import PlanContext
+from vlmforge.specs.schema import BuildSpec, ImageSize
 from vlmforge.specs.visual import FamilyNumber
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ END_OF_TEXT = "|ENDOFTEXT|"
 """A token transformers 4.57's FuyuProcessor looks up (its padding)."""
 DEFAULT_USER_TEXT = "Generate a coco-style caption.\n"
 """fuyu-8b's model-card prompt."""
-SEED_REASON = ("the seed README (/work/shared/seed) has no Fuyu section and vlmforge's 0.9 contract holds no table of "
-               "v0.10.0's examples/gpt/convert_checkpoint.py (its build_visual_engine.py does list --model_type fuyu)")
 TINY_SOURCE = "tiny://fuyu"
 TINY_TARGET = ImageSize(height=90, width=120)
 """tiny://fuyu's target: at most 3 x 4 = 12 patches + 3 newlines."""
@@ -106,7 +104,7 @@ def target_of(spec: BuildSpec) -> ImageSize:
 
 
 @register_family
-class FuyuFamily(ReleaseConverterFamily):
+class FuyuFamily(GptVariantFamily):
     """Fuyu: image patches -> Linear -> Persimmon (TensorRT-LLM's gpt converter, variant persimmon)."""
 
     name: ClassVar[str] = "fuyu"
@@ -114,7 +112,8 @@ class FuyuFamily(ReleaseConverterFamily):
     builder_model_type: ClassVar[str] = "fuyu"
     hf_class: ClassVar[str] = "FuyuForCausalLM"
     default_num_visual_features: ClassVar[int] = 2304
-    llm_kind: ClassVar[str] = "gpt"
+    gpt_variant: ClassVar[str] = "persimmon"
+    readme_section: ClassVar[str] = "Fuyu"
     fused_mlp_default: ClassVar[bool] = True
     """The README's --use_fused_mlp=enable (Persimmon's MLP is not gated: the flag changes nothing; 1.2's default)."""
     supports_fused_mlp: ClassVar[bool] = True
@@ -166,29 +165,8 @@ class FuyuFamily(ReleaseConverterFamily):
                             "TensorRT-LLM's fuyu visual-engine profile: lower visual.max_image_size",
                             path="visual.max_image_size")
 
-    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
-        if info.dialect is Dialect.V0_9:
-            raise PlanError(f"{self.name} cannot be planned in dialect 0.9: {SEED_REASON}; set dialect: '1.2'")
-        if spec.quantization.needs_calibration:
-            raise PlanError(
-                f"quantization.method {spec.quantization.method.value}: the 1.2 README builds {self.name} in float16 "
-                "only and vlmforge has not checked quantize.py (ModelOpt) on its LLM; use none, int8_wo or int4_wo "
-                "(the gpt converter's --use_weight_only)")
-        super().check_dialect(spec, info)
-
-    def convert_extra_args(self, ctx: PlanContext) -> list[str]:
-        return []
-
-    def convert_step(self, ctx: PlanContext) -> Any:
-        step = super().convert_step(ctx)
-        step.argv.extend(["--gpt_variant", "persimmon"])  # the README's last flag
-        return step
-
     def attention_plugin(self, ctx: PlanContext) -> list[str]:
         return []  # the README's fuyu build leaves the plugin at its default
-
-    def max_num_tokens(self, ctx: PlanContext) -> int | None:
-        return None  # not in the README's fuyu build
 
     # --- hf toolchain -----------------------------------------------------------------------
 
