@@ -109,3 +109,68 @@ def test_fuyu_calibrated_quantization_is_refused_and_weight_only_converts() -> N
         plan_for(FUYU, {"quantization.method": "int4_awq"})
     convert = argvs(plan_for(FUYU, {"quantization.method": "int8_wo"}))["convert"]
     assert convert[-5:] == ["--use_weight_only", "--weight_only_precision", "int8", "--gpt_variant", "persimmon"]
+
+
+# --- kosmos-2 (microsoft/kosmos-2-patch14-224) --------------------------------------------------------------------
+
+KOSMOS = "kosmos-2-patch14-224"
+KO_HF, KO_CKPT = f"{W}/hf_models/{KOSMOS}", f"{W}/trt_models/{KOSMOS}/fp16/1-gpu"
+KO_ENGINE = f"{W}/trt_engines/{KOSMOS}/fp16/1-gpu"
+
+KOSMOS_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", "hf://microsoft/kosmos-2-patch14-224", KO_HF],
+    "convert": ["python", "../gpt/convert_checkpoint.py", "--model_dir", KO_HF, "--output_dir", KO_CKPT,
+                "--dtype", "float16", "--gpt_variant", "kosmos-2"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", KO_CKPT, "--output_dir", f"{KO_ENGINE}/llm",
+                  "--gpt_attention_plugin", "float16", "--gemm_plugin", "float16", "--max_batch_size", "1",
+                  "--max_input_len", "512", "--max_seq_len", "1024", "--max_multimodal_len", "64"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "kosmos-2", "--model_path", KO_HF,
+                     "--output_dir", f"{KO_ENGINE}/vision"],
+    "validate": ["python", "run.py", "--hf_model_dir", KO_HF, "--engine_dir", KO_ENGINE],
+}
+
+KOSMOS_README = {
+    "convert": "python ../gpt/convert_checkpoint.py --model_dir tmp/hf_models/kosmos-2 --output_dir "
+               "tmp/trt_models/kosmos-2/fp16/1-gpu --dtype float16 --gpt_variant kosmos-2",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/kosmos-2/fp16/1-gpu --output_dir "
+                 "tmp/trt_engines/kosmos-2/fp16/1-gpu/llm --gpt_attention_plugin float16 --gemm_plugin float16 "
+                 "--max_batch_size 1 --max_input_len 512 --max_seq_len 1024 --max_multimodal_len 64",
+    "build-visual": "python build_multimodal_engine.py --model_type kosmos-2 --model_path tmp/hf_models/kosmos-2 "
+                    "--output_dir tmp/trt_engines/kosmos-2/fp16/1-gpu/vision",
+    "validate": "python run.py --hf_model_dir tmp/hf_models/kosmos-2 --engine_dir tmp/trt_engines/kosmos-2/fp16/1-gpu",
+}
+"""The README's commands with MODEL_NAME=kosmos-2 (its hf folder is named kosmos-2, ours after the catalog entry)."""
+
+
+def test_kosmos_plan_is_exact() -> None:
+    plan = plan_for(KOSMOS)
+    assert [step.name for step in plan.steps] == list(KOSMOS_GOLDEN)
+    assert argvs(plan) == KOSMOS_GOLDEN
+    assert {step.cwd for step in plan.steps} == {MM}
+    assert plan.requirements.tensorrt_llm == "v1.2.1" and plan.engine_dir == KO_ENGINE
+
+
+def test_kosmos_plan_is_the_readme() -> None:
+    """No deviation but the paths: 64 rows per image (latent_query_num), 1 x 64 = the README's table."""
+    ours = argvs(plan_for(KOSMOS))
+    for name, command in KOSMOS_README.items():
+        assert normalize(ours[name]) == normalize(readme(command)), name
+
+
+def test_kosmos_budgets_scale_with_the_batch_and_are_refused_when_too_small() -> None:
+    derived = resolve(spec_from_dict(merge_overrides(catalog_entry(KOSMOS), {
+        "limits.max_batch_size": 4, "visual.max_batch_size": 4}))).derived
+    assert derived.max_multimodal_len == 4 * 64 and derived.num_visual_features == 64
+    with pytest.raises(SpecError, match="max_input_len"):
+        resolve(spec_from_dict(merge_overrides(catalog_entry(KOSMOS), {"limits.max_input_len": 60,
+                                                                       "limits.max_seq_len": 600})))
+    with pytest.raises(SpecError, match="visual.max_image_size"):
+        resolve(spec_from_dict(merge_overrides(catalog_entry(KOSMOS), {
+            "visual.max_image_size": {"height": 448, "width": 448}})))
+
+
+def test_kosmos_is_refused_in_the_seed_dialect_and_with_calibration() -> None:
+    with pytest.raises(PlanError, match="seed README.*Kosmos-2 section"):
+        plan_for(KOSMOS, dialect=Dialect.V0_9)
+    with pytest.raises(PlanError, match="int8_sq"):
+        plan_for(KOSMOS, {"quantization.method": "int8_sq"})
