@@ -287,11 +287,14 @@ class FuyuFamily(GptVariantFamily):
         return torch.cat([head_ids, text_ids], dim=1)
 
     def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
-        """Positions of the prompt for an image of ``num_visual_features`` patches: text, patches and at most
-        ``min(patches, target rows)`` newlines, then ``<s>`` (exact for the largest image, a bound for any other)."""
+        """Positions of the prompt for an image of ``num_visual_features`` patches: text, ``<s>``, patches and one
+        newline per grid row, the grid being the one of most rows that gives that many patches within the target
+        (exact where one grid does, e.g. the largest image's; a bound otherwise)."""
         count = self.visual_counts(num_visual_features)[0]
         target = self._target(processor)
-        rows = min(count, math.ceil(target.height / PATCH))
+        most_rows, most_cols = math.ceil(target.height / PATCH), math.ceil(target.width / PATCH)
+        rows = max((r for r in range(1, min(count, most_rows) + 1) if count % r == 0 and count // r <= most_cols),
+                   default=min(count, most_rows))
         text = self.format_prompt(prompt)
         text_ids = processor.tokenizer(f"{text}{ANSWER_START}", add_special_tokens=False).input_ids
         return len(text_ids) + 1 + count + rows  # + <s>
