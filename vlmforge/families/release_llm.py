@@ -113,7 +113,8 @@ class GptVariantFamily(ReleaseConverterFamily):
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
         if info.dialect is Dialect.V0_9:
             raise PlanError(
-                f"{self.name} cannot be planned in dialect 0.9: the seed README (/work/shared/seed) has no "
+                f"{self.name} cannot be planned in dialect 0.9: the seed README (the v0.10-era multimodal README that dialect "
+                f"reproduces) has no "
                 f"{self.readme_section} section and vlmforge's 0.9 contract holds no table of v0.10.0's "
                 f"examples/gpt/convert_checkpoint.py (its build_visual_engine.py does list --model_type "
                 f"{self.builder_model_type}); set dialect: '1.2'")
