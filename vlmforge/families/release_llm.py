@@ -66,8 +66,9 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
             return []
         return ["--gpt_attention_plugin", ctx.spec.dtype.value]
 
-    def max_num_tokens(self, ctx: PlanContext) -> int:
-        """--max_num_tokens: max_input_len, the README's and NVIDIA CI's value for these families."""
+    def max_num_tokens(self, ctx: PlanContext) -> int | None:
+        """--max_num_tokens: max_input_len, the README's and NVIDIA CI's value for these families (None: not passed,
+        where a family's README section leaves it at trtllm-build's default)."""
         return ctx.derived.max_input_len
 
     def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
@@ -89,7 +90,45 @@ class ReleaseConverterFamily(DecoderOnlyFamily):
             "--max_batch_size", str(ctx.spec.limits.max_batch_size),
             "--max_input_len", str(derived.max_input_len),
             *self.sizing_flag_for_output(ctx),
-            "--max_num_tokens", str(self.max_num_tokens(ctx)),
-            "--max_multimodal_len", str(derived.max_multimodal_len),
         ]
+        num_tokens = self.max_num_tokens(ctx)
+        argv += ["--max_num_tokens", str(num_tokens)] if num_tokens is not None else []
+        argv += ["--max_multimodal_len", str(derived.max_multimodal_len)]
         return ctx.step("build-llm", argv, tool="trtllm-build", gpus=1, inputs=[ckpt], outputs=[out]), out
+
+
+class GptVariantFamily(ReleaseConverterFamily):
+    """A family whose LLM TensorRT-LLM 1.2 converts with ``../gpt/convert_checkpoint.py --gpt_variant`` (Fuyu's
+    Persimmon, Kosmos-2's text model): the README's flags, no --max_num_tokens; the seed's dialect refused (the seed
+    README has no section for them, and vlmforge no table of v0.10.0's gpt converter, though v0.10.0's
+    build_visual_engine.py lists their --model_type); quantization with calibration refused (the README builds them
+    in float16 only and quantize.py was not checked on them), weight-only planned with the converter's flags."""
+
+    llm_kind: ClassVar[str] = "gpt"
+    gpt_variant: ClassVar[str]
+    """convert_checkpoint.py --gpt_variant (the README's last flag)."""
+    readme_section: ClassVar[str]
+    """The family's section title in the multimodal README."""
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if info.dialect is Dialect.V0_9:
+            raise PlanError(
+                f"{self.name} cannot be planned in dialect 0.9: the seed README (the v0.10-era multimodal README that dialect "
+                f"reproduces) has no "
+                f"{self.readme_section} section and vlmforge's 0.9 contract holds no table of v0.10.0's "
+                f"examples/gpt/convert_checkpoint.py (its build_visual_engine.py does list --model_type "
+                f"{self.builder_model_type}); set dialect: '1.2'")
+        if spec.quantization.needs_calibration:
+            raise PlanError(
+                f"quantization.method {spec.quantization.method.value}: the 1.2 README builds {self.name} in float16 "
+                "only and vlmforge has not checked quantize.py (ModelOpt) on its LLM; use none, int8_wo or int4_wo "
+                "(the gpt converter's --use_weight_only)")
+        super().check_dialect(spec, info)
+
+    def convert_step(self, ctx: PlanContext) -> Step:
+        step = super().convert_step(ctx)
+        step.argv.extend(["--gpt_variant", self.gpt_variant])
+        return step
+
+    def max_num_tokens(self, ctx: PlanContext) -> int | None:
+        return None  # not in the README's section
