@@ -178,8 +178,8 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
     # Every family's real architecture is recorded (a new family without its row fails above). VILA1.5's layout
     # (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
     # (Qwen2VLForConditionalGeneration, its tiny model built here) and Gemma 3 (Gemma3ForConditionalGeneration) are
-    # in the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2 and
-    # Nougat are not
+    # in the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2,
+    # Nougat and Llama-3.2-Vision (MllamaForConditionalGeneration) are not
     assert served == ["llava-v1.6-mistral-7b-hf", "llava-v1.6-vicuna-7b-hf", "Qwen2-VL-2B-Instruct",
                       "Qwen2-VL-7B-Instruct", "gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "tiny-llava-next",
                       "tiny-qwen2-vl", "tiny-vila", "tiny-gemma3"]

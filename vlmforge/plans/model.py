@@ -75,6 +75,7 @@ DIALECTS: dict[Dialect, DialectInfo] = {
             "opt": "examples/models/contrib/opt",
             "llama": "examples/models/core/llama",
             "qwen": "examples/models/core/qwen",
+            "mllama": "examples/models/core/mllama",
             "enc_dec": "examples/models/core/enc_dec",
         },
         quantize_script="examples/quantization/quantize.py",
