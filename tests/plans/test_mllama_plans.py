@@ -26,8 +26,8 @@ def golden(model: str, encoder_len: str) -> dict[str, list[str]]:
         "fetch": ["vlmforge", "fetch", "--", f"hf://meta-llama/{model}", hf],
         "convert": ["python", "../mllama/convert_checkpoint.py", "--model_dir", hf, "--output_dir", ckpt,
                     "--dtype", "bfloat16"],
-        "build-llm": ["trtllm-build", "--checkpoint_dir", ckpt, "--output_dir", f"{engine}/llm", "--gemm_plugin", "auto",
-                      "--max_batch_size", "4", "--max_input_len", "1024", "--max_seq_len", "2048",
+        "build-llm": ["trtllm-build", "--checkpoint_dir", ckpt, "--output_dir", f"{engine}/llm",
+                      "--gemm_plugin", "auto", "--max_batch_size", "4", "--max_input_len", "1024", "--max_seq_len", "2048",
                       "--max_num_tokens", "4096", "--max_encoder_input_len", encoder_len],
         "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "mllama", "--model_path", hf,
                          "--output_dir", f"{engine}/vision"],
@@ -159,12 +159,12 @@ def test_the_90b_models_split_the_llm_and_count_560_pixel_tiles() -> None:
         assert steps["validate"][:4] == ["mpirun", "-n", "4", "--allow-run-as-root"]
 
 
-def test_the_hf_toolchain_refuses_mllama_with_the_reason() -> None:
-    family = get_family("mllama")
-    assert not family.hf_supported
-    assert "cross-attention states" in family.hf_unsupported_reason
-    spec = spec_from_dict(merge_overrides(catalog_entry(BASE), {}))
-    assert spec.family == "mllama"
+def test_the_tiny_model_counts_its_own_geometry() -> None:
+    """tiny://mllama: 28-pixel tiles, 4 x (2^2 + 1) = 20 states per image (its visual engine's rows per image)."""
+    plan = plan_for("tiny-mllama")
+    assert plan.derived.max_encoder_input_len == 20 and get_family("mllama").hf_supported
+    spec = spec_from_dict(merge_overrides(catalog_entry("tiny-mllama"), {}))
+    assert "4 x (2^2 + 1) = 4 x 5" in get_family("mllama").visual_contract(spec).tokens_source
 
 
 def test_checkpoint_config_must_tile_as_counted() -> None:

@@ -15,13 +15,18 @@ TensorRT-LLM 1.2 builds it with its own ``examples/models/core/mllama/convert_ch
 aspect_ratio_mask [B, 1, 4]: one image per request, the media axis fixed at 1); its runner feeds each request's
 [1, 4, S'+1, hidden] states as the decoder's encoder input. Plans are the 1.2 README's.
 
-hf toolchain: refused (:attr:`MllamaFamily.hf_unsupported_reason`).
+hf toolchain (torch pieces in :mod:`vlmforge.families.mllama_hf`): the visual engine is the vision model and the
+projector on 1.2's three inputs (the aspect-ratio ones computed on the host from the image's size); an image's
+features are its real tiles' states [1, tiles x P, hidden]; the LLM prefix carries them as ``cross_states`` with their
+per-position visibility (``cross_mask``), which the runner's eager batch passes to every forward. The tiny model
+(``tiny://mllama``, 28-pixel tiles: 5 states per tile, 20 per image) counts its budgets with its own geometry.
 """
 
 from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError, SpecError
@@ -32,7 +37,13 @@ from vlmforge.specs.schema import BuildSpec, ImageSize, KvCacheDtype, QuantMetho
 from vlmforge.specs.visual import FamilyNumber, VisualContract, VisualPlacement
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Sequence
+
+    import torch
+    from PIL import Image
+
+    from vlmforge.families.contract import ImageFeatures, VisualInputs
+    from vlmforge.modeling.generation import LlmPrefix
 
 PATCH = 14
 MAX_TILES = 4
@@ -73,6 +84,9 @@ class TileGeometry:
 
 LLAMA_32_BASE_11B = TileGeometry(448)
 LLAMA_32 = TileGeometry(560)
+TINY_SOURCE = "tiny://mllama"
+TINY = TileGeometry(28)
+"""tiny://mllama: 28-pixel tiles, 2x2 patches + 1 class token = 5 states per tile, 20 per image."""
 GEOMETRIES: dict[str, TileGeometry] = {
     "meta-llama/Llama-3.2-11B-Vision": LLAMA_32_BASE_11B,
     "meta-llama/Llama-3.2-11B-Vision-Instruct": LLAMA_32,
@@ -87,6 +101,8 @@ Llama-3.2-11B-Vision, 6404 "for instruct"."""
 def geometry_of(spec: BuildSpec) -> TileGeometry:
     """The tile geometry a spec's budgets are counted with: a known checkpoint's, else Llama-3.2's 560-pixel tiles
     (every checkpoint but the 11B base model; convert checks the checkpoint's config against it)."""
+    if spec.source == TINY_SOURCE:
+        return TINY
     parsed = parse_source(spec.source)
     return GEOMETRIES.get(parsed.location, LLAMA_32) if parsed.scheme == "hf" else LLAMA_32
 
@@ -116,13 +132,13 @@ class MllamaFamily(ReleaseConverterFamily):
     export) and its runner builds each request's cross-attention mask for one image."""
     encoder_input_formula: ClassVar[str] = ("max_images_per_prompt x num_visual_features (the cross-attention states "
                                             "of one request; TensorRT-LLM 1.2's runner feeds them per request)")
-    hf_supported: ClassVar[bool] = False
-    hf_unsupported_reason: ClassVar[str] = (
-        "mllama is plan-only on the hf toolchain for now: transformers' MllamaForConditionalGeneration would serve "
-        "it, but vlmforge's hf runner feeds visual rows into the prompt (or an encoder-decoder's encoder) and has no "
-        "per-row cross-attention states, cross_attention_mask and full_text_row_masked_out_mask yet, so a tiny "
-        "mllama could not be validated or served; `vlmforge plan MODEL` writes the commands that build it in "
-        "NVIDIA's TensorRT-LLM v1.2.1 container")
+    hf_supported: ClassVar[bool] = True
+    hf_unsupported_reason: ClassVar[str] = ""
+    tiny_source: ClassVar[str | None] = TINY_SOURCE
+    visual_engine_axes: ClassVar[dict[str, dict[int, str]]] = {
+        "pixel_values": {0: "batch"}, "aspect_ratio_ids": {0: "batch"}, "aspect_ratio_mask": {0: "batch"},
+        "features": {0: "batch"}}
+    """TensorRT-LLM 1.2's mllama engine inputs; the batch (images) axis dynamic, as its export marks it."""
     default_max_new_tokens: ClassVar[int] = 50
     golden_prompt: ClassVar[str | None] = "<|image|><|begin_of_text|>If I had to write a haiku for this one"
     visual_weight_prefixes: ClassVar[tuple[str, ...]] = (
@@ -231,7 +247,141 @@ class MllamaFamily(ReleaseConverterFamily):
         """run.py with the README's image: for mllama it loads none by itself."""
         return super().validate_step(ctx, engine_args + ["--image_path", RUNNER_IMAGE_URL], inputs)
 
-    # --- hf toolchain: refused (hf_unsupported_reason) ------------------------------------------------------------
+    # --- hf toolchain (torch pieces: vlmforge.families.mllama_hf) ---------------------------------------------
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
-        raise NotImplementedError(self.hf_unsupported_reason)
+        from vlmforge.families.mllama_hf import tiny_model, tiny_processor
+
+        tiny_model(seed).save_pretrained(out_dir)
+        tiny_processor().save_pretrained(out_dir)
+
+    def hf_model_class(self) -> type:
+        from transformers import MllamaForConditionalGeneration
+
+        return MllamaForConditionalGeneration
+
+    def architecture_facts(self, config: dict[str, Any]) -> Any:
+        """The cross-attention states of one image (the config's tile geometry) and the LLM's attention heads."""
+        from vlmforge.families.base import ArchitectureFacts
+
+        heads = (config.get("text_config") or {}).get("num_attention_heads", 32)
+        return ArchitectureFacts(config_geometry(config).states_per_image, int(heads))
+
+    def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
+        """``<|image|><|begin_of_text|>{text}`` (the 1.2 README's and the base models' form); text holding
+        ``<|image|>`` is kept as it is."""
+        from vlmforge.families.llava import DEFAULT_USER_TEXT
+        from vlmforge.families.mllama_hf import BEGIN, IMAGE_TOKEN
+
+        self.check_image_count(num_images)
+        text = DEFAULT_USER_TEXT if text is None else text
+        return text if IMAGE_TOKEN in text else IMAGE_TOKEN * num_images + BEGIN + text
+
+    def golden_images(self) -> list[Image.Image]:
+        """The golden images at three sizes and tile grids (tiny model: 2x2, 1x3 and 3x1 tiles)."""
+        from vlmforge.modeling.images import synthetic_images
+
+        square, wide, tall = synthetic_images()
+        return [square.resize((56, 56)), wide.resize((90, 40)), tall.resize((40, 90))]
+
+    def visual_inputs(self, processor: Any, images: Sequence[Image.Image]) -> VisualInputs:
+        """Each image's tiles [1, 1, max_tiles, 3, S, S] (padded to max_tiles, as the engine takes them), one engine
+        input per image."""
+        import torch
+
+        from vlmforge.families.contract import VisualInputs
+
+        parts = [processor.image_processor(images=[[image]], return_tensors="pt")["pixel_values"].to(torch.float32)
+                 for image in images]
+        return VisualInputs(torch.cat(parts), [1] * len(parts), [(image.height, image.width) for image in images])
+
+    def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
+        return self.visual_inputs(processor, images).pixels
+
+    def visual_module(self, model: Any) -> torch.nn.Module:
+        from vlmforge.families.mllama_hf import visual_module_class
+
+        return visual_module_class()(model).eval()
+
+    def visual_engine_feeds(self, inputs: VisualInputs, max_batch_size: int,
+                            extras: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Up to ``max_batch_size`` images per call: their tiles and the aspect-ratio inputs of their sizes."""
+        from vlmforge.families.mllama_hf import aspect_inputs
+
+        max_tiles, tile = int(inputs.pixels.shape[2]), int(inputs.pixels.shape[-1])
+        feeds = []
+        for first in range(0, len(inputs.image_sizes), max_batch_size):
+            part = inputs.select(range(first, min(first + max_batch_size, len(inputs.image_sizes))))
+            ids, mask = aspect_inputs(part.image_sizes, max_tiles, tile)
+            feeds.append({"pixel_values": part.pixels, "aspect_ratio_ids": ids, "aspect_ratio_mask": mask})
+        return feeds
+
+    def visual_outputs(self, module: torch.nn.Module, inputs: VisualInputs) -> torch.Tensor:
+        import torch
+
+        return torch.cat([module(*feed.values()) for feed in self.visual_engine_feeds(inputs, len(inputs.image_sizes),
+                                                                                      {})])
+
+    def pack_visual_features(self, processor: Any, outputs: torch.Tensor, image_size: tuple[int, int],
+                             extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One image's states [1, 1, max_tiles, P, hidden] -> its real tiles' rows [1, tiles x P, hidden]."""
+        from vlmforge.families.mllama_hf import tile_grid
+
+        max_tiles, per_tile = int(outputs.shape[2]), int(outputs.shape[3])
+        rows, columns = tile_grid(*image_size, max_tiles, int(processor.image_processor.size["height"]))
+        return outputs[0, 0, : rows * columns].reshape(1, rows * columns * per_tile, outputs.shape[-1])
+
+    def extract_llm(self, model: Any) -> Any:
+        """transformers' ``MllamaForCausalLM`` (taking the states' visibility) around the full model's own language
+        model and head (shared, not copied)."""
+        from vlmforge.families.base import wrap_language_model
+        from vlmforge.families.mllama_hf import causal_lm_class
+
+        return wrap_language_model(model, causal_lm_class(), architectures=["MllamaForCausalLM"])
+
+    def llm_class(self) -> type:
+        from vlmforge.families.mllama_hf import causal_lm_class
+
+        return causal_lm_class()
+
+    def _prompt_ids(self, processor: Any, prompt: str | None) -> Any:
+        """The prompt's ids as MllamaProcessor makes them (``<|begin_of_text|>`` added after the leading images where
+        missing); no placeholder is expanded (the states are not prompt positions)."""
+        from transformers.models.mllama.processing_mllama import build_string_from_input
+
+        text = self.format_prompt(prompt, 1)
+        assert text is not None
+        text = build_string_from_input(text, processor.tokenizer.bos_token, processor.image_token)
+        if text.count(processor.image_token) != 1:
+            raise ValueError(f"an mllama prompt for one image holds exactly one {processor.image_token}: {text!r}")
+        return processor.tokenizer(text, return_tensors="pt").input_ids
+
+    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
+        self.visual_counts(num_visual_features)
+        return int(self._prompt_ids(processor, prompt).shape[1])
+
+    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
+        """The prompt's embeddings (text only) and the image's states with their per-position visibility."""
+        import torch
+
+        from vlmforge.families.mllama_hf import visibility
+        from vlmforge.modeling.devices import model_device
+        from vlmforge.modeling.generation import LlmPrefix, eos_ids
+
+        (states,) = self.image_features(features)
+        per_tile = self._states_per_tile(processor)
+        if states.shape[1] % per_tile:
+            raise ValueError(f"mllama features of {states.shape[1]} rows are not whole tiles of {per_tile} states")
+        device = model_device(llm)
+        ids = self._prompt_ids(processor, prompt).to(device)
+        embeds = llm.get_input_embeddings()(ids)
+        seen = visibility(ids[0].tolist(), processor.image_token_id, states.shape[1] // per_tile, per_tile)
+        eos = llm.generation_config.eos_token_id
+        eos = eos if eos is not None else llm.config.eos_token_id
+        return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos),
+                         cross_states=states.to(device, embeds.dtype), cross_mask=seen.to(device))
+
+    @staticmethod
+    def _states_per_tile(processor: Any) -> int:
+        """(S/14)^2 + 1 of the processor's tile side S (every Mllama checkpoint's patch is 14)."""
+        return TileGeometry(int(processor.image_processor.size["height"])).states_per_tile

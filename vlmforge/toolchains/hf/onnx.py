@@ -159,13 +159,19 @@ def export_onnx_feeds(
     return OnnxExportInfo(path, "torchscript")
 
 
+def _host(value: torch.Tensor) -> torch.Tensor:
+    """A feed's tensor on the CPU: float ones as float32, integer ones as they are (mllama's aspect-ratio ids)."""
+    value = value.detach().to("cpu")
+    return value.to(torch.float32) if value.is_floating_point() else value
+
+
 def run_onnx_feed(path: Path, feed: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run an export of several inputs in onnxruntime (CPU) on one feed; float32 CPU output."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     try:
-        out = session.run(None, {name: value.detach().to("cpu", torch.float32).numpy() for name, value in feed.items()})
+        out = session.run(None, {name: _host(value).numpy() for name, value in feed.items()})
     except Exception as exc:  # onnxruntime's own error classes derive from Exception alone
         shapes = {name: tuple(value.shape) for name, value in feed.items()}
         raise OnnxRunError(f"ONNX Runtime cannot run {Path(path).name} on inputs of shapes {shapes}: "
