@@ -141,6 +141,21 @@ def test_batched_rows_decode_as_alone(tiny: TinyCache) -> None:
         assert (many.logits - one.logits).abs().max().item() < 1e-4
 
 
+def test_rows_that_end_early_leave_the_others_as_alone(tiny: TinyCache) -> None:
+    """The longest prompt ends first (its own token limit): the others' left padding is then needed by no live row,
+    and the batch must not trim its cache's columns, whose cross-attention layers hold states, not positions."""
+    t = tiny(NAME)
+    llm = t.family.extract_llm(t.model)
+    prefixes = _prefixes(t, llm)
+    longest = max(range(len(prefixes)), key=lambda i: prefixes[i].length)
+    limits = [2 if i == longest else MAX_NEW_TOKENS - i for i in range(len(prefixes))]
+    alone = [greedy_prefix(llm, p, n) for p, n in zip(prefixes, limits, strict=True)]
+    batched = greedy_batch(llm, prefixes, limits)
+    for one, many in zip(alone, batched, strict=True):
+        assert many.tokens == one.tokens
+        assert (many.logits - one.logits).abs().max().item() < 1e-4
+
+
 def test_the_padded_states_are_masked(tiny: TinyCache, monkeypatch: pytest.MonkeyPatch) -> None:
     """A row of 15 states beside one of 20: seeing its 5 zero-padded states would change its logits."""
     import vlmforge.runner.states as states

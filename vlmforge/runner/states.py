@@ -291,7 +291,7 @@ class DecoderOnlyBatch(PrefixBatch):
         rows that needed it otherwise, and every step would attend over it)."""
         self.retired.add(row)
         live = [r for r in range(self.size) if r not in self.retired]
-        if not live or self._layers() is None:
+        if not live or self._layers() is None or self.step_extra:  # cross-attention layers hold states, not columns
             return
         first = int((self.mask[live] != 0).int().argmax(dim=1).min())
         if first > 0:  # every row has its last column (a step or a prefix's end): none is left with nothing
