@@ -179,8 +179,9 @@ def test_every_catalog_model_is_served_as_the_matrix_says(tmp_path: Path) -> Non
     # (LlavaLlamaModel), LLaVA-NeXT (LlavaNextForConditionalGeneration), Qwen2-VL
     # (Qwen2VLForConditionalGeneration, its tiny model built here), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration,
     # idem), Gemma 3 (Gemma3ForConditionalGeneration) and Mistral-Small-3.1 (Mistral3ForConditionalGeneration) are in
-    # the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2, Nougat and
-    # Pix2Struct (Pix2StructForConditionalGeneration: DePlot, tiny-pix2struct) are not
+    # the matrix; VILA 1.0, LLaVA-1.5, LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), BLIP-2, Nougat,
+    # Pix2Struct (Pix2StructForConditionalGeneration: DePlot, tiny-pix2struct) and Llama-3.2-Vision
+    # (MllamaForConditionalGeneration) are not
     assert served == ["llava-v1.6-mistral-7b-hf", "llava-v1.6-vicuna-7b-hf", "Qwen2-VL-2B-Instruct",
                       "Qwen2-VL-7B-Instruct", "Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct",
                       "Qwen2.5-VL-72B-Instruct", "gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it",

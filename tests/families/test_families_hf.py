@@ -140,8 +140,9 @@ def test_architecture_facts_match_the_catalog(name: str, tiny: TinyCache) -> Non
     else:
         assert facts == ArchitectureFacts(derived, arch.num_attention_heads)
     counts = [part[0, ..., 0].numel() for part in tiny(name).features]  # qwen2_vl's are grids [1, h, w, hidden]
-    # pix2struct: each image's real patches, at most max_patches (its golden 64x64 image fills them all)
-    varying = family.size_dependent_tokens or family.name == "pix2struct"
+    # pix2struct: each image's real patches, at most max_patches (its golden 64x64 image fills them all); mllama: an
+    # image's real tiles, at most 4
+    varying = family.size_dependent_tokens or family.name in {"pix2struct", "mllama"}
     assert max(counts) == derived if varying else set(counts) == {derived}
 
 

@@ -16,6 +16,7 @@ from vlmforge.cli.app import app, console, print_json
 from vlmforge.families import ModelFamily, family_names, get_family, resolve
 from vlmforge.specs.catalog import catalog_specs, load_model_or_spec
 from vlmforge.specs.schema import Dialect, Dtype, QuantMethod, spec_json_schema
+from vlmforge.specs.visual import VisualPlacement
 from vlmforge.toolchains.trtllm.plan import build_plan
 
 spec_app = typer.Typer(help="Build specs: JSON Schema, show a catalog entry, validate a file.", no_args_is_help=True)
@@ -117,6 +118,8 @@ def family_toolchains(family: ModelFamily) -> dict[str, str]:
         return {"hf": f"build, validate, {serve}",
                 "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}
     if family.hf_supported:
+        if family.visual_placement is VisualPlacement.CROSS_ATTENTION and not family.encoder_decoder:
+            serve = "serve (cross-attention states: eager decode, joins at batch boundaries, no static GPU path)"
         return {"hf": f"build, validate, {serve}", "trtllm": f"plan ({dialects}), build (validated against hf)"}
     return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
             "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}

@@ -47,9 +47,25 @@ class LlmPrefix:
     """[1, L], 1 on the rows the LLM attends to bidirectionally within their run during the prefill (Gemma3's image
     tokens; transformers' name): the prefill passes them to the LLM, which builds its mask from them. None: causal."""
 
+    cross_states: torch.Tensor | None = None
+    """decoder only, cross-attention LLMs (mllama): [1, S, hidden] states its cross-attention layers attend to (the
+    projected tiles of the prompt's images); the prefill passes them as ``cross_attention_states`` and the LLM's cache
+    keeps their keys and values. None: no cross-attention input."""
+    cross_mask: torch.Tensor | None = None
+    """With ``cross_states``: [1, L, S], 1 where a prompt position attends a state (``cross_attention_mask``); every
+    generated token sees what the prompt's last position sees."""
+
     def prefill_kwargs(self) -> dict[str, torch.Tensor]:
         """Extra keyword arguments of the LLM's prefill forward for this prefix alone."""
-        return {} if self.token_type_ids is None else {"token_type_ids": self.token_type_ids}
+        extra = {} if self.token_type_ids is None else {"token_type_ids": self.token_type_ids}
+        if self.cross_states is not None:
+            assert self.cross_mask is not None, "cross_states come with their cross_mask"
+            extra.update(cross_attention_states=self.cross_states, cross_attention_mask=self.cross_mask)
+        return extra
+
+    def step_kwargs(self) -> dict[str, torch.Tensor]:
+        """Extra keyword arguments of each decode step's forward (cross-attention LLMs: the last row's visibility)."""
+        return {} if self.cross_mask is None else {"cross_attention_mask": self.cross_mask[:, -1:]}
 
     @property
     def length(self) -> int:
@@ -190,11 +206,12 @@ def greedy_prefix(llm: torch.nn.Module, prefix: LlmPrefix, max_new_tokens: int) 
             if token is None:
                 where = {"position_ids": prefix.positions.to(device)} if mrope else {}  # type: ignore[union-attr]
                 return llm(inputs_embeds=prefix.embeds.to(device), attention_mask=mask, use_cache=True, **where,
-                           **prefix.prefill_kwargs())
+                           **{k: v.to(device) for k, v in prefix.prefill_kwargs().items()})
             where = {"position_ids": torch.tensor([[prefix.next_position() + mask.shape[1] - prefix.length]],
                                                   device=device)} if mrope else {}
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache}, **where)
+            return llm(input_ids=token, attention_mask=mask, use_cache=True, **{cache_key: cache}, **where,
+                       **{k: v.to(device) for k, v in prefix.step_kwargs().items()})
         ids = token if token is not None else torch.tensor([[prefix.start]], dtype=torch.long, device=device)
         if prefix.kind == "seq2seq":
             return llm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids, use_cache=True,

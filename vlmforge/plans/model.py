@@ -76,6 +76,7 @@ DIALECTS: dict[Dialect, DialectInfo] = {
             "llama": "examples/models/core/llama",
             "qwen": "examples/models/core/qwen",
             "gpt": "examples/models/core/gpt",
+            "mllama": "examples/models/core/mllama",
             "enc_dec": "examples/models/core/enc_dec",
         },
         quantize_script="examples/quantization/quantize.py",

@@ -101,12 +101,15 @@ class HfEngine:
         ``compile``: compile its step (default: on a GPU; Inductor also compiles for the CPU, with a C++ compiler)."""
         if decode not in ("auto", "static", "dynamic"):
             raise DeployError(f"unknown decode mode {decode!r}: auto, static or dynamic")
-        from vlmforge.runner.static import STATIC_REFUSAL, StaticDecoder
+        from vlmforge.runner.static import CROSS_REFUSAL, STATIC_REFUSAL, StaticDecoder
+        from vlmforge.specs.visual import VisualPlacement
 
         sliding = "sliding_attention" in (getattr(self.llm.config, "layer_types", None) or ())
         fits = not self.family.encoder_decoder and self.config.llm.format in ("safetensors", "lowbit") and self.tp == 1
         fits = fits and self.family.position_id_dims == 1  # its buckets keep one position per row and column
-        if decode == "dynamic" or decode == "auto" and not (fits and not sliding and self.device.startswith("cuda")):
+        cross = self.family.visual_placement is VisualPlacement.CROSS_ATTENTION  # mllama: cross-attention states
+        if decode == "dynamic" or decode == "auto" and not (fits and not sliding and not cross
+                                                            and self.device.startswith("cuda")):
             return None
         if not fits:
             raise DeployError(f"{self.config.name}: the static decode path needs a float or low-bit decoder-only LLM "
@@ -114,6 +117,8 @@ class HfEngine:
                               "dynamic")
         if sliding:
             raise DeployError(f"{self.config.name}: {STATIC_REFUSAL}")
+        if cross:
+            raise DeployError(f"{self.config.name}: {CROSS_REFUSAL}")
 
         limit = self.config.max_input_len + self.config.max_output_len
         return StaticDecoder(self.llm, max_batch_size=max_batch_size,

@@ -18,7 +18,10 @@ into a retired row or appended as a new one; a prefix longer than T first gives 
 on the left. Retiring a row drops the left columns no live row needs,
 so a long joiner's padding does not cost every later step attention over it. Encoder-decoder (``seq2seq``) and
 cross-attention (``cross``) states take no joins: their encoder side is shared by the whole batch, so a running batch
-of them only takes requests at its end. The static GPU path (:mod:`vlmforge.runner.static`) has its own layout.
+of them only takes requests at its end. Neither do decoder prefixes with cross-attention states (mllama: their
+projected states are passed to the prefill, right-padded under a per-position visibility, and live in the cache's
+cross-attention layers, whose rows a joiner would have to re-pad), nor the static GPU path for them. The static GPU
+path (:mod:`vlmforge.runner.static`) has its own layout.
 """
 
 from __future__ import annotations
@@ -143,14 +146,36 @@ def _mrope_positions(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> torch
 
 def _prefill_kwargs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """The batch's extra prefill inputs: every row's ``token_type_ids`` left-padded like its embeddings (0 on the
-    padding), where any prefix has them (Gemma3's bidirectional image blocks); none otherwise."""
+    padding), where any prefix has them (Gemma3's bidirectional image blocks); the cross-attention states and their
+    visibility (mllama), see :func:`_cross_inputs`; none otherwise."""
+    extra = _cross_inputs(prefixes, mask)
     if all(p.token_type_ids is None for p in prefixes):
-        return {}
+        return extra
     types = torch.zeros_like(mask)
     for row, prefix in enumerate(prefixes):
         if prefix.token_type_ids is not None:
             types[row, types.shape[1] - prefix.length:] = prefix.token_type_ids[0].to(types.dtype)
-    return {"token_type_ids": types}
+    return {"token_type_ids": types, **extra}
+
+
+def _cross_inputs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-attention prefixes (mllama): ``cross_attention_states`` [B, S, hidden], each row's states right-padded
+    with zeros to the batch's most, and ``cross_attention_mask`` [B, L, S], each row's visibility left-padded like its
+    embeddings and 0 on the padded states and positions (a padded row sees nothing, as a text-only row does)."""
+    if all(p.cross_states is None for p in prefixes):
+        return {}
+    reference = next(p.cross_states for p in prefixes if p.cross_states is not None)
+    assert reference is not None
+    longest = max(0 if p.cross_states is None else int(p.cross_states.shape[1]) for p in prefixes)
+    states = reference.new_zeros((len(prefixes), longest, reference.shape[-1]))
+    seen = torch.zeros((*mask.shape, longest), dtype=torch.long, device=mask.device)
+    for row, prefix in enumerate(prefixes):
+        if prefix.cross_states is None or prefix.cross_mask is None:
+            continue
+        count = int(prefix.cross_states.shape[1])
+        states[row, :count] = prefix.cross_states[0].to(states.device, states.dtype)
+        seen[row, mask.shape[1] - prefix.length:, :count] = prefix.cross_mask[0].to(seen.device, seen.dtype)
+    return {"cross_attention_states": states, "cross_attention_mask": seen}
 
 
 def prefill_inputs(prefixes: Sequence[LlmPrefix]) -> dict[str, torch.Tensor]:
@@ -172,6 +197,9 @@ class DecoderOnlyBatch(PrefixBatch):
         self.size = len(prefixes)
         self.embeds, self.mask, _ = _stack(prefixes, left=True)
         self.extra = _prefill_kwargs(prefixes, self.mask)
+        cross = self.extra.get("cross_attention_mask")
+        # cross-attention LLMs: every step sees what each row's last prompt position sees
+        self.step_extra = {} if cross is None else {"cross_attention_mask": cross[:, -1:]}
         self.positions = _mrope_positions(prefixes, self.mask)
         if self.positions is None:
             self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -194,7 +222,7 @@ class DecoderOnlyBatch(PrefixBatch):
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
         out = self.llm(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
-                       use_cache=True, **{self.cache_kwarg: self.cache})
+                       use_cache=True, **{self.cache_kwarg: self.cache}, **self.step_extra)
         self.cache = cache_of(out)
         self.next_position = self.next_position + 1
         return out.logits[:, -1]
@@ -216,8 +244,8 @@ class DecoderOnlyBatch(PrefixBatch):
         return list(layers)
 
     def room(self, length: int, max_new_tokens: int, claimed: int = 0) -> int | None:
-        if self.cache is None or self._layers() is None:
-            return None
+        if self.cache is None or self._layers() is None or self.step_extra:
+            return None  # cross-attention batches (mllama) take requests at batch boundaries only: see the docstring
         return _next_row(sorted(self.retired), self.size, claimed)
 
     def _edit(self, edit: Any) -> None:
@@ -274,7 +302,7 @@ class DecoderOnlyBatch(PrefixBatch):
         rows that needed it otherwise, and every step would attend over it)."""
         self.retired.add(row)
         live = [r for r in range(self.size) if r not in self.retired]
-        if not live or self._layers() is None:
+        if not live or self._layers() is None or self.step_extra:  # cross-attention layers hold states, not columns
             return
         first = int((self.mask[live] != 0).int().argmax(dim=1).min())
         if first > 0:  # every row has its last column (a step or a prefix's end): none is left with nothing

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 STATIC_REFUSAL = ("the static decode path builds no bidirectional prefill mask (a prefix's token_type_ids: Gemma3's "
                   "image blocks) and keeps no sliding-window layers: serve such an LLM with --decode dynamic")
+CROSS_REFUSAL = ("the static decode path feeds no cross-attention states (a prefix's cross_states: mllama's image "
+                 "tiles) and its cache has no cross-attention layers: serve such an LLM with --decode dynamic")
 
 
 def in_place_static_cache(config: Any, max_cache_len: int) -> Any:
@@ -236,6 +238,8 @@ class StaticDecoder:
                              "the eager path (--decode dynamic)")
         if any(p.token_type_ids is not None for p in prefixes):
             raise ValueError(STATIC_REFUSAL)
+        if any(p.cross_states is not None for p in prefixes):
+            raise ValueError(CROSS_REFUSAL)
         if len(prefixes) > self.max_batch_size:
             raise ValueError(f"{len(prefixes)} requests exceed the static batch limit {self.max_batch_size}")
         longest = max(p.length for p in prefixes)
@@ -387,6 +391,8 @@ class StaticBatch(PrefixBatch):
                 raise ValueError("the static decode path keeps one position per column, not M-RoPE positions")
             if prefix.token_type_ids is not None:
                 raise ValueError(STATIC_REFUSAL)
+            if prefix.cross_states is not None:
+                raise ValueError(CROSS_REFUSAL)
             if not 1 <= prefix.length <= self.written:
                 raise ValueError(f"a prefix of {prefix.length} positions does not fit left of column {self.written}: "
                                  "ask room() first")

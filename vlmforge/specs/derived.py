@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlmforge.errors import SpecError
 from vlmforge.specs.schema import BuildSpec, ImageSize, KvCacheDtype, QuantMethod
-from vlmforge.specs.visual import VisualContract
+from vlmforge.specs.visual import VisualContract, VisualPlacement
 
 DEFAULT_MAX_OUTPUT_LEN = 512
 FP8_MIN_COMPUTE_CAPABILITY = "8.9"
@@ -53,7 +53,8 @@ class Derived(BaseModel):
     max_seq_len: int
     """max_input_len + max_output_len."""
     max_encoder_input_len: int | None
-    """Encoder-decoder families: the encoder's input length (BLIP2-T5: max_input_len; Nougat: batch x features)."""
+    """Encoder-decoder families: the encoder's input length (BLIP2-T5: max_input_len; Nougat: batch x features);
+    cross-attention decoders: the states one request attends to (mllama: images x tiles x (patches + 1))."""
     visual_max_batch_size: int
     """Images per visual-engine call (the builder's default when the spec leaves it unset)."""
     world_size: int
@@ -172,13 +173,24 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             path="limits.max_multimodal_len",
         )
     explain("max_multimodal_len", max_multimodal_len, mm_formula,
-            "trtllm-build --max_multimodal_len: rows of the prompt-embedding table")
+            "trtllm-build --max_multimodal_len: rows of the prompt-embedding table"
+            if contract.placement is not VisualPlacement.CROSS_ATTENTION or encoder_decoder
+            else "visual rows of one LLM batch (no prompt table: the decoder cross-attends to them)")
 
-    max_encoder_input_len = family.encoder_input_len(spec, nvf) if encoder_decoder else None
+    # encoder states the decoder attends to: an encoder-decoder's encoder input, or a decoder's cross-attention states
+    has_encoder_states = encoder_decoder or contract.placement is VisualPlacement.CROSS_ATTENTION
+    max_encoder_input_len = family.encoder_input_len(spec, nvf) if has_encoder_states else None
     if limits.max_encoder_input_len is not None:
-        if not encoder_decoder:
+        if max_encoder_input_len is None:
             raise SpecError(
-                f"max_encoder_input_len applies to encoder-decoder families only; {family.name} is decoder-only: remove it",
+                f"max_encoder_input_len applies to encoder-decoder and cross-attention families only; {family.name} "
+                "is decoder-only with its visual tokens in the prompt: remove it",
+                path="limits.max_encoder_input_len",
+            )
+        if not encoder_decoder and limits.max_encoder_input_len < max_encoder_input_len:
+            raise SpecError(
+                f"max_encoder_input_len ({limits.max_encoder_input_len}) cannot hold the cross-attention states of the "
+                f"largest prompt: {family.encoder_input_formula} = {max_encoder_input_len}; remove it (it is derived)",
                 path="limits.max_encoder_input_len",
             )
         if limits.max_encoder_input_len != max_encoder_input_len:
@@ -209,7 +221,8 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
     explain("max_seq_len", max_seq_len, f"max_input_len + max_output_len = {limits.max_input_len} + {max_output_len}")
     if max_encoder_input_len is not None:
         explain("max_encoder_input_len", max_encoder_input_len, family.encoder_input_formula,
-                "trtllm-build --max_encoder_input_len of the decoder")
+                "trtllm-build --max_encoder_input_len of the decoder" + ("" if encoder_decoder else
+                                                                         " (its cross-attention states per request)"))
 
     # quantization rules
     quant = spec.quantization

@@ -160,8 +160,8 @@ def export_onnx_feeds(
 
 
 def _host_input(value: torch.Tensor) -> np.ndarray:
-    """A feed tensor as ONNX Runtime takes it: floating point as float32, integer inputs (Qwen2.5-VL's window order)
-    in their own dtype."""
+    """A feed tensor as ONNX Runtime takes it: floating point as float32, integer inputs (Qwen2.5-VL's window order,
+    mllama's aspect-ratio ids) in their own dtype."""
     value = value.detach().to("cpu")
     return (value.float() if value.is_floating_point() else value).numpy()
 
