@@ -118,7 +118,8 @@ def family_toolchains(family: ModelFamily) -> dict[str, str]:
     if family.hf_supported:
         serve = "serve" if family.position_id_dims == 1 else "serve (M-RoPE: eager decode, no static GPU path)"
         return {"hf": f"build, validate, {serve}", "trtllm": f"plan ({dialects}), build (validated against hf)"}
-    return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
+    hf = getattr(family, "hf_status", None) or f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})"
+    return {"hf": hf,
             "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}
 
 

@@ -1,0 +1,123 @@
+"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi-3-vision, cogvlm): every argv exactly, and
+the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named. README text read
+from NVIDIA/TensorRT-LLM examples/models/core/multimodal/README.md at index commit 000a01de (1.2-era, as
+tests/plans/test_later_family_plans.py's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.seed import normalize
+from tests.plans.test_later_family_plans import MM, W, argvs, plan_for, readme
+from vlmforge.errors import PlanError, SpecError, ToolchainUnavailable
+from vlmforge.families import get_family, resolve
+from vlmforge.specs.catalog import catalog_entry
+from vlmforge.specs.schema import Dialect, spec_from_dict
+
+# --- internvl (OpenGVLab/InternVL2-*) --------------------------------------------------------------------------------
+
+IV = "InternVL2-4B"
+IV_HF, IV_CKPT, IV_ENGINE = f"{W}/hf_models/{IV}", f"{W}/trt_models/{IV}/fp16/1-gpu", f"{W}/trt_engines/{IV}/fp16/1-gpu"
+
+INTERNVL_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", f"hf://OpenGVLab/{IV}", IV_HF],
+    "install-requirements": ["pip", "install", "transformers==4.37.2"],
+    "convert": ["python", "../phi/convert_checkpoint.py", "--model_dir", IV_HF, "--output_dir", IV_CKPT,
+                "--dtype", "float16"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", IV_CKPT, "--output_dir", f"{IV_ENGINE}/llm",
+                  "--gemm_plugin", "auto", "--max_batch_size", "1", "--max_input_len", "4096",
+                  "--max_seq_len", "4608", "--max_multimodal_len", "3328"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "internvl", "--model_path", IV_HF,
+                     "--output_dir", f"{IV_ENGINE}/vision"],
+    "validate": ["python", "run.py", "--hf_model_dir", IV_HF, "--engine_dir", IV_ENGINE,
+                 "--image_path", f"{IV_HF}/examples/image1.jpg"],
+}
+
+INTERNVL_README = {
+    "install-requirements": "pip install transformers==4.37.2",
+    "convert": "python ../${LLM_MODEL_NAME}/convert_checkpoint.py --model_dir tmp/hf_models/M "
+               "--output_dir tmp/trt_models/M/fp16/1-gpu --dtype float16",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M/fp16/1-gpu --output_dir tmp/trt_engines/M/fp16/1-gpu/llm "
+                 "--gemm_plugin auto --max_batch_size 1 --max_input_len 4096 --max_seq_len 4608 --max_multimodal_len 3328",
+    "build-visual": "python build_multimodal_engine.py --model_type internvl --model_path tmp/hf_models/M "
+                    "--output_dir tmp/trt_engines/M/fp16/1-gpu/vision",
+    "validate": "python run.py --hf_model_dir tmp/hf_models/M --engine_dir tmp/trt_engines/M/fp16/1-gpu/ "
+                "--image_path tmp/hf_models/M/examples/image1.jpg",
+}
+
+
+def test_internvl_plan_is_exact() -> None:
+    plan = plan_for(IV)
+    assert [step.name for step in plan.steps] == list(INTERNVL_GOLDEN)
+    assert argvs(plan) == INTERNVL_GOLDEN
+    assert {step.cwd for step in plan.steps} == {MM}
+    assert plan.requirements.tensorrt_llm == "v1.2.1" and plan.engine_dir == IV_ENGINE
+
+
+@pytest.mark.parametrize(("model", "llm"), [("InternVL2-1B", "qwen"), ("InternVL2-2B", "internlm2"),
+                                            ("InternVL2-4B", "phi"), ("InternVL2-8B", "internlm2"),
+                                            ("InternVL2-26B", "internlm2")])
+def test_internvl_plan_is_the_readme_with_its_llm_converter(model: str, llm: str) -> None:
+    """No deviation: the README's LLM_MODEL_NAME per size (1B qwen, 2B/8B/26B internlm2, 4B phi); its
+    --max_multimodal_len 3328 is vlmforge's 1 x 13 tiles x 256 tokens."""
+    ours = argvs(plan_for(model))
+    for name, command in INTERNVL_README.items():
+        command = command.replace("tmp/hf_models/M/examples", f"{W}/hf_models/{model}/examples")  # a path value
+        expected = readme(command.replace("${LLM_MODEL_NAME}", llm))
+        assert normalize(ours[name]) == normalize(expected), name
+    assert ours["convert"][1] == f"../{llm}/convert_checkpoint.py"
+
+
+def test_internvl_budgets_follow_batch_and_say_how() -> None:
+    plan = plan_for(IV, {"limits.max_batch_size": 2, "limits.max_input_len": 8192, "limits.max_seq_len": 8704})
+    build = argvs(plan)["build-llm"]
+    assert build[build.index("--max_multimodal_len") + 1] == str(2 * 3328)
+    assert "--max_batch_size" not in argvs(plan)["build-visual"]  # the builder's 4 images x 12 tiles hold 2
+    explained = {line.name: line for line in plan.derived.explanation}
+    assert "13 tiles x (448/14)^2 x 0.5^2 = 256 tokens" in explained["num_visual_features"].formula
+    assert "the most one image gives" in explained["num_visual_features"].formula
+    with pytest.raises(SpecError, match="cannot hold the visual tokens|smaller than one image's visual features"):
+        plan_for(IV, {"limits.max_input_len": 2048, "limits.max_seq_len": 2560})
+
+
+def test_internvl_of_an_unknown_checkpoint_is_refused_naming_the_converters() -> None:
+    with pytest.raises(SpecError, match=r"InternVL2-1B \(qwen\).*InternVL2-4B \(phi\)") as info:
+        plan_for(IV, {"source": "hf://someone/InternVL2-Custom"})
+    assert info.value.path == "source"
+
+
+# --- shared: dialect 0.9, the hf toolchain, quantization -------------------------------------------------------------
+
+REMOTE = ["InternVL2-4B"]
+
+
+@pytest.mark.parametrize("model", REMOTE)
+def test_dialect_09_is_refused_naming_the_release(model: str) -> None:
+    family = get_family(catalog_entry(model)["family"])
+    with pytest.raises(PlanError, match=(f"{family.name} cannot be planned in dialect 0.9: TensorRT-LLM v0.10.0's "
+                                         f".*TensorRT-LLM v1.2.1 builds it.*dialect: '1.2'")):
+        plan_for(model, dialect=Dialect.V0_9)
+
+
+@pytest.mark.parametrize("model", REMOTE)
+def test_both_build_toolchains_refuse_before_any_work_naming_the_reason(model: str) -> None:
+    from vlmforge.toolchains.hf.stages import check_supported
+    from vlmforge.toolchains.trtllm.execute import check_buildable
+
+    resolved = resolve(spec_from_dict(catalog_entry(model)))
+    with pytest.raises(ToolchainUnavailable, match=r"plan-only: .*remote code.*--toolchain trtllm.*vlmforge plan"):
+        check_supported(resolved)
+    with pytest.raises(ToolchainUnavailable, match="vlmforge plan"):
+        check_buildable(resolved.family)
+
+
+@pytest.mark.parametrize("model", REMOTE)
+def test_quantization_and_pp_are_refused_tp_is_planned(model: str) -> None:
+    with pytest.raises(SpecError, match="float build only") as info:
+        plan_for(model, {"quantization.method": "int8_wo"})
+    assert info.value.path == "quantization.method"
+    with pytest.raises(SpecError, match="parallel.pp: 1"):
+        plan_for(model, {"parallel.tp": 2, "parallel.pp": 2})
+    steps = argvs(plan_for(model, {"parallel.tp": 2}))
+    assert steps["convert"][-2:] == ["--tp_size", "2"]
+    assert steps["validate"][:4] == ["mpirun", "-n", "2", "--allow-run-as-root"]
