@@ -1,4 +1,4 @@
-"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi-3-vision, cogvlm): every argv exactly, and
+"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi3_vision, cogvlm): every argv exactly, and
 the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named. README text read
 from NVIDIA/TensorRT-LLM examples/models/core/multimodal/README.md at index commit 000a01de (1.2-era, as
 tests/plans/test_later_family_plans.py's)."""
@@ -86,9 +86,76 @@ def test_internvl_of_an_unknown_checkpoint_is_refused_naming_the_converters() ->
     assert info.value.path == "source"
 
 
+# --- phi3_vision (microsoft/Phi-3-vision-128k-instruct) ----------------------------------------------------------------
+
+PHI = "Phi-3-vision-128k-instruct"
+P_HF, P_CKPT, P_ENGINE = f"{W}/hf_models/{PHI}", f"{W}/trt_models/{PHI}/fp16/1-gpu", f"{W}/trt_engines/{PHI}/fp16/1-gpu"
+
+PHI_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", f"hf://microsoft/{PHI}", P_HF],
+    "convert": ["python", "../phi/convert_checkpoint.py", "--model_dir", P_HF, "--output_dir", P_CKPT,
+                "--dtype", "float16"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", P_CKPT, "--output_dir", f"{P_ENGINE}/llm",
+                  "--gpt_attention_plugin", "float16", "--gemm_plugin", "float16", "--max_batch_size", "1",
+                  "--max_input_len", "4096", "--max_seq_len", "4608", "--max_multimodal_len", "2653"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "phi-3-vision", "--model_path", P_HF,
+                     "--output_dir", f"{P_ENGINE}/vision"],
+    "validate": ["python", "run.py", "--hf_model_dir", P_HF, "--engine_dir", P_ENGINE,
+                 "--kv_cache_free_gpu_memory_fraction", "0.7"],
+}
+
+PHI_README = {
+    "convert": "python ../phi/convert_checkpoint.py --model_dir tmp/hf_models/M --output_dir tmp/trt_models/M/fp16/1-gpu "
+               "--dtype float16",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M/fp16/1-gpu --output_dir tmp/trt_engines/M/fp16/1-gpu/llm "
+                 "--gpt_attention_plugin float16 --gemm_plugin float16 --max_batch_size 1 --max_input_len 4096 "
+                 "--max_seq_len 4608 --max_multimodal_len 4096",
+    "build-visual": "python build_multimodal_engine.py --model_type phi-3-vision --model_path tmp/hf_models/M "
+                    "--output_dir tmp/trt_engines/M/fp16/1-gpu/vision",
+    "validate": "python run.py --hf_model_dir tmp/hf_models/M --kv_cache_free_gpu_memory_fraction 0.7 "
+                "--engine_dir tmp/trt_engines/M/fp16/1-gpu/ "
+                "--image_path=https://storage.googleapis.com/sfr-vision-language-research/LAVIS/assets/merlion.png",
+}
+
+
+def test_phi3_vision_plan_is_exact() -> None:
+    plan = plan_for(PHI)
+    assert [step.name for step in plan.steps] == list(PHI_GOLDEN)
+    assert argvs(plan) == PHI_GOLDEN
+    assert {step.cwd for step in plan.steps} == {MM}
+
+
+def test_phi3_vision_plan_is_the_readme_but_for_the_derived_multimodal_len_and_the_image_url() -> None:
+    """Deviations, each deliberate: the README's --max_multimodal_len 4096 is its max_input_len; vlmforge derives
+    1 x the most tokens one image gives (2653: 16 x 1 HD crops); --image_path (a URL: run.py downloads it) is left
+    out, as in every plan (run.py's own image)."""
+    ours = argvs(plan_for(PHI))
+    for name, command in PHI_README.items():
+        expected = readme(command)
+        if name == "build-llm":
+            expected[expected.index("--max_multimodal_len") + 1] = "2653"
+        if name == "validate":
+            expected = expected[:expected.index("--image_path")]
+        assert normalize(ours[name]) == normalize(expected), name
+
+
+def test_phi3_vision_tokens_are_the_processors_hd_count() -> None:
+    """Phi3VImageProcessor.calc_num_image_tokens: 144 (rc + 1) + 1 + 12 (r + 1); a 336x336 image (1 x 1) gives 313,
+    4 x 4 crops 2509, and 16 x 1 the most, 2653."""
+    from vlmforge.families.phi3_vision import MAX_TOKENS, hd_tokens
+
+    assert (hd_tokens(1, 1), hd_tokens(4, 4), hd_tokens(16, 1), hd_tokens(1, 16)) == (313, 2509, 2653, 2473)
+    assert MAX_TOKENS == 2653
+    plan = plan_for(PHI, {"limits.max_batch_size": 2})
+    build = argvs(plan)["build-llm"]
+    assert build[build.index("--max_multimodal_len") + 1] == "5306"
+    explained = {line.name: line for line in plan.derived.explanation}
+    assert "144 x (r x c + 1) + 1 + 12 x (r + 1)" in explained["num_visual_features"].formula
+
+
 # --- shared: dialect 0.9, the hf toolchain, quantization -------------------------------------------------------------
 
-REMOTE = ["InternVL2-4B"]
+REMOTE = ["InternVL2-4B", PHI]
 
 
 @pytest.mark.parametrize("model", REMOTE)
