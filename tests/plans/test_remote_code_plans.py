@@ -153,9 +153,81 @@ def test_phi3_vision_tokens_are_the_processors_hd_count() -> None:
     assert "144 x (r x c + 1) + 1 + 12 x (r + 1)" in explained["num_visual_features"].formula
 
 
+# --- cogvlm (THUDM/cogvlm-chat-hf) -------------------------------------------------------------------------------------
+
+COG = "cogvlm-chat-hf"
+C_HF, C_CKPT = f"{W}/hf_models/{COG}", f"{W}/trt_models/{COG}/bfloat16/1-gpu"
+C_ENGINE, C_TOKENIZER = f"{W}/trt_engines/{COG}/bfloat16/1-gpu", f"{W}/hf_models/vicuna-7b-v1.5"
+SED = ("4s/.*//;40s/.*/        out = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))"
+       ".transpose(1, 2).contiguous()/;41s/.*//;42s/.*//")
+PROMPT = " [INST] please describe this image in detail [/INST] "
+
+COG_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", f"hf://THUDM/{COG}", C_HF],
+    "fetch-tokenizer": ["vlmforge", "fetch", "--", "hf://lmsys/vicuna-7b-v1.5", C_TOKENIZER],
+    "patch-visual": ["sed", "-i", SED, f"{C_HF}/visual.py"],
+    "convert": ["python", "../../contrib/cogvlm/convert_checkpoint.py", "--use_prompt_tuning", "--model_dir", C_HF,
+                "--output_dir", C_CKPT, "--dtype", "bfloat16"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", C_CKPT, "--output_dir", f"{C_ENGINE}/llm",
+                  "--gemm_plugin", "bfloat16", "--gpt_attention_plugin", "bfloat16", "--remove_input_padding", "enable",
+                  "--max_batch_size", "48", "--max_input_len", "2048", "--max_seq_len", "3076",
+                  "--max_multimodal_len", "61440", "--paged_kv_cache", "enable", "--bert_attention_plugin", "disable",
+                  "--moe_plugin", "disable"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "cogvlm", "--model_path", C_HF,
+                     "--output_dir", f"{C_ENGINE}/vision", "--max_batch_size", "48"],
+    "validate": ["python", "run.py", "--max_new_tokens", "1000", "--input_text", PROMPT, "--hf_model_dir", C_TOKENIZER,
+                 "--engine_dir", C_ENGINE, "--batch_size", "1", "--top_p", "0.4", "--top_k", "1", "--temperature",
+                 "0.2", "--repetition_penalty", "1.2", "--enable_context_fmha_fp32_acc"],
+}
+
+COG_README = {
+    "patch-visual": f"sed -i {SED.replace(' ', '_')} visual.py",
+    "convert": "python ../../contrib/cogvlm/convert_checkpoint.py --model_dir tmp/hf_models/M  --output_dir "
+               "tmp/trt_models/M --dtype bfloat16 --use_prompt_tuning",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M --output_dir tmp/trt_engines/M/bf16/1-gpu/llm "
+                 "--gemm_plugin bfloat16 --gpt_attention_plugin bfloat16 --remove_input_padding enable "
+                 "--max_batch_size 48 --max_input_len 2048 --max_seq_len 3076 --paged_kv_cache enable "
+                 "--bert_attention_plugin disable --moe_plugin disable --max_multimodal_len 61440",
+    "build-visual": "python build_multimodal_engine.py --model_type cogvlm --model_path tmp/hf_models/M "
+                    "--max_batch_size 48 --output_dir tmp/trt_engines/M/bf16/1-gpu/vision",
+    "validate": f"python run.py --max_new_tokens 1000 --input_text {PROMPT.replace(' ', '_')} --hf_model_dir "
+                "tmp/hf_models/T --engine_dir tmp/trt_engines/M/bf16/1-gpu --batch_size 1 --top_p 0.4 --top_k 1 "
+                "--temperature 0.2 --repetition_penalty 1.2 --enable_context_fmha_fp32_acc",
+}
+
+
+def test_cogvlm_plan_is_exact() -> None:
+    plan = plan_for(COG)
+    assert [step.name for step in plan.steps] == list(COG_GOLDEN)
+    assert argvs(plan) == COG_GOLDEN
+    assert {step.cwd for step in plan.steps} == {MM}
+    patch = next(step for step in plan.steps if step.name == "patch-visual")
+    assert patch.edits == [f"{C_HF}/visual.py"]
+
+
+def test_cogvlm_plan_is_the_readme() -> None:
+    """No deviation but where the README's commands run: its sed runs inside the checkpoint folder (`cd`), vlmforge's
+    names the file; paths differ only in the workspace layout."""
+    ours = argvs(plan_for(COG))
+    for name, command in COG_README.items():
+        expected = [t.replace("_", " ") if t.startswith(("4s/", "_[INST]")) else t for t in readme(command)]
+        assert normalize(ours[name]) == normalize(expected), name
+
+
+def test_cogvlm_refuses_float16_and_its_budget_follows_the_batch() -> None:
+    with pytest.raises(SpecError, match="cogvlm builds in bfloat16 only") as info:
+        plan_for(COG, {"dtype": "float16"})
+    assert info.value.path == "dtype"
+    plan = plan_for(COG, {"limits.max_batch_size": 8, "visual.max_batch_size": 8})
+    build = argvs(plan)["build-llm"]
+    assert build[build.index("--max_multimodal_len") + 1] == str(8 * 1280)
+    with pytest.raises(SpecError, match="visual.max_batch_size: 48"):
+        plan_for(COG, {"visual.max_batch_size": 4})
+
+
 # --- shared: dialect 0.9, the hf toolchain, quantization -------------------------------------------------------------
 
-REMOTE = ["InternVL2-4B", PHI]
+REMOTE = ["InternVL2-4B", PHI, COG]
 
 
 @pytest.mark.parametrize("model", REMOTE)
