@@ -1,4 +1,4 @@
-"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi3_vision, cogvlm): every argv exactly, and
+"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi3_vision, cogvlm, internlm_xcomposer2): every argv exactly, and
 the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named. README text read
 from NVIDIA/TensorRT-LLM examples/models/core/multimodal/README.md at index commit 000a01de (1.2-era, as
 tests/plans/test_later_family_plans.py's)."""
@@ -225,9 +225,60 @@ def test_cogvlm_refuses_float16_and_its_budget_follows_the_batch() -> None:
         plan_for(COG, {"visual.max_batch_size": 4})
 
 
+# --- internlm_xcomposer2 (internlm/internlm-xcomposer2-vl-7b) ----------------------------------------------------------
+
+XC = "internlm-xcomposer2-vl-7b"
+X_HF, X_CKPT, X_ENGINE = f"{W}/hf_models/{XC}", f"{W}/trt_models/{XC}/fp16/1-gpu", f"{W}/trt_engines/{XC}/fp16/1-gpu"
+
+XC_GOLDEN = {
+    "fetch": ["vlmforge", "fetch", "--", f"hf://internlm/{XC}", X_HF],
+    "install-requirements": ["pip", "install", "-r", "requirements-internlm-xcomposer2.txt"],
+    "convert": ["python", "../internlm2/convert_checkpoint.py", "--model_dir", X_HF, "--output_dir", X_CKPT,
+                "--dtype", "float16"],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", X_CKPT, "--output_dir", f"{X_ENGINE}/llm",
+                  "--gemm_plugin", "float16", "--lora_plugin", "float16", "--lora_dir", ".", "--max_lora_rank", "256",
+                  "--max_batch_size", "48", "--max_input_len", "1536", "--max_seq_len", "1736",
+                  "--max_multimodal_len", "58800"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "internlm-xcomposer2", "--model_path",
+                     X_HF, "--output_dir", f"{X_ENGINE}/vision", "--max_batch_size", "48"],
+    "validate": ["python", "run.py", "--max_new_tokens", "200", "--hf_model_dir", X_HF, "--engine_dir", X_ENGINE,
+                 "--batch_size", "1"],
+}
+
+XC_README = {
+    "install-requirements": "pip install -r requirements-internlm-xcomposer2.txt",
+    "convert": "python ../internlm2/convert_checkpoint.py --model_dir tmp/hf_models/M --dtype float16 "
+               "--output_dir tmp/trt_models/M/fp16/1-gpu",
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M/fp16/1-gpu --output_dir trt_engines/M/fp16/1-gpu/llm "
+                 "--gemm_plugin float16 --lora_plugin float16 --lora_dir . --max_lora_rank 256 --max_input_len 1536 "
+                 "--max_batch_size 48 --max_multimodal_len 58800",
+    "build-visual": "python build_multimodal_engine.py --model_type internlm-xcomposer2 --model_path tmp/hf_models/M "
+                    "--output_dir trt_engines/M/fp16/1-gpu/vision --max_batch_size 48",
+    "validate": "python run.py --max_new_tokens 200 --hf_model_dir tmp/hf_models/M --engine_dir trt_engines/M/fp16/1-gpu "
+                "--batch_size 1",
+}
+
+
+def test_internlm_xcomposer2_plan_is_exact() -> None:
+    plan = plan_for(XC)
+    assert [step.name for step in plan.steps] == list(XC_GOLDEN)
+    assert argvs(plan) == XC_GOLDEN
+    convert = next(step for step in plan.steps if step.name == "convert")
+    assert f"{MM}/adapter_model.bin" in convert.outputs  # the LoRA adapter --lora_dir . reads
+
+
+def test_internlm_xcomposer2_plan_is_the_readme_but_for_its_sized_max_seq_len() -> None:
+    """The one deviation: the README leaves --max_seq_len to trtllm-build's default (the model's position limit);
+    vlmforge sizes it as every plan does, max_input_len + max_output_len = 1536 + 200 (run.py's --max_new_tokens)."""
+    ours = argvs(plan_for(XC))
+    for name, command in XC_README.items():
+        expected = readme(command) + (["--max_seq_len", "1736"] if name == "build-llm" else [])
+        assert normalize(ours[name]) == normalize(expected), name
+
+
 # --- shared: dialect 0.9, the hf toolchain, quantization -------------------------------------------------------------
 
-REMOTE = ["InternVL2-4B", PHI, COG]
+REMOTE = ["InternVL2-4B", PHI, COG, XC]
 
 
 @pytest.mark.parametrize("model", REMOTE)
