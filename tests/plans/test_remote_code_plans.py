@@ -295,7 +295,7 @@ def test_both_build_toolchains_refuse_before_any_work_naming_the_reason(model: s
     from vlmforge.toolchains.trtllm.execute import check_buildable
 
     resolved = resolve(spec_from_dict(catalog_entry(model)))
-    with pytest.raises(ToolchainUnavailable, match=r"plan-only: .*remote code.*--toolchain trtllm.*vlmforge plan"):
+    with pytest.raises(ToolchainUnavailable, match=r"plan-only: .*remote code.*vlmforge plan MODEL.*--toolchain trtllm"):
         check_supported(resolved)
     with pytest.raises(ToolchainUnavailable, match="vlmforge plan"):
         check_buildable(resolved.family)

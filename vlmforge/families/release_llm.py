@@ -115,9 +115,10 @@ class RemoteCodeFamily(ReleaseConverterFamily):
         if "remote_code_reason" in cls.__dict__:
             cls.hf_unsupported_reason = (
                 f"{cls.name} is plan-only: {cls.remote_code_reason}; vlmforge's hf toolchain runs transformers 5 "
-                "and loads no remote code, so it cannot build, validate or serve it. Use --toolchain trtllm: "
+                "and loads no remote code, so it cannot build, validate or serve it. Use the trtllm toolchain's plan: "
                 f"`vlmforge plan MODEL` writes the exact commands for NVIDIA's TensorRT-LLM "
-                f"{DIALECTS[cls.plan_dialects[0]].release} container (run them there; vlmforge does not run them)")
+                f"{DIALECTS[cls.plan_dialects[0]].release} container, to run there (`vlmforge build --toolchain "
+                "trtllm` refuses too: it validates engines against an hf reference this family lacks)")
 
     def check_spec(self, spec: BuildSpec) -> None:
         super().check_spec(spec)
