@@ -72,7 +72,7 @@ class CogVLMFamily(RemoteCodeFamily):
         fetch_tokenizer = ctx.step("fetch-tokenizer", self.fetch_argv(ctx, TOKENIZER_SOURCE, tokenizer),
                                    tool=self.fetch_tool(ctx), outputs=[tokenizer])
         target = posixpath.join(ctx.layout.hf_dir, "visual.py")
-        patch = ctx.step("patch-visual", ["sed", "-i", VISUAL_PATCH, target], tool="sed", edits=[target])
+        patch = ctx.step("patch-visual", ["sed", "-i", "--", VISUAL_PATCH, target], tool="sed", edits=[target])
         return super().fetch_steps(ctx) + [fetch_tokenizer, patch]
 
     def convert_extra_args(self, ctx: PlanContext) -> list[str]:
