@@ -11,7 +11,7 @@ import pytest
 from tests.cli.test_cli import vlmforge
 
 REMOTE_CODE = {"internvl": "InternVL2-1B", "phi3_vision": "Phi-3-vision-128k-instruct", "cogvlm": "cogvlm-chat-hf",
-               "internlm_xcomposer2": "internlm-xcomposer2-vl-7b"}
+               "internlm_xcomposer2": "internlm-xcomposer2-vl-7b", "neva": "neva"}
 
 
 def test_families_lists_them_as_plan_only() -> None:
@@ -19,7 +19,8 @@ def test_families_lists_them_as_plan_only() -> None:
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     for family in REMOTE_CODE:
-        assert rows[family]["toolchains"] == {"hf": "no (remote code): plan-only",
+        hf = "no (.nemo checkpoint): plan-only" if family == "neva" else "no (remote code): plan-only"
+        assert rows[family]["toolchains"] == {"hf": hf,
                                               "trtllm": "plan (1.2) only; run it in NVIDIA's container"}
         assert rows[family]["tiny_source"] is None
 

@@ -53,7 +53,7 @@ def save_and_reload_llm(tiny: Any, dtype: torch.dtype, name: str) -> Any:
 # --- the contract ---------------------------------------------------------------------------
 
 
-REMOTE_CODE_FAMILIES = {"internvl", "phi3_vision", "cogvlm", "internlm_xcomposer2"}
+REMOTE_CODE_FAMILIES = {"internvl", "phi3_vision", "cogvlm", "internlm_xcomposer2", "neva"}
 """Families whose checkpoints need their own model code (vlmforge.families.release_llm.RemoteCodeFamily)."""
 
 

@@ -1,4 +1,4 @@
-"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi3_vision, cogvlm, internlm_xcomposer2): every argv exactly, and
+"""Golden 1.2 plans of the remote-code families (plan-only: internvl, phi3_vision, cogvlm, internlm_xcomposer2, neva): every argv exactly, and
 the 1.2 multimodal README's commands reproduced, paths aside, with each deliberate deviation named. README text read
 from NVIDIA/TensorRT-LLM examples/models/core/multimodal/README.md at index commit 000a01de (1.2-era, as
 tests/plans/test_later_family_plans.py's)."""
@@ -279,9 +279,65 @@ def test_internlm_xcomposer2_plan_is_the_readme_but_for_its_sized_max_seq_len() 
         assert normalize(ours[name]) == normalize(expected), name
 
 
+# --- neva (a NeMo .nemo archive) ---------------------------------------------------------------------------------------
+
+NEMO = f"{W}/neva.nemo"
+N_CKPT, N_ENGINE = f"{W}/trt_models/neva/bfloat16/1-gpu", f"{W}/trt_engines/neva/bfloat16/1-gpu"
+RENAMES = ["model:model.language_model", "attention.linear_qkv.layer_norm_bias:input_layernorm.bias",
+           "attention.linear_qkv.layer_norm_weight:input_layernorm.weight",
+           "mlp.linear_fc1.layer_norm_bias:post_attention_layernorm.bias",
+           "mlp.linear_fc1.layer_norm_weight:post_attention_layernorm.weight", "linear_qkv:query_key_value",
+           "linear_fc1:dense_h_to_4h", "linear_fc2:dense_4h_to_h", "linear_proj:dense", "decoder:encoder"]
+
+NEVA_GOLDEN = {
+    "convert": ["python", "../gpt/convert_checkpoint.py", "--nemo_ckpt_path", NEMO, "--dtype", "bfloat16",
+                "--output_dir", N_CKPT, "--nemo_rename_key", *RENAMES],
+    "build-llm": ["trtllm-build", "--checkpoint_dir", N_CKPT, "--output_dir", f"{N_ENGINE}/llm",
+                  "--gpt_attention_plugin", "bfloat16", "--gemm_plugin", "bfloat16", "--max_batch_size", "1",
+                  "--max_input_len", "2048", "--max_seq_len", "2560", "--max_multimodal_len", "729"],
+    "build-visual": ["python", "build_multimodal_engine.py", "--model_type", "neva", "--model_path", NEMO,
+                     "--output_dir", f"{N_ENGINE}/vision"],
+    "validate": ["python", "run.py", "--max_new_tokens", "30", "--input_text", "Question: which city is this? Answer:",
+                 "--hf_model_dir", N_CKPT, "--engine_dir", N_ENGINE],
+}
+
+NEVA_README = {
+    "build-llm": "trtllm-build --checkpoint_dir tmp/trt_models/M --output_dir tmp/trt_engines/M/bf16/1-gpu/llm "
+                 "--gpt_attention_plugin bfloat16 --gemm_plugin bfloat16 --max_batch_size 1 --max_input_len 2048 "
+                 "--max_seq_len 2560 --max_multimodal_len 729",
+    "validate": "python run.py --max_new_tokens 30 --hf_model_dir tmp/trt_models/M --engine_dir tmp/trt_engines/M/bf16/1-gpu "
+                "--input_text Question:_which_city_is_this?_Answer:",
+}
+
+
+def test_neva_plan_is_exact_and_the_readmes() -> None:
+    """The README's commands: no download (it reads ./neva.nemo; here the spec's file:// path in the container), the
+    gpt converter with its ten --nemo_rename_key pairs, the builder on the .nemo, run.py on the converted folder."""
+    plan = plan_for("neva")
+    assert [step.name for step in plan.steps] == list(NEVA_GOLDEN)
+    assert argvs(plan) == NEVA_GOLDEN
+    ours = argvs(plan)
+    for name, command in NEVA_README.items():
+        expected = [t.replace("_", " ") if t.startswith("Question:") else t for t in readme(command)]
+        assert normalize(ours[name]) == normalize(expected), name
+    # the convert and build-visual commands carry the .nemo path (not a path flag to normalize away): compared whole
+    readme_convert = ["python", "../gpt/convert_checkpoint.py", "--nemo_ckpt_path", NEMO, "--dtype", "bfloat16",
+                      "--output_dir", N_CKPT, "--nemo_rename_key", *RENAMES]
+    assert ours["convert"] == readme_convert
+    assert next(step for step in plan.steps if step.name == "convert").inputs == [NEMO]
+
+
+def test_neva_needs_a_nemo_file_source() -> None:
+    with pytest.raises(SpecError, match="file:///workspace/neva.nemo") as info:
+        plan_for("neva", {"source": "hf://nvidia/neva-22b"})
+    assert info.value.path == "source"
+    build = argvs(plan_for("neva", {"architecture.num_visual_features": 576}))["build-llm"]
+    assert build[build.index("--max_multimodal_len") + 1] == "576"
+
+
 # --- shared: dialect 0.9, the hf toolchain, quantization -------------------------------------------------------------
 
-REMOTE = ["InternVL2-4B", PHI, COG, XC]
+REMOTE = ["InternVL2-4B", PHI, COG, XC, "neva"]
 
 
 @pytest.mark.parametrize("model", REMOTE)
@@ -312,5 +368,5 @@ def test_quantization_and_pp_are_refused_tp_is_planned(model: str) -> None:
     with pytest.raises(SpecError, match="parallel.pp: 1"):
         plan_for(model, {"parallel.tp": 2, "parallel.pp": 2})
     steps = argvs(plan_for(model, {"parallel.tp": 2}))
-    assert steps["convert"][-2:] == ["--tp_size", "2"]
+    assert steps["convert"][steps["convert"].index("--tp_size") + 1] == "2"
     assert steps["validate"][:4] == ["mpirun", "-n", "2", "--allow-run-as-root"]

@@ -43,7 +43,7 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
             assert build_plan(spec, dialect=dialect).steps
 
 
-LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl", "internvl", "phi3_vision", "cogvlm", "internlm_xcomposer2"}
+LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl", "internvl", "phi3_vision", "cogvlm", "internlm_xcomposer2", "neva"}
 """Families TensorRT-LLM 1.2 added: dialect 0.9 (v0.10.0) refuses them, naming the release that has them."""
 NO_ENGINE_PATH = {"gemma3"}
 """Families no TensorRT-LLM engine release builds (only its PyTorch backend serves them): every plan is refused."""

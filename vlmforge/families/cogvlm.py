@@ -16,11 +16,11 @@ from __future__ import annotations
 import posixpath
 from typing import ClassVar
 
-from vlmforge.errors import PlanError, SpecError
+from vlmforge.errors import SpecError
 from vlmforge.families import register_family
 from vlmforge.families.release_llm import RemoteCodeFamily
-from vlmforge.plans.model import DialectInfo, PlanContext, Step
-from vlmforge.specs.schema import BuildSpec, Dialect, Dtype
+from vlmforge.plans.model import PlanContext, Step
+from vlmforge.specs.schema import BuildSpec, Dtype
 
 TOKENIZER_SOURCE = "hf://lmsys/vicuna-7b-v1.5"
 """The tokenizer the README pairs with cogvlm-chat-hf (run.py's --hf_model_dir)."""
@@ -41,6 +41,7 @@ class CogVLMFamily(RemoteCodeFamily):
     builder_model_type: ClassVar[str] = "cogvlm"
     default_num_visual_features: ClassVar[int] = 1280
     llm_kind: ClassVar[str] = "cogvlm"
+    old_builder_knows: ClassVar[bool] = True
     remote_code_reason: ClassVar[str] = (
         "CogVLM checkpoints are CogVLMForCausalLM with their own model code (trust_remote_code; the README patches "
         "its visual.py), and transformers has no CogVLM class")
@@ -53,15 +54,6 @@ class CogVLMFamily(RemoteCodeFamily):
         if spec.dtype is not Dtype.BFLOAT16:
             raise SpecError(f"cogvlm builds in bfloat16 only (the 1.2 README: 'CogVLM only support bfloat16 "
                             f"precision'); got {spec.dtype.value}: set dtype: bfloat16", path="dtype")
-
-    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
-        if info.dialect is Dialect.V0_9:
-            raise PlanError(
-                "cogvlm cannot be planned in dialect 0.9: TensorRT-LLM v0.10.0's build_visual_engine.py knows "
-                "--model_type cogvlm, but the seed README (the 0.9 dialect's source) has no CogVLM commands, so there "
-                "is no reproducible 0.9 plan; TensorRT-LLM v1.2.1 builds it (its README's commands): set dialect: '1.2' "
-                "(or --dialect 1.2)")
-        super().check_dialect(spec, info)
 
     def tokenizer_dir(self, ctx: PlanContext) -> str:
         return posixpath.join(ctx.layout.workspace, "hf_models", TOKENIZER_SOURCE.rsplit("/", 1)[-1])

@@ -109,6 +109,9 @@ class RemoteCodeFamily(ReleaseConverterFamily):
     """How the README counts one image's visual tokens (``--explain``)."""
     default_max_new_tokens: ClassVar[int] = 128
     """run.py's own --max_new_tokens default (the README's commands mostly leave it)."""
+    old_builder_knows: ClassVar[bool] = False
+    """v0.10.0's build_visual_engine.py already had this --model_type (cogvlm, neva), though the seed README, the 0.9
+    dialect's source, has no commands for it."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +122,17 @@ class RemoteCodeFamily(ReleaseConverterFamily):
                 f"`vlmforge plan MODEL` writes the exact commands for NVIDIA's TensorRT-LLM "
                 f"{DIALECTS[cls.plan_dialects[0]].release} container, to run there (`vlmforge build --toolchain "
                 "trtllm` refuses too: it validates engines against an hf reference this family lacks)")
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if info.dialect not in self.plan_dialects and self.old_builder_knows:
+            have = DIALECTS[self.plan_dialects[0]]
+            raise PlanError(
+                f"{self.name} cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release}'s "
+                f"{info.visual_builder} knows --model_type {self.builder_model_type}, but the seed README (the "
+                f"{info.dialect.value} dialect's source) has no {self.name} commands, so there is no reproducible "
+                f"{info.dialect.value} plan; TensorRT-LLM {have.release} builds it (its README's commands): set "
+                f"dialect: '{have.dialect.value}' (or --dialect {have.dialect.value})")
+        super().check_dialect(spec, info)
 
     def check_spec(self, spec: BuildSpec) -> None:
         super().check_spec(spec)

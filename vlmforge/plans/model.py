@@ -78,6 +78,7 @@ DIALECTS: dict[Dialect, DialectInfo] = {
             "internlm2": "examples/models/core/internlm2",
             "phi": "examples/models/core/phi",
             "cogvlm": "examples/models/contrib/cogvlm",
+            "gpt": "examples/models/core/gpt",
             "enc_dec": "examples/models/core/enc_dec",
         },
         quantize_script="examples/quantization/quantize.py",
