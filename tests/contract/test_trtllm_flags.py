@@ -49,16 +49,29 @@ def trtllm_steps(plan: Plan) -> list[Step]:
     return [step for step in plan.steps if step.tool == "trtllm-build" or step.tool.startswith("examples/")]
 
 
-def flags_of(argv: list[str]) -> list[tuple[str, str | None]]:
+def flags_of(argv: list[str], many: frozenset[str] = frozenset()) -> list[tuple[str, str | None]]:
+    """(flag, value) pairs; a flag in ``many`` (argparse nargs '+') takes every value up to the next flag."""
     start = next(i for i, token in enumerate(argv) if token == "trtllm-build" or token.endswith(".py")) + 1
     pairs, index = [], start
     while index < len(argv):
         token = argv[index]
         assert token.startswith("--"), f"stray positional {token!r} in {argv}"
-        value = argv[index + 1] if index + 1 < len(argv) and not argv[index + 1].startswith("--") else None
-        pairs.append((token, value))
-        index += 2 if value is not None else 1
+        index += 1
+        values = []
+        while index < len(argv) and not argv[index].startswith("--") and (token in many or not values):
+            values.append(argv[index])
+            index += 1
+        if token in many:
+            assert values, f"{token} takes one value or more in {argv}"
+            pairs += [(token, value) for value in values]
+        else:
+            pairs.append((token, values[0] if values else None))
     return pairs
+
+
+def nargs_many(script: dict[str, Any]) -> frozenset[str]:
+    """The script's flags that take one value or more (argparse nargs '+')."""
+    return frozenset(flag for flag, detail in script.get("details", {}).items() if detail.get("nargs") == "+")
 
 
 def test_many_plans_are_checked() -> None:
@@ -77,7 +90,7 @@ def test_every_flag_exists_in_the_release(dialect: Dialect) -> None:
             assert step.tool in scripts, f"{label}: {step.tool} is not a script of {dialect.value}"
             known = set(scripts[step.tool]["flags"])
             choices = scripts[step.tool].get("choices", {})
-            for flag, value in flags_of(step.argv):
+            for flag, value in flags_of(step.argv, nargs_many(scripts[step.tool])):
                 assert flag in known, f"{label}: {step.tool} has no {flag} in TensorRT-LLM {dialect.value}"
                 allowed = choices.get(flag)
                 if isinstance(allowed, dict):

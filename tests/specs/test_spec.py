@@ -52,7 +52,8 @@ def test_catalog_has_every_seed_model_and_they_all_plan() -> None:
             assert build_plan(spec, dialect=dialect).steps
 
 
-LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl", "mistral3", "mllama"}
+LATER_FAMILIES = {"llava_next", "llava_onevision", "qwen2_vl", "mistral3", "mllama", "internvl", "phi3_vision",
+                  "cogvlm", "internlm_xcomposer2", "neva"}
 """Families TensorRT-LLM 1.2 added: dialect 0.9 (v0.10.0) refuses them, naming the release that has them."""
 NOT_IN_SEED = {"pix2struct"}
 """Families v0.10.0's scripts know but the seed document does not describe: dialect 0.9 refuses them."""

@@ -121,7 +121,8 @@ def family_toolchains(family: ModelFamily) -> dict[str, str]:
         if family.visual_placement is VisualPlacement.CROSS_ATTENTION and not family.encoder_decoder:
             serve = "serve (cross-attention states: eager decode, joins at batch boundaries, no static GPU path)"
         return {"hf": f"build, validate, {serve}", "trtllm": f"plan ({dialects}), build (validated against hf)"}
-    return {"hf": f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})",
+    hf = getattr(family, "hf_status", None) or f"not yet (plan-only; {getattr(family, 'hf_class', 'no transformers class')})"
+    return {"hf": hf,
             "trtllm": f"plan ({dialects}) only; run it in NVIDIA's container"}
 
 

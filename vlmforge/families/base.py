@@ -287,6 +287,10 @@ class DecoderOnlyFamily(ModelFamily):
     def convert_extra_args(self, ctx: PlanContext) -> list[str]:
         return []
 
+    def converter_kind(self, spec: BuildSpec) -> str:
+        """Which script_dirs entry converts this spec's LLM: :attr:`llm_kind` (InternVL's depends on the checkpoint)."""
+        return self.llm_kind
+
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
         """1.2 plans write the checkpoint with ``vlmforge checkpoint``: refuse what its writer cannot produce."""
         if info.dialect is not Dialect.V0_9 and not self.release_converter:
@@ -329,7 +333,7 @@ class DecoderOnlyFamily(ModelFamily):
                 argv += ["--kv_cache_dtype", quant.kv_cache_dtype.value]
             return ctx.step("quantize", argv + parallel, tool=info.quantize_script, gpus=1, inputs=[hf_dir],
                             outputs=[ckpt])
-        script = posixpath.join(info.script_dirs[self.llm_kind], "convert_checkpoint.py")
+        script = posixpath.join(info.script_dirs[self.converter_kind(spec)], "convert_checkpoint.py")
         argv = ctx.python(script) + self.convert_extra_args(ctx) + [
             "--model_dir", hf_dir, "--output_dir", ckpt, "--dtype", spec.dtype.value,
         ] + parallel

@@ -76,6 +76,9 @@ class VisualContractHooks:
     """The most images one prompt can carry (its prompt format and LLM); None: no limit of its own."""
     position_id_dims: ClassVar[int] = 1
     """Axes of the LLM's position ids (Qwen2-VL's M-RoPE: 3)."""
+    resized_to_one_size: ClassVar[bool] = True
+    """A fixed-count family's images all become one size (False: the fixed count is the most any image gives, e.g.
+    InternVL's tiles, budgeted at their maximum)."""
     size_dependent_tokens: ClassVar[bool] = False
     """The visual tokens depend on each image's size (tiles, dynamic resolution): budgets count the largest image."""
     default_max_image_size: ClassVar[ImageSize | None] = None

@@ -9,6 +9,7 @@ transformers class would serve it); LLaVA-NeXT and Qwen2-VL have (they set ``hf_
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ from vlmforge.errors import PlanError, SpecError
 from vlmforge.families.base import DecoderOnlyFamily
 from vlmforge.plans.model import DIALECTS, DialectInfo, PlanContext, Step
 from vlmforge.specs.schema import BuildSpec, Dialect, ImageSize, QuantMethod
-from vlmforge.specs.visual import FamilyNumber
+from vlmforge.specs.visual import FamilyNumber, VisualContract
 
 
 class ReleaseConverterFamily(DecoderOnlyFamily):
@@ -132,3 +133,100 @@ class GptVariantFamily(ReleaseConverterFamily):
 
     def max_num_tokens(self, ctx: PlanContext) -> int | None:
         return None  # not in the README's section
+
+
+class RemoteCodeFamily(ReleaseConverterFamily):
+    """A family whose checkpoints need foreign model code (``trust_remote_code``, a .nemo archive) or a transformers
+    pin of their own: plan-only everywhere. Its plan is the 1.2 README's, flag for flag (each family's
+    :meth:`llm_flags`); its visual tokens per image are a fixed count, the README's, explained by ``--explain``."""
+
+    remote_code_reason: ClassVar[str]
+    """Why transformers 5 (the hf toolchain) cannot load it, in words."""
+    hf_status: ClassVar[str] = "no (remote code): plan-only"
+    """`vlmforge families`' hf column."""
+    token_formula: ClassVar[str]
+    """How the README counts one image's visual tokens (``--explain``)."""
+    default_max_new_tokens: ClassVar[int] = 128
+    """run.py's own --max_new_tokens default (the README's commands mostly leave it)."""
+    old_builder_knows: ClassVar[bool] = False
+    """v0.10.0's build_visual_engine.py already had this --model_type (cogvlm, neva), though the seed README, the 0.9
+    dialect's source, has no commands for it."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "remote_code_reason" in cls.__dict__:
+            cls.hf_unsupported_reason = (
+                f"{cls.name} is plan-only: {cls.remote_code_reason}; vlmforge's hf toolchain runs transformers 5 "
+                "and loads no remote code, so it cannot build, validate or serve it. Use the trtllm toolchain's plan: "
+                f"`vlmforge plan MODEL` writes the exact commands for NVIDIA's TensorRT-LLM "
+                f"{DIALECTS[cls.plan_dialects[0]].release} container, to run there (`vlmforge build --toolchain "
+                "trtllm` refuses too: it validates engines against an hf reference this family lacks)")
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if info.dialect not in self.plan_dialects and self.old_builder_knows:
+            have = DIALECTS[self.plan_dialects[0]]
+            raise PlanError(
+                f"{self.name} cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release}'s "
+                f"{info.visual_builder} knows --model_type {self.builder_model_type}, but the seed README (the "
+                f"{info.dialect.value} dialect's source) has no {self.name} commands, so there is no reproducible "
+                f"{info.dialect.value} plan; TensorRT-LLM {have.release} builds it (its README's commands): set "
+                f"dialect: '{have.dialect.value}' (or --dialect {have.dialect.value})")
+        super().check_dialect(spec, info)
+
+    def check_spec(self, spec: BuildSpec) -> None:
+        super().check_spec(spec)
+        quant = spec.quantization
+        if quant.active:
+            raise SpecError(
+                f"{self.name} plans are the 1.2 README's float build only; vlmforge plans no quantized {self.name} "
+                f"engine yet (got quantization.method {quant.method.value}, kv_cache_dtype "
+                f"{quant.kv_cache_dtype.value}): set quantization.method: none and kv_cache_dtype: auto",
+                path="quantization.method" if quant.method is not QuantMethod.NONE else "quantization.kv_cache_dtype")
+        if spec.parallel.pp > 1:
+            raise SpecError(f"{self.name}: the 1.2 multimodal runner's README documents tensor parallelism only; "
+                            "set parallel.pp: 1", path="parallel.pp")
+
+    def visual_contract(self, spec: BuildSpec) -> VisualContract:
+        """The fixed count, its source the README's formula (``--explain``) unless the spec sets its own."""
+        contract = super().visual_contract(spec)
+        if spec.architecture.num_visual_features is None:
+            contract = dataclasses.replace(contract, tokens_source=self.token_formula)
+        return contract
+
+    def family_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
+        return self.visual_numbers(spec, size)
+
+    def llm_flags(self, ctx: PlanContext) -> list[str]:
+        """The README's plugin flags of trtllm-build, before the sizes."""
+        return ["--gpt_attention_plugin", ctx.spec.dtype.value, "--gemm_plugin", ctx.spec.dtype.value]
+
+    def llm_extra_flags(self, ctx: PlanContext) -> list[str]:
+        """The README's flags of trtllm-build after the sizes (none by default)."""
+        return []
+
+    def llm_step(self, ctx: PlanContext) -> tuple[Step, str]:
+        derived = ctx.derived
+        ckpt = ctx.layout.checkpoint_dir
+        out = posixpath.join(ctx.layout.engine_dir, "llm")
+        argv = ["trtllm-build", "--checkpoint_dir", ckpt, "--output_dir", out] + self.llm_flags(ctx)
+        if ctx.spec.limits.max_beam_width != 1:
+            argv += ["--max_beam_width", str(ctx.spec.limits.max_beam_width)]
+        argv += ["--max_batch_size", str(ctx.spec.limits.max_batch_size),
+                 "--max_input_len", str(derived.max_input_len), *self.sizing_flag_for_output(ctx),
+                 "--max_multimodal_len", str(derived.max_multimodal_len)] + self.llm_extra_flags(ctx)
+        return ctx.step("build-llm", argv, tool="trtllm-build", gpus=1, inputs=[ckpt], outputs=[out]), out
+
+    def validate_args(self, ctx: PlanContext) -> list[str]:
+        """run.py's README flags beside --hf_model_dir / --engine_dir (none by default)."""
+        return []
+
+    def trtllm_steps(self, ctx: PlanContext) -> list[Step]:
+        steps = self.fetch_steps(ctx)
+        steps.append(self.convert_step(ctx))
+        llm, llm_dir = self.llm_step(ctx)
+        visual, visual_dir = self.visual_step(ctx)
+        steps += [llm, visual]
+        validate = self.validate_step(ctx, ["--engine_dir", ctx.layout.engine_dir] + self.validate_args(ctx),
+                                      [llm_dir, visual_dir])
+        steps.append(validate)
+        return steps

@@ -120,7 +120,7 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
             path="limits.max_images_per_prompt",
         )
     if size is None:
-        at_size = " (every image is resized to one size)"
+        at_size = " (every image is resized to one size)" if family.resized_to_one_size else " (the most one image gives)"
     elif spec.visual.max_image_size is not None:
         at_size = f" at visual.max_image_size {size}"
     else:
