@@ -52,3 +52,25 @@ def test_tp2_answers_what_tp1_answers(family: str, tiny_engine_of: Callable[[str
         stop_runner(tp1)
         if tp2 is not None:
             assert stop_runner(tp2, timeout=60) == 0, tp2.log_text()[-3000:]
+
+
+@pytest.mark.parametrize(("family", "llm"), [("fuyu", "PersimmonForCausalLM"), ("kosmos-2", "Kosmos2ImageTextLM"),
+                                             ("mllama", "MllamaCrossAttentionLM")])
+def test_an_llm_without_a_transformers_plan_is_refused_naming_the_fix(family: str, llm: str,
+                                                                     tiny_engine_of: Callable[[str], Path],
+                                                                     tmp_path: Path) -> None:
+    """Persimmon (Fuyu), Kosmos-2's text model and Mllama's text model have no tensor-parallel plan in transformers:
+    a TP load is refused before any weight is read, naming --tp 1 (TP goes where transformers supports it)."""
+    import torch.distributed as dist
+
+    from vlmforge.artifacts.engine_config import EngineConfig
+    from vlmforge.errors import DeployError
+    from vlmforge.runner.engine import check_tensor_parallel
+
+    engine = tiny_engine_of(family)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(DeployError, match=f"{llm} has no tensor-parallel plan in transformers: serve .* --tp 1"):
+            check_tensor_parallel(engine, EngineConfig.read(engine))
+    finally:
+        dist.destroy_process_group()

@@ -107,6 +107,7 @@ def target_of(spec: BuildSpec) -> ImageSize:
 class FuyuFamily(GptVariantFamily):
     """Fuyu: image patches -> Linear -> Persimmon (TensorRT-LLM's gpt converter, variant persimmon)."""
 
+    quantizable: ClassVar[bool] = True
     name: ClassVar[str] = "fuyu"
     description: ClassVar[str] = "Fuyu (adept/fuyu-8b), 30x30 patches through one Linear into Persimmon"
     builder_model_type: ClassVar[str] = "fuyu"

@@ -74,6 +74,7 @@ def image_text_lm_class() -> type:
 class Kosmos2Family(GptVariantFamily):
     """Kosmos-2: 64 latent-query rows per image in the prompt, a sinusoidally positioned text decoder."""
 
+    quantizable: ClassVar[bool] = True
     name: ClassVar[str] = "kosmos2"
     description: ClassVar[str] = "Kosmos-2 (microsoft/kosmos-2-patch14-224), ViT-L/14 + 64 latent queries"
     builder_model_type: ClassVar[str] = "kosmos-2"

@@ -119,6 +119,7 @@ class MllamaFamily(ReleaseConverterFamily):
     """Llama-3.2-Vision: tiled ViT-H/14 with a global encoder, projector, and a Llama-3.1 decoder with
     cross-attention layers (TensorRT-LLM's mllama converter)."""
 
+    quantizable: ClassVar[bool] = True
     name: ClassVar[str] = "mllama"
     description: ClassVar[str] = ("Llama-3.2-Vision (meta-llama/Llama-3.2-*-Vision*), 4 tiles per image, "
                                   "cross-attention decoder")

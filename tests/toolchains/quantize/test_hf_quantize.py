@@ -40,6 +40,9 @@ CASES = [
     ("tiny-gemma3", "int4_awq", "auto", 0.05, 1.0),           # 0.14 / 0.64
     ("tiny-qwen2.5-vl", "int8_wo", "auto", 0.8, 0.07),        # 0.98 / 0.035
     ("tiny-mistral3", "int4_awq", "auto", 0.2, 0.7),          # 0.41 / 0.41
+    ("tiny-fuyu", "int8_wo", "auto", 0.8, 0.12),              # 0.94 / 0.071
+    ("tiny-kosmos-2", "int4_awq", "auto", 0.6, 0.8),          # 0.92 / 0.54
+    ("tiny-mllama", "fp8", "auto", 0.3, 0.2),                 # 0.52 / 0.13 (cross-attention states calibrated too)
 ]
 
 
