@@ -39,11 +39,52 @@ def test_on_only_the_engine_stage_and_what_follows_it_change() -> None:
     assert on.build_key("r", None) != off.build_key("r", None)
 
 
-def test_a_quantized_spec_with_the_folder_is_refused_naming_the_field() -> None:
-    spec = load_model_or_spec("tiny-llava", {**ON, "quantization": {"method": "int8_wo"}})
-    with pytest.raises(SpecError, match="quantization.method: none") as refused:
+@pytest.mark.parametrize(("quantization", "field", "says"), [
+    ({"method": "int8_wo"}, "quantization.method", "int8_wo is served by the hf runner on torch's low-bit kernels"),
+    ({"method": "int4_wo"}, "quantization.method", "TensorRT-LLM build-time format"),
+    ({"method": "none", "kv_cache_dtype": "fp8"}, "quantization.method", "no quantized weights to export"),
+    ({"method": "int8_sq", "kv_cache_dtype": "int8"}, "quantization.kv_cache_dtype", "FP8 KV caches only"),
+])
+def test_what_the_unified_folder_cannot_hold_is_refused_naming_the_field(quantization: dict, field: str,
+                                                                        says: str) -> None:
+    spec = load_model_or_spec("tiny-gemma3", {**ON, "quantization": quantization})
+    with pytest.raises(SpecError, match=says) as refused:
         resolve(spec)
-    assert "artifacts.hf_checkpoint" in str(refused.value)
+    assert refused.value.path == field and "artifacts.hf_checkpoint: false" in str(refused.value)
+
+
+@pytest.mark.parametrize("quantization", [{"method": "int4_awq"}, {"method": "w4a8_awq", "kv_cache_dtype": "fp8"},
+                                          {"method": "int8_sq"}, {"method": "fp8", "kv_cache_dtype": "fp8"}])
+def test_calibrated_formats_take_the_folder(quantization: dict) -> None:
+    resolve(load_model_or_spec("tiny-gemma3", {**ON, "quantization": quantization}))
+
+
+def test_an_unquantized_folder_keeps_the_fingerprint_of_builds_before_the_unified_one() -> None:
+    """On an unquantized spec hf/ is the convert stage's float folder, fingerprinted as before quantized specs took
+    the option (the formula written out); the quantize stage is not in it."""
+    fps = hf_fingerprints(load_model_or_spec("tiny-llava", ON))
+    before = fingerprint("engine", STAGE_CODE_VERSION, fps.libraries, "v" * 64, "l" * 64,
+                         ("whole-model-folder", "c" * 64), spec_for_fingerprint(fps.resolved.spec),
+                         fps.resolved.derived.model_dump(mode="json"))
+    assert fps.engine("v" * 64, "l" * 64, "c" * 64) == fps.engine("v" * 64, "l" * 64, "c" * 64, "q" * 64) == before
+
+
+def test_a_quantized_folder_puts_its_kind_method_and_quantize_stage_in_the_fingerprints() -> None:
+    int4 = {"quantization": {"method": "int4_awq"}}
+    off = hf_fingerprints(load_model_or_spec("tiny-gemma3", int4))
+    on = hf_fingerprints(load_model_or_spec("tiny-gemma3", {**ON, **int4}))
+    fp8 = hf_fingerprints(load_model_or_spec("tiny-gemma3", {**ON, "quantization": {"method": "fp8"}}))
+    converted = on.convert(on.fetch("r"))
+    assert on.convert(on.fetch("r")) == off.convert(off.fetch("r"))
+    # the quantize stage also writes the unified export with the option: its fingerprint says so
+    assert on.quantize(converted, "cal") != off.quantize(converted, "cal")
+    before = fingerprint("quantize", STAGE_CODE_VERSION, off.libraries, converted,
+                         off.resolved.spec.quantization.model_dump(mode="json"), "cal")
+    assert off.quantize(converted, "cal") == before  # without the option: as before
+    assert on.engine("v" * 64, "l" * 64, "c" * 64, "q" * 64) != on.engine("v" * 64, "l" * 64, "c" * 64, "p" * 64)
+    assert on.engine("v" * 64, "l" * 64, "c" * 64, "q" * 64) == on.engine("v" * 64, "l" * 64, "d" * 64, "q" * 64)
+    assert on.engine("v" * 64, "l" * 64, "c" * 64, "q" * 64) != fp8.engine("v" * 64, "l" * 64, "c" * 64, "q" * 64)
+    assert len({on.build_key("r", "cal"), off.build_key("r", "cal"), fp8.build_key("r", "cal")}) == 3
 
 
 def test_the_trtllm_toolchain_refuses_the_folder_before_any_work() -> None:

@@ -13,7 +13,9 @@ float tensors cast to the spec's dtype (:func:`~vlmforge.modeling.unified.cast_u
 from __future__ import annotations
 
 import shutil
+import sys
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +88,33 @@ def _llm_module_names(activations: dict[str, Any], llm: Any) -> dict[str, Any]:
     return mapped
 
 
+def mark_float_modules(model: Any, llm: Any) -> list[str]:
+    """Give the linears outside the LLM (vision tower, projector) disabled ModelOpt quantizers, as hf_ptq.py's
+    quantization of the full model with its vision part switched off does: ModelOpt lists a module in
+    ``exclude_modules`` only if it carries a quantizer (even a disabled one), and a loader (TensorRT-LLM, vLLM, SGLang)
+    takes a linear not listed there as quantized. Returns the marked submodules' names."""
+    import torch
+    import modelopt.torch.quantization as mtq
+
+    inside = {id(m) for m in llm.modules()}
+    llm_params = {id(p) for p in llm.parameters()}
+    marked: list[str] = []
+    for name, module in model.named_modules():
+        if id(module) in inside or any(name.startswith(done + ".") for done in marked):
+            continue
+        params = list(module.parameters())
+        if (params and not any(id(p) in llm_params for p in params)
+                and any(isinstance(m, torch.nn.Linear) for m in module.modules())):
+            marked.append(name)
+    listed = isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list)
+    off = {"quant_cfg": [{"quantizer_name": "*", "enable": False}] if listed else {"*": {"enable": False}},
+           "algorithm": None}
+    with redirect_stdout(sys.stderr):
+        for name in marked:
+            mtq.quantize(model.get_submodule(name), off)
+    return marked
+
+
 def read_back_whole(resolved: ResolvedSpec, folder: Path, scratch: Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
     """The unified folder dequantized into the family's transformers model of the whole VLM (``from_pretrained`` of
     a float copy in ``scratch``, removed after): (the whole model, its LLM with the engine's input quantization
@@ -149,6 +178,10 @@ def export_whole_model(resolved: ResolvedSpec, model: Any, llm: Any, processor: 
     with mo.kv_cache_quantizers_off(llm):
         exported = batch_logits(llm, golden)  # the export packs the weights in place: run it first
     try:
+        marked = mark_float_modules(model, llm)
+        if not marked:
+            raise BuildError(f"{resolved.family.name}: no module of the full model lies outside its LLM (no vision "
+                             "tower or projector found to keep in float)")
         export_unified(model, out_dir)  # the full model, as hf_ptq.py exports a VLM
         seconds = time.perf_counter() - start
         current = model.state_dict()
