@@ -174,6 +174,13 @@ def export_whole_model(resolved: ResolvedSpec, model: Any, llm: Any, processor: 
     llm_tensors = {t.data_ptr() for t in llm.state_dict().values()}
     outside_names = [name for name, t in model.state_dict().items() if t.data_ptr() not in llm_tensors]
     prepare_unified(model)  # what the exporter does first (shared pre-quant scale and amax of fused q/k/v, gate/up)
+    import torch
+
+    stored = getattr(torch, spec.dtype.value)
+    with torch.inference_mode():  # the LLM's float tensors as the served llm/ stores them (the quantizers keep their scales)
+        for param in llm.parameters():
+            if param.is_floating_point():
+                param.copy_(param.to(stored).to(param.dtype))
     mo.round_weights_as_exported(llm)
     with mo.kv_cache_quantizers_off(llm):
         exported = batch_logits(llm, golden)  # the export packs the weights in place: run it first
