@@ -261,12 +261,13 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
     if spec.artifacts.hf_checkpoint and quant.active:
         # a quantized build's hf/ is ModelOpt's unified export of the whole model: calibrated formats only
         if quant.method.weight_only or quant.method is QuantMethod.NONE:
+            why = ("is served by the hf runner on torch's low-bit kernels and is a TensorRT-LLM build-time format, "
+                   "not a checkpoint format" if quant.method.weight_only
+                   else "with a quantized KV cache alone has no quantized weights to export")
             raise SpecError(
-                "artifacts.hf_checkpoint on a quantized spec publishes ModelOpt's unified checkpoint of the whole model, "
-                f"which holds ModelOpt's calibrated formats (int4_awq, w4a8_awq, int8_sq, fp8); {quant.method.value} "
-                + ("is served by the hf runner on torch's low-bit kernels and is a TensorRT-LLM build-time format, not a "
-                   "checkpoint format" if quant.method.weight_only else "with a quantized KV cache alone has no quantized "
-                   "weights to export") + ": pick one of those methods, or set artifacts.hf_checkpoint: false",
+                "artifacts.hf_checkpoint on a quantized spec publishes ModelOpt's unified checkpoint of the whole "
+                f"model, which holds ModelOpt's calibrated formats (int4_awq, w4a8_awq, int8_sq, fp8); "
+                f"{quant.method.value} {why}: pick one of those methods, or set artifacts.hf_checkpoint: false",
                 path="quantization.method",
             )
         if quant.kv_cache_dtype not in (KvCacheDtype.AUTO, KvCacheDtype.FP8):

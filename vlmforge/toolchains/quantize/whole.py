@@ -115,7 +115,8 @@ def mark_float_modules(model: Any, llm: Any) -> list[str]:
     return marked
 
 
-def read_back_whole(resolved: ResolvedSpec, folder: Path, scratch: Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
+def read_back_whole(resolved: ResolvedSpec, folder: Path, scratch: Path,
+                    device: str) -> tuple[Any, Any, dict[str, Any]]:
     """The unified folder dequantized into the family's transformers model of the whole VLM (``from_pretrained`` of
     a float copy in ``scratch``, removed after): (the whole model, its LLM with the engine's input quantization
     simulated, hf_quant_config's ``quantization``)."""
@@ -177,7 +178,7 @@ def export_whole_model(resolved: ResolvedSpec, model: Any, llm: Any, processor: 
     import torch
 
     stored = getattr(torch, spec.dtype.value)
-    with torch.inference_mode():  # the LLM's float tensors as the served llm/ stores them (the quantizers keep their scales)
+    with torch.inference_mode():  # the LLM's float tensors as llm/ stores them (the quantizers keep their scales)
         for param in llm.parameters():
             if param.is_floating_point():
                 param.copy_(param.to(stored).to(param.dtype))
