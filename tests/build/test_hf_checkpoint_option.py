@@ -53,6 +53,18 @@ def test_what_the_unified_folder_cannot_hold_is_refused_naming_the_field(quantiz
     assert refused.value.path == field and "artifacts.hf_checkpoint: false" in str(refused.value)
 
 
+@pytest.mark.parametrize(("model", "says"), [("tiny-vila", "'VilaModel' object has no attribute 'device'"),
+                                             ("tiny-blip2-opt", "passes input_ids where BLIP-2 takes pixel_values")])
+def test_a_family_whose_unified_export_fails_in_modelopt_is_refused_before_any_work(model: str, says: str) -> None:
+    from vlmforge.toolchains.hf.stages import check_supported
+
+    resolved = resolve(load_model_or_spec(model, {**ON, "quantization": {"method": "fp8"}}))
+    with pytest.raises(SpecError, match=says) as refused:
+        check_supported(resolved)  # HfPipeline's first check, before the fetch
+    assert refused.value.path == "artifacts.hf_checkpoint"
+    check_supported(resolve(load_model_or_spec(model, ON)))  # its float folder stays
+
+
 @pytest.mark.parametrize("quantization", [{"method": "int4_awq"}, {"method": "w4a8_awq", "kv_cache_dtype": "fp8"},
                                           {"method": "int8_sq"}, {"method": "fp8", "kv_cache_dtype": "fp8"}])
 def test_calibrated_formats_take_the_folder(quantization: dict) -> None:

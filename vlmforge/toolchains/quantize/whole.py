@@ -34,6 +34,16 @@ READBACK_TOLERANCE = 0.01
 ``vlmforge checkpoint --kind unified``: a layout or packing error moves logits by the scale itself)."""
 
 
+UNIFIED_REFUSED = {
+    "vila": "VILA1.5's model is its own code, not a transformers class, and ModelOpt 0.47's export_hf_checkpoint "
+            "fails on it ('VilaModel' object has no attribute 'device', in the exporter's dummy forward)",
+    "blip2-opt": "ModelOpt 0.47's export_hf_checkpoint fails on Blip2ForConditionalGeneration (its dummy forward "
+                 "passes input_ids where BLIP-2 takes pixel_values first), and trtllm-serve's multimodal matrix "
+                 "has no BLIP-2 to load the folder",
+}
+"""Families whose whole-model unified export fails in ModelOpt (tried on their tiny models): refused, not faked."""
+
+
 class WholeModelExport(BaseModel):
     """What the quantize stage wrote as ``hf/`` and how it read back."""
 
@@ -69,6 +79,10 @@ def check_whole_export(resolved: ResolvedSpec) -> None:
     spec, family = resolved.spec, resolved.family
     if not (spec.artifacts.hf_checkpoint and spec.quantization.active):
         return
+    if family.name in UNIFIED_REFUSED:
+        raise SpecError(f"{family.name}: no unified checkpoint of the whole model for a quantized build: "
+                        f"{UNIFIED_REFUSED[family.name]}; set artifacts.hf_checkpoint: false (or quantization.method: "
+                        "none for the float folder)", path="artifacts.hf_checkpoint")
     if family.encoder_decoder:
         raise SpecError(f"{family.name}: ModelOpt's unified export of an encoder-decoder VLM is not verified here "
                         "(its read-back needs the decoder's cross-attention inputs): set artifacts.hf_checkpoint: "
