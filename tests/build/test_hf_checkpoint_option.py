@@ -103,3 +103,30 @@ def test_the_trtllm_toolchain_refuses_the_folder_before_any_work() -> None:
     with pytest.raises(SpecError, match="--toolchain hf") as refused:
         check_trtllm_buildable(resolve(load_model_or_spec("llava-1.5-7b-hf", ON)))
     assert "artifacts.hf_checkpoint" in str(refused.value)
+
+
+def test_exclusions_are_named_as_the_tensors_are_saved(tmp_path) -> None:
+    """Under transformers 4.57 ModelOpt 0.47 kept the in-memory ``model.vision_tower*`` while the tensors were saved
+    under the hub's ``vision_tower.*``: mapped back through the model's conversion mapping (both config files)."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from vlmforge.toolchains.quantize.whole import align_exclusions
+
+    save_file({"vision_tower.encoder.fc.weight": torch.zeros(2, 2), "language_model.model.layers.0.q.weight":
+               torch.zeros(2, 2, dtype=torch.uint8)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(
+        {"quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head", "model.vision_tower*"]}}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"ignore": ["lm_head",
+                                                                                         "model.vision_tower*"]}}))
+    model = SimpleNamespace(_checkpoint_conversion_mapping={"^language_model.model": "model.language_model",
+                                                            "^vision_tower": "model.vision_tower"})
+    assert align_exclusions(tmp_path, model) == ["lm_head", "vision_tower*"]  # lm_head: tied, saved nowhere: kept
+    assert json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"] == \
+        ["lm_head", "vision_tower*"]
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"] == \
+        ["lm_head", "vision_tower*"]
+    assert align_exclusions(tmp_path, SimpleNamespace()) == ["lm_head", "vision_tower*"]  # 5.x: as saved already

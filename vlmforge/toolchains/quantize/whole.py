@@ -129,6 +129,49 @@ def mark_float_modules(model: Any, llm: Any) -> list[str]:
     return marked
 
 
+def align_exclusions(out_dir: Path, model: Any) -> list[str]:
+    """``exclude_modules`` in the names the checkpoint's tensors are saved under. ModelOpt 0.47 maps its in-memory
+    module names back to the hub's only under transformers 5 (under 4.57, Gemma3's ``model.vision_tower*`` stayed
+    while the tensors were saved as ``vision_tower.*``, and a loader would take the tower as quantized): an entry that
+    names no saved tensor is mapped back through the model's ``_checkpoint_conversion_mapping``. Returns the list
+    (hf_quant_config.json and config.json's ``quantization_config.ignore`` rewritten where it changed)."""
+    import json
+    import re
+    from fnmatch import fnmatch
+
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for shard in out_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys += list(f.keys())
+
+    def names_some(pattern: str) -> bool:
+        return any(fnmatch(key, pattern) or key.startswith(pattern + ".") for key in keys)
+
+    quant_path = out_dir / "hf_quant_config.json"
+    quant = json.loads(quant_path.read_text())
+    excluded = list(quant["quantization"].get("exclude_modules") or [])
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    aligned = []
+    for pattern in excluded:
+        if not names_some(pattern):
+            for saved, loaded in mapping.items():
+                candidate = re.sub("^" + re.escape(loaded), saved.lstrip("^"), pattern)
+                if candidate != pattern and names_some(candidate):
+                    pattern = candidate
+                    break
+        aligned.append(pattern)
+    if aligned != excluded:
+        quant["quantization"]["exclude_modules"] = aligned
+        quant_path.write_text(json.dumps(quant, indent=4))
+        config = json.loads((out_dir / "config.json").read_text())
+        if isinstance(config.get("quantization_config"), dict) and "ignore" in config["quantization_config"]:
+            config["quantization_config"]["ignore"] = aligned
+            (out_dir / "config.json").write_text(json.dumps(config, indent=4))
+    return aligned
+
+
 def read_back_whole(resolved: ResolvedSpec, folder: Path, scratch: Path,
                     device: str) -> tuple[Any, Any, dict[str, Any]]:
     """The unified folder dequantized into the family's transformers model of the whole VLM (``from_pretrained`` of
@@ -205,6 +248,7 @@ def export_whole_model(resolved: ResolvedSpec, model: Any, llm: Any, processor: 
             raise BuildError(f"{resolved.family.name}: no module of the full model lies outside its LLM (no vision "
                              "tower or projector found to keep in float)")
         export_unified(model, out_dir)  # the full model, as hf_ptq.py exports a VLM
+        align_exclusions(out_dir, model)
         seconds = time.perf_counter() - start
         current = model.state_dict()
         outside = {name: current[name] for name in outside_names}
