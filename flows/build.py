@@ -83,7 +83,7 @@ def _build_hf(pipeline: HfPipeline, revision: str | None, stages: list[StageOutc
     if quantized is not None:  # calibration set and digest, the quantized LLM against the float32 one
         extra["quantization"] = quantized.result
     update_progress_artifact(progress, 60.0)
-    engine = t.assemble(pipeline, visual, llm, converted)
+    engine = t.assemble(pipeline, visual, llm, converted, quantized)
     stages.append(engine)
     validation = t.validate(pipeline, engine, fetched)
     stages.append(validation)

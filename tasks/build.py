@@ -51,8 +51,9 @@ def build_visual(pipeline: HfPipeline, fetched: StageOutcome) -> StageOutcome:
 
 
 @task(name="assemble-engine", **STAGE)
-def assemble(pipeline: HfPipeline, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome) -> StageOutcome:
-    return _log(pipeline.assemble(visual, llm, converted))
+def assemble(pipeline: HfPipeline, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome,
+             quantized: StageOutcome | None = None) -> StageOutcome:
+    return _log(pipeline.assemble(visual, llm, converted, quantized))
 
 
 @task(name="validate", **STAGE)

@@ -55,7 +55,14 @@ class HfCheckpointInfo(BaseModel):
     architecture: str | None = None
     """config.json's ``architectures[0]`` (a transformers class, or VILA1.5's ``LlavaLlamaModel``)."""
     dtype: str
-    """The dtype its float tensors are stored in (the spec's; always a float folder: quantized specs have none)."""
+    """The dtype its float tensors are stored in (the spec's)."""
+    kind: Literal["plain", "unified"] = Field(default="plain", exclude_if=lambda value: value == "plain")
+    """plain: the convert stage's float checkpoint (unquantized specs); unified: ModelOpt's unified export of the
+    whole model (quantized specs: the LLM's quantized weights and scales, ``hf_quant_config.json``, the vision tower
+    and projector in float). Left out of engine.json when plain: the folders of earlier builds read as before."""
+    quant_algo: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """hf_quant_config.json's quant_algo (unified only)."""
+    kv_cache_quant_algo: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class EngineConfig(BaseModel):

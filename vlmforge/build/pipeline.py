@@ -82,7 +82,9 @@ class HfFingerprints:
         """``calibration``: the calibration set's digest (None where nothing is calibrated)."""
         settings = self.resolved.spec.quantization.model_dump(
             mode="json", exclude={"calibration"} if calibration is None else set())
-        return self._fp("quantize", converted, settings, calibration)
+        # with artifacts.hf_checkpoint it also writes the whole model's unified export (only then in the fingerprint)
+        whole = ("whole-model-folder", "unified") if self.resolved.spec.artifacts.hf_checkpoint else ()
+        return self._fp("quantize", converted, settings, calibration, *whole)
 
     def llm(self, upstream: str) -> str:
         return self._fp("llm", upstream)
@@ -97,10 +99,16 @@ class HfFingerprints:
         return ("visual-inputs-of", fetched, fingerprint(family.visual_weight_prefixes, family.llm_config_keys,
                                                           family.visual_config_files))
 
-    def engine(self, visual: str, llm: str, converted: str) -> str:
+    def engine(self, visual: str, llm: str, converted: str, quantized: str | None = None) -> str:
         """``converted``: the convert stage, whose whole-model checkpoint the engine directory holds as ``hf/`` with
-        ``artifacts.hf_checkpoint`` (only then part of the fingerprint: off, it is the one of builds before it)."""
-        folder = (("whole-model-folder", converted),) if self.resolved.spec.artifacts.hf_checkpoint else ()
+        ``artifacts.hf_checkpoint`` (only then part of the fingerprint: off, it is the one of builds before it);
+        ``quantized``: the quantize stage, whose unified export of the whole model is ``hf/`` of a quantized spec
+        (the folder's kind and method are then in the fingerprint too)."""
+        folder: tuple[Any, ...] = ()
+        if self.resolved.spec.artifacts.hf_checkpoint:
+            quant = self.resolved.spec.quantization
+            folder = ((("whole-model-folder", "unified", quant.method.value, quant.kv_cache_dtype.value, quantized),)
+                      if quant.active else (("whole-model-folder", converted),))
         return self._fp("engine", visual, llm, *folder, spec_for_fingerprint(self.resolved.spec),
                         self.resolved.derived.model_dump(mode="json"))
 
@@ -113,8 +121,9 @@ class HfFingerprints:
         fingerprint and same validation: the published-build check compares it with the key each manifest records."""
         fetched = self.fetch(revision)
         converted = self.convert(fetched)
-        upstream = self.quantize(converted, calibration) if self.resolved.spec.quantization.active else converted
-        engine = self.engine(self.visual(self.visual_basis_of(fetched)), self.llm(upstream), converted)
+        quantized = self.quantize(converted, calibration) if self.resolved.spec.quantization.active else None
+        engine = self.engine(self.visual(self.visual_basis_of(fetched)), self.llm(quantized or converted), converted,
+                             quantized)
         return fingerprint("hf-build", self.validate(engine, fetched))
 
 
@@ -230,14 +239,18 @@ class HfPipeline:
         fp = self.fingerprints.visual(basis)
         return self._run("visual", fp, lambda out: stages.build_visual(self.resolved, fetched.path / "model", out))
 
-    def assemble(self, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome) -> StageOutcome:
-        """The engine directory; ``converted``'s checkpoint becomes its ``hf/`` (hard links: hashed once per build)."""
+    def assemble(self, visual: StageOutcome, llm: StageOutcome, converted: StageOutcome,
+                 quantized: StageOutcome | None = None) -> StageOutcome:
+        """The engine directory; ``converted``'s checkpoint (unquantized) or ``quantized``'s unified export of the
+        whole model becomes its ``hf/`` (hard links: hashed once per build)."""
         from vlmforge.toolchains.hf import stages
 
-        fp = self.fingerprints.engine(visual.record.fingerprint, llm.record.fingerprint, converted.record.fingerprint)
+        fp = self.fingerprints.engine(visual.record.fingerprint, llm.record.fingerprint, converted.record.fingerprint,
+                                      quantized.record.fingerprint if quantized is not None else None)
+        done = (quantized.path, stages.QuantizeResult.model_validate(quantized.result)) if quantized else None
         return self._run("engine", fp, lambda out: stages.assemble(
             self.resolved, visual.path, stages.VisualResult.model_validate(visual.result), llm.path,
-            stages.LlmResult.model_validate(llm.result), converted.path / "checkpoint", out))
+            stages.LlmResult.model_validate(llm.result), converted.path / "checkpoint", out, done))
 
     def validate(self, engine: StageOutcome, fetched: StageOutcome) -> StageOutcome:
         from vlmforge.toolchains.hf import stages
@@ -271,7 +284,7 @@ class HfPipeline:
             quantized = self.quantize(converted)
             llm = self.build_llm(converted, quantized)
             visual = visual_later.result() if visual_later is not None else self.build_visual(fetched)
-        engine = self.assemble(visual, llm, converted)
+        engine = self.assemble(visual, llm, converted, quantized)
         validation = self.validate(engine, fetched)
         return fetched, engine, validation
 

@@ -4,8 +4,8 @@ started, check the folder, write the options file, start the container, wait for
 
 The artifact: trtllm-serve loads a Hugging Face model folder of the *whole* multimodal model. An hf build whose spec
 sets ``artifacts.hf_checkpoint`` (off by default: it doubles what a build publishes) holds one as ``hf/``
-(:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`: the convert stage's cast checkpoint, hard-linked into the engine
-directory) and its manifest repeats engine.json's record of it (the architecture, checked against the support matrix
+(:data:`~vlmforge.deploy.trtllm_serve.HF_DIR`, hard-linked into the engine directory: the convert stage's cast
+checkpoint, or for a quantized spec the quantize stage's ModelOpt unified export of the whole model) and its manifest repeats engine.json's record of it (the architecture, checked against the support matrix
 before anything is pulled). The pull takes ``hf/`` and leaves the runner's llm/ and vision/ out
 (:data:`SERVE_LEAVES_OUT`). Builds without one are passed over, saying why: the refusal names the fix (set
 ``artifacts.hf_checkpoint: true`` and rebuild, ``--checkpoint-dir``, or ``--backend vlmforge``).
@@ -104,8 +104,9 @@ def _no_folder(ref: str, ordered: list[BuildInfo]) -> DeployError:
                f"spec with --toolchain hf and artifacts.hf_checkpoint: true")
     else:
         why = (f"{newest.ref} was built without it (it holds vision/, llm/: the language model alone, and processor/): "
-               f"set artifacts.hf_checkpoint: true in the spec (an unquantized one) and rebuild it (`vlmforge build "
-               f"SPEC.yaml`), which publishes {HF_DIR}/")
+               "set artifacts.hf_checkpoint: true in the spec (unquantized, or quantized with int4_awq, w4a8_awq, "
+               f"int8_sq or fp8: ModelOpt's unified checkpoint) and rebuild it (`vlmforge build SPEC.yaml`), which "
+               f"publishes {HF_DIR}/")
     return DeployError(f"{head}: {why}; or deploy a folder of this machine with --checkpoint-dir, or deploy the build "
                        "with the vlmforge runner (--backend vlmforge)")
 
@@ -201,7 +202,10 @@ def dry_run(plan: TrtllmPlan, source: BuildSource, *, cache_dir: Path | None = N
         folder = (cache_dir or default_cache_dir()) / plan.build.model / plan.build.build_id / HF_DIR
         recorded = plan.build.hf_checkpoint
         if recorded is not None and recorded.architecture:
-            checked = (f"the build records {HF_DIR}/ as {recorded.architecture} ({recorded.dtype}), in the support "
+            form = (f"ModelOpt unified checkpoint, {recorded.quant_algo}"
+                    + (f", KV cache {recorded.kv_cache_quant_algo}" if recorded.kv_cache_quant_algo else "")
+                    + f", float tensors {recorded.dtype}") if recorded.kind == "unified" else recorded.dtype
+            checked = (f"the build records {HF_DIR}/ as {recorded.architecture} ({form}), in the support "
                        "matrix; the model folder is checked once pulled")
     runner = _runner(plan)
     request = _request(plan, folder, state_dir, source.describe(), 1.0)

@@ -11,8 +11,8 @@ where it was read in ``tests/contract/trtllm_serve.json``, and the contract test
   ``architectures[0]`` is a class of the release's multimodal support matrix, the weights of the vision tower,
   projector and language model, the tokenizer and processor files with a chat template: the server answers the
   chat API only). A ModelOpt unified export of the whole model (the same folder plus ``hf_quant_config.json``) is
-  the quantized form (no vlmforge build writes one). In a store build (the hf toolchain's, unquantized) it is the
-  ``hf/`` folder (:data:`HF_DIR`).
+  the quantized form (an hf build of a spec quantized with int4_awq, w4a8_awq, int8_sq or fp8 writes one). In a
+  store build (the hf toolchain's) it is the ``hf/`` folder (:data:`HF_DIR`).
 - **Each value is set in one place**: every engine setting goes in the options file (``--config``), the command
   line carries only server settings (host, port, served name, log level, telemetry). trtllm-serve lets typed
   flags override the file and rebuilds a whole ``kv_cache_config`` from a KV flag, so mixing the two loses values.

@@ -103,6 +103,38 @@ def _weight(tensors: dict[str, torch.Tensor], prefix: str, algo: str, group: int
     return w.float()
 
 
+def dequantize_unified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                 dict[str, tuple[torch.Tensor | None, torch.Tensor]]]:
+    """A unified checkpoint's tensors in float32 under the checkpoint's own names, whatever model they belong to (a
+    whole VLM: its float vision tower and projector as stored): (hf_quant_config's ``quantization``, the state, the
+    activation quantizers of the linears whose inputs the engine quantizes). Quantized weights are dequantized (AWQ
+    pre-quant scales folded in where activations are not quantized); scales are left out."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    quant = json.loads((ckpt_dir / "hf_quant_config.json").read_text())["quantization"]
+    algo, group = quant["quant_algo"], int(quant.get("group_size") or 128)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(ckpt_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    quantized = {key.removesuffix(".weight_scale") for key in tensors if key.endswith(".weight_scale")}
+    state: dict[str, torch.Tensor] = {}
+    activations: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for name in quantized:
+        state[name + ".weight"] = _weight(tensors, name, algo, group)
+        pqs, act = tensors.get(name + ".pre_quant_scale"), tensors.get(name + ".input_scale")
+        if act is not None:
+            activations[name] = (None if pqs is None else pqs.float(), act.float().reshape(-1)[0])
+        elif pqs is not None:
+            state[name + ".weight"] = state[name + ".weight"] * pqs.float()[None, :]
+    for key, value in tensors.items():
+        if not key.endswith(SCALES) and key not in state:
+            state[key] = value.float() if value.is_floating_point() else value
+    quant["kv_scales"] = {k.rpartition(".")[2]: float(v.float().reshape(-1)[0]) for k, v in tensors.items()
+                          if ".layers.0." in k and k.endswith(("k_scale", "v_scale"))}
+    return quant, state, activations
+
+
 def read_back_unified(ckpt_dir: Path, hf_config: Any, model_cls: type, device: str | torch.device = "cpu") -> Readback:
     """The unified checkpoint as a float32 ``model_cls`` computing what the engine computes (weights dequantized,
     inputs quantized with their ``input_scale`` after ``pre_quant_scale``)."""

@@ -259,13 +259,24 @@ def derive(spec: BuildSpec, family: FamilyRules, *, visual_builder_default_batch
     if spec.code_source and not family.needs_code_source:
         raise SpecError(f"{family.name} needs no code_source: remove it", path="code_source")
     if spec.artifacts.hf_checkpoint and quant.active:
-        raise SpecError(
-            "artifacts.hf_checkpoint publishes the whole model as a float Hugging Face folder, but this spec is "
-            f"quantized (method {quant.method.value}, kv_cache_dtype {quant.kv_cache_dtype.value}) and the hf "
-            "toolchain quantizes the language model alone: set quantization.method: none (and kv_cache_dtype: auto) "
-            "for a trtllm-serve build, or set artifacts.hf_checkpoint: false",
-            path="artifacts.hf_checkpoint",
-        )
+        # a quantized build's hf/ is ModelOpt's unified export of the whole model: calibrated formats only
+        if quant.method.weight_only or quant.method is QuantMethod.NONE:
+            why = ("is served by the hf runner on torch's low-bit kernels and is a TensorRT-LLM build-time format, "
+                   "not a checkpoint format" if quant.method.weight_only
+                   else "with a quantized KV cache alone has no quantized weights to export")
+            raise SpecError(
+                "artifacts.hf_checkpoint on a quantized spec publishes ModelOpt's unified checkpoint of the whole "
+                f"model, which holds ModelOpt's calibrated formats (int4_awq, w4a8_awq, int8_sq, fp8); "
+                f"{quant.method.value} {why}: pick one of those methods, or set artifacts.hf_checkpoint: false",
+                path="quantization.method",
+            )
+        if quant.kv_cache_dtype not in (KvCacheDtype.AUTO, KvCacheDtype.FP8):
+            raise SpecError(
+                f"artifacts.hf_checkpoint: ModelOpt's unified exporter writes FP8 KV caches only (kv_cache_dtype "
+                f"{quant.kv_cache_dtype.value} is refused as an invalid KV cache quantization format): set "
+                "quantization.kv_cache_dtype: fp8 or auto, or artifacts.hf_checkpoint: false",
+                path="quantization.kv_cache_dtype",
+            )
 
     # parallelism
     heads = spec.architecture.num_attention_heads

@@ -262,8 +262,9 @@ class Artifacts(StrictModel):
     cast checkpoint of vision tower, projector and language model, with tokenizer and processor files), which
     ``vlmforge deploy --backend trtllm-serve`` serves. Off by default: it adds the whole model's bytes again to every
     publish and to the store (about +14 GB for a 7B float16 build); the vlmforge runner never reads it, and its
-    deploys leave it out of their pulls. The hf toolchain only, unquantized specs only (it quantizes the language
-    model alone)."""
+    deploys leave it out of their pulls. The hf toolchain only. On a quantized spec (int4_awq, w4a8_awq, int8_sq, fp8;
+    KV cache auto or fp8) it is ModelOpt's unified checkpoint of the whole model: the language model's quantized
+    weights and scales with ``hf_quant_config.json``, the vision tower and projector in float."""
 
 
 def _default_artifacts(value: Artifacts) -> bool:

@@ -34,6 +34,7 @@ from vlmforge.families import ResolvedSpec
 from vlmforge.sources.base import link_or_copy
 from vlmforge.toolchains.hf.export_gate import EXPORT_GATE, beside_exports
 from vlmforge.toolchains.quantize.hf import QuantizeResult
+from vlmforge.toolchains.quantize.whole import WholeModelExport
 
 log = logging.getLogger(__name__)
 
@@ -267,18 +268,36 @@ def _build_visual_feeds(resolved: ResolvedSpec, model: Any, processor: Any, modu
 
 def whole_model_folder(checkpoint_dir: Path, out: Path, dtype: str) -> HfCheckpointInfo:
     """The whole model as a Hugging Face folder in ``out/hf`` (``artifacts.hf_checkpoint``), hard-linked from the
-    convert stage's ``checkpoint/`` (no bytes copied where links work). Specs with it are unquantized (a spec rule):
-    the float folder is the model this build validates."""
+    convert stage's ``checkpoint/`` (no bytes copied where links work): the float folder of an unquantized spec, the
+    model this build validates (a quantized spec's is :func:`unified_model_folder`)."""
     shutil.copytree(checkpoint_dir, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
     architectures = read_config(out / HF_CHECKPOINT_DIR).get("architectures") or [None]
     return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=architectures[0], dtype=dtype)
 
 
+def unified_model_folder(quantized_dir: Path, out: Path, export: WholeModelExport) -> HfCheckpointInfo:
+    """The quantize stage's unified export of the whole model (``quantized_dir/hf``) as ``out/hf``, hard-linked."""
+    shutil.copytree(quantized_dir / HF_CHECKPOINT_DIR, out / HF_CHECKPOINT_DIR, copy_function=link_or_copy)
+    return HfCheckpointInfo(path=HF_CHECKPOINT_DIR, architecture=export.architecture, dtype=export.dtype,
+                            kind="unified", quant_algo=export.quant_algo,
+                            kv_cache_quant_algo=export.kv_cache_quant_algo)
+
+
 def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm_dir: Path, llm: LlmResult,
-             checkpoint_dir: Path, out: Path) -> EngineConfig:
+             checkpoint_dir: Path, out: Path, quantized: tuple[Path, QuantizeResult] | None = None) -> EngineConfig:
     """Lay out the engine directory (vision/, llm/, processor/, engine.json; hf/ with ``artifacts.hf_checkpoint``),
-    hard-linking stage outputs. ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model."""
+    hard-linking stage outputs. ``checkpoint_dir``: the convert stage's cast checkpoint of the whole model (hf/ of an
+    unquantized spec); ``quantized``: the quantize stage's directory and result (hf/ of a quantized spec: its
+    unified export)."""
     spec, derived = resolved.spec, resolved.derived
+    folder = None
+    if spec.artifacts.hf_checkpoint:
+        export = quantized[1].hf_checkpoint if quantized is not None else None
+        if spec.quantization.active and (quantized is None or export is None):
+            raise BuildError("a quantized spec with artifacts.hf_checkpoint needs the quantize stage's unified export "
+                             "of the whole model: rerun the build (its quantize stage is older than the option)")
+        folder = (unified_model_folder(quantized[0], out, export) if quantized is not None and export is not None
+                  else whole_model_folder(checkpoint_dir, out, spec.dtype.value))
     for src_root, names in ((visual_dir, ("vision",)), (llm_dir, ("llm", "processor"))):
         for name in names:
             shutil.copytree(src_root / name, out / name, copy_function=link_or_copy)
@@ -292,8 +311,7 @@ def assemble(resolved: ResolvedSpec, visual_dir: Path, visual: VisualResult, llm
         llm=LlmEngineInfo(path="llm", format=llm.format, dtype=spec.dtype.value,  # type: ignore[arg-type]
                           quantization=spec.quantization.method.value,
                           kv_cache_dtype=spec.quantization.kv_cache_dtype.value, architecture=llm.architecture),
-        hf_checkpoint=(whole_model_folder(checkpoint_dir, out, spec.dtype.value) if spec.artifacts.hf_checkpoint
-                       else None),
+        hf_checkpoint=folder,
     )
     config.write(out)
     return config

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vlmforge.errors import BuildError, SpecError, ToolchainUnavailable
 from vlmforge.families import ResolvedSpec
 from vlmforge.specs.schema import KvCacheDtype, QuantMethod
 from vlmforge.toolchains.quantize.llm import LogitComparison
+from vlmforge.toolchains.quantize.whole import WholeModelExport, check_whole_export
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class QuantizeResult(BaseModel):
     modelopt: str | None
     quantized_vs_reference: LogitComparison
     """The quantized LLM against the float32 one on the golden prefixes (before the runner's own validation)."""
+    hf_checkpoint: WholeModelExport | None = Field(default=None, exclude_if=lambda value: value is None)
+    """With ``artifacts.hf_checkpoint``: the whole VLM as ModelOpt's unified checkpoint in ``out/hf``
+    (:mod:`vlmforge.toolchains.quantize.whole`); None (left out): no such folder."""
 
 
 def check_hf_quantization(resolved: ResolvedSpec) -> None:
@@ -55,6 +59,7 @@ def check_hf_quantization(resolved: ResolvedSpec) -> None:
             "weight-only LLMs on real int8/int4 kernels with a float KV cache; quantized KV caches are served with "
             "ModelOpt's fake quantization (method none, int4_awq, w4a8_awq, int8_sq or fp8), or use --toolchain trtllm"
         )
+    check_whole_export(resolved)
 
 
 def calibration_digest(resolved: ResolvedSpec) -> str | None:
@@ -105,9 +110,18 @@ def quantize_for_hf(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devic
         assert calibration is not None
         batches = llm_batches(family, model, processor, llm, calibration.samples, quant.calibration.batch_size)
         mo.calibrate(llm, quant.method, quant.kv_cache_dtype, quant.group_size, batches)
+        if spec.artifacts.hf_checkpoint:  # served as the unified export holds it: fused layers re-smoothed first
+            from vlmforge.modeling.unified import prepare_unified
+
+            prepare_unified(model)
         quantized = batch_logits(llm, golden)
         mo.save_fake_quant(llm, target, dtype)
     seconds = time.perf_counter() - start
+    whole = None
+    if spec.artifacts.hf_checkpoint:  # the spec rule admits calibrated formats only; after the served LLM is saved
+        from vlmforge.toolchains.quantize.whole import export_whole_model
+
+        whole = export_whole_model(resolved, model, llm, processor, golden, quantized, reference, out / "hf", device)
     after = safetensors_size(target)
     comparison = compare_logits(quantized, reference, golden)
     log.info("quantized %s LLM (%s, %s): %d -> %d bytes, next-token logit error %.4f", spec.name, quant.method.value,
@@ -119,4 +133,5 @@ def quantize_for_hf(resolved: ResolvedSpec, model_dir: Path, out: Path, *, devic
         calibration=calibration.describe() | {"size": quant.calibration.size,
                                                "batch_size": quant.calibration.batch_size} if calibration else None,
         calibrate_seconds=round(seconds, 3), modelopt=modelopt_version, quantized_vs_reference=comparison,
+        hf_checkpoint=whole,
     )
