@@ -35,6 +35,38 @@ def image_url(index: int = 0, size: int = 64, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def sized_image(index: int, size: tuple[int, int]) -> Any:
+    """Golden image ``index`` (of three) resized to ``size`` (width, height): the size-dependent families' tests."""
+    from vlmforge.modeling.images import synthetic_images
+
+    return synthetic_images()[index % 3].resize(size)
+
+
+def sized_images(sizes: list[tuple[int, int]]) -> list[Any]:
+    """One request's images, the i-th golden image at the i-th size."""
+    return [sized_image(i, size) for i, size in enumerate(sizes)]
+
+
+def request_images(sizes: list[tuple[int, int]]) -> Any:
+    """What ``engine.generate`` takes for one request: its image, or its list of images."""
+    images = sized_images(sizes)
+    return images if len(images) > 1 else images[0]
+
+
+def data_url(picture: Any) -> str:
+    """A PIL image as a PNG ``data:`` URL."""
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def sized_content(sizes: list[tuple[int, int]], text: str | None) -> list[dict[str, Any]]:
+    """A chat message's content: the text (if any), then one image_url part per image of :func:`sized_images`."""
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(picture)}}
+                                     for picture in sized_images(sizes)]
+    return content if text is None else [{"type": "text", "text": text}, *content]
+
+
 def chat_body(text: str | None, url: str, model: str = "tiny-llava", **fields: object) -> dict:
     content: list[dict] = [{"type": "image_url", "image_url": {"url": url}}]
     if text is not None:

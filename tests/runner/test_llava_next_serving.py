@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vlmforge.modeling.images import synthetic_images
+from tests.helpers.runners import data_url, request_images, sized_content, sized_image
 
 MAX_TOKENS = 12
 # (width, height) of each image of a request, and its prompt: 64x64, 90x40, 40x90: 5, 4, 4 tiles; 24, 14, 16 tokens
@@ -22,13 +22,6 @@ REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
 ]
 
 
-def image(index: int, size: tuple[int, int]) -> Any:
-    return synthetic_images()[index % 3].resize(size)
-
-
-def request_images(sizes: list[tuple[int, int]]) -> Any:
-    images = [image(i, size) for i, size in enumerate(sizes)]
-    return images if len(images) > 1 else images[0]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +40,8 @@ def test_the_engine_holds_the_newline_embedding_and_a_tile_engine(engine_dir: Pa
     assert (engine_dir / "vision" / "image_newlines.safetensors").is_file()
     assert engine.config.family == "llava_next" and engine.config.llm.architecture == "LlamaForCausalLM"
     assert engine.config.visual.output_shape == ["batch", 4, 64]  # per tile: (28/14)^2 patches
-    counts = [int(f.shape[1]) for f in engine.encode_images([image(0, (64, 64)), image(1, (90, 40)),
-                                                             image(2, (40, 90))])]
+    counts = [int(f.shape[1]) for f in engine.encode_images([sized_image(0, (64, 64)), sized_image(1, (90, 40)),
+                                                             sized_image(2, (40, 90))])]
     assert counts == [24, 14, 16]
 
 
@@ -72,7 +65,7 @@ def test_the_image_cache_gives_the_same_features_per_size(engine_dir: Path, engi
     blank = [Image.new("RGB", (56, 56)), Image.new("RGB", (56, 40))]
     tiles = engine.family.visual_inputs(engine.processor, blank)
     assert torch.equal(*tiles.split(tiles.pixels))
-    images = [image(1, (90, 40)), *blank, image(1, (90, 40))]
+    images = [sized_image(1, (90, 40)), *blank, sized_image(1, (90, 40))]
     want = engine.encode_images(images)
     got = cached.encode_images(images)
     assert [g.shape for g in got] == [w.shape for w in want]
@@ -80,14 +73,6 @@ def test_the_image_cache_gives_the_same_features_per_size(engine_dir: Path, engi
     assert want[1].shape[1] != want[2].shape[1]
     assert cached.image_cache is not None and cached.image_cache.stats().hits == 1  # the repeated image only
 
-
-def data_url(picture: Any) -> str:
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_the_server_batches_images_of_different_sizes_as_alone(engine_dir: Path, engine: Any,
@@ -110,10 +95,7 @@ def test_the_server_batches_images_of_different_sizes_as_alone(engine_dir: Path,
 
         def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
             sizes, text = request
-            content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
-                                             for i, size in enumerate(sizes)]
-            if text is not None:
-                content.insert(0, {"type": "text", "text": text})
+            content = sized_content(sizes, text)
             return client.chat.completions.create(model="tiny-llava-next", max_tokens=MAX_TOKENS,
                                                   messages=[{"role": "user", "content": content}])
 
@@ -138,7 +120,7 @@ def test_usage_counts_each_request_s_real_prompt_positions(engine_dir: Path, eng
         used = {}
         for size in [(64, 64), (90, 40)]:
             content = [{"type": "text", "text": "What is this?"},
-                       {"type": "image_url", "image_url": {"url": data_url(image(1, size))}}]
+                       {"type": "image_url", "image_url": {"url": data_url(sized_image(1, size))}}]
             for stream in (False, True):
                 kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
                 answer = client.chat.completions.create(model="tiny-llava-next", max_tokens=3, stream=stream,
@@ -148,7 +130,7 @@ def test_usage_counts_each_request_s_real_prompt_positions(engine_dir: Path, eng
     finally:
         stop_runner(runner)
     for size in [(64, 64), (90, 40)]:
-        features = engine.encode_images([image(1, size)])[0]
+        features = engine.encode_images([sized_image(1, size)])[0]
         real = engine.llm_prefix(features, "What is this?").length
         assert used[size, False] == used[size, True] == real, size
     assert used[(90, 40), False] < used[(64, 64), False] == engine.prompt_length("What is this?", 1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vlmforge.modeling.images import synthetic_images
+from tests.helpers.runners import request_images, sized_content, sized_image, sized_images
 
 MAX_TOKENS = 12
 # (width, height) of each image of a request: merged grids 4x4, 2x4, 4x3 and 1x4 (the last two scaled down first)
@@ -22,13 +22,6 @@ REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
 ]
 
 
-def image(index: int, size: tuple[int, int]) -> Any:
-    return synthetic_images()[index % 3].resize(size)
-
-
-def request_images(sizes: list[tuple[int, int]]) -> Any:
-    images = [image(i, size) for i, size in enumerate(sizes)]
-    return images if len(images) > 1 else images[0]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def test_the_engine_is_a_rows_engine_with_a_mistral_llm(engine: Any, engine_dir:
     session = ort.InferenceSession(str(engine_dir / "vision" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [(i.name, len(i.shape)) for i in session.get_inputs()] == [("rows", 2), ("positions", 2), ("image_ids", 1)]
     sizes = [(32, 32), (48, 20), (20, 28), (60, 16), (64, 64)]
-    grids = [tuple(f.shape[1:3]) for f in engine.encode_images([image(i, size) for i, size in enumerate(sizes)])]
+    grids = [tuple(f.shape[1:3]) for f in engine.encode_images(sized_images(sizes))]
     assert grids == [(4, 4), (2, 4), (4, 3), (1, 4), (4, 4)]
 
 
@@ -69,7 +62,7 @@ def test_the_image_cache_gives_the_same_features(engine_dir: Path, engine: Any) 
     from vlmforge.runner.engine import HfEngine
 
     cached = HfEngine(engine_dir, image_cache_bytes=1 << 24)
-    images = [image(1, (48, 20)), image(2, (20, 28)), image(1, (48, 20))]
+    images = [sized_image(1, (48, 20)), sized_image(2, (20, 28)), sized_image(1, (48, 20))]
     want, got = engine.encode_images(images), cached.encode_images(images)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(torch.allclose(g, w) for g, w in zip(got, want, strict=True))
@@ -85,14 +78,6 @@ SERVED: list[tuple[list[tuple[int, int]], str | None]] = [
 ]
 SERVED_TOKENS = 6
 
-
-def data_url(picture: Any) -> str:
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +104,7 @@ def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(run
 
     def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
         sizes, text = request
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
-                                         for i, size in enumerate(sizes)]
-        if text is not None:
-            content.insert(0, {"type": "text", "text": text})
+        content = sized_content(sizes, text)
         return client.chat.completions.create(model="tiny-mistral3", max_tokens=SERVED_TOKENS,
                                               messages=[{"role": "user", "content": content}])
 
@@ -134,6 +116,6 @@ def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(run
         if not near_tie(alone):
             assert answer.choices[0].message.content == alone.text, (sizes, text)
             exact += 1
-        length = engine.llm_prefix(engine.encode_images([image(i, size) for i, size in enumerate(sizes)]), text).length
+        length = engine.llm_prefix(engine.encode_images(sized_images(sizes)), text).length
         assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
     assert exact == len(SERVED), "every request is compared exactly (none meets a float16 near-tie)"

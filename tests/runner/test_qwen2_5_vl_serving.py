@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vlmforge.modeling.images import synthetic_images
+from tests.helpers.runners import request_images, sized_content, sized_images
 
 MAX_TOKENS = 12
 # (width, height) of each image: merged grids 4x4, 2x4, 4x2 + 2x2, 3x5 (partial windows), 2x2 + 2x4, 2x7
@@ -24,13 +24,6 @@ REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
 ]
 
 
-def image(index: int, size: tuple[int, int]) -> Any:
-    return synthetic_images()[index % 3].resize(size)
-
-
-def request_images(sizes: list[tuple[int, int]]) -> Any:
-    images = [image(i, size) for i, size in enumerate(sizes)]
-    return images if len(images) > 1 else images[0]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def test_the_engine_holds_the_window_size_and_a_five_input_visual_engine(engine_
         ("rows", "tensor(float)"), ("rotary_pos_emb", "tensor(float)"), ("window_index", "tensor(int64)"),
         ("window_mask", "tensor(float)"), ("attention_mask", "tensor(float)")]
     sizes = [(112, 112), (120, 60), (140, 84), (200, 60)]
-    grids = [tuple(f.shape[1:3]) for f in engine.encode_images([image(i, size) for i, size in enumerate(sizes)])]
+    grids = [tuple(f.shape[1:3]) for f in engine.encode_images(sized_images(sizes))]
     assert grids == [(4, 4), (2, 4), (3, 5), (2, 7)]
     assert engine.decode_path == "dynamic"
 
@@ -71,7 +64,7 @@ def test_the_engine_features_equal_the_transformers_tower(engine: Any, tmp_path:
     model_dir = tmp_path / "model"
     family.make_tiny_source("tiny://qwen2.5-vl", model_dir, seed=0)
     model = family.load_model(model_dir, torch.float32)
-    pictures = [synthetic_images()[i % 3].resize(size) for i, size in enumerate([(140, 84), (200, 60), (64, 64)])]
+    pictures = sized_images([(140, 84), (200, 60), (64, 64)])
     processed = engine.processor.image_processor(images=pictures, return_tensors="pt")
     with torch.no_grad():
         ref = model.model.get_image_features(processed["pixel_values"], processed["image_grid_thw"])
@@ -103,14 +96,6 @@ margins of 0.019 or more; other requests have some under 0.01, which another bat
 exactly."""
 
 
-def data_url(picture: Any) -> str:
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
 
 @pytest.fixture(scope="module")
 def runner(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -135,10 +120,7 @@ def test_the_openai_client_gets_the_lone_answers(runner: Any, engine: Any) -> No
 
     def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
         sizes, text = request
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
-                                         for i, size in enumerate(sizes)]
-        if text is not None:
-            content.insert(0, {"type": "text", "text": text})
+        content = sized_content(sizes, text)
         return client.chat.completions.create(model="tiny-qwen2.5-vl", max_tokens=SERVED_TOKENS,
                                               messages=[{"role": "user", "content": content}])
 
@@ -150,7 +132,7 @@ def test_the_openai_client_gets_the_lone_answers(runner: Any, engine: Any) -> No
         if not near_tie(alone):
             assert answer.choices[0].message.content == alone.text, (sizes, text)
             exact += 1
-        features = engine.encode_images([image(i, size) for i, size in enumerate(sizes)])
+        features = engine.encode_images(sized_images(sizes))
         length = engine.llm_prefix(features, text).length
         assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
     assert exact == len(SERVED), "every request is compared exactly"

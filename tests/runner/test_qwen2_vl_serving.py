@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vlmforge.modeling.images import synthetic_images
+from tests.helpers.runners import request_images, sized_content, sized_image, sized_images
 
 MAX_TOKENS = 12
 # (width, height) of each image of a request: merged grids 4x4, 2x4, 4x2, 2x2 (16, 8, 8, 4 tokens) and 2x7 (its
@@ -23,13 +23,6 @@ REQUESTS: list[tuple[list[tuple[int, int]], str | None]] = [
 ]
 
 
-def image(index: int, size: tuple[int, int]) -> Any:
-    return synthetic_images()[index % 3].resize(size)
-
-
-def request_images(sizes: list[tuple[int, int]]) -> Any:
-    images = [image(i, size) for i, size in enumerate(sizes)]
-    return images if len(images) > 1 else images[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def test_the_engine_holds_the_rope_frequencies_and_a_rows_engine(engine_dir: Pat
     assert [(i.name, len(i.shape)) for i in session.get_inputs()] == [
         ("rows", 2), ("rotary_pos_emb", 2), ("attention_mask", 3)]
     sizes = [(112, 112), (120, 60), (50, 100), (200, 60)]
-    grids = [tuple(f.shape[1:3]) for f in engine.encode_images([image(i, size) for i, size in enumerate(sizes)])]
+    grids = [tuple(f.shape[1:3]) for f in engine.encode_images(sized_images(sizes))]
     assert grids == [(4, 4), (2, 4), (4, 2), (2, 7)]
     assert engine.decode_path == "dynamic"
 
@@ -73,7 +66,7 @@ def test_the_image_cache_gives_the_same_features(engine_dir: Path, engine: Any) 
     from vlmforge.runner.engine import HfEngine
 
     cached = HfEngine(engine_dir, image_cache_bytes=1 << 24)
-    images = [image(1, (120, 60)), image(2, (50, 100)), image(1, (120, 60))]
+    images = [sized_image(1, (120, 60)), sized_image(2, (50, 100)), sized_image(1, (120, 60))]
     want, got = engine.encode_images(images), cached.encode_images(images)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(torch.allclose(g, w) for g, w in zip(got, want, strict=True))
@@ -91,14 +84,6 @@ SERVED_TOKENS = 6
 """Requests whose lone float16 decodes have no near-tie in their first 6 steps (top-2 margins of 0.02 or more; the
 batch above has some under 0.01, which another batch shape may flip): all are compared exactly."""
 
-
-def data_url(picture: Any) -> str:
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +109,7 @@ def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(run
 
     def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
         sizes, text = request
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(image(i, size))}}
-                                         for i, size in enumerate(sizes)]
-        if text is not None:
-            content.insert(0, {"type": "text", "text": text})
+        content = sized_content(sizes, text)
         return client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=SERVED_TOKENS,
                                               messages=[{"role": "user", "content": content}])
 
@@ -140,6 +122,6 @@ def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(run
             assert answer.choices[0].message.content == alone.text, (sizes, text)
             exact += 1
         # the request's own prompt positions (each image's own token count), within the bound the server checks
-        length = engine.llm_prefix(engine.encode_images([image(i, size) for i, size in enumerate(sizes)]), text).length
+        length = engine.llm_prefix(engine.encode_images(sized_images(sizes)), text).length
         assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
     assert exact == len(SERVED), "every request is compared exactly"
