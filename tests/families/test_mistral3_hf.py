@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.decoding import assert_batched_as_alone, assert_joins_as_alone, multi_image_prefixes
 from tests.helpers.tiny import MAX_NEW_TOKENS, TinyCache
 from vlmforge.families.mistral3 import merged_grid
 from vlmforge.families.mistral3_hf import IMG, IMG_BREAK, IMG_END, expand_images
 from vlmforge.modeling.generation import LlmPrefix, greedy_prefix
-from vlmforge.runner.batching import GreedyBatch, greedy_batch
 
 NAME = "mistral3"
 PROMPT = "Which of the two is brighter?"
@@ -140,39 +140,18 @@ def test_breaks_are_the_llms_own_tokens(tiny: TinyCache) -> None:
     assert (moved.logits[0] - t.refs[0].logits[0]).abs().max().item() > 1e-3
 
 
-def _prefixes(t, llm) -> list[LlmPrefix]:
-    requests = [([0], t.prompt), ([1, 2], PROMPT), ([2], "What is this?"), ([2, 0], None), ([1], t.prompt)]
-    return [t.family.llm_prefix(llm, t.processor, [t.features[i] for i in images], prompt)
-            for images, prompt in requests]
-
-
 def test_batched_left_padded_rows_decode_as_alone(tiny: TinyCache) -> None:
     t = tiny(NAME)
     llm = t.family.extract_llm(t.model)
-    prefixes = _prefixes(t, llm)
+    prefixes = multi_image_prefixes(t, llm, PROMPT)
     assert len({p.length for p in prefixes}) > 2  # rows of several lengths: left padding
-    alone = [greedy_prefix(llm, p, MAX_NEW_TOKENS) for p in prefixes]
-    for one, many in zip(alone, greedy_batch(llm, prefixes, MAX_NEW_TOKENS), strict=True):
-        assert many.tokens == one.tokens
-        assert (many.logits - one.logits).abs().max().item() < 1e-4
+    assert_batched_as_alone(llm, prefixes, MAX_NEW_TOKENS)
 
 
 def test_inflight_joins_decode_as_alone(tiny: TinyCache) -> None:
     t = tiny(NAME)
     llm = t.family.extract_llm(t.model)
-    prefixes = _prefixes(t, llm)
-    limits = [3, MAX_NEW_TOKENS, 6, MAX_NEW_TOKENS, 4]
-    alone = [greedy_prefix(llm, p, n) for p, n in zip(prefixes, limits, strict=True)]
-    batch = GreedyBatch(llm, prefixes[:2], limits[:2], keep_logits=True)
-    waiting = list(range(2, len(prefixes)))
-    for step, _ in enumerate(batch):
-        if waiting and step in (1, 3, 4):
-            index = waiting.pop(0)
-            assert batch.admit(prefixes[index], limits[index]) == index
-    assert not waiting
-    for one, many in zip(alone, batch.results(), strict=True):
-        assert many.tokens == one.tokens
-        assert (many.logits - one.logits).abs().max().item() < 1e-4
+    assert_joins_as_alone(llm, multi_image_prefixes(t, llm, PROMPT), [3, MAX_NEW_TOKENS, 6, MAX_NEW_TOKENS, 4])
 
 
 def test_features_of_the_wrong_shape_are_refused(tiny: TinyCache) -> None:

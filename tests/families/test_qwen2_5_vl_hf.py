@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.decoding import assert_batched_as_alone, assert_joins_as_alone, multi_image_prefixes
 from tests.helpers.tiny import MAX_NEW_TOKENS, TinyCache
-from vlmforge.modeling.generation import greedy_prefix
 from vlmforge.modeling.images import synthetic_images
-from vlmforge.runner.batching import GreedyBatch, greedy_batch
 
 NAME = "qwen2.5-vl"
 PROMPT = "Which of the two is brighter?"
@@ -154,26 +153,12 @@ def test_two_images_split_path_equals_transformers(tiny: TinyCache, order: tuple
     assert got.tokens == ref.tokens and (got.logits - ref.logits).abs().max().item() < 1e-4
 
 
-def _prefixes(t, llm) -> list:
-    requests = [([0], t.prompt), ([1, 2], PROMPT), ([2], "What is this?"), ([2, 0], None), ([1], t.prompt)]
-    return [t.family.llm_prefix(llm, t.processor, [t.features[i] for i in pictures], prompt)
-            for pictures, prompt in requests]
-
-
 def test_batched_and_inflight_joins_decode_as_alone(tiny: TinyCache) -> None:
     t = tiny(NAME)
     llm = t.family.extract_llm(t.model)
-    prefixes = _prefixes(t, llm)
-    alone = [greedy_prefix(llm, p, MAX_NEW_TOKENS) for p in prefixes]
-    for one, many in zip(alone, greedy_batch(llm, prefixes, MAX_NEW_TOKENS), strict=True):
-        assert many.tokens == one.tokens and (many.logits - one.logits).abs().max().item() < 1e-4
-    batch = GreedyBatch(llm, prefixes[:2], [MAX_NEW_TOKENS] * 2, keep_logits=True)
-    waiting = list(range(2, len(prefixes)))
-    for step, _ in enumerate(batch):
-        if waiting and step in (1, 3, 4):
-            assert batch.admit(prefixes[waiting[0]], MAX_NEW_TOKENS) == waiting.pop(0)
-    for one, many in zip(alone, batch.results(), strict=True):
-        assert many.tokens == one.tokens and (many.logits - one.logits).abs().max().item() < 1e-4
+    prefixes = multi_image_prefixes(t, llm, PROMPT)
+    assert_batched_as_alone(llm, prefixes, MAX_NEW_TOKENS)
+    assert_joins_as_alone(llm, prefixes, [MAX_NEW_TOKENS] * len(prefixes))
 
 
 def test_the_static_path_refuses_mrope_prefixes(tiny: TinyCache) -> None:
@@ -183,7 +168,7 @@ def test_the_static_path_refuses_mrope_prefixes(tiny: TinyCache) -> None:
     llm = t.family.extract_llm(t.model)
     decoder = StaticDecoder(llm, max_batch_size=2, length_multiple=32, compile=False, graphs=False)
     with pytest.raises(ValueError, match="M-RoPE"):
-        decoder.batch(_prefixes(t, llm)[:1], 4)
+        decoder.batch(multi_image_prefixes(t, llm, PROMPT)[:1], 4)
 
 
 @pytest.mark.parametrize("model", ["Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-72B-Instruct", "tiny-qwen2.5-vl"])
