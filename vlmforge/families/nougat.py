@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
+from vlmforge.families.base import ArchitectureFacts
+from vlmforge.families.cross_decoder import CrossAttentionDecoderFamily
 from vlmforge.plans.model import PlanContext
 from vlmforge.specs.schema import BuildSpec
 from vlmforge.specs.visual import VisualPlacement
@@ -30,8 +31,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.families.contract import ImageFeatures
-    from vlmforge.modeling.generation import GenResult, LlmPrefix
+    from vlmforge.modeling.generation import GenResult
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _visual_module_class() -> type:
 
 
 @register_family
-class NougatFamily(EncoderDecoderFamily):
+class NougatFamily(CrossAttentionDecoderFamily):
     """Nougat: the Swin encoder is the visual engine; only the mBART decoder is a TensorRT-LLM engine."""
 
     name: ClassVar[str] = "nougat"
@@ -214,19 +214,6 @@ class NougatFamily(EncoderDecoderFamily):
         from transformers import MBartForCausalLM
 
         return MBartForCausalLM
-
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
-        """The encoder states the decoder attends to (no text: the prompt is the start token alone)."""
-        (count,) = self.visual_counts(num_visual_features)
-        return count
-
-    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
-        """The decoder alone from its start token, cross-attending to the visual module's encoder states."""
-        (features,) = self.image_features(features)
-        self.format_prompt(prompt)
-        from vlmforge.modeling.generation import cross_attention_prefix
-
-        return cross_attention_prefix(llm, features, "Nougat")
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
                            prompt: str | None, max_new_tokens: int) -> GenResult:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlmforge.errors import PlanError, SourceError
 from vlmforge.families import register_family
-from vlmforge.families.base import ArchitectureFacts, EncoderDecoderFamily
+from vlmforge.families.base import ArchitectureFacts
+from vlmforge.families.cross_decoder import CrossAttentionDecoderFamily
 from vlmforge.plans.model import DialectInfo, PlanContext
 from vlmforge.specs.schema import BuildSpec, Dialect
 from vlmforge.specs.visual import FamilyNumber, VisualPlacement
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from vlmforge.families.contract import ImageFeatures, VisualInputs
-    from vlmforge.modeling.generation import GenResult, LlmPrefix
+    from vlmforge.families.contract import VisualInputs
+    from vlmforge.modeling.generation import GenResult
     from vlmforge.specs.schema import ImageSize
 
 DEPLOT_MAX_PATCHES = 2048
@@ -158,7 +159,7 @@ def _visual_module_class() -> type:
 
 
 @register_family
-class Pix2StructFamily(EncoderDecoderFamily):
+class Pix2StructFamily(CrossAttentionDecoderFamily):
     """Pix2Struct / DePlot: the vision encoder is the visual engine; only the T5-like decoder is a TensorRT-LLM engine."""
 
     name: ClassVar[str] = "pix2struct"
@@ -329,19 +330,6 @@ class Pix2StructFamily(EncoderDecoderFamily):
         from transformers import Pix2StructTextModel
 
         return Pix2StructTextModel
-
-    def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
-        """The encoder states the decoder attends to (no text: the decoder starts from its start token alone)."""
-        (count,) = self.visual_counts(num_visual_features)
-        return count
-
-    def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
-        """The decoder from its start token, cross-attending to the image's real patches' states."""
-        (features,) = self.image_features(features)
-        self.format_prompt(prompt)
-        from vlmforge.modeling.generation import cross_attention_prefix
-
-        return cross_attention_prefix(llm, features, "Pix2Struct")
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
                            prompt: str | None, max_new_tokens: int) -> GenResult:

@@ -167,6 +167,7 @@ def cross_attention_prefix(llm: Any, features: torch.Tensor, what: str) -> LlmPr
     mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
     return LlmPrefix("cross", states, mask, eos_ids(ids["eos_token_id"]), start=start)
 
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
