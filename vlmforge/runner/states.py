@@ -181,7 +181,8 @@ def _cross_inputs(prefixes: Sequence[LlmPrefix], mask: torch.Tensor) -> dict[str
 def prefill_inputs(prefixes: Sequence[LlmPrefix]) -> dict[str, torch.Tensor]:
     """The forward arguments of a decoder-only LLM's prefill of ``prefixes``, left-padded as the runner batches them:
     ``inputs_embeds``, ``attention_mask``, ``position_ids`` (M-RoPE prefixes' own 3D positions) and the family's extra
-    inputs (Gemma3's ``token_type_ids``). Calibration feeds the LLM exactly what serving feeds it."""
+    inputs (Gemma3's ``token_type_ids``, mllama's cross-attention states): what :class:`DecoderOnlyBatch` prefills, and
+what calibration feeds the LLM."""
     embeds, mask, _ = _stack(prefixes, left=True)
     mrope = _mrope_positions(prefixes, mask)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) if mrope is None else mrope
@@ -195,14 +196,12 @@ class DecoderOnlyBatch(PrefixBatch):
     def __init__(self, llm: torch.nn.Module, prefixes: Sequence[LlmPrefix]) -> None:
         self.llm = llm
         self.size = len(prefixes)
-        self.embeds, self.mask, _ = _stack(prefixes, left=True)
-        self.extra = _prefill_kwargs(prefixes, self.mask)
+        self.extra = prefill_inputs(prefixes)  # the prefill's own inputs are popped off: the rest are its extras
+        self.embeds, self.mask = self.extra.pop("inputs_embeds"), self.extra.pop("attention_mask")
+        self.positions = self.extra.pop("position_ids")
         cross = self.extra.get("cross_attention_mask")
         # cross-attention LLMs: every step sees what each row's last prompt position sees
         self.step_extra = {} if cross is None else {"cross_attention_mask": cross[:, -1:]}
-        self.positions = _mrope_positions(prefixes, self.mask)
-        if self.positions is None:
-            self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.mrope = [p.next_position() for p in prefixes] if self.positions.dim() == 3 else None
         self.cache_kwarg = cache_kwarg(llm)
         self.cache: Any = None
