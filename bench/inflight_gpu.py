@@ -9,13 +9,13 @@ One run on one GPU, two static buckets (compiled with Inductor and captured in a
 - ``lone``: one request alone (the runner's ``GreedyBatch`` on the batch-1 bucket): TTFT (prefill + first token) and
   decode tokens/s, against the card's bandwidth roofline (weights + KV read per token).
 - ``load``: ``--streams`` closed-loop clients (staggered starts, exponential think times, mixed answer lengths, the
-  same seeded schedule in both modes) served by a minimal admission loop in this script that needs only the state
-  interface (``prefill/step/room/join/retire``): ``batch_boundary`` starts a batch only when the last one is done
-  (today's scheduler), ``inflight`` also joins arrivals into the running batch at every step. Both use the same
-  bucket (rows past the live ones are dummies), so only admission differs. TTFT p50/p99 (arrival to first token;
-  the vision encoder is excluded, prefixes are made before the clock starts) and output tokens/s.
-  Said plainly: a batch started with fewer requests than the bucket's rows prefills its dummy rows too (copies of
-  the first request), so a new batch's prefill costs a full bucket's in both modes; joins prefill one request.
+  same seeded schedule in every mode) served by a minimal admission loop in this script that needs only the state
+  interface (``prefill/step/room/join/join_many/retire``), in three admissions (``ADMISSIONS``): ``batch_boundary``
+  starts a batch only when the last one is done (the scheduler before issue 16), ``inflight_single`` also joins
+  arrivals into the running batch at every step with one eager prefill per joiner, ``inflight`` prefills a step
+  boundary's joiners together (``join_many``, what the runner does). All use the same bucket (rows past the live
+  ones are dummies, not prefilled), so only admission differs. TTFT p50/p99 (arrival to first token; the vision
+  encoder is excluded, prefixes are made before the clock starts) and output tokens/s.
 
 Needs torch (CUDA), transformers, tokenizers, numpy and vlmforge's core (pydantic: bench/README.md's wheels). Each
 compiled bucket takes about 1.5 min on an H200; the whole run about 5 minutes.
@@ -169,12 +169,20 @@ def schedule(streams: int, per_stream: int, lengths: list[int], think_s: float, 
     return Schedule(answers, thinks, stagger_s)
 
 
+ADMISSIONS = {"batch_boundary": "a batch starts only when the last one is done (the scheduler before issue 16)",
+              "inflight_single": "arrivals join the running batch at every step, one eager prefill per joiner",
+              "inflight": "arrivals join at every step, a boundary's joiners prefilled together (join_many, the runner's "
+                          "default)"}
+
+
 @torch.no_grad()
-def serve(static: StaticDecoder, slot: Any, pool: list[LlmPrefix], plan: Schedule, *, inflight: bool,
+def serve(static: StaticDecoder, slot: Any, pool: list[LlmPrefix], plan: Schedule, *, admission: str,
           sync: Any, batch_wait_s: float) -> dict[str, Any]:
-    """Run the closed-loop clients of ``plan`` to the end; a batch is a StaticBatch in ``slot``; with ``inflight``
-    arrivals join the running batch (room/join) and finished rows retire, else they wait for the next batch.
-    A new batch waits up to ``batch_wait_s`` for more requests, as the runner's scheduler does."""
+    """Run the closed-loop clients of ``plan`` to the end; a batch is a StaticBatch in ``slot``; ``admission`` is one
+    of :data:`ADMISSIONS`: with joins, arrivals join the running batch (room/join or join_many) and finished rows
+    retire, else they wait for the next batch. A new batch waits up to ``batch_wait_s`` for more requests, as the
+    runner's scheduler does."""
+    inflight, batched = admission != "batch_boundary", admission == "inflight"
     streams = len(plan.answers)
     sync()
     start = time.perf_counter()
@@ -185,7 +193,7 @@ def serve(static: StaticDecoder, slot: Any, pool: list[LlmPrefix], plan: Schedul
     state: StaticBatch | None = None
     rows: dict[int, Request] = {}
     last: dict[int, int] = {}  # row -> the token it is fed next
-    batches = joins = steps = 0
+    batches = joins = steps = join_forwards = 0
 
     def make(stream: int, index: int, at: float) -> Request:
         prefix = pool[(stream * 7 + index) % len(pool)]
@@ -234,15 +242,27 @@ def serve(static: StaticDecoder, slot: Any, pool: list[LlmPrefix], plan: Schedul
                 emit(row, token, now)
             continue
         if inflight and state is not None:
-            while waiting and len(rows) < slot.batch:
-                row = state.room(waiting[0].prefix.length, waiting[0].max_new)
+            claims: list[tuple[int, Request]] = []
+            while waiting and len(rows) + len(claims) < slot.batch:
+                claimed = len(claims) if batched else 0
+                row = state.room(waiting[0].prefix.length, waiting[0].max_new, claimed)
                 if row is None:
                     break
-                request = waiting.pop(0)
-                token = int(state.join(row, request.prefix).argmax())
-                joins += 1
-                rows[row] = request
-                emit(row, token, time.perf_counter())
+                claims.append((row, waiting.pop(0)))
+                if not batched:  # one eager prefill per joiner, as before join_many
+                    token = int(state.join(row, claims[-1][1].prefix).argmax())
+                    rows[row] = claims.pop()[1]
+                    joins += 1
+                    emit(row, token, time.perf_counter())
+            if claims:  # this boundary's joiners in one left-padded prefill
+                firsts = state.join_many([(row, request.prefix) for row, request in claims])
+                picks = torch.stack(firsts).argmax(-1).tolist()
+                joins += len(claims)
+                join_forwards += 1
+                now = time.perf_counter()
+                for (row, request), token in zip(claims, picks):
+                    rows[row] = request
+                    emit(row, token, now)
             if not rows:
                 continue
         assert state is not None
@@ -261,7 +281,7 @@ def serve(static: StaticDecoder, slot: Any, pool: list[LlmPrefix], plan: Schedul
     return {"requests": len(finished), "output_tokens": tokens, "seconds": round(elapsed, 3),
             "tok_s": round(tokens / elapsed, 1), "ttft_p50_s": round(percentile(ttft, 50), 4),
             "ttft_p99_s": round(percentile(ttft, 99), 4), "ttft_max_s": round(max(ttft), 4),
-            "batches": batches, "joins": joins, "steps": steps}
+            "batches": batches, "joins": joins, "join_prefills": join_forwards if batched else joins, "steps": steps}
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -338,14 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = schedule(args.streams, args.per_stream, lengths, args.think_s, args.stagger_s, args.seed)
     result["load"] = {"streams": args.streams, "per_stream": args.per_stream, "answers": lengths,
                       "think_s": args.think_s, "stagger_s": args.stagger_s, "batch_wait_s": args.batch_wait_s}
-    for mode, inflight in (("batch_boundary", False), ("inflight", True)):
+    result["load"]["admissions"] = ADMISSIONS
+    for mode in ADMISSIONS:
         warm = schedule(args.streams, 1, lengths[:1], 0.0, 0.0, args.seed + 1)
-        serve(static, slot, pool, warm, inflight=inflight, sync=bench.sync, batch_wait_s=args.batch_wait_s)  # untimed
+        serve(static, slot, pool, warm, admission=mode, sync=bench.sync, batch_wait_s=args.batch_wait_s)  # untimed
         log.info("load: %s", mode)
-        result["load"][mode] = serve(static, slot, pool, plan, inflight=inflight, sync=bench.sync,
+        result["load"][mode] = serve(static, slot, pool, plan, admission=mode, sync=bench.sync,
                                      batch_wait_s=args.batch_wait_s)
+        log.info("load %s: %s", mode, json.dumps(result["load"][mode]))
     lone_ttft, lone_tok_s = result["lone"]["ttft_s"], result["lone"]["decode_tok_s"]
-    for mode in ("batch_boundary", "inflight"):
+    for mode in ADMISSIONS:
         m = result["load"][mode]
         m["ttft_p99_over_lone"] = round(m["ttft_p99_s"] / lone_ttft, 2)
         m["tok_s_over_lone"] = round(m["tok_s"] / lone_tok_s, 2)

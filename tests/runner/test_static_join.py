@@ -243,3 +243,49 @@ def test_a_full_bucket_grows_into_a_larger_one_on_a_gpu(llm: Any, together: bool
         check_growth(decoder, gpu, dict(rtol=1e-4, atol=1e-4), together=together)
     finally:
         llm.to("cpu")
+
+
+@pytest.mark.parametrize("graphs", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)"))], ids=["eager", "cuda-graph"])
+def test_a_batch_smaller_than_its_bucket_prefills_only_its_requests(llm: Any, graphs: bool) -> None:
+    """A new batch of 2 requests in a bucket of 4 rows (its buffers made by an earlier batch, as serve's warm-up makes
+    them) runs its prefill forward over 2 rows, not 4 (the dummy rows were copies of the first request, prefilled
+    too: a full bucket's prefill for every new batch); each request then decodes as it does alone, and a joiner
+    appended into a dummy row does too."""
+    model = llm.to("cuda") if graphs else llm
+    try:
+        decoder = StaticDecoder(model, max_batch_size=4, length_multiple=32, compile=graphs, mode="default",
+                                graphs=graphs)
+        a, b, c = prefix(model, 12, 0), prefix(model, 9, 1), prefix(model, 7, 2)
+        slot = decoder._slot(4, 64)
+        full = StaticBatch(decoder, slot, [c] * 4)  # the bucket's first batch allocates its buffers
+        full.step(full.prefill().argmax(-1))
+        rows_seen: list[int] = []
+        hook = model.model.register_forward_pre_hook(
+            lambda _, args, kwargs: rows_seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+        try:
+            batch = StaticBatch(decoder, slot, [a, b])
+            first = batch.prefill()
+        finally:
+            hook.remove()
+        assert rows_seen == [2]
+        tol = dict(rtol=1e-4, atol=1e-4) if graphs else TOL
+        feeds = {name: forced(i, 6) for i, name in enumerate("AB")}
+        got: dict[str, list[torch.Tensor]] = {"A": [first[0]], "B": [first[1]], "C": []}
+        for t in range(6):
+            if t == 2:
+                assert batch.room(c.length, 6) == 2  # the first dummy row
+                got["C"].append(batch.join(2, c))
+            fed = [feeds["A"][t], feeds["B"][t]] + ([forced(2, 6)[len(got["C"]) - 1]] if got["C"] else [])
+            out = batch.step(torch.tensor(fed, device=first.device))
+            assert torch.isfinite(out).all()
+            got["A"].append(out[0])
+            got["B"].append(out[1])
+            if got["C"] and len(got["C"]) < 4:
+                got["C"].append(out[2])
+        for name, p, fed in (("A", a, feeds["A"]), ("B", b, feeds["B"]), ("C", c, forced(2, 6)[:3])):
+            ref = alone(model, p, fed[:len(got[name]) - 1])
+            for t, (x, y) in enumerate(zip(ref, got[name], strict=True)):
+                assert torch.allclose(x, y, **tol), f"{name}, step {t}: {(x - y).abs().max().item()}"
+    finally:
+        llm.to("cpu")

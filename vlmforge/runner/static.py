@@ -273,27 +273,60 @@ class StaticBatch(PrefixBatch):
         self.decoder = decoder
         self.slot = slot
         self.size = len(prefixes)
-        filler = prefixes[0]  # dummy rows: a copy of the first request, their outputs dropped
-        rows = list(prefixes) + [filler] * (slot.batch - len(prefixes))
-        self.embeds, mask, _ = _stack(rows, left=True)
-        self.prefix_mask = mask
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.written = mask.shape[1]
+        self.prefixes: list[LlmPrefix] | None = list(prefixes)
+        self.written = max(p.length for p in prefixes)  # the prefixes are left-padded to the longest
         self.retired: set[int] = set()
         self.prefilled = False
 
     @torch.no_grad()  # with autograd on, the cache's in-place writes would keep the prefill's activations alive
     def prefill(self) -> torch.Tensor:
-        slot, llm = self.slot, self.decoder.llm
+        """Prefill the requests and return their first-token logits [size, vocab]. A batch with fewer requests than
+        the bucket's rows prefills its requests alone (:meth:`_prefill_live`) where the cache allows it; else (a full
+        bucket, a cache not written yet, layers other than the in-place static ones) one forward over the whole
+        bucket, its rows past ``size`` copies of the first request (dummies whose outputs are dropped)."""
+        if self.prefixes is None:
+            raise RuntimeError("this batch is already prefilled")
+        slot, llm, prefixes = self.slot, self.decoder.llm, self.prefixes
+        self.prefixes = None
+        self.prefilled = True
+        if self.size < slot.batch and self._live_prefill_possible():
+            return self._prefill_live(prefixes)
+        rows = prefixes + [prefixes[0]] * (slot.batch - len(prefixes))
+        embeds, mask, _ = _stack(rows, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         slot.cache.reset()
         slot.mask.zero_()
-        slot.mask[:, :self.written] = self.prefix_mask
-        out = llm(inputs_embeds=self.embeds, attention_mask=slot.mask, position_ids=self.positions, use_cache=True,
+        slot.mask[:, :self.written] = mask
+        out = llm(inputs_embeds=embeds, attention_mask=slot.mask, position_ids=positions, use_cache=True,
                   **{self.decoder.cache_kwarg: slot.cache}, **_last_logits_only(llm))
-        slot.positions.copy_(self.positions[:, -1:] + 1)
-        self.embeds = None  # type: ignore[assignment]
-        self.prefilled = True
+        slot.positions.copy_(positions[:, -1:] + 1)
         return out.logits[:self.size, -1]
+
+    def _live_prefill_possible(self) -> bool:
+        """Whether every cache layer is an in-place static layer whose buffers exist (a bucket's first batch, as
+        :meth:`StaticDecoder.warmup` runs it, allocates them)."""
+        from vlmforge.runner.precompile import InPlaceStaticLayer
+
+        return all(type(layer) is InPlaceStaticLayer and layer.is_initialized for layer in self.slot.cache.layers)
+
+    def _prefill_live(self, prefixes: list[LlmPrefix]) -> torch.Tensor:
+        """The requests alone in one left-padded forward with a dynamic cache of their own (as joiners are prefilled),
+        their keys and values copied into rows ``[0, size)`` of the bucket's buffers in place: a batch of 2 requests
+        in a bucket of 16 computes 2 rows, not 16. The dummy rows keep zeroed keys and a closed mask; from the first
+        step on each sees only the columns it writes itself."""
+        slot, end = self.slot, self.written
+        logits, positions, own = _prefill_joiners(self.decoder.llm, prefixes)
+        slot.cache.reset()
+        for mine, theirs in zip(slot.cache.layers, own, strict=True):
+            mine.keys[:self.size, :, :end] = theirs.keys
+            mine.values[:self.size, :, :end] = theirs.values
+            mine.cumulative_length.fill_(end)
+        _, mask, _ = _stack(prefixes, left=True)
+        slot.mask.zero_()
+        slot.mask[:self.size, :end] = mask.to(slot.mask.device, slot.mask.dtype)
+        slot.positions.zero_()
+        slot.positions[:self.size] = positions[:, -1:] + 1
+        return logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
