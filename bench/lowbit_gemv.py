@@ -10,7 +10,9 @@ effective bandwidth, and the per-token sum over one decoder layer (x32 for the m
 - ``int8_pack_mm``: torch's ``_weight_int8pack_mm`` (float32 activations on CUDA);
 - ``int8_cast``: int8 codes cast inside ``F.linear``, scaled after (vlmforge's CUDA int8 path);
 - ``int4_tinygemm``: torch's ``_weight_int4pack_mm`` (bfloat16 activations; vlmforge's CUDA int4 path);
-- ``int4_cast``: int4 codes unpacked from bytes, dequantized per group and cast inside ``F.linear`` (a candidate).
+- ``int4_cast``: int4 codes unpacked from bytes, dequantized per group and cast inside ``F.linear`` (a candidate);
+- ``int4_gemlite``: vlmforge's ``Int4Linear`` with ``kernel="gemlite"`` (GemLite's Triton GEMV on the same codes),
+  where the gemlite package is installed.
 
     python bench/lowbit_gemv.py [--out bench/results/lowbit_gemv.json]    # a GPU (--tiny: any device, no measurement)
 """
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vlmforge.modeling.quantized import _inner_k_tiles
+from vlmforge.modeling.quantized import Int4Linear, _inner_k_tiles, gemlite_installed
 
 # (name, in_features, out_features, per layer): LLaVA-1.5-7B's LLaMA-2-7B decoder layer
 SHAPES = [("qkvo", 4096, 4096, 4), ("gate_up", 4096, 11008, 2), ("down", 11008, 4096, 1)]  # 11008 = 86 x 128
@@ -65,6 +67,12 @@ def kernels(k: int, n: int, device: str) -> tuple[Kernels, torch.Tensor]:
         sz = torch.stack([scale4.t(), zero4.t()], dim=-1).to(torch.bfloat16).contiguous()
         out["int4_tinygemm"] = (lambda x: torch.ops.aten._weight_int4pack_mm(x.bfloat16(), tiny, GROUP, sz).half(),
                                 packed.numel())
+    if device == "cuda" and gemlite_installed():
+        try:
+            gl = Int4Linear(packed, scale4, zero4, GROUP, None, torch.device(device), torch.float16, kernel="gemlite")
+            out["int4_gemlite"] = (gl, packed.numel())
+        except Exception as exc:  # noqa: BLE001 - reported; the other kernels are still measured
+            print(f"int4_gemlite: {type(exc).__name__}: {exc}", flush=True)
     s16, z16 = scale4.half(), zero4.half()
 
     def int4_cast(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +134,12 @@ def main() -> None:
             if device == "cpu" and kernel == "int8_pack_mm":
                 continue  # float32 activations: CUDA's signature
             compiled = torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False) if device == "cuda" else fn
-            us = time_us(compiled, x, iters)
-            error = ((compiled(x).float() - reference).norm() / reference.norm()).item()
+            try:
+                us = time_us(compiled, x, iters)
+                error = ((compiled(x).float() - reference).norm() / reference.norm()).item()
+            except Exception as exc:  # noqa: BLE001 - one kernel's failure must not lose the others' figures
+                print(f"{name} {kernel}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
             row[kernel] = {"us": round(us, 2), "weight_bytes": weight_bytes,
                            "gb_s": round(weight_bytes / us / 1e3, 1), "rel_error_vs_fp32": round(error, 5)}
             layer[kernel] = layer.get(kernel, 0.0) + us * count

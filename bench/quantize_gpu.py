@@ -62,7 +62,13 @@ def decode_rate(llm: Any, prefix: Any, new_tokens: int, device: str, repeats: in
     return sorted(r[0] for r in runs)[len(runs) // 2], runs[-1][1]
 
 
-def part_decode(tiny: bool, device: str, new_tokens: int, repeats: int, group_size: int, work: Path) -> dict[str, Any]:
+ENGINES = {"fp16": "the float16 LLM", "int4": "int4 weight-only on torch's tinygemm (_weight_int4pack_mm)",
+           "int4_gemlite": "int4 weight-only on GemLite's Triton kernels (the same codes)",
+           "int8": "int8 weight-only, the codes cast inside the compiled matmul"}
+
+
+def part_decode(tiny: bool, device: str, new_tokens: int, repeats: int, group_size: int, work: Path,
+                names: list[str]) -> dict[str, Any]:
     from vlmforge.toolchains.hf.saving import safetensors_size
 
     bench = build(tiny, device, torch.float16)
@@ -70,13 +76,21 @@ def part_decode(tiny: bool, device: str, new_tokens: int, repeats: int, group_si
     results: dict[str, Any] = {}
     engines: dict[str, Any] = {"fp16": bench.llm}
     bytes_read = {"fp16": sum(p.numel() * p.element_size() for p in bench.llm.parameters())}
-    for weights in ("int4", "int8"):
+    for name in names[1:]:
+        weights = name.split("_")[0]
         target = work / weights
         start = time.perf_counter()
-        quantize_and_save(bench.llm, target, weights, group_size=group_size, dtype=torch.float16)  # type: ignore[arg-type]
-        engines[weights] = load_quantized(type(bench.llm), target, torch.float16, device)
-        results[f"{weights}_quantize_s"] = round(time.perf_counter() - start, 1)
-        bytes_read[weights] = safetensors_size(target)
+        if not target.exists():
+            quantize_and_save(bench.llm, target, weights, group_size=group_size, dtype=torch.float16)  # type: ignore[arg-type]
+        kernel = "gemlite" if name == "int4_gemlite" else "tinygemm"
+        try:
+            engines[name] = load_quantized(type(bench.llm), target, torch.float16, device, int4_kernel=kernel)
+        except Exception as exc:  # noqa: BLE001 - reported, the other engines are still measured
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            log.exception("%s failed to load", name)
+            continue
+        results[f"{name}_quantize_s"] = round(time.perf_counter() - start, 1)
+        bytes_read[name] = safetensors_size(target)
     tokens: dict[str, list[int]] = {}
     for name, llm in engines.items():
         results[name] = {"weight_bytes": bytes_read[name],
@@ -90,7 +104,7 @@ def part_decode(tiny: bool, device: str, new_tokens: int, repeats: int, group_si
         results[name]["decode_tok_s"] = round(rate, 2)
         log.info("%s: %.1f tok/s", name, rate)
     reference = teacher_forced_logits(engines["fp16"], prefix.embeds, prefix.mask, tokens["fp16"])
-    for name in ("int4", "int8"):
+    for name in names[1:]:
         if name not in tokens:
             continue
         logits = teacher_forced_logits(engines[name], prefix.embeds, prefix.mask, tokens["fp16"])
@@ -171,6 +185,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small shapes on any device: a smoke test")
     parser.add_argument("--parts", default="decode,checkpoint")
+    parser.add_argument("--engines", default="fp16,int4,int8", help="decode part: engines, fp16 first, of "
+                        + ", ".join(f"{k} ({v})" for k, v in ENGINES.items()))
     parser.add_argument("--formats", default="int4_awq,none", help="checkpoint part: quantization methods")
     parser.add_argument("--calib-size", type=int, default=8, help="checkpoint part: calibration samples (batches of 4)")
     parser.add_argument("--group-size", type=int, default=None, help="int4 group (default 128; 64 with --tiny)")
@@ -184,6 +200,9 @@ def main() -> None:
     if device == "cpu" and not args.tiny:
         parser.error("full LLaVA-7B shapes need a GPU: run with --tiny on the CPU")
     group = args.group_size or (64 if args.tiny else 128)
+    engines = args.engines.split(",")
+    if engines[0] != "fp16" or set(engines) - set(ENGINES):
+        parser.error(f"--engines {args.engines!r}: fp16 first, then any of {', '.join(ENGINES)}")
     new_tokens = args.new_tokens or (16 if args.tiny else 128)
     report: dict[str, Any] = {
         "machine": {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cpu": host_cpu(),
@@ -194,7 +213,7 @@ def main() -> None:
         work = Path(tmp)
         for part in args.parts.split(","):
             if part == "decode":
-                report["decode"] = part_decode(args.tiny, device, new_tokens, args.repeats, group, work)
+                report["decode"] = part_decode(args.tiny, device, new_tokens, args.repeats, group, work, engines)
             elif part == "checkpoint":
                 try:
                     import modelopt  # noqa: F401

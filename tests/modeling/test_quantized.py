@@ -120,3 +120,46 @@ def test_bfloat16_int8_weights_loaded_from_safetensors_run(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch.Size([1, 9, 128])" in done.stdout
+
+
+def test_the_int4_kernel_choice_is_checked_and_the_cpu_runs_its_own() -> None:
+    from vlmforge.modeling.quantized import INT4_KERNELS, _int4_kernel, gemlite_installed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert {_int4_kernel(k, cpu) for k in INT4_KERNELS} == {"cpu"}
+    assert _int4_kernel("tinygemm", cuda) == "tinygemm"
+    assert _int4_kernel("auto", cuda) == ("gemlite" if gemlite_installed() else "tinygemm")
+    with pytest.raises(ValueError, match="int4 kernel 'marlin': choose one of auto, tinygemm, gemlite"):
+        _int4_kernel("marlin", cpu)
+    if not gemlite_installed():
+        with pytest.raises(ValueError, match="needs the gemlite package"):
+            _int4_kernel("gemlite", cuda)
+    packed, s, z = quantize_int4(torch.randn(16, 64), 32)
+    module = Int4Linear(packed, s, z, 32, None, cpu, torch.float32, kernel="gemlite")
+    assert module.kernel == "cpu" and "kernel cpu" in repr(module)
+    assert lowbit_kernels(torch.nn.Sequential(module)) == {"_weight_int4pack_mm_for_cpu": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["tinygemm", "gemlite"])
+def test_the_cuda_int4_kernels_compute_the_dequantized_product(kernel: str) -> None:
+    """Each CUDA kernel on the same stored codes, batch 1 (the GEMV) and 6 (a GEMM), against the dequantized
+    weight; a group of one constant value too (its scale at the 1e-6 floor: zero / scale, GemLite's zero point,
+    would overflow float16, so the shift is stored as such)."""
+    from vlmforge.modeling.quantized import gemlite_installed
+
+    if kernel == "gemlite" and not gemlite_installed():
+        pytest.skip("gemlite is not installed (pip install gemlite)")
+    torch.manual_seed(2)
+    w, bias = torch.randn(256, 512) * 0.02, torch.randn(256) * 0.1
+    w[3, :128] = 0.25  # one constant group
+    packed, s, z = quantize_int4(w, 128)
+    module = Int4Linear(packed, s, z, 128, bias.half().cuda(), torch.device("cuda"), torch.float16, kernel=kernel)
+    assert module.kernel == kernel
+    reference = dequantize_int4(packed, s, z, 128).cuda()
+    for rows in (1, 6):
+        x = torch.randn(rows, 512, device="cuda")
+        expected = x @ reference.T + bias.cuda()
+        got = module(x.half())
+        assert got.dtype == torch.float16 and got.shape == (rows, 256)
+        assert (got.float() - expected).abs().max().item() < 0.02 * expected.abs().max().item()

@@ -2,7 +2,8 @@
 
 Every ``nn.Linear`` of the LLM but the head becomes an :class:`Int8Linear` (per-output-channel symmetric int8,
 ``torch._weight_int8pack_mm`` on the CPU, the codes cast inside a fused matmul on CUDA) or an :class:`Int4Linear` (asymmetric int4 in groups along the input,
-``torch._weight_int4pack_mm``: tinygemm on CUDA, bf16 activations; its CPU twin ``_weight_int4pack_mm_for_cpu``).
+``torch._weight_int4pack_mm``: tinygemm on CUDA, bf16 activations; its CPU twin ``_weight_int4pack_mm_for_cpu``;
+on CUDA with GemLite installed, GemLite's Triton GEMV/GEMM instead, see :data:`INT4_KERNELS`).
 The weights stay low-bit in memory and are read low-bit by the kernel: no fake quantization.
 
 On disk (``save_quantized``): ``config.json``, ``lowbit.json`` (format, bits, group size, the quantized
@@ -27,6 +28,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 QuantWeights = Literal["int8", "int4"]
+Int4Kernel = Literal["auto", "tinygemm", "gemlite"]
+INT4_KERNELS: dict[str, str] = {
+    "auto": "gemlite on CUDA where the package is installed, else tinygemm (the CPU always runs torch's CPU kernel)",
+    "tinygemm": "torch's _weight_int4pack_mm (bfloat16 activations); reads int4 at 1.0-1.4 TB/s on an H200",
+    "gemlite": "GemLite's Triton kernels (pip install gemlite; Triton >= 3.6): a reverse split-K GEMV at batch 1-4, "
+               "split-K and tiled GEMMs above, fp16 activations, the int4 codes repacked into int32 words",
+}
+"""The CUDA kernels an int4 weight-only linear can run on."""
 
 LOWBIT_FORMAT = "vlmforge-lowbit-1"
 WEIGHTS_FILE = "model.safetensors"
@@ -123,18 +132,25 @@ class Int8Linear(torch.nn.Module):
 
 
 class Int4Linear(torch.nn.Module):
-    """``y = x @ W.T + b`` with W int4 in groups, on ``torch._weight_int4pack_mm`` (CUDA: tinygemm, bfloat16
-    activations; its CPU twin on the CPU). Casting unpacked codes inside a compiled matmul, as int8 does, is 3.7x
-    slower per layer than tinygemm on an H200 (bench/lowbit_gemv.py): Inductor does not fuse the unpacking."""
+    """``y = x @ W.T + b`` with W int4 in groups. On the CPU ``torch._weight_int4pack_mm_for_cpu``; on CUDA one of
+    :data:`INT4_KERNELS` (``kernel``): torch's tinygemm (bfloat16 activations) or GemLite's Triton kernels. Casting
+    unpacked codes inside a compiled matmul, as int8 does, is 3.7x slower per layer than tinygemm on an H200
+    (bench/lowbit_gemv.py): Inductor does not fuse the unpacking."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+                 bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype, kernel: Int4Kernel = "auto"
+                 ) -> None:
         super().__init__()
         self.out_features = packed.shape[0]
         self.in_features = packed.shape[1] * 2
         self.group_size = group_size
-        tiles = _inner_k_tiles(self.in_features)
+        self.kernel = _int4_kernel(kernel, device)
         self.cuda_kernel = device.type == "cuda"
+        self.register_buffer("bias", bias)
+        if self.kernel == "gemlite":
+            self.gemlite = _gemlite_linear(packed, scale, zero, group_size, bias, device, dtype)
+            return
+        tiles = _inner_k_tiles(self.in_features)
         if self.cuda_kernel:
             kernel_weight = torch.ops.aten._convert_weight_to_int4pack(packed.to(device).contiguous(), tiles)
             dtype = torch.bfloat16
@@ -144,9 +160,10 @@ class Int4Linear(torch.nn.Module):
         scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(device, dtype).contiguous()
         self.register_buffer("kernel_weight", kernel_weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "gemlite":  # bias inside
+            return self.gemlite(x)
         flat = x.reshape(-1, self.in_features)
         if self.cuda_kernel:
             out = torch.ops.aten._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), self.kernel_weight,
@@ -159,7 +176,68 @@ class Int4Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}, "
+                f"kernel {self.kernel}")
+
+
+def gemlite_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gemlite") is not None
+
+
+def _int4_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel an int4 linear on ``device`` runs: ``cpu`` off CUDA, else ``kernel`` with ``auto`` resolved."""
+    if kernel not in INT4_KERNELS:
+        raise ValueError(f"int4 kernel {kernel!r}: choose one of {', '.join(INT4_KERNELS)}")
+    if device.type != "cuda":
+        return "cpu"
+    if kernel == "auto":
+        return "gemlite" if gemlite_installed() else "tinygemm"
+    if kernel == "gemlite" and not gemlite_installed():
+        raise ValueError("int4 kernel 'gemlite' needs the gemlite package (pip install gemlite, with Triton >= 3.6); "
+                         "or choose 'tinygemm' (torch's own)")
+    return kernel
+
+
+def _gemlite_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                    bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A GemLite A16W4 linear holding the same codes: ``w = (code - 8) * scale + zero = code * scale + (zero -
+    8 * scale)``, which is GemLite's fused multiply-add form (``W_group_mode`` 4: ``Wq * scales + zeros``)."""
+    import gemlite  # noqa: F401 - imported on a CUDA device only: importing it reads the GPU's name
+    from gemlite.core import DType, GemLiteLinearTriton
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the gemlite int4 kernel takes float16 or bfloat16 activations, not {dtype}")
+    _gemlite_configs()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    kind = DType.FP16 if dtype == torch.float16 else DType.BF16
+    layer = GemLiteLinearTriton(W_nbits=4, group_size=group_size, in_features=k, out_features=n, input_dtype=kind,
+                                output_dtype=kind)
+    scale = scale.to(device, torch.float32)
+    shift = zero.to(device, torch.float32) - 8.0 * scale
+    codes = unpack_int4(packed.to(device)).to(torch.uint8)
+    # pack() keeps its zeros in the fma form (-zeros * scales): given zeros of 0, then set to the shift itself, which
+    # stays exact where a group's scale is 0 (a constant group: zero / scale has no value)
+    layer.pack(codes, scale.to(dtype), torch.zeros_like(scale, dtype=dtype),
+               bias.to(device, dtype) if bias is not None else None)
+    with torch.no_grad():
+        layer.zeros.copy_(shift.to(dtype).view(n, -1).t())
+    return layer
+
+
+def _gemlite_configs() -> None:
+    """GemLite ships tuned kernel configurations per GPU and loads the one whose tag is in the device's name; an H200
+    (the H100's SM 9.0 and shapes) gets the H100's, else every shape is autotuned at its first call."""
+    from pathlib import Path as _Path
+
+    import gemlite
+    from gemlite.core import GemLiteLinearTriton
+
+    name = torch.cuda.get_device_name().lower()
+    if "h200" in name:
+        GemLiteLinearTriton.load_config(str(_Path(gemlite.__file__).parent / "configs" / "h100.json"),
+                                        print_error=False)
 
 
 def _linears(model: torch.nn.Module, exclude: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -245,8 +323,9 @@ def read_meta(out_dir: Path) -> dict[str, object]:
 
 
 def load_quantized(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A ``model_cls`` LLM from a :func:`quantize_and_save` directory, on ``device``, its linears on the kernels."""
+                   device: str | torch.device = "cpu", int4_kernel: Int4Kernel = "auto") -> torch.nn.Module:
+    """A ``model_cls`` LLM from a :func:`quantize_and_save` directory, on ``device``, its linears on the kernels
+    (int4 on CUDA: ``int4_kernel``, one of :data:`INT4_KERNELS`)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -266,14 +345,15 @@ def load_quantized(model_cls: type, out_dir: Path, dtype: torch.dtype = torch.fl
             module: torch.nn.Module = Int8Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), bias)
         else:
             module = Int4Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), state.pop(f"{name}.zero"),
-                                int(meta["group_size"]), bias, device, dtype)  # type: ignore[arg-type]
+                                int(meta["group_size"]), bias, device, dtype, int4_kernel)  # type: ignore[arg-type]
         _set_module(model, name, module)
     for alias, source in meta.get("aliases", {}).items():  # type: ignore[union-attr]
         state[alias] = state[source]
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                                 strict=False)
     lowbit = {n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
-    missing = [k for k in missing if k.rpartition(".")[0] not in lowbit]
+    # a low-bit linear's own tensors (its kernel's layout, a GemLite layer's) are made from the codes, not loaded
+    missing = [k for k in missing if not any(k.startswith(f"{name}.") for name in lowbit)]
     if missing or unexpected:
         raise ValueError(f"{out_dir}: the weights do not fit {model_cls.__name__}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -288,7 +368,8 @@ def lowbit_kernels(model: torch.nn.Module) -> dict[str, int]:
         if isinstance(module, Int8Linear):
             key = "int8_cast_in_linear" if module.qweight.is_cuda else "_weight_int8pack_mm"
         elif isinstance(module, Int4Linear):
-            key = "_weight_int4pack_mm" if module.cuda_kernel else "_weight_int4pack_mm_for_cpu"
+            key = {"tinygemm": "_weight_int4pack_mm", "gemlite": "gemlite",
+                   "cpu": "_weight_int4pack_mm_for_cpu"}[module.kernel]
         elif isinstance(module, torch.nn.Linear):
             key = "float"
         else:
