@@ -106,6 +106,15 @@ class VisualContractHooks:
         pixels = self.pixel_values(processor, list(images))  # type: ignore[attr-defined]  # ModelFamily's
         return VisualInputs(pixels, [1] * len(images), [(image.height, image.width) for image in images])
 
+    def prompt_visual_inputs(self, processor: Any, images: Sequence[Image.Image],
+                             images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
+        """:meth:`visual_inputs` where the preprocessing may depend on how many images each image's prompt carries
+        (``images_in_prompt[i]``, None: every image alone). LLaVA-OneVision tiles an image alone but gives each of a
+        prompt's several images one padded tile; every other family preprocesses an image the same either way."""
+        if images_in_prompt is not None and len(images_in_prompt) != len(images):
+            raise ValueError(f"images_in_prompt has {len(images_in_prompt)} entries for {len(images)} images")
+        return self.visual_inputs(processor, images)
+
     def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
         """Refuse (SpecError) a checkpoint whose config.json disagrees with what the spec's budgets were counted
         from (size-dependent families; fixed-count ones are checked through architecture facts)."""

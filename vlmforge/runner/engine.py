@@ -159,12 +159,13 @@ class HfEngine:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _inputs(self, images: Sequence[Image.Image]) -> VisualInputs:
+    def _inputs(self, images: Sequence[Image.Image], images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
         """The visual engine's inputs for the images (float32, CPU): the family's preprocessing, each image taking one
-        entry or (anyres families) one per tile."""
+        entry or (anyres families) one per tile; ``images_in_prompt[i]``: the images of image i's prompt (None: 1
+        each; LLaVA-OneVision preprocesses an image among several otherwise than one alone)."""
         if self.vision is None:
             raise DeployError("this engine was loaded without its visual engine (a follower rank)")
-        inputs = self.family.visual_inputs(self.processor, list(images))
+        inputs = self.family.prompt_visual_inputs(self.processor, list(images), images_in_prompt)
         inputs.pixels = inputs.pixels.float().cpu()
         return inputs
 
@@ -190,18 +191,21 @@ class HfEngine:
         return [self.family.pack_visual_features(self.processor, part, size, self.visual_extras)
                 for part, size in zip(outputs, inputs.image_sizes, strict=True)]
 
-    def _features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def _features(self, images: Sequence[Image.Image],
+                  images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
-        return [features.to(self.device) for features in self._encode(self._inputs(images))]
+        return [features.to(self.device) for features in self._encode(self._inputs(images, images_in_prompt))]
 
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def encode_images(self, images: Sequence[Image.Image],
+                      images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device); with an image cache, images
-        seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`)."""
+        seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`). ``images_in_prompt``: as
+        :meth:`_inputs` (the cache keys the preprocessed pixels, so an image tiled otherwise is another entry)."""
         import torch
 
         if self.image_cache is None:
-            return self._features(images)
-        inputs = self._inputs(images)
+            return self._features(images, images_in_prompt)
+        inputs = self._inputs(images, images_in_prompt)
         # the key holds the image's size beside its pixels: anyres unpadding depends on it
         keys = [torch.cat([pixels.flatten(), torch.tensor(size, dtype=pixels.dtype)])
                 for pixels, size in zip(inputs.split(inputs.pixels), inputs.image_sizes, strict=True)]
@@ -251,7 +255,7 @@ class HfEngine:
         several = isinstance(image, (list, tuple))
         images = list(image) if several else [image]
         start = time.perf_counter()
-        encoded = self._features(images)
+        encoded = self._features(images, [len(images)] * len(images))
         features = encoded if several else encoded[0]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -69,25 +69,30 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
                max_new_tokens: Sequence[int]) -> BatchJob:
     """Stage 1 (rank 0): every request's image through the visual engine, timed. A request's entry in ``images`` is
     its image, or a list of its images (several per prompt): all of the batch's images are encoded together and
-    handed back to their requests in order. The same image object (a request's ``n`` choices share theirs) is
-    encoded once; requests that share it share its features (read-only)."""
+    handed back to their requests in order, each with its prompt's image count (LLaVA-OneVision preprocesses an
+    image among several otherwise than one alone). The same image object in prompts of as many images (a request's
+    ``n`` choices share theirs) is encoded once; requests that share it share its features (read-only)."""
     import time
 
     if not len(images) == len(prompts) == len(max_new_tokens):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
     started = time.perf_counter()
     groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
-    distinct: dict[int, int] = {}  # id(image) -> its index among the images encoded (the n choices of a request
-    unique: list[Any] = []         # share their image objects: encoded once)
+    # (id(image), images of its prompt) -> its index among the images encoded (the n choices of a request share
+    # their image objects: encoded once)
+    distinct: dict[tuple[int, int], int] = {}
+    unique: list[Any] = []
+    counts: list[int] = []
     for group in groups:
         for image in group:
-            if id(image) not in distinct:
-                distinct[id(image)] = len(unique)
+            if (id(image), len(group)) not in distinct:
+                distinct[id(image), len(group)] = len(unique)
                 unique.append(image)
-    encoded = engine.encode_images(unique)
+                counts.append(len(group))
+    encoded = engine.encode_images(unique, counts)
     features: list[Any] = []
     for entry, group in zip(images, groups, strict=True):
-        own = [encoded[distinct[id(image)]] for image in group]
+        own = [encoded[distinct[id(image), len(group)]] for image in group]
         features.append(own if isinstance(entry, (list, tuple)) else own[0])
     return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
 

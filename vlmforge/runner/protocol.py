@@ -151,8 +151,10 @@ class IncrementalEngine(Engine, Protocol):
 
     kind: ClassVar[Literal[EngineKind.INCREMENTAL]]
 
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only)."""
+    def encode_images(self, images: Sequence[Image.Image],
+                      images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only);
+        ``images_in_prompt[i]``: how many images image i's prompt carries (None: one each)."""
         ...
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
