@@ -185,7 +185,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
     name: ClassVar[str] = "llava_onevision"
     description: ClassVar[str] = ("LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-ov-hf), SigLIP anyres_max_9 tiles "
-                                  "+ Qwen2")
+                                  "+ Qwen2; several images per prompt: one tile each (hf toolchain)")
     builder_model_type: ClassVar[str] = "llava_onevision"
     hf_class: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
     hf_unsupported_reason: ClassVar[str] = ""
