@@ -1,7 +1,8 @@
 """pix2struct on the hf toolchain (tiny://pix2struct): the two-input visual engine (flattened patches and their mask)
 against transformers' own encoder, in torch and in ONNX Runtime at other patch counts and batches than it was
 exported at; each image's real patches counted as the processor counts them; padded rows without weight; the
-checkpoint facts (max_patches beside config.json) and the VQA refusal."""
+checkpoint facts (max_patches beside config.json). VQA checkpoints (tiny://pix2struct-vqa): the header rendered as
+transformers' processor renders it, the header font's journey from checkpoint to engine."""
 
 from __future__ import annotations
 
@@ -114,21 +115,21 @@ def test_max_patches_is_read_beside_config_json(tmp_path: Path) -> None:
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 2048, "is_vqa": False}))
     facts = family.checkpoint_facts(tmp_path, {"text_config": {"num_heads": 12}})
     assert (facts.num_visual_features, facts.num_attention_heads) == (2048, 12)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 2048, "is_vqa": True}))
-    with pytest.raises(SpecError, match="VQA checkpoint \\(its image processor's is_vqa: true\\)"):
-        family.checkpoint_facts(tmp_path, {"text_config": {"num_heads": 12}})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_patches": 1024, "is_vqa": True}))
+    facts = family.checkpoint_facts(tmp_path, {"is_vqa": True, "text_config": {"num_heads": 12}})
+    assert (facts.num_visual_features, facts.num_attention_heads) == (1024, 12)  # VQA: no longer refused
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(SourceError, match="preprocessor_config.json: unreadable"):
         read_max_patches(tmp_path)
 
 
-def test_vqa_checkpoints_are_refused_on_hf_with_the_reason() -> None:
+def test_vqa_checkpoints_pass_the_hf_checkpoint_check() -> None:
+    """DePlot (is_vqa: true) is no longer refused on the hf toolchain: its checkpoint check passes either way."""
     from vlmforge.specs.catalog import catalog_entry
     from vlmforge.specs.schema import spec_from_dict
 
     spec = spec_from_dict(catalog_entry("deplot"))
-    with pytest.raises(SpecError, match="is_vqa: true.*renders the prompt as a header onto the image.*trtllm"):
-        get_family(NAME).check_checkpoint_config(spec, {"is_vqa": True})
+    get_family(NAME).check_checkpoint_config(spec, {"is_vqa": True})
     get_family(NAME).check_checkpoint_config(spec, {"is_vqa": False})
 
 
@@ -155,7 +156,7 @@ def test_a_vqa_reference_renders_the_header_onto_the_image(tiny: TinyCache, monk
     image_processor = t.processor.image_processor
     plain = t.family._patches(t.processor, t.images[:1])[0]
     monkeypatch.setattr(image_processor, "is_vqa", True)
-    rendered = t.family._patches(t.processor, t.images[:1], "Generate underlying data table of the figure below:")[0]
+    rendered = t.family._patches(t.processor, t.images[:1], ["Generate underlying data table of the figure below:"])[0]
     empty = t.family._patches(t.processor, t.images[:1])[0]
     assert plain.shape == rendered.shape == empty.shape
     assert not torch.equal(plain, rendered) and not torch.equal(rendered, empty)
