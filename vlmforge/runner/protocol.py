@@ -151,8 +151,11 @@ class IncrementalEngine(Engine, Protocol):
 
     kind: ClassVar[Literal[EngineKind.INCREMENTAL]]
 
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only)."""
+    def encode_images(self, images: Sequence[Image.Image],
+                      prompts: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+        """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only);
+        ``prompts`` (one per image, its request's) only for an engine whose ``renders_prompt`` is true (a checkpoint
+        that renders the prompt into the image, Pix2Struct VQA; the others are called without)."""
         ...
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
