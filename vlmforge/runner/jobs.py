@@ -79,7 +79,7 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
     started = time.perf_counter()
     groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
-    with_prompt = bool(getattr(engine, "renders_prompt", False))
+    with_prompt = engine.renders_prompt
     distinct: dict[tuple[int, str | None], int] = {}  # (id(image), its prompt where rendered) -> its index among
     unique: list[Any] = []                            # the images encoded (the n choices of a request share their
     unique_prompts: list[str | None] = []             # image objects: encoded once)

@@ -106,6 +106,9 @@ class Engine(Protocol):
     image_cache: ImageCache | None
     """Visual features of images seen before (:mod:`vlmforge.runner.image_cache`), where the runner encodes images
     itself and was given a size for it; None otherwise."""
+    renders_prompt: bool
+    """The checkpoint renders each request's text into its images (Pix2Struct VQA: DePlot's header), not into the
+    LLM's prompt: the runner encodes images with their requests' prompts and the server takes text for it."""
 
     @property
     def tokenizer(self) -> Tokenizer:

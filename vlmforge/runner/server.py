@@ -151,7 +151,7 @@ class Runtime:
             self.metrics.watch_image_cache(engine.image_cache.stats)
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
                                       self.limits.max_output_len)
-        self.renders_prompt = bool(getattr(engine, "renders_prompt", False))
+        self.renders_prompt = engine.renders_prompt
         """The request's text is rendered into its image (Pix2Struct VQA), not fed to the LLM."""
         self.max_prompt_chars = (MAX_HEADER_CHARS if self.renders_prompt else
                                  self.limits.max_input_len * settings.limits.max_prompt_chars_per_token)
