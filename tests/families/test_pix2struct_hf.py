@@ -207,6 +207,12 @@ def test_vqa_patches_equal_transformers_processors_for_each_question(tiny: TinyC
             [patch_grid(*size, 4, 4, 64)[0] * patch_grid(*size, 4, 4, 64)[1] for size in ours.image_sizes]
         seen.append(ours.pixels)
     assert not torch.equal(seen[0], seen[1])
+    translucent = t.images[0].convert("RGBA")
+    translucent.putpixel((3, 3), (10, 20, 30, 100))  # transparency is composited onto white before the header
+    for picture in (translucent, t.images[1].convert("L")):
+        ours = t.family.headed_visual_inputs(t.processor, [picture], [QUESTIONS[1]]).pixels
+        theirs = t.processor(images=[picture], text=QUESTIONS[1], max_patches=64, return_tensors="pt")
+        assert torch.equal(ours, theirs["flattened_patches"].float()), picture.mode
     assert torch.equal(extract_patches(t.processor, t.family.rendered(t.processor, t.images))[0],
                        t.family.visual_inputs(t.processor, t.images).pixels)  # no question: an empty header
 
