@@ -160,6 +160,8 @@ def test_a_shared_image_is_encoded_once_per_batch() -> None:
     from vlmforge.runner.jobs import encode_job
 
     class Counting:
+        renders_prompt = False
+
         def __init__(self) -> None:
             self.calls: list[list[Any]] = []
 
@@ -172,3 +174,26 @@ def test_a_shared_image_is_encoded_once_per_batch() -> None:
     job = encode_job(engine, [cat, cat, cat, [dog, cat], "cat"], ["a"] * 5, [4] * 5)  # type: ignore[arg-type]
     assert engine.calls == [[cat, dog]]
     assert job.features == ["features of cat"] * 3 + [["features of dog", "features of cat"], "features of cat"]
+
+
+def test_an_image_rendered_with_its_prompt_is_encoded_once_per_prompt() -> None:
+    """An engine whose checkpoint renders the prompt into the image (Pix2Struct VQA) gets each image with its
+    request's prompt: the same image asked two questions is encoded twice, asked the same one once."""
+    from vlmforge.runner.jobs import encode_job
+
+    class Rendering:
+        renders_prompt = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[Any], list[Any]]] = []
+
+        def encode_images(self, images: list[Any], prompts: list[Any] | None = None) -> list[Any]:
+            assert prompts is not None
+            self.calls.append((list(images), list(prompts)))
+            return [f"{image} under {prompt}" for image, prompt in zip(images, prompts)]
+
+    engine = Rendering()
+    cat = "cat"
+    job = encode_job(engine, [cat, cat, cat, "dog"], ["a", "b", "a", None], [4] * 4)  # type: ignore[arg-type]
+    assert engine.calls == [([cat, cat, "dog"], ["a", "b", None])]
+    assert job.features == ["cat under a", "cat under b", "cat under a", "dog under None"]

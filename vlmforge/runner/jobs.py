@@ -70,24 +70,30 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
     """Stage 1 (rank 0): every request's image through the visual engine, timed. A request's entry in ``images`` is
     its image, or a list of its images (several per prompt): all of the batch's images are encoded together and
     handed back to their requests in order. The same image object (a request's ``n`` choices share theirs) is
-    encoded once; requests that share it share its features (read-only)."""
+    encoded once; requests that share it share its features (read-only). An engine that renders the prompt into its
+    images (``renders_prompt``: Pix2Struct VQA) encodes each image with its request's prompt: the same image with
+    another prompt is encoded apart."""
     import time
 
     if not len(images) == len(prompts) == len(max_new_tokens):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(max_new_tokens)} token limits")
     started = time.perf_counter()
     groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
-    distinct: dict[int, int] = {}  # id(image) -> its index among the images encoded (the n choices of a request
-    unique: list[Any] = []         # share their image objects: encoded once)
-    for group in groups:
+    with_prompt = engine.renders_prompt
+    distinct: dict[tuple[int, str | None], int] = {}  # (id(image), its prompt where rendered) -> its index among
+    unique: list[Any] = []                            # the images encoded (the n choices of a request share their
+    unique_prompts: list[str | None] = []             # image objects: encoded once)
+    for group, prompt in zip(groups, prompts, strict=True):
         for image in group:
-            if id(image) not in distinct:
-                distinct[id(image)] = len(unique)
+            key = (id(image), prompt if with_prompt else None)
+            if key not in distinct:
+                distinct[key] = len(unique)
                 unique.append(image)
-    encoded = engine.encode_images(unique)
+                unique_prompts.append(prompt)
+    encoded = engine.encode_images(unique, unique_prompts) if with_prompt else engine.encode_images(unique)
     features: list[Any] = []
-    for entry, group in zip(images, groups, strict=True):
-        own = [encoded[distinct[id(image)]] for image in group]
+    for entry, group, prompt in zip(images, groups, prompts, strict=True):
+        own = [encoded[distinct[(id(image), prompt if with_prompt else None)]] for image in group]
         features.append(own if isinstance(entry, (list, tuple)) else own[0])
     return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
 
