@@ -59,6 +59,13 @@ class Replay:
         return torch.tensor(tokens), go_on, None
 
 
+def first_tie(generation: Any, margin: float = 0.01) -> int | None:
+    """The first step of a lone decode whose two likeliest tokens are within ``margin`` (None: no near-tie)."""
+    top = generation.logits.float().topk(2, dim=-1).values
+    tied = ((top[:, 0] - top[:, 1]) < margin).nonzero()
+    return int(tied[0, 0]) if len(tied) else None
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_every_family_serves_through_the_incremental_protocol(name: str, tiny_engine_of: Any) -> None:
     """Every tiny model of every registered family: the loader gives an incremental engine with everything the
@@ -89,7 +96,11 @@ def test_every_family_serves_through_the_incremental_protocol(name: str, tiny_en
     for _ in batch:
         pass
     alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, prompts, limits)]
-    assert [r.tokens for r in batch.results()] == [a.tokens for a in alone]
+    for index, (got, lone) in enumerate(zip(batch.results(), alone, strict=True)):
+        # float16 tiny models: a lone near-tie may round the other way in a batch's shapes (a new machine's CPU
+        # flipped one of tiny-llava-next's); equal up to the first tied step then, exact otherwise
+        tied = first_tie(lone)
+        assert got.tokens[:tied] == lone.tokens[:tied], (index, got.tokens, lone.tokens)
     assert recorder.steps and [go for _, go in recorder.steps][-1] is False
     assert follow_job(engine, job.to_host(), Replay(recorder.steps)) == batch.steps
 
