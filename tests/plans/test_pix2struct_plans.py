@@ -115,9 +115,9 @@ def test_dialect_0_9_is_refused_the_seed_has_no_deplot() -> None:
         plan_for(dialect=Dialect.V0_9)
 
 
-def test_deplot_passes_the_trtllm_check_and_the_hf_toolchain_refuses_it_at_convert() -> None:
-    """The trtllm flow builds it; the hf toolchain's check passes the family (tiny-pix2struct builds there) and its
-    convert stage refuses DePlot's VQA checkpoint with the reason (tests/families/test_pix2struct_hf.py)."""
+def test_deplot_passes_the_trtllm_and_the_hf_checks() -> None:
+    """Both toolchains take DePlot: the hf toolchain renders its VQA header as transformers does (tiny-pix2struct-vqa
+    builds and serves there: tests/runner/test_pix2struct_vqa_serving.py)."""
     from vlmforge.toolchains.hf.stages import check_supported
     from vlmforge.toolchains.trtllm.execute import check_buildable
 

@@ -70,11 +70,12 @@ def test_an_image_among_two_takes_one_tile_and_alone_its_tiles(engine: Any) -> N
 
     pictures = [image(0), image(2)]
     alone = [int(f.shape[1]) for f in engine.encode_images(pictures)]
-    among = [int(f.shape[1]) for f in engine.encode_images(pictures, [2, 2])]
+    among = [int(f.shape[1]) for f in engine.encode_images(pictures, images_in_prompt=[2, 2])]
     assert alone == [46, 54] and among == [4 + 1, 4 + 1]
     cached = HfEngine(engine.dir, image_cache_bytes=1 << 20)
     for counts in ([1, 1], [2, 2], [1, 1]):  # the cache keys the preprocessed pixels: one tile is another entry
-        for want, got in zip(engine.encode_images(pictures, counts), cached.encode_images(pictures, counts),
+        for want, got in zip(engine.encode_images(pictures, images_in_prompt=counts),
+                             cached.encode_images(pictures, images_in_prompt=counts),
                              strict=True):
             assert want.shape == got.shape and (want - got).abs().max().item() == 0
 
@@ -116,7 +117,8 @@ def test_the_openai_client_sends_two_image_url_parts_in_one_message(built: tuple
     for (indexes, text), answer in zip(REQUESTS, answers, strict=True):
         alone = engine.generate(request_images(indexes), text, MAX_TOKENS)
         pictures = [image(i) for i in indexes]
-        real = engine.llm_prefix(engine.encode_images(pictures, [len(pictures)] * len(pictures)), text).length
+        features = engine.encode_images(pictures, images_in_prompt=[len(pictures)] * len(pictures))
+        real = engine.llm_prefix(features, text).length
         assert answer.usage.prompt_tokens == real <= engine.prompt_length(text, len(indexes))  # the bound it admits by
         if not near_tie(alone):  # a float16 near-tie may flip in another batch shape
             assert answer.choices[0].message.content == alone.text, (indexes, text)

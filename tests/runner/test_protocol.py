@@ -59,6 +59,13 @@ class Replay:
         return torch.tensor(tokens), go_on, None
 
 
+def first_tie(generation: Any, margin: float = 0.01) -> int | None:
+    """The first step of a lone decode whose two likeliest tokens are within ``margin`` (None: no near-tie)."""
+    top = generation.logits.float().topk(2, dim=-1).values
+    tied = ((top[:, 0] - top[:, 1]) < margin).nonzero()
+    return int(tied[0, 0]) if len(tied) else None
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_every_family_serves_through_the_incremental_protocol(name: str, tiny_engine_of: Any) -> None:
     """Every tiny model of every registered family: the loader gives an incremental engine with everything the
@@ -89,7 +96,11 @@ def test_every_family_serves_through_the_incremental_protocol(name: str, tiny_en
     for _ in batch:
         pass
     alone = [engine.generate(image, prompt, n) for image, prompt, n in zip(images, prompts, limits)]
-    assert [r.tokens for r in batch.results()] == [a.tokens for a in alone]
+    for index, (got, lone) in enumerate(zip(batch.results(), alone, strict=True)):
+        # float16 tiny models: a lone near-tie may round the other way in a batch's shapes (a new machine's CPU
+        # flipped one of tiny-llava-next's); equal up to the first tied step then, exact otherwise
+        tied = first_tie(lone)
+        assert got.tokens[:tied] == lone.tokens[:tied], (index, got.tokens, lone.tokens)
     assert recorder.steps and [go for _, go in recorder.steps][-1] is False
     assert follow_job(engine, job.to_host(), Replay(recorder.steps)) == batch.steps
 
@@ -161,10 +172,14 @@ def test_a_shared_image_is_encoded_once_per_batch() -> None:
     from vlmforge.runner.jobs import encode_job
 
     class Counting:
+        renders_prompt = False
+
         def __init__(self) -> None:
             self.calls: list[tuple[list[Any], list[int]]] = []
 
-        def encode_images(self, images: list[Any], images_in_prompt: list[int]) -> list[Any]:
+        def encode_images(self, images: list[Any], prompts: list[Any] | None = None, *,
+                          images_in_prompt: list[int]) -> list[Any]:
+            assert prompts is None  # renders no prompt
             self.calls.append((list(images), list(images_in_prompt)))
             return [f"features of {image} among {n}" for image, n in zip(images, images_in_prompt, strict=True)]
 
@@ -175,3 +190,27 @@ def test_a_shared_image_is_encoded_once_per_batch() -> None:
     assert engine.calls == [([cat, dog, cat], [1, 2, 2])]
     assert job.features == (["features of cat among 1"] * 3 + [["features of dog among 2", "features of cat among 2"],
                             "features of cat among 1", ["features of cat among 2", "features of dog among 2"]])
+
+
+def test_an_image_rendered_with_its_prompt_is_encoded_once_per_prompt() -> None:
+    """An engine whose checkpoint renders the prompt into the image (Pix2Struct VQA) gets each image with its
+    request's prompt: the same image asked two questions is encoded twice, asked the same one once."""
+    from vlmforge.runner.jobs import encode_job
+
+    class Rendering:
+        renders_prompt = True
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[Any], list[Any]]] = []
+
+        def encode_images(self, images: list[Any], prompts: list[Any] | None = None, *,
+                          images_in_prompt: list[int] | None = None) -> list[Any]:
+            assert prompts is not None
+            self.calls.append((list(images), list(prompts)))
+            return [f"{image} under {prompt}" for image, prompt in zip(images, prompts)]
+
+    engine = Rendering()
+    cat = "cat"
+    job = encode_job(engine, [cat, cat, cat, "dog"], ["a", "b", "a", None], [4] * 4)  # type: ignore[arg-type]
+    assert engine.calls == [([cat, cat, "dog"], ["a", "b", None])]
+    assert job.features == ["cat under a", "cat under b", "cat under a", "dog under None"]

@@ -135,6 +135,10 @@ class ModelFamily(VisualContractHooks):
 
         return AutoProcessor.from_pretrained(model_dir)
 
+    def save_processor(self, processor: Any, model_dir: Path, target: Path) -> None:
+        """Write ``processor`` (loaded from ``model_dir``) into ``target``, for :meth:`load_processor` to read back."""
+        processor.save_pretrained(target)
+
     def architecture_facts(self, config: dict[str, Any]) -> ArchitectureFacts:
         """num_visual_features and LLM attention heads read from the checkpoint's config.json."""
         raise NotImplementedError

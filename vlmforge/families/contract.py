@@ -91,6 +91,10 @@ class VisualContractHooks:
     spatial_check_size: ClassVar[ImageSize | None] = None
     """Families with dynamic_spatial_axes: a second, non-square image size the ONNX export is traced at and checked
     against torch at (besides the golden images' own size)."""
+    prompt_in_image: ClassVar[bool] = False
+    """Some checkpoints of the family render the request's text into its image (Pix2Struct VQA, DePlot: a header
+    above the image), so an image's visual input depends on its request's prompt: the runner computes it from both
+    (:meth:`image_header`, :meth:`headed_visual_inputs`) and keys its image cache on both."""
 
     # --- the visual path around the visual engine (the runner and the hf stages call these) ------------------
 
@@ -114,6 +118,16 @@ class VisualContractHooks:
         if images_in_prompt is not None and len(images_in_prompt) != len(images):
             raise ValueError(f"images_in_prompt has {len(images_in_prompt)} entries for {len(images)} images")
         return self.visual_inputs(processor, images)
+
+    def image_header(self, processor: Any, prompt: str | None) -> str | None:
+        """The text a checkpoint (``processor``) renders into a request's images for its ``prompt``; None where its
+        images are encoded apart from prompts (every family without :attr:`prompt_in_image`)."""
+        return None
+
+    def headed_visual_inputs(self, processor: Any, images: Sequence[Image.Image],
+                             headers: Sequence[str]) -> VisualInputs:
+        """:meth:`visual_inputs` of images each rendered with its header (:attr:`prompt_in_image` families)."""
+        raise NotImplementedError(f"{self.name} renders no prompt into its images (prompt_in_image is False)")
 
     def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
         """Refuse (SpecError) a checkpoint whose config.json disagrees with what the spec's budgets were counted

@@ -3,7 +3,9 @@
 The image processor rescales each image, keeping its aspect ratio, to the most 16x16 patches that fit ``max_patches``
 (2048 for DePlot), flattens each patch with its 1-based row and column ids in front ([N, 2 + 16*16*3] = 770 values)
 and pads the rest with zero rows (the attention mask marks them). The vision encoder's states are what the text
-decoder cross-attends to; VQA checkpoints (DePlot) render the prompt as a header onto the image first.
+decoder cross-attends to; VQA checkpoints (DePlot, config and processor ``is_vqa: true``) render the request's text as
+a header onto the image first (transformers' Pix2StructProcessor: the text goes to the image processor as
+``header_text``, none to the decoder, which starts from its start token alone either way).
 
 TensorRT-LLM 1.2 (the multimodal README's "Deplot" section): ``enc_dec/convert_checkpoint.py --model_type pix2struct``
 writes the decoder only, ``trtllm-build`` builds it with ``--max_encoder_input_len 2048`` (one image's padded patches
@@ -13,13 +15,18 @@ has the scripts but the seed document has no Pix2Struct section, so that dialect
 hf toolchain: the visual engine takes ``flattened_patches`` [B, P, 2+p*p*3] and their ``attention_mask`` [B, P], both
 axes dynamic; each image's features are its real patches'
 states [1, rows*cols, hidden] (padded rows dropped: the mask gives them no weight), fed to the decoder as cross-attention
-states. torch and transformers are imported inside the hf hooks only.
+states. torch and transformers are imported inside the hf hooks only. A VQA checkpoint's images are rendered with their
+request's text (:attr:`prompt_in_image`: the runner encodes each image with its prompt and keys its image cache on
+both; no text: an empty header, as TensorRT-LLM 1.2's README runs DePlot), in the font beside its processor files
+(:data:`HEADER_FONT_FILE`: the convert stage stores transformers' own there, so an engine renders offline).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,10 +54,18 @@ DEPLOT_MAX_PATCHES = 2048
 calls its image processor with 2048 by default (google/deplot's preprocessor_config.json itself was not read here)."""
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
+HEADER_FONT_FILE = "header_font.ttf"
+"""A VQA checkpoint's header font beside its processor files (vlmforge's file: transformers fetches its own,
+:data:`TRANSFORMERS_FONT`, from the hub at every render)."""
+TRANSFORMERS_FONT = ("ybelkada/fonts", "Arial.TTF")
+"""The hub repository and file of the font transformers' Pix2Struct image processor renders headers with."""
+_FONT_ATTRIBUTE = "_vlmforge_header_font"
 
 # The tiny test model (tiny://pix2struct): 4x4 patches, at most 64 per image (a 64x64 image: 8x8 = 64, none padded;
 # 120x60: 11x5 = 55; 50x100: 5x11 = 55), a 2-layer encoder and decoder of width 32. Captioning-style (is_vqa false):
-# no header is rendered, so no font is needed.
+# no header is rendered, so no font is needed. tiny://pix2struct-vqa: the same with is_vqa true (config and image
+# processor), its header font Pillow's built-in one (saved as HEADER_FONT_FILE: no hub).
+TINY_VQA_SOURCE = "tiny://pix2struct-vqa"
 TINY_PATCH = 4
 TINY_MAX_PATCHES = 64
 TINY_VOCAB_SIZE = 320
@@ -102,7 +117,7 @@ def _processor_settings(processor: Any) -> tuple[int, int, int]:
     return int(patch["height"]), int(patch["width"]), int(image_processor.max_patches)
 
 
-def _tiny_config() -> Any:
+def _tiny_config(is_vqa: bool = False) -> Any:
     from transformers import Pix2StructConfig, Pix2StructTextConfig, Pix2StructVisionConfig
 
     from vlmforge.families.tinykit import BOS_ID, EOS_ID, PAD_ID
@@ -115,11 +130,11 @@ def _tiny_config() -> Any:
         vocab_size=TINY_VOCAB_SIZE, hidden_size=32, d_kv=8, d_ff=64, num_layers=2, num_heads=TINY_NUM_ATTENTION_HEADS,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, decoder_start_token_id=PAD_ID,
         initializer_factor=1.0, tie_word_embeddings=False)
-    return Pix2StructConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), is_vqa=False,
+    return Pix2StructConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), is_vqa=is_vqa,
                             initializer_factor=1.0)
 
 
-def _tiny_processor() -> Any:
+def _tiny_processor(is_vqa: bool = False) -> Any:
     """Pix2Struct's own processor over the locally trained BPE: as a plain fast tokenizer in transformers 5, as the
     T5TokenizerFast that transformers 4.57's Pix2StructProcessor insists on (NVIDIA's TensorRT-LLM 1.2 image)."""
     import transformers
@@ -128,7 +143,7 @@ def _tiny_processor() -> Any:
     from vlmforge.families.tinykit import make_fast_tokenizer, pil_image_processor, train_bpe_tokenizer
 
     image_processor = pil_image_processor("Pix2StructImageProcessor", patch_size={"height": TINY_PATCH, "width": TINY_PATCH},
-                                          max_patches=TINY_MAX_PATCHES, is_vqa=False)
+                                          max_patches=TINY_MAX_PATCHES, is_vqa=is_vqa)
     if int(transformers.__version__.split(".")[0]) >= 5:
         tokenizer = make_fast_tokenizer("eos", TINY_VOCAB_SIZE, image_token=False)
     else:
@@ -136,6 +151,73 @@ def _tiny_processor() -> Any:
             tokenizer_object=train_bpe_tokenizer(TINY_VOCAB_SIZE, "eos"), extra_ids=0, eos_token="</s>",
             pad_token="<pad>", unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
     return Pix2StructProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def is_vqa(processor: Any) -> bool:
+    """Whether a loaded processor renders headers (its image processor's is_vqa)."""
+    return bool(getattr(getattr(processor, "image_processor", processor), "is_vqa", False))
+
+
+def header_font(processor: Any) -> str | None:
+    """The header font :meth:`Pix2StructFamily.load_processor` found beside the processor's files; None: none there
+    (transformers' own, fetched from the hub)."""
+    return getattr(processor, _FONT_ATTRIBUTE, None)
+
+
+def _default_font(model_dir: Path) -> Path:
+    """transformers' header font (the hub's, or the hub cache's); SourceError naming the fix when unreachable."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(*TRANSFORMERS_FONT))
+    except Exception as exc:  # offline, no cache, a hub error: all mean the same to the user
+        raise SourceError(
+            f"{model_dir}: a Pix2Struct VQA checkpoint renders each request's text as a header with a font, and there "
+            f"is no {HEADER_FONT_FILE} beside its processor files while transformers' own ({'/'.join(TRANSFORMERS_FONT)}"
+            f" on the Hugging Face hub) could not be fetched ({type(exc).__name__}: {exc}): put a TrueType font there "
+            f"as {HEADER_FONT_FILE} (transformers' Arial.TTF gives its processor's pixels), or convert with hub "
+            "access") from None
+
+
+def render_header(image: Image.Image, header: str, font: str | None) -> Image.Image:
+    """transformers' Pix2Struct render_header (4.57's and 5's: the text drawn by their ``render_text``, then header
+    and image stacked at the wider one's width) of an image made RGB as their processor makes it, with ``font``
+    (None: transformers' own default, from the hub)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    try:  # transformers 5: the PIL backend's module (the torchvision one needs torchvision)
+        from transformers.models.pix2struct.image_processing_pil_pix2struct import render_text
+    except ImportError:  # transformers 4.57
+        from transformers.models.pix2struct.image_processing_pix2struct import render_text
+    if image.mode != "RGB":  # transformers' convert_to_rgb: transparency composited onto white
+        from transformers.image_transforms import convert_to_rgb
+
+        try:
+            image = PILImage.fromarray(np.asarray(convert_to_rgb(image, return_numpy=True)))
+        except TypeError:  # 4.57: no return_numpy
+            image = PILImage.fromarray(np.asarray(convert_to_rgb(image)))
+    text = render_text(header, font_path=font)
+    width = max(text.width, image.width)
+    height, text_height = int(image.height * (width / image.width)), int(text.height * (width / text.width))
+    out = PILImage.new("RGB", (width, height + text_height), "white")
+    out.paste(text.resize((width, text_height)), (0, 0))
+    out.paste(image.resize((width, height)), (0, text_height))
+    return out
+
+
+def extract_patches(processor: Any, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """flattened_patches [n, max_patches, 2+p*p*3] (float32) and attention_mask [n, max_patches] of images as given
+    (a VQA checkpoint's headers rendered already: its image processor runs with is_vqa off, since transformers 5 takes
+    no font argument), at the image processor's own max_patches (Pix2StructProcessor's call would impose 2048)."""
+    import torch
+
+    image_processor = getattr(processor, "image_processor", processor)
+    if getattr(image_processor, "is_vqa", False):
+        image_processor = copy.copy(image_processor)
+        image_processor.is_vqa = False
+    out = image_processor(images=list(images), max_patches=int(image_processor.max_patches), return_tensors="pt")
+    return out["flattened_patches"].to(torch.float32), out["attention_mask"].to(torch.long)
 
 
 @cache
@@ -171,6 +253,9 @@ class Pix2StructFamily(CrossAttentionDecoderFamily):
     takes_prompt: ClassVar[bool] = False
     plan_dialects: ClassVar[tuple[Dialect, ...]] = (Dialect.V1_2,)
     tiny_source: ClassVar[str | None] = "tiny://pix2struct"
+    extra_tiny_sources: ClassVar[tuple[str, ...]] = (TINY_VQA_SOURCE,)
+    prompt_in_image: ClassVar[bool] = True  # VQA checkpoints (image_header says which)
+    visual_config_files: ClassVar[tuple[str, ...]] = (HEADER_FONT_FILE,)
     encoder_input_formula: ClassVar[str] = ("max_patches (architecture.num_visual_features): the processor pads every "
                                             "image to max_patches patches, one image's states per request")
     visual_placement: ClassVar[VisualPlacement] = VisualPlacement.CROSS_ATTENTION
@@ -208,14 +293,45 @@ class Pix2StructFamily(CrossAttentionDecoderFamily):
 
     # --- hf toolchain -----------------------------------------------------------------------
 
-    def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
+    def make_tiny(self, out_dir: Path, seed: int = 0, *, vqa: bool = False) -> None:
         from transformers import Pix2StructForConditionalGeneration
 
         from vlmforge.modeling.devices import seed_all
 
         seed_all(seed)
-        Pix2StructForConditionalGeneration(_tiny_config()).eval().save_pretrained(out_dir)
-        _tiny_processor().save_pretrained(out_dir)
+        Pix2StructForConditionalGeneration(_tiny_config(vqa)).eval().save_pretrained(out_dir)
+        _tiny_processor(vqa).save_pretrained(out_dir)
+        if vqa:  # Pillow's built-in TrueType font (Aileron): transformers' own is on the hub
+            from PIL import ImageFont
+
+            font = ImageFont.load_default(size=36)
+            if not isinstance(font, ImageFont.FreeTypeFont):
+                raise RuntimeError(f"{TINY_VQA_SOURCE} needs Pillow >= 10.1 with FreeType (its built-in TrueType font "
+                                   "renders the header)")
+            (Path(out_dir) / HEADER_FONT_FILE).write_bytes(font.font_bytes)
+
+    def make_tiny_source(self, source: str, out_dir: Path, seed: int = 0) -> None:
+        if source == TINY_VQA_SOURCE:
+            self.make_tiny(out_dir, seed, vqa=True)
+        else:
+            super().make_tiny_source(source, out_dir, seed)
+
+    def load_processor(self, model_dir: Path) -> Any:
+        """transformers' processor; a header font beside its files (:data:`HEADER_FONT_FILE`) is what it renders
+        VQA headers with (:func:`header_font`)."""
+        processor = super().load_processor(model_dir)
+        font = Path(model_dir) / HEADER_FONT_FILE
+        if font.is_file():
+            setattr(processor, _FONT_ATTRIBUTE, str(font))
+        return processor
+
+    def save_processor(self, processor: Any, model_dir: Path, target: Path) -> None:
+        """The processor's files, and a VQA checkpoint's header font (the one beside ``model_dir``'s files, or
+        transformers' own from the hub: SourceError naming the fix when neither is there)."""
+        processor.save_pretrained(target)
+        if is_vqa(processor):
+            font = header_font(processor)
+            shutil.copyfile(font if font is not None else _default_font(Path(model_dir)), Path(target) / HEADER_FONT_FILE)
 
     def hf_model_class(self) -> type:
         from transformers import Pix2StructForConditionalGeneration
@@ -229,33 +345,20 @@ class Pix2StructFamily(CrossAttentionDecoderFamily):
 
     def checkpoint_facts(self, model_dir: Path, config: dict[str, Any]) -> ArchitectureFacts:
         """max_patches from the checkpoint's processor files (preprocessor_config.json, as google/deplot has, or
-        transformers 5's processor_config.json), the decoder's heads from config.json; a VQA checkpoint is refused
-        (:meth:`check_checkpoint_config`) whichever file says so."""
+        transformers 5's processor_config.json), the decoder's heads from config.json."""
         max_patches = read_max_patches(Path(model_dir))
-        if image_processor_settings(Path(model_dir)).get("is_vqa"):
-            self._refuse_vqa(str(model_dir), "its image processor's is_vqa: true")
         return ArchitectureFacts(max_patches, self.architecture_facts(config).num_attention_heads)
 
-    def check_checkpoint_config(self, spec: BuildSpec, config: dict[str, Any]) -> None:
-        """VQA checkpoints (DePlot) render the prompt onto the image: the hf runner encodes images apart from their
-        prompts, so it cannot serve them yet."""
-        if config.get("is_vqa"):
-            self._refuse_vqa(spec.source, "config.json is_vqa: true")
-
-    @staticmethod
-    def _refuse_vqa(what: str, where: str) -> None:
-        from vlmforge.errors import SpecError
-
-        raise SpecError(
-            f"{what} is a Pix2Struct VQA checkpoint ({where}): its processor renders the prompt as a header onto the "
-            "image, so the visual features depend on the prompt, and the hf toolchain's runner encodes images apart "
-            "from prompts; build it with the trtllm toolchain (`vlmforge plan`, dialect 1.2) or use a captioning "
-            "checkpoint (is_vqa: false)", path="source")
-
     def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
-        """Always None: the decoder starts from its start token alone (given text is ignored, as for Nougat)."""
+        """The text itself: a VQA checkpoint's header (:meth:`image_header`); the decoder starts from its start token
+        alone whatever it is (:meth:`llm_prefix`), as transformers' Pix2StructProcessor gives it no text for VQA."""
         self.check_image_count(num_images)
-        return None
+        return text
+
+    def image_header(self, processor: Any, prompt: str | None) -> str | None:
+        """A VQA checkpoint renders the request's text ("" without one, as TensorRT-LLM 1.2's README runs DePlot);
+        a captioning one renders nothing."""
+        return (prompt or "") if is_vqa(processor) else None
 
     def golden_images(self) -> list[Image.Image]:
         """The golden images at three sizes and shapes (tiny model: 8x8 patches, none padded; then 5x11 and 11x5 of
@@ -265,28 +368,42 @@ class Pix2StructFamily(CrossAttentionDecoderFamily):
         square, wide, tall = synthetic_images()
         return [square.resize((64, 64)), wide.resize((120, 60)), tall.resize((50, 100))]
 
-    def _patches(self, processor: Any, images: Sequence[Image.Image],
-                 header: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """flattened_patches [n, max_patches, 2+p*p*3] (float32) and attention_mask [n, max_patches] at the image
-        processor's own max_patches (Pix2StructProcessor's call would impose 2048). A VQA processor renders ``header``
-        ("" when None, as TensorRT-LLM 1.2's README runs DePlot) above each image first, with the font it fetches."""
-        import torch
+    def rendered(self, processor: Any, images: Sequence[Image.Image],
+                 headers: Sequence[str | None] | None = None) -> list[Image.Image]:
+        """What the image processor extracts patches from: a VQA checkpoint's images each with its header rendered
+        above it (``headers``: one per image; None or missing: ""), as transformers' processor renders
+        ``header_text``, in the checkpoint's font (:func:`header_font`); a captioning checkpoint's images as given."""
+        images = list(images)
+        if not is_vqa(processor):
+            return images
+        texts = list(headers) if headers is not None else [None] * len(images)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} headers for {len(images)} images")
+        font = header_font(processor)
+        return [render_header(image, text or "", font) for image, text in zip(images, texts, strict=True)]
 
-        image_processor = getattr(processor, "image_processor", processor)
-        extra = {"header_text": header or ""} if getattr(image_processor, "is_vqa", False) else {}
-        out = image_processor(images=list(images), max_patches=int(image_processor.max_patches), return_tensors="pt",
-                              **extra)
-        return out["flattened_patches"].to(torch.float32), out["attention_mask"].to(torch.long)
+    def _patches(self, processor: Any, images: Sequence[Image.Image],
+                 headers: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """flattened_patches [n, max_patches, 2+p*p*3] (float32) and attention_mask [n, max_patches] of the
+        :meth:`rendered` images (:func:`extract_patches`)."""
+        return extract_patches(processor, self.rendered(processor, images, headers))
 
     def pixel_values(self, processor: Any, images: list[Image.Image]) -> torch.Tensor:
         return self._patches(processor, images)[0]
 
     def visual_inputs(self, processor: Any, images: Sequence[Image.Image]) -> VisualInputs:
-        """One entry per image: its padded flattened patches."""
+        """One entry per image: its padded flattened patches (a VQA checkpoint's rendered with an empty header)."""
+        return self.headed_visual_inputs(processor, images, [""] * len(images))
+
+    def headed_visual_inputs(self, processor: Any, images: Sequence[Image.Image],
+                             headers: Sequence[str]) -> VisualInputs:
+        """One entry per image: the padded flattened patches of the image as :meth:`rendered` with its header, and
+        the rendered image's size (what :meth:`pack_visual_features` counts the real patches of)."""
         from vlmforge.families.contract import VisualInputs
 
-        patches = self.pixel_values(processor, list(images))
-        return VisualInputs(patches, [1] * len(images), [(image.height, image.width) for image in images])
+        rendered = self.rendered(processor, images, headers)
+        return VisualInputs(extract_patches(processor, rendered)[0], [1] * len(rendered),
+                            [(image.height, image.width) for image in rendered])
 
     def visual_engine_feeds(self, inputs: VisualInputs, max_batch_size: int,
                             extras: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -333,9 +450,11 @@ class Pix2StructFamily(CrossAttentionDecoderFamily):
 
     def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
                            prompt: str | None, max_new_tokens: int) -> GenResult:
+        """The full model on the processor's patches: a VQA checkpoint's images with ``prompt`` as their header
+        (:meth:`image_header`, the same rendering the runner's path takes), the decoder from its start token."""
         from vlmforge.modeling.generation import ref_generate
 
         images = self.image_list(image)
-        self.format_prompt(prompt)
-        patches, mask = self._patches(processor, images, prompt)  # the header of a VQA checkpoint (trtllm validation)
+        header = self.image_header(processor, self.format_prompt(prompt, len(images)))
+        patches, mask = self._patches(processor, images, [header] * len(images))
         return ref_generate(model, {"flattened_patches": patches, "attention_mask": mask}, max_new_tokens)

@@ -3,7 +3,7 @@
 Every ``nn.Linear`` of the LLM but the head becomes an :class:`Int8Linear` (per-output-channel symmetric int8,
 ``torch._weight_int8pack_mm`` on the CPU, the codes cast inside a fused matmul on CUDA) or an :class:`Int4Linear` (asymmetric int4 in groups along the input,
 ``torch._weight_int4pack_mm``: tinygemm on CUDA, bf16 activations; its CPU twin ``_weight_int4pack_mm_for_cpu``;
-on CUDA with GemLite installed, GemLite's Triton GEMV/GEMM instead, see :data:`INT4_KERNELS`).
+on CUDA, opt-in, GemLite's Triton GEMV/GEMM instead, see :data:`INT4_KERNELS`).
 The weights stay low-bit in memory and are read low-bit by the kernel: no fake quantization.
 
 On disk (``save_quantized``): ``config.json``, ``lowbit.json`` (format, bits, group size, the quantized
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 QuantWeights = Literal["int8", "int4"]
 Int4Kernel = Literal["auto", "tinygemm", "gemlite"]
 INT4_KERNELS: dict[str, str] = {
-    "auto": "gemlite on CUDA where the package is installed, else tinygemm (the CPU always runs torch's CPU kernel)",
+    "auto": "tinygemm, the kernel measured so far (the CPU always runs torch's CPU kernel); GemLite is opt-in until "
+            "its decode rate on a GPU is measured (bench/quantize_gpu.py --engines fp16,int4,int4_gemlite)",
     "tinygemm": "torch's _weight_int4pack_mm (bfloat16 activations); reads int4 at 1.0-1.4 TB/s on an H200",
     "gemlite": "GemLite's Triton kernels (pip install gemlite; Triton >= 3.6): a reverse split-K GEMV at batch 1-4, "
                "split-K and tiled GEMMs above, fp16 activations, the int4 codes repacked into int32 words",
@@ -193,7 +194,7 @@ def _int4_kernel(kernel: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     if kernel == "auto":
-        return "gemlite" if gemlite_installed() else "tinygemm"
+        return "tinygemm"
     if kernel == "gemlite" and not gemlite_installed():
         raise ValueError("int4 kernel 'gemlite' needs the gemlite package (pip install gemlite, with Triton >= 3.6); "
                          "or choose 'tinygemm' (torch's own)")

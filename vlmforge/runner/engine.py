@@ -57,6 +57,9 @@ class HfEngine:
         self.max_batch_size = max_batch_size or self.config.max_batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = self.family.load_processor(self.dir / self.config.processor)
+        self.renders_prompt = self.family.image_header(self.processor, None) is not None
+        """The checkpoint renders each request's text into its images (Pix2Struct VQA): images are encoded with their
+        requests' prompts (:meth:`encode_images`), and the server takes text for it."""
         self.vision = None
         self.visual_extras: dict[str, torch.Tensor] = {}
         self.image_cache: ImageCache | None = None
@@ -159,13 +162,26 @@ class HfEngine:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def _inputs(self, images: Sequence[Image.Image], images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
+    def headers(self, images: Sequence[Image.Image], prompts: Sequence[str | None] | None) -> list[str] | None:
+        """The text rendered into each image (its request's prompt: ``prompts`` holds one per image), or None where
+        the checkpoint renders none (:attr:`renders_prompt`)."""
+        if not self.renders_prompt:
+            return None
+        texts = list(prompts) if prompts is not None else [None] * len(images)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} prompts")
+        return [self.family.image_header(self.processor, text) or "" for text in texts]
+
+    def _inputs(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None,
+                images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
         """The visual engine's inputs for the images (float32, CPU): the family's preprocessing, each image taking one
-        entry or (anyres families) one per tile; ``images_in_prompt[i]``: the images of image i's prompt (None: 1
-        each; LLaVA-OneVision preprocesses an image among several otherwise than one alone)."""
+        entry or (anyres families) one per tile; ``headers``: the text each image is rendered with (:meth:`headers`);
+        ``images_in_prompt[i]``: the images of image i's prompt (None: 1 each; LLaVA-OneVision preprocesses an image
+        among several otherwise than one alone)."""
         if self.vision is None:
             raise DeployError("this engine was loaded without its visual engine (a follower rank)")
-        inputs = self.family.prompt_visual_inputs(self.processor, list(images), images_in_prompt)
+        inputs = (self.family.prompt_visual_inputs(self.processor, list(images), images_in_prompt) if headers is None
+                  else self.family.headed_visual_inputs(self.processor, list(images), headers))
         inputs.pixels = inputs.pixels.float().cpu()
         return inputs
 
@@ -191,21 +207,25 @@ class HfEngine:
         return [self.family.pack_visual_features(self.processor, part, size, self.visual_extras)
                 for part, size in zip(outputs, inputs.image_sizes, strict=True)]
 
-    def _features(self, images: Sequence[Image.Image],
+    def _features(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None,
                   images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
-        return [features.to(self.device) for features in self._encode(self._inputs(images, images_in_prompt))]
+        return [features.to(self.device) for features in self._encode(self._inputs(images, headers, images_in_prompt))]
 
-    def encode_images(self, images: Sequence[Image.Image],
+    def encode_images(self, images: Sequence[Image.Image], prompts: Sequence[str | None] | None = None, *,
                       images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device); with an image cache, images
-        seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`). ``images_in_prompt``: as
-        :meth:`_inputs` (the cache keys the preprocessed pixels, so an image tiled otherwise is another entry)."""
+        seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`). ``prompts``: each image's request's
+        text, rendered into it where the checkpoint does (:attr:`renders_prompt`; ignored otherwise); the cache
+        keys such an image on its header too (the same image with another question is another entry).
+        ``images_in_prompt``: as :meth:`_inputs` (the cache keys the preprocessed pixels, so an image tiled otherwise
+        is another entry)."""
         import torch
 
+        headers = self.headers(images, prompts)
         if self.image_cache is None:
-            return self._features(images, images_in_prompt)
-        inputs = self._inputs(images, images_in_prompt)
+            return self._features(images, headers, images_in_prompt)
+        inputs = self._inputs(images, headers, images_in_prompt)
         # the key holds the image's size beside its pixels: anyres unpadding depends on it
         keys = [torch.cat([pixels.flatten(), torch.tensor(size, dtype=pixels.dtype)])
                 for pixels, size in zip(inputs.split(inputs.pixels), inputs.image_sizes, strict=True)]
@@ -213,7 +233,8 @@ class HfEngine:
         def encode(indices: list[int]) -> list[torch.Tensor]:
             return self._encode(inputs.select(indices))
 
-        host = self.image_cache.encode(keys, encode)
+        tags = None if headers is None else [b"header:" + header.encode() for header in headers]
+        host = self.image_cache.encode(keys, encode, tags=tags)
         return [features.to(self.device, copy=True) for features in host]  # the cache keeps its own entries intact
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:
@@ -255,7 +276,7 @@ class HfEngine:
         several = isinstance(image, (list, tuple))
         images = list(image) if several else [image]
         start = time.perf_counter()
-        encoded = self._features(images, [len(images)] * len(images))
+        encoded = self._features(images, self.headers(images, [prompt] * len(images)), [len(images)] * len(images))
         features = encoded if several else encoded[0]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -5,7 +5,8 @@ What the key hashes, and why: the SHA-256 of the visual engine's exact input, th
 client sent would miss the same picture sent re-encoded, and hashing the decoded image would have to list every
 property the processor reads (mode, palette, transparency, size); the processed tensor is what the encoder
 computes from, so two requests share an entry exactly when the encoder would be given the same input (up to a
-SHA-256 collision). Resizing and normalising still run for every image (milliseconds on the CPU); the encoder
+SHA-256 collision). A checkpoint that renders the request's text into its image (Pix2Struct VQA) adds that text
+as the entry's tag: the same image asked another question is another entry, the same question hits. Resizing and normalising still run for every image (milliseconds on the CPU); the encoder
 forward is what a hit skips.
 
 Where entries live: on the CPU. The hf engine's visual engine (ONNX Runtime) hands its outputs back in host
@@ -68,13 +69,14 @@ class ImageCache:
         self._hits = self._misses = self._evictions = 0
         self._lock = threading.Lock()
 
-    def key(self, pixels: torch.Tensor) -> str:
-        """The key of one image's encoder input (any device; its dtype and shape are part of it)."""
+    def key(self, pixels: torch.Tensor, tag: bytes = b"") -> str:
+        """The key of one image's encoder input (any device; its dtype and shape are part of it) and ``tag`` (what
+        else the input was made from: a rendered header's text; hashed with its length, so no two tags collide)."""
         import torch
 
         host = pixels.detach().to("cpu").contiguous()
         digest = hashlib.sha256(self._namespace)
-        digest.update(f"{host.dtype}|{tuple(host.shape)}|".encode())
+        digest.update(f"{host.dtype}|{tuple(host.shape)}|{len(tag)}|".encode() + tag)
         digest.update(host.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
         return digest.hexdigest()
 
@@ -111,12 +113,15 @@ class ImageCache:
                 self._bytes -= tensor_bytes(evicted)
                 self._evictions += 1
 
-    def encode(self, pixels: Sequence[torch.Tensor],
-               encode: Callable[[list[int]], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    def encode(self, pixels: Sequence[torch.Tensor], encode: Callable[[list[int]], Sequence[torch.Tensor]],
+               tags: Sequence[bytes] | None = None) -> list[torch.Tensor]:
         """Each image's features, in order: stored ones from the cache, the rest from ``encode(indices)`` (called
         once, with the indices of the distinct images that missed; it returns their features in that order), which
-        are then stored. An image repeated within the call is encoded once and counts as a hit after its first."""
-        keys = [self.key(p) for p in pixels]
+        are then stored. An image repeated within the call is encoded once and counts as a hit after its first.
+        ``tags``: one per image, part of its key (:meth:`key`)."""
+        if tags is not None and len(tags) != len(pixels):
+            raise ValueError(f"{len(tags)} tags for {len(pixels)} images")
+        keys = [self.key(p, tags[i] if tags is not None else b"") for i, p in enumerate(pixels)]
         out: list[torch.Tensor | None] = [None] * len(keys)
         first_of: dict[str, int] = {}
         missing: list[int] = []

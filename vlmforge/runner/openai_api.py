@@ -234,6 +234,19 @@ def check_prompt_chars(text: str | None, max_chars: int, max_input_len: int, cha
                             "shorten the prompt", param="messages", code="context_length_exceeded")
 
 
+MAX_HEADER_CHARS = 1000
+"""The longest text an engine that renders the prompt into the image (Pix2Struct VQA) takes: its header shares the
+image's patches, so a longer one leaves the picture almost none (DePlot's prompt is 51 characters)."""
+
+
+def check_header_chars(text: str | None, max_chars: int) -> None:
+    """Refuse a header text too long to render into the image."""
+    if text is not None and len(text) > max_chars:
+        raise ApiError(400, f"messages: the text is {len(text)} characters, over the {max_chars} this model renders "
+                            "into the image as its header (the header shares the image's patches); shorten the "
+                            "question", param="messages", code="context_length_exceeded")
+
+
 def stop_strings(request: ChatRequest, limits: Limits) -> list[str]:
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     stops = [s for s in stops if s]

@@ -106,6 +106,9 @@ class Engine(Protocol):
     image_cache: ImageCache | None
     """Visual features of images seen before (:mod:`vlmforge.runner.image_cache`), where the runner encodes images
     itself and was given a size for it; None otherwise."""
+    renders_prompt: bool
+    """The checkpoint renders each request's text into its images (Pix2Struct VQA: DePlot's header), not into the
+    LLM's prompt: the runner encodes images with their requests' prompts and the server takes text for it."""
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -152,9 +155,13 @@ class IncrementalEngine(Engine, Protocol):
     kind: ClassVar[Literal[EngineKind.INCREMENTAL]]
 
     def encode_images(self, images: Sequence[Image.Image],
+                      prompts: Sequence[str | None] | None = None, *,
                       images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only);
-        ``images_in_prompt[i]``: how many images image i's prompt carries (None: one each)."""
+        ``prompts`` (one per image, its request's) only for an engine whose ``renders_prompt`` is true (a checkpoint
+        that renders the prompt into the image, Pix2Struct VQA; the others are called without);
+        ``images_in_prompt[i]``: how many images image i's prompt carries (None: one each; LLaVA-OneVision
+        preprocesses an image among several otherwise than one alone)."""
         ...
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:

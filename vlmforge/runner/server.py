@@ -44,9 +44,11 @@ from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_time
 from vlmforge.runner.image_cache import DEFAULT_IMAGE_CACHE_MIB, MIB
 from vlmforge.runner.loader import LoadOptions, load_engine
 from vlmforge.runner.openai_api import (
+    MAX_HEADER_CHARS,
     ApiError,
     Limits,
     TextStream,
+    check_header_chars,
     check_prompt_chars,
     choices,
     completion_id,
@@ -149,7 +151,10 @@ class Runtime:
             self.metrics.watch_image_cache(engine.image_cache.stats)
         self.default_max_tokens = min(settings.default_max_tokens or self.limits.max_output_len,
                                       self.limits.max_output_len)
-        self.max_prompt_chars = self.limits.max_input_len * settings.limits.max_prompt_chars_per_token
+        self.renders_prompt = engine.renders_prompt
+        """The request's text is rendered into its image (Pix2Struct VQA), not fed to the LLM."""
+        self.max_prompt_chars = (MAX_HEADER_CHARS if self.renders_prompt else
+                                 self.limits.max_input_len * settings.limits.max_prompt_chars_per_token)
         self.start = WarmStart()
         plan = WarmupPlan.of(self.config.num_visual_features, batch=batch, max_new_tokens=self.default_max_tokens)
         self.compiled = engine.compiled_decoder is not None
@@ -181,6 +186,12 @@ class Runtime:
 
     @property
     def takes_prompt(self) -> bool:
+        """Requests may carry text: the LLM reads it, or the checkpoint renders it into the image."""
+        return bool(self.engine.family.takes_prompt) or self.renders_prompt
+
+    @property
+    def llm_takes_prompt(self) -> bool:
+        """The text goes into the LLM's prompt (counted against max_input_len)."""
         return bool(self.engine.family.takes_prompt)
 
     def model_card(self) -> dict[str, Any]:
@@ -272,13 +283,16 @@ def create_app(runtime: Runtime) -> FastAPI:
                 runtime.engine.check_sampling(sampling)
             except UnsupportedSampling as exc:
                 raise ApiError(400, str(exc), param=exc.param) from None
-            check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
-                               limits.max_prompt_chars_per_token)
+            if runtime.renders_prompt:
+                check_header_chars(parsed.text, runtime.max_prompt_chars)
+            else:
+                check_prompt_chars(parsed.text, runtime.max_prompt_chars, runtime.limits.max_input_len,
+                                   limits.max_prompt_chars_per_token)
             try:  # off the event loop: /health and other requests go on meanwhile
                 prompt_tokens = await run_in_threadpool(runtime.engine.prompt_length, parsed.text, count)
             except ValueError as exc:
                 raise ApiError(400, f"messages: {exc}", param="messages") from None
-            if runtime.takes_prompt and prompt_tokens > runtime.limits.max_input_len:
+            if runtime.llm_takes_prompt and prompt_tokens > runtime.limits.max_input_len:
                 raise ApiError(400, f"the prompt takes {prompt_tokens} positions (text and {count} image"
                                     f"{'s' if count > 1 else ''}), over this engine's "
                                     f"max_input_len of {runtime.limits.max_input_len}", param="messages",

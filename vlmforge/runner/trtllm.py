@@ -149,6 +149,9 @@ class TrtllmEngine:
     kind: ClassVar[Literal[EngineKind.WHOLE_REQUEST]] = EngineKind.WHOLE_REQUEST
     image_cache: ClassVar[None] = None
     """None: TensorRT-LLM's runner encodes the images of the requests it takes itself."""
+    renders_prompt: ClassVar[bool] = False
+    """The server takes text for this engine as its family says (a Pix2Struct VQA checkpoint's questions reach
+    TensorRT-LLM's runner only on the hf toolchain's runner so far: not run here, no TensorRT-LLM)."""
 
     def __init__(self, engine_dir: Path, *, hf_model_dir: Path | None = None) -> None:
         version = require_trtllm()

@@ -126,7 +126,7 @@ def convert(resolved: ResolvedSpec, source_dir: Path, out: Path, *, device: str 
     model = _load_model(resolved, source_dir, _torch_dtype("float32"), device)
     target = out / "checkpoint"
     save_pretrained_as(model, target, _torch_dtype(spec.dtype.value))
-    _load_processor(resolved, source_dir).save_pretrained(target)
+    family.save_processor(_load_processor(resolved, source_dir), source_dir, target)
     return ConvertResult(dtype=spec.dtype.value, num_visual_features=facts.num_visual_features,
                          num_attention_heads=facts.num_attention_heads, bytes=safetensors_size(target))
 
@@ -162,7 +162,7 @@ def build_llm(resolved: ResolvedSpec, checkpoint_dir: Path, quantized: tuple[Pat
         llm = family.extract_llm(_load_model(resolved, checkpoint_dir, dtype, device))
         save_pretrained_as(llm, target, dtype)
         fmt = "safetensors"
-    _load_processor(resolved, checkpoint_dir).save_pretrained(out / "processor")
+    family.save_processor(_load_processor(resolved, checkpoint_dir), checkpoint_dir, out / "processor")
     # the saved LLM's own class (a family whose llm_class is transformers' Auto class serves several)
     architecture = (read_config(target).get("architectures") or [family.llm_class().__name__])[0]
     return LlmResult(format=fmt, architecture=architecture, bytes=safetensors_size(target))
