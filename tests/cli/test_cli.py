@@ -60,7 +60,8 @@ def test_models_and_families_json() -> None:
     onevision = by_name["llava_onevision"]
     assert onevision["toolchains"] == by_name["llava_next"]["toolchains"]
     assert (onevision["tiny_source"], onevision["num_visual_features"], onevision["default_max_image_size"],
-            onevision["max_images_per_prompt"]) == ("tiny://llava-onevision", 8765, "2304x2304", 1)
+            onevision["max_images_per_prompt"]) == ("tiny://llava-onevision", 8765, "2304x2304", None)
+    assert "several images per prompt: one tile each (hf toolchain)" in onevision["description"]
     assert by_name["gemma3"]["toolchains"] == {
         "hf": "build, validate, serve",
         "trtllm": "no engine (plans refused); deploy --backend trtllm-serve serves its checkpoint"}

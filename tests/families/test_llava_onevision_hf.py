@@ -1,7 +1,8 @@
 """LLaVA-OneVision: anyres_max_9 counts against transformers' processor (recorded and live), the largest image within
 visual.max_image_size against brute force, and on the hf toolchain with tiny://llava-onevision: the family's packing
 (unpadding, bilinear downsampling, newline embeddings) against transformers' own, token counts against the plan's
-budgets, and the refusals (several images, video, a checkpoint tiling otherwise)."""
+budgets, several images per prompt (one padded tile each) against transformers' generate() and batched as alone, and
+the refusals (video, a checkpoint tiling otherwise)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,12 @@ def reference_features(t, images: list) -> list[torch.Tensor]:
         out = t.model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-1,
                                                vision_feature_select_strategy="full",
                                                vision_aspect_ratio="anyres_max_9")
-    return [part[None] for part in out.pooler_output]
+    return [part[None] for part in image_features_of(out)]
+
+
+def image_features_of(out) -> list[torch.Tensor]:
+    """get_image_features' per-image features: its pooler_output (transformers 5), the list itself (4.57)."""
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
 def family_features(t, images: list) -> list[torch.Tensor]:
@@ -177,12 +183,91 @@ def test_a_checkpoint_tiling_otherwise_than_the_plan_counted_is_refused(tiny: Ti
         family.check_checkpoint_config(tiny_spec(NAME), {**config, "vision_feature_select_strategy": "default"})
 
 
-def test_several_images_and_video_are_refused_clearly() -> None:
+def test_video_is_refused_clearly_and_several_images_are_formatted() -> None:
     family = get_family("llava_onevision")
     assert family.format_prompt("Hi?") == "<|im_start|>user <image>\nHi?<|im_end|><|im_start|>assistant\n"
-    with pytest.raises(ValueError, match="llava_onevision takes one image per prompt"):
-        family.format_prompt("Compare them.", 2)
+    assert family.format_prompt("Compare them.", 2) == \
+        "<|im_start|>user <image><image>\nCompare them.<|im_end|><|im_start|>assistant\n"
     with pytest.raises(ValueError, match=r"video input \(<video>\) is not supported yet"):
         family.format_prompt("<video>\nWhat happens?")
     assert family.hf_supported and family.tiny_source == "tiny://llava-onevision"
     assert family.visual_model_type(None) == "llava_onevision" and family.llm_kind == "qwen"
+    assert family.images_per_prompt_limit is None
+    assert "an image among several of a prompt: one padded tile, 4 + 1 newline" in \
+        family.visual_token_formula(tiny_spec(NAME), ImageSize(height=168, width=168))
+
+
+# --- several images per prompt: one padded tile each (transformers' batch_num_images > 1) ---------------------------
+
+MULTI_PROMPT = "Compare the pictures."
+MULTI_SIZES = [(100, 80), (45, 130), (64, 64), (200, 30)]  # (width, height): wide, tall, square, very wide
+
+
+def prompt_features(t, images: list, images_in_prompt: list[int]) -> list[torch.Tensor]:
+    """The runner's path: the family's preprocessing for each image's prompt, the visual module, the packing."""
+    inputs = t.family.prompt_visual_inputs(t.processor, images, images_in_prompt)
+    with torch.no_grad():
+        outputs = t.family.visual_module(t.model)(inputs.pixels)
+    t.work.joinpath("extras-multi").mkdir(parents=True, exist_ok=True)
+    t.family.save_visual_extras(t.model, t.work / "extras-multi")
+    extras = t.family.load_visual_extras(t.work / "extras-multi")
+    return [t.family.pack_visual_features(t.processor, part, size, extras)
+            for part, size in zip(inputs.split_outputs(outputs), inputs.image_sizes, strict=True)]
+
+
+def test_images_among_several_take_one_padded_tile_as_transformers_packs_them(tiny: TinyCache) -> None:
+    t = tiny(NAME)
+    images = images_of(MULTI_SIZES)
+    inputs = t.family.prompt_visual_inputs(t.processor, images, [2, 2, 1, 2])
+    alone = onevision_count(64, 64, TINY)
+    assert inputs.inputs_per_image == [1, 1, tiles_of(alone.pinpoint, TINY.tile), 1]
+    got = prompt_features(t, images, [2, 2, 1, 2])
+    assert [int(f.shape[1]) for f in got] == [4 + 1, 4 + 1, alone.tokens, 4 + 1]
+    several = t.processor.image_processor(images=[[images[0], images[1], images[3]]], return_tensors="pt")
+    with torch.no_grad():
+        want = t.model.model.get_image_features(several["pixel_values"], several["image_sizes"],
+                                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                vision_aspect_ratio="anyres_max_9",
+                                                batch_num_images=several["batch_num_images"])
+    want = image_features_of(want)
+    for g, w in zip([got[0], got[1], got[3]], want, strict=True):
+        assert torch.allclose(g[0], w, atol=1e-6)
+    assert torch.equal(got[2], family_features(t, [images[2]])[0])  # alone: tiled as before
+    ids = t.processor(images=[[images[0], images[1]]], text="<image><image>", return_tensors="pt").input_ids
+    assert int((ids == t.processor.image_token_id).sum()) == 2 * (4 + 1)
+    with pytest.raises(ValueError, match="images_in_prompt has 1 entries for 4 images"):
+        t.family.prompt_visual_inputs(t.processor, images, [2])
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 2), (3, 0, 2)], ids=str)
+def test_several_images_of_different_sizes_equal_transformers_generate(tiny: TinyCache,
+                                                                        order: tuple[int, ...]) -> None:
+    """Float32 on the CPU: the same greedy tokens as transformers' generate() given the images nested as one prompt
+    (processor and model with batch_num_images), and teacher-forced logits within 1e-4."""
+    t = tiny(NAME)
+    family, llm = t.family, t.family.extract_llm(t.model)
+    images = [images_of(MULTI_SIZES)[i] for i in order]
+    ref = family.reference_generate(t.model, t.processor, images, MULTI_PROMPT, 16)
+    features = prompt_features(t, images, [len(images)] * len(images))
+    got = family.generate(llm, t.processor, features, family.format_prompt(MULTI_PROMPT, len(images)), 16)
+    assert got.tokens == ref.tokens and (got.logits - ref.logits).abs().max().item() < 1e-4
+    tiled = family.generate(llm, t.processor, family_features(t, images),  # each image tiled as if alone: not it
+                            family.format_prompt(MULTI_PROMPT, len(images)), 16)
+    assert tiled.logits.shape != got.logits.shape or (tiled.logits - got.logits).abs().max().item() > 1e-3
+
+
+def test_a_batch_of_one_and_two_image_prompts_decodes_as_each_alone(tiny: TinyCache) -> None:
+    from tests.helpers.decoding import assert_batched_as_alone, assert_joins_as_alone
+
+    t = tiny(NAME)
+    llm = t.family.extract_llm(t.model)
+    images = images_of(MULTI_SIZES)
+    requests = [([0], t.prompt), ([1, 2], MULTI_PROMPT), ([2], "What is this?"), ([3, 0], None), ([1], t.prompt)]
+    prefixes = []
+    for indexes, text in requests:
+        features = prompt_features(t, [images[i] for i in indexes], [len(indexes)] * len(indexes))
+        prefixes.append(t.family.llm_prefix(llm, t.processor, features, text))
+    assert len({p.length for p in prefixes}) > 2
+    alone = assert_batched_as_alone(llm, prefixes, 12)
+    assert len({tuple(a.tokens) for a in alone}) > 1
+    assert_joins_as_alone(llm, prefixes, [3, 12, 6, 12, 4])

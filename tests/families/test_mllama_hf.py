@@ -1,8 +1,9 @@
 """mllama on the hf toolchain (tiny://mllama): the three-input visual engine (tiles, aspect-ratio ids and mask) against
 transformers' vision model and projector, in torch and in ONNX Runtime at other batch sizes than it was exported at;
 the host's aspect-ratio inputs and the states' visibility against the processor's; the masks the LLM builds against
-``MllamaModel``'s own; the split path against ``generate`` on images of 4, 3 and 3 tiles; and the eager batch state
-(right-padded states, left-padded rows) against each request alone, with joins and the static path refused."""
+``MllamaModel``'s own; the split path against ``generate`` on images of 4, 3 and 3 tiles, one or several per prompt;
+and the eager batch state (right-padded states, left-padded rows, one- and two-image rows) against each request alone,
+with joins and the static path refused."""
 
 from __future__ import annotations
 
@@ -106,8 +107,65 @@ def test_a_prompt_for_another_image_count_is_refused(tiny: TinyCache) -> None:
     t = tiny(NAME)
     with pytest.raises(ValueError, match="exactly one <\\|image\\|>"):
         t.family.prompt_length(t.processor, "<|image|><|image|><|begin_of_text|>Two?", 20)
-    with pytest.raises(ValueError, match="one image per prompt"):
-        t.family.llm_prefix(t.family.extract_llm(t.model), t.processor, t.features[:2], PROMPT)
+    with pytest.raises(ValueError, match="an mllama prompt for 2 images holds exactly 2 <\\|image\\|>"):
+        t.family.llm_prefix(t.family.extract_llm(t.model), t.processor, t.features[:2], "A<|image|>B")
+
+
+# --- several images per prompt (hf toolchain): each image's states, each visible from its own <|image|> on ----------
+
+MULTI_PROMPTS = ["<|image|><|image|><|begin_of_text|>Compare the two pictures",
+                 "<|image|><|begin_of_text|>First this<|image|> and then that"]
+
+
+@pytest.mark.parametrize("order", [(0, 1), (2, 0), (1, 2, 0)], ids=str)
+@pytest.mark.parametrize("which", [0, 1])
+def test_several_images_of_different_sizes_equal_transformers_generate(tiny: TinyCache, order: tuple[int, ...],
+                                                                        which: int) -> None:
+    """Images of 4, 3 and 3 tiles in one prompt (together, or each before its own text): the same greedy tokens as
+    transformers' generate() on the processor's nested images (float32), logits within 1e-4; the states' visibility
+    is the processor's cross_attention_mask over the real tiles."""
+    t = tiny(NAME)
+    llm = t.family.extract_llm(t.model)
+    images = [t.images[i] for i in order]
+    prompt = MULTI_PROMPTS[which].replace("<|image|><|image|>", "<|image|>" * len(order)) if which == 0 else \
+        MULTI_PROMPTS[which] + "<|image|> last" * (len(order) - 2)
+    ref = t.family.reference_generate(t.model, t.processor, images, prompt, MAX_NEW_TOKENS)
+    features = [t.features[i] for i in order]
+    got = t.family.generate(llm, t.processor, features, prompt, MAX_NEW_TOKENS)
+    assert got.tokens == ref.tokens and (got.logits - ref.logits).abs().max().item() < 1e-4
+    processed = t.processor(images=[images], text=prompt, return_tensors="pt")
+    prefix = t.family.llm_prefix(llm, t.processor, features, prompt)
+    tiles = [int(f.shape[1]) // 5 for f in features]
+    dense = processed["cross_attention_mask"]
+    want = torch.cat([dense[:, :, i, :n] for i, n in enumerate(tiles)], dim=-1).repeat_interleave(5, dim=-1)
+    assert torch.equal(prefix.cross_mask, want) and prefix.cross_states.shape[1] == sum(f.shape[1] for f in features)
+    assert prefix.length == t.family.prompt_length(t.processor, prompt, [20] * len(order))
+
+
+def test_prompts_get_one_image_token_per_image() -> None:
+    from vlmforge.families import get_family
+
+    family = get_family("mllama")
+    golden = family.golden_prompt
+    assert family.format_prompt(golden, 2) == "<|image|>" + golden  # the README form for one image: one per image
+    assert family.format_prompt("<|image|><|image|>Two?", 1) == "<|image|><|image|>Two?"  # refused later, not fixed
+    assert family.format_prompt("Hi", 2) == "<|image|><|image|><|begin_of_text|>Hi"
+    assert family.format_prompt(MULTI_PROMPTS[1], 2) == MULTI_PROMPTS[1]  # placed by the user: kept
+    assert family.images_per_prompt_limit is None
+
+
+def test_a_batch_of_one_and_two_image_prompts_decodes_as_each_alone(tiny: TinyCache) -> None:
+    t = tiny(NAME)
+    llm = t.family.extract_llm(t.model)
+    requests = [([0], t.prompt), ([1, 2], MULTI_PROMPTS[0]), ([2], "<|image|><|begin_of_text|>What is this?"),
+                ([2, 0], MULTI_PROMPTS[1]), ([1], t.prompt)]
+    prefixes = [t.family.llm_prefix(llm, t.processor, [t.features[i] for i in images], text)
+                for images, text in requests]
+    assert len({int(p.cross_states.shape[1]) for p in prefixes}) > 2
+    alone = [greedy_prefix(llm, p, MAX_NEW_TOKENS) for p in prefixes]
+    for one, many in zip(alone, greedy_batch(llm, prefixes, MAX_NEW_TOKENS), strict=True):
+        assert many.tokens == one.tokens
+        assert (many.logits - one.logits).abs().max().item() < 1e-4
 
 
 def test_the_states_matter(tiny: TinyCache) -> None:

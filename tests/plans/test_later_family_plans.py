@@ -169,12 +169,18 @@ def test_llava_onevision_with_the_readmes_limits_is_refused_naming_size_tokens_a
     assert build["build-visual"][-2:] == ["--max_batch_size", "32"]
 
 
-def test_llava_onevision_refuses_video_and_several_images() -> None:
+def test_llava_onevision_refuses_video_and_the_trtllm_plan_several_images() -> None:
     with pytest.raises(SpecError, match="video input to llava_onevision .* is a later step") as info:
         plan_for(ONEVISION, {"validation.input_text": "<video>\nWhat happens?"})
     assert info.value.path == "validation.input_text"
-    with pytest.raises(SpecError, match="max_images_per_prompt"):
-        plan_for(ONEVISION, {"limits.max_images_per_prompt": 2})
+    two = {"limits.max_images_per_prompt": 2, "limits.max_input_len": 18000, "limits.max_seq_len": 18512,
+           "visual.max_batch_size": 296}
+    with pytest.raises(PlanError, match=r"max_images_per_prompt 2: the trtllm plan of llava_onevision takes one image "
+                                        r"per prompt .*--toolchain hf"):
+        plan_for(ONEVISION, two)
+    # the hf toolchain takes them (one padded tile each): the budgets still count the largest image alone per image
+    derived = resolve(spec_from_dict(merge_overrides(catalog_entry(ONEVISION), two))).derived
+    assert derived.max_images_per_prompt == 2 and derived.max_multimodal_len == 1 * 2 * 8765  # batch 1
 
 
 # --- qwen2_vl (Qwen/Qwen2-VL-7B-Instruct) ---------------------------------------------------------------------------

@@ -112,9 +112,10 @@ def test_limits_that_cannot_hold_the_largest_image_are_refused() -> None:
         plan_for(INSTRUCT, {"limits.max_encoder_input_len": 4100})
     assert info.value.path == "limits.max_encoder_input_len"
     assert plan_for(INSTRUCT, {"limits.max_encoder_input_len": 6404}).derived.max_encoder_input_len == 6404
-    with pytest.raises(SpecError, match="at most 1 image per prompt") as images:
-        plan_for(INSTRUCT, {"limits.max_images_per_prompt": 2})
-    assert images.value.path == "limits.max_images_per_prompt"
+    with pytest.raises(PlanError, match=r"max_images_per_prompt 2: TensorRT-LLM v1\.2\.1's mllama visual engine "
+                                        r"takes \[B, 1, 4, 3, S, S\] \(the export fixes the media axis at 1.*"
+                                        r"--toolchain hf"):
+        plan_for(INSTRUCT, {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 8})
     with pytest.raises(SpecError, match="num_visual_features does not apply to mllama.*4 x 1601 = 6404"):
         plan_for(INSTRUCT, {"architecture.num_visual_features": 4100})
     with pytest.raises(SpecError, match="visual.max_image_size"):

@@ -167,24 +167,29 @@ def test_followers_refuse_a_job_for_the_other_kind_of_engine() -> None:
 
 def test_a_shared_image_is_encoded_once_per_batch() -> None:
     """A request's ``n`` choices are n scheduler requests holding the same image object: the batch's visual-engine
-    call gets it once, and every request sharing it gets its features (with several images per prompt too)."""
+    call gets it once per count of images in its prompt (LLaVA-OneVision preprocesses an image among several
+    otherwise than alone), and every request sharing it gets those features (with several images per prompt too)."""
     from vlmforge.runner.jobs import encode_job
 
     class Counting:
         renders_prompt = False
 
         def __init__(self) -> None:
-            self.calls: list[list[Any]] = []
+            self.calls: list[tuple[list[Any], list[int]]] = []
 
-        def encode_images(self, images: list[Any]) -> list[Any]:
-            self.calls.append(list(images))
-            return [f"features of {image}" for image in images]
+        def encode_images(self, images: list[Any], prompts: list[Any] | None = None, *,
+                          images_in_prompt: list[int]) -> list[Any]:
+            assert prompts is None  # renders no prompt
+            self.calls.append((list(images), list(images_in_prompt)))
+            return [f"features of {image} among {n}" for image, n in zip(images, images_in_prompt, strict=True)]
 
     engine = Counting()
     cat, dog = "cat", "dog"  # any objects: identity is what counts
-    job = encode_job(engine, [cat, cat, cat, [dog, cat], "cat"], ["a"] * 5, [4] * 5)  # type: ignore[arg-type]
-    assert engine.calls == [[cat, dog]]
-    assert job.features == ["features of cat"] * 3 + [["features of dog", "features of cat"], "features of cat"]
+    job = encode_job(engine, [cat, cat, cat, [dog, cat], "cat", [cat, dog]], ["a"] * 6,  # type: ignore[arg-type]
+                     [4] * 6)
+    assert engine.calls == [([cat, dog, cat], [1, 2, 2])]
+    assert job.features == (["features of cat among 1"] * 3 + [["features of dog among 2", "features of cat among 2"],
+                            "features of cat among 1", ["features of cat among 2", "features of dog among 2"]])
 
 
 def test_an_image_rendered_with_its_prompt_is_encoded_once_per_prompt() -> None:
@@ -198,7 +203,8 @@ def test_an_image_rendered_with_its_prompt_is_encoded_once_per_prompt() -> None:
         def __init__(self) -> None:
             self.calls: list[tuple[list[Any], list[Any]]] = []
 
-        def encode_images(self, images: list[Any], prompts: list[Any] | None = None) -> list[Any]:
+        def encode_images(self, images: list[Any], prompts: list[Any] | None = None, *,
+                          images_in_prompt: list[int] | None = None) -> list[Any]:
             assert prompts is not None
             self.calls.append((list(images), list(prompts)))
             return [f"{image} under {prompt}" for image, prompt in zip(images, prompts)]

@@ -110,6 +110,15 @@ class VisualContractHooks:
         pixels = self.pixel_values(processor, list(images))  # type: ignore[attr-defined]  # ModelFamily's
         return VisualInputs(pixels, [1] * len(images), [(image.height, image.width) for image in images])
 
+    def prompt_visual_inputs(self, processor: Any, images: Sequence[Image.Image],
+                             images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
+        """:meth:`visual_inputs` where the preprocessing may depend on how many images each image's prompt carries
+        (``images_in_prompt[i]``, None: every image alone). LLaVA-OneVision tiles an image alone but gives each of a
+        prompt's several images one padded tile; every other family preprocesses an image the same either way."""
+        if images_in_prompt is not None and len(images_in_prompt) != len(images):
+            raise ValueError(f"images_in_prompt has {len(images_in_prompt)} entries for {len(images)} images")
+        return self.visual_inputs(processor, images)
+
     def image_header(self, processor: Any, prompt: str | None) -> str | None:
         """The text a checkpoint (``processor``) renders into a request's images for its ``prompt``; None where its
         images are encoded apart from prompts (every family without :attr:`prompt_in_image`)."""

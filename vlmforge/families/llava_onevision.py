@@ -14,8 +14,12 @@ Budgets are counted exactly per image (:func:`onevision_count`, transformers' ar
 visual.max_image_size gives is :func:`largest_counts`, which walks each pinpoint an image of the box can land on and
 every unpadded grid its aspect ratios give (an upper bound, equal to the brute-force maximum where tests check it).
 
-Not yet: video (frames pooled to 14x14, run.py --video_path) and prompts with several images (transformers then pads
-each image to a square and takes its thumbnail alone, 729 + 1 tokens): both are refused, naming the reason.
+Several images per prompt (hf toolchain): as transformers does it (``batch_num_images`` > 1 in
+``LlavaOnevisionImageProcessor`` and ``get_image_features``), each image of such a prompt is padded to a square (the
+image mean's colour) and resized to one tile, not tiled: 729 + 1 tokens (its patches and one newline embedding),
+always fewer than the same image alone gives, so the per-image budget (the largest image alone) times
+max_images_per_prompt still bounds a prompt (:meth:`LlavaOnevisionFamily.prompt_visual_inputs`).
+Not yet: video (frames pooled to 14x14, run.py --video_path), refused naming the reason.
 TensorRT-LLM 1.2 converts the Qwen2 LLM with ``../qwen/convert_checkpoint.py`` (qwen_type from the config) and builds
 the tile engine with ``build_multimodal_engine.py --model_type llava_onevision``.
 """
@@ -27,17 +31,22 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vlmforge.errors import SpecError
+from vlmforge.errors import PlanError, SpecError
 from vlmforge.families import register_family
 from vlmforge.families.llava import DEFAULT_USER_TEXT, IMAGE_TOKEN
 from vlmforge.families.llava_next import AnyresGeometry, LlavaNextFamily, config_geometry, select_best_resolution
-from vlmforge.plans.model import PlanContext
+from vlmforge.plans.model import DialectInfo, PlanContext
 from vlmforge.specs.schema import BuildSpec, ImageSize
 from vlmforge.specs.visual import FamilyNumber
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from PIL import Image
+
+    from vlmforge.families.contract import VisualInputs
+    from vlmforge.modeling.generation import GenResult
 
 TILE = 384
 PATCH = 14
@@ -172,11 +181,11 @@ def spec_counts(spec: BuildSpec, size: ImageSize) -> tuple[OnevisionCount, int]:
 @register_family
 class LlavaOnevisionFamily(LlavaNextFamily):
     """LLaVA-OneVision: LLaVA-NeXT's anyres tiles and newline embeddings (inherited) on SigLIP, anyres_max_9
-    downsampling, a Qwen2 LLM (TensorRT-LLM's qwen converter), one image per prompt for now."""
+    downsampling, a Qwen2 LLM (TensorRT-LLM's qwen converter); a prompt's several images take one padded tile each."""
 
     name: ClassVar[str] = "llava_onevision"
     description: ClassVar[str] = ("LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-ov-hf), SigLIP anyres_max_9 tiles "
-                                  "+ Qwen2")
+                                  "+ Qwen2; several images per prompt: one tile each (hf toolchain)")
     builder_model_type: ClassVar[str] = "llava_onevision"
     hf_class: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
     hf_unsupported_reason: ClassVar[str] = ""
@@ -184,9 +193,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     llm_kind: ClassVar[str] = "qwen"
     default_max_image_size: ClassVar[ImageSize | None] = ImageSize(height=2304, width=2304)
     """The largest pinpoint: larger images are scaled onto a pinpoint."""
-    images_per_prompt_limit: ClassVar[int | None] = 1
-    """transformers takes several images per prompt as padded thumbnails alone (another preprocessing per request):
-    not built yet."""
+    images_per_prompt_limit: ClassVar[int | None] = None
+    """Several images per prompt: each one padded tile (:meth:`prompt_visual_inputs`)."""
     tiny_source: ClassVar[str | None] = TINY_SOURCE
 
     def visual_tokens(self, spec: BuildSpec, size: ImageSize | None) -> int:
@@ -206,7 +214,8 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         if (top.rows, top.cols) != top.unpadded:
             grid += f" downsampled to {top.rows}x{top.cols}"
         return (f"llava_onevision {ASPECT}, most tokens on the {top.pinpoint[0]}x{top.pinpoint[1]} pinpoint: "
-                f"{side * side} thumbnail + {grid} + {top.rows} newlines")
+                f"{side * side} thumbnail + {grid} + {top.rows} newlines (an image among several of a prompt: one "
+                f"padded tile, {side * side} + 1 newline, fewer)")
 
     def visual_numbers(self, spec: BuildSpec, size: ImageSize | None) -> tuple[FamilyNumber, ...]:
         assert size is not None
@@ -219,6 +228,17 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def attention_plugin(self, ctx: PlanContext) -> list[str]:
         """None: the 1.2 README's llava_onevision build leaves --gpt_attention_plugin at its default (auto)."""
         return []
+
+    def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        """The trtllm plan keeps one image per prompt: several are checked against transformers on the hf toolchain
+        only (each one padded tile there), not against 1.2's run.py for --model_type llava_onevision."""
+        super().check_dialect(spec, info)
+        if (spec.limits.max_images_per_prompt or 1) > 1:
+            raise PlanError(f"limits.max_images_per_prompt {spec.limits.max_images_per_prompt}: the trtllm plan of "
+                            f"llava_onevision takes one image per prompt (TensorRT-LLM {info.release}'s run.py is not "
+                            "checked here against transformers' one padded tile per image of a several-image "
+                            "prompt); plan with one image per prompt, or build several-image engines with "
+                            "--toolchain hf")
 
     def check_spec(self, spec: BuildSpec) -> None:
         super().check_spec(spec)
@@ -306,6 +326,47 @@ class LlavaOnevisionFamily(LlavaNextFamily):
 
         square, wide, tall = synthetic_images()
         return [square.resize((64, 64)), wide.resize((100, 80)), tall.resize((45, 130))]
+
+    def prompt_visual_inputs(self, processor: Any, images: Sequence[Image.Image],
+                             images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
+        """An image alone in its prompt: its anyres tiles and thumbnail (:meth:`visual_inputs`); an image among
+        several: one tile, the image padded to a square and resized, as transformers' image processor makes it for
+        ``batch_num_images`` > 1 (packed as the thumbnail and one newline by :meth:`pack_visual_features`)."""
+        import torch
+
+        from vlmforge.families.contract import VisualInputs
+
+        counts = [1] * len(images) if images_in_prompt is None else list(images_in_prompt)
+        if len(counts) != len(images):
+            raise ValueError(f"images_in_prompt has {len(counts)} entries for {len(images)} images")
+        among = [i for i, count in enumerate(counts) if count > 1]
+        if not among:
+            return self.visual_inputs(processor, images)
+        parts: list[torch.Tensor | None] = [None] * len(images)
+        alone = [i for i, count in enumerate(counts) if count == 1]
+        if alone:
+            tiled = self.visual_inputs(processor, [images[i] for i in alone])
+            for i, part in zip(alone, tiled.split(tiled.pixels), strict=True):
+                parts[i] = part
+        group = [images[i] for i in among]
+        # one nested prompt of them all (at least two: a lone image would be tiled): pixel_values [images, 1, 3, S, S]
+        pixels = processor.image_processor(images=[group if len(group) > 1 else group * 2],
+                                           return_tensors="pt")["pixel_values"]
+        for k, i in enumerate(among):
+            parts[i] = pixels[k].to(torch.float32)
+        whole = [part for part in parts if part is not None]
+        return VisualInputs(torch.cat(whole), [int(part.shape[0]) for part in whole],
+                            [(image.height, image.width) for image in images])
+
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
+                           prompt: str | None, max_new_tokens: int) -> GenResult:
+        """transformers' generate on the prompt's images nested as one sample (``batch_num_images`` = their count:
+        a flat list would tile each as if alone)."""
+        from vlmforge.modeling.generation import ref_generate
+
+        images = self.image_list(image)
+        inputs = processor(images=[images], text=self.format_prompt(prompt, len(images)), return_tensors="pt")
+        return ref_generate(model, dict(inputs), max_new_tokens)
 
     def tile_geometry(self, processor: Any) -> tuple[int, int]:
         """SigLIP tiles of size["height"], num_image_tokens = side^2 patches each (no CLS)."""

@@ -18,7 +18,9 @@ aspect_ratio_mask [B, 1, 4]: one image per request, the media axis fixed at 1); 
 hf toolchain (torch pieces in :mod:`vlmforge.families.mllama_hf`): the visual engine is the vision model and the
 projector on 1.2's three inputs (the aspect-ratio ones computed on the host from the image's size); an image's
 features are its real tiles' states [1, tiles x P, hidden]; the LLM prefix carries them as ``cross_states`` with their
-per-position visibility (``cross_mask``), which the runner's eager batch passes to every forward. The tiny model
+per-position visibility (``cross_mask``), which the runner's eager batch passes to every forward. Several images per
+prompt (hf toolchain only): their states one after the other, each image's visible from its own ``<|image|>`` on (the
+processor's ``cross_attention_mask``); the trtllm plan refuses them (1.2's media axis is fixed at 1). The tiny model
 (``tiny://mllama``, 28-pixel tiles: 5 states per tile, 20 per image) counts its budgets with its own geometry.
 """
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vlmforge.families.contract import ImageFeatures, VisualInputs
-    from vlmforge.modeling.generation import LlmPrefix
+    from vlmforge.modeling.generation import GenResult, LlmPrefix
 
 PATCH = 14
 MAX_TILES = 4
@@ -122,15 +124,16 @@ class MllamaFamily(ReleaseConverterFamily):
     quantizable: ClassVar[bool] = True
     name: ClassVar[str] = "mllama"
     description: ClassVar[str] = ("Llama-3.2-Vision (meta-llama/Llama-3.2-*-Vision*), 4 tiles per image, "
-                                  "cross-attention decoder")
+                                  "cross-attention decoder; several images per prompt on the hf toolchain only")
     builder_model_type: ClassVar[str] = "mllama"
     hf_class: ClassVar[str] = "MllamaForConditionalGeneration"
     default_num_visual_features: ClassVar[int] = LLAMA_32.states_per_image
     llm_kind: ClassVar[str] = "mllama"
     visual_placement: ClassVar[VisualPlacement] = VisualPlacement.CROSS_ATTENTION
-    images_per_prompt_limit: ClassVar[int | None] = 1
-    """1.2's visual engine takes [B, 1, 4, 3, S, S] (one image per request: the media axis is fixed at 1 by the
-    export) and its runner builds each request's cross-attention mask for one image."""
+    images_per_prompt_limit: ClassVar[int | None] = None
+    """Several on the hf toolchain (each image's states, one after the other, each visible from its own
+    ``<|image|>`` on, as transformers' processor masks them); the trtllm plan refuses more than one
+    (:meth:`check_dialect`: 1.2's visual engine fixes the media axis at 1)."""
     encoder_input_formula: ClassVar[str] = ("max_images_per_prompt x num_visual_features (the cross-attention states "
                                             "of one request; TensorRT-LLM 1.2's runner feeds them per request)")
     hf_supported: ClassVar[bool] = True
@@ -193,6 +196,12 @@ class MllamaFamily(ReleaseConverterFamily):
                             path="quantization.kv_cache_dtype")
 
     def check_dialect(self, spec: BuildSpec, info: DialectInfo) -> None:
+        if (spec.limits.max_images_per_prompt or 1) > 1:
+            raise PlanError(
+                f"limits.max_images_per_prompt {spec.limits.max_images_per_prompt}: TensorRT-LLM {info.release}'s mllama "
+                "visual engine takes [B, 1, 4, 3, S, S] (the export fixes the media axis at 1: one image per request) "
+                "and its runner builds each request's cross-attention mask for one image; plan with one image per "
+                "prompt, or build several-image engines with --toolchain hf")
         if info.dialect not in self.plan_dialects:
             raise PlanError(
                 f"mllama cannot be planned in dialect {info.dialect.value}: TensorRT-LLM {info.release} (the seed's "
@@ -269,14 +278,19 @@ class MllamaFamily(ReleaseConverterFamily):
         return ArchitectureFacts(config_geometry(config).states_per_image, int(heads))
 
     def format_prompt(self, text: str | None, num_images: int = 1) -> str | None:
-        """``<|image|><|begin_of_text|>{text}`` (the 1.2 README's and the base models' form); text holding
-        ``<|image|>`` is kept as it is."""
+        """``<|image|><|begin_of_text|>{text}`` (the 1.2 README's and the base models' form), one ``<|image|>`` per
+        image; text holding ``<|image|>`` is kept as it is, but text in that form for one image (one leading
+        ``<|image|>``, e.g. the golden prompt) given several gets one leading ``<|image|>`` per image."""
         from vlmforge.families.llava import DEFAULT_USER_TEXT
         from vlmforge.families.mllama_hf import BEGIN, IMAGE_TOKEN
 
         self.check_image_count(num_images)
         text = DEFAULT_USER_TEXT if text is None else text
-        return text if IMAGE_TOKEN in text else IMAGE_TOKEN * num_images + BEGIN + text
+        if IMAGE_TOKEN not in text:
+            return IMAGE_TOKEN * num_images + BEGIN + text
+        if num_images > 1 and text.startswith(IMAGE_TOKEN) and text.count(IMAGE_TOKEN) == 1:
+            return IMAGE_TOKEN * (num_images - 1) + text
+        return text
 
     def golden_images(self) -> list[Image.Image]:
         """The golden images at three sizes and tile grids (tiny model: 2x2, 1x3 and 3x1 tiles)."""
@@ -345,42 +359,57 @@ class MllamaFamily(ReleaseConverterFamily):
 
         return causal_lm_class()
 
-    def _prompt_ids(self, processor: Any, prompt: str | None) -> Any:
+    def _prompt_ids(self, processor: Any, prompt: str | None, num_images: int = 1) -> Any:
         """The prompt's ids as MllamaProcessor makes them (``<|begin_of_text|>`` added after the leading images where
         missing); no placeholder is expanded (the states are not prompt positions)."""
         from transformers.models.mllama.processing_mllama import build_string_from_input
 
-        text = self.format_prompt(prompt, 1)
+        text = self.format_prompt(prompt, num_images)
         assert text is not None
         text = build_string_from_input(text, processor.tokenizer.bos_token, processor.image_token)
-        if text.count(processor.image_token) != 1:
-            raise ValueError(f"an mllama prompt for one image holds exactly one {processor.image_token}: {text!r}")
+        if text.count(processor.image_token) != num_images:
+            what = "one" if num_images == 1 else str(num_images)
+            raise ValueError(f"an mllama prompt for {what} image{'s' * (num_images > 1)} holds exactly {what} "
+                             f"{processor.image_token}: {text!r}")
         return processor.tokenizer(text, return_tensors="pt").input_ids
 
     def prompt_length(self, processor: Any, prompt: str | None, num_visual_features: int | Sequence[int]) -> int:
-        self.visual_counts(num_visual_features)
-        return int(self._prompt_ids(processor, prompt).shape[1])
+        counts = self.visual_counts(num_visual_features)
+        return int(self._prompt_ids(processor, prompt, len(counts)).shape[1])
 
     def llm_prefix(self, llm: Any, processor: Any, features: ImageFeatures, prompt: str | None) -> LlmPrefix:
-        """The prompt's embeddings (text only) and the image's states with their per-position visibility."""
+        """The prompt's embeddings (text only) and the images' states, one after the other, with their per-position
+        visibility (each image's from its own ``<|image|>`` on, as the processor's cross_attention_mask)."""
         import torch
 
         from vlmforge.families.mllama_hf import visibility
         from vlmforge.modeling.devices import model_device
         from vlmforge.modeling.generation import LlmPrefix, eos_ids
 
-        (states,) = self.image_features(features)
+        parts = self.image_features(features)
         per_tile = self._states_per_tile(processor)
-        if states.shape[1] % per_tile:
-            raise ValueError(f"mllama features of {states.shape[1]} rows are not whole tiles of {per_tile} states")
+        for part in parts:
+            if part.shape[1] % per_tile:
+                raise ValueError(f"mllama features of {part.shape[1]} rows are not whole tiles of {per_tile} states")
         device = model_device(llm)
-        ids = self._prompt_ids(processor, prompt).to(device)
+        states = torch.cat([part.to(device) for part in parts], dim=1)
+        ids = self._prompt_ids(processor, prompt, len(parts)).to(device)
         embeds = llm.get_input_embeddings()(ids)
-        seen = visibility(ids[0].tolist(), processor.image_token_id, states.shape[1] // per_tile, per_tile)
+        seen = visibility(ids[0].tolist(), processor.image_token_id, [int(part.shape[1]) // per_tile for part in parts],
+                          per_tile)
         eos = llm.generation_config.eos_token_id
         eos = eos if eos is not None else llm.config.eos_token_id
         return LlmPrefix("decoder", embeds, torch.ones_like(ids), eos_ids(eos),
                          cross_states=states.to(device, embeds.dtype), cross_mask=seen.to(device))
+
+    def reference_generate(self, model: Any, processor: Any, image: Image.Image | Sequence[Image.Image],
+                           prompt: str | None, max_new_tokens: int) -> GenResult:
+        """transformers' generate on the prompt's images nested as one sample (its cross_attention_mask per image)."""
+        from vlmforge.modeling.generation import ref_generate
+
+        images = self.image_list(image)
+        inputs = processor(images=[images], text=self.format_prompt(prompt, len(images)), return_tensors="pt")
+        return ref_generate(model, dict(inputs), max_new_tokens)
 
     @staticmethod
     def _states_per_tile(processor: Any) -> int:

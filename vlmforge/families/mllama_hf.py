@@ -19,6 +19,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
 TINY_SOURCE = "tiny://mllama"
@@ -61,19 +63,21 @@ def aspect_inputs(sizes: list[tuple[int, int]], max_tiles: int, tile: int) -> tu
     return ids, mask
 
 
-def visibility(ids: list[int], image_token_id: int, tiles: int, states_per_tile: int) -> torch.Tensor:
-    """[1, L, tiles x P]: 1 where a prompt position attends a state of its image (the processor's
-    ``cross_attention_mask`` for one image of ``tiles`` real tiles, repeated per patch)."""
+def visibility(ids: list[int], image_token_id: int, tiles: int | Sequence[int], states_per_tile: int) -> torch.Tensor:
+    """[1, L, sum(tiles) x P]: 1 where a prompt position attends a state of an image (the processor's
+    ``cross_attention_mask`` for images of ``tiles`` real tiles each, in order, real tiles only, repeated per patch)."""
     import torch
     from transformers.models.mllama.processing_mllama import (
         convert_sparse_cross_attention_mask_to_dense,
         get_cross_attention_token_mask,
     )
 
+    counts = [tiles] if isinstance(tiles, int) else list(tiles)
     sparse = [get_cross_attention_token_mask(ids, image_token_id)]
-    dense = convert_sparse_cross_attention_mask_to_dense(sparse, num_tiles=[[tiles]], max_num_tiles=tiles,
-                                                         length=len(ids))  # [1, L, 1, tiles]
-    return torch.as_tensor(dense)[:, :, 0].repeat_interleave(states_per_tile, dim=-1)
+    dense = torch.as_tensor(convert_sparse_cross_attention_mask_to_dense(
+        sparse, num_tiles=[counts], max_num_tiles=max(counts), length=len(ids)))  # [1, L, images, most tiles]
+    return torch.cat([dense[:, :, i, :count] for i, count in enumerate(counts)], dim=-1).repeat_interleave(
+        states_per_tile, dim=-1)
 
 
 @cache

@@ -172,13 +172,16 @@ class HfEngine:
             raise ValueError(f"{len(images)} images but {len(texts)} prompts")
         return [self.family.image_header(self.processor, text) or "" for text in texts]
 
-    def _inputs(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None) -> VisualInputs:
+    def _inputs(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None,
+                images_in_prompt: Sequence[int] | None = None) -> VisualInputs:
         """The visual engine's inputs for the images (float32, CPU): the family's preprocessing, each image taking one
-        entry or (anyres families) one per tile; ``headers``: the text each image is rendered with (:meth:`headers`)."""
+        entry or (anyres families) one per tile; ``headers``: the text each image is rendered with (:meth:`headers`);
+        ``images_in_prompt[i]``: the images of image i's prompt (None: 1 each; LLaVA-OneVision preprocesses an image
+        among several otherwise than one alone)."""
         if self.vision is None:
             raise DeployError("this engine was loaded without its visual engine (a follower rank)")
-        inputs = (self.family.visual_inputs(self.processor, list(images)) if headers is None else
-                  self.family.headed_visual_inputs(self.processor, list(images), headers))
+        inputs = (self.family.prompt_visual_inputs(self.processor, list(images), images_in_prompt) if headers is None
+                  else self.family.headed_visual_inputs(self.processor, list(images), headers))
         inputs.pixels = inputs.pixels.float().cpu()
         return inputs
 
@@ -204,22 +207,25 @@ class HfEngine:
         return [self.family.pack_visual_features(self.processor, part, size, self.visual_extras)
                 for part, size in zip(outputs, inputs.image_sizes, strict=True)]
 
-    def _features(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None) -> list[torch.Tensor]:
+    def _features(self, images: Sequence[Image.Image], headers: Sequence[str] | None = None,
+                  images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device)."""
-        return [features.to(self.device) for features in self._encode(self._inputs(images, headers))]
+        return [features.to(self.device) for features in self._encode(self._inputs(images, headers, images_in_prompt))]
 
-    def encode_images(self, images: Sequence[Image.Image],
-                      prompts: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+    def encode_images(self, images: Sequence[Image.Image], prompts: Sequence[str | None] | None = None, *,
+                      images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden] (float32, on the LLM's device); with an image cache, images
         seen before skip the visual engine (:mod:`vlmforge.runner.image_cache`). ``prompts``: each image's request's
         text, rendered into it where the checkpoint does (:attr:`renders_prompt`; ignored otherwise); the cache
-        keys such an image on its header too (the same image with another question is another entry)."""
+        keys such an image on its header too (the same image with another question is another entry).
+        ``images_in_prompt``: as :meth:`_inputs` (the cache keys the preprocessed pixels, so an image tiled otherwise
+        is another entry)."""
         import torch
 
         headers = self.headers(images, prompts)
         if self.image_cache is None:
-            return self._features(images, headers)
-        inputs = self._inputs(images, headers)
+            return self._features(images, headers, images_in_prompt)
+        inputs = self._inputs(images, headers, images_in_prompt)
         # the key holds the image's size beside its pixels: anyres unpadding depends on it
         keys = [torch.cat([pixels.flatten(), torch.tensor(size, dtype=pixels.dtype)])
                 for pixels, size in zip(inputs.split(inputs.pixels), inputs.image_sizes, strict=True)]
@@ -270,7 +276,7 @@ class HfEngine:
         several = isinstance(image, (list, tuple))
         images = list(image) if several else [image]
         start = time.perf_counter()
-        encoded = self._features(images, self.headers(images, [prompt] * len(images)))
+        encoded = self._features(images, self.headers(images, [prompt] * len(images)), [len(images)] * len(images))
         features = encoded if several else encoded[0]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -69,10 +69,11 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
                max_new_tokens: Sequence[int]) -> BatchJob:
     """Stage 1 (rank 0): every request's image through the visual engine, timed. A request's entry in ``images`` is
     its image, or a list of its images (several per prompt): all of the batch's images are encoded together and
-    handed back to their requests in order. The same image object (a request's ``n`` choices share theirs) is
-    encoded once; requests that share it share its features (read-only). An engine that renders the prompt into its
-    images (``renders_prompt``: Pix2Struct VQA) encodes each image with its request's prompt: the same image with
-    another prompt is encoded apart."""
+    handed back to their requests in order, each with its prompt's image count (LLaVA-OneVision preprocesses an
+    image among several otherwise than one alone). The same image object in prompts of as many images (a request's
+    ``n`` choices share theirs) is encoded once; requests that share it share its features (read-only). An engine
+    that renders the prompt into its images (``renders_prompt``: Pix2Struct VQA) encodes each image with its
+    request's prompt: the same image with another prompt is encoded apart."""
     import time
 
     if not len(images) == len(prompts) == len(max_new_tokens):
@@ -80,20 +81,24 @@ def encode_job(engine: IncrementalEngine, images: Sequence[Any], prompts: Sequen
     started = time.perf_counter()
     groups = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
     with_prompt = engine.renders_prompt
-    distinct: dict[tuple[int, str | None], int] = {}  # (id(image), its prompt where rendered) -> its index among
-    unique: list[Any] = []                            # the images encoded (the n choices of a request share their
-    unique_prompts: list[str | None] = []             # image objects: encoded once)
+    # (id(image), its prompt where rendered, images of its prompt) -> its index among the images encoded (the n
+    # choices of a request share their image objects: encoded once)
+    distinct: dict[tuple[int, str | None, int], int] = {}
+    unique: list[Any] = []
+    unique_prompts: list[str | None] = []
+    counts: list[int] = []
     for group, prompt in zip(groups, prompts, strict=True):
         for image in group:
-            key = (id(image), prompt if with_prompt else None)
+            key = (id(image), prompt if with_prompt else None, len(group))
             if key not in distinct:
                 distinct[key] = len(unique)
                 unique.append(image)
                 unique_prompts.append(prompt)
-    encoded = engine.encode_images(unique, unique_prompts) if with_prompt else engine.encode_images(unique)
+                counts.append(len(group))
+    encoded = engine.encode_images(unique, unique_prompts if with_prompt else None, images_in_prompt=counts)
     features: list[Any] = []
     for entry, group, prompt in zip(images, groups, prompts, strict=True):
-        own = [encoded[distinct[(id(image), prompt if with_prompt else None)]] for image in group]
+        own = [encoded[distinct[(id(image), prompt if with_prompt else None, len(group))]] for image in group]
         features.append(own if isinstance(entry, (list, tuple)) else own[0])
     return BatchJob(features, list(prompts), list(max_new_tokens), (time.perf_counter() - started) * 1000)
 

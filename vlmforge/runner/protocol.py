@@ -155,10 +155,13 @@ class IncrementalEngine(Engine, Protocol):
     kind: ClassVar[Literal[EngineKind.INCREMENTAL]]
 
     def encode_images(self, images: Sequence[Image.Image],
-                      prompts: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+                      prompts: Sequence[str | None] | None = None, *,
+                      images_in_prompt: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Each image's visual features [1, N, hidden], in order, on the LLM's device (the leading rank only);
         ``prompts`` (one per image, its request's) only for an engine whose ``renders_prompt`` is true (a checkpoint
-        that renders the prompt into the image, Pix2Struct VQA; the others are called without)."""
+        that renders the prompt into the image, Pix2Struct VQA; the others are called without);
+        ``images_in_prompt[i]``: how many images image i's prompt carries (None: one each; LLaVA-OneVision
+        preprocesses an image among several otherwise than one alone)."""
         ...
 
     def llm_prefix(self, features: torch.Tensor | Sequence[torch.Tensor], prompt: str | None) -> LlmPrefix:

@@ -1,0 +1,126 @@
+"""Several images per prompt on tiny-llava-onevision (built by the real hf pipeline for two images per prompt): the
+build validates a two-image request against transformers' generate() (each image of it one padded tile), a batch
+mixing one- and two-image requests decodes each as alone, the same image alone and among two gives its tiles or one
+tile (the image cache too), and the openai client sends two image_url parts in one message."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.runners import assert_batched_equals_alone, near_tie, sized_image
+
+MODEL = "tiny-llava-onevision"
+TWO_IMAGES = {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 296, "limits.max_input_len": 192}
+"""Batch 4 x 2 images x 37 visual-engine inputs (an image alone takes up to 37; among several, one); the server
+bounds a prompt by 54 tokens per image (the largest image alone), so two images and a long question need 192."""
+MAX_TOKENS = 12
+SIZES = [(64, 64), (100, 80), (45, 130), (200, 30)]  # (width, height)
+# (image indexes, prompt): one- and two-image requests mixed, images of different sizes (200x30 alone is left out:
+# its lone decode has a float16 top-2 margin under 0.01, which a batch may flip)
+REQUESTS: list[tuple[tuple[int, ...], str | None]] = [
+    ((0, 1), "Which of the two is brighter?"), ((2,), "What is this?"), ((2, 3), "Compare them."),
+    ((1, 0), None), ((0,), "Question: which city is this? Answer:")]
+
+
+def image(index: int) -> Any:
+    return sized_image(index, SIZES[index])
+
+
+def request_images(indexes: tuple[int, ...]) -> Any:
+    return [image(i) for i in indexes] if len(indexes) > 1 else image(indexes[0])
+
+
+@pytest.fixture(scope="module")
+def built(build_workdir: Path) -> tuple[Path, dict[str, Any]]:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    _, engine, validation = HfPipeline(load_model_or_spec(MODEL, TWO_IMAGES), Workdir(build_workdir)).run()
+    return Path(engine.path), validation.result
+
+
+@pytest.fixture(scope="module")
+def engine(built: tuple[Path, dict[str, Any]]) -> Any:
+    from vlmforge.runner.engine import HfEngine
+
+    return HfEngine(built[0])
+
+
+def test_the_build_validates_a_two_image_request_against_transformers(built: tuple[Path, dict[str, Any]]) -> None:
+    from vlmforge.artifacts.engine_config import EngineConfig
+
+    engine_dir, report = built
+    assert EngineConfig.read(engine_dir).max_images_per_prompt == 2
+    assert [golden.get("images", 1) for golden in report["inputs"]] == [1, 1, 1, 2]
+    two = report["inputs"][-1]
+    assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count("<image>") == 2
+    assert report["passed"]
+
+
+def test_an_image_among_two_takes_one_tile_and_alone_its_tiles(engine: Any) -> None:
+    from vlmforge.runner.engine import HfEngine
+
+    pictures = [image(0), image(2)]
+    alone = [int(f.shape[1]) for f in engine.encode_images(pictures)]
+    among = [int(f.shape[1]) for f in engine.encode_images(pictures, images_in_prompt=[2, 2])]
+    assert alone == [46, 54] and among == [4 + 1, 4 + 1]
+    cached = HfEngine(engine.dir, image_cache_bytes=1 << 20)
+    for counts in ([1, 1], [2, 2], [1, 1]):  # the cache keys the preprocessed pixels: one tile is another entry
+        for want, got in zip(engine.encode_images(pictures, images_in_prompt=counts),
+                             cached.encode_images(pictures, images_in_prompt=counts),
+                             strict=True):
+            assert want.shape == got.shape and (want - got).abs().max().item() == 0
+
+
+def test_a_batch_of_one_and_two_image_requests_equals_each_alone(engine: Any) -> None:
+    batched = assert_batched_equals_alone(engine, [request_images(indexes) for indexes, _ in REQUESTS],
+                                          [prompt for _, prompt in REQUESTS], MAX_TOKENS)
+    swapped = engine.generate([image(1), image(0)], REQUESTS[0][1], MAX_TOKENS)  # the order of the images counts
+    assert (swapped.logits[0] - batched[0].logits[0]).abs().max().item() > 1e-3
+
+
+def test_the_openai_client_sends_two_image_url_parts_in_one_message(built: tuple[Path, dict[str, Any]], engine: Any,
+                                                                   tmp_path: Path) -> None:
+    import openai
+
+    from tests.helpers.runners import start_runner, stop_runner
+    from tests.runner.test_llava_onevision_serving import data_url
+
+    runner = start_runner(built[0], tmp_path / "serve.log", args=("--max-batch-size", "4", "--batch-wait-ms", "300"))
+    try:
+        client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert client.models.retrieve(MODEL).model_extra["max_images_per_prompt"] == 2
+
+        def ask(request: tuple[tuple[int, ...], str | None]) -> Any:
+            indexes, text = request
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
+            content += [{"type": "image_url", "image_url": {"url": data_url(image(i))}} for i in indexes]
+            return client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS,
+                                                  messages=[{"role": "user", "content": content}])
+
+        with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+            answers = list(pool.map(ask, REQUESTS))
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(((0, 1, 2), "Three?"))
+    finally:
+        stop_runner(runner)
+    assert "max_images_per_prompt 2" in caught.value.body["message"]
+    exact = 0
+    for (indexes, text), answer in zip(REQUESTS, answers, strict=True):
+        alone = engine.generate(request_images(indexes), text, MAX_TOKENS)
+        pictures = [image(i) for i in indexes]
+        features = engine.encode_images(pictures, images_in_prompt=[len(pictures)] * len(pictures))
+        real = engine.llm_prefix(features, text).length
+        assert answer.usage.prompt_tokens == real <= engine.prompt_length(text, len(indexes))  # the bound it admits by
+        if not near_tie(alone):  # a float16 near-tie may flip in another batch shape
+            assert answer.choices[0].message.content == alone.text, (indexes, text)
+            exact += 1
+    assert exact >= 3, "most requests are compared exactly"

@@ -1,0 +1,105 @@
+"""Several images per prompt on tiny-mllama (built by the real hf pipeline for two images per prompt): the build
+validates a two-image request against transformers' generate(), a batch mixing one- and two-image requests (their
+cross-attention states of different lengths, each image visible from its own <|image|> on) decodes each as alone,
+and the openai client sends two image_url parts in one message."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.runners import assert_batched_equals_alone, near_tie, sized_image
+
+MODEL = "tiny-mllama"
+TWO_IMAGES = {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 8}
+"""Batch 4 x 2 images, one visual-engine input each."""
+MAX_TOKENS = 12
+SIZES = [(56, 56), (90, 40), (40, 90)]  # (width, height): 4, 3 and 3 tiles
+REQUESTS: list[tuple[tuple[int, ...], str | None]] = [
+    ((0, 1), "Compare the two pictures"), ((2,), "What is this?"), ((2, 0), "<|image|>First this<|image|> then that"),
+    ((1, 2), None), ((0,), "If I had to write a haiku for this one")]
+
+
+def image(index: int) -> Any:
+    return sized_image(index, SIZES[index])
+
+
+def request_images(indexes: tuple[int, ...]) -> Any:
+    return [image(i) for i in indexes] if len(indexes) > 1 else image(indexes[0])
+
+
+@pytest.fixture(scope="module")
+def built(build_workdir: Path) -> tuple[Path, dict[str, Any]]:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    _, engine, validation = HfPipeline(load_model_or_spec(MODEL, TWO_IMAGES), Workdir(build_workdir)).run()
+    return Path(engine.path), validation.result
+
+
+@pytest.fixture(scope="module")
+def engine(built: tuple[Path, dict[str, Any]]) -> Any:
+    from vlmforge.runner.engine import HfEngine
+
+    return HfEngine(built[0])
+
+
+def test_the_build_validates_a_two_image_request_against_transformers(built: tuple[Path, dict[str, Any]]) -> None:
+    from vlmforge.artifacts.engine_config import EngineConfig
+
+    engine_dir, report = built
+    assert EngineConfig.read(engine_dir).max_images_per_prompt == 2
+    assert [golden.get("images", 1) for golden in report["inputs"]] == [1, 1, 1, 2]
+    two = report["inputs"][-1]
+    assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count("<|image|>") == 2
+    assert report["passed"]
+
+
+def test_a_batch_of_one_and_two_image_requests_equals_each_alone(engine: Any) -> None:
+    batched = assert_batched_equals_alone(engine, [request_images(indexes) for indexes, _ in REQUESTS],
+                                          [prompt for _, prompt in REQUESTS], MAX_TOKENS)
+    swapped = engine.generate([image(1), image(0)], REQUESTS[0][1], MAX_TOKENS)  # the order of the images counts
+    assert (swapped.logits[0] - batched[0].logits[0]).abs().max().item() > 1e-3
+
+
+def test_the_openai_client_sends_two_image_url_parts_in_one_message(built: tuple[Path, dict[str, Any]], engine: Any,
+                                                                   tmp_path: Path) -> None:
+    import openai
+
+    from tests.helpers.runners import start_runner, stop_runner
+    from tests.runner.test_llava_onevision_serving import data_url
+
+    runner = start_runner(built[0], tmp_path / "serve.log", args=("--max-batch-size", "4", "--batch-wait-ms", "300"))
+    try:
+        client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert client.models.retrieve(MODEL).model_extra["max_images_per_prompt"] == 2
+
+        def ask(request: tuple[tuple[int, ...], str | None]) -> Any:
+            indexes, text = request
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
+            content += [{"type": "image_url", "image_url": {"url": data_url(image(i))}} for i in indexes]
+            return client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS,
+                                                  messages=[{"role": "user", "content": content}])
+
+        with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+            answers = list(pool.map(ask, REQUESTS))
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(((0, 1, 2), "Three?"))
+    finally:
+        stop_runner(runner)
+    assert "max_images_per_prompt 2" in caught.value.body["message"]
+    exact = 0
+    for (indexes, text), answer in zip(REQUESTS, answers, strict=True):
+        alone = engine.generate(request_images(indexes), text, MAX_TOKENS)
+        assert answer.usage.prompt_tokens == engine.prompt_length(text, len(indexes))
+        if not near_tie(alone):  # a float16 near-tie may flip in another batch shape
+            assert answer.choices[0].message.content == alone.text, (indexes, text)
+            exact += 1
+    assert exact >= 3, "most requests are compared exactly"
