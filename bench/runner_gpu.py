@@ -224,12 +224,14 @@ class TorchVisionEngine:
     has no CUDA provider). Random weights: no request ends early on an end token."""
 
     kind = EngineKind.INCREMENTAL
+    renders_prompt = False  # LLaVA encodes an image apart from its prompt
 
     def __init__(self, bench: Bench, factory: Any) -> None:
         self.bench = bench
         self.factory = factory
 
-    def encode_images(self, images: list[int]) -> list[torch.Tensor]:
+    def encode_images(self, images: list[int], prompts: Any = None, *, images_in_prompt: Any = None
+                      ) -> list[torch.Tensor]:
         pixels = torch.cat([pixel_values(self.bench.model.config, i, self.bench.device, self.bench.dtype)
                             for i in images])
         features = self.bench.features(pixels)
