@@ -161,9 +161,11 @@ def test_the_unified_checkpoint_reads_back_as_the_quantized_model(family: str, m
     # Compared in float32, before the float16 cast: exact, but for quantized activations, where the read-back
     # rounds x / input_scale (TensorRT's quantize) and ModelOpt's fake quant x * (448 / amax): one element on a
     # rounding boundary can land on the next FP8 value (3e-4 on tiny-blip2-opt's fp8 logits under transformers
-    # 4.57.1, whose random init makes another tiny model; 0.0 under 5.24).
+    # 4.57.1, whose random init makes another tiny model; 0.0 under 5.24). An int8 step is coarser: 5.1e-3 on
+    # tiny-blip2-opt's int8_sq logits on another CPU (2026-12-05), whose float rounding put one element on the other
+    # side of a boundary.
     activations = any("activation quantization" in what for what in check.simulated)
-    assert check.readback_vs_quantized.max_error <= (1e-3 if activations else 1e-4)
+    assert check.readback_vs_quantized.max_error <= (1e-2 if activations else 1e-4)
     assert check.readback_vs_reference.next_token_error <= LOOSE["validation.max_logit_error"]
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith(("norm.weight", "layer_norm.weight"))}
