@@ -192,3 +192,28 @@ def assert_batched_equals_alone(engine: Any, images: list[Any], prompts: list[st
         scale = alone.logits.abs().max().item()
         assert (got.logits - alone.logits).abs().max().item() < 1e-2 * max(scale, 0.5), (index, prompt)
     return batched
+
+
+def build_validated(model: str, workdir: Path, overrides: dict[str, object]) -> tuple[Path, dict[str, Any]]:
+    """``model`` with ``overrides`` through the hf build (no flow, no store): its engine directory and the validation
+    stage's report."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vlmforge.build.pipeline import HfPipeline
+    from vlmforge.build.workdir import Workdir
+    from vlmforge.specs.catalog import load_model_or_spec
+
+    _, engine, validation = HfPipeline(load_model_or_spec(model, overrides), Workdir(workdir)).run()
+    return Path(engine.path), validation.result
+
+
+def assert_validates_two_images(built: tuple[Path, dict[str, Any]], image_token: str) -> None:
+    """A build for two images per prompt validated its golden inputs, the last a two-image prompt, against
+    transformers."""
+    from vlmforge.artifacts.engine_config import EngineConfig
+
+    engine_dir, report = built
+    assert EngineConfig.read(engine_dir).max_images_per_prompt == 2
+    assert [golden.get("images", 1) for golden in report["inputs"]] == [1, 1, 1, 2]
+    two = report["inputs"][-1]
+    assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count(image_token) == 2
+    assert report["passed"]

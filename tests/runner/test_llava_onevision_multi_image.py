@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.runners import assert_batched_equals_alone, near_tie, sized_image
+from tests.helpers.runners import (
+    assert_batched_equals_alone,
+    assert_validates_two_images,
+    build_validated,
+    near_tie,
+    sized_image,
+)
 
 MODEL = "tiny-llava-onevision"
 TWO_IMAGES = {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 296, "limits.max_input_len": 192}
@@ -36,15 +42,7 @@ def request_images(indexes: tuple[int, ...]) -> Any:
 
 @pytest.fixture(scope="module")
 def built(build_workdir: Path) -> tuple[Path, dict[str, Any]]:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vlmforge.build.pipeline import HfPipeline
-    from vlmforge.build.workdir import Workdir
-    from vlmforge.specs.catalog import load_model_or_spec
-
-    _, engine, validation = HfPipeline(load_model_or_spec(MODEL, TWO_IMAGES), Workdir(build_workdir)).run()
-    return Path(engine.path), validation.result
+    return build_validated(MODEL, build_workdir, TWO_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +53,7 @@ def engine(built: tuple[Path, dict[str, Any]]) -> Any:
 
 
 def test_the_build_validates_a_two_image_request_against_transformers(built: tuple[Path, dict[str, Any]]) -> None:
-    from vlmforge.artifacts.engine_config import EngineConfig
-
-    engine_dir, report = built
-    assert EngineConfig.read(engine_dir).max_images_per_prompt == 2
-    assert [golden.get("images", 1) for golden in report["inputs"]] == [1, 1, 1, 2]
-    two = report["inputs"][-1]
-    assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count("<image>") == 2
-    assert report["passed"]
+    assert_validates_two_images(built, "<image>")
 
 
 def test_an_image_among_two_takes_one_tile_and_alone_its_tiles(engine: Any) -> None:

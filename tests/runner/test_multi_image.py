@@ -14,7 +14,15 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.runners import Runner, assert_batched_equals_alone, chat_body, image_url, near_tie
+from tests.helpers.runners import (
+    Runner,
+    assert_batched_equals_alone,
+    assert_validates_two_images,
+    build_validated,
+    chat_body,
+    image_url,
+    near_tie,
+)
 
 TWO_IMAGES = {"limits.max_images_per_prompt": 2, "visual.max_batch_size": 8}
 """tiny-llava (batch 4) for two images per prompt: its visual engine takes 4 x 2 images per call."""
@@ -27,16 +35,7 @@ REQUESTS = [((0, 1), "Which of the two is brighter?"), ((2,), "What is this?"), 
 
 @pytest.fixture(scope="module")
 def built(build_workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """The two-image engine and its validation report, built by the real hf pipeline."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vlmforge.build.pipeline import HfPipeline
-    from vlmforge.build.workdir import Workdir
-    from vlmforge.specs.catalog import load_model_or_spec
-
-    _, engine, validation = HfPipeline(load_model_or_spec("tiny-llava", TWO_IMAGES), Workdir(build_workdir)).run()
-    return Path(engine.path), validation.result
+    return build_validated("tiny-llava", build_workdir, TWO_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +72,7 @@ def body(indexes: tuple[int, ...], text: str | None, **fields: Any) -> dict[str,
 
 
 def test_the_build_validates_a_two_image_request(built: tuple[Path, dict[str, Any]]) -> None:
-    from vlmforge.artifacts.engine_config import EngineConfig
-
-    engine_dir, report = built
-    assert EngineConfig.read(engine_dir).max_images_per_prompt == 2
-    assert [golden.get("images", 1) for golden in report["inputs"]] == [1, 1, 1, 2]
-    two = report["inputs"][-1]
-    assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count("<image>") == 2
-    assert report["passed"]
+    assert_validates_two_images(built, "<image>")
 
 
 def test_batched_equals_unbatched_with_two_image_requests(engine: Any) -> None:
