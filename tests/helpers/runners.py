@@ -178,8 +178,14 @@ def near_tie(generation: Any, margin: float = 0.01) -> bool:
     within ``margin`` at some step. Served concurrently, a request joins other requests' batches (in-flight
     batching: other shapes and padding than alone), and float16 rounding may flip such a tie; float32 joins are
     checked exact in tests/runner/test_inflight.py."""
+    return first_tie(generation, margin) is not None
+
+
+def first_tie(generation: Any, margin: float = 0.01) -> int | None:
+    """The first step of a lone decode whose two likeliest tokens are within ``margin`` (None: no near-tie)."""
     top = generation.logits.float().topk(2, dim=-1).values
-    return bool(((top[:, 0] - top[:, 1]) < margin).any())
+    tied = ((top[:, 0] - top[:, 1]) < margin).nonzero()
+    return int(tied[0, 0]) if len(tied) else None
 
 
 def assert_batched_equals_alone(engine: Any, images: list[Any], prompts: list[str | None], max_tokens: int) -> list[Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.runners import first_tie
 from tests.helpers.tiny import TINY_MODELS
 from vlmforge.errors import DeployError, ToolchainUnavailable
 from vlmforge.runner.loader import LoadOptions, load_engine
@@ -57,13 +58,6 @@ class Replay:
         tokens, go_on = next(self.steps)
         assert len(tokens) == size
         return torch.tensor(tokens), go_on, None
-
-
-def first_tie(generation: Any, margin: float = 0.01) -> int | None:
-    """The first step of a lone decode whose two likeliest tokens are within ``margin`` (None: no near-tie)."""
-    top = generation.logits.float().topk(2, dim=-1).values
-    tied = ((top[:, 0] - top[:, 1]) < margin).nonzero()
-    return int(tied[0, 0]) if len(tied) else None
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
