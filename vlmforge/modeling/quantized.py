@@ -17,6 +17,7 @@ The device's own packed layout is made when the model is loaded (:func:`load_qua
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -227,6 +228,7 @@ def _gemlite_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return layer
 
 
+@functools.cache  # once per process, not once per linear (a 7B LLM has 224)
 def _gemlite_configs() -> None:
     """GemLite ships tuned kernel configurations per GPU and loads the one whose tag is in the device's name; an H200
     (the H100's SM 9.0 and shapes) gets the H100's, else every shape is autotuned at its first call."""
