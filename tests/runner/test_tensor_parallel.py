@@ -188,14 +188,19 @@ def test_vila_served_at_tp2_answers_what_tp1_answers(tiny_vila_engine: Path, tin
 
 def test_sigterm_to_rank_0_drains_then_every_rank_exits(runner_tp2: Runner) -> None:
     """Last in this module: it stops the module's TP=2 runner. Requests in flight when rank 0 gets SIGTERM run
-    to their end; later ones are refused (503, or no connection); then every rank exits 0."""
+    to their end; later ones are refused (503, or no connection); then every rank exits 0.
+
+    "No connection" includes a reset: a connection still in the listen backlog, or accepted but with its request
+    not yet read, when uvicorn closes its sockets is reset by the kernel (seen once in a clean-clone CI run). Such a
+    request never reached the engine; the check that none that did was dropped is that every request in flight at
+    the signal got its 200."""
     runner = runner_tp2
 
     def timed(index: int) -> tuple[int, dict, float]:
         try:
             response = httpx.post(f"{runner.url}/v1/chat/completions", timeout=120,
                                   json=chat_body("What is this?", image_url(index % 4), max_tokens=32))
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
             return 0, {}, time.monotonic()
         return response.status_code, response.json(), time.monotonic()
 
@@ -210,6 +215,7 @@ def test_sigterm_to_rank_0_drains_then_every_rank_exits(runner_tp2: Runner) -> N
         results = [f.result() for f in futures]
     assert in_flight >= 3
     done = [body for status, body, _ in results if status == 200]
+    assert len(done) >= in_flight, f"{in_flight} in flight at the signal, {len(done)} answered: {results}"
     assert sum(1 for status, _, ended in results if status == 200 and ended > signalled) >= 1, results
     assert all(answer(body)[2] == 32 or answer(body)[1] == "stop" for body in done), "each ran to its end"
     assert all(status in (200, 503, 0) for status, _, _ in results), results

@@ -6,7 +6,7 @@ each image's patch grid, builds its 2D rotary positions and its per-image attent
 unfolds each image's grid, all with Python loops over ``image_sizes``. Here the host does that bookkeeping instead:
 
 - ``rows`` [R, 3*p*p]: every image's patches, flattened as the patch convolution reads them (a Linear), ordered so
-  each ``spatial_merge_size``\ :sup:`2` merge window is contiguous (the merger becomes a reshape);
+  each ``spatial_merge_size`` x ``spatial_merge_size`` merge window is contiguous (the merger becomes a reshape);
 - ``positions`` [R, 2] (float32, whole numbers): each row's (row, column) in its image's patch grid (the axial
   rope's angles come from them inside the graph, with the tower's own frequencies);
 - ``image_ids`` [R] (float32, whole numbers): which image of the call each row belongs to (the block mask is built
