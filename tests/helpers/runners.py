@@ -223,3 +223,68 @@ def assert_validates_two_images(built: tuple[Path, dict[str, Any]], image_token:
     two = report["inputs"][-1]
     assert two["engine_tokens"] == two["reference_tokens"] and two["prompt"].count(image_token) == 2
     assert report["passed"]
+
+
+def assert_image_order_counts(engine: Any, first: Any, second: Any, prompt: str | None, max_tokens: int,
+                              batched: Any) -> None:
+    """``[second, first]`` gives other logits than ``batched`` (the result for ``[first, second]``): each image of a
+    prompt keeps its place."""
+    swapped = engine.generate([second, first], prompt, max_tokens)
+    assert (swapped.logits[0] - batched.logits[0]).abs().max().item() > 1e-3
+
+
+def ask_several_images(engine_dir: Path, model: str, requests: list[tuple[list[Any], str | None]], max_tokens: int,
+                       log: Path) -> tuple[list[Any], dict[str, Any]]:
+    """Serves ``engine_dir`` (batches of up to 4) and sends ``requests`` (images, text) at once through the openai
+    client, each request's images as image_url parts of one message, after checking that the model advertises 2
+    images per prompt; then sends one request with three images. Returns the answers and the refusal's body."""
+    import concurrent.futures
+
+    import openai
+
+    runner = start_runner(engine_dir, log, args=("--max-batch-size", "4", "--batch-wait-ms", "300"))
+    try:
+        client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert client.models.retrieve(model).model_extra["max_images_per_prompt"] == 2
+
+        def ask(request: tuple[list[Any], str | None]) -> Any:
+            pictures, text = request
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
+            content += [{"type": "image_url", "image_url": {"url": data_url(picture)}} for picture in pictures]
+            return client.chat.completions.create(model=model, max_tokens=max_tokens,
+                                                  messages=[{"role": "user", "content": content}])
+
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(ask, requests))
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(((requests[0][0] * 3)[:3], "Three?"))
+    finally:
+        stop_runner(runner)
+    return answers, caught.value.body
+
+
+def assert_served_as_alone(url: str, engine: Any, model: str, requests: list[tuple[list[tuple[int, int]], str | None]],
+                           max_tokens: int) -> None:
+    """Concurrent chat requests through the openai client, each of image_url parts of the sizes given
+    (:func:`sized_content`) and its text: each answer is the request's lone answer, and its usage the positions the
+    LLM was really fed, within the bound the server admits by. The requests are chosen with no float16 near-tie in
+    their lone decode (checked), so every one is compared exactly."""
+    import concurrent.futures
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
+        sizes, text = request
+        return client.chat.completions.create(model=model, max_tokens=max_tokens,
+                                              messages=[{"role": "user", "content": sized_content(sizes, text)}])
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(ask, requests))
+    for (sizes, text), answer in zip(requests, answers, strict=True):
+        alone = engine.generate(request_images(sizes), text, max_tokens)
+        assert not near_tie(alone), f"{sizes} {text!r}: its lone decode meets a near-tie; choose another request"
+        assert answer.choices[0].message.content == alone.text, (sizes, text)
+        length = engine.llm_prefix(engine.encode_images(sized_images(sizes)), text).length
+        assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))

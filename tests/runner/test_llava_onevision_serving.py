@@ -4,13 +4,12 @@ give different token counts per row, and a batch of them decodes as each request
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.runners import data_url
 from vlmforge.modeling.images import synthetic_images
 
 MODEL = "tiny-llava-onevision"
@@ -27,12 +26,6 @@ REQUESTS: list[tuple[tuple[int, int], str | None]] = [
 
 def image(index: int, size: tuple[int, int]) -> Any:
     return synthetic_images()[index % 3].resize(size)
-
-
-def data_url(picture: Any) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

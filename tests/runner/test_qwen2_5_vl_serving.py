@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.runners import request_images, sized_content, sized_images
+from tests.helpers.runners import request_images, sized_images
 
 MAX_TOKENS = 12
 # (width, height) of each image: merged grids 4x4, 2x4, 4x2 + 2x2, 3x5 (partial windows), 2x2 + 2x4, 2x7
@@ -109,30 +109,7 @@ def runner(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_the_openai_client_gets_the_lone_answers(runner: Any, engine: Any) -> None:
     """Concurrent chat requests of one or two images of different sizes, served by `vlmforge serve`: each answer is
-    the request's lone answer (but for float16 near-ties, which another batch shape may flip)."""
-    import concurrent.futures
+    the request's lone answer (the requests meet no float16 near-tie), and its usage the real prompt positions."""
+    from tests.helpers.runners import assert_served_as_alone
 
-    import openai
-
-    from tests.helpers.runners import near_tie
-
-    client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
-        sizes, text = request
-        content = sized_content(sizes, text)
-        return client.chat.completions.create(model="tiny-qwen2.5-vl", max_tokens=SERVED_TOKENS,
-                                              messages=[{"role": "user", "content": content}])
-
-    with concurrent.futures.ThreadPoolExecutor(len(SERVED)) as pool:
-        answers = list(pool.map(ask, SERVED))
-    exact = 0
-    for (sizes, text), answer in zip(SERVED, answers, strict=True):
-        alone = engine.generate(request_images(sizes), text, SERVED_TOKENS)
-        if not near_tie(alone):
-            assert answer.choices[0].message.content == alone.text, (sizes, text)
-            exact += 1
-        features = engine.encode_images(sized_images(sizes))
-        length = engine.llm_prefix(features, text).length
-        assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
-    assert exact == len(SERVED), "every request is compared exactly"
+    assert_served_as_alone(runner.url, engine, "tiny-qwen2.5-vl", SERVED, SERVED_TOKENS)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.runners import request_images, sized_content, sized_image, sized_images
+from tests.helpers.runners import request_images, sized_image, sized_images
 
 MAX_TOKENS = 12
 # (width, height) of each image of a request: merged grids 4x4, 2x4, 4x2, 2x2 (16, 8, 8, 4 tokens) and 2x7 (its
@@ -98,30 +98,8 @@ def runner(engine_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_the_openai_client_gets_the_lone_answers_for_images_of_several_sizes(runner: Any, engine: Any) -> None:
     """Concurrent chat requests, one or two image_url parts of different sizes each, served by `vlmforge serve`:
-    each answer is the request's lone answer (but for float16 near-ties, which another batch shape may flip)."""
-    import concurrent.futures
+    each answer is the request's lone answer (the requests meet no float16 near-tie), and its usage the real prompt
+    positions."""
+    from tests.helpers.runners import assert_served_as_alone
 
-    import openai
-
-    from tests.helpers.runners import near_tie
-
-    client = openai.OpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def ask(request: tuple[list[tuple[int, int]], str | None]) -> Any:
-        sizes, text = request
-        content = sized_content(sizes, text)
-        return client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=SERVED_TOKENS,
-                                              messages=[{"role": "user", "content": content}])
-
-    with concurrent.futures.ThreadPoolExecutor(len(SERVED)) as pool:
-        answers = list(pool.map(ask, SERVED))
-    exact = 0
-    for (sizes, text), answer in zip(SERVED, answers, strict=True):
-        alone = engine.generate(request_images(sizes), text, SERVED_TOKENS)
-        if not near_tie(alone):
-            assert answer.choices[0].message.content == alone.text, (sizes, text)
-            exact += 1
-        # the request's own prompt positions (each image's own token count), within the bound the server checks
-        length = engine.llm_prefix(engine.encode_images(sized_images(sizes)), text).length
-        assert answer.usage.prompt_tokens == length <= engine.prompt_length(text, len(sizes))
-    assert exact == len(SERVED), "every request is compared exactly"
+    assert_served_as_alone(runner.url, engine, "tiny-qwen2-vl", SERVED, SERVED_TOKENS)
