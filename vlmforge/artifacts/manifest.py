@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlmforge.errors import IntegrityError
 
@@ -36,6 +45,18 @@ def check_name(value: str, what: str) -> str:
             f"invalid {what} {value!r}: use 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit"
         )
     return value
+
+
+def _named(what: str) -> AfterValidator:
+    return AfterValidator(lambda value: check_name(value, what))
+
+
+ModelName = Annotated[str, _named("model name")]
+"""A model's name in the store and the catalog (:func:`check_name`)."""
+AliasName = Annotated[str, _named("alias")]
+"""An alias of a model's builds (:func:`check_name`)."""
+BuildId = Annotated[str, _named("build id")]
+"""One build's id (:func:`check_name`)."""
 
 
 def check_relative_path(path: str) -> str:
@@ -112,8 +133,8 @@ class EngineManifest(_Frozen):
     """Immutable description of one engine build; written to the store last, after all its blobs."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    model: str
-    build_id: str
+    model: ModelName
+    build_id: BuildId
     fingerprint: str = Field(pattern=SHA256_PATTERN)
     created_at: AwareDatetime
     toolchain: Literal["hf", "trtllm"]
@@ -127,16 +148,6 @@ class EngineManifest(_Frozen):
     validation: dict[str, Any] = Field(default_factory=dict)
     links: dict[str, str] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("model")
-    @classmethod
-    def _valid_model(cls, value: str) -> str:
-        return check_name(value, "model name")
-
-    @field_validator("build_id")
-    @classmethod
-    def _valid_build_id(cls, value: str) -> str:
-        return check_name(value, "build id")
 
     @field_validator("created_at")
     @classmethod

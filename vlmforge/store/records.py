@@ -10,9 +10,9 @@ import json
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
-from vlmforge.artifacts.manifest import check_name
+from vlmforge.artifacts.manifest import AliasName, BuildId, ModelName
 from vlmforge.errors import IntegrityError, StoreError
 
 LAYOUT_VERSION = 1
@@ -72,43 +72,23 @@ class LockInfo(BaseModel):
 class AliasEvent(BaseModel):
     """One move of an alias."""
 
-    build_id: str
-    previous: str | None
+    build_id: BuildId
+    previous: BuildId | None
     at: datetime
     by: str
-
-    @field_validator("build_id", "previous")
-    @classmethod
-    def _valid_build_id(cls, value: str | None) -> str | None:
-        return value if value is None else check_name(value, "build id")
 
 
 class AliasRecord(BaseModel):
     """Content of an alias object: the build it points to, plus its history (newest first)."""
 
     schema_version: Literal[1] = 1
-    model: str
-    alias: str
-    build_id: str
+    model: ModelName
+    alias: AliasName
+    build_id: BuildId
     updated_at: datetime
     by: str
     token: str = Field(description="unique per write; recognises our own write after a lost response")
     history: list[AliasEvent] = Field(default_factory=list)
-
-    @field_validator("model")
-    @classmethod
-    def _valid_model(cls, value: str) -> str:
-        return check_name(value, "model name")
-
-    @field_validator("alias")
-    @classmethod
-    def _valid_alias(cls, value: str) -> str:
-        return check_name(value, "alias")
-
-    @field_validator("build_id")
-    @classmethod
-    def _valid_build_id(cls, value: str) -> str:
-        return check_name(value, "build id")
 
     @classmethod
     def from_json(cls, data: bytes, *, key: str, model: str, alias: str) -> AliasRecord:

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from vlmforge.artifacts.manifest import SHA256_PATTERN, EngineManifest, FileEntry, check_name
+from vlmforge.artifacts.manifest import SHA256_PATTERN, BuildId, EngineManifest, FileEntry, ModelName
 from vlmforge.errors import IntegrityError, NotFound
 from vlmforge.store.identity import StoreIdentity
 from vlmforge.store.keys import actor, blob_key, utcnow
@@ -84,8 +84,8 @@ class TuneRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = TUNE_SCHEMA
-    model: str
-    build_id: str
+    model: ModelName
+    build_id: BuildId
     key: TuneKey
     sha256: str = Field(pattern=SHA256_PATTERN)
     size: int = Field(ge=1)
@@ -95,11 +95,6 @@ class TuneRecord(BaseModel):
     """How long the cold warm-up that produced it took."""
     artifacts: dict[str, int] = Field(default_factory=dict)
     """Cache entries by kind (inductor, autotune, aot_autograd, ...), as torch reported them."""
-
-    @field_validator("model", "build_id")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return check_name(value, "name")
 
     @property
     def ref(self) -> str:
