@@ -166,8 +166,8 @@ def test_gc_cli_refuses_unreadable_records_and_lists_what_it_removes(published: 
     assert "would delete 2 builds, 4 blobs" in dry.stdout
     key = build_key("qwen2-vl-2b", ids[0])
     put_raw(url, key, b'{"schema_version": 2}')
-    dry = run("gc", "--keep", "1", "--store", url)
-    assert dry.exit_code == 0 and f"warning: unreadable {key}: refused manifest" in dry.stdout
+    dry = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["gc", "--keep", "1", "--store", url])  # a narrow terminal
+    assert dry.exit_code == 0 and f"warning: unreadable {key}: refused manifest" in dry.stdout, "the key is not split"
     assert "--apply will refuse" in dry.stdout
     applied = run("gc", "--keep", "1", "--apply", "--store", url)
     assert applied.exit_code == 2 and applied.stderr.startswith("error: gc refused") and "--ignore-unreadable" in applied.stderr

@@ -266,7 +266,7 @@ def _print_gc(report: Any) -> None:
     console.print(table)
 
     def say(line: str) -> None:
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)  # a key or digest is never split
 
     for blob in report.blobs:
         say(f"{verb} blob {blob.sha256} ({_size(blob.size)}, stored {blob.modified:%Y-%m-%d %H:%M:%S})")
