@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 from tests.helpers.net import ROOT, free_port, wait_http  # noqa: F401 - ROOT is used by the fixtures below
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch/OpenMP thread per worker (N workers on N cores)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _drain_prefect_clients() -> None:
     """Send the logs and events still queued in this process while the server is up: queued past its end,
