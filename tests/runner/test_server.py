@@ -27,10 +27,9 @@ def engine(tiny_engine: Path) -> Any:
 
 def expected(engine: Any, index: int, prompt: str | None, max_tokens: int) -> str:
     """What the engine generates for this request alone, in this process: the ground truth."""
-    from PIL import Image
+    from tests.helpers.runners import golden_image
 
-    raw = base64.b64decode(image_url(index).split(",", 1)[1])
-    return engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, max_tokens).text
+    return engine.generate(golden_image(index), prompt, max_tokens).text
 
 
 def client(runner: Runner) -> openai.OpenAI:
@@ -160,12 +159,10 @@ def test_the_openai_client_raises_on_a_bad_request(runner: Runner) -> None:
 
 def near_tie(engine: Any, index: int, prompt: str | None, max_tokens: int, margin: float = 0.01) -> bool:
     """Whether the lone decode of this request (image ``index``) meets a float16 near-tie (tests.helpers.runners)."""
-    from PIL import Image
-
+    from tests.helpers.runners import golden_image
     from tests.helpers.runners import near_tie as lone_near_tie
 
-    raw = base64.b64decode(image_url(index).split(",", 1)[1])
-    return lone_near_tie(engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, max_tokens), margin)
+    return lone_near_tie(engine.generate(golden_image(index), prompt, max_tokens), margin)
 
 
 def test_fifty_concurrent_requests_all_succeed_in_batches(runner: Runner, engine: Any) -> None:

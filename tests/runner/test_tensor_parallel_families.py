@@ -35,22 +35,12 @@ def ask(url: str, model: str, index: int, size: int, prompt: str | None) -> tupl
 def tied_cases(engine_dir: Path, margin: float = 0.01) -> set[tuple[int, int, str | None]]:
     """The CASES whose lone decode (10 tokens, in this process) meets a near-tie: two likeliest tokens within
     ``margin`` at some step (tests.helpers.runners.near_tie)."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    from tests.helpers.runners import near_tie
+    from tests.helpers.runners import golden_image, near_tie
     from vlmforge.runner.loader import load_engine
 
     engine = load_engine(engine_dir)
-    tied = set()
-    for case in CASES:
-        index, size, prompt = case
-        raw = base64.b64decode(image_url(index, size).split(",", 1)[1])
-        if near_tie(engine.generate(Image.open(io.BytesIO(raw)).convert("RGB"), prompt, 10), margin):
-            tied.add(case)
-    return tied
+    return {(index, size, prompt) for index, size, prompt in CASES
+            if near_tie(engine.generate(golden_image(index, size), prompt, 10), margin)}
 
 
 @pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "gemma3", "mistral3"])
@@ -68,7 +58,8 @@ def test_tp2_answers_what_tp1_answers(family: str, tiny_engine_of: Callable[[str
         assert len({text for text, _ in want}) > 1, "different images and prompts give different answers"
         # float16 tiny models: TP 2 sums each layer in two halves, so a lone decode's near-tie may round the other
         # way (one of tiny-llava-next's flipped on a new machine's CPU); such requests must only succeed
-        exact = [case not in tied_cases(tp1_engine) for case in CASES]
+        tied = tied_cases(tp1_engine)
+        exact = [case not in tied for case in CASES]
         assert any(exact), "at least one request is compared exactly"  # tiny-llava-next: 2 of the 3 have ties
         got = [ask(tp2.url, model, *case) for case in CASES]
         assert [g for g, e in zip(got, exact) if e] == [w for w, e in zip(want, exact) if e]
