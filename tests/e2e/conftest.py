@@ -10,6 +10,8 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -227,6 +229,26 @@ def cpu_image(docker_ready: None, tmp_path_factory: pytest.TempPathFactory) -> s
             pytest.fail(f"VLMFORGE_TEST_IMAGE={image} is not an image of the local daemon")
         return image
     logs = tmp_path_factory.mktemp("build")
+    with _image_build_lock():
+        return _build_cpu_image(logs)
+
+
+@contextlib.contextmanager
+def _image_build_lock() -> Iterator[None]:
+    """One image build at a time on this checkout: under pytest-xdist each worker's session builds the image, and
+    two wheelhouse.sh runs at once collide in setuptools' build/ folder ("File exists: build/bdist..."). The second
+    waits, then finds the wheelhouse current and BuildKit's cache warm."""
+    lock = REPO / "build" / ".cpu-image.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_cpu_image(logs: Path) -> str:
     env = dict(os.environ)
     if not image_exists(BASE_IMAGE):
         if os.geteuid() != 0 or not shutil.which("debootstrap"):
