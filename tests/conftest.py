@@ -25,6 +25,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch/OpenMP threa
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    """A failed test that used a runner shows the end of that runner's log (and whether it is still running): a
+    runner that died mid-test otherwise leaves only the client's "Server disconnected" in CI's output."""
+    report = yield
+    if report.failed and call.when in ("setup", "call"):
+        from tests.helpers.runners import Runner
+
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Runner):
+                code = value.proc.poll()
+                state = "running" if code is None else f"exited with code {code}"
+                try:
+                    text = value.log_text()[-4000:]
+                except OSError as exc:
+                    text = f"(unreadable: {exc})"
+                report.sections.append((f"runner {name}: {state}, log {value.log}", text))
+    return report
+
+
 def _drain_prefect_clients() -> None:
     """Send the logs and events still queued in this process while the server is up: queued past its end,
     Prefect's workers retry them at exit for over a minute ("Error logging to API")."""

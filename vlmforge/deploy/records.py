@@ -89,6 +89,9 @@ class Deployment(BaseModel):
     """Whether clients must send an API key (the key itself is never recorded)."""
     key_fingerprint: str | None = None
     """:func:`vlmforge.deploy.auth.fingerprint` of the runner's key: which key it was given."""
+    instance: str | None = None
+    """The id vlmforge's runner was started with and reports on /health (records written before it, and
+    trtllm-serve deployments: None)."""
     backend: ServeBackend = ServeBackend.VLMFORGE
     """What serves it (records written before backends existed: vlmforge's runner)."""
     options_file: Path | None = None

@@ -110,6 +110,9 @@ class ServeSettings(BaseModel):
     """Compile the static decode path's batch buckets before reporting healthy (GPU)."""
     pid_file: Path | None = None
     """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Reported on /health as ``instance``: the launcher that started this runner gives it a fresh one, so the
+    healthy answer it waits for is known to come from its own runner, not from another process on the port."""
     device: str | None = None
     decode: DecodeMode = DecodeMode.AUTO
     """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""
@@ -232,7 +235,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok", "model": runtime.model, "tensor_parallel": runtime.tp, "decode": runtime.decode,
+        body = {"status": "ok", "model": runtime.model, "instance": runtime.settings.instance_id,
+                "tensor_parallel": runtime.tp, "decode": runtime.decode,
                 "warm_start": runtime.start.warm, "warmup_seconds": runtime.start.warmup_seconds,
                 "start": runtime.start.model_dump(exclude={"warm", "warmup_seconds"}), "running": scheduler.running,
                 "waiting": scheduler.waiting, "in_flight": scheduler.in_flight, "batches": scheduler.batches}

@@ -12,17 +12,19 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
 from tests.helpers.deploy import SERVE, record
 from tests.helpers.net import free_port
 from vlmforge.deploy.auth import API_KEY_ENV
-from vlmforge.deploy.launchers.base import LaunchRequest
+from vlmforge.deploy.launchers.base import LaunchRequest, wait_healthy
 from vlmforge.deploy.launchers.process import ProcessLauncher
 from vlmforge.deploy.machine import BuildInfo
 from vlmforge.deploy.service import plan_deploy, stop_deployment
 from vlmforge.deploy.sources import LocalEngineSource
+from vlmforge.errors import DeployError
 from vlmforge.system.processes import ProcessIdentity, identify, pid_alive
 
 KEY = "k3y-" + "x" * 28
@@ -144,10 +146,49 @@ def test_the_recorded_identities_are_those_of_the_started_processes(tiny_engine:
         assert deployment.launcher_process.start_time is not None
         assert deployment.launcher_process.cmdline == deployment.argv and launcher.running(deployment)
         assert launcher.logs(deployment) == str(tmp_path / "state" / "tiny.log")
+        health = httpx.get(f"{deployment.endpoint}/health").json()
+        assert health["instance"] == deployment.instance == req.instance and "--instance-id" in deployment.argv
     finally:
         how = launcher.stop(deployment, timeout=60)
     assert how == "drained and stopped" and not launcher.running(deployment)
     assert deployment._proc is not None and deployment._proc.wait(5) == 0
+
+
+def test_a_port_another_runner_took_after_the_check_is_refused_not_adopted(tiny_engine: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploy checks the port when it plans, minutes before the start (the pull comes between). If another runner
+    takes it meanwhile, the new one cannot listen, and the healthy answer on the port is the other runner's: the
+    start is refused with that reason and nothing is recorded (it used to be recorded as healthy, pointing at the
+    other runner, and the new runner's exit went unnoticed)."""
+    from tests.helpers.runners import runner_env, start_runner, stop_runner
+
+    for name, value in runner_env().items():
+        monkeypatch.setenv(name, value)
+    other = start_runner(tiny_engine, tmp_path / "other.log")
+    try:
+        req = request(tmp_path, 1, None).model_copy(update={"engine_dir": tiny_engine, "port": other.port,
+                                                            "wait_s": 180.0})
+        with pytest.raises(DeployError, match=f"another runner answers on http://127.0.0.1:{other.port}"):
+            ProcessLauncher().start(req)
+        assert not (tmp_path / "state" / "tiny.json").exists()
+        assert httpx.get(f"{other.url}/health").json()["status"] == "ok", "the other runner is left alone"
+    finally:
+        stop_runner(other)
+
+
+def test_a_healthy_answer_after_the_started_runner_died_is_not_its_own(tiny_engine: Path, tmp_path: Path) -> None:
+    """Where health cannot name the runner (trtllm-serve's /health has no body), a healthy answer while the runner
+    that was started is gone comes from another process: refused."""
+    from tests.helpers.runners import start_runner, stop_runner
+
+    other = start_runner(tiny_engine, tmp_path / "other.log")
+    polls = iter([None])
+    try:
+        with pytest.raises(DeployError, match="exited with code 2, yet .* answered healthy"):
+            wait_healthy(other.url, 30, died=lambda: next(polls, "the runner exited with code 2"),
+                         log_tail=lambda: "cannot listen")
+    finally:
+        stop_runner(other)
 
 
 def children(pid: int) -> list[int]:

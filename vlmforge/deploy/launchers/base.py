@@ -8,6 +8,7 @@ Also here, what both use: waiting for ``/health``, the endpoint clients use, por
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import time
 import urllib.error
@@ -44,6 +45,9 @@ class LaunchRequest(BaseModel):
     wait_s: float = Field(default=600.0, gt=0)
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Given to rank 0 through its environment; never serialised."""
+    instance: str = Field(default_factory=lambda: secrets.token_hex(8), pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """A fresh id for this start, which vlmforge's runner reports on /health (``--instance-id``): the healthy
+    answer waited for is then known to be this runner's, not another process's that took the port meanwhile."""
 
     @property
     def auth(self) -> AuthMode:
@@ -118,6 +122,23 @@ def runner_ok(status: int, body: bytes) -> bool:
         return False
 
 
+def own_runner_ok(instance: str, where: str) -> Callable[[int, bytes], bool]:
+    """:func:`runner_ok` for the runner started with ``--instance-id instance``; a DeployError if another runner
+    answers (the port was taken between deploy's check and the start: this runner cannot listen there)."""
+
+    def check(status: int, body: bytes) -> bool:
+        if not runner_ok(status, body):
+            return False
+        answered = json.loads(body)
+        if answered.get("instance") != instance:
+            raise DeployError(f"another runner answers on {where} (model {answered.get('model')!r}, instance "
+                              f"{answered.get('instance')!r}), not the one just started: the port was taken after "
+                              "deploy checked it; pass another --port")
+        return True
+
+    return check
+
+
 def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], log_tail: Callable[[], str],
                  api_key: SecretStr | None = None, healthy: Callable[[int, bytes], bool] = runner_ok) -> None:
     """Poll ``url``/health until ``healthy`` says so (default: vlmforge's runner's answer); DeployError with the log's
@@ -131,10 +152,15 @@ def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], lo
             raise DeployError(f"{how} before it was healthy; the end of its log:\n{log_tail()}")
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                if healthy(response.status, response.read()):
-                    return
+                status, body = response.status, response.read()
         except (OSError, urllib.error.URLError, ValueError):
-            pass
+            status, body = 0, b""
+        if status and healthy(status, body):
+            how = died()  # a healthy answer while the runner we started is gone is another process's
+            if how is not None:
+                raise DeployError(f"{how}, yet {url} answered healthy: another process serves on that port; the end "
+                                  f"of its log:\n{log_tail()}")
+            return
         time.sleep(0.25)
     raise DeployError(f"the runner was not healthy within {timeout:.0f}s; the end of its log:\n{log_tail()}")
 

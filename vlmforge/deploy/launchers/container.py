@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, Field
 
 from vlmforge.deploy.auth import API_KEY_ENV
-from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, wait_healthy
+from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, own_runner_ok, wait_healthy
 from vlmforge.deploy.launchers.process import launch_argv
 from vlmforge.deploy.machine import Machine
 from vlmforge.deploy.records import Deployment, LauncherKind, write_record
@@ -217,7 +217,7 @@ class ContainerLauncher(DockerLauncher["DockerRunner"]):
         argv = launch_argv(request.engine_dir, tp=request.tp, host="0.0.0.0", port=request.port,
                            model_name=build.model, pid_file=RANK0_PID_FILE, gpus=request.gpus,
                            serve_args=request.serve_args, python="python", env={}, master_port=29500,
-                           rank0_only=(API_KEY_ENV,) if keyed else ())
+                           rank0_only=(API_KEY_ENV,) if keyed else (), instance=request.instance)
         cname = container_name(request.name)
         try:
             stale = client.containers.get(cname)
@@ -234,7 +234,8 @@ class ContainerLauncher(DockerLauncher["DockerRunner"]):
                             engine_dir=request.engine_dir, endpoint=endpoint, host=request.host, port=request.port,
                             tp=request.tp, pid=0, pid_file=RANK0_PID_FILE, log=Path(f"docker logs {cname}"), argv=argv,
                             source=request.source, selection=request.selection, started_at=datetime.now(UTC),
-                            image=runner.image, auth=request.auth, key_fingerprint=request.key_fingerprint)
+                            image=runner.image, auth=request.auth, key_fingerprint=request.key_fingerprint,
+                            instance=request.instance)
         environment = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         if request.api_key is not None:
             environment[API_KEY_ENV] = request.api_key.get_secret_value()
@@ -253,6 +254,7 @@ class ContainerLauncher(DockerLauncher["DockerRunner"]):
         probe = f"http://{_address(container, runner.network)}:{request.port}"
         try:
             wait_healthy(probe, request.wait_s, died=lambda: _exited(container), api_key=request.api_key,
+                         healthy=own_runner_ok(request.instance, probe),
                          log_tail=lambda: f"(docker logs {cname})\n{_logs(container)}")
         except BaseException:
             container.remove(force=True)

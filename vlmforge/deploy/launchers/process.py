@@ -25,7 +25,14 @@ from pathlib import Path
 
 from vlmforge.deploy.auth import API_KEY_ENV
 from vlmforge.deploy.environment import forwarded, launch_environment
-from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, free_port, tail, wait_healthy
+from vlmforge.deploy.launchers.base import (
+    LaunchRequest,
+    endpoint_url,
+    free_port,
+    own_runner_ok,
+    tail,
+    wait_healthy,
+)
 from vlmforge.deploy.machine import Machine, describe_machine
 from vlmforge.deploy.records import Deployment, LauncherKind, log_path, pid_path, write_record
 from vlmforge.errors import DeployError
@@ -46,17 +53,18 @@ def first_host(hostfile: Path) -> str:
 def launch_argv(engine_dir: Path, *, tp: int, host: str, port: int, model_name: str, pid_file: Path,
                 hostfile: Path | None = None, gpus: bool = False, serve_args: Sequence[str] = (),
                 master_port: int | None = None, env: dict[str, str] | None = None,
-                python: str = sys.executable, rank0_only: Sequence[str] = ()) -> list[str]:
+                python: str = sys.executable, rank0_only: Sequence[str] = (), instance: str | None = None) -> list[str]:
     """``mpirun -n TP ... python -m vlmforge serve ENGINE_DIR ...`` (the runner alone for TP 1 on one host).
 
     ``-x`` forwards the allow-listed names of ``env`` (default: this process's environment) to the ranks.
     ``rank0_only``: variables of the launcher's environment that only rank 0 keeps (the API key): rank 0 is then an
     application context of its own, to which alone they are forwarded with ``-x`` where a hostfile may put it on
     another host; the other ranks (the second context) inherit mpirun's environment on this host, so they drop
-    them (``env -u NAME``) before the runner starts.
+    them (``env -u NAME``) before the runner starts. ``instance``: the id rank 0 reports on /health.
     """
     serve = [python, "-m", "vlmforge", "serve", str(engine_dir), "--host", host, "--port", str(port),
-             "--model-name", model_name, "--pid-file", str(pid_file), *serve_args]
+             "--model-name", model_name, "--pid-file", str(pid_file),
+             *(["--instance-id", instance] if instance is not None else []), *serve_args]
     if tp == 1 and hostfile is None:
         return serve
     env = dict(os.environ if env is None else env)
@@ -140,7 +148,8 @@ class ProcessLauncher:
         argv = launch_argv(request.engine_dir, tp=request.tp, host=request.host, port=request.port,
                            model_name=request.build.model, pid_file=pid_path(request.state_dir, request.name),
                            hostfile=request.hostfile, gpus=request.gpus, serve_args=request.serve_args, env=env,
-                           python=self.python, rank0_only=(API_KEY_ENV,) if request.api_key is not None else ())
+                           python=self.python, rank0_only=(API_KEY_ENV,) if request.api_key is not None else (),
+                           instance=request.instance)
         return argv, env
 
     def start(self, request: LaunchRequest) -> Deployment:
@@ -157,6 +166,7 @@ class ProcessLauncher:
         endpoint = endpoint_url(request.host, request.port)
         try:
             wait_healthy(endpoint, request.wait_s, api_key=request.api_key,
+                         healthy=own_runner_ok(request.instance, endpoint),
                          log_tail=lambda: f"({log_file})\n{tail(log_file)}",
                          died=lambda: None if proc.poll() is None else f"the runner exited with code {proc.returncode}")
         except BaseException:
@@ -167,7 +177,7 @@ class ProcessLauncher:
                                 tp=request.tp, pid=proc.pid, pid_file=pid_file, log=log_file, argv=argv,
                                 source=request.source, selection=request.selection, started_at=datetime.now(UTC),
                                 launcher_process=launcher, rank0_process=_rank0(pid_file), auth=request.auth,
-                                key_fingerprint=request.key_fingerprint)
+                                key_fingerprint=request.key_fingerprint, instance=request.instance)
         write_record(deployment, state_dir)
         deployment._proc = proc
         return deployment
