@@ -159,8 +159,7 @@ def test_the_openai_client_raises_on_a_bad_request(runner: Runner) -> None:
 
 def near_tie(engine: Any, index: int, prompt: str | None, max_tokens: int, margin: float = 0.01) -> bool:
     """Whether the lone decode of this request (image ``index``) meets a float16 near-tie (tests.helpers.runners)."""
-    from tests.helpers.runners import golden_image
-    from tests.helpers.runners import near_tie as lone_near_tie
+    from tests.helpers.runners import golden_image, near_tie as lone_near_tie
 
     return lone_near_tie(engine.generate(golden_image(index), prompt, max_tokens), margin)
 

@@ -8,6 +8,13 @@ before), tune (warm starts from stored compile caches).
 """
 
 from enum import Enum
+from typing import Annotated
+
+from pydantic import StringConstraints
+
+InstanceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+"""What a runner reports on /health as ``instance`` (``vlmforge serve --instance-id``): the launcher that starts it
+gives it a fresh one, and knows the healthy answer it waits for is its own runner's."""
 
 
 class CompileMode(str, Enum):

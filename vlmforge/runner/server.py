@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vlmforge.artifacts.engine_config import EngineConfig
 from vlmforge.errors import DeployError
-from vlmforge.runner import CompileMode, DecodeMode, answers
+from vlmforge.runner import CompileMode, DecodeMode, InstanceId, answers
 from vlmforge.runner.access import ApiKeyMiddleware, check_exposure, header_timeout_protocol
 from vlmforge.runner.image_cache import DEFAULT_IMAGE_CACHE_MIB, MIB
 from vlmforge.runner.loader import LoadOptions, load_engine
@@ -110,9 +110,8 @@ class ServeSettings(BaseModel):
     """Compile the static decode path's batch buckets before reporting healthy (GPU)."""
     pid_file: Path | None = None
     """Rank 0 writes its process id here (what ``vlmforge undeploy`` signals to drain)."""
-    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """Reported on /health as ``instance``: the launcher that started this runner gives it a fresh one, so the
-    healthy answer it waits for is known to come from its own runner, not from another process on the port."""
+    instance_id: InstanceId | None = None
+    """Reported on /health as ``instance`` (:data:`vlmforge.runner.InstanceId`)."""
     device: str | None = None
     decode: DecodeMode = DecodeMode.AUTO
     """auto (static cache + compiled step on a GPU), static or dynamic (see vlmforge.runner.static)."""

@@ -23,6 +23,7 @@ from vlmforge.deploy.auth import AuthMode, auth_headers, fingerprint
 from vlmforge.deploy.machine import BuildInfo, Machine
 from vlmforge.deploy.records import Deployment, LauncherKind
 from vlmforge.errors import DeployError
+from vlmforge.runner import InstanceId
 
 
 class LaunchRequest(BaseModel):
@@ -45,9 +46,9 @@ class LaunchRequest(BaseModel):
     wait_s: float = Field(default=600.0, gt=0)
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Given to rank 0 through its environment; never serialised."""
-    instance: str = Field(default_factory=lambda: secrets.token_hex(8), pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """A fresh id for this start, which vlmforge's runner reports on /health (``--instance-id``): the healthy
-    answer waited for is then known to be this runner's, not another process's that took the port meanwhile."""
+    instance: InstanceId = Field(default_factory=lambda: secrets.token_hex(8))
+    """A fresh id for this start, given to vlmforge's runner (``--instance-id``): the healthy answer waited for is
+    then known to be this runner's, not another process's that took the port meanwhile."""
 
     @property
     def auth(self) -> AuthMode:
@@ -122,28 +123,16 @@ def runner_ok(status: int, body: bytes) -> bool:
         return False
 
 
-def own_runner_ok(instance: str, where: str) -> Callable[[int, bytes], bool]:
-    """:func:`runner_ok` for the runner started with ``--instance-id instance``; a DeployError if another runner
-    answers (the port was taken between deploy's check and the start: this runner cannot listen there)."""
-
-    def check(status: int, body: bytes) -> bool:
-        if not runner_ok(status, body):
-            return False
-        answered = json.loads(body)
-        if answered.get("instance") != instance:
-            raise DeployError(f"another runner answers on {where} (model {answered.get('model')!r}, instance "
-                              f"{answered.get('instance')!r}), not the one just started: the port was taken after "
-                              "deploy checked it; pass another --port")
-        return True
-
-    return check
-
-
 def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], log_tail: Callable[[], str],
-                 api_key: SecretStr | None = None, healthy: Callable[[int, bytes], bool] = runner_ok) -> None:
+                 api_key: SecretStr | None = None, healthy: Callable[[int, bytes], bool] = runner_ok,
+                 instance: str | None = None) -> None:
     """Poll ``url``/health until ``healthy`` says so (default: vlmforge's runner's answer); DeployError with the log's
     tail if the runner dies (``died`` says how) or is late. ``/health`` needs no key; the runner's key is sent all
-    the same, as any client would."""
+    the same, as any client would.
+
+    The answer must be the started runner's: ``instance`` (what it was started with) must be the one it reports,
+    and the started process must still be there. Otherwise another process took the port after deploy checked it
+    (minutes before, the pull between), and the runner started here could not listen: a DeployError."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"{url}/health", headers=auth_headers(api_key))
     while time.monotonic() < deadline:
@@ -156,7 +145,12 @@ def wait_healthy(url: str, timeout: float, *, died: Callable[[], str | None], lo
         except (OSError, urllib.error.URLError, ValueError):
             status, body = 0, b""
         if status and healthy(status, body):
-            how = died()  # a healthy answer while the runner we started is gone is another process's
+            answered = json.loads(body) if instance is not None else {"instance": None}
+            if answered.get("instance") != instance:
+                raise DeployError(f"another runner answers on {url} (model {answered.get('model')!r}, instance "
+                                  f"{answered.get('instance')!r}), not the one just started: the port was taken "
+                                  "after deploy checked it; pass another --port")
+            how = died()  # where health names no runner (trtllm-serve): ours being gone says the answer is not its
             if how is not None:
                 raise DeployError(f"{how}, yet {url} answered healthy: another process serves on that port; the end "
                                   f"of its log:\n{log_tail()}")

@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, Field
 
 from vlmforge.deploy.auth import API_KEY_ENV
-from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, own_runner_ok, wait_healthy
+from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, wait_healthy
 from vlmforge.deploy.launchers.process import launch_argv
 from vlmforge.deploy.machine import Machine
 from vlmforge.deploy.records import Deployment, LauncherKind, write_record
@@ -254,7 +254,7 @@ class ContainerLauncher(DockerLauncher["DockerRunner"]):
         probe = f"http://{_address(container, runner.network)}:{request.port}"
         try:
             wait_healthy(probe, request.wait_s, died=lambda: _exited(container), api_key=request.api_key,
-                         healthy=own_runner_ok(request.instance, probe),
+                         instance=request.instance,
                          log_tail=lambda: f"(docker logs {cname})\n{_logs(container)}")
         except BaseException:
             container.remove(force=True)

@@ -25,14 +25,7 @@ from pathlib import Path
 
 from vlmforge.deploy.auth import API_KEY_ENV
 from vlmforge.deploy.environment import forwarded, launch_environment
-from vlmforge.deploy.launchers.base import (
-    LaunchRequest,
-    endpoint_url,
-    free_port,
-    own_runner_ok,
-    tail,
-    wait_healthy,
-)
+from vlmforge.deploy.launchers.base import LaunchRequest, endpoint_url, free_port, tail, wait_healthy
 from vlmforge.deploy.machine import Machine, describe_machine
 from vlmforge.deploy.records import Deployment, LauncherKind, log_path, pid_path, write_record
 from vlmforge.errors import DeployError
@@ -166,7 +159,7 @@ class ProcessLauncher:
         endpoint = endpoint_url(request.host, request.port)
         try:
             wait_healthy(endpoint, request.wait_s, api_key=request.api_key,
-                         healthy=own_runner_ok(request.instance, endpoint),
+                         instance=request.instance,
                          log_tail=lambda: f"({log_file})\n{tail(log_file)}",
                          died=lambda: None if proc.poll() is None else f"the runner exited with code {proc.returncode}")
         except BaseException:
